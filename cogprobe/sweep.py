@@ -1,0 +1,391 @@
+"""Ablation sweeps: score each task with k blocks ablated from the input or output end.
+
+A *configuration* says, for every block, which weights run it: the checkpoint's
+(`c`), the reference's (`r`, i.e. step 0) or none (`s`, skipped = identity), plus
+which model supplies the embeddings and the final norm + head.
+
+    direction input,  mode revert, k:  r^k c^(L-k)      (blocks [0, k) reverted)
+    direction output, mode revert, k:  c^(L-k) r^k      (blocks [L-k, L) reverted)
+    mode skip: the same with `s` in place of `r`; works on any single model
+    mode keep-outer, (k_in, k_out):   c^k_in r^(L-k_in-k_out) c^k_out
+
+By default the embeddings, final norm and LM head stay at the checkpoint
+(`ends=False`). With `ends=True` the input embedding counts as part of the input
+end and the final norm + head as part of the output end: for every k >= 1 they
+are reverted with the blocks (tied weights are untied for the evaluation, since
+full fine-tuning moves them too).
+
+Two engines give identical numbers:
+- `naive`: for each configuration, build the ablated model (copy, load the
+  weights) and run the plain HF forward. Obviously right; slow.
+- `fast`: configurations form a trie over their per-block sources; walking it in
+  sorted order reuses the hidden state of every shared prefix (the checkpoint's
+  prefix serves every k of its output sweep, the reference prefix every k of its
+  input sweep), reference-only prefixes are cached across checkpoints whose
+  embeddings did not change, blocks a checkpoint did not change count as the
+  reference's, and the LM head runs only at scored positions.
+  Blocks are called directly with the arguments the HF decoder itself passes them
+  (masks, rotary tables), recorded once per batch, so no architecture is
+  special-cased.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from cogprobe.blocks import Blocks, SkipBlock, find_blocks, swapped
+from cogprobe.errors import CogprobeError
+from cogprobe.layersets import to_string
+from cogprobe.tasks import Example, batches, nll_at_scored, scored_positions
+
+DIRECTIONS = ("input", "output")
+MODES = ("revert", "skip", "keep-outer")
+COLUMNS = ["checkpoint_step", "task", "direction", "mode", "k", "k_in", "k_out", "blocks", "ends",
+           "nll", "n_tokens", "nll_reference", "nll_checkpoint", "gain_retained"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """Which weights run each block, the embeddings and the head; plus its labels."""
+    sources: tuple[str, ...]   # per block: "c", "r" or "s"
+    embed: str = "c"           # "c" or "r"
+    head: str = "c"            # "c" or "r" (final norm + LM head)
+    labels: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def ablated(self) -> list[int]:
+        return [i for i, s in enumerate(self.sources) if s != "c"]
+
+
+def sweep_configs(n_layers: int, *, mode: str = "revert", directions: Sequence[str] = DIRECTIONS,
+                  ks: Iterable[int] | None = None, ends: bool = False) -> list[Config]:
+    """The configurations of a one-end sweep (modes revert and skip)."""
+    if mode not in ("revert", "skip"):
+        raise CogprobeError(f"sweep mode {mode!r} ablates one end; use revert or skip (keep-outer: keep_outer_configs)")
+    ks = check_ks(ks, n_layers)
+    bad = [d for d in directions if d not in DIRECTIONS]
+    if bad:
+        raise CogprobeError(f"unknown direction(s) {bad}; use {', '.join(DIRECTIONS)}")
+    ab = "r" if mode == "revert" else "s"
+    end = "r" if ends and mode == "revert" else "c"
+    out = []
+    for d in directions:
+        for k in ks:
+            if d == "input":
+                src, emb, head = (ab,) * k + ("c",) * (n_layers - k), end if k else "c", "c"
+            else:
+                src, emb, head = ("c",) * (n_layers - k) + (ab,) * k, "c", end if k else "c"
+            blocks = list(range(k)) if d == "input" else list(range(n_layers - k, n_layers))
+            out.append(Config(src, emb, head, dict(direction=d, mode=mode, k=k, k_in=None, k_out=None,
+                                                   blocks=to_string(blocks), ends=ends)))
+    return out
+
+
+def keep_outer_configs(n_layers: int, pairs: Iterable[tuple[int, int]]) -> list[Config]:
+    """Keep the checkpoint in [0, k_in) and [L-k_out, L), revert the middle to the reference."""
+    out = []
+    for k_in, k_out in pairs:
+        if k_in < 0 or k_out < 0 or k_in + k_out > n_layers:
+            raise CogprobeError(f"keep-outer ({k_in}, {k_out}) does not fit {n_layers} blocks; need k_in + k_out <= L")
+        src = ("c",) * k_in + ("r",) * (n_layers - k_in - k_out) + ("c",) * k_out
+        kept = list(range(k_in)) + list(range(n_layers - k_out, n_layers))
+        out.append(Config(src, "c", "c", dict(direction="both", mode="keep-outer", k=k_in + k_out, k_in=k_in,
+                                              k_out=k_out, blocks=to_string(kept), ends=False)))
+    return out
+
+
+def check_ks(ks: Iterable[int] | None, n_layers: int) -> list[int]:
+    if ks is None:
+        return list(range(n_layers + 1))
+    ks = sorted(set(int(k) for k in ks))
+    bad = [k for k in ks if not 0 <= k <= n_layers]
+    if bad:
+        raise CogprobeError(f"k values {bad} are outside 0..{n_layers} (the model has {n_layers} blocks)")
+    return ks
+
+
+# --- evaluating configurations --------------------------------------------------------------
+
+
+@dataclass
+class Counter:
+    """Block evaluations performed, summed over batches (the benchmark's cost measure)."""
+    block_evals: int = 0
+
+
+def changed_blocks(model: nn.Module, reference: nn.Module) -> tuple[set[int], bool]:
+    """Blocks whose weights differ from the reference, and whether the embeddings did."""
+    mb, rb = find_blocks(model), find_blocks(reference)
+    ref = reference.state_dict()
+    changed, embed_changed = set(), False
+    embed_names = set(mb.input_end_names())
+    for name, p in model.named_parameters():
+        same = name in ref and torch.equal(p, ref[name])
+        if not same and (i := mb.block_of(name)) is not None:
+            changed.add(i)
+        elif not same and name in embed_names:
+            embed_changed = True
+    return changed, embed_changed
+
+
+class _Recorder(SkipBlock):
+    """Stand-in block that records what the decoder passes to it: (hidden_states, args, kwargs)."""
+
+    def __init__(self, original, log: list):
+        super().__init__(original)
+        self.log = log
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.log.append((hidden_states, args, kwargs))
+        return hidden_states
+
+
+def _record_call_args(blocks: Blocks, batch: dict, device) -> tuple[torch.Tensor, list]:
+    """One cheap decoder pass with recorders for blocks: (embedding output, per-block call args)."""
+    log: list = []
+    with swapped(blocks, {i: _Recorder(blocks.layers[i], log) for i in range(blocks.n)}):
+        blocks.decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False)
+    return log[0][0], [(args, kwargs) for _, args, kwargs in log]
+
+
+def _call(layer: nn.Module, h: torch.Tensor, call: tuple) -> torch.Tensor:
+    args, kwargs = call
+    if args or "hidden_states" not in kwargs:
+        out = layer(h, *args, **kwargs)
+    else:
+        out = layer(**{**kwargs, "hidden_states": h})
+    return out[0] if isinstance(out, tuple) else out
+
+
+class FastEngine:
+    """Prefix-sharing evaluation of many configurations of one checkpoint against a reference."""
+
+    def __init__(self, reference: nn.Module, *, cache_bytes: int = 2 << 30):
+        self.reference = reference
+        self.ref_blocks = find_blocks(reference)
+        self.counter = Counter()
+        self._ref_cache: dict[tuple, torch.Tensor] = {}  # (task, batch, depth) -> state after r-only prefix
+        self._cache_bytes, self._cached = cache_bytes, 0
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, configs: Sequence[Config], examples: dict[str, list[Example]],
+                 *, batch_size: int = 8) -> dict[tuple[str, Config], tuple[float, int]]:
+        """{(task, config): (nll_sum, n_tokens)} for every task and configuration."""
+        configs = list(dict.fromkeys(configs))  # equal configurations are evaluated once
+        cb = find_blocks(model)
+        changed, embed_changed = changed_blocks(model, self.reference)
+        device = next(model.parameters()).device
+        # normalised keys: a block the checkpoint did not change *is* the reference block
+        keyed = sorted(((self._key(c, changed, embed_changed), c) for c in configs), key=lambda kc: kc[0])
+        totals = {}
+        for task, exs in examples.items():
+            ordered = sorted(exs, key=lambda e: -len(e.input_ids))
+            for b, batch in enumerate(batches(ordered, batch_size, pad_id=0)):
+                self._batch(task, batch, cb, keyed, totals, device)
+        return totals
+
+    @staticmethod
+    def _key(c: Config, changed: set[int], embed_changed: bool) -> tuple:
+        emb = "r" if c.embed == "r" or not embed_changed else "c"
+        return (emb,) + tuple("r" if s == "c" and i not in changed else s for i, s in enumerate(c.sources))
+
+    def _batch(self, task, batch, cb, keyed, totals, device):
+        pred_mask, targets = scored_positions(batch)
+        pred_mask = pred_mask.to(device)
+        batch_id = (task, tuple(batch["input_ids"].shape), hash(batch["input_ids"].numpy().tobytes()))
+        roots, calls = {}, None
+        path: list[str] = []        # sources of the current trie path
+        states: list[torch.Tensor] = []   # states[i] = hidden state after path[:i+1] (i=0: embedding)
+        for key, config in keyed:
+            lcp = _common_prefix(path, key)
+            path, states = list(key[:lcp]), states[:lcp]
+            for depth in range(lcp, len(key)):
+                src = key[depth]
+                if depth == 0:
+                    if src not in roots:
+                        roots[src], calls_ = _record_call_args(self.ref_blocks if src == "r" else cb, batch, device)
+                        calls = calls or calls_
+                    h = roots[src]
+                else:
+                    h = self._step(batch_id, key[:depth + 1], src, depth - 1, states[-1], calls, cb)
+                path.append(src)
+                states.append(h)
+            head_blocks = self.ref_blocks if config.head == "r" else cb
+            logits = head_blocks.decode(states[-1][pred_mask])
+            s, n = nll_at_scored(logits, targets)
+            acc = totals.get((task, config), (0.0, 0))
+            totals[(task, config)] = (acc[0] + s, acc[1] + n)
+
+    def _step(self, batch_id, prefix, src, i, h, calls, cb):
+        """The state after block i runs (from `src`) on state h.
+
+        A prefix that is reference-only (normalised keys) does not depend on the
+        checkpoint, so its state is cached for every later checkpoint.
+        """
+        if src == "s":
+            return h
+        pure_ref = all(s == "r" for s in prefix)
+        ck = (batch_id, len(prefix))
+        if pure_ref and ck in self._ref_cache:
+            return self._ref_cache[ck]
+        layer = (self.ref_blocks if src == "r" else cb).layers[i]
+        out = _call(layer, h, calls[i])
+        self.counter.block_evals += 1
+        if pure_ref and self._cached + out.numel() * out.element_size() <= self._cache_bytes:
+            self._ref_cache[ck] = out
+            self._cached += out.numel() * out.element_size()
+        return out
+
+
+def _common_prefix(a: Sequence, b: Sequence) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class NaiveEngine:
+    """Builds each ablated model in full and runs the plain HF forward: the reference implementation."""
+
+    def __init__(self, reference: nn.Module, **_):
+        self.reference = reference
+        self.counter = Counter()
+
+    @torch.no_grad()
+    def evaluate(self, model, configs, examples, *, batch_size: int = 8):
+        totals = {}
+        for config in dict.fromkeys(configs):
+            ablated = build_ablated(model, self.reference, config)
+            n_run = sum(s != "s" for s in config.sources)
+            for task, exs in examples.items():
+                ordered = sorted(exs, key=lambda e: -len(e.input_ids))
+                s_tot, n_tot = 0.0, 0
+                for batch in batches(ordered, batch_size, pad_id=0):
+                    pred_mask, targets = scored_positions(batch)
+                    logits = ablated(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     use_cache=False).logits
+                    s, n = nll_at_scored(logits[pred_mask], targets)
+                    s_tot, n_tot = s_tot + s, n_tot + n
+                    self.counter.block_evals += n_run
+                totals[(task, config)] = (s_tot, n_tot)
+            del ablated
+        return totals
+
+
+def build_ablated(model: nn.Module, reference: nn.Module, config: Config) -> nn.Module:
+    """A standalone copy of `model` with the configuration's weights loaded (ties broken)."""
+    out = copy.deepcopy(model)
+    ob, rb = find_blocks(out), find_blocks(reference)
+    if config.embed != config.head and out.get_output_embeddings().weight is out.get_input_embeddings().weight:
+        head = out.get_output_embeddings()
+        head.weight = nn.Parameter(head.weight.detach().clone())
+    ref = reference.state_dict()
+    own = dict(out.named_parameters())
+    for name, p in own.items():
+        i = ob.block_of(name)
+        take_ref = ((i is not None and config.sources[i] == "r")
+                    or (name in ob.input_end_names() and config.embed == "r")
+                    or (name in ob.output_end_names() and config.head == "r"))
+        if take_ref:
+            p.data.copy_(ref[name].data)
+    for i, s in enumerate(config.sources):
+        if s == "s":
+            ob.layers[i] = SkipBlock(ob.layers[i])
+    return out
+
+
+ENGINES = {"fast": FastEngine, "naive": NaiveEngine}
+
+
+def reference_config(n_layers: int) -> Config:
+    """The reference model itself: every block, the embeddings and the head at step 0."""
+    return Config(("r",) * n_layers, "r", "r", dict(direction="none", mode="reference", k=0))
+
+
+def checkpoint_config(n_layers: int) -> Config:
+    return Config(("c",) * n_layers, "c", "c", dict(direction="none", mode="checkpoint", k=0))
+
+
+def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "revert",
+          directions: Sequence[str] = DIRECTIONS, ks: Iterable[int] | None = None, ends: bool = False,
+          keep_outer: Iterable[tuple[int, int]] = (), engine: str = "fast", batch_size: int = 8,
+          steps: Iterable[int] | None = None, on_checkpoint=None) -> pd.DataFrame:
+    """Sweep every checkpoint; a tidy table with one row per (checkpoint, task, configuration).
+
+    `checkpoints` is a `Checkpoints` or a sequence of (step, model) with the
+    reference first. `on_checkpoint(step, rows)` is called after each checkpoint
+    (the run-folder driver appends to disk there, so an interruption loses at
+    most one checkpoint's work).
+    """
+    if engine not in ENGINES:
+        raise CogprobeError(f"unknown engine {engine!r}; use fast or naive")
+    if mode == "keep-outer" and not keep_outer:
+        raise CogprobeError("mode keep-outer needs (k_in, k_out) pairs; pass keep_outer=[(2, 2), ...]")
+    items = _iter_checkpoints(checkpoints, steps)
+    ref_step, reference = next(items)
+    n = find_blocks(reference).n
+    configs = (keep_outer_configs(n, keep_outer) if mode == "keep-outer"
+               else sweep_configs(n, mode=mode, directions=directions, ks=ks, ends=ends))
+    configs = [reference_config(n), checkpoint_config(n)] + configs
+    runner = ENGINES[engine](reference)
+    frames = []
+    for step, model in _with_reference(ref_step, reference, items):
+        totals = runner.evaluate(model, configs, examples, batch_size=batch_size)
+        rows = _rows(step, configs, totals, examples)
+        if on_checkpoint is not None:
+            on_checkpoint(step, rows)
+        frames.append(rows)
+    table = pd.concat(frames, ignore_index=True)
+    table.attrs["block_evals"] = runner.counter.block_evals
+    return table
+
+
+def _with_reference(ref_step, reference, items):
+    yield ref_step, reference
+    yield from items
+
+
+def _iter_checkpoints(checkpoints, steps):
+    """(step, model) pairs, the reference first, loading one checkpoint at a time."""
+    if hasattr(checkpoints, "load"):
+        wanted = list(checkpoints.steps) if steps is None else [s for s in checkpoints.steps if s in set(steps)]
+        ref = checkpoints.reference_step
+        if not checkpoints.steps:
+            raise CogprobeError("this run has no checkpoints; train with --save-steps first")
+        yield ref, checkpoints.load(ref)[0]
+        for s in wanted:
+            if s != ref:
+                yield s, checkpoints.load(s)[0]
+        return
+    pairs = list(checkpoints)
+    if not pairs:
+        raise CogprobeError("no checkpoints given; pass [(step, model), ...] with the reference first")
+    for s, m in pairs:
+        if steps is None or s in set(steps) or s == pairs[0][0]:
+            yield s, m
+
+
+def _rows(step, configs, totals, examples) -> pd.DataFrame:
+    rows = []
+    for task in examples:
+        ref_sum, ref_n = totals[(task, configs[0])]
+        ck_sum, ck_n = totals[(task, configs[1])]
+        nll_ref, nll_ck = ref_sum / ref_n, ck_sum / ck_n
+        gain = nll_ref - nll_ck
+        for c in configs[2:]:
+            s, n = totals[(task, c)]
+            nll = s / n
+            lab = c.labels
+            rows.append(dict(checkpoint_step=step, task=task, direction=lab["direction"], mode=lab["mode"],
+                             k=lab["k"], k_in=lab.get("k_in"), k_out=lab.get("k_out"), blocks=lab.get("blocks", ""),
+                             ends=lab.get("ends", False), nll=nll, n_tokens=n, nll_reference=nll_ref,
+                             nll_checkpoint=nll_ck,
+                             gain_retained=(nll_ref - nll) / gain if gain > 0 else float("nan")))
+    return pd.DataFrame(rows, columns=COLUMNS)
