@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11:
+#   make run    install, prepare the embedded model, run the default job
+#   make test   install, prepare the embedded model, run the whole test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+OUT    ?= runs/default
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+
+.PHONY: install prepare run test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-install only when the dependency list changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[backends,test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+prepare: install
+	$(BIN)/cogprobe prepare
+
+run: prepare
+	$(BIN)/cogprobe eval --out $(OUT)
+
+test: prepare
+	$(BIN)/pytest -q
+
+bench: prepare
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from cogprobe.cli import main
+
+sys.exit(main())
