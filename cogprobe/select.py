@@ -1,0 +1,232 @@
+"""Layer selection: which blocks to tune, from a fixed rule or from the model's own evidence.
+
+Three rules, each returning a `Selection` (`cogprobe select` saves it as selection.json):
+- `fixed`: the CogSym rule of the training loop, round(f*L) outermost blocks, the
+  input end taking the odd one (see `layersets.cogsym`). Needs no sweep.
+- `curves`: from a `revert` sweep at one checkpoint. Reverting all L blocks removes
+  the gain G = nll(k=L) - nll(k=0); k_in is the smallest k whose reverted input end
+  removes at least tau*G of the input task's gain, k_out likewise for the output
+  task from the output end. The set is [0, k_in) ∪ [L-k_out, L).
+- `budget`: the smallest outer set whose middle-reverted model (`keep-outer`)
+  keeps at least tau of the gain of every task. Candidates are searched by total
+  size k_in + k_out; all candidates of one size go to `evaluate` in one call (so
+  the engine shares prefixes). Among the passing candidates of the first size that
+  has one, the largest worst-task share wins; on a tie, the smaller k_in (fewer
+  early blocks means a shorter backward pass when training).
+
+A share counts as reaching tau when it is at least tau * (1 - 1e-9), so that
+tau = 1 accepts the full set despite float rounding. Every rule fails with one
+line (a CogprobeError) rather than emit a set its evidence does not support.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import pandas as pd
+
+from cogprobe.errors import CogprobeError
+from cogprobe.layersets import DEFAULT_FRACTION, check_fraction, cogsym, outer, to_string
+
+EPS = 1e-9
+FULL_GRID = "rerun the sweep with the full grid (omit --ks)"
+
+
+@dataclass
+class Selection:
+    rule: str
+    params: dict
+    n_layers: int
+    layers: list[int]
+    k_in: int
+    k_out: int
+    evidence: dict                  # the values that decided, per rule
+    candidates: list[dict] = field(default_factory=list)  # budget: every evaluated candidate
+
+    def to_json(self) -> dict:
+        """Everything above plus the ready-to-use forms for `cogprobe train` and peft."""
+        return dict(rule=self.rule, params=self.params, n_layers=self.n_layers, layers=list(self.layers),
+                    k_in=self.k_in, k_out=self.k_out, fraction=len(self.layers) / self.n_layers,
+                    layers_arg=to_string(self.layers), layers_to_transform=list(self.layers),
+                    evidence=self.evidence, candidates=self.candidates)
+
+    def table(self) -> str:
+        """A short evidence table for the CLI."""
+        params = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        head = (f"rule {self.rule} ({params}): blocks {to_string(self.layers)} "
+                f"({len(self.layers)} of {self.n_layers}, {len(self.layers) / self.n_layers:.0%})")
+        if self.rule == "curves":
+            rows = pd.DataFrame([{key: e[key] for key in ("direction", "task", "k", "nll_k0", "nll_kL", "share_removed",
+                                                          "share_removed_k_minus_1")}
+                                 for e in self.evidence["ends"]])
+        elif self.rule == "budget":
+            size = self.k_in + self.k_out
+            rows = pd.DataFrame([{"k_in": c["k_in"], "k_out": c["k_out"], **c["shares"], "passed": c["passed"]}
+                                 for c in self.candidates if c["k_in"] + c["k_out"] == size])
+            best = self.evidence["best_smaller_share"]
+            head += (f"\nsmaller sizes: {self.evidence['n_evaluated'] - len(rows)} candidates, best worst-task share "
+                     + ("-" if best is None else f"{best:.4f}") + f" (< tau={self.params['tau']})")
+        else:
+            return head
+        return head + "\n" + rows.to_string(index=False, float_format=lambda x: f"{x:.4f}")
+
+
+def select_fixed(n_layers: int, fraction: float = DEFAULT_FRACTION) -> Selection:
+    """The training loop's CogSym rule, for when no sweep exists."""
+    layers = cogsym(n_layers, fraction)
+    k_in = math.ceil(len(layers) / 2)
+    k_out = len(layers) - k_in
+    assert outer(n_layers, k_in, k_out) == layers
+    return Selection("fixed", {"fraction": fraction}, n_layers, layers, k_in, k_out,
+                     {"n_blocks": len(layers), "rule": "round(f*L) outermost blocks, the input end takes the odd one"})
+
+
+def _check_tau(tau: float) -> float:
+    return check_fraction(tau, "tau (the share of the gain to keep)")
+
+
+def _check_gain(task: str, nll_ref: float, nll_ck: float, where: str) -> None:
+    if math.isnan(nll_ref) or math.isnan(nll_ck):
+        raise CogprobeError(f"{where}: task {task!r} has NaN scores (reference {nll_ref}, checkpoint {nll_ck}); "
+                            "check the model and data, then rerun the sweep")
+    if nll_ck >= nll_ref:
+        raise CogprobeError(f"{where}: the checkpoint did not improve on the reference for task {task!r} "
+                            f"(nll_checkpoint {nll_ck:.4f} >= nll_reference {nll_ref:.4f}); "
+                            "train longer or choose a later checkpoint")
+
+
+def select_curves(sweeps: pd.DataFrame, *, tau: float = 0.8, step: int | None = None,
+                  input_task: str = "perception", output_task: str = "production",
+                  n_layers: int | None = None, ends: bool | None = None) -> Selection:
+    """k_in, k_out from the revert curves at `step` (default: the last step in the table)."""
+    tau = _check_tau(tau)
+    need = {"checkpoint_step", "task", "direction", "mode", "k", "nll", "nll_reference", "nll_checkpoint"}
+    if not need <= set(sweeps.columns):
+        raise CogprobeError(f"the sweep table lacks columns {sorted(need - set(sweeps.columns))}; "
+                            "give the sweeps.parquet that `cogprobe sweep` wrote")
+    rows = sweeps[sweeps["mode"] == "revert"]
+    if rows.empty:
+        raise CogprobeError("the sweep table has no revert rows; run `cogprobe sweep RUN --mode revert` first")
+    if ends is None and "ends" in rows.columns and rows["ends"].nunique() > 1:
+        raise CogprobeError("the sweep table mixes sweeps with and without --ends; pass ends=True or ends=False")
+    if ends is not None and "ends" in rows.columns:
+        rows = rows[rows["ends"] == ends]
+    steps = sorted(rows["checkpoint_step"].unique())
+    step = int(steps[-1]) if step is None else int(step)
+    if step not in steps:
+        raise CogprobeError(f"no revert rows at checkpoint step {step}; the table has steps {[int(s) for s in steps]}")
+    rows = rows[rows["checkpoint_step"] == step]
+    L = _infer_layers(rows) if n_layers is None else n_layers
+    where = f"curves at step {step}"
+    found = [_end_k(rows, "input", input_task, tau, L, where), _end_k(rows, "output", output_task, tau, L, where)]
+    k_in, k_out = found[0]["k"], found[1]["k"]
+    return Selection("curves", dict(tau=tau, step=step, input_task=input_task, output_task=output_task),
+                     L, outer(L, k_in, k_out), k_in, k_out, {"ends": found, "step": step, "tau": tau})
+
+
+def _infer_layers(rows: pd.DataFrame) -> int:
+    """L: the largest k, or one past the largest block a row names (an output row names L-1 at any k)."""
+    texts = rows["blocks"].dropna() if "blocks" in rows.columns else []
+    named = [int(b) for text in texts for b in re.findall(r"\d+", str(text))]
+    return max([int(rows["k"].max())] + [b + 1 for b in named])
+
+
+def _end_k(rows: pd.DataFrame, direction: str, task: str, tau: float, L: int, where: str) -> dict:
+    """The smallest k whose reverted end removes >= tau of the gain of reverting all blocks."""
+    curve = rows[(rows["direction"] == direction) & (rows["task"] == task)]
+    if curve.empty:
+        raise CogprobeError(f"{where}: no revert rows for task {task!r}, direction {direction}; "
+                            "sweep that task and direction, or pick another task for this end")
+    if curve["k"].duplicated().any():
+        raise CogprobeError(f"{where}: task {task!r}, direction {direction} has several rows per k; "
+                            "filter the table to one sweep")
+    _check_gain(task, float(curve["nll_reference"].iloc[0]), float(curve["nll_checkpoint"].iloc[0]), where)
+    nll = curve.set_index("k")["nll"].sort_index()
+    if nll.isna().any():
+        bad = [int(k) for k in nll.index[nll.isna()]]
+        raise CogprobeError(f"{where}: the {task} curve ({direction}) has NaN at k={bad}; "
+                            "check the model and rerun the sweep")
+    missing = [k for k in (0, L) if k not in nll.index]
+    if missing:
+        raise CogprobeError(f"{where}: the {task} curve ({direction}) lacks k={missing}; {FULL_GRID}")
+    total = nll[L] - nll[0]
+    if total <= 0:
+        raise CogprobeError(f"{where}: reverting all {L} blocks removes no {task} gain "
+                            f"(nll {nll[L]:.4f} at k={L} vs {nll[0]:.4f} at k=0): the gain is not in the blocks; "
+                            "sweep with --ends or use --rule fixed")
+    share = (nll - nll[0]) / total
+    k = int(next(k for k, s in share.items() if s >= tau * (1 - EPS)))
+    gaps = [j for j in range(k) if j not in share.index]
+    if gaps:
+        raise CogprobeError(f"{where}: the {task} curve ({direction}) reaches tau at k={k} but lacks k={gaps}, "
+                            f"so a smaller k may do; {FULL_GRID}")
+    return dict(direction=direction, task=task, k=k, nll_k0=float(nll[0]), nll_kL=float(nll[L]),
+                gain=float(total), share_removed=float(share[k]),
+                share_removed_k_minus_1=float(share[k - 1]),
+                nll_reference=float(curve["nll_reference"].iloc[0]),
+                nll_checkpoint=float(curve["nll_checkpoint"].iloc[0]),
+                curve=[{"k": int(j), "nll": float(nll[j]), "share_removed": float(s)} for j, s in share.items()])
+
+
+def select_budget(evaluate: Callable[[list[tuple[int, int]]], pd.DataFrame], n_layers: int, *,
+                  tau: float = 0.8, tasks: Sequence[str] = ("perception", "production"),
+                  max_total: int | None = None) -> Selection:
+    """The smallest (k_in, k_out) whose middle-reverted model keeps >= tau of every task's gain."""
+    tau, tasks = _check_tau(tau), list(tasks)
+    if not tasks:
+        raise CogprobeError("budget needs at least one task, e.g. tasks=('perception', 'production')")
+    max_total = n_layers if max_total is None else max_total
+    if not 0 <= max_total <= n_layers:
+        raise CogprobeError(f"max_total={max_total} is outside 0..{n_layers} (the model has {n_layers} blocks)")
+    candidates: list[dict] = []
+    for size in range(max_total + 1):
+        pairs = [(k_in, size - k_in) for k_in in range(size + 1)]
+        size_rows = _score_candidates(evaluate(pairs), pairs, tasks, tau)
+        candidates += size_rows
+        passed = [c for c in size_rows if c["passed"]]
+        if passed and size == 0:
+            raise CogprobeError(f"with every block reverted the checkpoint still keeps >= tau={tau} of the gain of "
+                                f"{', '.join(tasks)}: the gain is not in the blocks; raise tau or use --rule fixed")
+        if passed:
+            best = max(passed, key=lambda c: (c["min_share"], -c["k_in"]))
+            smaller = [c["min_share"] for c in candidates if c["k_in"] + c["k_out"] < size]
+            evidence = dict(tau=tau, tasks=tasks, size=size, n_evaluated=len(candidates), chosen=best,
+                            best_smaller_share=max(smaller) if smaller else None)
+            return Selection("budget", dict(tau=tau, tasks=tasks, max_total=max_total), n_layers,
+                             outer(n_layers, best["k_in"], best["k_out"]), best["k_in"], best["k_out"],
+                             evidence, candidates)
+    best = max(candidates, key=lambda c: c["min_share"])
+    raise CogprobeError(f"no outer set of up to {max_total} blocks keeps tau={tau} of every task's gain "
+                        f"(best worst-task share {best['min_share']:.3f} at k_in={best['k_in']}, "
+                        f"k_out={best['k_out']}); "
+                        "lower --tau, raise --max-total or train longer")
+
+
+def _score_candidates(table: pd.DataFrame, pairs: list[tuple[int, int]], tasks: list[str], tau: float) -> list[dict]:
+    """One record per candidate: its share of the gain per task, and whether all reach tau."""
+    need = {"k_in", "k_out", "task", "gain_retained", "nll_reference", "nll_checkpoint"}
+    if not need <= set(table.columns):
+        raise CogprobeError(f"evaluate() returned a table without columns {sorted(need - set(table.columns))}; "
+                            "return a keep-outer sweep table")
+    if "mode" in table.columns:
+        table = table[table["mode"] == "keep-outer"]
+    if "checkpoint_step" in table.columns and table["checkpoint_step"].nunique() > 1:
+        raise CogprobeError("evaluate() returned rows for several checkpoints; filter them to the chosen step")
+    out = []
+    for k_in, k_out in pairs:
+        shares = {}
+        for task in tasks:
+            row = table[(table["k_in"] == k_in) & (table["k_out"] == k_out) & (table["task"] == task)]
+            if len(row) != 1:
+                raise CogprobeError(f"evaluate() returned {len(row)} rows for k_in={k_in}, k_out={k_out}, "
+                                    f"task {task!r}; expected one (sweep that task)")
+            _check_gain(task, float(row["nll_reference"].iloc[0]), float(row["nll_checkpoint"].iloc[0]), "budget")
+            shares[task] = float(row["gain_retained"].iloc[0])
+            if math.isnan(shares[task]):
+                raise CogprobeError(f"budget: the share of task {task!r} at k_in={k_in}, k_out={k_out} is NaN; "
+                                    "check the model and rerun")
+        low = min(shares.values())
+        out.append(dict(k_in=k_in, k_out=k_out, shares=shares, min_share=low, passed=low >= tau * (1 - EPS)))
+    return out

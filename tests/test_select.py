@@ -1,0 +1,350 @@
+import copy
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cogprobe.blocks import find_blocks
+from cogprobe.corpora import Corpus
+from cogprobe.errors import CogprobeError
+from cogprobe.layersets import cogsym, resolve, to_string
+from cogprobe.select import Selection, select_budget, select_curves, select_fixed
+from cogprobe.sweep import COLUMNS, sweep
+from cogprobe.tasks import TASKS, build_examples, collate, score, scored_positions
+from tiny import LAYERS, tiny_model, tiny_tokenizer
+
+# --- synthetic tables: the gain of each task sits in known blocks -----------------------------
+
+
+def revert_table(gains: dict[str, list[float]], *, step: int = 10, nll_ck: float = 2.0,
+                 extra: float = 0.0, ends: bool = False) -> pd.DataFrame:
+    """A revert sweep under an additive model: reverting block i adds gains[task][i] to the NLL.
+
+    `extra` is gain outside the blocks (embeddings/head): in the reference, not in any curve.
+    """
+    rows = []
+    for task, g in gains.items():
+        L, nll_ref = len(g), nll_ck + sum(g) + extra
+        for direction in ("input", "output"):
+            for k in range(L + 1):
+                blocks = list(range(k)) if direction == "input" else list(range(L - k, L))
+                nll = nll_ck + sum(g[i] for i in blocks)
+                gain = (nll_ref - nll) / (nll_ref - nll_ck) if nll_ref > nll_ck else math.nan
+                rows.append(dict(checkpoint_step=step, task=task, direction=direction, mode="revert", k=k,
+                                 k_in=None, k_out=None, blocks=to_string(blocks), ends=ends, nll=nll, n_tokens=100,
+                                 nll_reference=nll_ref, nll_checkpoint=nll_ck, gain_retained=gain))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+PLANT_12 = {"perception": [0.5, 0.3, 0.2] + [0.01] * 9, "production": [0.01] * 9 + [0.2, 0.3, 0.5]}
+PLANT_8 = {"perception": [0.1, 0.1, 0.6, 0.1, 0.05, 0.05, 0, 0], "production": [0, 0, 0, 0, 0.1, 0.1, 0.1, 0.7]}
+
+
+class KeepOuterModel:
+    """A synthetic `evaluate` for budget: kept blocks keep their planted share of each task's gain.
+
+    Records every call, so tests can check the search order and that one size is one call.
+    """
+
+    def __init__(self, gains: dict[str, list[float]], nll_ck: float = 2.0, extra: float = 0.0):
+        self.gains, self.nll_ck, self.extra, self.calls = gains, nll_ck, extra, []
+
+    def ref(self, task):
+        return self.nll_ck + sum(self.gains[task]) + self.extra
+
+    def nll(self, task, k_in, k_out):
+        g = self.gains[task]
+        kept = set(range(k_in)) | set(range(len(g) - k_out, len(g)))
+        return self.nll_ck + sum(x for i, x in enumerate(g) if i not in kept)
+
+    def __call__(self, pairs):
+        self.calls.append(list(pairs))
+        rows = []
+        for task, g in self.gains.items():
+            ref = self.ref(task)
+            for k_in, k_out in pairs:
+                nll = self.nll(task, k_in, k_out)
+                gain = (ref - nll) / (ref - self.nll_ck) if ref > self.nll_ck else math.nan
+                rows.append(dict(checkpoint_step=5, task=task, direction="both", mode="keep-outer", k=k_in + k_out,
+                                 k_in=k_in, k_out=k_out, nll=nll, nll_reference=ref, nll_checkpoint=self.nll_ck,
+                                 gain_retained=gain))
+        return pd.DataFrame(rows)
+
+
+def brute_force(model: KeepOuterModel, L: int, tau: float):
+    """Every (k_in, k_out) on the grid with its worst-task share, computed directly."""
+    out = []
+    for a in range(L + 1):
+        for b in range(L + 1 - a):
+            shares = [(model.ref(t) - model.nll(t, a, b)) / (model.ref(t) - model.nll(t, L, 0))
+                      for t in model.gains]
+            out.append((a, b, min(shares)))
+    return out
+
+
+def check_json(sel: Selection, n_layers: int, tmp_path) -> dict:
+    """selection.json is strict JSON and `cogprobe train --layers` reads back the same blocks."""
+    data = sel.to_json()
+    path = tmp_path / "selection.json"
+    path.write_text(json.dumps(data, allow_nan=False))
+    assert resolve(str(path), n_layers) == sel.layers
+    assert resolve(data["layers_arg"], n_layers) == sel.layers
+    assert data["layers_to_transform"] == sel.layers
+    assert data["fraction"] == len(sel.layers) / n_layers
+    return data
+
+
+# --- fixed -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_layers", range(1, 65))
+@pytest.mark.parametrize("f", [0.25, 0.5])
+def test_fixed_is_the_training_loops_cogsym_rule(n_layers, f):
+    if round(f * n_layers) == 0:
+        with pytest.raises(CogprobeError, match="rounds to zero"):
+            select_fixed(n_layers, f)
+        return
+    sel = select_fixed(n_layers, f)
+    assert sel.layers == cogsym(n_layers, f)
+    assert sel.k_in + sel.k_out == len(sel.layers) and sel.k_in - sel.k_out in (0, 1)
+
+
+def test_fixed_smollm2_json(tmp_path):
+    sel = select_fixed(30)
+    data = check_json(sel, 30, tmp_path)
+    assert data["layers_arg"] == "0-3,26-29" and (sel.k_in, sel.k_out) == (4, 4)
+    assert "0-3,26-29" in sel.table()
+
+
+# --- curves ------------------------------------------------------------------------------------
+
+
+def test_curves_finds_the_planted_blocks(tmp_path):
+    sel = select_curves(revert_table(PLANT_12), tau=0.8)
+    assert (sel.k_in, sel.k_out) == (3, 3)
+    assert sel.layers == [0, 1, 2, 9, 10, 11]
+    inp = sel.evidence["ends"][0]
+    assert inp["task"] == "perception" and inp["share_removed"] >= 0.8 > inp["share_removed_k_minus_1"]
+    check_json(sel, 12, tmp_path)
+    assert "0-2,9-11" in sel.table() and "perception" in sel.table()
+
+
+@pytest.mark.parametrize("tau, k_in, k_out", [(0.5, 3, 1), (0.9, 4, 3), (1.0, 6, 4), (0.05, 1, 1)])
+def test_curves_second_plant_and_tau(tau, k_in, k_out):
+    sel = select_curves(revert_table(PLANT_8), tau=tau)
+    assert (sel.k_in, sel.k_out) == (k_in, k_out)
+    assert sel.layers == sorted(set(range(k_in)) | set(range(8 - k_out, 8)))
+
+
+def test_curves_picks_the_last_step_by_default_and_any_step_on_request():
+    flat = revert_table({t: [0.0] * 8 for t in TASKS}, step=0)        # the reference: no gain
+    early = revert_table({t: g[::-1] for t, g in PLANT_8.items()}, step=10)
+    table = pd.concat([flat, early, revert_table(PLANT_8, step=20)], ignore_index=True)
+    assert select_curves(table, tau=0.5).layers == [0, 1, 2, 7]
+    assert select_curves(table, tau=0.5, step=10).params["step"] == 10
+    assert select_curves(table, tau=0.5, step=10).layers != [0, 1, 2, 7]
+
+
+def test_curves_task_per_end_and_overlapping_ends():
+    swapped = select_curves(revert_table(PLANT_8), tau=0.5, input_task="production", output_task="perception")
+    # production from the input end reaches 0.5 only with block 7 (k=8); perception from the output end at k=6
+    assert (swapped.k_in, swapped.k_out) == (8, 6)
+    assert [e["task"] for e in swapped.evidence["ends"]] == ["production", "perception"]
+    assert swapped.layers == list(range(8))   # the ends overlap: the union is every block
+    assert swapped.to_json()["fraction"] == 1.0
+
+
+def test_curves_ignores_other_modes_and_filters_ends():
+    table = pd.concat([revert_table(PLANT_12), revert_table(PLANT_12, ends=True).assign(nll=9.0)],
+                      ignore_index=True)
+    with pytest.raises(CogprobeError, match="mixes sweeps with and without --ends"):
+        select_curves(table)
+    assert select_curves(table, ends=False).layers == [0, 1, 2, 9, 10, 11]
+    skip = revert_table(PLANT_8).assign(mode="skip", nll=50.0)
+    assert select_curves(pd.concat([revert_table(PLANT_12), skip]), tau=0.8).layers == [0, 1, 2, 9, 10, 11]
+
+
+@pytest.mark.parametrize("tau", [0, -0.5, 1.01, float("nan")])
+def test_curves_rejects_bad_tau(tau):
+    with pytest.raises(CogprobeError, match=r"tau .*\(0, 1\]"):
+        select_curves(revert_table(PLANT_12), tau=tau)
+
+
+def test_curves_failures_say_what_and_how_to_fix():
+    table = revert_table(PLANT_12)
+    with pytest.raises(CogprobeError, match="no revert rows; run `cogprobe sweep RUN --mode revert`"):
+        select_curves(table.assign(mode="skip"))
+    with pytest.raises(CogprobeError,
+                       match=r"did not improve .* task 'perception' \(nll_checkpoint 2.0000 >= nll_reference 2.0000\)"):
+        select_curves(revert_table({t: [0.0] * 12 for t in TASKS}))
+    worse = revert_table(PLANT_12, extra=-5.0)   # the reference is better than the checkpoint
+    with pytest.raises(CogprobeError, match=r"did not improve.*nll_checkpoint 2.0000 >= nll_reference"):
+        select_curves(worse)
+    with pytest.raises(CogprobeError, match=r"no revert rows at checkpoint step 7; the table has steps \[10\]"):
+        select_curves(table, step=7)
+    nan = table.copy()
+    nan.loc[(nan.task == "production") & (nan.direction == "output") & (nan.k == 4), "nll"] = math.nan
+    with pytest.raises(CogprobeError, match=r"production curve \(output\) has NaN at k=\[4\]"):
+        select_curves(nan)
+    with pytest.raises(CogprobeError, match=r"lacks k=\[12\]; rerun the sweep with the full grid"):
+        select_curves(table[table.k < 12], n_layers=12)
+    with pytest.raises(CogprobeError, match=r"lacks k=\[12\]"):   # L read from the blocks the rows name
+        select_curves(table[table.k < 12])
+    with pytest.raises(CogprobeError, match=r"lacks k=\[0\]; rerun the sweep with the full grid"):
+        select_curves(table[table.k > 0])
+    with pytest.raises(CogprobeError, match=r"reaches tau at k=3 but lacks k=\[1, 2\], so a smaller k may do"):
+        select_curves(table[~table.k.isin([1, 2])])
+    with pytest.raises(CogprobeError, match="no revert rows for task 'production', direction output"):
+        select_curves(table[table.task == "perception"])
+    with pytest.raises(CogprobeError, match="removes no perception gain .* the gain is not in the blocks"):
+        select_curves(revert_table({"perception": [0.0] * 12, "production": PLANT_12["production"]}, extra=1.0))
+    with pytest.raises(CogprobeError, match="several rows per k"):
+        select_curves(pd.concat([table, table]))
+    with pytest.raises(CogprobeError, match=r"lacks columns \['nll'\]"):
+        select_curves(table.drop(columns="nll"))
+
+
+# --- budget ------------------------------------------------------------------------------------
+
+
+def test_budget_finds_the_planted_smallest_set(tmp_path):
+    gains = {"perception": [0.45, 0.45] + [0.0125] * 8, "production": [0.01] * 9 + [0.91]}
+    model = KeepOuterModel(gains)
+    sel = select_budget(model, 10, tau=0.8)
+    assert (sel.k_in, sel.k_out) == (2, 1) and sel.layers == [0, 1, 9]
+    # one evaluate call per size, each with every candidate of that size, smallest sizes first
+    assert model.calls == [[(a, s - a) for a in range(s + 1)] for s in range(4)]
+    assert len(sel.candidates) == 1 + 2 + 3 + 4 and sum(c["passed"] for c in sel.candidates) == 1
+    # brute force over the whole grid: nothing smaller passes
+    assert min(a + b for a, b, s in brute_force(model, 10, 0.8) if s >= 0.8) == 3
+    data = check_json(sel, 10, tmp_path)
+    assert data["evidence"]["chosen"]["shares"] == pytest.approx({"perception": 0.9125, "production": 0.93})
+    assert "0-1,9" in sel.table() and "smaller sizes: 6 candidates, best worst-task share 0.4625" in sel.table()
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_budget_matches_brute_force_on_random_plants(seed):
+    rng = np.random.default_rng(seed)
+    L = int(rng.integers(3, 11))
+    gains = {t: list(rng.dirichlet(np.full(L, 0.3))) for t in TASKS}
+    tau = float(rng.uniform(0.3, 1.0))
+    model = KeepOuterModel(gains)
+    sel = select_budget(model, L, tau=tau)
+    grid = brute_force(model, L, tau)
+    size = min(a + b for a, b, s in grid if s >= tau * (1 - 1e-9))
+    assert sel.k_in + sel.k_out == size
+    best = max(s for a, b, s in grid if a + b == size)
+    assert sel.evidence["chosen"]["min_share"] == pytest.approx(best, abs=1e-12)
+    assert len(model.calls) == size + 1 and len(sel.candidates) == (size + 1) * (size + 2) // 2
+
+
+def test_budget_tie_goes_to_the_smaller_input_end():
+    model = KeepOuterModel({t: [0.25] * 4 for t in TASKS})   # every candidate of a size has the same share
+    sel = select_budget(model, 4, tau=0.5)
+    assert (sel.k_in, sel.k_out) == (0, 2)
+
+
+def test_budget_tau_one_keeps_every_changed_block():
+    model = KeepOuterModel({"perception": [0.3, 0, 0, 0, 0.7], "production": [0.2, 0.1, 0, 0, 0.7]})
+    sel = select_budget(model, 5, tau=1.0)
+    assert (sel.k_in, sel.k_out) == (2, 1)
+
+
+def test_budget_failures_say_what_and_how_to_fix():
+    gains = {t: [0.1] * 8 for t in TASKS}
+    with pytest.raises(CogprobeError, match=r"no outer set of up to 4 blocks keeps tau=0.8 .*best worst-task share "
+                                            r"0.500 at k_in=0, k_out=4\); lower --tau, raise --max-total or "
+                                            r"train longer"):
+        select_budget(KeepOuterModel(gains), 8, tau=0.8, max_total=4)
+    with pytest.raises(CogprobeError, match=r"did not improve on the reference for task 'perception' "
+                                            r"\(nll_checkpoint 2.0000 >= nll_reference 2.0000\)"):
+        select_budget(KeepOuterModel({t: [0.0] * 8 for t in TASKS}), 8)
+    with pytest.raises(CogprobeError, match="the gain is not in the blocks"):
+        select_budget(KeepOuterModel(gains, extra=10.0), 8, tau=0.5)
+    with pytest.raises(CogprobeError, match=r"tau .*\(0, 1\]"):
+        select_budget(KeepOuterModel(gains), 8, tau=1.5)
+    with pytest.raises(CogprobeError, match="max_total=9 is outside 0..8"):
+        select_budget(KeepOuterModel(gains), 8, max_total=9)
+    with pytest.raises(CogprobeError, match="at least one task"):
+        select_budget(KeepOuterModel(gains), 8, tasks=())
+
+    def with_nan(pairs):
+        t = KeepOuterModel(gains)(pairs)
+        t.loc[(t.k_in == 1) & (t.k_out == 0) & (t.task == "production"), "gain_retained"] = math.nan
+        return t
+    with pytest.raises(CogprobeError, match="share of task 'production' at k_in=1, k_out=0 is NaN"):
+        select_budget(with_nan, 8)
+    with pytest.raises(CogprobeError, match=r"returned 0 rows for k_in=0, k_out=0, task 'production'"):
+        select_budget(lambda pairs: KeepOuterModel(gains)(pairs).query("task == 'perception'"), 8)
+    with pytest.raises(CogprobeError, match="several checkpoints"):
+        select_budget(lambda pairs: pd.concat([KeepOuterModel(gains)(pairs),
+                                               KeepOuterModel(gains)(pairs).assign(checkpoint_step=9)]), 8)
+
+
+# --- end to end on a real sweep of a tiny model ------------------------------------------------
+
+PAIRS = pd.DataFrame({
+    "pivot": ["el hombre hace las tortillas", "la casa es grande", "el agua está fría", "¿dónde está?", "sí"],
+    "target": ["in tlacatl quichiua in tlaxcalli", "in calli huei", "in atl itztic", "canin?", "quemah"],
+    "document": [""] * 5,
+})
+
+
+def train_blocks(ref, examples, blocks, steps=8, lr=1e-2):
+    """A real 'checkpoint': `ref` with only `blocks` trained on both tasks (embeddings frozen)."""
+    ck = copy.deepcopy(ref).train()
+    b = find_blocks(ck)
+    for name, p in ck.named_parameters():
+        p.requires_grad_(b.block_of(name) in blocks)
+    opt = torch.optim.Adam([p for p in ck.parameters() if p.requires_grad], lr=lr)
+    batch = collate([e for exs in examples.values() for e in exs], pad_id=0)
+    pred, targets = scored_positions(batch)
+    for _ in range(steps):
+        logits = ck(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        loss = F.cross_entropy(logits[pred], targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return ck.eval().requires_grad_(False)
+
+
+def test_end_to_end_on_a_real_sweep(tmp_path):
+    tok = tiny_tokenizer()
+    corpus = Corpus("toy", PAIRS, "Spanish", "Nahuatl")
+    ex = {t: build_examples(tok, corpus, t) for t in TASKS}
+    ref = tiny_model("llama")
+    ck = train_blocks(ref, ex, {0, LAYERS - 1})
+    for t in TASKS:   # the checkpoint really is better, so there is a gain to locate
+        assert score(ck, ex[t]).nll < score(ref, ex[t]).nll - 0.1
+
+    table = sweep([(0, ref), (1, ck)], ex, mode="revert")
+    # blocks 1-4 are unchanged, so each curve is flat between k=1 and k=L-1: k is 1 or L
+    last = table[table.checkpoint_step == 1]
+    removed = last.eval("(nll - nll_checkpoint) / (nll_reference - nll_checkpoint)")   # share of the gain removed
+    loose = min(float(removed[(last.direction == d) & (last.task == t) & (last.k == 1)].iloc[0])
+                for d, t in [("input", "perception"), ("output", "production")])
+    assert loose > 0.05
+    sel = select_curves(table, tau=loose)   # reverting the one changed block at each end is enough
+    assert sel.layers == [0, LAYERS - 1] and sel.params["step"] == 1
+    full = select_curves(table, tau=1.0)    # all of it: each end needs both changed blocks
+    assert {0, LAYERS - 1} <= set(full.layers)
+    check_json(sel, LAYERS, tmp_path)
+
+    calls = []
+
+    def evaluate(pairs):
+        calls.append(pairs)
+        t = sweep([(0, ref), (1, ck)], ex, mode="keep-outer", keep_outer=pairs)
+        return t[t.checkpoint_step == 1]
+
+    tau = 0.9
+    sel = select_budget(evaluate, LAYERS, tau=tau)
+    singles = [c["min_share"] for c in sel.candidates if c["k_in"] + c["k_out"] == 1]
+    assert max(singles) < tau   # neither changed block alone keeps 90% of both gains ...
+    assert (sel.k_in, sel.k_out) == (1, 1) and sel.layers == [0, LAYERS - 1]  # ... both together keep all of it
+    assert sel.evidence["chosen"]["min_share"] == pytest.approx(1.0, abs=1e-9)
+    assert len(calls) == 3
