@@ -1,0 +1,320 @@
+"""Checkpoints: written by `train`, read back from any supported source.
+
+A cogprobe run keeps `checkpoints/step-N/` folders, each written into a
+temporary folder and renamed (so a folder under its final name is complete):
+  - step 0 is the base model itself and holds only `meta.json`;
+  - full / layers runs: `trainable.safetensors` with exactly the tensors the
+    strategy trains (frozen ones are the base's, bit for bit);
+  - LoRA runs: peft's own adapter folder (`adapter_config.json` +
+    `adapter_model.safetensors`), so `PeftModel.from_pretrained` reads it;
+  - `meta.json`: step, train loss, tokens seen, base fingerprint;
+  - `resume/` (latest checkpoint only): optimizer state, see `train`.
+
+`Checkpoints.open` lists and loads, in step order, a cogprobe run, an HF Trainer
+output folder (`checkpoint-N/` with `trainer_state.json`; full models or peft
+adapters) or a list of HF model folders. The base is read once and cloned in
+memory for every checkpoint that is stored as a difference from it.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from cogprobe import io
+from cogprobe.errors import CogprobeError
+from cogprobe.models import EMBEDDED, load_model, model_fingerprint, model_source
+from cogprobe.strategies import aliases, load_tensors
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+META = "meta.json"
+TENSORS = "trainable.safetensors"
+ADAPTER = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+RESUME = "resume"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+HF_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+def step_dir(run: Path, step: int) -> Path:
+    return Path(run) / CHECKPOINTS / f"step-{step}"
+
+
+def write_checkpoint(run: Path, step: int, model, kind: str, meta: dict,
+                     tensors: dict[str, torch.Tensor] | None = None,
+                     resume: tuple[dict[str, torch.Tensor], dict] | None = None) -> Path:
+    """Write `step-N/` atomically: kind "base" (meta only), "tensors" or "lora" (peft folder)."""
+    with io.atomic_dir(step_dir(run, step)) as tmp:
+        if kind == "tensors":
+            save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt"})
+        elif kind == "lora":
+            model.save_pretrained(tmp)
+            (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card stub
+        if resume is not None:
+            (tmp / RESUME).mkdir()
+            save_file(resume[0], str(tmp / RESUME / "optimizer.safetensors"))
+            io.write_json(tmp / RESUME / "state.json", resume[1])
+        io.write_json(tmp / META, dict(meta, kind=kind))
+    return step_dir(run, step)
+
+
+def drop_resume_state(run: Path, keep: int | None) -> None:
+    """Remove `resume/` from every checkpoint but `keep` (renamed first, then deleted)."""
+    import shutil
+    for step, path in _own_steps(Path(run)):
+        if step != keep and (path / RESUME).exists():
+            gone = path / ".old-resume"
+            shutil.rmtree(gone, ignore_errors=True)
+            (path / RESUME).rename(gone)
+            shutil.rmtree(gone, ignore_errors=True)
+
+
+def read_resume_state(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The optimizer tensors and state of checkpoint folder `path`, if it has them."""
+    state = path / RESUME / "state.json"
+    tensors = path / RESUME / "optimizer.safetensors"
+    if not (state.is_file() and tensors.is_file()):
+        return None
+    return load_file(str(tensors)), io.read_json(state)
+
+
+def _own_steps(run: Path) -> list[tuple[int, Path]]:
+    """Complete `step-N` folders (meta.json present), in step order; `.tmp-*` leftovers ignored."""
+    folder = run / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / META).is_file()]
+    return sorted(found)
+
+
+# ------------------------------------------------------------------------ reading
+
+
+@dataclass(frozen=True)
+class Entry:
+    step: int
+    path: Path | None   # None: the base model itself
+    kind: str           # base | tensors | lora | model (a full HF folder) | adapter (a peft folder)
+    meta: dict = field(default_factory=dict)
+
+
+class Checkpoints:
+    """Checkpoints in step order, each loadable as a full model.
+
+    `load(step)` returns a fresh `(model, tokenizer)`: the caller may change the
+    model. The tokenizer is shared between loads.
+    """
+
+    def __init__(self, entries: list[Entry], base_spec: str | Path, *, source: str,
+                 base_fingerprint: str | None = None):
+        if not entries:
+            raise CogprobeError(f"no complete checkpoints in {source}; train with save steps, or "
+                                "check the folder")
+        self.entries = {e.step: e for e in sorted(entries, key=lambda e: e.step)}
+        self.base_spec = base_spec
+        self.source = source
+        self._fingerprint = base_fingerprint
+        self._base = None
+        self._changed: dict[int, set[str]] = {}
+
+    # ---- opening
+    @classmethod
+    def open(cls, source: str | Path | Sequence[str | Path], base: str | Path | None = None) -> "Checkpoints":
+        """A cogprobe run folder, an HF Trainer output folder, or a list of HF model folders."""
+        if isinstance(source, (list, tuple)):
+            return cls._from_list([Path(p) for p in source], base)
+        path = Path(source)
+        if not path.is_dir():
+            raise CogprobeError(f"no checkpoints at {path}: give a cogprobe run folder, an HF Trainer "
+                                "output folder (checkpoint-N/) or a list of model folders")
+        if (path / MANIFEST).is_file():
+            return cls._from_run(path, base)
+        if any(HF_DIR.match(p.name) for p in path.iterdir()):
+            return cls._from_trainer(path, base)
+        if (path / "config.json").is_file() or (path / ADAPTER_CONFIG).is_file():
+            return cls._from_list([path], base)
+        raise CogprobeError(f"{path} is neither a cogprobe run (manifest.json), an HF Trainer folder "
+                            "(checkpoint-N/) nor a model folder (config.json)")
+
+    @classmethod
+    def _from_run(cls, run: Path, base) -> "Checkpoints":
+        manifest = io.read_json(run / MANIFEST)
+        info = manifest["base"]
+        fingerprint = info["fingerprint"]
+        entries = []
+        for step, path in _own_steps(run):
+            meta = io.read_json(path / META)
+            if meta.get("base_fingerprint") != fingerprint:
+                raise CogprobeError(f"{path} was trained from a different base model (fingerprint "
+                                    f"{str(meta.get('base_fingerprint'))[:12]}, the run's is {fingerprint[:12]}); "
+                                    "remove it or open its own run folder")
+            entries.append(Entry(step, None if meta["kind"] == "base" else path, meta["kind"], meta))
+        if base is not None:
+            _check_fingerprint(Path(base), fingerprint, run)
+        spec = base or (info["spec"] if info["spec"] == EMBEDDED else info["path"])
+        return cls(entries, spec, source=str(run), base_fingerprint=fingerprint)
+
+    @classmethod
+    def _from_trainer(cls, folder: Path, base) -> "Checkpoints":
+        entries = []
+        for p in sorted(folder.iterdir()):
+            m = HF_DIR.match(p.name)
+            if m and p.is_dir() and (p / "trainer_state.json").is_file():  # written last by Trainer
+                entries.append(_hf_entry(int(m.group(1)), p))
+        return cls._with_base(entries, base, str(folder))
+
+    @classmethod
+    def _from_list(cls, folders: list[Path], base) -> "Checkpoints":
+        """Steps are the list order; with `base`, the base is step 0 and the folders 1..n."""
+        offset = 0 if base is None else 1
+        entries = [_hf_entry(i + offset, p) for i, p in enumerate(folders)]
+        return cls._with_base(entries, base, ", ".join(map(str, folders)))
+
+    @classmethod
+    def _with_base(cls, entries: list[Entry], base, source: str) -> "Checkpoints":
+        if not entries:
+            raise CogprobeError(f"no complete checkpoints in {source} (an HF Trainer checkpoint needs "
+                                "trainer_state.json)")
+        entries = sorted(entries, key=lambda e: e.step)
+        kinds = {e.kind for e in entries}
+        if len(kinds) > 1:
+            raise CogprobeError(f"{source} mixes full model folders and peft adapters; open them separately")
+        if base is None and kinds == {"adapter"}:
+            base = _adapter_base(entries)
+        if base is None:  # full models without a base: the first is the reference
+            first = entries[0]
+            entries[0] = Entry(first.step, None, "base", first.meta)
+            return cls(entries, first.path, source=source)
+        if entries[0].step != 0:
+            entries = [Entry(0, None, "base")] + entries
+        return cls(entries, base, source=source)
+
+    # ---- listing
+    @property
+    def steps(self) -> list[int]:
+        return list(self.entries)
+
+    @property
+    def reference_step(self) -> int:
+        return self.steps[0]
+
+    @property
+    def base_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(_resolved(self.base_spec))
+        return self._fingerprint
+
+    def path(self, step: int) -> Path | None:
+        return self._entry(step).path
+
+    def meta(self, step: int) -> dict:
+        return self._entry(step).meta
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _entry(self, step: int) -> Entry:
+        if step not in self.entries:
+            raise CogprobeError(f"no checkpoint at step {step} in {self.source}; steps: {self.steps}")
+        return self.entries[step]
+
+    # ---- loading
+    def base(self):
+        """The base (reference) model and tokenizer, read once; do not modify them."""
+        if self._base is None:
+            model, tok = load_model(self.base_spec)
+            if self._fingerprint is not None:
+                _check_fingerprint(model_source(model), self._fingerprint, self.source)
+            self._base = (model, tok)
+        return self._base
+
+    def load(self, step: int):
+        """A full model for `step`: base + saved tensors (LoRA merged into a fresh copy)."""
+        entry = self._entry(step)
+        if entry.kind == "model":
+            return load_model(entry.path)
+        base, tok = self.base()
+        model = copy.deepcopy(base)
+        if entry.kind == "tensors":
+            load_tensors(model, load_file(str(entry.path / TENSORS)), str(entry.path))
+        elif entry.kind in ("lora", "adapter"):
+            model = _merge_adapter(model, entry.path)
+        return model.eval(), tok
+
+    def changed_tensors(self, step: int) -> set[str]:
+        """Names of base parameters (tied aliases included) that differ from the base at `step`."""
+        if step not in self._changed:
+            self._changed[step] = self._compute_changed(self._entry(step))
+        return set(self._changed[step])
+
+    def _compute_changed(self, entry: Entry) -> set[str]:
+        if entry.kind == "base":
+            return set()
+        base = self.base()[0]
+        names = aliases(base)
+        if entry.kind in ("lora", "adapter"):
+            return {a for n in _adapted_names(entry.path) if n in names for a in names[n]}
+        params = dict(base.named_parameters(remove_duplicate=False))
+        if entry.kind == "tensors":
+            new = load_file(str(entry.path / TENSORS))
+        else:
+            new = dict(self.load(entry.step)[0].named_parameters(remove_duplicate=False))
+        return {a for n, t in new.items() if n in params and not torch.equal(t.to(params[n]), params[n])
+                for a in names[n]}
+
+
+def _resolved(spec) -> Path:
+    from cogprobe.models import embedded_dir
+    return embedded_dir() if str(spec) == EMBEDDED else Path(spec)
+
+
+def _check_fingerprint(path: Path, expected: str, where) -> None:
+    found = model_fingerprint(_resolved(path))
+    if found != expected:
+        raise CogprobeError(f"base model {path} (fingerprint {found[:12]}) is not the base of {where} "
+                            f"({expected[:12]}); pass the base model the run was trained from")
+
+
+def _hf_entry(step: int, path: Path) -> Entry:
+    if (path / ADAPTER_CONFIG).is_file():
+        return Entry(step, path, "adapter", io.read_json(path / ADAPTER_CONFIG))
+    if (path / "config.json").is_file():
+        return Entry(step, path, "model")
+    raise CogprobeError(f"{path} is neither a model folder (config.json) nor a peft adapter "
+                        "(adapter_config.json)")
+
+
+def _adapter_base(entries: list[Entry]) -> Path:
+    bases = {e.meta.get("base_model_name_or_path") for e in entries}
+    if len(bases) != 1 or not (base := bases.pop()) or not Path(base).exists():
+        raise CogprobeError(f"the adapters name base model(s) {sorted(map(str, bases))} that are not "
+                            "one local folder; pass base= the folder of the base model")
+    return Path(base)
+
+
+def _merge_adapter(model, path: Path):
+    import warnings
+    from peft import PeftModel
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft vs transformers 5
+        return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+
+
+def _adapted_names(path: Path) -> set[str]:
+    """Base parameter names a peft adapter changes: `<module>.weight` per LoRA module,
+    plus any tensor it replaces whole (modules_to_save)."""
+    names = set()
+    with safe_open(str(path / ADAPTER), "pt") as f:
+        for key in f.keys():
+            key = key.removeprefix("base_model.model.")
+            module, lora, _ = key.partition(".lora_")
+            names.add(f"{module}.weight" if lora else key)
+    return names

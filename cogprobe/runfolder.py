@@ -1,0 +1,162 @@
+"""Bookkeeping of a training run folder: claiming it, the manifest, costs, optimizer state.
+
+A folder belongs to one run, identified by its config (less execution-only
+fields such as `threads`) and the base model's fingerprint. `claim` refuses a
+folder that holds another run unless `overwrite`, returns the step to resume
+from, or None when the run there is already finished.
+
+Optimizer state is stored as safetensors (its tensors) + JSON (the rest), never
+pickled: `torch.load` of an untrusted file can run code.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from cogprobe import io
+from cogprobe.checkpoints import CHECKPOINTS, MANIFEST, _own_steps, read_resume_state, step_dir
+from cogprobe.errors import CogprobeError
+from cogprobe.layersets import to_string
+from cogprobe.trainconfig import NOT_IDENTITY
+
+LOG = "train_log.parquet"
+COST = "cost.json"
+OWN = (MANIFEST, LOG, COST, CHECKPOINTS)
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy", "pandas")
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
+    """Decide what to do with `out`: the step to start from, or None if this run is finished."""
+    out = Path(out)
+    identity = _jsonable(dict(cfg.identity(), base_fingerprint=fingerprint))
+    if (out / MANIFEST).is_file():
+        old = io.read_json(out / MANIFEST)
+        old_identity = {k: v for k, v in old.get("config", {}).items() if k not in NOT_IDENTITY}
+        old_identity["base_fingerprint"] = old.get("base", {}).get("fingerprint")
+        if old_identity == identity and not cfg.overwrite:
+            if (step_dir(out, cfg.steps) / "meta.json").is_file():
+                return None
+            if not cfg.resume:
+                raise CogprobeError(f"{out} holds an unfinished run of this config; pass --resume to continue "
+                                    "it or --overwrite to start again")
+            return _resume_from(out, main)
+        if not cfg.overwrite:
+            diff = sorted(k for k in set(identity) | set(old_identity) if identity.get(k) != old_identity.get(k))
+            raise CogprobeError(f"{out} holds a different run (differs in {', '.join(diff)}); choose another "
+                                "--out or pass --overwrite to replace it")
+    elif out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise CogprobeError(f"{out} is not empty and holds no cogprobe run; choose an empty or new --out "
+                            "folder, or pass --overwrite (only cogprobe's own files are replaced)")
+    if main:
+        for name in OWN:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    return 0
+
+
+def _resume_from(out: Path, main: bool) -> int:
+    """The last checkpoint with resume state (0 if none); later log rows and leftovers removed."""
+    start = max((s for s, p in _own_steps(out) if read_resume_state(p) is not None), default=0)
+    if main:
+        for leftover in (out / CHECKPOINTS).glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        log = out / LOG
+        if log.is_file():
+            table = pd.read_parquet(log)
+            io.write_parquet(log, table[table["step"] <= start])
+    return start
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in ("cogprobe",) + PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def manifest(cfg, model, blocks, layers, fingerprint: str, corpus: dict) -> dict:
+    from cogprobe.models import model_source
+    from cogprobe.strategies import n_trainable
+    lora = getattr(model, "peft_config", {}).get("default")
+    return _jsonable(dict(
+        config=cfg.to_dict(), seed=cfg.seed, strategy=cfg.strategy,
+        layers=layers, layers_string=to_string(layers) if layers else None,
+        lora_targets=sorted(lora.target_modules) if lora else None,
+        base=dict(spec=str(cfg.model), path=str(model_source(model)), fingerprint=fingerprint,
+                  architecture=type(blocks.model).__name__, n_layers=blocks.n),
+        trainable_params=n_trainable(model),
+        total_params=sum(p.numel() for p in blocks.model.parameters()),
+        save_steps=cfg.save_step_list(), corpus=corpus, versions=versions(),
+    ))
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+
+
+def optimizer_state(optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors "<param index>.<key>", JSON-able rest) of an optimizer's state_dict."""
+    sd = _inner(optimizer).state_dict()
+    tensors, plain = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+            else:
+                plain.setdefault(str(idx), {})[key] = value
+    return tensors, _jsonable(dict(param_groups=sd["param_groups"], plain_state=plain, param_names=names))
+
+
+def load_optimizer_state(optimizer, path: Path, names: list[str]) -> dict:
+    """Restore the optimizer from checkpoint folder `path`; returns its state.json."""
+    saved = read_resume_state(path)
+    if saved is None:
+        raise CogprobeError(f"{path} has no resume state; resume from a checkpoint saved by this version")
+    tensors, info = saved
+    if info["param_names"] != names:
+        raise CogprobeError(f"the resume state in {path} is for other trainable parameters; "
+                            "resume with the run's own config, or pass --overwrite")
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, rest in info["plain_state"].items():
+        state.setdefault(int(idx), {}).update(rest)
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in info["param_groups"]]
+    _inner(optimizer).load_state_dict({"state": state, "param_groups": groups})
+    return info
+
+
+def write_cost(out: Path, n_trainable: int, optimizer, peak_memory: int, memory_kind: str,
+               tokens_per_step: int) -> dict:
+    """cost.json from the optimizer's state tensors and the log's timings (all sessions)."""
+    state = _inner(optimizer).state
+    opt_bytes = sum(t.numel() * t.element_size() for s in state.values() for t in s.values()
+                    if torch.is_tensor(t))
+    log = pd.read_parquet(out / LOG) if (out / LOG).is_file() else pd.DataFrame(columns=["seconds", "tokens"])
+    previous = io.read_json(out / COST) if (out / COST).is_file() else {}
+    seconds = float(log["seconds"].sum())
+    cost = dict(
+        trainable_params=n_trainable, optimizer_state_bytes=opt_bytes,
+        peak_memory_bytes=max(peak_memory, previous.get("peak_memory_bytes", 0)),
+        peak_memory_kind=memory_kind,
+        sec_per_step=seconds / len(log) if len(log) else None,
+        tokens_per_sec=tokens_per_step * len(log) / seconds if seconds else None,
+        steps_logged=len(log), seconds_total=seconds,
+    )
+    io.write_json(out / COST, cost)
+    return cost

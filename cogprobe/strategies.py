@@ -1,0 +1,135 @@
+"""What trains: the four strategies, as freezing or as peft LoRA adapters.
+
+  full         every parameter (embeddings and head included);
+  layers       the listed blocks only; embeddings / final norm + head only when
+               `train_embeddings` / `train_head` say so;
+  lora         LoRA adapters on every block;
+  lora-layers  LoRA adapters on the listed blocks only.
+
+LoRA targets default to every linear module inside the blocks (nn.Linear, and
+GPT-2's Conv1D), found by walking the model rather than named per family. The
+block filter uses peft's `layers_to_transform` with `target_modules` as a *list*:
+given a string, peft treats it as a regex and silently ignores the indices.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cogprobe.blocks import Blocks, find_blocks
+from cogprobe.errors import CogprobeError
+
+STRATEGIES = ("full", "layers", "lora", "lora-layers")
+LAYERED = ("layers", "lora-layers")
+LORA = ("lora", "lora-layers")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: tuple[str, ...] | None = None  # module names; None: every linear in the blocks
+
+
+def linear_names(blocks: Blocks) -> list[str]:
+    """Last-name of every linear module inside the blocks, e.g. q_proj ... down_proj, or c_attn."""
+    from transformers.pytorch_utils import Conv1D
+    return sorted({name.rsplit(".", 1)[-1] for name, m in blocks.layers.named_modules()
+                   if isinstance(m, (nn.Linear, Conv1D))})
+
+
+def apply(model: nn.Module, strategy: str, layers: list[int] | None, *, lora: LoraSpec = LoraSpec(),
+          train_embeddings: bool = False, train_head: bool = False) -> nn.Module:
+    """Set what trains; returns the model to train (a PeftModel for the LoRA strategies)."""
+    if strategy not in STRATEGIES:
+        raise CogprobeError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    blocks = find_blocks(model)
+    if strategy == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if strategy == "layers":
+        return _freeze_except(model, blocks, layers or [], train_embeddings, train_head)
+    indices = list(range(blocks.n)) if strategy == "lora" else list(layers or [])
+    return _lora(model, blocks, indices, lora)
+
+
+def _freeze_except(model, blocks: Blocks, layers: list[int], embeddings: bool, head: bool):
+    keep = set(layers)
+    for name, p in model.named_parameters():
+        p.requires_grad_(blocks.block_of(name) in keep)
+    extra = (blocks.input_end_names() if embeddings else []) + (blocks.output_end_names() if head else [])
+    for name in extra:
+        model.get_parameter(name).requires_grad_(True)
+    head_w = blocks.head.weight
+    tied = any(head_w is model.get_parameter(n) for n in blocks.input_end_names())
+    if tied and embeddings != head:
+        warnings.warn("the LM head shares its weight with the input embedding (tied embeddings), so "
+                      "training one trains both", stacklevel=3)
+    return model
+
+
+def _lora(model, blocks: Blocks, indices: list[int], spec: LoraSpec):
+    from peft import LoraConfig, get_peft_model
+    found = linear_names(blocks)
+    targets = list(spec.targets) if spec.targets else found
+    missing = sorted(set(targets) - set(found))
+    if missing:
+        raise CogprobeError(f"LoRA targets {missing} are not linear modules of the blocks; "
+                            f"choose from {', '.join(found)}")
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        target_modules=targets, layers_to_transform=indices,
+                        layers_pattern=blocks.layers_path.rsplit(".", 1)[-1],
+                        fan_in_fan_out=_conv1d(blocks), bias="none")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft vs transformers 5
+        return get_peft_model(model, config)
+
+
+def _conv1d(blocks: Blocks) -> bool:
+    from transformers.pytorch_utils import Conv1D
+    return any(isinstance(m, Conv1D) for m in blocks.layers.modules())
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters by name (tied weights once, under their first name)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def n_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in trainable(model).values())
+
+
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the trainable tensors (the non-LoRA checkpoint content)."""
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in trainable(model).items()}
+
+
+def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy saved tensors into `model` in place; every name must be a parameter of it."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise CogprobeError(f"{where} holds tensors the model does not have ({unknown[:3]}); "
+                            "it was saved from a different architecture")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            p = params[name]
+            if p.shape != value.shape:
+                raise CogprobeError(f"{where}: tensor {name} has shape {tuple(value.shape)}, the model's "
+                                    f"is {tuple(p.shape)}; it was saved from a different model")
+            p.copy_(value.to(p.device, p.dtype))
+
+
+def aliases(model: nn.Module) -> dict[str, set[str]]:
+    """Every parameter name -> all names sharing its tensor (tied embeddings/head)."""
+    by_tensor: dict[int, set[str]] = {}
+    pairs = list(model.named_parameters(remove_duplicate=False))
+    for name, p in pairs:
+        by_tensor.setdefault(id(p), set()).add(name)
+    return {name: by_tensor[id(p)] for name, p in pairs}

@@ -1,0 +1,253 @@
+"""The bundled fine-tuning loop: `train(TrainConfig(...)) -> run folder`.
+
+One loop for every strategy (see `strategies`): AdamW, warm-up + schedule,
+gradient accumulation, optional bf16 autocast, built on accelerate so it can
+later run multi-process (only the main process writes). The batch of step s is
+a pure function of (seed, s) (see `data`), dropout is reseeded from (seed, s),
+and the optimizer state is saved with the latest checkpoint, so a resumed run
+repeats an uninterrupted one's losses exactly.
+
+The run folder:
+  manifest.json      config, seed, versions, base model path + fingerprint, layers
+  train_log.parquet  one row per step: step, loss, lr, grad_norm, tokens (seen so
+                     far), seconds (of that step); rewritten atomically as it grows
+  cost.json          trainable params, optimizer-state bytes, peak memory, s/step, tok/s
+  checkpoints/step-N/   see `checkpoints`
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import psutil
+import torch
+
+from cogprobe import io
+from cogprobe.checkpoints import ADAPTER, TENSORS, drop_resume_state, step_dir, write_checkpoint
+from cogprobe.errors import CogprobeError
+from cogprobe.runfolder import (LOG, claim, load_optimizer_state, manifest, optimizer_state,
+                                write_cost)
+from cogprobe.strategies import LORA, load_tensors, n_trainable, trainable, trainable_tensors
+from cogprobe.trainconfig import TrainConfig, lr_factor
+
+__all__ = ["TrainConfig", "train", "lr_factor"]
+
+OnStep = Callable[[int, torch.nn.Module, float], None]
+
+
+def train(config: TrainConfig, *, on_step: OnStep | None = None) -> Path:
+    """Fine-tune `config.model` on `config.corpus`; returns the run folder.
+
+    `on_step(step, model, loss)` is called after every optimizer step (the model
+    is the unwrapped training model; an exception raised there stops the run,
+    like an interruption). A folder that already holds this finished run is
+    returned as it is.
+    """
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _Run(config, on_step).execute()
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Run:
+    def __init__(self, config: TrainConfig, on_step: OnStep | None):
+        self.cfg, self.on_step = config, on_step
+        self.out = Path(config.out)
+        self.log_rows: list[dict] = []
+        self.flushed_at = time.perf_counter()
+        self.peak_memory = 0
+
+    # ---- setup
+    def execute(self) -> Path:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from cogprobe.blocks import find_blocks
+        from cogprobe.models import load_model, model_fingerprint, model_source
+        cfg = self.cfg
+        # bf16 is our own autocast, not Accelerator(mixed_precision=...): accelerate's state is a
+        # process-wide singleton that refuses a second run with another precision in one process.
+        self.acc = Accelerator()
+        set_seed(cfg.seed)
+        model, tok = load_model(cfg.model)
+        self.fingerprint = model_fingerprint(model_source(model))
+        blocks = find_blocks(model)
+        self.layers = cfg.resolved_layers(blocks.n)
+        start = claim(self.out, cfg, self.fingerprint, main=self.acc.is_main_process)
+        self.acc.wait_for_everyone()
+        if start is None:
+            return self.out
+        model = self._strategy(model)
+        self.stream = self._data(tok)
+        optimizer = self._optimizer(model)
+        self.tokens = 0
+        if start > 0:
+            self._restore(model, optimizer, start)
+        elif self.acc.is_main_process:
+            io.write_json(self.out / "manifest.json",
+                          manifest(cfg, model, blocks, self.layers, self.fingerprint, self.corpus_info))
+            write_checkpoint(self.out, 0, None, "base", self._meta(0, None))
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self._loop(start)
+        return self.out
+
+    def _strategy(self, model):
+        from cogprobe.strategies import LoraSpec, apply
+        cfg = self.cfg
+        spec = LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                        tuple(cfg.lora_targets) if cfg.lora_targets else None)
+        model = apply(model, cfg.strategy, self.layers, lora=spec,
+                      train_embeddings=cfg.train_embeddings, train_head=cfg.train_head)
+        model.train()
+        self.is_lora = cfg.strategy in LORA
+        self.n_trainable = n_trainable(model)
+        return model
+
+    def _data(self, tok):
+        from cogprobe.corpora import load_corpus, split_corpus
+        from cogprobe.data import KINDS, PackedStream, tokenize
+        cfg = self.cfg
+        corpus = load_corpus(cfg.corpus, pivot_col=cfg.pivot_col, target_col=cfg.target_col,
+                             document_col=cfg.document_col, pivot_name=cfg.pivot_name,
+                             target_name=cfg.target_name)
+        train_split = split_corpus(corpus, seed=cfg.split_seed, dev=cfg.dev, test=cfg.test).train
+        weights = cfg.mixture()
+        examples = tokenize(tok, train_split, max_sentence_tokens=cfg.max_sentence_tokens,
+                            kinds=tuple(k for k in KINDS if weights[k] > 0))
+        self.corpus_info = dict(spec=str(cfg.corpus), pivot_name=corpus.pivot_name,
+                                target_name=corpus.target_name, n_pairs=len(corpus),
+                                n_train_pairs=len(train_split))
+        return PackedStream(examples, weights, cfg.seq_len, cfg.seed)
+
+    def _optimizer(self, model) -> torch.optim.AdamW:
+        """AdamW; weight decay on matrices only (not on biases and norm gains), as HF Trainer does."""
+        params = trainable(model)
+        self.param_names = list(params)
+        decay = [p for p in params.values() if p.ndim >= 2]
+        flat = [p for p in params.values() if p.ndim < 2]
+        groups = [g for g in ({"params": decay, "weight_decay": self.cfg.weight_decay},
+                              {"params": flat, "weight_decay": 0.0}) if g["params"]]
+        return torch.optim.AdamW(groups, lr=self.cfg.lr)
+
+    def _restore(self, model, optimizer, start: int) -> None:
+        """Load the trained tensors and optimizer state of checkpoint `start`."""
+        from safetensors.torch import load_file
+        path = step_dir(self.out, start)
+        if self.is_lora:
+            from peft import set_peft_model_state_dict
+            set_peft_model_state_dict(model, load_file(str(path / ADAPTER)))
+        else:
+            load_tensors(model, load_file(str(path / TENSORS)), str(path))
+        state = load_optimizer_state(optimizer, path, self.param_names)
+        self.tokens = state["tokens_seen"]
+
+    # ---- the loop
+    def _loop(self, start: int) -> None:
+        from tqdm.auto import tqdm
+        cfg, acc = self.cfg, self.acc
+        saves = set(cfg.save_step_list())
+        self.last_saved = start
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.strategy}", unit="step",
+                   disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            for step in range(start + 1, cfg.steps + 1):
+                t0 = time.perf_counter()
+                loss, grad_norm, lr = self._step(step)
+                seconds = time.perf_counter() - t0
+                self.tokens += self._rows_per_step() * cfg.seq_len
+                self.log_rows.append(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm,
+                                          tokens=self.tokens, seconds=seconds))
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self._rows_per_step() * cfg.seq_len / seconds:.0f}")
+                if self.on_step is not None:
+                    self.on_step(step, acc.unwrap_model(self.model), loss)
+                if step in saves:
+                    self._save(step, loss, final=step == cfg.steps)
+                elif len(self.log_rows) >= 50 or time.perf_counter() - self.flushed_at > 30:
+                    self._flush()
+        finally:
+            bar.close()
+            self._flush()
+
+    def _rows_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.acc.num_processes
+
+    def _step(self, step: int) -> tuple[float, float, float]:
+        """One optimizer step over grad_accum micro-batches; (loss, grad norm, lr)."""
+        cfg, acc, model = self.cfg, self.acc, self.model
+        lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps(), cfg.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        rank, world, b = acc.process_index, acc.num_processes, cfg.batch_size
+        torch.manual_seed((cfg.seed * 1_000_003 + step) * 1024 + rank)  # dropout: a function of the step
+        first_row = (step - 1) * self._rows_per_step()
+        total = torch.zeros((), device=acc.device)
+        for j in range(cfg.grad_accum):
+            ids = self.stream.rows(first_row + (j * world + rank) * b, b).to(acc.device)
+            sync = contextlib.nullcontext() if j == cfg.grad_accum - 1 else acc.no_sync(model)
+            with sync:
+                with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                self._sample_memory()
+                acc.backward(loss / cfg.grad_accum)
+                self._sample_memory()
+            total += loss.detach()
+        mean = acc.reduce(total / cfg.grad_accum, "mean").item()
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm else float("inf")
+        grad_norm = float(acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm))
+        if not (math.isfinite(mean) and math.isfinite(grad_norm)):
+            what = f"loss {mean}" if not math.isfinite(mean) else f"gradient norm {grad_norm}"
+            raise CogprobeError(f"{what} at step {step}: training stopped; checkpoints up to the last good "
+                                f"one, step-{self.last_saved}, are kept in {self.out}; lower --lr (or clip with "
+                                "--max-grad-norm) and rerun with --overwrite")
+        self.optimizer.step()
+        self._sample_memory()
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean, grad_norm, lr
+
+    def _sample_memory(self) -> None:
+        """Peak memory: on CPU the largest RSS sampled after each forward pass (activations alive),
+        backward pass (gradients) and optimizer step (its state); on GPU CUDA's own peak."""
+        if torch.cuda.is_available():
+            self.peak_memory = max(self.peak_memory, torch.cuda.max_memory_allocated())
+        else:
+            self.peak_memory = max(self.peak_memory, psutil.Process().memory_info().rss)
+
+    # ---- writing
+    def _meta(self, step: int, loss: float | None) -> dict:
+        return dict(step=step, train_loss=loss, tokens_seen=self.tokens if step else 0,
+                    base_fingerprint=self.fingerprint, strategy=self.cfg.strategy)
+
+    def _save(self, step: int, loss: float, final: bool) -> None:
+        """Checkpoint `step` (main process); resume state too unless it is the last step."""
+        acc = self.acc
+        if acc.is_main_process:
+            self._flush()  # first, so a checkpoint on disk always has its log rows
+            model = acc.unwrap_model(self.model)
+            resume = None
+            if not final:
+                tensors, info = optimizer_state(self.optimizer, self.param_names)
+                resume = (tensors, dict(info, step=step, tokens_seen=self.tokens))
+            write_checkpoint(self.out, step, model, "lora" if self.is_lora else "tensors",
+                             self._meta(step, loss), resume=resume,
+                             tensors=None if self.is_lora else trainable_tensors(model))
+            drop_resume_state(self.out, keep=None if final else step)
+        acc.wait_for_everyone()
+        self.last_saved = step
+
+    def _flush(self) -> None:
+        if not self.acc.is_main_process or not self.log_rows:
+            return
+        io.append_parquet(self.out / LOG, pd.DataFrame(self.log_rows))
+        self.log_rows = []
+        self.flushed_at = time.perf_counter()
+        write_cost(self.out, self.n_trainable, self.optimizer, self.peak_memory,
+                   "cuda" if torch.cuda.is_available() else "rss", self._rows_per_step() * self.cfg.seq_len)

@@ -1,0 +1,178 @@
+"""`TrainConfig`: every knob of `cogprobe train`, validated where it is made.
+
+Fields mirror the CLI flags one to one (`--batch-size` is `batch_size`). The
+config is stored whole in the run's manifest.json; `from_dict` reads it back
+and drops keys it does not know (with a warning), so old runs stay readable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cogprobe.errors import CogprobeError
+from cogprobe.strategies import LAYERED, LORA, STRATEGIES
+
+SCHEDULES = ("cosine", "linear", "constant")
+# Fields that change how a run executes but not what it computes.
+NOT_IDENTITY = ("out", "resume", "overwrite", "threads", "progress")
+
+
+@dataclass
+class TrainConfig:
+    model: str | Path          # "smollm2-135m", an HF model folder or a .gguf file
+    corpus: str | Path         # elotl name (axolotl, tsunkua, kolo) or a CSV/TSV/JSONL path
+    out: str | Path            # the run folder
+    strategy: str              # full | layers | lora | lora-layers
+    layers: str | list[int] | None = None  # for layers / lora-layers: "0-3,26-29", "cogsym", "cogsym:0.5", selection.json
+    steps: int = 100           # optimizer steps
+    batch_size: int = 8        # sequences per micro-batch (per process)
+    grad_accum: int = 1        # micro-batches per optimizer step
+    seq_len: int = 128         # tokens per packed sequence
+    lr: float = 3e-4           # peak learning rate
+    warmup: float = 0.05       # warm-up steps; below 1, a fraction of `steps`
+    schedule: str = "cosine"   # after warm-up: cosine | linear (both to 0) | constant
+    weight_decay: float = 0.0  # AdamW decay on weight matrices (never biases or norms)
+    max_grad_norm: float | None = 1.0  # gradient clipping; None or 0: off
+    save_steps: str | list[int] = "log:8"  # "0,10,20,40", a list, or "log:N" (N log-spaced); 0 and the last step always
+    seed: int = 0              # data order, LoRA init and dropout
+    bf16: bool = False         # bf16 autocast (weights and optimizer stay fp32)
+    threads: int | None = None  # torch.set_num_threads for the run
+    lora_r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None  # module names; default: every linear module in the blocks
+    train_embeddings: bool = False  # strategy layers: also train the input embeddings
+    train_head: bool = False   # strategy layers: also train the final norm and LM head
+    mix_perception: float = 1.0  # mixture weights of the training examples: target -> pivot,
+    mix_production: float = 1.0  # pivot -> target,
+    mix_plain: float = 1.0     # and the target sentence alone
+    max_sentence_tokens: int = 64  # each sentence cut to this many tokens (as the tasks do)
+    pivot_col: str | None = None
+    target_col: str | None = None
+    document_col: str | None = None
+    pivot_name: str | None = None
+    target_name: str | None = None
+    split_seed: int = 0        # seed of the train/dev/test split (the evaluation's `seed`)
+    dev: float = 0.05
+    test: float = 0.05
+    resume: bool = False       # continue an interrupted run from its last checkpoint
+    overwrite: bool = False    # replace a different run in `out`
+    progress: bool = True      # show a progress bar
+
+    def __post_init__(self):
+        self._check_strategy()
+        for name in ("steps", "batch_size", "grad_accum", "lora_r", "max_sentence_tokens"):
+            _positive_int(self, name)
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise CogprobeError(f"seq_len={self.seq_len!r}: give a whole number of tokens >= 2 (e.g. 128)")
+        if not self.lr > 0:
+            raise CogprobeError(f"lr={self.lr}: the learning rate must be positive (e.g. 3e-4)")
+        if self.warmup < 0 or self.warmup_steps() > self.steps:
+            raise CogprobeError(f"warmup={self.warmup}: give 0..{self.steps} steps or a fraction below 1")
+        if self.schedule not in SCHEDULES:
+            raise CogprobeError(f"schedule={self.schedule!r}: use one of {', '.join(SCHEDULES)}")
+        if self.weight_decay < 0 or (self.max_grad_norm is not None and self.max_grad_norm < 0):
+            raise CogprobeError("weight_decay and max_grad_norm must be >= 0")
+        if not 0 <= self.lora_dropout < 1 or not self.lora_alpha > 0:
+            raise CogprobeError(f"lora_dropout={self.lora_dropout} must be in [0, 1) and "
+                                f"lora_alpha={self.lora_alpha} positive")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise CogprobeError(f"threads={self.threads!r}: give a positive number of threads or None")
+        weights = self.mixture()
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise CogprobeError(f"mixture weights {weights} must be >= 0 with a positive sum; "
+                                "e.g. mix_plain=0 trains on the two translation directions only")
+        if self.resume and self.overwrite:
+            raise CogprobeError("resume and overwrite contradict each other; pass one of them")
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        self.save_step_list()  # validates
+
+    def _check_strategy(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise CogprobeError(f"strategy={self.strategy!r}: use one of {', '.join(STRATEGIES)}")
+        if self.strategy in LAYERED and self.layers in (None, "", []):
+            raise CogprobeError(f"strategy {self.strategy} needs layers: pass e.g. layers='cogsym' "
+                                "or '0-3,26-29' (--layers)")
+        if self.strategy not in LAYERED and self.layers not in (None, "", []):
+            raise CogprobeError(f"layers={self.layers!r} is only used by strategies layers and lora-layers; "
+                                f"drop it or use strategy {'lora-layers' if self.strategy in LORA else 'layers'}")
+        if self.strategy != "layers" and (self.train_embeddings or self.train_head):
+            raise CogprobeError("train_embeddings / train_head only apply to strategy layers; drop them")
+
+    # ---- derived values
+    def mixture(self) -> dict[str, float]:
+        return {"perception": float(self.mix_perception), "production": float(self.mix_production),
+                "plain": float(self.mix_plain)}
+
+    def warmup_steps(self) -> int:
+        return int(self.warmup) if self.warmup >= 1 else round(self.warmup * self.steps)
+
+    def resolved_layers(self, n_layers: int) -> list[int] | None:
+        from cogprobe.layersets import resolve
+        return resolve(self.layers, n_layers) if self.strategy in LAYERED else None
+
+    def save_step_list(self) -> list[int]:
+        """The steps to checkpoint, sorted; always with 0 (the base) and the last step."""
+        spec = self.save_steps
+        if isinstance(spec, str) and spec.startswith("log:"):
+            try:
+                n = int(spec[4:])
+                assert n >= 1
+            except (ValueError, AssertionError):
+                raise CogprobeError(f"save_steps={spec!r}: write log:N with N >= 1 (e.g. log:8)") from None
+            steps = {int(round(x)) for x in np.geomspace(1, self.steps, n)}
+        else:
+            try:
+                steps = {int(s) for s in (spec.split(",") if isinstance(spec, str) else spec) if str(s).strip()}
+            except (TypeError, ValueError):
+                raise CogprobeError(f"save_steps={spec!r}: give steps like '0,10,20,40' or log:N") from None
+        bad = sorted(s for s in steps if not 0 <= s <= self.steps)
+        if bad:
+            raise CogprobeError(f"save_steps {bad} are outside 0..{self.steps}; give steps within the run")
+        return sorted(steps | {0, self.steps})
+
+    # ---- serialisation
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+    def identity(self) -> dict:
+        """What makes two runs the same run (execution-only fields left out)."""
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            warnings.warn(f"ignoring unknown TrainConfig keys {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _positive_int(cfg: TrainConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CogprobeError(f"{name}={value!r}: give a whole number >= 1")
+
+
+def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (1-based).
+
+    Warm-up rises linearly to 1 at step `warmup` (the first step already moves,
+    unlike HF's, whose first step has lr 0); afterwards the factor follows HF's
+    schedules: 1 at the first step after warm-up, falling towards 0 at `steps`.
+    """
+    if step <= warmup:
+        return step / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup - 1) / max(1, steps - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
