@@ -7,6 +7,9 @@ one line and exits 2; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -32,6 +35,35 @@ def _corpus_flags(p: argparse.ArgumentParser) -> None:
 
 def _corpus_kwargs(a) -> dict:
     return dict(pivot_col=a.pivot_col, target_col=a.target_col)
+
+
+def _field_help(cls) -> dict[str, str]:
+    """Each dataclass field's trailing comment: the one place a config knob is documented."""
+    src = inspect.getsource(cls)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^ {4}(\w+):[^#\n]*#\s*(.*)$", src, re.M)}
+
+
+def dataclass_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One --flag per field of a config dataclass, typed from its annotation, help from its comment."""
+    helps = _field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required or f.default is dataclasses.MISSING else f.default
+        kind = str(f.type).replace(" | None", "")
+        kw = dict(default=default, required=required, help=helps.get(f.name, "").replace("%", "%%"))
+        if kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "float": float}.get(kind, str)
+            kw["metavar"] = f.name.upper()
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def dataclass_from_args(cls, a, **extra):
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{n: getattr(a, n) for n in names if hasattr(a, n)}, **extra)
 
 
 # --- prepare ------------------------------------------------------------------------
@@ -74,6 +106,161 @@ def _eval(a):
 
 
 _eval.flags = _eval_flags
+
+
+# --- train ------------------------------------------------------------------------
+
+
+def _train_flags(p):
+    from cogprobe.trainconfig import TrainConfig
+    dataclass_flags(p, TrainConfig)
+
+
+@command("train", "fine-tune with a strategy (full, layers, lora, lora-layers), saving checkpoints")
+def _train(a):
+    from cogprobe.train import train
+    from cogprobe.trainconfig import TrainConfig
+    print(train(dataclass_from_args(TrainConfig, a)))
+
+
+_train.flags = _train_flags
+
+
+# --- probing a run: sweep, capture, select ----------------------------------------------
+
+
+def _ints(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    from cogprobe.layersets import parse_range_list
+    return parse_range_list(text, 10**6)
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def _probe_flags(p):
+    p.add_argument("run", help="a cogprobe run folder, an HF Trainer folder or a model folder")
+    p.add_argument("--base", help="base model for adapter-only or listed checkpoints")
+    p.add_argument("--out", type=Path, help="folder for the tables (default: the run folder)")
+    p.add_argument("--corpus", help="default: the run's own corpus")
+    p.add_argument("--pivot-col")
+    p.add_argument("--target-col")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--limit", type=int, default=32, help="held-out pairs per task")
+    p.add_argument("--max-sentence-tokens", type=int, default=32, help="each sentence cut to this many tokens")
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def _evalset(a):
+    from cogprobe.probe import EvalSet
+    return EvalSet.for_run(a.run, corpus=a.corpus, pivot_col=a.pivot_col, target_col=a.target_col,
+                           split=a.split, limit=a.limit, max_sentence_tokens=a.max_sentence_tokens)
+
+
+def _sweep_flags(p):
+    _probe_flags(p)
+    p.add_argument("--mode", default="revert", choices=["revert", "skip"])
+    p.add_argument("--directions", default="input,output")
+    p.add_argument("--tasks", default="perception,production")
+    p.add_argument("--ks", help="k grid, e.g. '0-30' or '0,2,4,8' (default: every k from 0 to L)")
+    p.add_argument("--ends", action="store_true",
+                   help="revert the embedding with the input end and final norm + head with the output end")
+    p.add_argument("--engine", default="fast", choices=["fast", "naive"])
+    p.add_argument("--overwrite", action="store_true", help="start the table again")
+
+
+@command("sweep", "perception/production ablation sweeps from each end, per checkpoint")
+def _sweep(a):
+    from cogprobe.probe import sweep_run
+    table = sweep_run(a.run, mode=a.mode, directions=_words(a.directions), tasks=_words(a.tasks), ks=_ints(a.ks),
+                      ends=a.ends, engine=a.engine, batch_size=a.batch_size, evalset=_evalset(a), out=a.out,
+                      base=a.base, overwrite=a.overwrite)
+    print(f"{len(table)} rows in {(a.out or Path(a.run)) / 'sweeps.parquet'}")
+
+
+_sweep.flags = _sweep_flags
+
+
+def _capture_flags(p):
+    _probe_flags(p)
+    p.add_argument("--sites", default="resid", help="comma list of resid, attn, mlp")
+    p.add_argument("--backend", default="torch", choices=["torch", "nnsight", "transformerlens"])
+    p.add_argument("--overwrite", action="store_true", help="start the table again")
+
+
+@command("capture", "per-layer drift, CKA, norms and logit lens of every checkpoint")
+def _capture(a):
+    from cogprobe.probe import capture_run
+    table = capture_run(a.run, sites=_words(a.sites), backend=a.backend, batch_size=a.batch_size,
+                        evalset=_evalset(a), out=a.out, base=a.base, overwrite=a.overwrite)
+    print(f"{len(table)} rows in {(a.out or Path(a.run)) / 'activations.parquet'}")
+
+
+_capture.flags = _capture_flags
+
+
+def _select_flags(p):
+    _probe_flags(p)
+    p.add_argument("--rule", default="budget", choices=["fixed", "curves", "budget"])
+    p.add_argument("--tau", type=float, default=0.8, help="share of the gain the set must account for / keep")
+    p.add_argument("--fraction", type=float, default=0.25, help="rule fixed: the CogSym fraction")
+    p.add_argument("--step", type=int, help="checkpoint to read (default: the last)")
+    p.add_argument("--input-task", default="perception", help="rule curves: task read at the input end")
+    p.add_argument("--output-task", default="production", help="rule curves: task read at the output end")
+    p.add_argument("--max-total", type=int, help="rule budget: largest k_in + k_out to try")
+
+
+@command("select", "derive a CogSym layer set (fixed rule, or from the model's own curves)")
+def _select(a):
+    from cogprobe.probe import select_run
+    sel = select_run(a.run, rule=a.rule, tau=a.tau, fraction=a.fraction, step=a.step, input_task=a.input_task,
+                     output_task=a.output_task, max_total=a.max_total, batch_size=a.batch_size,
+                     evalset=_evalset(a), out=a.out, base=a.base)
+    print(sel.table())
+    print(f"wrote {(a.out or Path(a.run)) / 'selection.json'}; train it with --layers "
+          f"{(a.out or Path(a.run)) / 'selection.json'}")
+
+
+_select.flags = _select_flags
+
+
+def _plot_flags(p):
+    p.add_argument("run", type=Path, help="a folder holding sweeps/activations/train_log/compare tables")
+
+
+@command("plot", "draw the figures of a run folder from its tables")
+def _plot(a):
+    from cogprobe.plots import plot_run
+    for path in plot_run(a.run):
+        print(path)
+
+
+_plot.flags = _plot_flags
+
+
+# --- the study ------------------------------------------------------------------------
+
+
+def _run_flags(p):
+    from cogprobe.studyconfig import StudyConfig
+    p.add_argument("--config", type=Path, help="TOML file with StudyConfig keys")
+    p.add_argument("--preset", default="quick", help="quick (default, ~12 min on 2 CPU cores) or paper")
+    dataclass_flags(p, StudyConfig)
+    p.set_defaults(**{f.name: None for f in dataclasses.fields(StudyConfig) if f.name != "out"})
+
+
+@command("run", "the whole study: adaptation, sweeps, layer sets, CogSym vs full fine-tuning, report")
+def _run(a):
+    from cogprobe.study import run
+    from cogprobe.studyconfig import StudyConfig, build_config
+    overrides = {f.name: getattr(a, f.name) for f in dataclasses.fields(StudyConfig) if f.name != "out"}
+    config = build_config(a.out, preset_name=a.preset, config_file=a.config, **overrides)
+    print(run(config) / "report.md")
+
+
+_run.flags = _run_flags
 
 
 # --- entry point --------------------------------------------------------------------

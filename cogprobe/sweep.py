@@ -336,13 +336,14 @@ def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "rever
     configs = [reference_config(n), checkpoint_config(n)] + configs
     runner = ENGINES[engine](reference)
     frames = []
-    for step, model in _with_reference(ref_step, reference, items):
+    wanted_ref = steps is None or ref_step in set(steps)
+    for step, model in (_with_reference(ref_step, reference, items) if wanted_ref else items):
         totals = runner.evaluate(model, configs, examples, batch_size=batch_size)
         rows = _rows(step, configs, totals, examples)
         if on_checkpoint is not None:
             on_checkpoint(step, rows)
         frames.append(rows)
-    table = pd.concat(frames, ignore_index=True)
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     table.attrs["block_evals"] = runner.counter.block_evals
     return table
 
