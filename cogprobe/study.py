@@ -1,0 +1,290 @@
+"""The study: where does a model learn to perceive and produce a language, and what do the outer layers buy?
+
+`run(config)` chains every stage, each writing its own files into the study
+folder and skipped when they are already there, so rerunning the same command
+continues an interrupted study and redoes nothing that finished:
+
+  1. baseline     base model's NLL and chrF on the test split     baseline.csv
+  2. tune full    full fine-tuning with checkpoints (first seed)  runs/full-s{seed}/
+  3. probe        revert sweeps and capture on its checkpoints    sweeps.parquet, activations.parquet
+  4. select       the fixed CogSym set and the derived budget set selection-fixed.json, selection-budget.json
+  5. tune         every comparison row, same base/data/steps/seed runs/{strategy}-s{seed}/
+  6. compare      NLL and chrF of each run, shares of full FT     compare.parquet
+  7. report       figures and the plain-language report           figures/, report.md, report.html
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cogprobe import io
+from cogprobe.checkpoints import Checkpoints
+from cogprobe.corpora import load_corpus, split_corpus
+from cogprobe.errors import CogprobeError
+from cogprobe.layersets import cogsym, to_string
+from cogprobe.models import load_model
+from cogprobe.probe import EvalSet, capture_run, select_run, sweep_run
+from cogprobe.select import select_fixed
+from cogprobe.studyconfig import EXECUTION_ONLY, StudyConfig
+from cogprobe.tasks import TASKS, build_examples, score
+from cogprobe.trainconfig import TrainConfig
+from cogprobe.translate import chrf, translate
+
+STUDY = "study.json"
+BASELINE = "baseline.csv"
+COMPARE = "compare.parquet"
+
+
+class Progress:
+    """One line per event: stage, elapsed time and a rough ETA from the stages' expected weights."""
+
+    def __init__(self, weights: dict[str, float], log=print):
+        self.weights, self.done, self.start, self.log = weights, 0.0, time.perf_counter(), log
+        self.total = sum(weights.values())
+        self.seen: set[str] = set()
+
+    def stage(self, name: str, detail: str = "") -> None:
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        eta_s = f", ETA ~{_mmss(eta)}" if np.isfinite(eta) else ""
+        self.log(f"[{_mmss(elapsed)}{eta_s}] {name}{': ' + detail if detail else ''}")
+
+    def finished(self, name: str) -> None:
+        if name not in self.seen:  # the first full run is both the probe run and a comparison row
+            self.seen.add(name)
+            self.done += self.weights.get(name, 0.0)
+
+
+def _mmss(seconds: float) -> str:
+    return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
+
+
+def run(config: StudyConfig, log=print) -> Path:
+    """Run (or continue) the whole study; returns the study folder."""
+    out = Path(config.out)
+    _claim(out, config)
+    rows = [(s, seed) for seed in config.seed_list() for s in config.strategy_list()]
+    weights = {"baseline": 1, "probe": 4, "select": 2, "report": 0.5}
+    weights.update({f"tune {s}-s{seed}": 3 for s, seed in rows})
+    weights.update({f"compare {s}-s{seed}": 1 for s, seed in rows})
+    progress = Progress(weights, log)
+    _stage(progress, "baseline", lambda: baseline(config, out))
+    seed0 = config.seed_list()[0]
+    _stage(progress, f"tune full-s{seed0}", lambda: tune(config, out, "full", seed0))
+    _stage(progress, "probe", lambda: probe(config, out))
+    _stage(progress, "select", lambda: select_sets(config, out, log))
+    for strategy, seed in rows:
+        _stage(progress, f"tune {strategy}-s{seed}", lambda: tune(config, out, strategy, seed))
+        _stage(progress, f"compare {strategy}-s{seed}", lambda: compare_one(config, out, strategy, seed))
+    from cogprobe.report import write_report
+    _stage(progress, "report", lambda: write_report(out))
+    progress.stage("done", str(out / "report.md"))
+    return out
+
+
+def _stage(progress: Progress, name: str, fn) -> None:
+    progress.stage(name)
+    fn()
+    progress.finished(name)
+
+
+def _claim(out: Path, config: StudyConfig) -> None:
+    """Refuse a folder holding a different study (unless overwrite); record this one."""
+    path = out / STUDY
+    if path.is_file() and not config.overwrite:
+        old = io.read_json(path)
+        old_id = {k: v for k, v in old.items() if k not in EXECUTION_ONLY}
+        if old_id != config.identity():
+            diff = sorted(k for k in config.identity() if old_id.get(k) != config.identity()[k])
+            raise CogprobeError(f"{out} holds a different study (differs in {', '.join(diff)}); choose another "
+                                "--out or pass --overwrite")
+    elif out.is_dir() and any(out.iterdir()) and not path.is_file() and not config.overwrite:
+        raise CogprobeError(f"{out} is not empty and holds no cogprobe study; choose a new --out or pass --overwrite")
+    elif config.overwrite and out.is_dir():
+        import shutil
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    io.write_json(path, config.to_dict())
+
+
+# --- data --------------------------------------------------------------------------
+
+
+def _test_split(config: StudyConfig):
+    corpus = load_corpus(config.corpus, pivot_col=config.pivot_col, target_col=config.target_col)
+    return split_corpus(corpus, seed=0).test
+
+
+def _scores(model, tokenizer, config: StudyConfig) -> dict:
+    """NLL per task on `eval_pairs` test pairs and chrF per direction on `chrf_pairs`."""
+    test = _test_split(config)
+    out = {}
+    for task in TASKS:
+        examples = build_examples(tokenizer, test, task, limit=config.eval_pairs,
+                                  max_sentence_tokens=config.max_sentence_tokens)
+        out[f"{task}_nll"] = score(model, examples).nll
+        hyps, refs = translate(model, tokenizer, test, task, limit=config.chrf_pairs,
+                               max_new_tokens=config.max_new_tokens, max_sentence_tokens=config.max_sentence_tokens)
+        out[f"chrf_{task}"] = chrf(hyps, refs)
+    return out
+
+
+def baseline(config: StudyConfig, out: Path) -> None:
+    if (out / BASELINE).is_file():
+        return
+    model, tok = load_model(config.model)
+    io.write_text(out / BASELINE, pd.DataFrame([_scores(model, tok, config)]).to_csv(index=False))
+
+
+# --- tuning -------------------------------------------------------------------------
+
+
+def _n_layers(config: StudyConfig) -> int:
+    from transformers import AutoConfig
+    model_dir = Checkpoints.open(Path(config.out) / "runs" / f"full-s{config.seed_list()[0]}").base_spec \
+        if (Path(config.out) / "runs").exists() else None
+    spec = model_dir or config.model
+    if str(spec) == "smollm2-135m":
+        from cogprobe.models import embedded_dir
+        spec = embedded_dir()
+    return AutoConfig.from_pretrained(spec, local_files_only=True).get_text_config().num_hidden_layers
+
+
+def layer_set(config: StudyConfig, out: Path, strategy: str, seed: int) -> tuple[str, str | None]:
+    """(train strategy, --layers) of a comparison row; the controls have CogSym's size."""
+    n = _n_layers(config)
+    k = len(cogsym(n, config.fraction))
+    if strategy in ("full", "lora"):
+        return strategy, None
+    if strategy in ("cogsym", "cogsym-lora"):
+        return ("layers" if strategy == "cogsym" else "lora-layers"), f"cogsym:{config.fraction}"
+    if strategy == "budget":
+        sel = io.read_json(out / "selection-budget.json")
+        if "error" in sel:
+            raise _Skip(f"budget selection failed: {sel['error']}")
+        return "layers", sel["layers_arg"]
+    start = (n - k) // 2
+    blocks = {"middle": range(start, start + k), "bottom": range(k), "top": range(n - k, n),
+              "random": np.random.default_rng(seed).choice(n, size=k, replace=False)}[strategy]
+    return "layers", to_string(sorted(int(b) for b in blocks))
+
+
+class _Skip(Exception):
+    """A comparison row that cannot run, with the reason the report gives."""
+
+
+def tune(config: StudyConfig, out: Path, strategy: str, seed: int) -> None:
+    """Train one comparison row in its own process, so its peak memory is its own."""
+    try:
+        train_strategy, layers = layer_set(config, out, strategy, seed)
+    except _Skip:
+        return
+    lora = train_strategy.startswith("lora")
+    first_full = strategy == "full" and seed == config.seed_list()[0]
+    cfg = TrainConfig(
+        model=config.model, corpus=config.corpus, pivot_col=config.pivot_col, target_col=config.target_col,
+        out=out / "runs" / f"{strategy}-s{seed}", strategy=train_strategy, layers=layers, steps=config.steps,
+        batch_size=config.batch_size, seq_len=config.seq_len, lr=config.lora_lr if lora else config.lr,
+        lora_r=config.lora_r, bf16=config.bf16, threads=config.threads, seed=seed,
+        save_steps=config.save_steps if first_full else str(config.steps),
+        max_sentence_tokens=config.max_sentence_tokens, resume=True, progress=False)
+    if not config.isolate_runs:
+        from cogprobe.train import train
+        train(cfg)
+        return
+    done = subprocess.run([sys.executable, "-m", "cogprobe", "train", *train_argv(cfg)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise CogprobeError(f"training {strategy}-s{seed} failed: {last}")
+
+
+def train_argv(cfg: TrainConfig) -> list[str]:
+    """The `cogprobe train` flags that rebuild `cfg`."""
+    argv = []
+    for key, value in cfg.to_dict().items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+    return argv
+
+
+# --- probing and selection -------------------------------------------------------------------
+
+
+def _probe_set(config: StudyConfig) -> EvalSet:
+    return EvalSet(corpus=config.corpus, pivot_col=config.pivot_col, target_col=config.target_col,
+                   limit=config.probe_pairs, max_sentence_tokens=config.max_sentence_tokens)
+
+
+def _full_run(config: StudyConfig, out: Path) -> Path:
+    return out / "runs" / f"full-s{config.seed_list()[0]}"
+
+
+def probe(config: StudyConfig, out: Path) -> None:
+    ks = None
+    if config.sweep_ks:
+        from cogprobe.layersets import parse_range_list
+        ks = parse_range_list(config.sweep_ks, 10**6)
+    run = _full_run(config, out)
+    sweep_run(run, ks=ks, evalset=_probe_set(config), out=out, log=lambda m: None)
+    capture_run(run, backend=config.capture_backend, evalset=_probe_set(config), out=out, log=lambda m: None)
+
+
+def select_sets(config: StudyConfig, out: Path, log) -> None:
+    n = _n_layers(config)
+    if not (out / "selection-fixed.json").is_file():
+        io.write_json(out / "selection-fixed.json", select_fixed(n, config.fraction).to_json())
+    if (out / "selection-budget.json").is_file():
+        return
+    try:
+        sel = select_run(_full_run(config, out), rule="budget", tau=config.tau, max_total=config.budget_max_total,
+                         evalset=_probe_set(config), out=out, name="selection-budget.json",
+                         log=lambda m: None).to_json()
+    except CogprobeError as e:  # an honest "no set": recorded, reported, and its tuning row skipped
+        io.write_json(out / "selection-budget.json", {"rule": "budget", "error": str(e)})
+        log(f"budget selection failed: {e}")
+
+
+# --- comparison --------------------------------------------------------------------------
+
+
+def compare_one(config: StudyConfig, out: Path, strategy: str, seed: int) -> None:
+    path = out / COMPARE
+    table = pd.read_parquet(path) if path.exists() else pd.DataFrame()
+    if len(table) and ((table["strategy"] == strategy) & (table["seed"] == seed)).any():
+        return
+    run = out / "runs" / f"{strategy}-s{seed}"
+    if not (run / "cost.json").is_file():
+        return  # a skipped row (e.g. no budget set): the report says why
+    ckpts = Checkpoints.open(run)
+    model, tok = ckpts.load(ckpts.steps[-1])
+    cost = io.read_json(run / "cost.json")
+    manifest = io.read_json(run / "manifest.json")
+    row = dict(strategy=strategy, seed=seed, blocks=manifest.get("layers_string") or "all",
+               trainable_params=cost["trainable_params"], optimizer_bytes=cost["optimizer_state_bytes"],
+               sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,
+               **_scores(model, tok, config))
+    table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+    io.write_parquet(path, with_shares(table, pd.read_csv(out / BASELINE).iloc[0]))
+
+
+def with_shares(table: pd.DataFrame, base: pd.Series) -> pd.DataFrame:
+    """Share of full fine-tuning's gain each run keeps (per seed): run gain / full gain."""
+    table = table.copy()
+    full = table[table["strategy"] == "full"].set_index("seed")
+    for task in TASKS:
+        nll, share = f"{task}_nll", f"{task}_share"
+        full_gain = table["seed"].map(base[nll] - full[nll])
+        table[share] = (base[nll] - table[nll]) / full_gain
+        c, cshare = f"chrf_{task}", f"chrf_{task}_share"
+        full_c = table["seed"].map(full[c] - base[c])
+        table[cshare] = (table[c] - base[c]) / full_c.where(full_c != 0)
+    return table

@@ -1,0 +1,131 @@
+"""`StudyConfig`: every knob of `cogprobe run`, with presets as data (TOML).
+
+Precedence: the dataclass defaults < the preset (`cogprobe/presets/NAME.toml`) <
+a `--config` TOML file < flags given on the command line. Unknown keys and
+wrong types fail with a message that names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cogprobe.errors import CogprobeError
+from cogprobe.layersets import check_fraction
+
+PRESETS = Path(__file__).parent / "presets"
+EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs")  # how a study runs, not what it computes
+ROWS = ("full", "lora", "cogsym", "cogsym-lora", "budget", "middle", "bottom", "top", "random")
+
+
+@dataclass
+class StudyConfig:
+    out: str                        # the study folder (rerun the same command to continue it)
+    model: str = "smollm2-135m"     # "smollm2-135m", an HF model folder or a .gguf file
+    corpus: str = "axolotl"         # elotl name (axolotl, tsunkua) or a CSV/TSV/JSONL path
+    pivot_col: str | None = None    # corpus files: column of the pivot language
+    target_col: str | None = None   # corpus files: column of the new language
+    seeds: str = "0"                # comma list of tuning seeds (every run of a seed shares data order)
+    steps: int = 24                 # optimizer steps of every tuning run
+    batch_size: int = 8             # sequences per step
+    seq_len: int = 64               # tokens per packed sequence
+    lr: float = 3e-4                # peak lr of full and layer-restricted tuning
+    lora_lr: float = 1e-3           # peak lr of the LoRA runs (adapters start at zero and need a larger step)
+    lora_r: int = 8                 # LoRA rank
+    bf16: bool = False              # bf16 autocast in training
+    threads: int | None = None      # torch threads (default: torch's)
+    save_steps: str = "0,6,12,24"   # checkpoints of the first full fine-tuning run, probed by the sweeps
+    fraction: float = 0.25          # CogSym fraction of blocks (the paper's 25%)
+    tau: float = 0.8                # share of the gain the budget set must keep
+    budget_max_total: int | None = None  # largest k_in + k_out the budget search tries (default: L)
+    strategies: str = ",".join(ROWS)  # comparison rows to run (full is always run)
+    sweep_ks: str | None = None     # k grid of the sweeps, e.g. '0-30' or '0,2,4,8' (default every k)
+    eval_pairs: int = 64            # held-out pairs per task for the NLL scores
+    probe_pairs: int = 16           # held-out pairs per task for sweeps, capture and budget selection
+    chrf_pairs: int = 16            # held-out pairs per direction translated for chrF
+    max_new_tokens: int = 40        # greedy translation length cap
+    max_sentence_tokens: int = 32   # each sentence cut to this many tokens (training and evaluation)
+    capture_backend: str = "torch"  # torch | nnsight | transformerlens
+    isolate_runs: bool = True       # train each row in its own process, so its peak memory is its own
+    overwrite: bool = False         # replace a different study in `out`
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "eval_pairs", "probe_pairs", "chrf_pairs",
+                     "max_new_tokens", "max_sentence_tokens", "lora_r"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CogprobeError(f"{name}={value!r}: give a whole number >= 1")
+        check_fraction(self.fraction, "fraction")
+        check_fraction(self.tau, "tau")
+        bad = [s for s in self.strategy_list() if s not in ROWS]
+        if bad:
+            raise CogprobeError(f"strategies {bad} are unknown; choose from {', '.join(ROWS)}")
+        self.seed_list()
+
+    def strategy_list(self) -> list[str]:
+        rows = [s.strip() for s in str(self.strategies).split(",") if s.strip()]
+        return ["full"] + [s for s in rows if s != "full"]
+
+    def seed_list(self) -> list[int]:
+        try:
+            seeds = [int(s) for s in str(self.seeds).split(",") if s.strip()]
+        except ValueError:
+            raise CogprobeError(f"seeds={self.seeds!r}: give whole numbers like '0,1,2'") from None
+        if not seeds:
+            raise CogprobeError("seeds is empty; give at least one seed, e.g. '0'")
+        return seeds
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict:
+        """What makes two studies the same (execution-only fields left out)."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_ONLY}
+
+
+def _check_types(values: dict, where: str) -> dict:
+    fields = {f.name: str(f.type) for f in dataclasses.fields(StudyConfig)}
+    for key, value in values.items():
+        if key not in fields:
+            raise CogprobeError(f"{where}: unknown key {key!r}; known keys: {', '.join(fields)}")
+        kind = fields[key].replace(" | None", "")
+        ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "bool": lambda v: isinstance(v, bool),
+              "str": lambda v: isinstance(v, (str, int))}[kind]
+        if not (ok(value) or (value is None and "None" in fields[key])):
+            raise CogprobeError(f"{where}: key {key!r} should be {kind}, got {type(value).__name__} {value!r}")
+    return {k: str(v) if fields[k].startswith("str") and v is not None else v for k, v in values.items()}
+
+
+def read_toml(path: str | Path, where: str | None = None) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CogprobeError(f"config file {path} does not exist; give a TOML file with StudyConfig keys")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise CogprobeError(f"{path} is not valid TOML ({e}); fix the file") from None
+    return _check_types(data, where or str(path))
+
+
+def preset(name: str) -> dict:
+    path = PRESETS / f"{name}.toml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
+        raise CogprobeError(f"unknown preset {name!r}; presets: {names}")
+    return read_toml(path, f"preset {name}")
+
+
+def build_config(out: str | Path, *, preset_name: str | None = "quick", config_file: str | Path | None = None,
+                 **overrides) -> StudyConfig:
+    """Defaults < preset < config file < overrides (None values in overrides are ignored)."""
+    values: dict = {}
+    if preset_name:
+        values.update(preset(preset_name))
+    if config_file:
+        values.update(read_toml(config_file))
+    values.update(_check_types({k: v for k, v in overrides.items() if v is not None}, "flags"))
+    values["out"] = str(out)
+    return StudyConfig(**values)

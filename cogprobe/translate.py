@@ -1,0 +1,47 @@
+"""Greedy translation in both directions, scored by chrF (sacrebleu).
+
+NLL says how likely the reference is; chrF says how good the model's own output
+is. Perception translates the new language into the pivot (the task's prompt,
+then the model writes the pivot sentence); production translates the pivot into
+the new language. Generation is greedy and batched (left padding), stops at the
+end of the line or at EOS, and is cut to `max_new_tokens`.
+"""
+from __future__ import annotations
+
+import sacrebleu
+import torch
+
+from cogprobe.blocks import unwrap
+from cogprobe.corpora import Corpus
+from cogprobe.tasks import TEMPLATES, build_examples
+
+
+@torch.no_grad()
+def translate(model, tokenizer, corpus: Corpus, task: str, *, limit: int = 16, max_new_tokens: int = 48,
+              batch_size: int = 8, max_sentence_tokens: int = 32) -> tuple[list[str], list[str]]:
+    """(hypotheses, references) for the first `limit` pairs of `corpus`."""
+    model = unwrap(model)
+    examples = build_examples(tokenizer, corpus, task, limit=limit, max_sentence_tokens=max_sentence_tokens)
+    refs = [tokenizer.decode(e.input_ids[e.n_prompt:], skip_special_tokens=True).strip() for e in examples]
+    prompts = [list(e.input_ids[:e.n_prompt]) for e in examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    hyps: list[str] = []
+    device = next(model.parameters()).device
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, stop_strings=["\n"],
+                             tokenizer=tokenizer)
+        for row in out[:, width:]:
+            hyps.append(tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip())
+    return hyps, refs
+
+
+def chrf(hypotheses: list[str], references: list[str]) -> float:
+    """Corpus-level chrF (0-100)."""
+    return float(sacrebleu.corpus_chrf(hypotheses, [references]).score)
+
+

@@ -1,0 +1,89 @@
+"""The whole study on a tiny model: every stage runs, every table has its columns, every figure exists."""
+import pandas as pd
+import pytest
+
+from cogprobe.cli import main
+from cogprobe.errors import CogprobeError
+from cogprobe.study import COMPARE, run
+from cogprobe.studyconfig import ROWS, build_config
+from tiny import save_tiny
+
+WORDS = ["in calli huei", "in atl itztic", "in tlacatl quichiua in tlaxcalli", "canin", "quemah", "amo",
+         "in cihuatl", "in tepetl", "in xochitl", "in tochtli"]
+SPANISH = ["la casa es grande", "el agua está fría", "el hombre hace tortillas", "dónde", "sí", "no",
+           "la mujer", "el cerro", "la flor", "el conejo"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    model = save_tiny(root / "model", "llama")
+    rows = [(f"{s} {i}", f"{w} {i}") for i in range(12) for s, w in zip(SPANISH, WORDS)]
+    corpus = root / "pairs.csv"
+    pd.DataFrame(rows, columns=["es", "nah"]).to_csv(corpus, index=False)
+    return root, model, corpus
+
+
+def tiny_config(root, model, corpus, **kw):
+    values = dict(model=str(model), corpus=str(corpus), steps=4, batch_size=2, seq_len=32, save_steps="0,2,4",
+                  eval_pairs=4, probe_pairs=3, chrf_pairs=2, max_new_tokens=4, max_sentence_tokens=12,
+                  lr=3e-3, lora_lr=3e-3, bf16=False, threads=1, isolate_runs=False)
+    values.update(kw)
+    return build_config(root / "out", preset_name=None, **values)
+
+
+def test_whole_study_on_a_tiny_model(setup):
+    root, model, corpus = setup
+    out = run(tiny_config(root, model, corpus), log=lambda m: None)
+    compare = pd.read_parquet(out / COMPARE)
+    assert set(compare["strategy"]) >= set(ROWS) - {"budget"}   # budget may honestly find no set
+    for col in ["strategy", "blocks", "trainable_params", "optimizer_bytes", "sec_per_step", "peak_mem_mb",
+                "perception_nll", "production_nll", "perception_share", "production_share", "chrf_perception",
+                "chrf_production", "chrf_perception_share", "chrf_production_share"]:
+        assert col in compare.columns, col
+    full = compare[compare["strategy"] == "full"].iloc[0]
+    assert full["perception_share"] == pytest.approx(1.0) and full["production_share"] == pytest.approx(1.0)
+    sweeps = pd.read_parquet(out / "sweeps.parquet")
+    assert set(sweeps["checkpoint_step"]) == {0, 2, 4}
+    assert {"activations.parquet", "baseline.csv", "selection-fixed.json", "selection-budget.json",
+            "report.md", "report.html"} <= {p.name for p in out.iterdir()}
+    figures = {p.name for p in (out / "figures").iterdir()}
+    assert {"specialization_heatmap_revert_gain_retained.png", "logit_lens.png", "comparison_nll.png",
+            "training_curve.png"} <= figures
+    report = (out / "report.md").read_text()
+    assert "CogSym against full fine-tuning" in report and "cogsym" in report
+
+    # rerunning the same command redoes nothing: the tables stay byte-identical
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    run(tiny_config(root, model, corpus), log=lambda m: None)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == before
+
+
+def test_study_refuses_a_different_study_in_out(setup):
+    root, model, corpus = setup
+    with pytest.raises(CogprobeError, match="different study"):
+        run(tiny_config(root, model, corpus, steps=5), log=lambda m: None)
+
+
+def test_config_errors_name_the_key(tmp_path, capsys):
+    bad = tmp_path / "study.toml"
+    bad.write_text("stepz = 3\n")
+    assert main(["run", "--out", str(tmp_path / "o"), "--config", str(bad)]) == 2
+    assert "unknown key 'stepz'" in capsys.readouterr().err
+    bad.write_text('steps = "many"\n')
+    assert main(["run", "--out", str(tmp_path / "o"), "--config", str(bad)]) == 2
+    assert "'steps' should be int" in capsys.readouterr().err
+    assert main(["run", "--out", str(tmp_path / "o"), "--preset", "huge"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+
+
+def test_isolated_training_rebuilds_the_same_config(setup, tmp_path):
+    """The study trains rows in subprocesses: the flags must rebuild the exact config."""
+    from cogprobe.cli import build_parser, dataclass_from_args
+    from cogprobe.study import train_argv
+    from cogprobe.trainconfig import TrainConfig
+    root, model, corpus = setup
+    cfg = TrainConfig(model=str(model), corpus=str(corpus), out=str(tmp_path), strategy="lora-layers",
+                      layers="cogsym:0.5", steps=3, save_steps="3", bf16=True, resume=True, progress=False)
+    args = build_parser().parse_args(["train", *train_argv(cfg)])
+    assert dataclass_from_args(TrainConfig, args).to_dict() == cfg.to_dict()
