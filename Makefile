@@ -8,7 +8,7 @@ OUT    ?= runs/default
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: install prepare run test bench clean
+.PHONY: install prepare run test bench clean figures
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ prepare: install
 	$(BIN)/cogprobe prepare
 
 run: prepare
-	$(BIN)/cogprobe eval --out $(OUT)
+	$(BIN)/cogprobe run --out $(OUT)
 
 test: prepare
 	$(BIN)/pytest -q
@@ -34,3 +34,8 @@ bench: prepare
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Re-draw the published figures (figures/) from the default study folder.
+figures:
+	for s in specialization_heatmaps specialization_curves logit_lens comparison; do \
+		$(BIN)/python analyses/$$s.py $(OUT) || exit 1; done

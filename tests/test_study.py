@@ -1,4 +1,9 @@
 """The whole study on a tiny model: every stage runs, every table has its columns, every figure exists."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -52,6 +57,13 @@ def test_whole_study_on_a_tiny_model(setup):
             "training_curve.png"} <= figures
     report = (out / "report.md").read_text()
     assert "CogSym against full fine-tuning" in report and "cogsym" in report
+
+    # every published-figure script runs on the study folder
+    for script in sorted((Path(__file__).parent.parent / "analyses").glob("[a-z]*.py")):
+        done = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True,
+                              env={**os.environ, "COGPROBE_FIGURES": str(root / "figures")})
+        assert done.returncode == 0, done.stderr
+    assert len(list((root / "figures").glob("*.png"))) == 4
 
     # rerunning the same command redoes nothing: the tables stay byte-identical
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}

@@ -1,0 +1,34 @@
+"""Shared by the analysis scripts: read a study folder, write into figures/ (PNG + the CSV behind it)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from cogprobe import io
+from cogprobe.errors import CogprobeError
+from cogprobe.plots import save
+
+FIGURES = Path(os.environ.get("COGPROBE_FIGURES", Path(__file__).resolve().parent.parent / "figures"))
+
+
+def study_dir() -> Path:
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: python {Path(sys.argv[0]).name} STUDY_DIR   (a folder written by `cogprobe run`)")
+    return Path(sys.argv[1])
+
+
+def table(study: Path, name: str) -> pd.DataFrame:
+    path = study / name
+    if not path.is_file():
+        raise CogprobeError(f"{path} is missing; run `cogprobe run --out {study}` first")
+    return pd.read_parquet(path) if name.endswith(".parquet") else pd.read_csv(path)
+
+
+def publish(fig, data: pd.DataFrame, stem: str) -> None:
+    """figures/STEM.png and figures/STEM.csv (the numbers the figure shows)."""
+    save(fig, FIGURES / f"{stem}.png")
+    io.write_text(FIGURES / f"{stem}.csv", data.to_csv(index=False))
+    print(FIGURES / f"{stem}.png")
