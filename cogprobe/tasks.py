@@ -67,18 +67,25 @@ def build_examples(tokenizer, corpus: Corpus, task: str, *, max_sentence_tokens:
     if max_sentence_tokens < 1:
         raise CogprobeError(f"max_sentence_tokens={max_sentence_tokens}; give at least 1")
     pairs = corpus.pairs if limit is None else corpus.pairs.head(limit)
+    # Batched tokenizer calls (the fast tokenizer runs a list in one native call): a few
+    # calls per task instead of a few per pair, the same ids.
+    pivots = _cut_all(tokenizer, list(pairs["pivot"]), max_sentence_tokens)
+    targets = _cut_all(tokenizer, list(pairs["target"]), max_sentence_tokens)
+    fields = [dict(pivot_name=corpus.pivot_name, target_name=corpus.target_name, pivot=p, target=t)
+              for p, t in zip(pivots, targets)]
+    prompts = _prompt_ids_all(tokenizer, [template.prompt.format(**f) for f in fields])
+    conts = _ids(tokenizer, [template.continuation.format(**f) for f in fields], special=False)
     examples = []
-    for pivot, target in zip(pairs["pivot"], pairs["target"]):
-        fields = dict(pivot_name=corpus.pivot_name, target_name=corpus.target_name,
-                      pivot=_cut(tokenizer, pivot, max_sentence_tokens),
-                      target=_cut(tokenizer, target, max_sentence_tokens))
-        prompt = _prompt_ids(tokenizer, template.prompt.format(**fields))
-        cont = tokenizer(template.continuation.format(**fields), add_special_tokens=False).input_ids
+    for prompt, cont in zip(prompts, conts):
         if not prompt or not cont:
             raise CogprobeError(f"task {task!r}: the template's prompt or continuation gave no "
                                 "tokens; give both some text")
         examples.append(Example(tuple(prompt) + tuple(cont), len(prompt)))
     return examples
+
+
+def _ids(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=special).input_ids if texts else []
 
 
 def _check(template: Template, task: str) -> Template:
@@ -94,21 +101,25 @@ def _check(template: Template, task: str) -> Template:
     return template
 
 
-def _cut(tokenizer, text: str, n: int) -> str:
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    if len(ids) <= n:
-        return text
-    return tokenizer.decode(ids[:n], skip_special_tokens=True).rstrip("\ufffd").strip()
+def _cut_all(tokenizer, texts: list[str], n: int) -> list[str]:
+    """Each text cut to its first n tokens (tokenized alone, decoded back)."""
+    out = []
+    for text, ids in zip(texts, _ids(tokenizer, texts, special=False)):
+        out.append(text if len(ids) <= n else
+                   tokenizer.decode(ids[:n], skip_special_tokens=True).rstrip("\ufffd").strip())
+    return out
 
 
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The prompt with the specials the tokenizer puts before it, none after."""
-    ids = tokenizer(prompt).input_ids
-    plain = tokenizer(prompt, add_special_tokens=False).input_ids
-    for start in range(len(ids) - len(plain) + 1):
-        if ids[start:start + len(plain)] == plain:
-            return ids[:start + len(plain)]
-    return ids
+def _prompt_ids_all(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Each prompt with the specials the tokenizer puts before it, none after."""
+    out = []
+    for ids, plain in zip(_ids(tokenizer, prompts, special=True), _ids(tokenizer, prompts, special=False)):
+        for start in range(len(ids) - len(plain) + 1):
+            if ids[start:start + len(plain)] == plain:
+                ids = ids[:start + len(plain)]
+                break
+        out.append(ids)
+    return out
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
