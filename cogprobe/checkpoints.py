@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -67,8 +68,7 @@ def write_checkpoint(run: Path, step: int, model, kind: str, meta: dict,
 
 def drop_resume_state(run: Path, keep: int | None) -> None:
     """Remove `resume/` from every checkpoint but `keep` (renamed first, then deleted)."""
-    import shutil
-    for step, path in _own_steps(Path(run)):
+    for step, path in own_steps(Path(run)):
         if step != keep and (path / RESUME).exists():
             gone = path / ".old-resume"
             shutil.rmtree(gone, ignore_errors=True)
@@ -76,16 +76,18 @@ def drop_resume_state(run: Path, keep: int | None) -> None:
             shutil.rmtree(gone, ignore_errors=True)
 
 
+def has_resume_state(path: Path) -> bool:
+    return (path / RESUME / "state.json").is_file() and (path / RESUME / "optimizer.safetensors").is_file()
+
+
 def read_resume_state(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
     """The optimizer tensors and state of checkpoint folder `path`, if it has them."""
-    state = path / RESUME / "state.json"
-    tensors = path / RESUME / "optimizer.safetensors"
-    if not (state.is_file() and tensors.is_file()):
+    if not has_resume_state(path):
         return None
-    return load_file(str(tensors)), io.read_json(state)
+    return load_file(str(path / RESUME / "optimizer.safetensors")), io.read_json(path / RESUME / "state.json")
 
 
-def _own_steps(run: Path) -> list[tuple[int, Path]]:
+def own_steps(run: Path) -> list[tuple[int, Path]]:
     """Complete `step-N` folders (meta.json present), in step order; `.tmp-*` leftovers ignored."""
     folder = run / CHECKPOINTS
     if not folder.is_dir():
@@ -150,7 +152,7 @@ class Checkpoints:
         info = manifest["base"]
         fingerprint = info["fingerprint"]
         entries = []
-        for step, path in _own_steps(run):
+        for step, path in own_steps(run):
             meta = io.read_json(path / META)
             if meta.get("base_fingerprint") != fingerprint:
                 raise CogprobeError(f"{path} was trained from a different base model (fingerprint "

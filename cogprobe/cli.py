@@ -266,8 +266,15 @@ _run.flags = _run_flags
 # --- entry point --------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line, like every other error (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"cogprobe: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cogprobe", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="cogprobe", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (fn, help) in COMMANDS.items():

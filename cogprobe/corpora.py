@@ -210,6 +210,11 @@ def split_corpus(corpus: Corpus, *, seed: int = 0, dev: float | int = 0.05,
     no document fits into gets the smallest document left over (larger than asked).
     """
     n = len(corpus)
+    if n < 3:  # say why, e.g. a file of one pair repeated: its duplicates were dropped
+        dropped = " and ".join(f"{v} {k}" for k, v in corpus.dropped.items() if v)
+        why = f" ({dropped} dropped)" if dropped else ""
+        raise CogprobeError(f"{corpus.name} has {n} distinct non-empty pair(s){why}, too few for train, dev and "
+                            "test splits; give a corpus with more distinct pairs")
     n_test, n_dev = _count("test", test, n), _count("dev", dev, n)
     if n_test + n_dev >= n:
         raise CogprobeError(f"{corpus.name} has {n} pairs, too few for test={n_test} + "

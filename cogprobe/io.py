@@ -17,6 +17,8 @@ from typing import Any, Iterator
 
 import pandas as pd
 
+from cogprobe.errors import CogprobeError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -24,8 +26,26 @@ def _umask() -> int:
     return mask
 
 
+def make_dir(path: str | os.PathLike) -> Path:
+    """`mkdir -p`, failing with one line when `path` cannot be a folder (e.g. a file is in the way)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CogprobeError(f"cannot create folder {path} ({e.strerror or e}); choose an output path "
+                            "in a writable folder") from None
+    return path
+
+
+def _unwritable(path: Path, e: OSError) -> CogprobeError:
+    return CogprobeError(f"cannot write into {path} ({e.strerror or e}); choose an output path in a writable folder")
+
+
 def _tmp_path(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise _unwritable(path.parent, e) from None
     os.close(fd)
     os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; results should be readable like any file
     return Path(name)
@@ -35,7 +55,7 @@ def _tmp_path(path: Path) -> Path:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path; rename it onto `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     tmp = _tmp_path(path)
     try:
         yield tmp
@@ -82,8 +102,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     folder that exists under its final name is always complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
+    make_dir(path.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise _unwritable(path.parent, e) from None
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp

@@ -7,10 +7,12 @@ not the original bf16 release: results on it are results on that model.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -85,7 +87,7 @@ def _load_gguf(path: Path, model_kw: dict, **kw):
         model = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, quantization_config=GgufConfig(dequantize=True),
             **model_kw, **kw)
-    except (OSError, ValueError, KeyError, IndexError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError, struct.error) as e:  # struct: a cut header
         raise CogprobeError(f"cannot read GGUF file {path} ({type(e).__name__}: "
                             f"{_first_line(e)}); re-download or re-export it") from None
     return model, tok
@@ -200,6 +202,10 @@ def _load_folder(folder: Path, model_kw: dict, allow_pickle: bool, **kw):
     try:
         config = AutoConfig.from_pretrained(folder, **kw)
     except (OSError, ValueError, KeyError) as e:
+        if "custom code" in str(e):  # auto_map names Python files in the folder: never run unasked
+            raise CogprobeError(f"{folder} needs its own Python code to load (auto_map in config.json), which "
+                                "cogprobe does not run; use a model transformers ships, or pass "
+                                "trust_remote_code=True to load_model if you trust that code") from None
         raise CogprobeError(f"cannot read {folder / 'config.json'} ({_first_line(e)}); "
                             "fix or replace the file") from None
     _check_causal_decoder(config, folder)
@@ -242,15 +248,30 @@ def load_model(spec: str | Path, *, dtype: torch.dtype = torch.float32,
     model_kw = dict(dtype=dtype)
     if attn_implementation:  # else transformers' default (sdpa for most families)
         model_kw["attn_implementation"] = attn_implementation
-    if path.is_file():
-        model, tok = _load_gguf(path, model_kw, **kw)
-    else:
-        model, tok = _load_folder(path, model_kw, allow_pickle, **kw)
+    with _no_loading_bars():
+        if path.is_file():
+            model, tok = _load_gguf(path, model_kw, **kw)
+        else:
+            model, tok = _load_folder(path, model_kw, allow_pickle, **kw)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     model._cogprobe_source = path.resolve()
     return model.eval(), tok
+
+
+@contextlib.contextmanager
+def _no_loading_bars():
+    """Silence transformers' per-load "Loading weights" bar: a sweep loads a model per checkpoint,
+    and an error after a load should be the only line on stderr."""
+    from transformers.utils import logging as hf_logging
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def model_source(model) -> Path | None:

@@ -9,11 +9,14 @@ given the corpus and an `out` folder.
 Every table is appended per finished checkpoint and written atomically, so an
 interrupted call loses at most one checkpoint's work and a rerun continues: a
 checkpoint whose rows are already there (for the same mode and `ends`) is not
-recomputed. The evaluation set is recorded next to the table; a rerun with a
-different one is refused unless `overwrite`.
+recomputed. The evaluation set and the checkpoints' source (a run's config and
+base model) are recorded next to the table; a rerun with different ones, or a
+sweep with other tasks, directions or ks, is refused unless `overwrite`. Bad
+requests and data fail before anything is written.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,14 +24,17 @@ from typing import Sequence
 import pandas as pd
 
 from cogprobe import io
+from cogprobe.backends import check_sites
+from cogprobe.blocks import find_blocks
 from cogprobe.capture import ACTIVATIONS, capture
 from cogprobe.checkpoints import MANIFEST, Checkpoints
 from cogprobe.corpora import load_corpus, split_corpus
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import check_fraction
 from cogprobe.select import Selection, select_budget, select_curves, select_fixed
-from cogprobe.sweep import DIRECTIONS, sweep
+from cogprobe.sweep import DIRECTIONS, sweep, sweep_configs
 from cogprobe.tasks import TASKS, batches, build_examples
+from cogprobe.trainconfig import NOT_IDENTITY
 
 SWEEPS = "sweeps.parquet"
 SELECTION = "selection.json"
@@ -76,19 +82,31 @@ def _out_dir(source, out) -> Path:
     raise CogprobeError("these checkpoints are not a cogprobe run folder; pass --out DIR for the tables")
 
 
-def _claim_table(out: Path, table: str, evalset: EvalSet, overwrite: bool) -> None:
-    """Refuse to mix rows scored on another evaluation set into an existing table."""
+def _source_id(source, ckpts: Checkpoints) -> dict:
+    """What a table's rows come from: a run's config and base model (so a moved run folder is the
+    same run, a retrained one with other settings is not), else the checkpoint folders."""
+    if isinstance(source, (str, Path)) and (Path(source) / MANIFEST).is_file():
+        manifest = io.read_json(Path(source) / MANIFEST)
+        config = {k: v for k, v in manifest["config"].items() if k not in NOT_IDENTITY}
+        return dict(run=config, base=manifest["base"]["fingerprint"])
+    return dict(checkpoints=ckpts.source)
+
+
+def _claim_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite: bool) -> None:
+    """Refuse to mix rows of other checkpoints or another evaluation set into an existing table."""
     meta_path = out / f"{table}.json"
-    want = asdict(evalset)
+    want = json.loads(json.dumps(dict(asdict(evalset), source=source), default=str))
     if (out / table).exists() and meta_path.exists() and not overwrite:
         have = io.read_json(meta_path)
         if have != want:
             diff = sorted(k for k in want if have.get(k) != want[k])
-            raise CogprobeError(f"{out / table} was scored on another evaluation set (differs in {', '.join(diff)}); "
-                                "pass the same options, or --overwrite to start the table again")
+            raise CogprobeError(f"{out / table} holds rows of other checkpoints or another evaluation set (differs "
+                                f"in {', '.join(diff)}); pass the same run and options, another --out, or "
+                                "--overwrite to start the table again")
     if overwrite:
         (out / table).unlink(missing_ok=True)
-    io.write_json(meta_path, want)
+    if not meta_path.exists() or io.read_json(meta_path) != want:
+        io.write_json(meta_path, want)
 
 
 def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIRECTIONS, tasks: Sequence[str] = TASKS,
@@ -99,14 +117,16 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
     ckpts = open_checkpoints(source, base)
     out = _out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
-    _claim_table(out, SWEEPS, evalset, overwrite)
+    reference, tok = ckpts.base()
+    configs = sweep_configs(find_blocks(reference).n, mode=mode, directions=directions, ks=ks, ends=ends)
+    examples = evalset.examples(tok, tasks)
+    _claim_table(out, SWEEPS, evalset, _source_id(source, ckpts), overwrite)
     path = out / SWEEPS
-    done = _done_steps(path, mode, ends)
+    done = _done_steps(path, mode, ends, {(t, c.labels["direction"], c.labels["k"]) for t in tasks for c in configs})
     todo = [s for s in ckpts.steps if s not in done]
     if not todo:
         log(f"sweep: every checkpoint of {out} is already in {SWEEPS}")
         return pd.read_parquet(path)
-    examples = evalset.examples(ckpts.base()[1], tasks)
 
     def save(step, rows):
         log(f"sweep: step {step} done ({len(rows)} rows)")
@@ -117,11 +137,17 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
     return pd.read_parquet(path)
 
 
-def _done_steps(path: Path, mode: str, ends: bool) -> set[int]:
+def _done_steps(path: Path, mode: str, ends: bool, want: set[tuple]) -> set[int]:
+    """Steps already swept (same mode, ends); refused if their (task, direction, k) rows are not `want`."""
     if not path.exists():
         return set()
     t = pd.read_parquet(path)
-    return set(t[(t["mode"] == mode) & (t["ends"] == ends)]["checkpoint_step"].unique())
+    t = t[(t["mode"] == mode) & (t["ends"] == ends)]
+    for step, rows in t.groupby("checkpoint_step"):
+        if set(zip(rows["task"], rows["direction"], rows["k"].astype(int))) != want:
+            raise CogprobeError(f"{path} holds a {mode} sweep of step {step} with other tasks, directions or ks; "
+                                "pass the same options as before, another --out, or --overwrite")
+    return set(t["checkpoint_step"].unique())
 
 
 def capture_run(source, *, sites: Sequence[str] = ("resid",), backend: str = "torch", batch_size: int = 8,
@@ -131,7 +157,9 @@ def capture_run(source, *, sites: Sequence[str] = ("resid",), backend: str = "to
     ckpts = open_checkpoints(source, base)
     out = _out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
-    _claim_table(out, ACTIVATIONS, evalset, overwrite)
+    check_sites(sites)
+    examples = evalset.examples(ckpts.base()[1])  # bad data fails before anything is written
+    _claim_table(out, ACTIVATIONS, evalset, _source_id(source, ckpts), overwrite)
     path = out / ACTIVATIONS
     done = set(pd.read_parquet(path)["checkpoint_step"].unique()) if path.exists() else set()
     todo = [s for s in ckpts.steps if s not in done]
@@ -140,7 +168,6 @@ def capture_run(source, *, sites: Sequence[str] = ("resid",), backend: str = "to
         return pd.read_parquet(path)
     ref_step = ckpts.reference_step
     ref, tok = ckpts.load(ref_step)
-    examples = evalset.examples(tok)
     batched = {t: list(batches(sorted(ex, key=lambda e: -len(e.input_ids)), batch_size, pad_id=0))
                for t, ex in examples.items()}
     for step in todo:

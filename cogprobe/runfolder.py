@@ -11,6 +11,7 @@ pickled: `torch.load` of an untrusted file can run code.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 from importlib import metadata
@@ -20,7 +21,8 @@ import pandas as pd
 import torch
 
 from cogprobe import io
-from cogprobe.checkpoints import CHECKPOINTS, MANIFEST, _own_steps, read_resume_state, step_dir
+from cogprobe.checkpoints import (CHECKPOINTS, MANIFEST, drop_resume_state, has_resume_state, own_steps,
+                                  read_resume_state, step_dir)
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import to_string
 from cogprobe.trainconfig import NOT_IDENTITY
@@ -35,6 +37,24 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
+def lock(out: Path, log=print) -> int | None:
+    """Hold an exclusive lock on the run folder (an open fd: close it to release) so that two processes
+    never train into one folder; a second one waits. The OS drops the lock when its holder dies, even
+    by kill -9: a `cogprobe train` orphaned by a killed `cogprobe run` finishes before the rerun's
+    own training continues the folder (and finds it done)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    fd = os.open(io.make_dir(out), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log(f"waiting for another process that is training into {out} ...")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
 def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
     """Decide what to do with `out`: the step to start from, or None if this run is finished."""
     out = Path(out)
@@ -45,6 +65,8 @@ def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
         old_identity["base_fingerprint"] = old.get("base", {}).get("fingerprint")
         if old_identity == identity and not cfg.overwrite:
             if (step_dir(out, cfg.steps) / "meta.json").is_file():
+                if main:  # killed between the last checkpoint and dropping the optimizer state: finish that
+                    drop_resume_state(out, keep=None)
                 return None
             if not cfg.resume:
                 raise CogprobeError(f"{out} holds an unfinished run of this config; pass --resume to continue "
@@ -58,16 +80,16 @@ def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
         raise CogprobeError(f"{out} is not empty and holds no cogprobe run; choose an empty or new --out "
                             "folder, or pass --overwrite (only cogprobe's own files are replaced)")
     if main:
+        io.make_dir(out)  # first: a file in the way fails here, as one line
         for name in OWN:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
     return 0
 
 
 def _resume_from(out: Path, main: bool) -> int:
     """The last checkpoint with resume state (0 if none); later log rows and leftovers removed."""
-    start = max((s for s, p in _own_steps(out) if read_resume_state(p) is not None), default=0)
+    start = max((s for s, p in own_steps(out) if has_resume_state(p)), default=0)
     if main:
         for leftover in (out / CHECKPOINTS).glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)

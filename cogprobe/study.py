@@ -67,6 +67,7 @@ def _mmss(seconds: float) -> str:
 def run(config: StudyConfig, log=print) -> Path:
     """Run (or continue) the whole study; returns the study folder."""
     out = Path(config.out)
+    _check_inputs(config)
     _claim(out, config)
     rows = [(s, seed) for seed in config.seed_list() for s in config.strategy_list()]
     weights = {"baseline": 1, "probe": 4, "select": 2, "report": 0.5}
@@ -91,6 +92,18 @@ def _stage(progress: Progress, name: str, fn) -> None:
     progress.stage(name)
     fn()
     progress.finished(name)
+
+
+def _check_inputs(config: StudyConfig) -> None:
+    """A bad model, corpus, fraction or k grid fails here, before the folder is claimed, not after the tuning."""
+    from cogprobe.blocks import find_blocks
+    from cogprobe.layersets import parse_range_list
+    from cogprobe.sweep import check_ks
+    _test_split(config)
+    n = find_blocks(load_model(config.model)[0]).n
+    cogsym(n, config.fraction)
+    if config.sweep_ks:
+        check_ks(parse_range_list(config.sweep_ks, 10**6), n)
 
 
 def _claim(out: Path, config: StudyConfig) -> None:

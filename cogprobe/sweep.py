@@ -104,7 +104,8 @@ def check_ks(ks: Iterable[int] | None, n_layers: int) -> list[int]:
     ks = sorted(set(int(k) for k in ks))
     bad = [k for k in ks if not 0 <= k <= n_layers]
     if bad:
-        raise CogprobeError(f"k values {bad} are outside 0..{n_layers} (the model has {n_layers} blocks)")
+        raise CogprobeError(f"k values {bad} are outside 0..{n_layers} (the model has {n_layers} blocks); "
+                            f"ask for k within 0..{n_layers} (--ks, or sweep_ks in a study config)")
     return ks
 
 

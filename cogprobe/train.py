@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,7 @@ import torch
 from cogprobe import io
 from cogprobe.checkpoints import ADAPTER, TENSORS, drop_resume_state, step_dir, write_checkpoint
 from cogprobe.errors import CogprobeError
-from cogprobe.runfolder import (LOG, claim, load_optimizer_state, manifest, optimizer_state,
+from cogprobe.runfolder import (LOG, claim, load_optimizer_state, lock, manifest, optimizer_state,
                                 write_cost)
 from cogprobe.strategies import LORA, load_tensors, n_trainable, trainable, trainable_tensors
 from cogprobe.trainconfig import TrainConfig, lr_factor
@@ -50,9 +51,12 @@ def train(config: TrainConfig, *, on_step: OnStep | None = None) -> Path:
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    run = _Run(config, on_step)
     try:
-        return _Run(config, on_step).execute()
+        return run.execute()
     finally:
+        if run.lock_fd is not None:
+            os.close(run.lock_fd)
         torch.set_num_threads(threads)
 
 
@@ -63,6 +67,7 @@ class _Run:
         self.log_rows: list[dict] = []
         self.flushed_at = time.perf_counter()
         self.peak_memory = 0
+        self.lock_fd: int | None = None  # see runfolder.lock
 
     # ---- setup
     def execute(self) -> Path:
@@ -79,12 +84,14 @@ class _Run:
         self.fingerprint = model_fingerprint(model_source(model))
         blocks = find_blocks(model)
         self.layers = cfg.resolved_layers(blocks.n)
+        self.stream = self._data(tok)  # before claiming `out`: bad data leaves no folder behind
+        if self.acc.is_main_process:
+            self.lock_fd = lock(self.out)
         start = claim(self.out, cfg, self.fingerprint, main=self.acc.is_main_process)
         self.acc.wait_for_everyone()
         if start is None:
             return self.out
         model = self._strategy(model)
-        self.stream = self._data(tok)
         optimizer = self._optimizer(model)
         self.tokens = 0
         if start > 0:
