@@ -165,8 +165,8 @@ def _check_folder(folder: Path, allow_pickle: bool) -> None:
     pickles = sorted(p.name for p in folder.glob("*.bin"))
     if pickles and not allow_pickle:
         raise CogprobeError(f"{folder} only has pickle weights ({pickles[0]}), which can run "
-                            "code when loaded and are refused; convert them to safetensors "
-                            "or pass --allow-pickle (allow_pickle=True) if you trust them")
+                            "code when loaded and are refused; if you trust them, convert them to safetensors "
+                            "once (load_model(path, allow_pickle=True).save_pretrained(new_folder))")
     if not pickles:
         raise CogprobeError(f"{folder} has config.json but no weights (*.safetensors): "
                             "copy the weight files into it")

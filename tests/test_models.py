@@ -156,7 +156,7 @@ ERRORS = {
     "hub id": (_hub_id, "no model at 'HuggingFaceTB/SmolLM2-135M'.*never downloaded"),
     "empty folder": (_empty, "has no config.json: expected .*config.json \\+ \\*.safetensors"),
     "config only": (_config_only, "no weights"),
-    "fake pytorch_model.bin": (_only_fake_bin, "pickle weights \\(pytorch_model.bin\\).*--allow-pickle"),
+    "fake pytorch_model.bin": (_only_fake_bin, "pickle weights \\(pytorch_model.bin\\).*allow_pickle=True"),
     "truncated safetensors": (_truncated, "cannot load weights model.safetensors .*truncated"),
     "bert encoder": (_bert, "'bert' model, an encoder.*decoder-only causal LM"),
     "random gguf": (_random_gguf, "cannot read GGUF file .*x.gguf .*magic"),

@@ -512,7 +512,7 @@ def test_pickle_weights_are_never_unpickled_unless_asked(inputs, tmp_path, capsy
     (only_bin / "pytorch_model.bin").write_bytes(pickle.dumps(_Touch(marker)))
     assert_refused(capsys, train_argv(only_bin, inputs["corpus"], tmp_path / "out"),
                    r"only has pickle weights \(pytorch_model\.bin\), which can run code when loaded and are refused; "
-                   r"convert them to safetensors or pass --allow-pickle \(allow_pickle=True\)", out=tmp_path / "out")
+                   r"if you trust them, convert them to safetensors once \(load_model\(path, allow_pickle=True\)", out=tmp_path / "out")
     # beside safetensors, a pickle is ignored: the safetensors load and the pickle stays shut
     both = shutil.copytree(inputs["model"], tmp_path / "both")
     (both / "pytorch_model.bin").write_bytes(pickle.dumps(_Touch(marker)))
