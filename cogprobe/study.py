@@ -211,10 +211,18 @@ def tune(config: StudyConfig, out: Path, strategy: str, seed: int) -> None:
         train(cfg)
         return
     done = subprocess.run([sys.executable, "-m", "cogprobe", "train", *train_argv(cfg)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, preexec_fn=_die_with_parent)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise CogprobeError(f"training {strategy}-s{seed} failed: {last}")
+
+
+def _die_with_parent() -> None:
+    """Linux: the training child gets SIGKILL when the study process dies (even by kill -9)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def train_argv(cfg: TrainConfig) -> list[str]:

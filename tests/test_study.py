@@ -99,3 +99,21 @@ def test_isolated_training_rebuilds_the_same_config(setup, tmp_path):
                       layers="cogsym:0.5", steps=3, save_steps="3", bf16=True, resume=True, progress=False)
     args = build_parser().parse_args(["train", *train_argv(cfg)])
     assert dataclass_from_args(TrainConfig, args).to_dict() == cfg.to_dict()
+
+
+def test_training_child_dies_with_the_study_process():
+    """kill -9 of `cogprobe run` must not leave its training child running on the folder."""
+    import signal
+    import time
+    code = ("import subprocess; from cogprobe.study import _die_with_parent; "
+            "c = subprocess.Popen(['sleep', '60'], preexec_fn=_die_with_parent); print(c.pid, flush=True); c.wait()")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    for _ in range(50):
+        state = subprocess.run(["ps", "-o", "stat=", "-p", str(child)], capture_output=True, text=True).stdout.strip()
+        if state in ("", "Z"):
+            break
+        time.sleep(0.1)
+    assert state in ("", "Z")   # gone, or dead and waiting to be reaped
