@@ -304,8 +304,8 @@ def with_shares(table: pd.DataFrame, base: pd.Series) -> pd.DataFrame:
     for task in TASKS:
         nll, share = f"{task}_nll", f"{task}_share"
         full_gain = table["seed"].map(base[nll] - full[nll])
-        table[share] = (base[nll] - table[nll]) / full_gain
+        table[share] = (base[nll] - table[nll]) / full_gain.where(full_gain > 0)  # no gain, no share
         c, cshare = f"chrf_{task}", f"chrf_{task}_share"
         full_c = table["seed"].map(full[c] - base[c])
-        table[cshare] = (table[c] - base[c]) / full_c.where(full_c != 0)
+        table[cshare] = (table[c] - base[c]) / full_c.where(full_c > 0)
     return table
