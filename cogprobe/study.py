@@ -38,6 +38,7 @@ from cogprobe.translate import chrf, translate
 STUDY = "study.json"
 BASELINE = "baseline.csv"
 COMPARE = "compare.parquet"
+MIN_CHRF_GAIN = 1.0  # chrF points: a share of a smaller full-FT gain is noise, not a ratio worth printing
 
 
 class Progress:
@@ -307,5 +308,5 @@ def with_shares(table: pd.DataFrame, base: pd.Series) -> pd.DataFrame:
         table[share] = (base[nll] - table[nll]) / full_gain.where(full_gain > 0)  # no gain, no share
         c, cshare = f"chrf_{task}", f"chrf_{task}_share"
         full_c = table["seed"].map(full[c] - base[c])
-        table[cshare] = (table[c] - base[c]) / full_c.where(full_c > 0)
+        table[cshare] = (table[c] - base[c]) / full_c.where(full_c >= MIN_CHRF_GAIN)
     return table
