@@ -1,0 +1,173 @@
+"""The benchmarks run end to end at a tiny size, so the scripts can't rot.
+
+Nothing here asserts a time: benchmarks are not tests. What is checked is that
+every table has its columns and rows, that the numbers the benchmarks compute
+besides timings are right (the floor, the agreement between ways, the counts),
+and that a tiny run never writes into benchmarks/results.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import capture_bench  # noqa: E402
+import common  # noqa: E402
+import sweep_bench  # noqa: E402
+import tuning_bench  # noqa: E402
+
+MACHINE = ["cpu", "cores", "torch", "torch_threads", "device", "load_avg_1m", "tiny", "commit", "date", "command"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COGPROBE_BENCH_")}
+    done = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--tiny", "--out", str(out / "results"),
+                           "--cache", str(out / "cache")], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / "results", done.stdout
+
+
+def test_a_tiny_run_leaves_the_published_tables_alone(tiny_run):
+    results, stdout = tiny_run
+    assert sorted(p.name for p in results.iterdir()) == ["capture.csv", "latest.md", "sweeps.csv", "tuning.csv"]
+    assert str(BENCH / "results") not in stdout
+    for csv in (BENCH / "results").glob("*.csv"):  # (a real run may be writing there meanwhile)
+        assert not pd.read_csv(csv)["tiny"].any(), f"{csv} holds rows of a --tiny run"
+
+
+def _table(results: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(results / f"{name}.csv")
+
+
+@pytest.mark.parametrize("name,module", [("capture", capture_bench), ("sweeps", sweep_bench),
+                                         ("tuning", tuning_bench)])
+def test_tables_have_their_columns_and_the_machine_on_every_row(tiny_run, name, module):
+    table = _table(tiny_run[0], name)
+    assert list(table.columns) == module.COLUMNS + MACHINE
+    assert table[MACHINE].notna().all().all()
+    assert table["tiny"].all() and table["cores"].ge(1).all() and table["torch_threads"].eq(1).all()
+    assert table["command"].str.contains("run_all.py --tiny").all()
+
+
+def test_capture_rows_agree_with_each_other(tiny_run):
+    table = _table(tiny_run[0], "capture").set_index("method")
+    assert list(table.index) == list(capture_bench.VARIANTS)
+    capturing = table.drop(index=["plain forward", "plain decoder"])
+    assert capturing["max_abs_diff_vs_cogprobe"].le(1e-4).all()  # every way captured the same residuals
+    assert table["max_abs_diff_vs_cogprobe"][["plain forward", "plain decoder"]].isna().all()
+    assert table.loc["plain forward", "ratio_to_plain"] == 1.0
+    assert table["seconds"].gt(0).all() and table["peak_rss_mib"].gt(0).all()
+    assert (table["peak_rss_mib"] >= table["call_extra_mib"]).all()
+    assert table["batch"].str.fullmatch(r"\d+x\d+").all()
+
+
+def test_sweeps_agree_and_count_against_the_floor(tiny_run):
+    table = _table(tiny_run[0], "sweeps")
+    assert sorted(zip(table.scenario, table.engine)) == [("1 checkpoint", "fast"), ("1 checkpoint", "naive"),
+                                                         ("4 checkpoints", "fast"), ("4 checkpoints", "naive")]
+    assert table["max_abs_dnll"].le(1e-4).all()
+    assert (table["block_evals"] >= table["floor_block_evals"]).all()
+    fast, naive = (table[table.engine == e].set_index("scenario") for e in ("fast", "naive"))
+    assert (fast["block_evals"] < naive["block_evals"]).all()
+    assert fast["evals_over_floor"].le(1.2).all()
+    assert list(fast["checkpoints"]) == [1, 4]
+    assert table["checkpoint_source"].str.contains("full fine-tuning").all()
+
+
+def test_tuning_counts_follow_the_strategies(tiny_run):
+    table = _table(tiny_run[0], "tuning").set_index("name")
+    assert list(table.index) == list(tuning_bench.STRATEGIES)
+    p = table["trainable_params"]
+    assert p["full"] > p["cogsym layers"] > 0 and p["lora"] > p["cogsym lora"] > 0
+    assert p["last quarter"] == p["cogsym layers"]  # the same number of (identical) blocks
+    assert table.loc["last quarter", "layers"] == "4-5" and table.loc["cogsym layers", "layers"] == "0,5"
+    # AdamW keeps two fp32 moments per trainable parameter (plus a step counter per tensor)
+    assert (table["optimizer_state_bytes"] >= 8 * p).all()
+    assert (table["optimizer_state_bytes"] < 8 * p + 4096).all()
+    assert table["measured_steps"].eq(2).all() and table["sec_per_step"].gt(0).all()
+
+
+def test_run_all_prints_and_writes_the_targets(tiny_run):
+    results, stdout = tiny_run
+    latest = (results / "latest.md").read_text()
+    assert "### targets" in latest and "TINY MODEL" in latest
+    for target in ("cogprobe time <= 1.10x plain forward", "fast >= 1.8x naive", "fast within 1.2x of the floor",
+                   "cogsym layers step time <= 0.75x full", "cogsym layers optimizer state <= 0.25x full"):
+        assert target in latest and target in stdout
+
+
+def test_a_worker_runs_in_its_own_process(tmp_path):
+    """The path the real benchmark takes: one measurement in a fresh interpreter, JSON back."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COGPROBE_BENCH_")}
+    env.update(COGPROBE_BENCH_TINY="1", COGPROBE_BENCH_CACHE=str(tmp_path / "cache"),
+               COGPROBE_BENCH_OUT=str(tmp_path / "results"), COGPROBE_BENCH_SUBPROCESS="1")
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        common.model_spec(), common.train_corpus()
+        result = common.measure_in_worker(BENCH / "capture_bench.py", capture_bench.measure, "--method", "cogprobe")
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert result["method"] == "cogprobe" and len(result["seconds_all"]) == capture_bench.SIZES["tiny"]["repeats"]
+    assert result["peak"] > 100 * common.MiB  # a whole interpreter with torch: the process's RSS
+    assert len(result["norms"]) == 6 and all(n > 0 for n in result["norms"])
+    assert not (tmp_path / "results").exists()
+
+
+def test_peak_memory_sees_a_short_lived_allocation():
+    import torch
+    with common.PeakMemory() as mem:
+        x = torch.ones(64 * common.MiB // 4)  # 64 MiB, touched
+        del x
+    assert mem.kind in ("rss-hwm", "rss-sampled")
+    assert mem.extra >= 60 * common.MiB
+
+
+def test_timeit_returns_the_median():
+    calls = iter([0.0, 0.03, 0.01, 0.02])  # warm-up, then three timed calls
+    import time
+    assert 0.015 < common.timeit(lambda: time.sleep(next(calls)), repeats=3, warmup=1) < 0.03
+
+
+# ------------------------------------------------------------------ the floor, by hand
+
+def _changes(n, blocks, embed):
+    return (set(blocks), embed)
+
+
+def test_floor_of_a_full_fine_tuning_sweep():
+    """L blocks, all changed (+ embeddings). Per checkpoint, under its embeddings: the checkpoint
+    path c^L (L nodes), the chain r^L (L; input k=L = output k=L), the input sweep's branches
+    r^k c^(L-k) off that chain (L-k new nodes, k=1..L-1) and the output sweep's c^(L-k) r^k off
+    the checkpoint path (k new nodes, k=1..L-1). Plus the reference path, shared."""
+    L = 30
+    configs = sweep_bench.all_configs(L)
+    own = L + L + 2 * (L * (L - 1) // 2)
+    assert own == 930
+    one = sweep_bench.floor_block_evals(configs, {4: _changes(L, range(L), True)}, n_batches=1)
+    assert one == own + L
+    four = sweep_bench.floor_block_evals(configs, {s: _changes(L, range(L), True) for s in (1, 2, 3, 4)}, 2)
+    assert four == 2 * (4 * own + L)
+
+
+def test_floor_shares_unchanged_blocks_with_the_reference():
+    """Only blocks 0 and 5 of 6 changed, embeddings not: every configuration's path is the
+    reference's until the first changed block it keeps."""
+    L = 6
+    configs = sweep_bench.all_configs(L)
+    got = sweep_bench.floor_block_evals(configs, {1: _changes(L, {0, 5}, False)}, n_batches=1)
+    # distinct normalised keys: reference r^6; keep block 0 (input k=0, output k=1..5): c r r r r {c|r};
+    # input k>=1 keeps 5 only: r r r r r c; output k>=1 and k<6 keeps 0: c r r r r r
+    # nodes: reference chain 6, "c..." chain 6 + one branch at block 5, "r r r r r c" 1 extra
+    assert got == 6 + 6 + 1 + 1
