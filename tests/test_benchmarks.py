@@ -119,8 +119,9 @@ def test_a_worker_runs_in_its_own_process(tmp_path):
     finally:
         os.environ.clear()
         os.environ.update(old)
-    assert result["method"] == "cogprobe" and len(result["seconds_all"]) == capture_bench.SIZES["tiny"]["repeats"]
+    assert result["method"] == "cogprobe" and result["memory_kind"] in ("rss-hwm", "rss-sampled")
     assert result["peak"] > 100 * common.MiB  # a whole interpreter with torch: the process's RSS
+    assert 0 <= result["extra"] <= result["peak"]
     assert len(result["norms"]) == 6 and all(n > 0 for n in result["norms"])
     assert not (tmp_path / "results").exists()
 
@@ -171,3 +172,12 @@ def test_floor_shares_unchanged_blocks_with_the_reference():
     # input k>=1 keeps 5 only: r r r r r c; output k>=1 and k<6 keeps 0: c r r r r r
     # nodes: reference chain 6, "c..." chain 6 + one branch at block 5, "r r r r r c" 1 extra
     assert got == 6 + 6 + 1 + 1
+
+
+def test_fast_naive_comparison_sees_a_difference_and_refuses_mismatched_rows():
+    keys = dict(checkpoint_step=[1, 1], task=["perception", "production"], direction=["input"] * 2,
+                mode=["revert"] * 2, k=[3, 3])
+    a = pd.DataFrame(dict(keys, nll=[2.0, 3.0]))
+    assert sweep_bench.max_abs_dnll(a, pd.DataFrame(dict(keys, nll=[2.0, 3.25]))) == 0.25
+    with pytest.raises(RuntimeError, match="different rows"):
+        sweep_bench.max_abs_dnll(a, a.iloc[:1])
