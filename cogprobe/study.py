@@ -14,6 +14,7 @@ continues an interrupted study and redoes nothing that finished:
 """
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import time
@@ -159,14 +160,14 @@ def baseline(config: StudyConfig, out: Path) -> None:
 
 
 def _n_layers(config: StudyConfig) -> int:
-    from transformers import AutoConfig
-    model_dir = Checkpoints.open(Path(config.out) / "runs" / f"full-s{config.seed_list()[0]}").base_spec \
-        if (Path(config.out) / "runs").exists() else None
-    spec = model_dir or config.model
-    if str(spec) == "smollm2-135m":
-        from cogprobe.models import embedded_dir
-        spec = embedded_dir()
-    return AutoConfig.from_pretrained(spec, local_files_only=True).get_text_config().num_hidden_layers
+    return _block_count(str(config.model))
+
+
+@functools.lru_cache(maxsize=8)
+def _block_count(model_spec: str) -> int:
+    """L of a model spec (any spec load_model takes: alias, folder, .gguf); read once per process."""
+    from cogprobe.blocks import find_blocks
+    return find_blocks(load_model(model_spec)[0]).n
 
 
 def layer_set(config: StudyConfig, out: Path, strategy: str, seed: int) -> tuple[str, str | None]:
