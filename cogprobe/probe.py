@@ -32,7 +32,7 @@ from cogprobe.corpora import load_corpus, split_corpus
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import check_fraction
 from cogprobe.select import Selection, select_budget, select_curves, select_fixed
-from cogprobe.sweep import DIRECTIONS, sweep, sweep_configs
+from cogprobe.sweep import DIRECTIONS, FastEngine, sweep, sweep_configs
 from cogprobe.tasks import TASKS, batches, build_examples
 from cogprobe.trainconfig import NOT_IDENTITY
 
@@ -212,11 +212,12 @@ def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_si
     ref, tok = ckpts.load(ckpts.reference_step)
     model = ckpts.load(step)[0]
     examples = evalset.examples(tok)
+    runner = FastEngine(ref)  # one engine for the whole search: reference prefixes are scored once
 
     def evaluate(pairs):
         log(f"select: scoring {len(pairs)} candidate(s) of size {sum(pairs[0])}")
         t = sweep([(ckpts.reference_step, ref), (step, model)], examples, mode="keep-outer", keep_outer=pairs,
-                  batch_size=batch_size, steps=[step])
+                  batch_size=batch_size, steps=[step], runner=runner)
         return t[t["checkpoint_step"] == step]
 
     return select_budget(evaluate, n_layers, tau=tau, max_total=max_total)

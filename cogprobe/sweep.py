@@ -317,7 +317,7 @@ def checkpoint_config(n_layers: int) -> Config:
 def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "revert",
           directions: Sequence[str] = DIRECTIONS, ks: Iterable[int] | None = None, ends: bool = False,
           keep_outer: Iterable[tuple[int, int]] = (), engine: str = "fast", batch_size: int = 8,
-          steps: Iterable[int] | None = None, on_checkpoint=None) -> pd.DataFrame:
+          steps: Iterable[int] | None = None, on_checkpoint=None, runner=None) -> pd.DataFrame:
     """Sweep every checkpoint; a tidy table with one row per (checkpoint, task, configuration).
 
     `checkpoints` is a `Checkpoints` or a sequence of (step, model) with the
@@ -335,7 +335,7 @@ def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "rever
     configs = (keep_outer_configs(n, keep_outer) if mode == "keep-outer"
                else sweep_configs(n, mode=mode, directions=directions, ks=ks, ends=ends))
     configs = [reference_config(n), checkpoint_config(n)] + configs
-    runner = ENGINES[engine](reference)
+    runner = runner or ENGINES[engine](reference)  # pass one to keep its caches across calls
     frames = []
     wanted_ref = steps is None or ref_step in set(steps)
     for step, model in (_with_reference(ref_step, reference, items) if wanted_ref else items):
