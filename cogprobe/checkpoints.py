@@ -50,13 +50,15 @@ def step_dir(run: Path, step: int) -> Path:
 
 def write_checkpoint(run: Path, step: int, model, kind: str, meta: dict,
                      tensors: dict[str, torch.Tensor] | None = None,
-                     resume: tuple[dict[str, torch.Tensor], dict] | None = None) -> Path:
-    """Write `step-N/` atomically: kind "base" (meta only), "tensors" or "lora" (peft folder)."""
+                     resume: tuple[dict[str, torch.Tensor], dict] | None = None,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `step-N/` atomically: kind "base" (meta only), "tensors" or "lora" (peft folder; from
+    `state_dict` when given, as gathered under FSDP)."""
     with io.atomic_dir(step_dir(run, step)) as tmp:
         if kind == "tensors":
             save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt"})
         elif kind == "lora":
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
             (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card stub
         if resume is not None:
             (tmp / RESUME).mkdir()
@@ -126,6 +128,7 @@ class Checkpoints:
         self._fingerprint = base_fingerprint
         self._base = None
         self._changed: dict[int, set[str]] = {}
+        self.device = torch.device("cpu")  # where loaded models go (set before the first load)
 
     # ---- opening
     @classmethod
@@ -233,16 +236,25 @@ class Checkpoints:
         """The base (reference) model and tokenizer, read once; do not modify them."""
         if self._base is None:
             model, tok = load_model(self.base_spec)
+            model.to(self.device)
             if self._fingerprint is not None:
                 _check_fingerprint(model_source(model), self._fingerprint, self.source)
             self._base = (model, tok)
         return self._base
 
+    def to(self, device) -> "Checkpoints":
+        """Load models onto `device` from now on (the base read so far moves there too)."""
+        self.device = torch.device(device)
+        if self._base is not None:
+            self._base[0].to(self.device)
+        return self
+
     def load(self, step: int):
         """A full model for `step`: base + saved tensors (LoRA merged into a fresh copy)."""
         entry = self._entry(step)
         if entry.kind == "model":
-            return load_model(entry.path)
+            model, tok = load_model(entry.path)
+            return model.to(self.device), tok
         base, tok = self.base()
         model = copy.deepcopy(base)
         if entry.kind == "tensors":

@@ -66,6 +66,13 @@ def dataclass_from_args(cls, a, **extra):
     return cls(**{n: getattr(a, n) for n in names if hasattr(a, n)}, **extra)
 
 
+def _say(text) -> None:
+    """Print once: on the main process of a torchrun / accelerate launch."""
+    from cogprobe.distributed import world
+    if world().is_main:
+        print(text)
+
+
 # --- prepare ------------------------------------------------------------------------
 
 
@@ -120,7 +127,7 @@ def _train_flags(p):
 def _train(a):
     from cogprobe.train import train
     from cogprobe.trainconfig import TrainConfig
-    print(train(dataclass_from_args(TrainConfig, a)))
+    _say(train(dataclass_from_args(TrainConfig, a)))
 
 
 _train.flags = _train_flags
@@ -177,7 +184,7 @@ def _sweep(a):
     table = sweep_run(a.run, mode=a.mode, directions=_words(a.directions), tasks=_words(a.tasks), ks=_ints(a.ks),
                       ends=a.ends, engine=a.engine, batch_size=a.batch_size, evalset=_evalset(a), out=a.out,
                       base=a.base, overwrite=a.overwrite)
-    print(f"{len(table)} rows in {(a.out or Path(a.run)) / 'sweeps.parquet'}")
+    _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'sweeps.parquet'}")
 
 
 _sweep.flags = _sweep_flags
@@ -195,7 +202,7 @@ def _capture(a):
     from cogprobe.probe import capture_run
     table = capture_run(a.run, sites=_words(a.sites), backend=a.backend, batch_size=a.batch_size,
                         evalset=_evalset(a), out=a.out, base=a.base, overwrite=a.overwrite)
-    print(f"{len(table)} rows in {(a.out or Path(a.run)) / 'activations.parquet'}")
+    _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'activations.parquet'}")
 
 
 _capture.flags = _capture_flags
@@ -210,6 +217,8 @@ def _select_flags(p):
     p.add_argument("--input-task", default="perception", help="rule curves: task read at the input end")
     p.add_argument("--output-task", default="production", help="rule curves: task read at the output end")
     p.add_argument("--max-total", type=int, help="rule budget: largest k_in + k_out to try")
+    p.add_argument("--name", default="selection.json",
+                   help="file written in the tables folder (keep several rules side by side)")
 
 
 @command("select", "derive a CogSym layer set (fixed rule, or from the model's own curves)")
@@ -217,10 +226,10 @@ def _select(a):
     from cogprobe.probe import select_run
     sel = select_run(a.run, rule=a.rule, tau=a.tau, fraction=a.fraction, step=a.step, input_task=a.input_task,
                      output_task=a.output_task, max_total=a.max_total, batch_size=a.batch_size,
-                     evalset=_evalset(a), out=a.out, base=a.base)
+                     evalset=_evalset(a), out=a.out, base=a.base, name=a.name)
+    path = (a.out or Path(a.run)) / a.name
     print(sel.table())
-    print(f"wrote {(a.out or Path(a.run)) / 'selection.json'}; train it with --layers "
-          f"{(a.out or Path(a.run)) / 'selection.json'}")
+    print(f"wrote {path}; train it with --layers {path}")
 
 
 _select.flags = _select_flags

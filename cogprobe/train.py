@@ -1,11 +1,14 @@
 """The bundled fine-tuning loop: `train(TrainConfig(...)) -> run folder`.
 
 One loop for every strategy (see `strategies`): AdamW, warm-up + schedule,
-gradient accumulation, optional bf16 autocast, built on accelerate so it can
-later run multi-process (only the main process writes). The batch of step s is
-a pure function of (seed, s) (see `data`), dropout is reseeded from (seed, s),
-and the optimizer state is saved with the latest checkpoint, so a resumed run
-repeats an uninterrupted one's losses exactly.
+gradient accumulation, optional bf16 autocast, on accelerate: launched by
+`torchrun` or `accelerate launch` it is data-parallel over the processes (DDP,
+or FSDP from an accelerate config), and only the main process writes. The batch
+of step s is a pure function of (seed, s) (see `data`) and `batch_size` is the
+global batch, split between the processes, so one command is one optimisation on
+1 or N processes. Dropout is reseeded from (seed, s, rank), and the optimizer
+state is saved with the latest checkpoint, so a resumed run repeats an
+uninterrupted one's losses exactly.
 
 The run folder:
   manifest.json      config, seed, versions, base model path + fingerprint, layers
@@ -29,6 +32,7 @@ import torch
 
 from cogprobe import io
 from cogprobe.checkpoints import ADAPTER, TENSORS, drop_resume_state, step_dir, write_checkpoint
+from cogprobe.distributed import on_cpu
 from cogprobe.errors import CogprobeError
 from cogprobe.runfolder import (LOG, claim, load_optimizer_state, lock, manifest, optimizer_state,
                                 write_cost)
@@ -78,7 +82,8 @@ class _Run:
         cfg = self.cfg
         # bf16 is our own autocast, not Accelerator(mixed_precision=...): accelerate's state is a
         # process-wide singleton that refuses a second run with another precision in one process.
-        self.acc = Accelerator()
+        self.acc = Accelerator(cpu=on_cpu())
+        self.micro = self._micro_batch()
         set_seed(cfg.seed)
         model, tok = load_model(cfg.model)
         self.fingerprint = model_fingerprint(model_source(model))
@@ -95,6 +100,7 @@ class _Run:
         optimizer = self._optimizer(model)
         self.tokens = 0
         if start > 0:
+            self._check_resumable()
             self._restore(model, optimizer, start)
         elif self.acc.is_main_process:
             io.write_json(self.out / "manifest.json",
@@ -103,6 +109,14 @@ class _Run:
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self._loop(start)
         return self.out
+
+    def _micro_batch(self) -> int:
+        """Sequences per process per micro-batch: the global `batch_size` split evenly."""
+        b, n = self.cfg.batch_size, self.acc.num_processes
+        if b % n:
+            raise CogprobeError(f"--batch-size {b} is the global batch and does not split over {n} processes; "
+                                f"pass a multiple of {n}")
+        return b // n
 
     def _strategy(self, model):
         from cogprobe.strategies import LoraSpec, apply
@@ -141,6 +155,12 @@ class _Run:
         groups = [g for g in ({"params": decay, "weight_decay": self.cfg.weight_decay},
                               {"params": flat, "weight_decay": 0.0}) if g["params"]]
         return torch.optim.AdamW(groups, lr=self.cfg.lr)
+
+    def _check_resumable(self) -> None:
+        from accelerate.utils import DistributedType
+        if self.acc.distributed_type == DistributedType.FSDP:
+            raise CogprobeError("--resume is not supported under FSDP (its optimizer state is sharded and not "
+                                "saved); rerun with --overwrite, or without FSDP")
 
     def _restore(self, model, optimizer, start: int) -> None:
         """Load the trained tensors and optimizer state of checkpoint `start`."""
@@ -185,7 +205,7 @@ class _Run:
             self._flush()
 
     def _rows_per_step(self) -> int:
-        return self.cfg.batch_size * self.cfg.grad_accum * self.acc.num_processes
+        return self.cfg.batch_size * self.cfg.grad_accum
 
     def _step(self, step: int) -> tuple[float, float, float]:
         """One optimizer step over grad_accum micro-batches; (loss, grad norm, lr)."""
@@ -193,12 +213,12 @@ class _Run:
         lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps(), cfg.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        rank, world, b = acc.process_index, acc.num_processes, cfg.batch_size
+        rank, b = acc.process_index, self.micro
         torch.manual_seed((cfg.seed * 1_000_003 + step) * 1024 + rank)  # dropout: a function of the step
         first_row = (step - 1) * self._rows_per_step()
         total = torch.zeros((), device=acc.device)
         for j in range(cfg.grad_accum):
-            ids = self.stream.rows(first_row + (j * world + rank) * b, b).to(acc.device)
+            ids = self.stream.rows(first_row + j * cfg.batch_size + rank * b, b).to(acc.device)
             sync = contextlib.nullcontext() if j == cfg.grad_accum - 1 else acc.no_sync(model)
             with sync:
                 with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -234,21 +254,37 @@ class _Run:
                     base_fingerprint=self.fingerprint, strategy=self.cfg.strategy)
 
     def _save(self, step: int, loss: float, final: bool) -> None:
-        """Checkpoint `step` (main process); resume state too unless it is the last step."""
+        """Checkpoint `step` (main process); resume state too unless it is the last step (or FSDP)."""
         acc = self.acc
+        state = self._gathered_state()
         if acc.is_main_process:
             self._flush()  # first, so a checkpoint on disk always has its log rows
             model = acc.unwrap_model(self.model)
             resume = None
-            if not final:
+            if not final and state is None:
                 tensors, info = optimizer_state(self.optimizer, self.param_names)
                 resume = (tensors, dict(info, step=step, tokens_seen=self.tokens))
-            write_checkpoint(self.out, step, model, "lora" if self.is_lora else "tensors",
-                             self._meta(step, loss), resume=resume,
-                             tensors=None if self.is_lora else trainable_tensors(model))
-            drop_resume_state(self.out, keep=None if final else step)
+            if self.is_lora:
+                write_checkpoint(self.out, step, model, "lora", self._meta(step, loss), resume=resume,
+                                 state_dict=state)
+            else:
+                tensors = trainable_tensors(model) if state is None else state
+                write_checkpoint(self.out, step, None, "tensors", self._meta(step, loss), resume=resume,
+                                 tensors=tensors)
+            drop_resume_state(self.out, keep=None if final or state is not None else step)
         acc.wait_for_everyone()
         self.last_saved = step
+
+    def _gathered_state(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP, the trainable tensors gathered whole on the main process (every process must
+        take part); None otherwise. Not verified on hardware yet (FSDP needs GPUs): see README."""
+        from accelerate.utils import DistributedType
+        if self.acc.distributed_type != DistributedType.FSDP:
+            return None
+        full = self.acc.get_state_dict(self.model)
+        if not self.acc.is_main_process:
+            return None
+        return {n: full[n].detach().to("cpu").contiguous() for n in self.param_names}
 
     def _flush(self) -> None:
         if not self.acc.is_main_process or not self.log_rows:

@@ -30,7 +30,7 @@ class TrainConfig:
     strategy: str              # full | layers | lora | lora-layers
     layers: str | list[int] | None = None  # for layers / lora-layers: "0-3,26-29", "cogsym", "cogsym:0.5", selection.json
     steps: int = 100           # optimizer steps
-    batch_size: int = 8        # sequences per micro-batch (per process)
+    batch_size: int = 8        # sequences per micro-batch, all processes together (the global batch)
     grad_accum: int = 1        # micro-batches per optimizer step
     seq_len: int = 128         # tokens per packed sequence
     lr: float = 3e-4           # peak learning rate
