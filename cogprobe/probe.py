@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 
 from cogprobe import io
@@ -29,6 +30,7 @@ from cogprobe.blocks import find_blocks
 from cogprobe.capture import ACTIVATIONS, capture
 from cogprobe.checkpoints import MANIFEST, Checkpoints
 from cogprobe.corpora import load_corpus, split_corpus
+from cogprobe.distributed import World, default_device, world
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import check_fraction
 from cogprobe.select import Selection, select_budget, select_curves, select_fixed
@@ -70,8 +72,12 @@ class EvalSet:
                                   max_sentence_tokens=self.max_sentence_tokens) for t in tasks}
 
 
-def open_checkpoints(source, base=None) -> Checkpoints:
-    return source if isinstance(source, Checkpoints) else Checkpoints.open(source, base=base)
+def open_checkpoints(source, base=None, device=None) -> Checkpoints:
+    """`source` opened (unless it is a `Checkpoints` already), loading onto `device` (default: this
+    process's CUDA device if any, else the CPU; a given `Checkpoints` keeps its own)."""
+    if isinstance(source, Checkpoints):
+        return source if device is None else source.to(device)
+    return Checkpoints.open(source, base=base).to(device if device is not None else default_device())
 
 
 def _out_dir(source, out) -> Path:
@@ -92,10 +98,24 @@ def _source_id(source, ckpts: Checkpoints) -> dict:
     return dict(checkpoints=ckpts.source)
 
 
-def _claim_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite: bool) -> None:
-    """Refuse to mix rows of other checkpoints or another evaluation set into an existing table."""
+def _claim_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite: bool, w: World) -> None:
+    """Refuse to mix rows of other checkpoints or another evaluation set into an existing table.
+
+    Every process checks (so all fail alike); the main one writes, the others wait for it.
+    """
+    _check_table(out, table, evalset, source, overwrite)
+    if w.is_main:
+        _start_table(out, table, evalset, source, overwrite)
+    w.barrier()
+
+
+def _want(evalset: EvalSet, source: dict) -> dict:
+    return json.loads(json.dumps(dict(asdict(evalset), source=source), default=str))
+
+
+def _check_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite: bool) -> None:
     meta_path = out / f"{table}.json"
-    want = json.loads(json.dumps(dict(asdict(evalset), source=source), default=str))
+    want = _want(evalset, source)
     if (out / table).exists() and meta_path.exists() and not overwrite:
         have = io.read_json(meta_path)
         if have != want:
@@ -103,38 +123,89 @@ def _claim_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrit
             raise CogprobeError(f"{out / table} holds rows of other checkpoints or another evaluation set (differs "
                                 f"in {', '.join(diff)}); pass the same run and options, another --out, or "
                                 "--overwrite to start the table again")
+
+
+def _start_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite: bool) -> None:
+    meta_path, want = out / f"{table}.json", _want(evalset, source)
     if overwrite:
         (out / table).unlink(missing_ok=True)
+        _drop_parts(out / table)
     if not meta_path.exists() or io.read_json(meta_path) != want:
         io.write_json(meta_path, want)
 
 
+def _drop_parts(path: Path) -> None:
+    for part in path.parent.glob(f".{path.name}.part-*"):
+        part.unlink(missing_ok=True)
+
+
+def _steps_in(path: Path) -> set[int]:
+    return set(pd.read_parquet(path)["checkpoint_step"].unique()) if path.exists() else set()
+
+
+def _merge_parts(path: Path, w: World, todo: Sequence[int], tasks: Sequence[str] = (), keep=None) -> None:
+    """Main process: append the ranks' parts to the table in single-process order (checkpoint, then
+    task, then rank: each rank holds a contiguous share of the configurations, or whole checkpoints).
+
+    Called by every process once its own part is complete; a no-op for one process (it writes the
+    table directly). `keep(rows)`: a mask of the part rows that belong to this call (a sweep's mode).
+    """
+    w.barrier()
+    if w.size > 1 and w.is_main:
+        frames = [t for t in (pd.read_parquet(p) for p in w.parts(path) if p.exists()) if len(t)]
+        if frames:
+            rows = pd.concat(frames, ignore_index=True)
+            rows = rows[rows["checkpoint_step"].isin(todo) & (keep(rows) if keep else True)]
+            step_pos = rows["checkpoint_step"].map({s: i for i, s in enumerate(todo)}).to_numpy()
+            task_pos = (rows["task"].map({t: i for i, t in enumerate(tasks)}).to_numpy() if tasks
+                        else np.zeros(len(rows)))
+            io.append_parquet(path, rows.iloc[np.lexsort((task_pos, step_pos))].reset_index(drop=True))
+        _drop_parts(path)
+    w.barrier()
+
+
 def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIRECTIONS, tasks: Sequence[str] = TASKS,
               ks: Sequence[int] | None = None, ends: bool = False, engine: str = "fast", batch_size: int = 8,
-              evalset: EvalSet | None = None, out=None, base=None, overwrite: bool = False,
+              evalset: EvalSet | None = None, out=None, base=None, overwrite: bool = False, device=None,
               log=print) -> pd.DataFrame:
-    """Revert/skip sweeps of every checkpoint into `sweeps.parquet`; returns the whole table."""
-    ckpts = open_checkpoints(source, base)
+    """Revert/skip sweeps of every checkpoint into `sweeps.parquet`; returns the whole table.
+
+    Launched on N processes (torchrun, accelerate launch), each sweeps a contiguous share of the
+    configurations of every checkpoint into its own part file and the main process merges them:
+    the table equals a single-process one row for row.
+    """
+    w = world()
+    ckpts = open_checkpoints(source, base, device)
     out = _out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
     reference, tok = ckpts.base()
     configs = sweep_configs(find_blocks(reference).n, mode=mode, directions=directions, ks=ks, ends=ends)
     examples = evalset.examples(tok, tasks)
-    _claim_table(out, SWEEPS, evalset, _source_id(source, ckpts), overwrite)
+    _claim_table(out, SWEEPS, evalset, _source_id(source, ckpts), overwrite, w)
     path = out / SWEEPS
-    done = _done_steps(path, mode, ends, {(t, c.labels["direction"], c.labels["k"]) for t in tasks for c in configs})
+    done = _done_steps(path, mode, ends, _grid(tasks, configs))
     todo = [s for s in ckpts.steps if s not in done]
     if not todo:
-        log(f"sweep: every checkpoint of {out} is already in {SWEEPS}")
+        if w.is_main:
+            log(f"sweep: every checkpoint of {out} is already in {SWEEPS}")
         return pd.read_parquet(path)
+    part, share = w.part(path), w.chunk(configs)
+    mine = [s for s in todo if s not in _done_steps(part, mode, ends, _grid(tasks, share))]
 
     def save(step, rows):
-        log(f"sweep: step {step} done ({len(rows)} rows)")
-        io.append_parquet(path, rows)
+        io.append_parquet(part, rows)
+        if w.is_main:
+            log(f"sweep: step {step} done" + (f" (process 0 of {w.size})" if w.size > 1 else f" ({len(rows)} rows)"))
 
-    sweep(ckpts, examples, mode=mode, directions=directions, ks=ks, ends=ends, engine=engine,
-          batch_size=batch_size, steps=todo, on_checkpoint=save)
+    if mine:
+        sweep(ckpts, examples, mode=mode, configs=share, engine=engine, batch_size=batch_size,
+              steps=mine, on_checkpoint=save)
+    _merge_parts(path, w, todo, list(examples), keep=lambda t: (t["mode"] == mode) & (t["ends"] == ends))
     return pd.read_parquet(path)
+
+
+def _grid(tasks, configs) -> set[tuple]:
+    return {(t, c.labels["direction"], c.labels["k"]) for t in tasks for c in configs}
 
 
 def _done_steps(path: Path, mode: str, ends: bool, want: set[tuple]) -> set[int]:
@@ -151,43 +222,61 @@ def _done_steps(path: Path, mode: str, ends: bool, want: set[tuple]) -> set[int]
 
 
 def capture_run(source, *, sites: Sequence[str] = ("resid",), backend: str = "torch", batch_size: int = 8,
-                evalset: EvalSet | None = None, out=None, base=None, overwrite: bool = False,
+                evalset: EvalSet | None = None, out=None, base=None, overwrite: bool = False, device=None,
                 log=print) -> pd.DataFrame:
-    """Drift, CKA, norms and logit lens of every checkpoint into `activations.parquet`."""
-    ckpts = open_checkpoints(source, base)
+    """Drift, CKA, norms and logit lens of every checkpoint into `activations.parquet`.
+
+    On N processes each captures every N-th checkpoint into its own part file; the main process
+    merges them in checkpoint order (the same table as one process writes).
+    """
+    w = world()
+    ckpts = open_checkpoints(source, base, device)
     out = _out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
     check_sites(sites)
     examples = evalset.examples(ckpts.base()[1])  # bad data fails before anything is written
-    _claim_table(out, ACTIVATIONS, evalset, _source_id(source, ckpts), overwrite)
+    _claim_table(out, ACTIVATIONS, evalset, _source_id(source, ckpts), overwrite, w)
     path = out / ACTIVATIONS
-    done = set(pd.read_parquet(path)["checkpoint_step"].unique()) if path.exists() else set()
+    done = _steps_in(path)
     todo = [s for s in ckpts.steps if s not in done]
     if not todo:
-        log(f"capture: every checkpoint of {out} is already in {ACTIVATIONS}")
+        if w.is_main:
+            log(f"capture: every checkpoint of {out} is already in {ACTIVATIONS}")
         return pd.read_parquet(path)
+    part = w.part(path)
+    mine = [s for s in w.share(todo) if s not in _steps_in(part)]
+    if mine:
+        _capture_steps(ckpts, mine, examples, part, sites=sites, backend=backend, batch_size=batch_size,
+                       log=log if w.is_main else lambda _: None)
+    _merge_parts(path, w, todo)
+    return pd.read_parquet(path)
+
+
+def _capture_steps(ckpts: Checkpoints, steps, examples, path: Path, *, sites, backend, batch_size, log) -> None:
+    """Capture each of `steps` against the reference, appending its rows to `path` as it finishes."""
     ref_step = ckpts.reference_step
     ref, tok = ckpts.load(ref_step)
     batched = {t: list(batches(sorted(ex, key=lambda e: -len(e.input_ids)), batch_size, pad_id=0))
                for t, ex in examples.items()}
-    for step in todo:
+    for step in steps:
         model = ref if step == ref_step else ckpts.load(step)[0]
         rows = capture([(ref_step, ref, tok), (step, model, tok)] if step != ref_step else [(ref_step, ref, tok)],
                        batched, sites=sites, backend=backend)
         io.append_parquet(path, rows[rows["checkpoint_step"] == step])
         log(f"capture: step {step} done")
-    return pd.read_parquet(path)
 
 
 def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: float = 0.25, step: int | None = None,
                input_task: str = "perception", output_task: str = "production", max_total: int | None = None,
                batch_size: int = 8, evalset: EvalSet | None = None, out=None, base=None,
-               name: str = SELECTION, log=print) -> Selection:
+               name: str = SELECTION, device=None, log=print) -> Selection:
     """A CogSym layer set by `rule` (fixed | curves | budget), written to `selection.json`."""
     check_fraction(tau, "tau")
+    if not str(name).endswith(".json"):
+        raise CogprobeError(f"selection name {name!r} must end in .json (that is how --layers recognises it)")
     if rule not in ("fixed", "curves", "budget"):
         raise CogprobeError(f"unknown rule {rule!r}; use fixed, curves or budget")
-    ckpts = open_checkpoints(source, base)
+    ckpts = open_checkpoints(source, base, device)
     out = _out_dir(source, out)
     n_layers = ckpts.base()[0].config.get_text_config().num_hidden_layers
     if rule == "fixed":

@@ -317,24 +317,27 @@ def checkpoint_config(n_layers: int) -> Config:
 def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "revert",
           directions: Sequence[str] = DIRECTIONS, ks: Iterable[int] | None = None, ends: bool = False,
           keep_outer: Iterable[tuple[int, int]] = (), engine: str = "fast", batch_size: int = 8,
-          steps: Iterable[int] | None = None, on_checkpoint=None, runner=None) -> pd.DataFrame:
+          steps: Iterable[int] | None = None, on_checkpoint=None, runner=None,
+          configs: Sequence[Config] | None = None) -> pd.DataFrame:
     """Sweep every checkpoint; a tidy table with one row per (checkpoint, task, configuration).
 
     `checkpoints` is a `Checkpoints` or a sequence of (step, model) with the
     reference first. `on_checkpoint(step, rows)` is called after each checkpoint
     (the run-folder driver appends to disk there, so an interruption loses at
-    most one checkpoint's work).
+    most one checkpoint's work). `configs` replaces the grid that mode, directions,
+    ks, ends and keep_outer describe (a process of a sharded sweep passes its share).
     """
     if engine not in ENGINES:
         raise CogprobeError(f"unknown engine {engine!r}; use fast or naive")
-    if mode == "keep-outer" and not keep_outer:
+    if mode == "keep-outer" and not keep_outer and configs is None:
         raise CogprobeError("mode keep-outer needs (k_in, k_out) pairs; pass keep_outer=[(2, 2), ...]")
     items = _iter_checkpoints(checkpoints, steps)
     ref_step, reference = next(items)
     n = find_blocks(reference).n
-    configs = (keep_outer_configs(n, keep_outer) if mode == "keep-outer"
-               else sweep_configs(n, mode=mode, directions=directions, ks=ks, ends=ends))
-    configs = [reference_config(n), checkpoint_config(n)] + configs
+    if configs is None:
+        configs = (keep_outer_configs(n, keep_outer) if mode == "keep-outer"
+                   else sweep_configs(n, mode=mode, directions=directions, ks=ks, ends=ends))
+    configs = [reference_config(n), checkpoint_config(n)] + list(configs)
     runner = runner or ENGINES[engine](reference)  # pass one to keep its caches across calls
     frames = []
     wanted_ref = steps is None or ref_step in set(steps)
