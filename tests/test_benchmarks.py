@@ -181,3 +181,20 @@ def test_fast_naive_comparison_sees_a_difference_and_refuses_mismatched_rows():
     assert sweep_bench.max_abs_dnll(a, pd.DataFrame(dict(keys, nll=[2.0, 3.25]))) == 0.25
     with pytest.raises(RuntimeError, match="different rows"):
         sweep_bench.max_abs_dnll(a, a.iloc[:1])
+
+
+def test_gpu_smoke_refuses_without_cuda_and_runs_with_allow_cpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COGPROBE_BENCH_")}
+    base = [sys.executable, str(BENCH / "gpu_smoke.py"), "--tiny", "--out", str(tmp_path / "results"),
+            "--cache", str(tmp_path / "cache")]
+    refused = subprocess.run(base, capture_output=True, text=True, env=env, timeout=300)
+    if refused.returncode == 0:
+        pytest.skip("a CUDA device is here: the refusal path does not apply")
+    assert "no CUDA device here" in refused.stderr
+    done = subprocess.run(base + ["--allow-cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "device: cpu" in done.stdout
+    table = pd.read_csv(tmp_path / "results" / "gpu_smoke.csv")
+    assert table["stage"].str.startswith("train full").sum() == 1
+    assert table["stage"].str.startswith("sweep revert").sum() == 1
+    assert (table["seconds"] > 0).all() and (table["peak_memory_mib"] > 0).all()
