@@ -348,3 +348,40 @@ def test_end_to_end_on_a_real_sweep(tmp_path):
     assert (sel.k_in, sel.k_out) == (1, 1) and sel.layers == [0, LAYERS - 1]  # ... both together keep all of it
     assert sel.evidence["chosen"]["min_share"] == pytest.approx(1.0, abs=1e-9)
     assert len(calls) == 3
+
+
+def test_before_tuning_workflow_through_the_cli(tmp_path, capsys):
+    """The documented path: a short probe run, its sweeps, `select --rule budget`, then a
+    layer-restricted run (and a lora-layers run) that trains exactly the selected blocks."""
+    from safetensors.torch import load_file
+    from cogprobe.checkpoints import Checkpoints
+    from cogprobe.cli import main
+    from test_train import write_corpus
+    from tiny import save_tiny
+    model, corpus = save_tiny(tmp_path / "llama", "llama"), write_corpus(tmp_path / "pairs.csv")
+    probe_run = tmp_path / "probe"
+    common = ["--model", str(model), "--corpus", str(corpus), "--batch-size", "4", "--seq-len", "32",
+              "--threads", "1", "--no-progress", "--test", "0.2"]
+    # the probe fine-tunes every block (embeddings frozen, so the gain sits in the blocks)
+    assert main(["train", *common, "--out", str(probe_run), "--strategy", "layers", "--layers", f"0-{LAYERS - 1}",
+                 "--steps", "20", "--lr", "3e-3", "--save-steps", "0,10,20"]) == 0
+    assert main(["sweep", str(probe_run), "--limit", "8"]) == 0
+    assert main(["select", str(probe_run), "--rule", "curves", "--name", "curves.json"]) == 0
+    assert main(["select", str(probe_run), "--rule", "budget", "--limit", "8"]) == 0
+    sel = json.loads((probe_run / "selection.json").read_text())
+    assert sel["rule"] == "budget" and json.loads((probe_run / "curves.json").read_text())["rule"] == "curves"
+    assert 0 < len(sel["layers"]) < LAYERS  # this probe's gain is not spread over every block
+    chosen = sel["evidence"]["chosen"]
+    assert min(chosen["shares"].values()) >= 0.8
+
+    for strategy in ("layers", "lora-layers"):
+        out = tmp_path / strategy
+        assert main(["train", *common, "--out", str(out), "--strategy", strategy,
+                     "--layers", str(probe_run / "selection.json"), "--steps", "2", "--save-steps", "0"]) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["layers"] == sel["layers"] and manifest["layers_string"] == sel["layers_arg"]
+        changed = Checkpoints.open(out).changed_tensors(2)
+        blocks = find_blocks(tiny_model("llama"))
+        assert {blocks.block_of(n) for n in changed} == set(sel["layers"])
+    assert "train it with --layers" in capsys.readouterr().out
+    assert load_file(str(tmp_path / "layers/checkpoints/step-2/trainable.safetensors"))
