@@ -8,6 +8,7 @@ import pandas as pd
 
 from cogprobe import io
 from cogprobe.corpora import load_corpus, split_corpus
+from cogprobe.distributed import default_device
 from cogprobe.models import load_model
 from cogprobe.tasks import TASKS, build_examples, score
 
@@ -17,6 +18,7 @@ def evaluate(model: str | Path, corpus: str | Path = "axolotl", *, split: str = 
     """Score both tasks; one row per task (tidy). Writes `scores.csv` into `out` if given."""
     data = getattr(split_corpus(load_corpus(corpus, **corpus_kwargs), seed=seed), split)
     lm, tokenizer = load_model(model)
+    lm.to(default_device())
     rows = []
     for task in TASKS:
         examples = build_examples(tokenizer, data, task, limit=limit)

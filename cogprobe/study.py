@@ -26,6 +26,7 @@ import pandas as pd
 from cogprobe import io
 from cogprobe.checkpoints import Checkpoints
 from cogprobe.corpora import load_corpus, split_corpus
+from cogprobe.distributed import default_device
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import cogsym, to_string
 from cogprobe.models import load_model
@@ -153,6 +154,7 @@ def baseline(config: StudyConfig, out: Path) -> None:
     if (out / BASELINE).is_file():
         return
     model, tok = load_model(config.model)
+    model.to(default_device())
     io.write_text(out / BASELINE, pd.DataFrame([_scores(model, tok, config)]).to_csv(index=False))
 
 
@@ -287,7 +289,7 @@ def compare_one(config: StudyConfig, out: Path, strategy: str, seed: int) -> Non
     run = out / "runs" / f"{strategy}-s{seed}"
     if not (run / "cost.json").is_file():
         return  # a skipped row (e.g. no budget set): the report says why
-    ckpts = Checkpoints.open(run)
+    ckpts = Checkpoints.open(run).to(default_device())
     model, tok = ckpts.load(ckpts.steps[-1])
     cost = io.read_json(run / "cost.json")
     manifest = io.read_json(run / "manifest.json")
