@@ -216,6 +216,9 @@ def _select_flags(p):
     p.add_argument("--step", type=int, help="checkpoint to read (default: the last)")
     p.add_argument("--input-task", default="perception", help="rule curves: task read at the input end")
     p.add_argument("--output-task", default="production", help="rule curves: task read at the output end")
+    p.add_argument("--criterion", default="remove", choices=["remove", "keep"],
+                   help="rule curves: an end's k blocks must remove tau of the gain when reverted (remove), "
+                        "or keep it alone when every other block is reverted (keep)")
     p.add_argument("--max-total", type=int, help="rule budget: largest k_in + k_out to try")
     p.add_argument("--name", default="selection.json",
                    help="file written in the tables folder (keep several rules side by side)")
@@ -225,8 +228,8 @@ def _select_flags(p):
 def _select(a):
     from cogprobe.probe import select_run
     sel = select_run(a.run, rule=a.rule, tau=a.tau, fraction=a.fraction, step=a.step, input_task=a.input_task,
-                     output_task=a.output_task, max_total=a.max_total, batch_size=a.batch_size,
-                     evalset=_evalset(a), out=a.out, base=a.base, name=a.name)
+                     output_task=a.output_task, max_total=a.max_total, criterion=a.criterion,
+                     batch_size=a.batch_size, evalset=_evalset(a), out=a.out, base=a.base, name=a.name)
     path = (a.out or Path(a.run)) / a.name
     print(sel.table())
     print(f"wrote {path}; train it with --layers {path}")

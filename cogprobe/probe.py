@@ -268,7 +268,7 @@ def _capture_steps(ckpts: Checkpoints, steps, examples, path: Path, *, sites, ba
 
 def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: float = 0.25, step: int | None = None,
                input_task: str = "perception", output_task: str = "production", max_total: int | None = None,
-               batch_size: int = 8, evalset: EvalSet | None = None, out=None, base=None,
+               criterion: str = "remove", batch_size: int = 8, evalset: EvalSet | None = None, out=None, base=None,
                name: str = SELECTION, device=None, log=print) -> Selection:
     """A CogSym layer set by `rule` (fixed | curves | budget), written to `selection.json`."""
     check_fraction(tau, "tau")
@@ -285,7 +285,7 @@ def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: floa
         if not (out / SWEEPS).exists():
             raise CogprobeError(f"no {SWEEPS} in {out}; run `cogprobe sweep {source}` first, or use --rule fixed")
         selection = select_curves(pd.read_parquet(out / SWEEPS), tau=tau, step=step, input_task=input_task,
-                                  output_task=output_task, n_layers=n_layers)
+                                  output_task=output_task, n_layers=n_layers, criterion=criterion)
     else:
         selection = _budget(ckpts, n_layers, tau=tau, step=step, max_total=max_total, batch_size=batch_size,
                             evalset=evalset or EvalSet.for_run(source), log=log)

@@ -4,9 +4,15 @@ Three rules, each returning a `Selection` (`cogprobe select` saves it as selecti
 - `fixed`: the CogSym rule of the training loop, round(f*L) outermost blocks, the
   input end taking the odd one (see `layersets.cogsym`). Needs no sweep.
 - `curves`: from a `revert` sweep at one checkpoint. Reverting all L blocks removes
-  the gain G = nll(k=L) - nll(k=0); k_in is the smallest k whose reverted input end
-  removes at least tau*G of the input task's gain, k_out likewise for the output
-  task from the output end. The set is [0, k_in) ∪ [L-k_out, L).
+  the gain G = nll(k=L) - nll(k=0). Criterion `remove` (the default: where is the
+  gain *needed*): k_in is the smallest k whose reverted input end removes at least
+  tau*G of the input task's gain, k_out likewise for the output task from the
+  output end. Criterion `keep` (where does the gain *suffice*): k_in is the smallest
+  k such that the first k blocks alone, every other block reverted, keep at least
+  tau*G (read from the output-direction curve at L-k), k_out likewise for the last
+  k blocks. Both read the same sweep; when the blocks compensate for each other
+  (reverting one end is repaired by the rest), `remove` needs nearly every block
+  and `keep` is the informative one. The set is [0, k_in) ∪ [L-k_out, L).
 - `budget`: the smallest outer set whose middle-reverted model (`keep-outer`)
   keeps at least tau of the gain of every task. Candidates are searched by total
   size k_in + k_out; all candidates of one size go to `evaluate` in one call (so
@@ -31,6 +37,8 @@ from cogprobe.errors import CogprobeError
 from cogprobe.layersets import DEFAULT_FRACTION, check_fraction, cogsym, outer, to_string
 
 EPS = 1e-9
+CRITERIA = ("remove", "keep")
+OTHER_END = {"input": "output", "output": "input"}
 FULL_GRID = "rerun the sweep with the full grid (omit --ks)"
 
 
@@ -58,9 +66,13 @@ class Selection:
         head = (f"rule {self.rule} ({params}): blocks {to_string(self.layers)} "
                 f"({len(self.layers)} of {self.n_layers}, {len(self.layers) / self.n_layers:.0%})")
         if self.rule == "curves":
-            rows = pd.DataFrame([{key: e[key] for key in ("direction", "task", "k", "nll_k0", "nll_kL", "share_removed",
-                                                          "share_removed_k_minus_1")}
+            rows = pd.DataFrame([{key: e[key] for key in ("end", "task", "k", "nll_k0", "nll_kL", "share",
+                                                          "share_k_minus_1")}
                                  for e in self.evidence["ends"]])
+            head += ("\nshare: of the gain of reverting every block, the share that reverting only the end's k "
+                     "blocks removes" if self.params["criterion"] == "remove" else
+                     "\nshare: of the gain of reverting every block, the share that the end's k blocks keep "
+                     "on their own")
         elif self.rule == "budget":
             size = self.k_in + self.k_out
             rows = pd.DataFrame([{"k_in": c["k_in"], "k_out": c["k_out"], **c["shares"], "passed": c["passed"]}
@@ -99,9 +111,11 @@ def _check_gain(task: str, nll_ref: float, nll_ck: float, where: str) -> None:
 
 def select_curves(sweeps: pd.DataFrame, *, tau: float = 0.8, step: int | None = None,
                   input_task: str = "perception", output_task: str = "production",
-                  n_layers: int | None = None, ends: bool | None = None) -> Selection:
+                  n_layers: int | None = None, ends: bool | None = None, criterion: str = "remove") -> Selection:
     """k_in, k_out from the revert curves at `step` (default: the last step in the table)."""
     tau = _check_tau(tau)
+    if criterion not in CRITERIA:
+        raise CogprobeError(f"unknown criterion {criterion!r}; use remove or keep")
     need = {"checkpoint_step", "task", "direction", "mode", "k", "nll", "nll_reference", "nll_checkpoint"}
     if not need <= set(sweeps.columns):
         raise CogprobeError(f"the sweep table lacks columns {sorted(need - set(sweeps.columns))}; "
@@ -120,10 +134,13 @@ def select_curves(sweeps: pd.DataFrame, *, tau: float = 0.8, step: int | None = 
     rows = rows[rows["checkpoint_step"] == step]
     L = _infer_layers(rows) if n_layers is None else n_layers
     where = f"curves at step {step}"
-    found = [_end_k(rows, "input", input_task, tau, L, where), _end_k(rows, "output", output_task, tau, L, where)]
+    found = [_end_k(rows, "input", input_task, tau, L, where, criterion),
+             _end_k(rows, "output", output_task, tau, L, where, criterion)]
     k_in, k_out = found[0]["k"], found[1]["k"]
-    return Selection("curves", dict(tau=tau, step=step, input_task=input_task, output_task=output_task),
-                     L, outer(L, k_in, k_out), k_in, k_out, {"ends": found, "step": step, "tau": tau})
+    return Selection("curves", dict(tau=tau, step=step, input_task=input_task, output_task=output_task,
+                                    criterion=criterion),
+                     L, outer(L, k_in, k_out), k_in, k_out,
+                     {"ends": found, "step": step, "tau": tau, "criterion": criterion})
 
 
 def _infer_layers(rows: pd.DataFrame) -> int:
@@ -133,8 +150,10 @@ def _infer_layers(rows: pd.DataFrame) -> int:
     return max([int(rows["k"].max())] + [b + 1 for b in named])
 
 
-def _end_k(rows: pd.DataFrame, direction: str, task: str, tau: float, L: int, where: str) -> dict:
-    """The smallest k whose reverted end removes >= tau of the gain of reverting all blocks."""
+def _end_k(rows: pd.DataFrame, end: str, task: str, tau: float, L: int, where: str, criterion: str) -> dict:
+    """The smallest k of this end whose blocks account for >= tau of the gain of reverting all blocks:
+    removed when they alone are reverted (`remove`), kept when they alone are not (`keep`)."""
+    direction = end if criterion == "remove" else OTHER_END[end]
     curve = rows[(rows["direction"] == direction) & (rows["task"] == task)]
     if curve.empty:
         raise CogprobeError(f"{where}: no revert rows for task {task!r}, direction {direction}; "
@@ -156,18 +175,23 @@ def _end_k(rows: pd.DataFrame, direction: str, task: str, tau: float, L: int, wh
         raise CogprobeError(f"{where}: reverting all {L} blocks removes no {task} gain "
                             f"(nll {nll[L]:.4f} at k={L} vs {nll[0]:.4f} at k=0): the gain is not in the blocks; "
                             "sweep with --ends or use --rule fixed")
-    share = (nll - nll[0]) / total
+    if criterion == "remove":
+        share = (nll - nll[0]) / total                   # by k: reverted blocks of this end
+    else:
+        share = ((nll[L] - nll) / total)                 # by L - k: the blocks of this end that stay
+        share.index = L - share.index
+        share = share.sort_index()
     k = int(next(k for k, s in share.items() if s >= tau * (1 - EPS)))
     gaps = [j for j in range(k) if j not in share.index]
     if gaps:
         raise CogprobeError(f"{where}: the {task} curve ({direction}) reaches tau at k={k} but lacks k={gaps}, "
                             f"so a smaller k may do; {FULL_GRID}")
-    return dict(direction=direction, task=task, k=k, nll_k0=float(nll[0]), nll_kL=float(nll[L]),
-                gain=float(total), share_removed=float(share[k]),
-                share_removed_k_minus_1=float(share[k - 1]),
+    return dict(end=end, direction=direction, task=task, k=k, nll_k0=float(nll[0]), nll_kL=float(nll[L]),
+                gain=float(total), criterion=criterion, share=float(share[k]),
+                share_k_minus_1=float(share[k - 1]) if k > 0 else None,
                 nll_reference=float(curve["nll_reference"].iloc[0]),
                 nll_checkpoint=float(curve["nll_checkpoint"].iloc[0]),
-                curve=[{"k": int(j), "nll": float(nll[j]), "share_removed": float(s)} for j, s in share.items()])
+                curve=[{"k": int(j), "share": float(s)} for j, s in share.items()])
 
 
 def select_budget(evaluate: Callable[[list[tuple[int, int]]], pd.DataFrame], n_layers: int, *,

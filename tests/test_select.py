@@ -128,7 +128,8 @@ def test_curves_finds_the_planted_blocks(tmp_path):
     assert (sel.k_in, sel.k_out) == (3, 3)
     assert sel.layers == [0, 1, 2, 9, 10, 11]
     inp = sel.evidence["ends"][0]
-    assert inp["task"] == "perception" and inp["share_removed"] >= 0.8 > inp["share_removed_k_minus_1"]
+    assert inp["task"] == "perception" and inp["share"] >= 0.8 > inp["share_k_minus_1"]
+    assert inp["criterion"] == "remove" and inp["end"] == inp["direction"] == "input"
     check_json(sel, 12, tmp_path)
     assert "0-2,9-11" in sel.table() and "perception" in sel.table()
 
@@ -147,6 +148,46 @@ def test_curves_picks_the_last_step_by_default_and_any_step_on_request():
     assert select_curves(table, tau=0.5).layers == [0, 1, 2, 7]
     assert select_curves(table, tau=0.5, step=10).params["step"] == 10
     assert select_curves(table, tau=0.5, step=10).layers != [0, 1, 2, 7]
+
+
+def curve_table(curves: dict[tuple[str, str], list[float]], nll_ref: float = 3.0) -> pd.DataFrame:
+    """A revert sweep with the given NLL at every k per (task, direction): any shape, additive or not."""
+    rows = []
+    for (task, direction), nlls in curves.items():
+        for k, nll in enumerate(nlls):
+            rows.append(dict(checkpoint_step=5, task=task, direction=direction, mode="revert", k=k, k_in=None,
+                             k_out=None, blocks="", ends=False, nll=nll, n_tokens=100, nll_reference=nll_ref,
+                             nll_checkpoint=nlls[0], gain_retained=(nll_ref - nll) / (nll_ref - nlls[0])))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def test_curves_keep_criterion_equals_remove_when_gains_add_up():
+    for plant, tau in ((PLANT_12, 0.8), (PLANT_8, 0.5), (PLANT_8, 0.9)):
+        table = revert_table(plant)
+        keep, remove = (select_curves(table, tau=tau, criterion=c) for c in ("keep", "remove"))
+        assert keep.layers == remove.layers and keep.params["criterion"] == "keep"
+
+
+def test_curves_keep_criterion_sees_through_compensation():
+    """Blocks that stand in for each other: reverting the first k blocks barely hurts until every
+    block is reverted (remove needs them all), yet the first 2 alone keep 90% (keep finds them)."""
+    L = 8
+    perception_in = [2.0, 2.05, 2.1, 2.1, 2.15, 2.15, 2.2, 2.2, 3.0]    # revert [0, k): little loss until k = L
+    perception_out = [2.0, 2.0, 2.0, 2.0, 2.02, 2.05, 2.1, 2.4, 3.0]   # revert [L-k, L): first 2 blocks keep 0.9 at k=6
+    production_out = [2.0, 2.1, 2.15, 2.2, 2.2, 2.25, 2.3, 2.3, 3.0]
+    production_in = [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.05, 2.3, 3.0]     # last 1 block keeps 0.7 at k=7, last 2: 0.95
+    table = curve_table({("perception", "input"): perception_in, ("perception", "output"): perception_out,
+                         ("production", "input"): production_in, ("production", "output"): production_out})
+    remove = select_curves(table, tau=0.8, n_layers=L)
+    assert (remove.k_in, remove.k_out) == (L, L) and remove.layers == list(range(L))
+    keep = select_curves(table, tau=0.8, n_layers=L, criterion="keep")
+    assert (keep.k_in, keep.k_out) == (2, 2) and keep.layers == [0, 1, 6, 7]
+    inp, out = keep.evidence["ends"]
+    assert inp["direction"] == "output" and inp["share"] == pytest.approx(0.9) and inp["share_k_minus_1"] < 0.8
+    assert out["direction"] == "input" and out["share"] == pytest.approx(0.95)
+    assert "keep" in keep.table()
+    with pytest.raises(CogprobeError, match="unknown criterion 'both'"):
+        select_curves(table, criterion="both")
 
 
 def test_curves_task_per_end_and_overlapping_ends():
