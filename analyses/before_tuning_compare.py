@@ -1,0 +1,80 @@
+"""Tune every layer set that analyses/before_tuning.sh derived and score it against full fine-tuning.
+
+    python analyses/before_tuning_compare.py [RUN_DIR]     (default runs/before-tuning)
+
+Each set is tuned with strategy `layers` and the probe run's own settings (30 steps of 8 x 64
+tokens, lr 3e-4, seed 0), so the probe run itself is the full fine-tuning row. A same-size
+middle-blocks control of the budget set tests whether position matters. Sets of every block are
+not tuned again (they are full fine-tuning minus the embeddings). Writes
+figures/before_tuning.csv and prints the table as markdown; finished runs are reused.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+from _common import FIGURES
+
+from cogprobe import io
+from cogprobe.checkpoints import Checkpoints
+from cogprobe.layersets import resolve, to_string
+from cogprobe.probe import EvalSet
+from cogprobe.tasks import TASKS, score
+from cogprobe.train import TrainConfig, train
+
+ROOT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/before-tuning")
+PROBE = ROOT / "probe"
+RULES = ("fixed", "curves", "curves-keep", "budget")
+
+
+def middle(n_blocks: int, n_layers: int) -> list[int]:
+    start = (n_layers - n_blocks) // 2
+    return list(range(start, start + n_blocks))
+
+
+def scores(run: Path, step: int, evalset: EvalSet) -> dict:
+    model, tok = Checkpoints.open(run).load(step)
+    examples = evalset.examples(tok)
+    return {f"{t}_nll": score(model, examples[t]).nll for t in TASKS}
+
+
+def row(name: str, run: Path, layers: list[int] | None, evalset: EvalSet, step: int) -> dict:
+    cost = io.read_json(run / "cost.json")
+    return dict(set=name, blocks=to_string(layers) if layers else "all + embeddings",
+                n_blocks=len(layers) if layers else None, trainable_params=cost["trainable_params"],
+                optimizer_state_mib=cost["optimizer_state_bytes"] / 2**20, sec_per_step=cost["sec_per_step"],
+                **scores(run, step, evalset))
+
+
+def main() -> None:
+    manifest = io.read_json(PROBE / "manifest.json")
+    cfg, n_layers = manifest["config"], manifest["base"]["n_layers"]
+    evalset = EvalSet.for_run(PROBE, limit=64, max_sentence_tokens=32)
+    sets = {rule: resolve(str(PROBE / f"selection-{rule}.json"), n_layers) for rule in RULES
+            if (PROBE / f"selection-{rule}.json").is_file()}
+    sets["middle control"] = middle(len(sets["budget"]), n_layers)
+    base = dict(set="base model", blocks="-", **scores(PROBE, 0, evalset))
+    rows = [base, row("full fine-tuning (the probe run)", PROBE, None, evalset, cfg["steps"])]
+    for name, layers in sets.items():
+        if len(layers) == n_layers:
+            print(f"{name}: every block; not tuned again")
+            continue
+        run = ROOT / f"tune-{name.replace(' ', '-')}"
+        keep = {k: v for k, v in cfg.items() if k in TrainConfig.__dataclass_fields__}
+        train(TrainConfig(**{**keep, "out": run, "strategy": "layers", "layers": layers, "save_steps": "0",
+                             "progress": False, "resume": True}))
+        rows.append(row(name, run, layers, evalset, cfg["steps"]))
+    table = pd.DataFrame(rows)[["set", "blocks", "n_blocks", "trainable_params", "optimizer_state_mib",
+                                "sec_per_step", *(f"{t}_nll" for t in TASKS)]]
+    full = table.iloc[1]
+    for t in TASKS:
+        gain = base[f"{t}_nll"] - full[f"{t}_nll"]
+        table[f"{t}_share_of_full"] = (base[f"{t}_nll"] - table[f"{t}_nll"]) / gain
+    io.write_text(FIGURES / "before_tuning.csv", table.to_csv(index=False))
+    shown = table.assign(trainable_params=(table["trainable_params"] / 1e6).map("{:.1f}M".format))
+    print(shown.to_markdown(index=False, floatfmt=".3f", missingval="-").replace("nanM", "-"))
+
+
+if __name__ == "__main__":
+    main()
