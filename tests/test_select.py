@@ -1,6 +1,10 @@
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -407,10 +411,11 @@ def test_before_tuning_workflow_through_the_cli(tmp_path, capsys):
     assert main(["train", *common, "--out", str(probe_run), "--strategy", "layers", "--layers", f"0-{LAYERS - 1}",
                  "--steps", "20", "--lr", "3e-3", "--save-steps", "0,10,20"]) == 0
     assert main(["sweep", str(probe_run), "--limit", "8"]) == 0
-    assert main(["select", str(probe_run), "--rule", "curves", "--name", "curves.json"]) == 0
+    assert main(["select", str(probe_run), "--rule", "curves", "--name", "selection-curves.json"]) == 0
     assert main(["select", str(probe_run), "--rule", "budget", "--limit", "8"]) == 0
     sel = json.loads((probe_run / "selection.json").read_text())
-    assert sel["rule"] == "budget" and json.loads((probe_run / "curves.json").read_text())["rule"] == "curves"
+    assert sel["rule"] == "budget"
+    assert json.loads((probe_run / "selection-curves.json").read_text())["rule"] == "curves"
     assert 0 < len(sel["layers"]) < LAYERS  # this probe's gain is not spread over every block
     chosen = sel["evidence"]["chosen"]
     assert min(chosen["shares"].values()) >= 0.8
@@ -426,3 +431,15 @@ def test_before_tuning_workflow_through_the_cli(tmp_path, capsys):
         assert {blocks.block_of(n) for n in changed} == set(sel["layers"])
     assert "train it with --layers" in capsys.readouterr().out
     assert load_file(str(tmp_path / "layers/checkpoints/step-2/trainable.safetensors"))
+
+    # analyses/before_tuning_compare.py tunes every derived set of such a probe folder and scores it
+    (probe_run / "selection.json").rename(probe_run / "selection-budget.json")
+    script = Path(__file__).parent.parent / "analyses" / "before_tuning_compare.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "COGPROBE_FIGURES": str(tmp_path / "figures")}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "figures" / "before_tuning.csv")
+    assert table["set"].tolist()[:2] == ["base model", "full fine-tuning (the probe run)"]
+    assert {"budget", "middle control"} <= set(table["set"])
+    assert table.loc[table["set"] == "budget", "blocks"].item() == sel["layers_arg"]
+    assert table.iloc[1]["perception_share_of_full"] == pytest.approx(1.0)
