@@ -45,14 +45,15 @@ class StudyConfig:
     probe_pairs: int = 16           # held-out pairs per task for sweeps, capture and budget selection
     chrf_pairs: int = 16            # held-out pairs per direction translated for chrF
     max_new_tokens: int = 40        # greedy translation length cap
-    max_sentence_tokens: int = 32   # each sentence cut to this many tokens (training and evaluation)
+    max_sentence_tokens: int = 32   # each evaluated sentence cut to this many tokens (scores, sweeps, chrF)
+    train_max_sentence_tokens: int = 64  # each training sentence cut to this many tokens (32 broke perception)
     capture_backend: str = "torch"  # torch | nnsight | transformerlens
     isolate_runs: bool = True       # train each row in its own process, so its peak memory is its own
     overwrite: bool = False         # replace a different study in `out`
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_pairs", "probe_pairs", "chrf_pairs",
-                     "max_new_tokens", "max_sentence_tokens", "lora_r"):
+                     "max_new_tokens", "max_sentence_tokens", "train_max_sentence_tokens", "lora_r"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise CogprobeError(f"{name}={value!r}: give a whole number >= 1")
