@@ -1,13 +1,15 @@
 """Probing a run folder: sweeps, capture and layer selection, each writing its table there.
 
 These are the functions behind `cogprobe sweep|capture|select RUN`. They read the
-evaluation data from the run's manifest (same corpus, columns, split seed and
-sentence bound as training), so a run folder is all they need. Any other
+evaluation data from the run's manifest (same corpus, columns and split seed as
+training; held-out pairs), so a run folder is all they need. Any other
 checkpoint source (an HF Trainer folder, a list of model folders) works too,
 given the corpus and an `out` folder.
 
 Every table is appended per finished checkpoint and written atomically, so an
-interrupted call loses at most one checkpoint's work and a rerun continues: a
+interrupted call loses at most one checkpoint's work and a rerun continues (under
+torchrun / accelerate launch each process appends to its own part file, merged by
+the main process at the end; see `sweep_run` and `capture_run`): a
 checkpoint whose rows are already there (for the same mode and `ends`) is not
 recomputed. The evaluation set and the checkpoints' source (a run's config and
 base model) are recorded next to the table; a rerun with different ones, or a
