@@ -231,8 +231,8 @@ def _select(a):
                      output_task=a.output_task, max_total=a.max_total, criterion=a.criterion,
                      batch_size=a.batch_size, evalset=_evalset(a), out=a.out, base=a.base, name=a.name)
     path = (a.out or Path(a.run)) / a.name
-    print(sel.table())
-    print(f"wrote {path}; train it with --layers {path}")
+    _say(sel.table())
+    _say(f"wrote {path}; train it with --layers {path}")
 
 
 _select.flags = _select_flags
