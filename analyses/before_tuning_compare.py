@@ -33,38 +33,40 @@ def middle(n_blocks: int, n_layers: int) -> list[int]:
     return list(range(start, start + n_blocks))
 
 
-def scores(run: Path, step: int, evalset: EvalSet) -> dict:
-    model, tok = Checkpoints.open(run).load(step)
-    examples = evalset.examples(tok)
+def scores(run: Path, step: int, examples: dict) -> dict:
+    model = Checkpoints.open(run).load(step)[0]
     return {f"{t}_nll": score(model, examples[t]).nll for t in TASKS}
 
 
-def row(name: str, run: Path, layers: list[int] | None, evalset: EvalSet, step: int) -> dict:
+def row(name: str, run: Path, layers: list[int] | None, examples: dict, step: int) -> dict:
     cost = io.read_json(run / "cost.json")
     return dict(set=name, blocks=to_string(layers) if layers else "all + embeddings",
                 n_blocks=len(layers) if layers else None, trainable_params=cost["trainable_params"],
                 optimizer_state_mib=cost["optimizer_state_bytes"] / 2**20, sec_per_step=cost["sec_per_step"],
-                **scores(run, step, evalset))
+                **scores(run, step, examples))
 
 
 def main() -> None:
     manifest = io.read_json(PROBE / "manifest.json")
     cfg, n_layers = manifest["config"], manifest["base"]["n_layers"]
-    evalset = EvalSet.for_run(PROBE, limit=64, max_sentence_tokens=32)
-    sets = {rule: resolve(str(PROBE / f"selection-{rule}.json"), n_layers) for rule in RULES
-            if (PROBE / f"selection-{rule}.json").is_file()}
+    probe = Checkpoints.open(PROBE)
+    examples = EvalSet.for_run(PROBE, limit=64, max_sentence_tokens=32).examples(probe.base()[1])  # once
+    missing = [r for r in RULES if not (PROBE / f"selection-{r}.json").is_file()]
+    if "budget" in missing:
+        sys.exit(f"{PROBE / 'selection-budget.json'} is missing; run analyses/before_tuning.sh first")
+    sets = {rule: resolve(str(PROBE / f"selection-{rule}.json"), n_layers) for rule in RULES if rule not in missing}
     sets["middle control"] = middle(len(sets["budget"]), n_layers)
-    base = dict(set="base model", blocks="-", **scores(PROBE, 0, evalset))
-    rows = [base, row("full fine-tuning (the probe run)", PROBE, None, evalset, cfg["steps"])]
+    keep = {k: v for k, v in cfg.items() if k in TrainConfig.__dataclass_fields__}
+    base = dict(set="base model", blocks="-", **scores(PROBE, 0, examples))
+    rows = [base, row("full fine-tuning (the probe run)", PROBE, None, examples, cfg["steps"])]
     for name, layers in sets.items():
         if len(layers) == n_layers:
             print(f"{name}: every block; not tuned again")
             continue
         run = ROOT / f"tune-{name.replace(' ', '-')}"
-        keep = {k: v for k, v in cfg.items() if k in TrainConfig.__dataclass_fields__}
         train(TrainConfig(**{**keep, "out": run, "strategy": "layers", "layers": layers, "save_steps": "0",
                              "progress": False, "resume": True}))
-        rows.append(row(name, run, layers, evalset, cfg["steps"]))
+        rows.append(row(name, run, layers, examples, cfg["steps"]))
     table = pd.DataFrame(rows)[["set", "blocks", "n_blocks", "trainable_params", "optimizer_state_mib",
                                 "sec_per_step", *(f"{t}_nll" for t in TASKS)]]
     full = table.iloc[1]

@@ -5,7 +5,9 @@ Every training pair becomes one example of a kind drawn from the mixture:
   - production: the production task's prompt + continuation (pivot -> target),
   - plain: the target sentence alone,
 each followed by EOS. The two directions are tokenized by `tasks.build_examples`
-itself, so training text is token for token what the evaluation scores.
+itself, so at the same sentence cut training text is token for token what the
+evaluation scores (the study trains at a longer cut than it scores, see
+`StudyConfig.train_max_sentence_tokens`).
 
 Packing: epoch e shuffles the pairs and draws each pair's kind with a generator
 seeded by (seed, e), concatenates the examples and cuts the stream into rows of

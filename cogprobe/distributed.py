@@ -57,12 +57,14 @@ class World:
     def part(self, path: Path) -> Path:
         """The file this rank writes its part of `path` into (world size in the name, so parts of an
         interrupted run with another process count are never mixed in). One process writes `path` itself."""
-        if self.size == 1:
-            return path
-        return path.with_name(f".{path.name}.part-{self.rank}-of-{self.size}")
+        return path if self.size == 1 else _part_name(path, self.rank, self.size)
 
     def parts(self, path: Path) -> list[Path]:
-        return [path.with_name(f".{path.name}.part-{r}-of-{self.size}") for r in range(self.size)]
+        return [_part_name(path, r, self.size) for r in range(self.size)]
+
+
+def _part_name(path: Path, rank: int, size: int) -> Path:
+    return path.with_name(f".{path.name}.part-{rank}-of-{size}")
 
 
 def world() -> World:

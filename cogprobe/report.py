@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cogprobe import io
+from cogprobe.models import EMBEDDED
 from cogprobe.plots import plot_run, save, training_curve
 from cogprobe.tasks import TASKS
 
@@ -71,8 +72,9 @@ def _what_was_run(out: Path, cfg: dict) -> str:
             f"{cfg['steps']} steps of batch {cfg['batch_size']} x {cfg['seq_len']} tokens, lr {cfg['lr']} "
             f"(LoRA {cfg['lora_lr']}, r={cfg['lora_r']}), bf16 autocast {cfg['bf16']}. Held-out test pairs: "
             f"{cfg['eval_pairs']} per task for NLL, {cfg['chrf_pairs']} per direction for chrF, "
-            f"{cfg['probe_pairs']} per task for sweeps and selection; sentences cut to "
-            f"{cfg['max_sentence_tokens']} tokens. Machine: {machine}. Versions: {vers}. "
+            f"{cfg['probe_pairs']} per task for sweeps and selection; evaluated sentences cut to "
+            f"{cfg['max_sentence_tokens']} tokens, training sentences to {cfg.get('train_max_sentence_tokens', 64)}. "
+            f"Report written on: {machine}. Versions: {vers}. "
             f"Report written {time.strftime('%Y-%m-%d %H:%M')}.")
 
 
@@ -99,10 +101,12 @@ def _sweep_findings(out: Path) -> list[str]:
             d = rows[rows["direction"] == direction].sort_values("k")
             half = d[d["gain_retained"] <= 0.5]["k"]
             k_half = int(half.iloc[0]) if len(half) else None
-            at4 = d[d["k"] == min(4, d["k"].max())]["gain_retained"]
-            parts.append(f"reverting {direction}-end blocks removes half of the gain at k = {k_half}"
-                         f" (k = 4 keeps {at4.iloc[0]:.0%})" if k_half is not None and len(at4) else
-                         f"reverting from the {direction} end never removes half of the gain")
+            small = d[(d["k"] > 0) & (d["k"] <= 4)].tail(1)  # the largest swept k up to 4
+            keeps = (f" (k = {int(small['k'].iloc[0])} keeps {small['gain_retained'].iloc[0]:.0%})"
+                     if len(small) else "")
+            parts.append(f"reverting {direction}-end blocks removes half of the gain at k = {k_half}{keeps}"
+                         if k_half is not None else
+                         f"reverting from the {direction} end never removes half of the gain{keeps}")
         lines.append(f"{task.capitalize()} (step {last}, NLL {ref:.3f} -> {ck:.3f} nats/token): " + "; ".join(parts) + ".")
     return lines
 
@@ -191,12 +195,14 @@ def _compare_findings(compare: pd.DataFrame, base: pd.Series) -> list[str]:
 
 
 def _caveats(cfg: dict) -> str:
+    embedded = ("The embedded model's weights are dequantised from a 4-bit GGUF, not the original bf16. "
+                if cfg.get("model") == EMBEDDED else "")
+    n_seeds = len([s for s in str(cfg.get("seeds", "0")).split(",") if s.strip()])
     return ("Shares are (base NLL - run NLL) / (base NLL - full-FT NLL) per seed; a share above 100% means the run "
-            "beat full fine-tuning on that held-out set. chrF shares use the same ratio on chrF. The embedded "
-            "model's weights are dequantised from a 4-bit GGUF, not the original bf16. Sweeps keep embeddings, "
-            "final norm and LM head at the checkpoint (revert mode). A share is n/a where full fine-tuning did "
-            "not gain (chrF: by at least 1 point). With "
-            f"{cfg.get('steps')} steps, one seed per row and {cfg.get('eval_pairs')} test pairs, differences of a "
+            "beat full fine-tuning on that held-out set. chrF shares use the same ratio on chrF. " + embedded +
+            "Sweeps keep embeddings, final norm and LM head at the checkpoint (revert mode). A share is n/a where "
+            "full fine-tuning did not gain (chrF: by at least 1 point). With "
+            f"{cfg.get('steps')} steps, {n_seeds} seed(s) per row and {cfg.get('eval_pairs')} test pairs, differences of a "
             "few points are within noise; `--preset paper` runs 400 steps, 256 pairs and 3 seeds.")
 
 

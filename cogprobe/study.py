@@ -49,7 +49,6 @@ class Progress:
     def __init__(self, weights: dict[str, float], log=print):
         self.weights, self.done, self.start, self.log = weights, 0.0, time.perf_counter(), log
         self.total = sum(weights.values())
-        self.seen: set[str] = set()
 
     def stage(self, name: str, detail: str = "") -> None:
         elapsed = time.perf_counter() - self.start
@@ -58,9 +57,7 @@ class Progress:
         self.log(f"[{_mmss(elapsed)}{eta_s}] {name}{': ' + detail if detail else ''}")
 
     def finished(self, name: str) -> None:
-        if name not in self.seen:  # the first full run is both the probe run and a comparison row
-            self.seen.add(name)
-            self.done += self.weights.get(name, 0.0)
+        self.done += self.weights.get(name, 0.0)
 
 
 def _mmss(seconds: float) -> str:
@@ -83,7 +80,8 @@ def run(config: StudyConfig, log=print) -> Path:
     _stage(progress, "probe", lambda: probe(config, out))
     _stage(progress, "select", lambda: select_sets(config, out, log))
     for strategy, seed in rows:
-        _stage(progress, f"tune {strategy}-s{seed}", lambda: tune(config, out, strategy, seed))
+        if (strategy, seed) != ("full", seed0):  # the first full run is the probe run, tuned above
+            _stage(progress, f"tune {strategy}-s{seed}", lambda: tune(config, out, strategy, seed))
         _stage(progress, f"compare {strategy}-s{seed}", lambda: compare_one(config, out, strategy, seed))
     from cogprobe.report import write_report
     _stage(progress, "report", lambda: write_report(out))
@@ -99,11 +97,10 @@ def _stage(progress: Progress, name: str, fn) -> None:
 
 def _check_inputs(config: StudyConfig) -> None:
     """A bad model, corpus, fraction or k grid fails here, before the folder is claimed, not after the tuning."""
-    from cogprobe.blocks import find_blocks
     from cogprobe.layersets import parse_range_list
     from cogprobe.sweep import check_ks
     _test_split(config)
-    n = find_blocks(load_model(config.model)[0]).n
+    n = _block_count(str(config.model))
     cogsym(n, config.fraction)
     if config.sweep_ks:
         check_ks(parse_range_list(config.sweep_ks, 10**6), n)
@@ -161,10 +158,6 @@ def baseline(config: StudyConfig, out: Path) -> None:
 # --- tuning -------------------------------------------------------------------------
 
 
-def _n_layers(config: StudyConfig) -> int:
-    return _block_count(str(config.model))
-
-
 @functools.lru_cache(maxsize=8)
 def _block_count(model_spec: str) -> int:
     """L of a model spec (any spec load_model takes: alias, folder, .gguf); read once per process."""
@@ -174,7 +167,7 @@ def _block_count(model_spec: str) -> int:
 
 def layer_set(config: StudyConfig, out: Path, strategy: str, seed: int) -> tuple[str, str | None]:
     """(train strategy, --layers) of a comparison row; the controls have CogSym's size."""
-    n = _n_layers(config)
+    n = _block_count(str(config.model))
     k = len(cogsym(n, config.fraction))
     if strategy in ("full", "lora"):
         return strategy, None
@@ -264,15 +257,14 @@ def probe(config: StudyConfig, out: Path) -> None:
 
 
 def select_sets(config: StudyConfig, out: Path, log) -> None:
-    n = _n_layers(config)
+    n = _block_count(str(config.model))
     if not (out / "selection-fixed.json").is_file():
         io.write_json(out / "selection-fixed.json", select_fixed(n, config.fraction).to_json())
     if (out / "selection-budget.json").is_file():
         return
     try:
-        sel = select_run(_full_run(config, out), rule="budget", tau=config.tau, max_total=config.budget_max_total,
-                         evalset=_probe_set(config), out=out, name="selection-budget.json",
-                         log=lambda m: None).to_json()
+        select_run(_full_run(config, out), rule="budget", tau=config.tau, max_total=config.budget_max_total,
+                   evalset=_probe_set(config), out=out, name="selection-budget.json", log=lambda m: None)
     except CogprobeError as e:  # an honest "no set": recorded, reported, and its tuning row skipped
         io.write_json(out / "selection-budget.json", {"rule": "budget", "error": str(e)})
         log(f"budget selection failed: {e}")

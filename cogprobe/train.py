@@ -71,6 +71,7 @@ class _Run:
         self.log_rows: list[dict] = []
         self.flushed_at = time.perf_counter()
         self.peak_memory = 0
+        self.process = psutil.Process()
         self.lock_fd: int | None = None  # see runfolder.lock
 
     # ---- setup
@@ -84,6 +85,7 @@ class _Run:
         # process-wide singleton that refuses a second run with another precision in one process.
         self.acc = Accelerator(cpu=on_cpu())
         self.micro = self._micro_batch()
+        self._check_resumable()
         set_seed(cfg.seed)
         model, tok = load_model(cfg.model)
         self.fingerprint = model_fingerprint(model_source(model))
@@ -100,7 +102,6 @@ class _Run:
         optimizer = self._optimizer(model)
         self.tokens = 0
         if start > 0:
-            self._check_resumable()
             self._restore(model, optimizer, start)
         elif self.acc.is_main_process:
             io.write_json(self.out / "manifest.json",
@@ -157,8 +158,9 @@ class _Run:
         return torch.optim.AdamW(groups, lr=self.cfg.lr)
 
     def _check_resumable(self) -> None:
+        """Under FSDP no resume state is saved, so `--resume` would silently start over: refuse it."""
         from accelerate.utils import DistributedType
-        if self.acc.distributed_type == DistributedType.FSDP:
+        if self.cfg.resume and self.acc.distributed_type == DistributedType.FSDP:
             raise CogprobeError("--resume is not supported under FSDP (its optimizer state is sharded and not "
                                 "saved); rerun with --overwrite, or without FSDP")
 
@@ -246,7 +248,7 @@ class _Run:
         if torch.cuda.is_available():
             self.peak_memory = max(self.peak_memory, torch.cuda.max_memory_allocated())
         else:
-            self.peak_memory = max(self.peak_memory, psutil.Process().memory_info().rss)
+            self.peak_memory = max(self.peak_memory, self.process.memory_info().rss)
 
     # ---- writing
     def _meta(self, step: int, loss: float | None) -> dict:

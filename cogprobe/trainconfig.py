@@ -51,7 +51,7 @@ class TrainConfig:
     mix_perception: float = 1.0  # mixture weights of the training examples: target -> pivot,
     mix_production: float = 1.0  # pivot -> target,
     mix_plain: float = 1.0     # and the target sentence alone
-    max_sentence_tokens: int = 64  # each sentence cut to this many tokens (as the tasks do)
+    max_sentence_tokens: int = 64  # each sentence cut to this many tokens
     pivot_col: str | None = None
     target_col: str | None = None
     document_col: str | None = None

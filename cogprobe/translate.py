@@ -45,7 +45,9 @@ def _stop_ids(tokenizer) -> list[int]:
     (Cheaper than `stop_strings`, which rebuilds its tables over the vocabulary
     on every call; the text after the newline is cut off when decoding.)
     """
-    key = id(tokenizer)
+    # keyed by the vocabulary, not id(): every checkpoint load brings a new tokenizer object with
+    # the same vocabulary, and an id can be reused by another tokenizer once the first is gone
+    key = (tokenizer.eos_token_id, hash(frozenset(tokenizer.get_vocab().items())))
     if key not in _STOP_CACHE:
         vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         newline = {i for i, t in enumerate(vocab) if t is not None and
@@ -54,7 +56,7 @@ def _stop_ids(tokenizer) -> list[int]:
     return _STOP_CACHE[key]
 
 
-_STOP_CACHE: dict[int, list[int]] = {}
+_STOP_CACHE: dict[tuple, list[int]] = {}
 
 
 def chrf(hypotheses: list[str], references: list[str]) -> float:
