@@ -252,6 +252,45 @@ def _plot(a):
 _plot.flags = _plot_flags
 
 
+# --- export ------------------------------------------------------------------------
+
+
+def _export_flags(p):
+    p.add_argument("source", help="a layer set (selection.json, cogsym, '0-3,26-29'), or with --merged a run folder")
+    p.add_argument("--to", default="peft", choices=["peft", "axolotl", "llamafactory", "trainer"],
+                   help="format of the layer set")
+    p.add_argument("--model", default="smollm2-135m", help="the model the set is for (its real module names)")
+    p.add_argument("--out", type=Path, help="file to write (default: print)")
+    p.add_argument("--lora", action="store_true", help="axolotl: a LoRA config instead of unfrozen_parameters")
+    p.add_argument("--train-embeddings", action="store_true", help="axolotl: also unfreeze the input embeddings")
+    p.add_argument("--train-head", action="store_true", help="axolotl: also unfreeze the final norm and LM head")
+    p.add_argument("--merged", type=Path, metavar="OUT", help="write checkpoint --step of run SOURCE as an HF model folder")
+    p.add_argument("--step", type=int, help="with --merged: the checkpoint step")
+    p.add_argument("--base", help="with --merged: base model for adapter-only or listed checkpoints")
+
+
+@command("export", "a layer set for peft / axolotl / LLaMA-Factory / HF Trainer, or a checkpoint as an HF model")
+def _export(a):
+    from cogprobe import export
+    if a.merged:
+        if a.step is None:
+            raise CogprobeError("--merged needs --step N (the checkpoint to write)")
+        print(f"wrote {export.export_merged(a.source, a.step, a.merged, base=a.base)}")
+        return
+    from cogprobe.models import load_model
+    text = export.export_layer_set(load_model(a.model)[0], a.source, a.to, lora=a.lora,
+                                   train_embeddings=a.train_embeddings, train_head=a.train_head)
+    if a.out:
+        from cogprobe.io import write_text
+        write_text(a.out, text)
+        print(f"wrote {a.out}")
+    else:
+        print(text, end="")
+
+
+_export.flags = _export_flags
+
+
 # --- the study ------------------------------------------------------------------------
 
 
@@ -291,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (fn, help) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        # SUPPRESS: an absent subcommand flag must not overwrite the root's `cogprobe --debug VERB`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         fn.flags(p)
         p.set_defaults(func=fn)
     return parser

@@ -73,18 +73,22 @@ def _freeze_except(model, blocks: Blocks, layers: list[int], embeddings: bool, h
     return model
 
 
-def _lora(model, blocks: Blocks, indices: list[int], spec: LoraSpec):
-    from peft import LoraConfig, get_peft_model
+def lora_kwargs(blocks: Blocks, indices: list[int], spec: LoraSpec = LoraSpec()) -> dict:
+    """`LoraConfig` keyword arguments (JSON-ready) that put adapters on exactly the blocks `indices`."""
     found = linear_names(blocks)
     targets = list(spec.targets) if spec.targets else found
     missing = sorted(set(targets) - set(found))
     if missing:
         raise CogprobeError(f"LoRA targets {missing} are not linear modules of the blocks; "
                             f"choose from {', '.join(found)}")
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                        target_modules=targets, layers_to_transform=indices,
-                        layers_pattern=blocks.layers_path.rsplit(".", 1)[-1],
-                        fan_in_fan_out=_conv1d(blocks), bias="none")
+    return dict(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
+                layers_to_transform=list(indices), layers_pattern=blocks.layers_path.rsplit(".", 1)[-1],
+                fan_in_fan_out=_conv1d(blocks), bias="none")
+
+
+def _lora(model, blocks: Blocks, indices: list[int], spec: LoraSpec):
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(**lora_kwargs(blocks, indices, spec))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft vs transformers 5

@@ -1,0 +1,122 @@
+"""Layer sets exported to peft / axolotl / LLaMA-Factory / HF Trainer, and merged model folders."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from cogprobe.blocks import find_blocks
+from cogprobe.checkpoints import Checkpoints
+from cogprobe.cli import main
+from cogprobe.errors import CogprobeError
+from cogprobe.export import (apply_layer_set, axolotl_matches, export_layer_set, export_merged,
+                             llamafactory_yaml, peft_config)
+from cogprobe.train import TrainConfig, train
+from tiny import save_tiny, tiny_model, tiny_tokenizer
+
+
+def _lora_blocks(peft_model) -> set[int]:
+    """Blocks that received a LoRA module, read from the wrapped model's module names."""
+    blocks = find_blocks(peft_model)
+    return {blocks.block_of(name.removeprefix("base_model.model.")) for name, _ in peft_model.named_modules()
+            if name.endswith("lora_A")}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_peft_json_wraps_exactly_the_set(family):
+    from peft import LoraConfig, get_peft_model
+    model = tiny_model(family)
+    config = LoraConfig(**json.loads(export_layer_set(model, "0,4-5", "peft")))
+    wrapped = get_peft_model(copy.deepcopy(model), config)
+    assert _lora_blocks(wrapped) == {0, 4, 5}
+    assert isinstance(peft_config(model, "0,4-5")["target_modules"], list)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_axolotl_full_patterns_match_exactly_the_blocks(family):
+    model = tiny_model(family)
+    snippet = yaml.safe_load(export_layer_set(model, "1,3", "axolotl"))
+    matched = {n for n, _ in model.named_parameters() if any(axolotl_matches(p, n) for p in snippet["unfrozen_parameters"])}
+    blocks = find_blocks(model)
+    assert matched == {n for n, _ in model.named_parameters() if blocks.block_of(n) in (1, 3)}
+
+
+def test_axolotl_lora_and_embeddings():
+    model = tiny_model("llama")
+    lora = yaml.safe_load(export_layer_set(model, "cogsym", "axolotl", lora=True))
+    assert lora["adapter"] == "lora" and lora["peft_layers_to_transform"] == [0, 5]
+    assert "q_proj" in lora["lora_target_modules"]
+    full = yaml.safe_load(export_layer_set(model, "5", "axolotl", train_embeddings=True))
+    assert any(axolotl_matches(p, "model.embed_tokens.weight") for p in full["unfrozen_parameters"])
+
+
+def test_llamafactory_one_end_only():
+    model = tiny_model("llama")
+    assert yaml.safe_load(llamafactory_yaml(model, "4-5"))["freeze_trainable_layers"] == 2
+    assert yaml.safe_load(llamafactory_yaml(model, "0-2"))["freeze_trainable_layers"] == -3
+    with pytest.raises(CogprobeError, match="first or the last N blocks.*axolotl or peft"):
+        llamafactory_yaml(model, "cogsym")   # blocks 0 and 5 of 6
+
+
+def test_apply_layer_set_under_hf_trainer(tmp_path):
+    """transformers.Trainer changes exactly the tensors that apply_layer_set leaves trainable."""
+    from transformers import Trainer, TrainingArguments
+    model = tiny_model("llama")
+    model.train()
+    names = apply_layer_set(model, "1,4")
+    blocks = find_blocks(model)
+    assert names and {blocks.block_of(n) for n in names} == {1, 4}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(1, 300, (8, 12), generator=torch.Generator().manual_seed(0))
+    data = [dict(input_ids=row, labels=row) for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to="none", save_strategy="no", use_cpu=True,
+                             logging_strategy="no", disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed == set(names)
+
+
+def test_cli_export_writes_and_refuses(tmp_path, capsys):
+    folder = save_tiny(tmp_path / "m", "qwen2")
+    capsys.readouterr()   # save_pretrained's progress bar
+    out = tmp_path / "peft.json"
+    assert main(["export", "cogsym", "--model", str(folder), "--to", "peft", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["layers_to_transform"] == [0, 5]
+    assert main(["export", "cogsym", "--model", str(folder), "--to", "llamafactory"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "freeze_trainable_layers" in err
+
+
+# ---------------------------------------------------------------- merged model folders
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merged")
+    rows = [dict(es=f"la casa {i} es grande", nah=f"in calli {i} huei") for i in range(40)]
+    pd.DataFrame(rows).to_csv(root / "pairs.csv", index=False)
+    return dict(model=save_tiny(root / "llama", "llama"), corpus=root / "pairs.csv", root=root)
+
+
+@pytest.mark.parametrize("strategy", ["layers", "lora", "lora-layers"])
+def test_merged_export_loads_with_the_same_logits(inputs, strategy, tmp_path):
+    from transformers import AutoModelForCausalLM
+    run = tmp_path / "run"
+    train(TrainConfig(model=inputs["model"], corpus=inputs["corpus"], out=run, strategy=strategy,
+                      layers="1,4" if strategy != "lora" else None, steps=2, batch_size=2, seq_len=16,
+                      lr=1e-2, warmup=0, save_steps="0,2", threads=1, progress=False, lora_dropout=0.0))
+    out = export_merged(run, 2, tmp_path / "merged")
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not list(out.glob("*.bin")) and (out / "tokenizer.json").is_file()
+    theirs = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    ours, _ = Checkpoints.open(run).load(2)
+    base, _ = Checkpoints.open(run).load(0)
+    ids = tiny_tokenizer()("in calli huei", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want, got, ref = (m(input_ids=ids).logits for m in (ours, theirs, base))
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, ref, atol=1e-4)   # the export is the trained checkpoint, not the base
