@@ -39,7 +39,10 @@ BENCH = ROOT / "benchmarks"
 if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
-import cogprobe  # noqa: E402  (sets HF offline mode before transformers is imported)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks read local models only (cogprobe no longer sets it)
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import cogprobe  # noqa: E402,F401
 from cogprobe import io  # noqa: E402
 
 ENV_TINY, ENV_OUT, ENV_CACHE, ENV_THREADS, ENV_COMMAND = (

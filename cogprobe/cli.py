@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import os
 import re
 import sys
 from pathlib import Path
 
-import cogprobe  # noqa: F401  (sets the offline environment first)
 from cogprobe.errors import CogprobeError
 
 COMMANDS = {}
@@ -338,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # this process only: no fork warnings
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

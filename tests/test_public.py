@@ -1,0 +1,62 @@
+"""The public face: lazy names, no environment changes at import, `cogprobe --debug VERB`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import cogprobe
+from cogprobe.cli import build_parser, main
+
+
+def _python(code: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                                             "TOKENIZERS_PARALLELISM")}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_import_is_lazy_and_leaves_the_environment_alone():
+    out = _python("""
+        import os, sys
+        before = dict(os.environ)
+        import cogprobe
+        print(dict(os.environ) == before, 'torch' in sys.modules, 'transformers' in sys.modules)
+    """)
+    assert out == "True False False"
+
+
+def test_every_public_name_resolves_to_its_function():
+    from cogprobe import models, export
+    assert cogprobe.load_model is models.load_model
+    assert cogprobe.apply_layer_set is export.apply_layer_set
+    for name in cogprobe.__all__:
+        assert getattr(cogprobe, name) is not None, name
+    with pytest.raises(AttributeError):
+        cogprobe.no_such_name
+
+
+def test_train_is_the_function_even_after_its_module_is_imported():
+    out = _python("""
+        import cogprobe.train, cogprobe.study, cogprobe
+        from cogprobe.train import train
+        print(cogprobe.train is train, sys.modules['cogprobe.train'].__name__)
+    """.replace("import cogprobe.train,", "import sys, cogprobe.train,"))
+    assert out == "True cogprobe.train"
+
+
+def test_debug_before_or_after_the_verb():
+    parse = build_parser().parse_args
+    assert parse(["--debug", "plot", "x"]).debug is True
+    assert parse(["plot", "x", "--debug"]).debug is True
+    assert parse(["plot", "x"]).debug is False
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(cogprobe.CogprobeError):
+        main(["--debug", "export", "0-99", "--model", str(tmp_path / "missing")])
+    assert main(["export", "0-99", "--model", str(tmp_path / "missing")]) == 2
