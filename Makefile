@@ -13,9 +13,10 @@ export TRANSFORMERS_OFFLINE = 1
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Re-install only when the dependency list changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[backends,test]'
+# Re-install only when the dependency list changes. pyproject.toml holds ranges; constraints.txt
+# pins the exact, tested versions (CPU torch included), so this install is reproducible.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[backends,test]'
 	touch $@
 
 install: $(VENV)/.installed
