@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from cogprobe import io
 from cogprobe.errors import CogprobeError
-from cogprobe.models import EMBEDDED, load_model, model_fingerprint, model_source
+from cogprobe.models import EMBEDDED, has_tokenizer, load_model, model_fingerprint, model_source
 from cogprobe.strategies import aliases, load_tensors
 
 CHECKPOINTS = "checkpoints"
@@ -253,7 +253,7 @@ class Checkpoints:
         """A full model for `step`: base + saved tensors (LoRA merged into a fresh copy)."""
         entry = self._entry(step)
         if entry.kind == "model":
-            model, tok = load_model(entry.path)
+            model, tok = load_model(entry.path, tokenizer=self._tokenizer_for(entry.path))
             return model.to(self.device), tok
         base, tok = self.base()
         model = copy.deepcopy(base)
@@ -262,6 +262,24 @@ class Checkpoints:
         elif entry.kind in ("lora", "adapter"):
             model = _merge_adapter(model, entry.path)
         return model.eval(), tok
+
+    def _tokenizer_for(self, folder: Path):
+        """None when the folder has its own tokenizer; else the base's (HF Trainer saves checkpoints
+        without one unless given a processing_class), checked against the folder's vocabulary."""
+        if has_tokenizer(folder):
+            return None
+        if _resolved(self.base_spec) == Path(folder):
+            raise CogprobeError(f"{folder} has no tokenizer files and no base model was given; pass --base "
+                                "(base=) the model the checkpoints were trained from")
+        base, tok = self.base()
+        config = io.read_json(Path(folder) / "config.json")
+        rows = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+        base_rows = base.get_input_embeddings().num_embeddings
+        if rows is not None and rows != base_rows:
+            raise CogprobeError(f"{folder} has no tokenizer files and a vocabulary of {rows} tokens, the base "
+                                f"{self.base_spec} has {base_rows}: its tokenizer is not the base's; save the "
+                                "tokenizer into each checkpoint (Trainer(processing_class=tokenizer))")
+        return tok
 
     def changed_tensors(self, step: int) -> set[str]:
         """Names of base parameters (tied aliases included) that differ from the base at `step`."""

@@ -196,7 +196,15 @@ def _check_causal_decoder(config, folder: Path) -> None:
                             "decoder-only causal LM (e.g. llama, qwen2, mistral, gpt2)")
 
 
-def _load_folder(folder: Path, model_kw: dict, allow_pickle: bool, **kw):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether a model folder holds tokenizer files (HF Trainer writes none without processing_class)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _load_folder(folder: Path, model_kw: dict, allow_pickle: bool, tokenizer=None, **kw):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     _check_folder(folder, allow_pickle)
     try:
@@ -219,12 +227,37 @@ def _load_folder(folder: Path, model_kw: dict, allow_pickle: bool, **kw):
         raise CogprobeError(f"cannot load weights {names} in {folder} ({type(e).__name__}: "
                             f"{_first_line(e)}); the file is damaged or truncated: "
                             "re-copy or re-save it") from None
+    if tokenizer is not None:
+        return model, _checked_tokenizer(tokenizer, model, folder)
     try:
         tok = AutoTokenizer.from_pretrained(folder, **kw)
     except (OSError, ValueError) as e:
         raise CogprobeError(f"cannot load a tokenizer from {folder} ({_first_line(e)}); "
-                            "save the tokenizer into the model folder") from None
+                            "save the tokenizer into the model folder, or give the base model "
+                            "(--base) whose tokenizer it was trained with") from None
     return model, tok
+
+
+def _checked_tokenizer(tok, model, folder: Path):
+    """A tokenizer from elsewhere (the base model's), accepted only if it fits the model's
+    vocabulary: every token id must have an embedding row."""
+    if isinstance(tok, (str, Path)):
+        tok = load_model_tokenizer(Path(tok))
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tok) > rows:
+        raise CogprobeError(f"the tokenizer given for {folder} has {len(tok)} tokens but the model has {rows} "
+                            "embedding rows: it is not this model's tokenizer; give the base it was trained from")
+    return tok
+
+
+def load_model_tokenizer(folder: Path):
+    """Just the tokenizer of a model folder, offline."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CogprobeError(f"cannot load a tokenizer from {folder} ({_first_line(e)}); "
+                            "give a folder that holds the model's tokenizer files") from None
 
 
 def _looks_like_bad_weights(e: Exception) -> bool:
@@ -237,11 +270,13 @@ def _looks_like_bad_weights(e: Exception) -> bool:
 
 def load_model(spec: str | Path, *, dtype: torch.dtype = torch.float32,
                trust_remote_code: bool = False, allow_pickle: bool = False,
-               prepare_if_missing: bool = True, attn_implementation: str | None = None):
+               prepare_if_missing: bool = True, attn_implementation: str | None = None, tokenizer=None):
     """Load `(model, tokenizer)` offline from the alias, an HF folder, or a .gguf file.
 
     The model comes back in eval mode; the tokenizer pads on the right and, lacking
     a pad token, pads with EOS. `model_source(model)` tells where it came from.
+    `tokenizer` (a tokenizer or a folder) replaces the folder's own, for checkpoints
+    saved without one; it must fit the model's vocabulary.
     """
     path = _resolve(spec, prepare_if_missing)
     kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
@@ -252,7 +287,7 @@ def load_model(spec: str | Path, *, dtype: torch.dtype = torch.float32,
         if path.is_file():
             model, tok = _load_gguf(path, model_kw, **kw)
         else:
-            model, tok = _load_folder(path, model_kw, allow_pickle, **kw)
+            model, tok = _load_folder(path, model_kw, allow_pickle, tokenizer, **kw)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
