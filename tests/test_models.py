@@ -153,7 +153,7 @@ def _hub_id(root):
 
 ERRORS = {
     "missing path": (lambda root: root / "nope", "no model at .*expected the alias 'smollm2-135m'"),
-    "hub id": (_hub_id, "no model at 'HuggingFaceTB/SmolLM2-135M'.*never downloaded"),
+    "hub id": (_hub_id, "HuggingFaceTB/SmolLM2-135M@main is not in the Hugging Face cache .*HF_HUB_OFFLINE=1"),
     "empty folder": (_empty, "has no config.json: expected .*config.json \\+ \\*.safetensors"),
     "config only": (_config_only, "no weights"),
     "fake pytorch_model.bin": (_only_fake_bin, "pickle weights \\(pytorch_model.bin\\).*allow_pickle=True"),
