@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cogprobe import corpus_sources
 from cogprobe.errors import CogprobeError
 
 COLUMNS = ["pivot", "target", "document"]
@@ -77,6 +78,8 @@ def load_corpus(spec: str | Path, *, pivot_col: str | None = None,
     path = Path(spec)
     if str(spec) in ELOTL:
         name, table = str(spec), _read_elotl(str(spec))
+    elif found := corpus_sources.read(spec):  # datasets folders, Parquet, hub dataset ids
+        name, table = found
     elif path.suffix.lower() in SUFFIXES or path.exists():
         name, table = path.stem, _read_file(path)
     else:
