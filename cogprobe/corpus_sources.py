@@ -17,6 +17,7 @@ import pandas as pd
 
 from cogprobe.errors import CogprobeError
 
+FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")  # a missing file, not a dataset id
 DATA_FILES = ["*.parquet", "*.jsonl", "*.json", "*.csv", "*.tsv", "**/*.parquet", "**/*.jsonl",
               "**/*.json", "**/*.csv", "**/*.tsv"]
 
@@ -29,7 +30,7 @@ def read(spec) -> tuple[str, pd.DataFrame] | None:
         return path.name, _text(_load_from_disk(path), str(path))
     if path.suffix == ".parquet" or (path.is_dir() and list(path.glob("*.parquet"))):
         return path.stem, _text(_read_parquet(path), str(path))
-    if not path.exists() and hub.HUB_ID.match(str(spec)):
+    if not path.exists() and path.suffix.lower() not in FILE_SUFFIXES and hub.HUB_ID.match(str(spec)):
         return str(spec).split("/")[-1], _text(_hub_dataset(str(spec)), str(spec))
     return None
 

@@ -53,3 +53,8 @@ def test_hub_dataset_id_from_the_cache(tmp_path, monkeypatch):
     _expect(load_corpus("org/pairs"))
     with pytest.raises(CogprobeError, match="dataset org/absent@main is not in the Hugging Face cache"):
         load_corpus("org/absent")
+
+
+def test_a_missing_file_is_not_taken_for_a_dataset_id(tmp_path):
+    with pytest.raises(CogprobeError, match="does not exist"):
+        load_corpus("data/missing.csv")
