@@ -29,7 +29,7 @@ from cogprobe.trainconfig import NOT_IDENTITY
 
 LOG = "train_log.parquet"
 COST = "cost.json"
-OWN = (MANIFEST, LOG, COST, CHECKPOINTS)
+OWN = (MANIFEST, LOG, COST, CHECKPOINTS, "tracking")
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy", "pandas")
 
 

@@ -202,7 +202,8 @@ def tune(config: StudyConfig, out: Path, strategy: str, seed: int) -> None:
         batch_size=config.batch_size, seq_len=config.seq_len, lr=config.lora_lr if lora else config.lr,
         lora_r=config.lora_r, bf16=config.bf16, threads=config.threads, seed=seed,
         save_steps=config.save_steps if first_full else str(config.steps),
-        max_sentence_tokens=config.train_max_sentence_tokens, resume=True, progress=False)
+        max_sentence_tokens=config.train_max_sentence_tokens, resume=True, progress=False,
+        report_to=config.report_to)
     if not config.isolate_runs:
         from cogprobe.train import train
         train(cfg)

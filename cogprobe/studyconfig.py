@@ -15,7 +15,7 @@ from cogprobe.errors import CogprobeError
 from cogprobe.layersets import check_fraction
 
 PRESETS = Path(__file__).parent / "presets"
-EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs")  # how a study runs, not what it computes
+EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "report_to")  # how a study runs, not what it computes
 ROWS = ("full", "lora", "cogsym", "cogsym-lora", "budget", "middle", "bottom", "top", "random")
 
 
@@ -50,6 +50,7 @@ class StudyConfig:
     capture_backend: str = "torch"  # torch | nnsight | transformerlens
     isolate_runs: bool = True       # train each row in its own process, so its peak memory is its own
     overwrite: bool = False         # replace a different study in `out`
+    report_to: str = "none"         # experiment trackers of every tuning run (accelerate): none, tensorboard, wandb, mlflow, ...
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_pairs", "probe_pairs", "chrf_pairs",

@@ -20,6 +20,7 @@ The run folder:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -30,7 +31,7 @@ import pandas as pd
 import psutil
 import torch
 
-from cogprobe import io
+from cogprobe import io, tracking
 from cogprobe.checkpoints import ADAPTER, TENSORS, drop_resume_state, step_dir, write_checkpoint
 from cogprobe.distributed import on_cpu
 from cogprobe.errors import CogprobeError
@@ -83,7 +84,7 @@ class _Run:
         cfg = self.cfg
         # bf16 is our own autocast, not Accelerator(mixed_precision=...): accelerate's state is a
         # process-wide singleton that refuses a second run with another precision in one process.
-        self.acc = Accelerator(cpu=on_cpu())
+        self.acc = Accelerator(cpu=on_cpu(), **tracking.accelerator_kwargs(cfg.report_to, self.out))
         self.micro = self._micro_batch()
         self._check_resumable()
         set_seed(cfg.seed)
@@ -108,7 +109,11 @@ class _Run:
                           manifest(cfg, model, blocks, self.layers, self.fingerprint, self.corpus_info))
             write_checkpoint(self.out, 0, None, "base", self._meta(0, None))
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self._loop(start)
+        tracking.start(self.acc, dataclasses.asdict(cfg))
+        try:
+            self._loop(start)
+        finally:
+            self.acc.end_training()
         return self.out
 
     def _micro_batch(self) -> int:
@@ -194,6 +199,7 @@ class _Run:
                 self.tokens += self._rows_per_step() * cfg.seq_len
                 self.log_rows.append(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm,
                                           tokens=self.tokens, seconds=seconds))
+                acc.log({f"train/{k}": v for k, v in self.log_rows[-1].items() if k != "step"}, step=step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self._rows_per_step() * cfg.seq_len / seconds:.0f}")
                 if self.on_step is not None:

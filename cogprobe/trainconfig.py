@@ -19,7 +19,7 @@ from cogprobe.strategies import LAYERED, LORA, STRATEGIES
 
 SCHEDULES = ("cosine", "linear", "constant")
 # Fields that change how a run executes but not what it computes.
-NOT_IDENTITY = ("out", "resume", "overwrite", "threads", "progress")
+NOT_IDENTITY = ("out", "resume", "overwrite", "threads", "progress", "report_to")
 
 
 @dataclass
@@ -63,6 +63,7 @@ class TrainConfig:
     resume: bool = False       # continue an interrupted run from its last checkpoint
     overwrite: bool = False    # replace a different run in `out`
     progress: bool = True      # show a progress bar
+    report_to: str = "none"    # experiment trackers through accelerate: none, tensorboard, wandb, mlflow, all, or a comma list
 
     def __post_init__(self):
         self._check_strategy()
