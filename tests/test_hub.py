@@ -77,3 +77,17 @@ def test_embedded_model_through_a_hand_made_cache(tmp_path, monkeypatch):
     ours, _ = load_model("smollm2-135m")
     theirs, _ = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert torch.equal(_logits(ours), _logits(theirs))
+
+
+def test_sweep_cli_over_step_revisions(cache, tmp_path):
+    import pandas as pd
+    from cogprobe.cli import main
+    pd.DataFrame([dict(es=f"la casa {i}", nah=f"in calli {i}") for i in range(40)]).to_csv(tmp_path / "p.csv", index=False)
+    assert main(["sweep", "org/tiny@step*", "--base", "org/tiny", "--out", str(tmp_path / "t"),
+                 "--corpus", str(tmp_path / "p.csv"), "--limit", "2", "--ks", "0,6"]) == 0
+    table = pd.read_parquet(tmp_path / "t" / "sweeps.parquet")
+    assert sorted(table["checkpoint_step"].unique()) == [0, 2, 10]
+    assert main(["capture", "org/tiny@step2,step10", "--base", "org/tiny", "--out", str(tmp_path / "t"),
+                 "--corpus", str(tmp_path / "p.csv"), "--limit", "2"]) == 0
+    acts = pd.read_parquet(tmp_path / "t" / "activations.parquet")
+    assert {2, 10} <= set(acts["checkpoint_step"].unique())
