@@ -129,11 +129,21 @@ class Checkpoints:
         self._base = None
         self._changed: dict[int, set[str]] = {}
         self.device = torch.device("cpu")  # where loaded models go (set before the first load)
+        self.tokenizer: Path | None = None  # for folders saved without one (default: the base's)
 
     # ---- opening
     @classmethod
-    def open(cls, source: str | Path | Sequence[str | Path], base: str | Path | None = None) -> "Checkpoints":
-        """A cogprobe run folder, an HF Trainer output folder, or a list of HF model folders."""
+    def open(cls, source: str | Path | Sequence[str | Path], base: str | Path | None = None,
+             tokenizer: str | Path | None = None) -> "Checkpoints":
+        """A cogprobe run folder, an HF Trainer output folder, a list of HF model folders, or hub
+        revisions `org/name@step1000,step2000`. `tokenizer`: a folder whose tokenizer serves the
+        model folders that have none (default: the base's)."""
+        ckpts = cls._open(source, base)
+        ckpts.tokenizer = Path(tokenizer) if tokenizer else None
+        return ckpts
+
+    @classmethod
+    def _open(cls, source, base) -> "Checkpoints":
         if isinstance(source, (list, tuple)):
             return cls._from_list([Path(p) for p in source], base)
         if (revs := hub.revisions(str(source))) is not None:  # org/name@step1000,step2000: steps of one model
@@ -237,7 +247,8 @@ class Checkpoints:
     def base(self):
         """The base (reference) model and tokenizer, read once; do not modify them."""
         if self._base is None:
-            model, tok = load_model(self.base_spec)
+            own = not self.tokenizer or has_tokenizer(_resolved(self.base_spec))
+            model, tok = load_model(self.base_spec, tokenizer=None if own else self.tokenizer)
             model.to(self.device)
             if self._fingerprint is not None:
                 _check_fingerprint(model_source(model), self._fingerprint, self.source)
@@ -270,6 +281,8 @@ class Checkpoints:
         without one unless given a processing_class), checked against the folder's vocabulary."""
         if has_tokenizer(folder):
             return None
+        if self.tokenizer is not None:
+            return self.tokenizer  # load_model checks that it fits the model's vocabulary
         if _resolved(self.base_spec) == Path(folder):
             raise CogprobeError(f"{folder} has no tokenizer files and no base model was given; pass --base "
                                 "(base=) the model the checkpoints were trained from")

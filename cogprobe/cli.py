@@ -150,6 +150,8 @@ def _words(text: str) -> list[str]:
 def _probe_flags(p):
     p.add_argument("run", help="a cogprobe run folder, an HF Trainer folder or a model folder")
     p.add_argument("--base", help="base model for adapter-only or listed checkpoints")
+    p.add_argument("--tokenizer", help="folder whose tokenizer serves checkpoints saved without one "
+                                      "(default: the base's)")
     p.add_argument("--out", type=Path, help="folder for the tables (default: the run folder)")
     p.add_argument("--corpus", help="default: the run's own corpus")
     p.add_argument("--pivot-col")
@@ -164,6 +166,15 @@ def _evalset(a):
     from cogprobe.probe import EvalSet
     return EvalSet.for_run(a.run, corpus=a.corpus, pivot_col=a.pivot_col, target_col=a.target_col,
                            split=a.split, limit=a.limit, max_sentence_tokens=a.max_sentence_tokens)
+
+
+def _source(a):
+    """The run as given, or opened here when --tokenizer names one for checkpoints saved without."""
+    if not a.tokenizer:
+        return a.run
+    from cogprobe.checkpoints import Checkpoints
+    from cogprobe.distributed import default_device
+    return Checkpoints.open(a.run, base=a.base, tokenizer=a.tokenizer).to(default_device())
 
 
 def _sweep_flags(p):
@@ -181,7 +192,7 @@ def _sweep_flags(p):
 @command("sweep", "perception/production ablation sweeps from each end, per checkpoint")
 def _sweep(a):
     from cogprobe.probe import sweep_run
-    table = sweep_run(a.run, mode=a.mode, directions=_words(a.directions), tasks=_words(a.tasks), ks=_ints(a.ks),
+    table = sweep_run(_source(a), mode=a.mode, directions=_words(a.directions), tasks=_words(a.tasks), ks=_ints(a.ks),
                       ends=a.ends, engine=a.engine, batch_size=a.batch_size, evalset=_evalset(a), out=a.out,
                       base=a.base, overwrite=a.overwrite)
     _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'sweeps.parquet'}")
@@ -200,7 +211,7 @@ def _capture_flags(p):
 @command("capture", "per-layer drift, CKA, norms and logit lens of every checkpoint")
 def _capture(a):
     from cogprobe.probe import capture_run
-    table = capture_run(a.run, sites=_words(a.sites), backend=a.backend, batch_size=a.batch_size,
+    table = capture_run(_source(a), sites=_words(a.sites), backend=a.backend, batch_size=a.batch_size,
                         evalset=_evalset(a), out=a.out, base=a.base, overwrite=a.overwrite)
     _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'activations.parquet'}")
 
@@ -227,7 +238,7 @@ def _select_flags(p):
 @command("select", "derive a CogSym layer set (fixed rule, or from the model's own curves)")
 def _select(a):
     from cogprobe.probe import select_run
-    sel = select_run(a.run, rule=a.rule, tau=a.tau, fraction=a.fraction, step=a.step, input_task=a.input_task,
+    sel = select_run(_source(a), rule=a.rule, tau=a.tau, fraction=a.fraction, step=a.step, input_task=a.input_task,
                      output_task=a.output_task, max_total=a.max_total, criterion=a.criterion,
                      batch_size=a.batch_size, evalset=_evalset(a), out=a.out, base=a.base, name=a.name)
     path = (a.out or Path(a.run)) / a.name

@@ -65,3 +65,25 @@ def test_sweep_cli_on_a_trainer_folder(trainer_run, tmp_path):
                  str(tmp_path / "pairs.csv"), "--limit", "2", "--ks", "0,6"]) == 0
     table = pd.read_parquet(tmp_path / "tables" / "sweeps.parquet")
     assert sorted(table["checkpoint_step"].unique()) == [0, 2, 4]
+
+
+def test_tokenizer_flag_serves_checkpoints_without_a_base(trainer_run, tmp_path):
+    base, out = trainer_run
+    ckpts = Checkpoints.open(out, tokenizer=base)
+    assert ckpts.steps == [2, 4]        # no base: the first checkpoint is the reference
+    model, tok = ckpts.load(4)
+    assert len(tok) == model.get_input_embeddings().num_embeddings   # the tiny tokenizer fills the vocabulary
+    rows = [dict(es=f"la casa {i} es grande", nah=f"in calli {i} huei") for i in range(40)]
+    pd.DataFrame(rows).to_csv(tmp_path / "pairs.csv", index=False)
+    assert main(["sweep", str(out), "--tokenizer", str(base), "--out", str(tmp_path / "tables"), "--corpus",
+                 str(tmp_path / "pairs.csv"), "--limit", "2", "--ks", "0,6"]) == 0
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(trainer_run, tmp_path):
+    from tiny import tiny_tokenizer
+    _, out = trainer_run
+    tok = tiny_tokenizer()
+    tok.add_tokens([f"<extra{i}>" for i in range(8)])
+    tok.save_pretrained(tmp_path / "bigtok")
+    with pytest.raises(CogprobeError, match="392 tokens but the model has 384 embedding rows"):
+        Checkpoints.open(out, tokenizer=tmp_path / "bigtok").load(4)
