@@ -184,8 +184,8 @@ def _bert(root, inputs):
 
 
 MODELS = {
-    "does not exist": (_missing, r"no model at '.*nope': expected .*never downloaded"),
-    "a hub id": (_hub_id, r"no model at 'HuggingFaceTB/SmolLM2-135M'.*save one to a local folder"),
+    "does not exist": (_missing, r"no model at '.*nope': expected .*or a hub id org/name\[@revision\]"),
+    "a hub id": (_hub_id, r"HuggingFaceTB/SmolLM2-135M@main is not in the Hugging Face cache .*HF_HUB_OFFLINE=1"),
     "folder without a model": (_empty_folder, r"has no config\.json: expected .*config\.json \+ \*\.safetensors"),
     "config without weights": (_config_only, r"no weights .*copy the weight files"),
     "truncated safetensors": (_truncated_safetensors, r"model\.safetensors .*damaged or truncated: re-copy"),
