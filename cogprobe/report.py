@@ -50,9 +50,12 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
     b: list[tuple] = [("h1", f"cogprobe study: {cfg['model']} on {cfg['corpus']}")]
     b += [("p", _what_was_run(out, cfg))]
     base = pd.read_csv(out / "baseline.csv")
-    b += [("h2", "Baseline (base model, test split)"), ("table", base.round(3))]
+    b += [("h2", "Baseline (base model, test split)"), ("table", base.round(3)),
+          ("p", "conditional_gain = NLL with each source replaced by another pair's (a fixed derangement) minus NLL "
+                "with the true source: how much the model's prediction uses the sentence it translates.")]
     b += [("h2", "Where the adaptation lives")] + [("p", s) for s in _sweep_findings(out)]
-    b += [("figure", f) for f in figures if f.stem.startswith(("specialization", "logit", "drift", "training"))]
+    b += [("figure", f) for f in figures
+          if f.stem.startswith(("specialization", "conditional_gain", "logit", "drift", "training"))]
     b += [("h2", "Layer sets")] + _selections(out)
     if (out / "compare.parquet").is_file():
         compare = pd.read_parquet(out / "compare.parquet")
@@ -70,12 +73,27 @@ def _what_was_run(out: Path, cfg: dict) -> str:
     machine = f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores), Python {platform.python_version()}"
     return (f"Model `{cfg['model']}`, corpus `{cfg['corpus']}`; seeds {cfg['seeds']}; every tuning run: "
             f"{cfg['steps']} steps of batch {cfg['batch_size']} x {cfg['seq_len']} tokens, lr {cfg['lr']} "
-            f"(LoRA {cfg['lora_lr']}, r={cfg['lora_r']}), bf16 autocast {cfg['bf16']}. Held-out test pairs: "
-            f"{cfg['eval_pairs']} per task for NLL, {cfg['chrf_pairs']} per direction for chrF, "
-            f"{cfg['probe_pairs']} per task for sweeps and selection; evaluated sentences cut to "
-            f"{cfg['max_sentence_tokens']} tokens, training sentences to {cfg.get('train_max_sentence_tokens', 64)}. "
+            f"(LoRA {cfg['lora_lr']}, r={cfg['lora_r']}), bf16 autocast {cfg['bf16']}, training loss on "
+            f"{cfg.get('loss_on', 'all')} tokens, whole examples per row, training pairs cut as wholes to "
+            f"{cfg.get('train_max_sentence_tokens', 64)} tokens a side. {_evalsets_text(out)} "
             f"Report written on: {machine}. Versions: {vers}. "
             f"Report written {time.strftime('%Y-%m-%d %H:%M')}.")
+
+
+def _evalsets_text(out: Path) -> str:
+    """Which pairs every number comes from (evalsets.json, written with the baseline)."""
+    path = out / "evalsets.json"
+    if not path.is_file():
+        return ""
+    sets = io.read_json(path)
+    use = {"nll": "NLL and conditional gain of the baseline and every comparison row",
+           "chrf": "chrF", "probe": "sweeps, capture and the budget selection"}
+    parts = [f"{use.get(name, name)}: {e['sampled']} {e['split']} pairs" for name, e in sets.items()]
+    e = next(iter(sets.values()))
+    overlap = sum(e["overlap"].values())
+    return (f"Evaluation sets (random samples stratified by document, sample seed {e['sample_seed']}, split seed "
+            f"{e['split_seed']}; pairs with a side over {e['max_sentence_tokens']} tokens left out, never cut): "
+            + "; ".join(parts) + f". Normalised sentences shared between splits: {overlap}.")
 
 
 def _sweep_findings(out: Path) -> list[str]:
@@ -107,8 +125,20 @@ def _sweep_findings(out: Path) -> list[str]:
             parts.append(f"reverting {direction}-end blocks removes half of the gain at k = {k_half}{keeps}"
                          if k_half is not None else
                          f"reverting from the {direction} end never removes half of the gain{keeps}")
-        lines.append(f"{task.capitalize()} (step {last}, NLL {ref:.3f} -> {ck:.3f} nats/token): " + "; ".join(parts) + ".")
+        lines.append(f"{task.capitalize()} (step {last}, NLL {ref:.3f} -> {ck:.3f} nats/token): " + "; ".join(parts) + "."
+                     + _source_use(t, task))
     return lines
+
+
+def _source_use(t: pd.DataFrame, task: str) -> str:
+    """The conditional gain of the base and the checkpoint, from the k = 0 rows of the control sweep."""
+    control = t[(t["task"] == f"{task}-shuffled") & (t["k"] == 0) & (t["direction"] == "input")]
+    if control.empty:
+        return ""
+    true = t[(t["task"] == task) & (t["k"] == 0) & (t["direction"] == "input")].iloc[0]
+    row = control.iloc[0]
+    return (f" Use of the source (shuffled-source NLL minus true-source NLL): {row['nll_reference'] - true['nll_reference']:.3f}"
+            f" nats/token at the base, {row['nll_checkpoint'] - true['nll_checkpoint']:.3f} at this checkpoint.")
 
 
 def _selections(out: Path) -> list[tuple]:
@@ -132,7 +162,8 @@ def _selections(out: Path) -> list[tuple]:
 
 
 COMPARE_COLUMNS = ["strategy", "blocks", "trainable_params", "optimizer_bytes", "sec_per_step", "peak_mem_mb",
-                   "perception_nll", "production_nll", "perception_share", "production_share",
+                   "perception_nll", "production_nll", "perception_conditional_gain", "production_conditional_gain",
+                   "perception_share", "production_share",
                    "chrf_perception", "chrf_production", "chrf_perception_share", "chrf_production_share"]
 
 
@@ -157,7 +188,7 @@ def _fmt(x: float, col: str) -> str:
         return f"{x / 2**20:.0f} MiB"
     if col.endswith("share"):
         return f"{x:.1%}"
-    return f"{x:.3f}" if col.endswith("nll") else f"{x:.1f}" if col != "sec_per_step" else f"{x:.2f}"
+    return f"{x:.3f}" if col.endswith(("nll", "gain")) else f"{x:.1f}" if col != "sec_per_step" else f"{x:.2f}"
 
 
 def _compare_findings(compare: pd.DataFrame, base: pd.Series) -> list[str]:

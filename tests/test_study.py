@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
 
 def tiny_config(root, model, corpus, **kw):
     values = dict(model=str(model), corpus=str(corpus), steps=4, batch_size=2, seq_len=32, save_steps="0,2,4",
-                  eval_pairs=4, probe_pairs=3, chrf_pairs=2, max_new_tokens=4, max_sentence_tokens=12,
+                  eval_pairs=3, probe_pairs=3, chrf_pairs=2, max_new_tokens=4, max_sentence_tokens=32,
                   lr=3e-3, lora_lr=3e-3, bf16=False, threads=1, isolate_runs=False)
     values.update(kw)
     return build_config(root / "out", preset_name=None, **values)
