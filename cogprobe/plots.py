@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from cogprobe.errors import CogprobeError
+from cogprobe.intervals import sweep_intervals
 from cogprobe.io import atomic_path
 from cogprobe.tasks import CONTROLS, TASKS, with_conditional_gain
 
@@ -168,7 +169,7 @@ def specialization_curves(sweeps: pd.DataFrame, mode: str = "revert", y: str = "
     dirs = _ordered(df["direction"], DIRECTION_ORDER)
     if y == "gain_retained":
         keep = df.groupby("checkpoint_step")["gain_retained"].transform(lambda v: v.notna().any())
-        df = df[keep]
+        df = sweep_intervals(df[keep])  # bands where the table has per-example scores
     steps = sorted(df["checkpoint_step"].unique())
     colors = _step_colors(steps)
     fig, axes = _grid(len(tasks), len(dirs), w=4.2, h=3.0, sharex=True, sharey=(y == "gain_retained") or "row")
@@ -181,7 +182,9 @@ def specialization_curves(sweeps: pd.DataFrame, mode: str = "revert", y: str = "
     _step_key(fig, axes, colors)
     what = "gain retained" if y == "gain_retained" else "task NLL"
     verb = "reverted" if mode == "revert" else "skipped"
-    fig.suptitle(f"Specialization curves ({mode}): {what} with k blocks {verb}{_ends_note(df)}")
+    band = "; bands: 95% paired-bootstrap intervals over the pairs" if "gain_retained_low" in df.columns and \
+        df["gain_retained_low"].notna().any() else ""
+    fig.suptitle(f"Specialization curves ({mode}): {what} with k blocks {verb}{band}{_ends_note(df)}")
     return fig
 
 
@@ -193,6 +196,8 @@ def _curve_panel(ax, df: pd.DataFrame, y: str, colors: dict) -> None:
     for step, g in df.groupby("checkpoint_step"):
         g = g.sort_values("k")
         ax.plot(g["k"], g[y], color=colors[step], marker="o", markersize=3, lw=1.5, label=f"step {step}")
+        if f"{y}_low" in g.columns and g[f"{y}_low"].notna().any():
+            ax.fill_between(g["k"], g[f"{y}_low"], g[f"{y}_high"], color=colors[step], alpha=0.15, lw=0)
     if y == "gain_retained":
         ax.axhline(1.0, color="0.3", ls="--", lw=1, label="_checkpoint")
         ax.axhline(0.0, color="0.6", ls=":", lw=1, label="_reference")

@@ -153,6 +153,7 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
     reference, tok = ckpts.base()
     configs = sweep_configs(find_blocks(reference).n, mode=mode, directions=directions, ks=ks, ends=ends)
     examples = evalset.examples(tok, tasks)
+    _say_set(evalset, tok, w, log)
     _claim_table(out, SWEEPS, evalset, _source_id(source, ckpts), overwrite, w)
     path = out / SWEEPS
     done = _done_steps(path, mode, ends, _grid(tasks, configs))
@@ -174,6 +175,13 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
               steps=mine, on_checkpoint=save)
     _merge_parts(path, w, todo, list(examples), keep=lambda t: (t["mode"] == mode) & (t["ends"] == ends))
     return pd.read_parquet(path)
+
+
+def _say_set(evalset: EvalSet, tok, w: World, log) -> None:
+    if w.is_main:
+        r = evalset.report(tok)
+        log(f"scoring {r['sampled']} {evalset.split} pairs per task from {r['documents']} documents "
+            f"({r['dropped_long']} of {r['split_pairs']} left out: a side over {evalset.max_sentence_tokens} tokens)")
 
 
 def _grid(tasks, configs) -> set[tuple]:
@@ -207,6 +215,7 @@ def capture_run(source, *, sites: Sequence[str] = ("resid",), backend: str = "to
     evalset = evalset or EvalSet.for_run(source)
     check_sites(sites)
     examples = evalset.examples(ckpts.base()[1])  # bad data fails before anything is written
+    _say_set(evalset, ckpts.base()[1], w, log)
     _claim_table(out, ACTIVATIONS, evalset, _source_id(source, ckpts), overwrite, w)
     path = out / ACTIVATIONS
     done = _steps_in(path)
@@ -261,7 +270,13 @@ def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: floa
     else:
         selection = _budget(ckpts, n_layers, tau=tau, step=step, max_total=max_total, batch_size=batch_size,
                             evalset=evalset or EvalSet.for_run(source), log=log)
-    io.write_json(out / name, selection.to_json())
+    record = selection.to_json()
+    if rule == "budget":
+        record["evalset"] = (evalset or EvalSet.for_run(source)).to_dict()
+    elif rule == "curves":
+        meta = out / f"{SWEEPS}.json"
+        record["evalset"] = {k: v for k, v in io.read_json(meta).items() if k != "source"} if meta.is_file() else None
+    io.write_json(out / name, record)
     return selection
 
 

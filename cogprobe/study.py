@@ -47,6 +47,8 @@ STUDY = "study.json"
 BASELINE = "baseline.csv"
 COMPARE = "compare.parquet"
 EVALSETS = "evalsets.json"
+SCORES = "scores.parquet"              # per example: arm, task, pair_id, nll_sum, n_tokens
+TRANSLATIONS = "translations.parquet"  # per sentence: arm, task, pair_id, hypothesis, reference
 MIN_CHRF_GAIN = 1.0  # chrF points: a share of a smaller full-FT gain is noise, not a ratio worth printing
 
 
@@ -146,20 +148,41 @@ def evaluation_sets(config: StudyConfig) -> dict[str, EvalSet]:
             "probe": EvalSet(split="dev", n=config.probe_pairs, **common)}
 
 
-def _scores(model, tokenizer, config: StudyConfig) -> dict:
-    """NLL and conditional gain per task on the test set, chrF per direction on its chrF set."""
+def _scores(model, tokenizer, config: StudyConfig, arm: str, out: Path) -> dict:
+    """NLL and conditional gain per task on the test set, chrF per direction on its chrF set.
+
+    Each example's NLL sum and token count go to `scores.parquet`, and each translation to
+    `translations.parquet`, under `arm` (base, or the row's run name), so every interval
+    can be recomputed without scoring again."""
     sets = evaluation_sets(config)
+    pairs = list(sets["nll"].pairs(tokenizer).pairs["pair_id"])
     examples = sets["nll"].examples(tokenizer, (*TASKS, *CONTROLS))
-    out = {}
+    summary, per_example = {}, []
+    for task, ex in examples.items():
+        s = score(model, ex)
+        summary[f"{task.replace('-', '_')}_nll"] = s.nll
+        per_example.append(pd.DataFrame(dict(arm=arm, task=task, pair_id=pairs, nll_sum=s.example_nll,
+                                             n_tokens=s.example_tokens)))
     for task in TASKS:
-        out[f"{task}_nll"] = score(model, examples[task]).nll
-        out[f"{task}_shuffled_nll"] = score(model, examples[f"{task}-shuffled"]).nll
-        out[f"{task}_conditional_gain"] = out[f"{task}_shuffled_nll"] - out[f"{task}_nll"]
+        summary[f"{task}_conditional_gain"] = summary[f"{task}_shuffled_nll"] - summary[f"{task}_nll"]
+    translations = []
     for task in TASKS:
         hyps, refs = translate(model, tokenizer, sets["chrf"].examples(tokenizer, [task])[task],
                                max_new_tokens=config.max_new_tokens)
-        out[f"chrf_{task}"] = chrf(hyps, refs)
-    return out
+        summary[f"chrf_{task}"] = chrf(hyps, refs)
+        translations.append(pd.DataFrame(dict(arm=arm, task=task, pair_id=list(
+            sets["chrf"].pairs(tokenizer).pairs["pair_id"]), hypothesis=hyps, reference=refs)))
+    _append_unique(out / SCORES, pd.concat(per_example, ignore_index=True))
+    _append_unique(out / TRANSLATIONS, pd.concat(translations, ignore_index=True))
+    return summary
+
+
+def _append_unique(path: Path, rows: pd.DataFrame) -> None:
+    """Append, replacing this arm's earlier rows (a rerun after an interruption scores it again)."""
+    if path.exists():
+        old = pd.read_parquet(path)
+        rows = pd.concat([old[~old["arm"].isin(set(rows["arm"]))], rows], ignore_index=True)
+    io.write_parquet(path, rows)
 
 
 def baseline(config: StudyConfig, out: Path) -> None:
@@ -169,7 +192,7 @@ def baseline(config: StudyConfig, out: Path) -> None:
     model.to(default_device())
     sets = evaluation_sets(config)
     io.write_json(out / EVALSETS, {name: dict(e.to_dict(), **e.report(tok)) for name, e in sets.items()})
-    io.write_text(out / BASELINE, pd.DataFrame([_scores(model, tok, config)]).to_csv(index=False))
+    io.write_text(out / BASELINE, pd.DataFrame([_scores(model, tok, config, "base", out)]).to_csv(index=False))
 
 
 # --- tuning -------------------------------------------------------------------------
@@ -306,7 +329,7 @@ def compare_one(config: StudyConfig, out: Path, strategy: str, seed: int) -> Non
     row = dict(strategy=strategy, seed=seed, blocks=manifest.get("layers_string") or "all",
                trainable_params=cost["trainable_params"], optimizer_bytes=cost["optimizer_state_bytes"],
                sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,
-               **_scores(model, tok, config))
+               **_scores(model, tok, config, f"{strategy}-s{seed}", out))
     table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
     io.write_parquet(path, with_shares(table, pd.read_csv(out / BASELINE).iloc[0]))
 

@@ -68,6 +68,8 @@ class Score:
     nll: float       # mean nats per scored token
     n_tokens: int
     nll_sum: float
+    example_nll: tuple[float, ...] = ()     # summed nats of each example, in the order given
+    example_tokens: tuple[int, ...] = ()    # scored tokens of each example
 
 
 def build_examples(tokenizer, corpus: Corpus, task: str, *, max_sentence_tokens: int | None = None,
@@ -204,6 +206,13 @@ def scored_positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return pred_mask, batch["input_ids"][mask]
 
 
+def nll_per_example(head_logits: torch.Tensor, targets: torch.Tensor, pred_mask: torch.Tensor) -> tuple[list, list]:
+    """(summed nats, scored tokens) of each row of a batch, from logits [n, vocab] at its scored positions."""
+    nll = F.cross_entropy(head_logits.float(), targets.to(head_logits.device), reduction="none")
+    rows = torch.split(nll.double().cpu(), pred_mask.sum(1).tolist())
+    return [float(r.sum()) for r in rows], [len(r) for r in rows]
+
+
 def nll_at_scored(head_logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
     """Summed NLL in nats (float64) and token count, from logits [n, vocab] at scored positions."""
     nll = F.cross_entropy(head_logits.float(), targets.to(head_logits.device), reduction="none")
@@ -212,20 +221,23 @@ def nll_at_scored(head_logits: torch.Tensor, targets: torch.Tensor) -> tuple[flo
 
 @torch.no_grad()
 def score(model, examples: Sequence[Example], *, batch_size: int = 8) -> Score:
-    """Mean NLL per continuation token; padding and batch size don't change it."""
+    """Mean NLL per continuation token, and each example's sum; padding and batch size don't change it."""
     if not examples:
         raise CogprobeError("no examples to score; check the corpus split and `limit`")
     device = next(model.parameters()).device
     # Longest first: batches of similar lengths waste less on padding; the sum is order-free.
-    ordered = sorted(examples, key=lambda e: -len(e.input_ids))
-    total, count = 0.0, 0
-    for batch in batches(ordered, batch_size, pad_id=0):  # pads are masked and never scored
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    sums, counts = np.zeros(len(examples)), np.zeros(len(examples), dtype=int)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = collate([examples[i] for i in idx], pad_id=0)  # pads are masked and never scored
         pred_mask, targets = scored_positions(batch)
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
-        s, n = nll_at_scored(logits[pred_mask.to(device)], targets)
-        total, count = total + s, count + n
-    return Score(nll=total / count, n_tokens=count, nll_sum=total)
+        sums[idx], counts[idx] = nll_per_example(logits[pred_mask.to(device)], targets, pred_mask)
+    total, count = float(sums.sum()), int(counts.sum())
+    return Score(nll=total / count, n_tokens=count, nll_sum=total, example_nll=tuple(sums.tolist()),
+                 example_tokens=tuple(counts.tolist()))
 
 
 def with_conditional_gain(table: pd.DataFrame, keys: tuple[str, ...] = ()) -> pd.DataFrame:

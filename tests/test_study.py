@@ -60,12 +60,13 @@ def test_whole_study_on_a_tiny_model(setup):
 
     # every published-figure script runs on the study folder
     studies = [s for s in sorted((Path(__file__).parent.parent / "analyses").glob("[a-z]*.py"))
-               if not s.name.startswith("before_tuning")]  # that one reads a probe folder: test_select
+               if not s.name.startswith(("before_tuning", "measurement"))]  # a probe folder (test_select); git
     for script in studies:
         done = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True,
                               env={**os.environ, "COGPROBE_FIGURES": str(root / "figures")})
         assert done.returncode == 0, done.stderr
-    assert len(list((root / "figures").glob("*.png"))) == 4
+    assert len(list((root / "figures").glob("*.png"))) == 5
+    assert (root / "figures" / "comparison_intervals.csv").is_file()
 
     # rerunning the same command redoes nothing: the tables stay byte-identical
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
