@@ -40,10 +40,13 @@ class Interval:
 Arms = Mapping[str, tuple[np.ndarray, np.ndarray]]  # arm -> (nll sums, token counts), aligned by example
 
 
-def arms(scores: pd.DataFrame, task: str, names: list[str], key: str = "arm") -> dict:
-    """{arm: (nll sums, token counts)} of one task, aligned on pair_id (only pairs every arm scored)."""
-    rows = scores[(scores["task"] == task) & scores[key].isin(names)]
-    wide = rows.pivot_table(index="pair_id", columns=key, values=["nll_sum", "n_tokens"], aggfunc="sum").dropna()
+def arms(scores: pd.DataFrame, names: list[str], *, by: str = "arm", **where) -> dict:
+    """{name: (nll sums, token counts)} of the rows whose `by` column is each name (and whose other
+    columns equal `where`, e.g. task="perception"), aligned on pair_id: only pairs every name scored."""
+    rows = scores[scores[by].isin(names)]
+    for column, value in where.items():
+        rows = rows[rows[column] == value]
+    wide = rows.pivot_table(index="pair_id", columns=by, values=["nll_sum", "n_tokens"], aggfunc="sum").dropna()
     return {a: (wide[("nll_sum", a)].to_numpy(float), wide[("n_tokens", a)].to_numpy(float)) for a in names}
 
 
@@ -87,13 +90,13 @@ def share_difference(data: Arms, a: str, b: str, base: str, full: str, **kw) -> 
 
 
 def pairs_to_resolve(interval: Interval, n_pairs: int, margin: float = 0.0) -> int | None:
-    """Pairs at which an interval of this width around this estimate would exclude `margin`
-    (the width shrinks as 1/sqrt(n)); None when the estimate sits on the margin."""
-    half = (interval.high - interval.low) / 2
+    """Pairs at which an interval of this shape around this estimate would exclude `margin` (its
+    half toward the margin shrinks as 1/sqrt(n)); None when the estimate sits on the margin."""
+    half = interval.estimate - interval.low if interval.estimate > margin else interval.high - interval.estimate
     gap = abs(interval.estimate - margin)
     if not np.isfinite(half) or gap == 0:
         return None
-    return int(np.ceil(n_pairs * (half / gap) ** 2))
+    return max(n_pairs + 1, int(np.ceil(n_pairs * (half / gap) ** 2)))
 
 
 def sweep_intervals(sweeps: pd.DataFrame, **kw) -> pd.DataFrame:

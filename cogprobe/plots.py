@@ -182,7 +182,7 @@ def specialization_curves(sweeps: pd.DataFrame, mode: str = "revert", y: str = "
     _step_key(fig, axes, colors)
     what = "gain retained" if y == "gain_retained" else "task NLL"
     verb = "reverted" if mode == "revert" else "skipped"
-    band = "; bands: 95% paired-bootstrap intervals over the pairs" if "gain_retained_low" in df.columns and \
+    band = "\n(bands: 95% bootstrap intervals over the pairs)" if "gain_retained_low" in df.columns and \
         df["gain_retained_low"].notna().any() else ""
     fig.suptitle(f"Specialization curves ({mode}): {what} with k blocks {verb}{band}{_ends_note(df)}")
     return fig
@@ -201,7 +201,8 @@ def _curve_panel(ax, df: pd.DataFrame, y: str, colors: dict) -> None:
     if y == "gain_retained":
         ax.axhline(1.0, color="0.3", ls="--", lw=1, label="_checkpoint")
         ax.axhline(0.0, color="0.6", ls=":", lw=1, label="_reference")
-        _clip_shares(ax, df[y])
+        bands = [df[c] for c in (f"{y}_low", f"{y}_high") if c in df.columns]
+        _clip_shares(ax, pd.concat([df[y], *bands]))
     elif y == "conditional_gain":
         ax.axhline(0.0, color="0.6", ls=":", lw=1, label="_no use of the source")
     else:
@@ -216,7 +217,7 @@ def _clip_shares(ax, values: pd.Series, lo: float = -1.0, hi: float = 2.0) -> No
     if v.empty or (v.min() >= lo and v.max() <= hi):
         return
     ax.set_ylim(max(lo, min(-0.1, v.min())) - 0.05, min(hi, max(1.1, v.max())) + 0.05)
-    ax.text(0.99, 0.02, f"values outside [{lo:g}, {hi:g}] run off the chart", transform=ax.transAxes,
+    ax.text(0.99, 0.02, f"values or bands outside [{lo:g}, {hi:g}] run off the chart", transform=ax.transAxes,
             ha="right", va="bottom", fontsize="x-small", color="0.35")
 
 

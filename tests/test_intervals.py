@@ -72,3 +72,38 @@ def test_within_bar_reads_the_whole_interval():
     assert verdicts.within_bar(inside).startswith("within 3%")
     assert verdicts.within_bar(outside).startswith("more than 3% worse")
     assert verdicts.within_bar(unsure).startswith("not resolved against the 3% bar at 50 pairs")
+
+
+def test_conditional_gain_is_paired_over_the_same_pairs():
+    rng = np.random.default_rng(3)
+    means = {"perception": 4.0, "perception-shuffled": 4.5}
+    rows = [pd.DataFrame(dict(arm="base", task=t, pair_id=range(30), nll_sum=sums, n_tokens=tokens))
+            for t, (sums, tokens) in _synthetic(rng, 30, means, shared=1.0, own=0.05).items()]
+    got = verdicts.conditional_gain_table(pd.concat(rows, ignore_index=True)).iloc[0]
+    assert got["task"] == "perception" and got["arm"] == "base" and got["n_pairs"] == 30
+    assert 0.4 < got["low"] < got["estimate"] < got["high"] < 0.6
+
+
+def test_ends_sentence_names_the_end_that_holds_the_gain():
+    """Planted: reverting the first 2 blocks keeps most of the gain, reverting the last 2 almost none."""
+    rng = np.random.default_rng(4)
+    n, tokens = 40, np.full(40, 10.0)
+    noise = lambda: rng.normal(0, 0.05, n) * tokens  # noqa: E731
+    ref, ck = 5.0 * tokens + noise(), 4.0 * tokens + noise()
+    nll = {"input": 4.1 * tokens + noise(), "output": 4.9 * tokens + noise()}
+    rows = pd.DataFrame([dict(direction=d, k=2, gain_retained=0.0, example_nll=nll[d].tolist(),
+                              example_tokens=tokens.tolist(), reference_example_nll=ref.tolist(),
+                              checkpoint_example_nll=ck.tolist()) for d in ("input", "output")])
+    text = verdicts.ends_sentence(rows, 2)
+    assert "the last 2 blocks hold more of the gain than the first 2" in text and text.startswith("with 2 blocks")
+    rows.at[1, "example_nll"] = (nll["input"] + rng.normal(0, 0.05, n) * tokens).tolist()  # no difference
+    assert "not resolved at 40 pairs" in verdicts.ends_sentence(rows, 2)
+
+
+def test_too_few_pairs_state_nothing_and_resolving_sizes_exceed_the_sample():
+    few = dict(estimate=0.5, low=0.4, high=0.6, n_pairs=8)
+    assert verdicts.difference_words(few, "better", "worse").startswith("not resolved: 8 pairs are too few")
+    assert verdicts.within_bar(few).startswith("not resolved: 8 pairs")
+    wide = intervals.Interval(0.1, -0.05, 0.4)  # asymmetric: the half toward 0 is what matters
+    assert intervals.pairs_to_resolve(wide, 50) == 113
+    assert intervals.pairs_to_resolve(intervals.Interval(0.1, 0.05, 0.15), 50) == 51
