@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from cogprobe import io
-from cogprobe.checkpoints import (CHECKPOINTS, MANIFEST, drop_resume_state, has_resume_state, own_steps,
+from cogprobe.checkpoints import (CHECKPOINTS, MANIFEST, META, RESUME, check, drop_resume_state, own_steps,
                                   read_resume_state, step_dir)
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import to_string
@@ -59,7 +59,7 @@ def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
     """Decide what to do with `out`: the step to start from, or None if this run is finished."""
     out = Path(out)
     identity = _jsonable(dict(cfg.identity(), base_fingerprint=fingerprint))
-    if (out / MANIFEST).is_file():
+    if (out / MANIFEST).is_file() and not cfg.overwrite:  # --overwrite replaces even a damaged manifest
         old = io.read_json(out / MANIFEST)
         old_identity = {k: v for k, v in old.get("config", {}).items() if k not in NOT_IDENTITY}
         old_identity["base_fingerprint"] = old.get("base", {}).get("fingerprint")
@@ -88,14 +88,21 @@ def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
 
 
 def _resume_from(out: Path, main: bool) -> int:
-    """The last checkpoint with resume state (0 if none); later log rows and leftovers removed."""
-    start = max((s for s, p in own_steps(out) if has_resume_state(p)), default=0)
+    """The last checkpoint with resume state (0 if none); later log rows and leftovers removed.
+
+    What the rerun reads is checked first (that checkpoint, its optimizer state, the log), so a damaged
+    file fails in one line before anything in the folder is changed."""
+    start = max((s for s, p in own_steps(out) if (p / RESUME).is_dir()), default=0)
+    if start:
+        path = step_dir(out, start)
+        check(path, io.read_json(path / META))
+        io.read_json(path / RESUME / "state.json")
+    log = out / LOG
+    table = io.read_parquet(log) if log.is_file() else None
     if main:
         for leftover in (out / CHECKPOINTS).glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
-        log = out / LOG
-        if log.is_file():
-            table = pd.read_parquet(log)
+        if table is not None:
             io.write_parquet(log, table[table["step"] <= start])
     return start
 
@@ -169,7 +176,7 @@ def write_cost(out: Path, n_trainable: int, optimizer, peak_memory: int, memory_
     state = _inner(optimizer).state
     opt_bytes = sum(t.numel() * t.element_size() for s in state.values() for t in s.values()
                     if torch.is_tensor(t))
-    log = pd.read_parquet(out / LOG) if (out / LOG).is_file() else pd.DataFrame(columns=["seconds", "tokens"])
+    log = io.read_parquet(out / LOG) if (out / LOG).is_file() else pd.DataFrame(columns=["seconds", "tokens"])
     previous = io.read_json(out / COST) if (out / COST).is_file() else {}
     seconds = float(log["seconds"].sum())
     cost = dict(

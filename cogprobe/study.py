@@ -275,7 +275,7 @@ def select_sets(config: StudyConfig, out: Path, log) -> None:
 
 def compare_one(config: StudyConfig, out: Path, strategy: str, seed: int) -> None:
     path = out / COMPARE
-    table = pd.read_parquet(path) if path.exists() else pd.DataFrame()
+    table = io.read_parquet(path) if path.exists() else pd.DataFrame()
     if len(table) and ((table["strategy"] == strategy) & (table["seed"] == seed)).any():
         return
     run = out / "runs" / f"{strategy}-s{seed}"
@@ -290,7 +290,7 @@ def compare_one(config: StudyConfig, out: Path, strategy: str, seed: int) -> Non
                sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,
                **_scores(model, tok, config))
     table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
-    io.write_parquet(path, with_shares(table, pd.read_csv(out / BASELINE).iloc[0]))
+    io.write_parquet(path, with_shares(table, io.read_csv(out / BASELINE).iloc[0]))
 
 
 def with_shares(table: pd.DataFrame, base: pd.Series) -> pd.DataFrame:

@@ -166,13 +166,12 @@ class _Run:
 
     def _restore(self, model, optimizer, start: int) -> None:
         """Load the trained tensors and optimizer state of checkpoint `start`."""
-        from safetensors.torch import load_file
         path = step_dir(self.out, start)
         if self.is_lora:
             from peft import set_peft_model_state_dict
-            set_peft_model_state_dict(model, load_file(str(path / ADAPTER)))
+            set_peft_model_state_dict(model, io.read_tensors(path / ADAPTER))
         else:
-            load_tensors(model, load_file(str(path / TENSORS)), str(path))
+            load_tensors(model, io.read_tensors(path / TENSORS), str(path))
         state = load_optimizer_state(optimizer, path, self.param_names)
         self.tokens = state["tokens_seen"]
 
