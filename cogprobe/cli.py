@@ -2,7 +2,10 @@
 
 Each verb parses flags into the same arguments (or config dataclass) that a
 notebook would pass, and calls the public function. A `CogprobeError` prints as
-one line and exits 2; `--debug` shows the traceback instead.
+one line and exits 2; so do the faults of the machine a user fixes outside
+cogprobe (a full disk, a permission, memory), see `_fault`. SIGINT and SIGTERM
+stop with the conventional status (130, 143) after the finished work is saved;
+the same command continues. `--debug` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ import argparse
 import dataclasses
 import inspect
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import cogprobe  # noqa: F401  (sets the offline environment first)
@@ -275,6 +280,26 @@ def _run(a):
 _run.flags = _run_flags
 
 
+# --- verify --------------------------------------------------------------------------
+
+
+def _verify_flags(p):
+    p.add_argument("folder", type=Path, help="a run folder, a study folder or a folder of tables")
+
+
+@command("verify", "check every checkpoint, checksum and table of a run or study folder (exit 1 on a problem)")
+def _verify(a):
+    from cogprobe.verify import verify
+    found = verify(a.folder)
+    for line in found:
+        print(line)
+    print(f"{a.folder}: {len(found)} problem(s)" if found else f"{a.folder}: all is well")
+    return 1 if found else 0
+
+
+_verify.flags = _verify_flags
+
+
 # --- entry point --------------------------------------------------------------------
 
 
@@ -297,19 +322,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` saves what is finished (a cluster's scheduler
+    sends it before killing a job)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _fault(err: BaseException) -> str | None:
+    """One line for a fault of the machine rather than of cogprobe's input; None for a bug."""
+    from cogprobe.io import write_failure
+    if isinstance(err, OSError):
+        known = write_failure(Path(err.filename) if err.filename else Path("the output folder"), err)
+        return str(known) if known else None
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":  # torch's CUDA OOM
+        where = "GPU" if type(err).__name__ == "OutOfMemoryError" else "CPU"
+        return (f"out of {where} memory; lower --batch-size (training, sweeps), --limit (pairs scored) or the "
+                "model size, and rerun the same command: finished work is kept")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        args.func(args)
+        return args.func(args) or 0
     except CogprobeError as err:
         if args.debug:
             raise
         print(f"cogprobe: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("cogprobe: interrupted; rerun the same command to continue", file=sys.stderr)
-        return 130
-    return 0
+    except KeyboardInterrupt as err:
+        name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("SIGINT", 130)
+        print(f"cogprobe: interrupted ({name}); finished work is kept: rerun the same command to continue "
+              "(`train` with --resume)", file=sys.stderr)
+        return code
+    except (OSError, MemoryError, RuntimeError) as err:
+        line = None if args.debug else _fault(err)
+        if line is None:
+            raise
+        print(f"cogprobe: error: {line}", file=sys.stderr)
+        return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
