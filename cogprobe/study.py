@@ -28,6 +28,7 @@ from cogprobe.checkpoints import Checkpoints
 from cogprobe.corpora import load_corpus, split_corpus
 from cogprobe.distributed import default_device
 from cogprobe.errors import CogprobeError
+from cogprobe.health import check_healthy
 from cogprobe.layersets import cogsym, to_string
 from cogprobe.models import load_model
 from cogprobe.probe import EvalSet, capture_run, select_run, sweep_run
@@ -285,6 +286,8 @@ def compare_one(config: StudyConfig, out: Path, strategy: str, seed: int) -> Non
     model, tok = ckpts.load(ckpts.steps[-1])
     cost = io.read_json(run / "cost.json")
     manifest = io.read_json(run / "manifest.json")
+    if strategy == "full":  # every row's share is a fraction of this run's gain
+        check_healthy(run, manifest, "shares of its gain")
     row = dict(strategy=strategy, seed=seed, blocks=manifest.get("layers_string") or "all",
                trainable_params=cost["trainable_params"], optimizer_bytes=cost["optimizer_state_bytes"],
                sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,

@@ -19,7 +19,7 @@ from cogprobe.strategies import LAYERED, LORA, STRATEGIES
 
 SCHEDULES = ("cosine", "linear", "constant")
 # Fields that change how a run executes but not what it computes.
-NOT_IDENTITY = ("out", "resume", "overwrite", "threads", "progress")
+NOT_IDENTITY = ("out", "resume", "overwrite", "threads", "progress", "on_divergence")
 
 
 @dataclass
@@ -63,6 +63,7 @@ class TrainConfig:
     resume: bool = False       # continue an interrupted run from its last checkpoint
     overwrite: bool = False    # replace a different run in `out`
     progress: bool = True      # show a progress bar
+    on_divergence: str = "warn"  # warn | stop: what a diverging loss does (see cogprobe/health.py)
 
     def __post_init__(self):
         self._check_strategy()
@@ -87,6 +88,8 @@ class TrainConfig:
         if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
             raise CogprobeError(f"mixture weights {weights} must be >= 0 with a positive sum; "
                                 "e.g. mix_plain=0 trains on the two translation directions only")
+        if self.on_divergence not in ("warn", "stop"):
+            raise CogprobeError(f"on_divergence={self.on_divergence!r}: use warn or stop")
         if self.resume and self.overwrite:
             raise CogprobeError("resume and overwrite contradict each other; pass one of them")
         if isinstance(self.lora_targets, str):
