@@ -28,6 +28,7 @@ class Kind:
     what: str                   # the file in words
     fix: str                    # how to remake it; {folder} is the file's folder
     needs: tuple[str, ...] = ()  # JSON keys ("a.b" nested) or table columns every readable copy has
+    needs_rows: bool = False     # a table that is never written empty
 
 
 KINDS: list[tuple[str, Kind]] = [
@@ -54,7 +55,7 @@ KINDS: list[tuple[str, Kind]] = [
     (r"study\.json", Kind("the study's config", "rerun `cogprobe run` with the same options and --overwrite",
                           ("model", "corpus", "steps"))),
     (r"baseline\.csv", Kind("the base model's scores", "delete it and rerun the same `cogprobe run` to recompute it",
-                            ("perception_nll", "production_nll"))),
+                            ("perception_nll", "production_nll", "chrf_perception", "chrf_production"), True)),
     (r"compare\.parquet", Kind("the comparison table", "it is derived from the tuned runs: delete it and rerun "
                                "the same `cogprobe run` to rebuild it", ("strategy", "seed"))),
 ]
@@ -96,9 +97,11 @@ def _has(obj, keys: list[str]) -> bool:
     return True
 
 
-def check_columns(path: str | Path, columns) -> None:
+def check_columns(path: str | Path, columns, rows: int | None = None) -> None:
     """A table that parses but lacks the columns of its kind (another table copied over it) is damaged."""
     kind = kind_of(path)
     missing = [c for c in (kind.needs if kind else ()) if c not in set(columns)]
     if missing:
         raise damaged(path, f"lacks columns {', '.join(missing)} (overwritten with another table?)")
+    if rows == 0 and kind is not None and kind.needs_rows:
+        raise damaged(path, "has no rows (truncated?)")

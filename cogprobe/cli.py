@@ -165,6 +165,17 @@ def _probe_flags(p):
     p.add_argument("--batch-size", type=int, default=8)
 
 
+def _one_writer(a):
+    """The folder a probe verb writes its tables into, locked (main process only): a second sweep,
+    capture or select on it waits for the first, as a second `train` does."""
+    import contextlib
+    from cogprobe.distributed import world
+    from cogprobe.runfolder import locked
+    if not world().is_main:
+        return contextlib.nullcontext()
+    return locked(a.out or Path(a.run), log=lambda m: print(m, file=sys.stderr))
+
+
 def _evalset(a):
     from cogprobe.probe import EvalSet
     return EvalSet.for_run(a.run, corpus=a.corpus, pivot_col=a.pivot_col, target_col=a.target_col,
@@ -186,9 +197,10 @@ def _sweep_flags(p):
 @command("sweep", "perception/production ablation sweeps from each end, per checkpoint")
 def _sweep(a):
     from cogprobe.probe import sweep_run
-    table = sweep_run(a.run, mode=a.mode, directions=_words(a.directions), tasks=_words(a.tasks), ks=_ints(a.ks),
-                      ends=a.ends, engine=a.engine, batch_size=a.batch_size, evalset=_evalset(a), out=a.out,
-                      base=a.base, overwrite=a.overwrite)
+    with _one_writer(a):
+        table = sweep_run(a.run, mode=a.mode, directions=_words(a.directions), tasks=_words(a.tasks), ks=_ints(a.ks),
+                          ends=a.ends, engine=a.engine, batch_size=a.batch_size, evalset=_evalset(a), out=a.out,
+                          base=a.base, overwrite=a.overwrite)
     _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'sweeps.parquet'}")
 
 
@@ -205,8 +217,9 @@ def _capture_flags(p):
 @command("capture", "per-layer drift, CKA, norms and logit lens of every checkpoint")
 def _capture(a):
     from cogprobe.probe import capture_run
-    table = capture_run(a.run, sites=_words(a.sites), backend=a.backend, batch_size=a.batch_size,
-                        evalset=_evalset(a), out=a.out, base=a.base, overwrite=a.overwrite)
+    with _one_writer(a):
+        table = capture_run(a.run, sites=_words(a.sites), backend=a.backend, batch_size=a.batch_size,
+                            evalset=_evalset(a), out=a.out, base=a.base, overwrite=a.overwrite)
     _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'activations.parquet'}")
 
 
@@ -232,9 +245,10 @@ def _select_flags(p):
 @command("select", "derive a CogSym layer set (fixed rule, or from the model's own curves)")
 def _select(a):
     from cogprobe.probe import select_run
-    sel = select_run(a.run, rule=a.rule, tau=a.tau, fraction=a.fraction, step=a.step, input_task=a.input_task,
-                     output_task=a.output_task, max_total=a.max_total, criterion=a.criterion,
-                     batch_size=a.batch_size, evalset=_evalset(a), out=a.out, base=a.base, name=a.name)
+    with _one_writer(a):
+        sel = select_run(a.run, rule=a.rule, tau=a.tau, fraction=a.fraction, step=a.step, input_task=a.input_task,
+                         output_task=a.output_task, max_total=a.max_total, criterion=a.criterion,
+                         batch_size=a.batch_size, evalset=_evalset(a), out=a.out, base=a.base, name=a.name)
     path = (a.out or Path(a.run)) / a.name
     _say(sel.table())
     _say(f"wrote {path}; train it with --layers {path}")

@@ -172,7 +172,7 @@ def read_csv(path: str | os.PathLike) -> pd.DataFrame:
         table = pd.read_csv(path)
     except (UnicodeDecodeError, ValueError, pd.errors.ParserError) as e:
         raise artifacts.damaged(path, f"is not a readable CSV table ({str(e).splitlines()[0]})") from None
-    artifacts.check_columns(path, table.columns)
+    artifacts.check_columns(path, table.columns, len(table))
     return table
 
 

@@ -118,8 +118,8 @@ def _want(evalset: EvalSet, source: dict) -> dict:
 def _check_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite: bool) -> None:
     meta_path = out / f"{table}.json"
     want = _want(evalset, source)
-    if (out / table).exists() and meta_path.exists() and not overwrite:
-        have = io.read_json(meta_path)
+    if (out / table).exists() and not overwrite:
+        have = io.read_json(meta_path)  # a table without its metadata is refused too: where are its rows from?
         if have != want:
             diff = sorted(k for k in want if have.get(k) != want[k])
             raise CogprobeError(f"{out / table} holds rows of other checkpoints or another evaluation set (differs "

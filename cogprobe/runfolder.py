@@ -10,12 +10,14 @@ pickled: `torch.load` of an untrusted file can run code.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
 from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import torch
@@ -50,9 +52,21 @@ def lock(out: Path, log=print) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        log(f"waiting for another process that is training into {out} ...")
+        log(f"waiting for another cogprobe process that is writing into {out} ...")
         fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
+
+
+@contextlib.contextmanager
+def locked(folder: Path, log=print) -> Iterator[None]:
+    """`lock` held for the span of a block, when `folder` exists already (a new one has no writer yet):
+    two sweeps, captures or selections into one folder would each rewrite the other's table."""
+    fd = lock(folder, log) if Path(folder).is_dir() else None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
@@ -77,7 +91,7 @@ def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
             raise CogprobeError(f"{out} holds a different run (differs in {', '.join(diff)}); choose another "
                                 "--out or pass --overwrite to replace it")
     elif out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise CogprobeError(f"{out} is not empty and holds no cogprobe run; choose an empty or new --out "
+        raise CogprobeError(f"{out} is not empty and holds no cogprobe run (no manifest.json); choose an empty or new --out "
                             "folder, or pass --overwrite (only cogprobe's own files are replaced)")
     if main:
         io.make_dir(out)  # first: a file in the way fails here, as one line
@@ -98,7 +112,7 @@ def _resume_from(out: Path, main: bool) -> int:
         check(path, io.read_json(path / META))
         io.read_json(path / RESUME / "state.json")
     log = out / LOG
-    table = io.read_parquet(log) if log.is_file() else None
+    table = io.read_parquet(log) if start or log.is_file() else None  # a run with checkpoints has its log
     if main:
         for leftover in (out / CHECKPOINTS).glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)

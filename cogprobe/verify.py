@@ -36,7 +36,7 @@ def verify(folder: str | Path) -> Problems:
     folder = Path(folder)
     if (folder / MANIFEST).exists() or (folder / CHECKPOINTS).is_dir():
         return verify_run(folder)
-    if (folder / STUDY).exists():
+    if (folder / STUDY).exists() or (folder / "runs").is_dir():
         return verify_study(folder)
     if folder.is_dir() and any((folder / t).exists() for t in TABLES):
         return verify_tables(folder, None)
@@ -60,10 +60,11 @@ def verify_run(run: Path) -> Problems:
     found: Problems = []
     manifest = _read(found, io.read_json, run / MANIFEST)
     steps = _checkpoints(run, manifest, found)
-    log = _read(found, io.read_parquet, run / "train_log.parquet") if (run / "train_log.parquet").exists() else None
+    trained = any(steps)  # a run with a checkpoint past step 0 has written its log and cost.json
+    log = _read(found, io.read_parquet, run / "train_log.parquet") if trained or (run / "train_log.parquet").exists() else None
     if log is not None:
         found += _log_problems(run, log, steps)
-    if (run / "cost.json").exists():
+    if trained or (run / "cost.json").exists():
         cost = _read(found, io.read_json, run / "cost.json")
         if cost is not None and log is not None and cost.get("steps_logged", len(log)) != len(log):
             found.append(str(damaged(run / "cost.json", f"counts {cost['steps_logged']} steps, the log has "
