@@ -17,6 +17,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -63,14 +64,24 @@ def _tmp_path(path: Path) -> Path:
     return Path(name)
 
 
-def write_failure(path: Path, e: OSError) -> CogprobeError | None:
+def _errno(e: BaseException) -> int | None:
+    """The OS error behind `e`: an OSError's own, or the one a library wrapped into its message
+    (safetensors: "I/O error: No space left on device (os error 28)"; pyarrow: "[Errno 28] ...")."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno
+    found = re.search(r"os error (\d+)|\[Errno (\d+)\]", str(e))
+    return int(found.group(1) or found.group(2)) if found else None
+
+
+def write_failure(path: Path, e: BaseException) -> CogprobeError | None:
     """One line for a write that failed for want of space or permission; None for any other error."""
-    if e.errno in _FULL:
-        return CogprobeError(f"{_FULL[e.errno]} while writing {path}; free some space (or choose another "
+    code = _errno(e)
+    if code in _FULL:
+        return CogprobeError(f"{_FULL[code]} while writing {path}; free some space (or choose another "
                              "output folder) and rerun the same command: finished work is kept")
-    if e.errno in _DENIED:
-        return CogprobeError(f"cannot write {path} ({e.strerror}); make the folder writable (or choose another "
-                             "output folder) and rerun the same command")
+    if code in _DENIED:
+        return CogprobeError(f"cannot write {path} ({os.strerror(code)}); make the folder writable (or choose "
+                             "another output folder) and rerun the same command")
     return None
 
 
@@ -78,7 +89,7 @@ def write_failure(path: Path, e: OSError) -> CogprobeError | None:
 def _one_line_on_write_failure(path: Path) -> Iterator[None]:
     try:
         yield
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001  (libraries wrap OS errors in their own types; others re-raised)
         err = write_failure(path, e)
         if err is None:
             raise

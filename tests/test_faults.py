@@ -225,3 +225,210 @@ def test_damaged_artifact(inputs, tmp_path, capsys, artifact, damage, verb):
         assert code == 2, err
         assert len(lines) == 1 and lines[0].startswith("cogprobe: error: ") and named in lines[0], err
     assert snapshot(folder) == before, "the refusal changed the folder"
+
+
+# ------------------------------------------------------------------ the machine: disk, memory, signals, a second writer
+
+
+def _one_error_line(capsys, code: int, expected_code: int, pattern: str) -> str:
+    import re
+    err = capsys.readouterr().err
+    lines = [l for l in err.strip().splitlines() if not l.startswith("waiting for")]
+    assert code == expected_code, err
+    assert len(lines) == 1 and lines[0].startswith("cogprobe: ") and re.search(pattern, lines[0]), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _no_leftovers_under_final_names(folder: Path) -> None:
+    """Whatever was interrupted left only `.tmp-*` names or nothing; every file under a final name reads."""
+    assert not [p for p in folder.rglob(".tmp-*")], "a temporary file was left behind"
+    problems = [l for l in _verify_lines(folder) if "unfinished run" not in l]
+    assert not problems, problems
+
+
+def _verify_lines(folder: Path) -> list[str]:
+    from cogprobe.verify import verify
+    return verify(folder)
+
+
+def _same_log(a: Path, b: Path) -> None:
+    la, lb = (pd.read_parquet(run / "train_log.parquet") for run in (a, b))
+    assert list(lb["step"]) == list(range(1, RUN["steps"] + 1))
+    for col in ("loss", "grad_norm", "lr", "tokens"):
+        assert np.array_equal(la[col].to_numpy(), lb[col].to_numpy()), col
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1000 KB tmpfs: room for the step-2 checkpoint with its optimizer state, not for step 4 as well."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1000k", "tmpfs", str(disk)]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("no permission to mount a tmpfs here; test_full_disk_patched_writer covers a full disk")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_full_disk_tmpfs(inputs, small_disk, capsys):
+    out = small_disk / "run"
+    argv = train_argv(inputs["model"], inputs["corpus"], out, **RUN) + ["--resume"]
+    code = cli(argv)
+    line = _one_error_line(capsys, code, 2, r"no space left on the device while writing .*; free some space .*rerun the "
+                                     r"same command")
+    print(line)  # which write hit the limit depends on the filesystem's accounting
+    _no_leftovers_under_final_names(out)
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)  # space freed
+    assert cli(argv) == 0
+    assert _verify_lines(out) == []
+    _same_log(inputs["folders"]["run"], out)
+
+
+def test_full_disk_patched_writer(inputs, tmp_path, capsys, monkeypatch):
+    """The disk fills while step 4's tensors are written (half a file, then ENOSPC); the rerun continues."""
+    import cogprobe.checkpoints as checkpoints
+    real = checkpoints.save_file
+
+    def fills_up(tensors, path, **kw):
+        if "step-4" in path:
+            real(tensors, path, **kw)
+            Path(path).write_bytes(Path(path).read_bytes()[:1000])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(tensors, path, **kw)
+
+    monkeypatch.setattr(checkpoints, "save_file", fills_up)
+    out = tmp_path / "run"
+    argv = train_argv(inputs["model"], inputs["corpus"], out, **RUN) + ["--resume"]
+    _one_error_line(capsys, cli(argv), 2, r"no space left on the device while writing .*step-4; free some space")
+    _no_leftovers_under_final_names(out)
+    monkeypatch.setattr(checkpoints, "save_file", real)
+    assert cli(argv) == 0 and _verify_lines(out) == []
+    _same_log(inputs["folders"]["run"], out)
+
+
+def test_full_disk_while_a_table_grows(inputs, tmp_path, capsys, monkeypatch):
+    """ENOSPC on the sweep table's second append: the first checkpoint's rows stay, the rerun adds the rest."""
+    folder = shutil.copytree(inputs["folders"]["run"], tmp_path / "run")
+    (folder / "sweeps.parquet").unlink()
+    real, calls = pd.DataFrame.to_parquet, []
+
+    def fills_up(self, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"PAR1 half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, path, *a, **kw)
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", fills_up)
+    _one_error_line(capsys, cli(["sweep", folder, *SWEEP]), 2, r"no space left on the device while writing .*sweeps\.parquet")
+    assert set(pd.read_parquet(folder / "sweeps.parquet")["checkpoint_step"]) == {0}
+    _no_leftovers_under_final_names(folder)
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", real)
+    assert cli(["sweep", folder, *SWEEP]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(folder / "sweeps.parquet"),
+                                  pd.read_parquet(inputs["folders"]["run"] / "sweeps.parquet"))
+
+
+def test_permission_denied_while_writing(inputs, tmp_path, capsys, monkeypatch):
+    folder = shutil.copytree(inputs["folders"]["run"], tmp_path / "run")
+    (folder / "activations.parquet").unlink()
+    before = snapshot(folder)
+
+    def denied(self, path, *a, **kw):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", denied)
+    _one_error_line(capsys, cli(["capture", folder, "--limit", "2"]), 2,
+                    r"cannot write .*activations\.parquet \(Permission denied\); make the folder writable")
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("error, pattern", [
+    (MemoryError, r"out of CPU memory; lower --batch-size .*--limit"),
+    (lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     r"out of GPU memory; lower --batch-size .*--limit"),
+])
+def test_out_of_memory(inputs, tmp_path, capsys, monkeypatch, error, pattern):
+    import cogprobe.probe as probe
+    folder = shutil.copytree(inputs["folders"]["run"], tmp_path / "run")
+    (folder / "sweeps.parquet").unlink()
+    before = snapshot(folder)
+
+    def oom(*a, **kw):
+        raise error()
+
+    monkeypatch.setattr(probe, "sweep", oom)
+    _one_error_line(capsys, cli(["sweep", folder, *SWEEP]), 2, pattern)
+    assert snapshot(folder) == before
+
+
+def test_a_bug_keeps_its_traceback(inputs, tmp_path, monkeypatch):
+    """Only the machine's faults are mapped to one line: any other error is a bug and must stay visible."""
+    import cogprobe.probe as probe
+
+    def bug(*a, **kw):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(probe, "sweep", bug)
+    folder = shutil.copytree(inputs["folders"]["run"], tmp_path / "run")
+    (folder / "sweeps.parquet").unlink()
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli(["sweep", folder, *SWEEP])
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_cleanly_and_the_rerun_continues(inputs, tmp_path, capsys, monkeypatch, sig, code):
+    import cogprobe.health as health
+    real = health.Monitor.update
+
+    def signalled_at_step_3(self, step, loss, grad_norm):
+        if step == 3:
+            os.kill(os.getpid(), sig)
+        return real(self, step, loss, grad_norm)
+
+    monkeypatch.setattr(health.Monitor, "update", signalled_at_step_3)
+    out = tmp_path / "run"
+    argv = train_argv(inputs["model"], inputs["corpus"], out, **RUN) + ["--resume"]
+    _one_error_line(capsys, cli(argv), code, rf"interrupted \({sig.name}\); finished work is kept: rerun the same command")
+    _no_leftovers_under_final_names(out)
+    monkeypatch.setattr(health.Monitor, "update", real)
+    assert cli(argv) == 0 and _verify_lines(out) == []
+    _same_log(inputs["folders"]["run"], out)
+
+
+def test_a_second_writer_waits_for_the_first(inputs, tmp_path):
+    """A sweep into a run folder that another process is writing (here: holds its lock) waits, writes
+    nothing meanwhile, and then gives the same table as an undisturbed sweep."""
+    folder = shutil.copytree(inputs["folders"]["run"], tmp_path / "run")
+    (folder / "sweeps.parquet").unlink()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(folder)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before, codes = snapshot(folder), []
+        second = threading.Thread(target=lambda: codes.append(cli(["sweep", folder, *SWEEP])), daemon=True)
+        second.start()
+        second.join(timeout=3)
+        assert second.is_alive() and snapshot(folder) == before  # waiting, nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    second.join(timeout=120)
+    assert codes == [0]
+    pd.testing.assert_frame_equal(pd.read_parquet(folder / "sweeps.parquet"),
+                                  pd.read_parquet(inputs["folders"]["run"] / "sweeps.parquet"))
+
+
+@pytest.mark.parametrize("table, verb", [("sweeps.parquet", ["sweep", *SWEEP]),
+                                         ("activations.parquet", ["capture", "--limit", "2"])])
+def test_the_promised_rebuild_works(inputs, tmp_path, capsys, table, verb):
+    """A damaged derived table names `--overwrite` as the fix: following it gives the original table back."""
+    folder = shutil.copytree(inputs["folders"]["run"], tmp_path / "run")
+    DAMAGES["truncated"](folder / table)
+    line = _one_error_line(capsys, cli([verb[0], folder, *verb[1:]]), 2, r"rebuild it with .*--overwrite")
+    assert table in line
+    assert cli([verb[0], folder, *verb[1:], "--overwrite"]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(folder / table), pd.read_parquet(inputs["folders"]["run"] / table))
+    assert _verify_lines(folder) == []
