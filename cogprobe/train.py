@@ -230,8 +230,9 @@ class _Run:
             raise health.Diverged(f"{message}; training stopped (--on-divergence stop); checkpoints up to "
                                   f"step-{self.last_saved} are kept in {self.out}; rerun with --overwrite")
         if self.acc.is_main_process:
-            print(f"cogprobe: warning: {message} (recorded in manifest.json; --on-divergence stop stops the run "
-                  "instead)", file=sys.stderr)
+            from tqdm.auto import tqdm
+            tqdm.write(f"cogprobe: warning: {message} (recorded in manifest.json; --on-divergence stop stops the run "
+                       "instead)", file=sys.stderr)  # above the progress bar, not through it
 
     def _record_health(self, event: dict) -> None:
         if self.acc.is_main_process:
