@@ -98,7 +98,8 @@ def _has(obj, keys: list[str]) -> bool:
 
 
 def check_columns(path: str | Path, columns, rows: int | None = None) -> None:
-    """A table that parses but lacks the columns of its kind (another table copied over it) is damaged."""
+    """A table that parses but lacks the columns of its kind (another table copied over it), or has no
+    rows when its kind is never written empty (a truncated CSV), is damaged."""
     kind = kind_of(path)
     missing = [c for c in (kind.needs if kind else ()) if c not in set(columns)]
     if missing:

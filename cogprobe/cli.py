@@ -348,6 +348,9 @@ def _terminate(signum, frame):
 def _fault(err: BaseException) -> str | None:
     """One line for a fault of the machine rather than of cogprobe's input; None for a bug."""
     from cogprobe.io import write_failure
+    if isinstance(err, PermissionError):
+        return (f"permission denied: {err.filename or 'a file or folder cogprobe needs'}; give the user running "
+                "cogprobe access to it (or choose another output folder) and rerun the same command")
     if isinstance(err, OSError):
         known = write_failure(Path(err.filename) if err.filename else Path("the output folder"), err)
         return str(known) if known else None

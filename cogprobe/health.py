@@ -19,12 +19,11 @@ import math
 from pathlib import Path
 
 from cogprobe import io
+from cogprobe.checkpoints import MANIFEST
 from cogprobe.errors import CogprobeError
 
 FACTOR = 2.0   # a loss twice the first one: far above any noise of a healthy run's early steps
 PATIENCE = 3   # steps in a row, so that one bad batch is not a divergence
-ON_DIVERGENCE = ("warn", "stop")
-MANIFEST = "manifest.json"
 
 
 class NonFinite(CogprobeError):

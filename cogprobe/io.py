@@ -169,7 +169,7 @@ def read_parquet(path: str | os.PathLike) -> pd.DataFrame:
     except (pa.ArrowException, OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise artifacts.damaged(path, f"is not a readable Parquet table ({first.split(': ', 1)[-1]})") from None
-    artifacts.check_columns(path, table.columns)
+    artifacts.check_columns(path, table.columns, len(table))
     return table
 
 

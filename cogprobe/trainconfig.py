@@ -18,6 +18,7 @@ from cogprobe.errors import CogprobeError
 from cogprobe.strategies import LAYERED, LORA, STRATEGIES
 
 SCHEDULES = ("cosine", "linear", "constant")
+ON_DIVERGENCE = ("warn", "stop")  # what a diverging loss does: see cogprobe/health.py
 # Fields that change how a run executes but not what it computes.
 NOT_IDENTITY = ("out", "resume", "overwrite", "threads", "progress", "on_divergence")
 
@@ -88,7 +89,7 @@ class TrainConfig:
         if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
             raise CogprobeError(f"mixture weights {weights} must be >= 0 with a positive sum; "
                                 "e.g. mix_plain=0 trains on the two translation directions only")
-        if self.on_divergence not in ("warn", "stop"):
+        if self.on_divergence not in ON_DIVERGENCE:
             raise CogprobeError(f"on_divergence={self.on_divergence!r}: use warn or stop")
         if self.resume and self.overwrite:
             raise CogprobeError("resume and overwrite contradict each other; pass one of them")

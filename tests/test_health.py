@@ -115,3 +115,10 @@ def test_check_healthy_passes_a_healthy_manifest(tmp_path):
     check_healthy(tmp_path, {"config": {}}, "anything")
     with pytest.raises(CogprobeError, match="went wrong; x would be"):
         check_healthy(tmp_path, {"health": {"events": [{"message": "went wrong"}]}}, "x")
+
+
+def test_on_divergence_takes_warn_or_stop(inputs, tmp_path, capsys):
+    assert cli(train_argv(inputs["model"], inputs["corpus"], tmp_path / "run", on_divergence="maybe")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["cogprobe: error: on_divergence='maybe': use warn or stop"]
+    assert not (tmp_path / "run").exists()
