@@ -106,6 +106,9 @@ def _claim_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrit
     Every process checks (so all fail alike); the main one writes, the others wait for it.
     """
     _check_table(out, table, evalset, source, overwrite)
+    for part in w.parts(out / table) if not overwrite else ():  # a damaged part stops every rank alike
+        if part.exists():
+            io.read_parquet(part)
     if w.is_main:
         _start_table(out, table, evalset, source, overwrite)
     w.barrier()

@@ -432,3 +432,28 @@ def test_the_promised_rebuild_works(inputs, tmp_path, capsys, table, verb):
     assert cli([verb[0], folder, *verb[1:], "--overwrite"]) == 0
     pd.testing.assert_frame_equal(pd.read_parquet(folder / table), pd.read_parquet(inputs["folders"]["run"] / table))
     assert _verify_lines(folder) == []
+
+
+def test_a_damaged_part_file_stops_a_sharded_sweep_in_one_line(inputs, tmp_path, monkeypatch):
+    """Ranks played by threads (as in test_distributed): every rank finds rank 0's part of an interrupted
+    2-process sweep truncated and stops with the one-line error before it writes any row."""
+    import cogprobe.probe as probe
+    from cogprobe.errors import CogprobeError
+    from test_distributed import run_as_ranks
+    folder = shutil.copytree(inputs["folders"]["run"], tmp_path / "run")
+    (folder / "sweeps.parquet").unlink()
+    part = folder / ".sweeps.parquet.part-0-of-2"
+    DAMAGES["truncated"](part)
+    before = snapshot(folder)
+    opened = [probe.open_checkpoints(folder) for _ in range(2)]  # loading models is not thread-safe
+    for c in opened:
+        c.base()
+    evalset = probe.EvalSet.for_run(folder, limit=2)
+    with pytest.raises(CogprobeError, match=r"\.sweeps\.parquet\.part-0-of-2 \(the sweep table\) is not a readable "
+                                            r"Parquet table .*rebuild it with `cogprobe sweep RUN --overwrite`"):
+        run_as_ranks(monkeypatch, 2, lambda: probe.sweep_run(opened[probe.world().rank], evalset=evalset, out=folder,
+                                                             log=lambda _: None))
+    after = snapshot(folder)
+    # the metadata names the source as these Checkpoints objects (a test artefact); every other file is as it was
+    assert {k: v for k, v in after.items() if k != "sweeps.parquet.json"} == \
+           {k: v for k, v in before.items() if k != "sweeps.parquet.json"}
