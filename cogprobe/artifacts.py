@@ -57,7 +57,7 @@ KINDS: list[tuple[str, Kind]] = [
     (r"baseline\.csv", Kind("the base model's scores", "delete it and rerun the same `cogprobe run` to recompute it",
                             ("perception_nll", "production_nll", "chrf_perception", "chrf_production"), True)),
     (r"compare\.parquet", Kind("the comparison table", "it is derived from the tuned runs: delete it and rerun "
-                               "the same `cogprobe run` to rebuild it", ("strategy", "seed"))),
+                               "the same `cogprobe run` to rebuild it", ("strategy",))),
 ]
 _COMPILED = [(re.compile(rf"(^|/){pattern}$"), kind) for pattern, kind in KINDS]
 

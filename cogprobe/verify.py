@@ -22,8 +22,9 @@ from typing import Callable
 
 from cogprobe import io
 from cogprobe.checkpoints import CHECKPOINTS, MANIFEST, META, problems, step_dir, step_folders
-from cogprobe.errors import CogprobeError
 from cogprobe.artifacts import damaged
+from cogprobe.errors import CogprobeError
+from cogprobe.runfolder import COST, LOG
 
 STUDY = "study.json"
 TABLES = {"sweeps.parquet": ["checkpoint_step", "task", "direction", "mode", "k", "ends"],
@@ -59,20 +60,27 @@ def _read(found: Problems, read: Callable, *args):
 def verify_run(run: Path) -> Problems:
     found: Problems = []
     manifest = _read(found, io.read_json, run / MANIFEST)
-    steps = _checkpoints(run, manifest, found)
-    trained = any(steps)  # a run with a checkpoint past step 0 has written its log and cost.json
-    log = _read(found, io.read_parquet, run / "train_log.parquet") if trained or (run / "train_log.parquet").exists() else None
-    if log is not None:
-        found += _log_problems(run, log, steps)
-    if trained or (run / "cost.json").exists():
-        cost = _read(found, io.read_json, run / "cost.json")
-        if cost is not None and log is not None and cost.get("steps_logged", len(log)) != len(log):
-            found.append(str(damaged(run / "cost.json", f"counts {cost['steps_logged']} steps, the log has "
-                                                        f"{len(log)}")))
+    metas = _checkpoints(run, manifest, found)
+    found += _log_and_cost(run, metas, manifest)
     if manifest is not None:
         found += _health_problems(run, manifest)
     found += _selections(run)
-    return found + verify_tables(run, (set(steps), manifest))
+    return found + verify_tables(run, (set(metas), manifest))
+
+
+def _log_and_cost(run: Path, metas: dict[int, dict], manifest: dict | None) -> Problems:
+    """A run with a checkpoint past step 0 has written its log and cost.json: the log holds every step
+    once and agrees with the checkpoints; a finished run's cost.json counts the log's steps."""
+    found: Problems = []
+    trained = any(metas)
+    log = _read(found, io.read_parquet, run / LOG) if trained or (run / LOG).exists() else None
+    cost = _read(found, io.read_json, run / COST) if trained or (run / COST).exists() else None
+    if log is not None:
+        found += _log_problems(run, log, metas)
+    finished = manifest is not None and max(metas, default=0) == manifest["config"]["steps"]
+    if finished and cost is not None and log is not None and cost.get("steps_logged") != len(log):
+        found.append(str(damaged(run / COST, f"counts {cost.get('steps_logged')} steps, the log has {len(log)}")))
+    return found
 
 
 def _checkpoints(run: Path, manifest: dict | None, found: Problems) -> dict[int, dict]:
@@ -102,7 +110,7 @@ def _checkpoints(run: Path, manifest: dict | None, found: Problems) -> dict[int,
 
 
 def _log_problems(run: Path, log, metas: dict[int, dict]) -> Problems:
-    path, steps = run / "train_log.parquet", list(log["step"])
+    path, steps = run / LOG, list(log["step"])
     if steps != list(range(1, len(steps) + 1)):
         return [str(damaged(path, "does not hold every step once, in order"))]
     losses = dict(zip(log["step"], log["loss"]))
@@ -117,7 +125,8 @@ def _log_problems(run: Path, log, metas: dict[int, dict]) -> Problems:
 
 
 def _stopped(manifest: dict) -> bool:
-    return any(e.get("kind") == "non-finite" for e in manifest.get("health", {}).get("events", []))
+    """A run with a health event that ended early stopped on purpose: its line says why, not "resume it"."""
+    return bool(manifest.get("health", {}).get("events"))
 
 
 def _health_problems(run: Path, manifest: dict) -> Problems:
@@ -184,7 +193,7 @@ def verify_study(study: Path) -> Problems:
     runs = sorted(p for p in (study / "runs").iterdir() if p.is_dir()) if (study / "runs").is_dir() else []
     for run in runs:
         found += verify_run(run)
-    if compare is not None:
+    if compare is not None and "seed" in compare:
         names = {p.name for p in runs}
         for strategy, seed in zip(compare["strategy"], compare["seed"]):
             if f"{strategy}-s{seed}" not in names:
