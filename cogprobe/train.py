@@ -31,7 +31,7 @@ import psutil
 import torch
 
 from cogprobe import health, io
-from cogprobe.checkpoints import ADAPTER, TENSORS, drop_resume_state, step_dir, write_checkpoint
+from cogprobe.checkpoints import ADAPTER, MANIFEST, TENSORS, drop_resume_state, step_dir, write_checkpoint
 from cogprobe.distributed import on_cpu
 from cogprobe.errors import CogprobeError
 from cogprobe.runfolder import (LOG, claim, load_optimizer_state, lock, manifest, optimizer_state,
@@ -218,7 +218,7 @@ class _Run:
         if start == 0:
             return health.Monitor()
         first = io.read_parquet(self.out / LOG).query("step == 1")["loss"]
-        warned = any(e["kind"] == "divergence" for e in health.events(io.read_json(self.out / "manifest.json")))
+        warned = any(e["kind"] == "divergence" for e in health.events(io.read_json(self.out / MANIFEST)))
         return health.Monitor(float(first.iloc[0]) if len(first) else None, warned)
 
     def _watch(self, step: int, loss: float, grad_norm: float) -> None:
