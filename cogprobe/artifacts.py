@@ -18,15 +18,16 @@ from cogprobe.errors import CogprobeError
 
 RETRAIN = "retrain with `cogprobe train ... --overwrite`"
 CHECKPOINT = "delete {folder} to leave that checkpoint out, or " + RETRAIN
-SWEEP = "it is derived from the checkpoints: rebuild it with `cogprobe sweep RUN --overwrite`"
-CAPTURE = "it is derived from the checkpoints: rebuild it with `cogprobe capture RUN --overwrite`"
+DERIVED = ("it is derived from the checkpoints: rebuild it with `cogprobe {verb} {tables} --overwrite` (in a "
+           "study folder: delete it and rerun the same `cogprobe run`)")
+SWEEP, CAPTURE = DERIVED.replace("{verb}", "sweep"), DERIVED.replace("{verb}", "capture")
 TABLE_META = ("corpus", "split", "limit", "max_sentence_tokens", "source")
 
 
 @dataclass(frozen=True)
 class Kind:
     what: str                   # the file in words
-    fix: str                    # how to remake it; {folder} is the file's folder
+    fix: str                    # how to remake it; {folder}: the file's folder, {tables}: the probe verbs' arguments
     needs: tuple[str, ...] = ()  # JSON keys ("a.b" nested) or table columns every readable copy has
     needs_rows: bool = False     # a table that is never written empty
 
@@ -74,7 +75,8 @@ def damaged(path: str | Path, problem: str) -> CogprobeError:
     kind = kind_of(path)
     if kind is None:
         return CogprobeError(f"{path} {problem}; restore it, or remake it with the command that wrote it")
-    return CogprobeError(f"{path} ({kind.what}) {problem}; {kind.fix.format(folder=path.parent)}")
+    tables = path.parent if (path.parent / "manifest.json").is_file() else f"RUN --out {path.parent}"
+    return CogprobeError(f"{path} ({kind.what}) {problem}; {kind.fix.format(folder=path.parent, tables=tables)}")
 
 
 def check_keys(path: str | Path, obj) -> None:

@@ -151,7 +151,7 @@ def read_json(path: str | os.PathLike) -> Any:
     except UnicodeDecodeError:
         raise artifacts.damaged(path, "is not text (overwritten with other bytes?)") from None
     except json.JSONDecodeError as e:
-        raise artifacts.damaged(path, f"is not valid JSON ({e.msg} at line {e.lineno}; truncated or "
+        raise artifacts.damaged(path, f"is not valid JSON ({e.msg}, line {e.lineno}; truncated or "
                                       "overwritten?)") from None
     artifacts.check_keys(path, obj)
     return obj

@@ -450,7 +450,7 @@ def test_a_damaged_part_file_stops_a_sharded_sweep_in_one_line(inputs, tmp_path,
         c.base()
     evalset = probe.EvalSet.for_run(folder, limit=2)
     with pytest.raises(CogprobeError, match=r"\.sweeps\.parquet\.part-0-of-2 \(the sweep table\) is not a readable "
-                                            r"Parquet table .*rebuild it with `cogprobe sweep RUN --overwrite`"):
+                                            r"Parquet table .*rebuild it with `cogprobe sweep \S*run --overwrite`"):
         run_as_ranks(monkeypatch, 2, lambda: probe.sweep_run(opened[probe.world().rank], evalset=evalset, out=folder,
                                                              log=lambda _: None))
     after = snapshot(folder)
