@@ -1,8 +1,10 @@
 """Tune every layer set that analyses/before_tuning.sh derived and score it against full fine-tuning.
 
-    python analyses/before_tuning_compare.py [RUN_DIR]     (default runs/before-tuning)
+    python analyses/before_tuning_compare.py [RUN_DIR] [--pairs 64]     (default runs/before-tuning)
 
-Each set is tuned with strategy `layers` and the probe run's own settings (30 steps of 8 x 64
+The sets were chosen on dev pairs (before_tuning.sh); every row here is scored once, on a sample
+of `--pairs` test pairs (with the shuffled-source control, so each row has its conditional gain).
+Each set is tuned with strategy `layers` and the probe run's own settings (30 steps of 4 x 128
 tokens, lr 3e-4, seed 0), so the probe run itself is the full fine-tuning row. A same-size
 middle-blocks control of the budget set tests whether position matters. Sets of every block are
 not tuned again (they are full fine-tuning minus the embeddings). Writes
@@ -10,6 +12,7 @@ figures/before_tuning.csv and prints the table as markdown; finished runs are re
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -19,11 +22,15 @@ from _common import FIGURES
 from cogprobe import io
 from cogprobe.checkpoints import Checkpoints
 from cogprobe.layersets import resolve, to_string
-from cogprobe.probe import EvalSet
-from cogprobe.tasks import TASKS, score
+from cogprobe.evalset import EvalSet
+from cogprobe.tasks import CONTROLS, TASKS, score
 from cogprobe.train import TrainConfig, train
 
-ROOT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/before-tuning")
+ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ARGS.add_argument("root", nargs="?", type=Path, default=Path("runs/before-tuning"))
+ARGS.add_argument("--pairs", type=int, default=64, help="test pairs sampled for the scores")
+ARGS = ARGS.parse_args()
+ROOT = ARGS.root
 PROBE = ROOT / "probe"
 RULES = ("fixed", "curves", "curves-keep", "budget")
 
@@ -35,7 +42,9 @@ def middle(n_blocks: int, n_layers: int) -> list[int]:
 
 def scores(run: Path, step: int, examples: dict) -> dict:
     model = Checkpoints.open(run).load(step)[0]
-    return {f"{t}_nll": score(model, examples[t]).nll for t in TASKS}
+    nll = {t: score(model, x).nll for t, x in examples.items()}
+    return {**{f"{t}_nll": nll[t] for t in TASKS},
+            **{f"{t}_conditional_gain": nll[f"{t}-shuffled"] - nll[t] for t in TASKS}}
 
 
 def row(name: str, run: Path, layers: list[int] | None, examples: dict, step: int) -> dict:
@@ -50,7 +59,8 @@ def main() -> None:
     manifest = io.read_json(PROBE / "manifest.json")
     cfg, n_layers = manifest["config"], manifest["base"]["n_layers"]
     probe = Checkpoints.open(PROBE)
-    examples = EvalSet.for_run(PROBE, limit=64, max_sentence_tokens=32).examples(probe.base()[1])  # once
+    evalset = EvalSet.for_run(PROBE, split="test", n=ARGS.pairs, max_sentence_tokens=32)
+    examples = evalset.examples(probe.base()[1], (*TASKS, *CONTROLS))  # once
     missing = [r for r in RULES if not (PROBE / f"selection-{r}.json").is_file()]
     if "budget" in missing:
         sys.exit(f"{PROBE / 'selection-budget.json'} is missing; run analyses/before_tuning.sh first")
@@ -68,7 +78,8 @@ def main() -> None:
                              "progress": False, "resume": True}))
         rows.append(row(name, run, layers, examples, cfg["steps"]))
     table = pd.DataFrame(rows)[["set", "blocks", "n_blocks", "trainable_params", "optimizer_state_mib",
-                                "sec_per_step", *(f"{t}_nll" for t in TASKS)]]
+                                "sec_per_step", *(f"{t}_nll" for t in TASKS),
+                                *(f"{t}_conditional_gain" for t in TASKS)]]
     full = table.iloc[1]
     for t in TASKS:
         gain = base[f"{t}_nll"] - full[f"{t}_nll"]

@@ -21,7 +21,7 @@ CHECKPOINT = "delete {folder} to leave that checkpoint out, or " + RETRAIN
 DERIVED = ("it is derived from the checkpoints: rebuild it with `cogprobe {verb} {tables} --overwrite` (in a "
            "study folder: delete it and rerun the same `cogprobe run`)")
 SWEEP, CAPTURE = DERIVED.replace("{verb}", "sweep"), DERIVED.replace("{verb}", "capture")
-TABLE_META = ("corpus", "split", "limit", "max_sentence_tokens", "source")
+TABLE_META = ("corpus", "split", "n", "sample_seed", "max_sentence_tokens", "source")
 
 
 @dataclass(frozen=True)

@@ -97,24 +97,49 @@ _prepare.flags = _prepare_flags
 # --- eval ---------------------------------------------------------------------------
 
 
+def _evalset_flags(p, split: str, pairs: int) -> None:
+    """The flags of an `EvalSet`: which split, how many pairs, which sample, which sentence length."""
+    p.add_argument("--split", default=split, choices=["train", "dev", "test"],
+                   help=f"split scored (default {split}: dev for decisions, test for final numbers)")
+    p.add_argument("--pairs", "--limit", dest="pairs", type=int, default=pairs,
+                   help="pairs sampled (stratified by document; 0 = every pair that fits)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the sample")
+    p.add_argument("--max-sentence-tokens", type=int, default=32,
+                   help="pairs with a longer side are left out (never cut)")
+    p.add_argument("--split-seed", "--seed", dest="split_seed", type=int,
+                   help="seed of the train/dev/test split (default: the run's, else 0)")
+    p.add_argument("--by-document", action="store_true", default=None,
+                   help="split keeping each document inside one split")
+
+
+def _evalset_args(a) -> dict:
+    return dict(split=a.split, n=a.pairs, sample_seed=a.sample_seed,
+                max_sentence_tokens=a.max_sentence_tokens, split_seed=a.split_seed,
+                split_by_document=a.by_document)
+
+
 def _eval_flags(p):
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, an HF model folder or a .gguf file")
     _corpus_flags(p)
-    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    p.add_argument("--limit", type=int, default=128, help="pairs per task (0 = the whole split)")
+    _evalset_flags(p, split="test", pairs=128)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/dev/test split")
     p.add_argument("--out", type=Path, help="run folder to write scores.csv into")
 
 
-@command("eval", "perception and production NLL of a model on held-out pairs")
+@command("eval", "perception and production NLL (and their shuffled-source controls) of a model")
 def _eval(a):
+    from cogprobe.evalset import EvalSet
     from cogprobe.evaluate import evaluate
-    table = evaluate(a.model, a.corpus, split=a.split, limit=a.limit or None, batch_size=a.batch_size,
-                     seed=a.seed, out=a.out, **_corpus_kwargs(a))
-    print(table.to_string(index=False))
+    args = {k: v for k, v in _evalset_args(a).items() if v is not None}
+    evalset = EvalSet(corpus=str(a.corpus), **_corpus_kwargs(a), **args)
+    table = evaluate(a.model, evalset, batch_size=a.batch_size, out=a.out)
+    info = table.attrs["evalset"]
+    _say(table.to_string(index=False))
+    _say(f"{info['sampled']} {a.split} pairs from {info['documents']} documents; {info['dropped_long']} of "
+         f"{info['split_pairs']} left out for a side over {a.max_sentence_tokens} tokens; split overlap "
+         f"(normalised sentences in two splits): {sum(info['overlap'].values())}")
     if a.out:
-        print(f"wrote {a.out / 'scores.csv'}")
+        _say(f"wrote {a.out / 'scores.csv'}")
 
 
 _eval.flags = _eval_flags
@@ -159,9 +184,7 @@ def _probe_flags(p):
     p.add_argument("--corpus", help="default: the run's own corpus")
     p.add_argument("--pivot-col")
     p.add_argument("--target-col")
-    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    p.add_argument("--limit", type=int, default=32, help="held-out pairs per task")
-    p.add_argument("--max-sentence-tokens", type=int, default=32, help="each sentence cut to this many tokens")
+    _evalset_flags(p, split="dev", pairs=32)
     p.add_argument("--batch-size", type=int, default=8)
 
 
@@ -177,9 +200,9 @@ def _one_writer(a):
 
 
 def _evalset(a):
-    from cogprobe.probe import EvalSet
+    from cogprobe.evalset import EvalSet
     return EvalSet.for_run(a.run, corpus=a.corpus, pivot_col=a.pivot_col, target_col=a.target_col,
-                           split=a.split, limit=a.limit, max_sentence_tokens=a.max_sentence_tokens)
+                           **_evalset_args(a))
 
 
 def _sweep_flags(p):

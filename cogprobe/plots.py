@@ -37,7 +37,9 @@ from matplotlib.ticker import MaxNLocator
 
 from cogprobe.errors import CogprobeError
 from cogprobe import io
+from cogprobe.intervals import sweep_intervals
 from cogprobe.io import atomic_path
+from cogprobe.tasks import CONTROLS, TASKS, with_conditional_gain
 
 TASK_ORDER = ("perception", "production")
 DIRECTION_ORDER = ("input", "output", "both")
@@ -116,8 +118,9 @@ def _grid(nrows: int, ncols: int, *, w: float, h: float, **kw) -> tuple[Figure, 
 
 # ------------------------------------------------------------------ sweeps
 
-def _sweep_rows(sweeps: pd.DataFrame, mode: str, ends: bool | None) -> pd.DataFrame:
-    """The rows of one mode (and one `ends` setting), the latest row per configuration.
+def _sweep_rows(sweeps: pd.DataFrame, mode: str, ends: bool | None, controls: bool = False) -> pd.DataFrame:
+    """The rows of one mode (and one `ends` setting), the latest row per configuration; the
+    shuffled-source control tasks only if `controls`.
 
     A run folder's table may hold sweeps with and without the ends ablated; unless
     asked, the default (`ends=False`) is drawn. Rows repeated by a rerun are drawn
@@ -126,7 +129,7 @@ def _sweep_rows(sweeps: pd.DataFrame, mode: str, ends: bool | None) -> pd.DataFr
     _require(sweeps, SWEEP_COLUMNS, "sweeps", "write it with `cogprobe sweep RUN`")
     if mode == "keep-outer":
         raise CogprobeError("keep-outer rows have (k_in, k_out) pairs, not one k; plot mode revert or skip")
-    df = sweeps[sweeps["mode"] == mode]
+    df = sweeps[(sweeps["mode"] == mode) & (controls | ~sweeps["task"].isin(list(CONTROLS)))]
     if df.empty:
         raise CogprobeError(f"the sweeps table has no {mode!r} rows; run `cogprobe sweep RUN --mode {mode}`")
     if "ends" in df.columns:
@@ -167,7 +170,7 @@ def specialization_curves(sweeps: pd.DataFrame, mode: str = "revert", y: str = "
     dirs = _ordered(df["direction"], DIRECTION_ORDER)
     if y == "gain_retained":
         keep = df.groupby("checkpoint_step")["gain_retained"].transform(lambda v: v.notna().any())
-        df = df[keep]
+        df = sweep_intervals(df[keep])  # bands where the table has per-example scores
     steps = sorted(df["checkpoint_step"].unique())
     colors = _step_colors(steps)
     fig, axes = _grid(len(tasks), len(dirs), w=4.2, h=3.0, sharex=True, sharey=(y == "gain_retained") or "row")
@@ -180,7 +183,9 @@ def specialization_curves(sweeps: pd.DataFrame, mode: str = "revert", y: str = "
     _step_key(fig, axes, colors)
     what = "gain retained" if y == "gain_retained" else "task NLL"
     verb = "reverted" if mode == "revert" else "skipped"
-    fig.suptitle(f"Specialization curves ({mode}): {what} with k blocks {verb}{_ends_note(df)}")
+    band = "; bands: 95% paired-bootstrap intervals over the pairs" if "gain_retained_low" in df.columns and \
+        df["gain_retained_low"].notna().any() else ""
+    fig.suptitle(f"Specialization curves ({mode}): {what} with k blocks {verb}{band}{_ends_note(df)}")
     return fig
 
 
@@ -192,10 +197,14 @@ def _curve_panel(ax, df: pd.DataFrame, y: str, colors: dict) -> None:
     for step, g in df.groupby("checkpoint_step"):
         g = g.sort_values("k")
         ax.plot(g["k"], g[y], color=colors[step], marker="o", markersize=3, lw=1.5, label=f"step {step}")
+        if f"{y}_low" in g.columns and g[f"{y}_low"].notna().any():
+            ax.fill_between(g["k"], g[f"{y}_low"], g[f"{y}_high"], color=colors[step], alpha=0.15, lw=0)
     if y == "gain_retained":
         ax.axhline(1.0, color="0.3", ls="--", lw=1, label="_checkpoint")
         ax.axhline(0.0, color="0.6", ls=":", lw=1, label="_reference")
         _clip_shares(ax, df[y])
+    elif y == "conditional_gain":
+        ax.axhline(0.0, color="0.6", ls=":", lw=1, label="_no use of the source")
     else:
         ax.axhline(float(df["nll_reference"].mean()), color="0.3", ls="--", lw=1, label="_reference")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -230,6 +239,31 @@ def _step_key(fig: Figure, axes: np.ndarray, colors: dict) -> None:
     ticks = list(range(0, len(steps), -(-len(steps) // 12)))   # at most 12 labels, evenly by rank
     cb.set_ticks(ticks, labels=[str(steps[t]) for t in ticks])
     cb.minorticks_off()
+
+
+@_styled
+def conditional_gain_curves(sweeps: pd.DataFrame, mode: str = "revert", ends: bool | None = None) -> Figure:
+    """Conditional gain (NLL with shuffled sources - NLL with the true ones) against k, one line per
+    checkpoint; rows = task, columns = direction. How much of the model's use of the source survives
+    ablating k blocks; needs a sweep of the `-shuffled` control tasks."""
+    df = with_conditional_gain(_sweep_rows(sweeps, mode, ends, controls=True), ("checkpoint_step", "direction", "k"))
+    df = df[df["task"].isin(TASKS)]
+    if df["conditional_gain"].isna().all():
+        raise CogprobeError("the sweeps table has no shuffled-source controls; sweep with --tasks "
+                            + ",".join([*TASKS, *CONTROLS]))
+    tasks, dirs = _ordered(df["task"], TASK_ORDER), _ordered(df["direction"], DIRECTION_ORDER)
+    colors = _step_colors(sorted(df["checkpoint_step"].unique()))
+    fig, axes = _grid(len(tasks), len(dirs), w=4.2, h=3.0, sharex=True, sharey="row")
+    for (i, task), (j, d) in ((a, b) for a in enumerate(tasks) for b in enumerate(dirs)):
+        ax = axes[i, j]
+        _curve_panel(ax, df[(df["task"] == task) & (df["direction"] == d)], "conditional_gain", colors)
+        ax.set_title(f"{task} · {d} end")
+        ax.set_xlabel(_k_label(mode, d) if i == len(tasks) - 1 else "")
+        ax.set_ylabel("conditional gain (nats/token)")
+    _step_key(fig, axes, colors)
+    fig.suptitle(f"Use of the source ({mode}): NLL(shuffled source) − NLL(true source) with k blocks "
+                 f"{'reverted' if mode == 'revert' else 'skipped'}{_ends_note(df)}")
+    return fig
 
 
 @_styled
@@ -494,6 +528,8 @@ def _figures_for(tables: dict[str, pd.DataFrame]):
             for y in (("gain_retained", "nll") if mode == "revert" else ("nll",)):
                 yield f"specialization_curves_{mode}_{y}", functools.partial(specialization_curves, sw, mode, y)
                 yield f"specialization_heatmap_{mode}_{y}", functools.partial(specialization_heatmaps, sw, mode, y)
+            if sw["task"].isin(list(CONTROLS)).any():
+                yield f"conditional_gain_{mode}", functools.partial(conditional_gain_curves, sw, mode)
     if "activations.parquet" in tables:
         acts = tables["activations.parquet"]
         stats = set(acts["stat"]) if "stat" in acts.columns else set()

@@ -1,8 +1,9 @@
 """Probing a run folder: sweeps, capture and layer selection, each writing its table there.
 
-These are the functions behind `cogprobe sweep|capture|select RUN`. They read the
-evaluation data from the run's manifest (same corpus, columns and split seed as
-training; held-out pairs), so a run folder is all they need. Any other
+These are the functions behind `cogprobe sweep|capture|select RUN`. They score an
+`EvalSet` (see `evalset`) built from the run's manifest (same corpus, columns and
+split as training; a sample of the dev split by default, since what they find
+drives decisions), so a run folder is all they need. Any other
 checkpoint source (an HF Trainer folder, a list of model folders) works too,
 given the corpus and an `out` folder.
 
@@ -19,7 +20,6 @@ requests and data fail before anything is written.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -31,47 +31,17 @@ from cogprobe.backends import check_sites
 from cogprobe.blocks import find_blocks
 from cogprobe.capture import ACTIVATIONS, capture
 from cogprobe.checkpoints import MANIFEST, Checkpoints
-from cogprobe.corpora import load_corpus, split_corpus
 from cogprobe.distributed import World, default_device, world
+from cogprobe.evalset import EvalSet
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import check_fraction
 from cogprobe.select import Selection, select_budget, select_curves, select_fixed
 from cogprobe.sweep import DIRECTIONS, FastEngine, sweep, sweep_configs
-from cogprobe.tasks import TASKS, batches, build_examples
+from cogprobe.tasks import TASKS, batches
 from cogprobe.trainconfig import NOT_IDENTITY
 
 SWEEPS = "sweeps.parquet"
 SELECTION = "selection.json"
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    """Which held-out pairs a probe scores: recorded beside each table it writes."""
-    corpus: str = "axolotl"
-    split: str = "test"
-    limit: int = 32                 # pairs per task
-    max_sentence_tokens: int = 32
-    split_seed: int = 0
-    pivot_col: str | None = None
-    target_col: str | None = None
-
-    @classmethod
-    def for_run(cls, source, **overrides) -> "EvalSet":
-        """The run's own corpus settings (from manifest.json), with `overrides` on top."""
-        manifest = Path(source) / MANIFEST if isinstance(source, (str, Path)) else None
-        base = {}
-        if manifest is not None and manifest.is_file():
-            cfg = io.read_json(manifest)["config"]
-            base = dict(corpus=str(cfg["corpus"]), split_seed=cfg.get("split_seed", 0),
-                        pivot_col=cfg.get("pivot_col"), target_col=cfg.get("target_col"))
-        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
-
-    def examples(self, tokenizer, tasks: Sequence[str] = TASKS) -> dict:
-        data = split_corpus(load_corpus(self.corpus, pivot_col=self.pivot_col, target_col=self.target_col),
-                            seed=self.split_seed)
-        part = getattr(data, self.split)
-        return {t: build_examples(tokenizer, part, t, limit=self.limit,
-                                  max_sentence_tokens=self.max_sentence_tokens) for t in tasks}
 
 
 def open_checkpoints(source, base=None, device=None) -> Checkpoints:
@@ -115,7 +85,7 @@ def _claim_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrit
 
 
 def _want(evalset: EvalSet, source: dict) -> dict:
-    return json.loads(json.dumps(dict(asdict(evalset), source=source), default=str))
+    return json.loads(json.dumps(dict(evalset.to_dict(), source=source), default=str))
 
 
 def _check_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite: bool) -> None:
@@ -186,6 +156,7 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
     reference, tok = ckpts.base()
     configs = sweep_configs(find_blocks(reference).n, mode=mode, directions=directions, ks=ks, ends=ends)
     examples = evalset.examples(tok, tasks)
+    _say_set(evalset, tok, w, log)
     _claim_table(out, SWEEPS, evalset, _source_id(source, ckpts), overwrite, w)
     path = out / SWEEPS
     done = _done_steps(path, mode, ends, _grid(tasks, configs))
@@ -207,6 +178,13 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
               steps=mine, on_checkpoint=save)
     _merge_parts(path, w, todo, list(examples), keep=lambda t: (t["mode"] == mode) & (t["ends"] == ends))
     return io.read_parquet(path)
+
+
+def _say_set(evalset: EvalSet, tok, w: World, log) -> None:
+    if w.is_main:
+        r = evalset.report(tok)
+        log(f"scoring {r['sampled']} {evalset.split} pairs per task from {r['documents']} documents "
+            f"({r['dropped_long']} of {r['split_pairs']} left out: a side over {evalset.max_sentence_tokens} tokens)")
 
 
 def _grid(tasks, configs) -> set[tuple]:
@@ -240,6 +218,7 @@ def capture_run(source, *, sites: Sequence[str] = ("resid",), backend: str = "to
     evalset = evalset or EvalSet.for_run(source)
     check_sites(sites)
     examples = evalset.examples(ckpts.base()[1])  # bad data fails before anything is written
+    _say_set(evalset, ckpts.base()[1], w, log)
     _claim_table(out, ACTIVATIONS, evalset, _source_id(source, ckpts), overwrite, w)
     path = out / ACTIVATIONS
     done = _steps_in(path)
@@ -294,7 +273,13 @@ def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: floa
     else:
         selection = _budget(ckpts, n_layers, tau=tau, step=step, max_total=max_total, batch_size=batch_size,
                             evalset=evalset or EvalSet.for_run(source), log=log)
-    io.write_json(out / name, selection.to_json())
+    record = selection.to_json()
+    if rule == "budget":
+        record["evalset"] = (evalset or EvalSet.for_run(source)).to_dict()
+    elif rule == "curves":
+        meta = out / f"{SWEEPS}.json"
+        record["evalset"] = {k: v for k, v in io.read_json(meta).items() if k != "source"} if meta.is_file() else None
+    io.write_json(out / name, record)
     return selection
 
 

@@ -184,8 +184,7 @@ def load_optimizer_state(optimizer, path: Path, names: list[str]) -> dict:
     return info
 
 
-def write_cost(out: Path, n_trainable: int, optimizer, peak_memory: int, memory_kind: str,
-               tokens_per_step: int) -> dict:
+def write_cost(out: Path, n_trainable: int, optimizer, peak_memory: int, memory_kind: str) -> dict:
     """cost.json from the optimizer's state tensors and the log's timings (all sessions)."""
     state = _inner(optimizer).state
     opt_bytes = sum(t.numel() * t.element_size() for s in state.values() for t in s.values()
@@ -198,7 +197,9 @@ def write_cost(out: Path, n_trainable: int, optimizer, peak_memory: int, memory_
         peak_memory_bytes=max(peak_memory, previous.get("peak_memory_bytes", 0)),
         peak_memory_kind=memory_kind,
         sec_per_step=seconds / len(log) if len(log) else None,
-        tokens_per_sec=tokens_per_step * len(log) / seconds if seconds else None,
+        tokens_per_sec=float(log["step_tokens"].sum()) / seconds if seconds and "step_tokens" in log else None,
+        tokens_total=int(log["step_tokens"].sum()) if "step_tokens" in log else None,
+        loss_tokens_total=int(log["loss_tokens"].sum()) if "loss_tokens" in log else None,
         steps_logged=len(log), seconds_total=seconds,
     )
     io.write_json(out / COST, cost)

@@ -11,17 +11,18 @@ from __future__ import annotations
 import sacrebleu
 import torch
 
+from typing import Sequence
+
 from cogprobe.blocks import unwrap
-from cogprobe.corpora import Corpus
-from cogprobe.tasks import TEMPLATES, build_examples
+from cogprobe.tasks import Example
 
 
 @torch.no_grad()
-def translate(model, tokenizer, corpus: Corpus, task: str, *, limit: int = 16, max_new_tokens: int = 48,
-              batch_size: int = 8, max_sentence_tokens: int = 32) -> tuple[list[str], list[str]]:
-    """(hypotheses, references) for the first `limit` pairs of `corpus`."""
+def translate(model, tokenizer, examples: Sequence[Example], *, max_new_tokens: int = 48,
+              batch_size: int = 8) -> tuple[list[str], list[str]]:
+    """(hypotheses, references): the model's greedy continuation of each example's prompt, and
+    the example's own continuation (e.g. `EvalSet.examples(tok)["production"]`)."""
     model = unwrap(model)
-    examples = build_examples(tokenizer, corpus, task, limit=limit, max_sentence_tokens=max_sentence_tokens)
     refs = [tokenizer.decode(e.input_ids[e.n_prompt:], skip_special_tokens=True).strip() for e in examples]
     prompts = [list(e.input_ids[:e.n_prompt]) for e in examples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,6 +1,7 @@
 import pandas as pd
 
 from cogprobe.corpora import Corpus
+from cogprobe.tasks import build_examples
 from cogprobe.translate import chrf, translate
 from tiny import tiny_model, tiny_tokenizer
 
@@ -10,8 +11,9 @@ CORPUS = Corpus("toy", pd.DataFrame({"pivot": ["la casa es grande", "el agua"], 
 
 def test_translate_is_batch_invariant_and_one_line():
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    one, refs = translate(model, tok, CORPUS, "production", batch_size=1, max_new_tokens=8)
-    two, _ = translate(model, tok, CORPUS, "production", batch_size=2, max_new_tokens=8)
+    examples = build_examples(tok, CORPUS, "production")
+    one, refs = translate(model, tok, examples, batch_size=1, max_new_tokens=8)
+    two, _ = translate(model, tok, examples, batch_size=2, max_new_tokens=8)
     assert refs == ["in calli huei", "in atl"]
     assert one == two and all("\n" not in h for h in one)
 
