@@ -2,7 +2,10 @@
 
 Each verb parses flags into the same arguments (or config dataclass) that a
 notebook would pass, and calls the public function. A `CogprobeError` prints as
-one line and exits 2; `--debug` shows the traceback instead.
+one line and exits 2; so do the faults of the machine a user fixes outside
+cogprobe (a full disk, a permission, memory), see `_fault`. SIGINT and SIGTERM
+stop with the conventional status (130, 143) after the finished work is saved;
+the same command continues. `--debug` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ import argparse
 import dataclasses
 import inspect
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import cogprobe  # noqa: F401  (sets the offline environment first)
@@ -183,6 +188,17 @@ def _probe_flags(p):
     p.add_argument("--batch-size", type=int, default=8)
 
 
+def _one_writer(a):
+    """The folder a probe verb writes its tables into, locked (main process only): a second sweep,
+    capture or select on it waits for the first, as a second `train` does."""
+    import contextlib
+    from cogprobe.distributed import world
+    from cogprobe.runfolder import locked
+    if not world().is_main:
+        return contextlib.nullcontext()
+    return locked(a.out or Path(a.run), log=lambda m: print(m, file=sys.stderr))
+
+
 def _evalset(a):
     from cogprobe.evalset import EvalSet
     return EvalSet.for_run(a.run, corpus=a.corpus, pivot_col=a.pivot_col, target_col=a.target_col,
@@ -204,9 +220,10 @@ def _sweep_flags(p):
 @command("sweep", "perception/production ablation sweeps from each end, per checkpoint")
 def _sweep(a):
     from cogprobe.probe import sweep_run
-    table = sweep_run(a.run, mode=a.mode, directions=_words(a.directions), tasks=_words(a.tasks), ks=_ints(a.ks),
-                      ends=a.ends, engine=a.engine, batch_size=a.batch_size, evalset=_evalset(a), out=a.out,
-                      base=a.base, overwrite=a.overwrite)
+    with _one_writer(a):
+        table = sweep_run(a.run, mode=a.mode, directions=_words(a.directions), tasks=_words(a.tasks), ks=_ints(a.ks),
+                          ends=a.ends, engine=a.engine, batch_size=a.batch_size, evalset=_evalset(a), out=a.out,
+                          base=a.base, overwrite=a.overwrite)
     _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'sweeps.parquet'}")
 
 
@@ -223,8 +240,9 @@ def _capture_flags(p):
 @command("capture", "per-layer drift, CKA, norms and logit lens of every checkpoint")
 def _capture(a):
     from cogprobe.probe import capture_run
-    table = capture_run(a.run, sites=_words(a.sites), backend=a.backend, batch_size=a.batch_size,
-                        evalset=_evalset(a), out=a.out, base=a.base, overwrite=a.overwrite)
+    with _one_writer(a):
+        table = capture_run(a.run, sites=_words(a.sites), backend=a.backend, batch_size=a.batch_size,
+                            evalset=_evalset(a), out=a.out, base=a.base, overwrite=a.overwrite)
     _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'activations.parquet'}")
 
 
@@ -250,9 +268,10 @@ def _select_flags(p):
 @command("select", "derive a CogSym layer set (fixed rule, or from the model's own curves)")
 def _select(a):
     from cogprobe.probe import select_run
-    sel = select_run(a.run, rule=a.rule, tau=a.tau, fraction=a.fraction, step=a.step, input_task=a.input_task,
-                     output_task=a.output_task, max_total=a.max_total, criterion=a.criterion,
-                     batch_size=a.batch_size, evalset=_evalset(a), out=a.out, base=a.base, name=a.name)
+    with _one_writer(a):
+        sel = select_run(a.run, rule=a.rule, tau=a.tau, fraction=a.fraction, step=a.step, input_task=a.input_task,
+                         output_task=a.output_task, max_total=a.max_total, criterion=a.criterion,
+                         batch_size=a.batch_size, evalset=_evalset(a), out=a.out, base=a.base, name=a.name)
     path = (a.out or Path(a.run)) / a.name
     _say(sel.table())
     _say(f"wrote {path}; train it with --layers {path}")
@@ -298,6 +317,26 @@ def _run(a):
 _run.flags = _run_flags
 
 
+# --- verify --------------------------------------------------------------------------
+
+
+def _verify_flags(p):
+    p.add_argument("folder", type=Path, help="a run folder, a study folder or a folder of tables")
+
+
+@command("verify", "check every checkpoint, checksum and table of a run or study folder (exit 1 on a problem)")
+def _verify(a):
+    from cogprobe.verify import verify
+    found = verify(a.folder)
+    for line in found:
+        print(line)
+    print(f"{a.folder}: {len(found)} problem(s)" if found else f"{a.folder}: all is well")
+    return 1 if found else 0
+
+
+_verify.flags = _verify_flags
+
+
 # --- entry point --------------------------------------------------------------------
 
 
@@ -320,19 +359,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` saves what is finished (a cluster's scheduler
+    sends it before killing a job)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _fault(err: BaseException) -> str | None:
+    """One line for a fault of the machine rather than of cogprobe's input; None for a bug."""
+    from cogprobe.io import write_failure
+    if isinstance(err, PermissionError):
+        return (f"permission denied: {err.filename or 'a file or folder cogprobe needs'}; give the user running "
+                "cogprobe access to it (or choose another output folder) and rerun the same command")
+    if isinstance(err, OSError):
+        known = write_failure(Path(err.filename) if err.filename else Path("the output folder"), err)
+        return str(known) if known else None
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":  # torch's CUDA OOM
+        where = "GPU" if type(err).__name__ == "OutOfMemoryError" else "CPU"
+        return (f"out of {where} memory; lower --batch-size (training, sweeps), --limit (pairs scored) or the "
+                "model size, and rerun the same command: finished work is kept")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        args.func(args)
+        return args.func(args) or 0
     except CogprobeError as err:
         if args.debug:
             raise
         print(f"cogprobe: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("cogprobe: interrupted; rerun the same command to continue", file=sys.stderr)
-        return 130
-    return 0
+    except KeyboardInterrupt as err:
+        name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("SIGINT", 130)
+        print(f"cogprobe: interrupted ({name}); finished work is kept: rerun the same command to continue "
+              "(`train` with --resume)", file=sys.stderr)
+        return code
+    except (OSError, MemoryError, RuntimeError) as err:
+        line = None if args.debug else _fault(err)
+        if line is None:
+            raise
+        print(f"cogprobe: error: {line}", file=sys.stderr)
+        return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

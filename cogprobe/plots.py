@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from cogprobe.errors import CogprobeError
+from cogprobe import io
 from cogprobe.intervals import sweep_intervals
 from cogprobe.io import atomic_path
 from cogprobe.tasks import CONTROLS, TASKS, with_conditional_gain
@@ -507,8 +508,8 @@ def plot_run(run_dir: str | os.PathLike, *, dpi: int = 150) -> list[Path]:
     run = Path(run_dir)
     if not run.is_dir():
         raise CogprobeError(f"no run folder at {run}; give the folder that `cogprobe train` or `cogprobe run` wrote")
-    tables = {name: run / name for name in TABLES if (run / name).is_file()}
-    if not tables:
+    tables = {name: io.read_parquet(run / name) for name in TABLES if (run / name).is_file()}  # all read (and
+    if not tables:  # checked) before the first figure is drawn, so a damaged table leaves no figure behind
         raise CogprobeError(f"no tables to plot in {run}; run `cogprobe sweep {run}` first")
     out = run / "figures"
     written = []
@@ -517,10 +518,10 @@ def plot_run(run_dir: str | os.PathLike, *, dpi: int = 150) -> list[Path]:
     return written
 
 
-def _figures_for(tables: dict[str, Path]):
+def _figures_for(tables: dict[str, pd.DataFrame]):
     """(file stem, thunk) for each figure the present tables can feed."""
     if "sweeps.parquet" in tables:
-        sw = pd.read_parquet(tables["sweeps.parquet"])
+        sw = tables["sweeps.parquet"]
         modes = set(sw["mode"]) if "mode" in sw.columns else set()
         for mode in ("revert", "skip"):
             if mode not in modes:
@@ -531,7 +532,7 @@ def _figures_for(tables: dict[str, Path]):
             if sw["task"].isin(list(CONTROLS)).any():
                 yield f"conditional_gain_{mode}", functools.partial(conditional_gain_curves, sw, mode)
     if "activations.parquet" in tables:
-        acts = pd.read_parquet(tables["activations.parquet"])
+        acts = tables["activations.parquet"]
         stats = set(acts["stat"]) if "stat" in acts.columns else set()
         if "logit_lens_nll" in stats:
             yield "logit_lens", functools.partial(logit_lens_heatmap, acts)
@@ -539,11 +540,11 @@ def _figures_for(tables: dict[str, Path]):
             if stat in stats:
                 yield f"{stat}_heatmap", functools.partial(drift_heatmap, acts, stat)
     if "train_log.parquet" in tables:
-        log = pd.read_parquet(tables["train_log.parquet"])
+        log = tables["train_log.parquet"]
         if not log.empty:
             yield "training_curve", functools.partial(training_curve, log)
     if "compare.parquet" in tables:
-        cmp = pd.read_parquet(tables["compare.parquet"])
+        cmp = tables["compare.parquet"]
         yield "comparison_nll", functools.partial(comparison_bars, cmp, "nll")
         chrf = [c for c in ("chrf_perception_share", "chrf_production_share") if c in cmp.columns]
         if len(chrf) == 2 and cmp[chrf].notna().any().any():

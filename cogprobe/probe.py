@@ -76,6 +76,9 @@ def _claim_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrit
     Every process checks (so all fail alike); the main one writes, the others wait for it.
     """
     _check_table(out, table, evalset, source, overwrite)
+    for part in w.parts(out / table) if not overwrite else ():  # a damaged part stops every rank alike
+        if part.exists():
+            io.read_parquet(part)
     if w.is_main:
         _start_table(out, table, evalset, source, overwrite)
     w.barrier()
@@ -88,8 +91,8 @@ def _want(evalset: EvalSet, source: dict) -> dict:
 def _check_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite: bool) -> None:
     meta_path = out / f"{table}.json"
     want = _want(evalset, source)
-    if (out / table).exists() and meta_path.exists() and not overwrite:
-        have = io.read_json(meta_path)
+    if (out / table).exists() and not overwrite:
+        have = io.read_json(meta_path)  # a table without its metadata is refused too: where are its rows from?
         if have != want:
             diff = sorted(k for k in want if have.get(k) != want[k])
             raise CogprobeError(f"{out / table} holds rows of other checkpoints or another evaluation set (differs "
@@ -102,7 +105,7 @@ def _start_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrit
     if overwrite:
         (out / table).unlink(missing_ok=True)
         _drop_parts(out / table)
-    if not meta_path.exists() or io.read_json(meta_path) != want:
+    if overwrite or not meta_path.exists() or io.read_json(meta_path) != want:  # overwrite: even a damaged one
         io.write_json(meta_path, want)
 
 
@@ -112,7 +115,7 @@ def _drop_parts(path: Path) -> None:
 
 
 def _steps_in(path: Path) -> set[int]:
-    return set(pd.read_parquet(path)["checkpoint_step"].unique()) if path.exists() else set()
+    return set(io.read_parquet(path)["checkpoint_step"].unique()) if path.exists() else set()
 
 
 def _merge_parts(path: Path, w: World, todo: Sequence[int], tasks: Sequence[str] = (), keep=None) -> None:
@@ -124,7 +127,7 @@ def _merge_parts(path: Path, w: World, todo: Sequence[int], tasks: Sequence[str]
     """
     w.barrier()
     if w.size > 1 and w.is_main:
-        frames = [t for t in (pd.read_parquet(p) for p in w.parts(path) if p.exists()) if len(t)]
+        frames = [t for t in (io.read_parquet(p) for p in w.parts(path) if p.exists()) if len(t)]
         if frames:
             rows = pd.concat(frames, ignore_index=True)
             rows = rows[rows["checkpoint_step"].isin(todo) & (keep(rows) if keep else True)]
@@ -161,7 +164,7 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
     if not todo:
         if w.is_main:
             log(f"sweep: every checkpoint of {out} is already in {SWEEPS}")
-        return pd.read_parquet(path)
+        return io.read_parquet(path)
     part, share = w.part(path), w.chunk(configs)
     mine = [s for s in todo if s not in _done_steps(part, mode, ends, _grid(tasks, share))]
 
@@ -174,7 +177,7 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
         sweep(ckpts, examples, mode=mode, configs=share, engine=engine, batch_size=batch_size,
               steps=mine, on_checkpoint=save)
     _merge_parts(path, w, todo, list(examples), keep=lambda t: (t["mode"] == mode) & (t["ends"] == ends))
-    return pd.read_parquet(path)
+    return io.read_parquet(path)
 
 
 def _say_set(evalset: EvalSet, tok, w: World, log) -> None:
@@ -192,7 +195,7 @@ def _done_steps(path: Path, mode: str, ends: bool, want: set[tuple]) -> set[int]
     """Steps already swept (same mode, ends); refused if their (task, direction, k) rows are not `want`."""
     if not path.exists():
         return set()
-    t = pd.read_parquet(path)
+    t = io.read_parquet(path)
     t = t[(t["mode"] == mode) & (t["ends"] == ends)]
     for step, rows in t.groupby("checkpoint_step"):
         if set(zip(rows["task"], rows["direction"], rows["k"].astype(int))) != want:
@@ -223,14 +226,14 @@ def capture_run(source, *, sites: Sequence[str] = ("resid",), backend: str = "to
     if not todo:
         if w.is_main:
             log(f"capture: every checkpoint of {out} is already in {ACTIVATIONS}")
-        return pd.read_parquet(path)
+        return io.read_parquet(path)
     part = w.part(path)
     mine = [s for s in w.share(todo) if s not in _steps_in(part)]
     if mine:
         _capture_steps(ckpts, mine, examples, part, sites=sites, backend=backend, batch_size=batch_size,
                        log=log if w.is_main else lambda _: None)
     _merge_parts(path, w, todo)
-    return pd.read_parquet(path)
+    return io.read_parquet(path)
 
 
 def _capture_steps(ckpts: Checkpoints, steps, examples, path: Path, *, sites, backend, batch_size, log) -> None:
@@ -265,7 +268,7 @@ def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: floa
     elif rule == "curves":
         if not (out / SWEEPS).exists():
             raise CogprobeError(f"no {SWEEPS} in {out}; run `cogprobe sweep {source}` first, or use --rule fixed")
-        selection = select_curves(pd.read_parquet(out / SWEEPS), tau=tau, step=step, input_task=input_task,
+        selection = select_curves(io.read_parquet(out / SWEEPS), tau=tau, step=step, input_task=input_task,
                                   output_task=output_task, n_layers=n_layers, criterion=criterion)
     else:
         selection = _budget(ckpts, n_layers, tau=tau, step=step, max_total=max_total, batch_size=batch_size,

@@ -28,7 +28,7 @@ def write_report(out: Path) -> list[Path]:
     figures = plot_run(out)
     log = out / "runs" / _full_name(out) / "train_log.parquet"
     if log.is_file():
-        figures.append(save(training_curve(pd.read_parquet(log)), out / "figures" / "training_curve.png"))
+        figures.append(save(training_curve(io.read_parquet(log)), out / "figures" / "training_curve.png"))
     blocks = _blocks(out, figures)
     md, page = _markdown(blocks), _html(blocks)
     io.write_text(out / "report.md", md)
@@ -48,7 +48,7 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
     cfg = io.read_json(out / "study.json")
     b: list[tuple] = [("h1", f"cogprobe study: {cfg['model']} on {cfg['corpus']}")]
     b += [("p", _what_was_run(out, cfg))]
-    base = pd.read_csv(out / "baseline.csv")
+    base = io.read_csv(out / "baseline.csv")
     b += [("h2", "Baseline (base model, test split)"), ("table", base.round(3)),
           ("p", "conditional_gain = NLL with each source replaced by another pair's (a fixed derangement) minus NLL "
                 "with the true source: how much the model's prediction uses the sentence it translates.")]
@@ -57,7 +57,7 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
           if f.stem.startswith(("specialization", "conditional_gain", "logit", "drift", "training"))]
     b += [("h2", "Layer sets")] + _selections(out)
     if (out / "compare.parquet").is_file():
-        compare = pd.read_parquet(out / "compare.parquet")
+        compare = io.read_parquet(out / "compare.parquet")
         b += [("h2", "CogSym against full fine-tuning"), ("table", _compare_table(compare))]
         intervals_table = interval_table(out)
         if intervals_table is not None:
@@ -105,7 +105,7 @@ def _sweep_findings(out: Path) -> list[str]:
     path = out / "sweeps.parquet"
     if not path.is_file():
         return ["No sweeps were run."]
-    t = pd.read_parquet(path)
+    t = io.read_parquet(path)
     t = t[(t["mode"] == "revert") & ~t["ends"]]
     last = t["checkpoint_step"].max()
     t = t[t["checkpoint_step"] == last]

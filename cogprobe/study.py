@@ -33,6 +33,7 @@ from cogprobe.checkpoints import Checkpoints
 from cogprobe.corpora import load_corpus
 from cogprobe.distributed import default_device
 from cogprobe.errors import CogprobeError
+from cogprobe.health import check_healthy
 from cogprobe.layersets import cogsym, to_string
 from cogprobe.models import load_model
 from cogprobe.evalset import EvalSet
@@ -316,7 +317,7 @@ def select_sets(config: StudyConfig, out: Path, log) -> None:
 
 def compare_one(config: StudyConfig, out: Path, strategy: str, seed: int) -> None:
     path = out / COMPARE
-    table = pd.read_parquet(path) if path.exists() else pd.DataFrame()
+    table = io.read_parquet(path) if path.exists() else pd.DataFrame()
     if len(table) and ((table["strategy"] == strategy) & (table["seed"] == seed)).any():
         return
     run = out / "runs" / f"{strategy}-s{seed}"
@@ -326,12 +327,14 @@ def compare_one(config: StudyConfig, out: Path, strategy: str, seed: int) -> Non
     model, tok = ckpts.load(ckpts.steps[-1])
     cost = io.read_json(run / "cost.json")
     manifest = io.read_json(run / "manifest.json")
+    if strategy == "full":  # every row's share is a fraction of this run's gain
+        check_healthy(run, manifest, "shares of its gain")
     row = dict(strategy=strategy, seed=seed, blocks=manifest.get("layers_string") or "all",
                trainable_params=cost["trainable_params"], optimizer_bytes=cost["optimizer_state_bytes"],
                sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,
                **_scores(model, tok, config, f"{strategy}-s{seed}", out))
     table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
-    io.write_parquet(path, with_shares(table, pd.read_csv(out / BASELINE).iloc[0]))
+    io.write_parquet(path, with_shares(table, io.read_csv(out / BASELINE).iloc[0]))
 
 
 def with_shares(table: pd.DataFrame, base: pd.Series) -> pd.DataFrame:

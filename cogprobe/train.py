@@ -21,8 +21,8 @@ The run folder:
 from __future__ import annotations
 
 import contextlib
-import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,9 +31,9 @@ import pandas as pd
 import psutil
 import torch
 
-from cogprobe import io
+from cogprobe import health, io
+from cogprobe.checkpoints import ADAPTER, MANIFEST, TENSORS, drop_resume_state, step_dir, write_checkpoint
 from cogprobe.data import check_isolation
-from cogprobe.checkpoints import ADAPTER, TENSORS, drop_resume_state, step_dir, write_checkpoint
 from cogprobe.distributed import on_cpu
 from cogprobe.errors import CogprobeError
 from cogprobe.runfolder import (LOG, claim, load_optimizer_state, lock, manifest, optimizer_state,
@@ -172,13 +172,12 @@ class _Run:
 
     def _restore(self, model, optimizer, start: int) -> None:
         """Load the trained tensors and optimizer state of checkpoint `start`."""
-        from safetensors.torch import load_file
         path = step_dir(self.out, start)
         if self.is_lora:
             from peft import set_peft_model_state_dict
-            set_peft_model_state_dict(model, load_file(str(path / ADAPTER)))
+            set_peft_model_state_dict(model, io.read_tensors(path / ADAPTER))
         else:
-            load_tensors(model, load_file(str(path / TENSORS)), str(path))
+            load_tensors(model, io.read_tensors(path / TENSORS), str(path))
         state = load_optimizer_state(optimizer, path, self.param_names)
         self.tokens = state["tokens_seen"]
 
@@ -192,16 +191,23 @@ class _Run:
                    disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        self.monitor = self._monitor(start)
         try:
             for step in range(start + 1, cfg.steps + 1):
                 t0 = time.perf_counter()
-                loss, grad_norm, lr, (n_tokens, n_labels) = self._step(step)
+                try:
+                    loss, grad_norm, lr, (n_tokens, n_labels) = self._step(step)
+                except health.NonFinite as e:
+                    self._record_health(dict(step=step, kind="non-finite", message=e.summary))
+                    raise
                 seconds = time.perf_counter() - t0
                 self.tokens += n_tokens
                 self.log_rows.append(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens,
                                           step_tokens=n_tokens, loss_tokens=n_labels, seconds=seconds))
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{n_tokens / seconds:.0f}")
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{n_tokens / seconds:.0f}",
+                                **({"health": "DIVERGED"} if self.monitor.warned else {}))
+                self._watch(step, loss, grad_norm)
                 if self.on_step is not None:
                     self.on_step(step, acc.unwrap_model(self.model), loss)
                 if step in saves:
@@ -211,6 +217,32 @@ class _Run:
         finally:
             bar.close()
             self._flush()
+
+    # ---- health (see `health`)
+    def _monitor(self, start: int) -> health.Monitor:
+        """A divergence monitor; a resumed run's continues from its log (first loss) and manifest (warned)."""
+        if start == 0:
+            return health.Monitor()
+        first = io.read_parquet(self.out / LOG).query("step == 1")["loss"]
+        warned = any(e["kind"] == "divergence" for e in health.events(io.read_json(self.out / MANIFEST)))
+        return health.Monitor(float(first.iloc[0]) if len(first) else None, warned)
+
+    def _watch(self, step: int, loss: float, grad_norm: float) -> None:
+        message = self.monitor.update(step, loss, grad_norm)
+        if message is None:
+            return
+        self._record_health(dict(step=step, kind="divergence", loss=loss, grad_norm=grad_norm, message=message))
+        if self.cfg.on_divergence == "stop":
+            raise health.Diverged(f"{message}; training stopped (--on-divergence stop); checkpoints up to "
+                                  f"step-{self.last_saved} are kept in {self.out}; rerun with --overwrite")
+        if self.acc.is_main_process:
+            from tqdm.auto import tqdm
+            tqdm.write(f"cogprobe: warning: {message} (recorded in manifest.json; --on-divergence stop stops the run "
+                       "instead)", file=sys.stderr)  # above the progress bar, not through it
+
+    def _record_health(self, event: dict) -> None:
+        if self.acc.is_main_process:
+            health.record(self.out, event)
 
     def _rows_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.grad_accum
@@ -245,11 +277,7 @@ class _Run:
         mean = acc.reduce(total, "sum").item()
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm else float("inf")
         grad_norm = float(acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm))
-        if not (math.isfinite(mean) and math.isfinite(grad_norm)):
-            what = f"loss {mean}" if not math.isfinite(mean) else f"gradient norm {grad_norm}"
-            raise CogprobeError(f"{what} at step {step}: training stopped; checkpoints up to the last good "
-                                f"one, step-{self.last_saved}, are kept in {self.out}; lower --lr (or clip with "
-                                "--max-grad-norm) and rerun with --overwrite")
+        health.check_finite(step, mean, grad_norm, self.last_saved, self.out)
         self.optimizer.step()
         self._sample_memory()
         self.optimizer.zero_grad(set_to_none=True)

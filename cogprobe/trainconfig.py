@@ -18,8 +18,9 @@ from cogprobe.errors import CogprobeError
 from cogprobe.strategies import LAYERED, LORA, STRATEGIES
 
 SCHEDULES = ("cosine", "linear", "constant")
+ON_DIVERGENCE = ("warn", "stop")  # what a diverging loss does: see cogprobe/health.py
 # Fields that change how a run executes but not what it computes.
-NOT_IDENTITY = ("out", "resume", "overwrite", "threads", "progress")
+NOT_IDENTITY = ("out", "resume", "overwrite", "threads", "progress", "on_divergence")
 
 
 @dataclass
@@ -65,6 +66,7 @@ class TrainConfig:
     resume: bool = False       # continue an interrupted run from its last checkpoint
     overwrite: bool = False    # replace a different run in `out`
     progress: bool = True      # show a progress bar
+    on_divergence: str = "warn"  # warn | stop: what a diverging loss does (see cogprobe/health.py)
 
     def __post_init__(self):
         self._check_strategy()
@@ -89,6 +91,8 @@ class TrainConfig:
         if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
             raise CogprobeError(f"mixture weights {weights} must be >= 0 with a positive sum; "
                                 "e.g. mix_plain=0 trains on the two translation directions only")
+        if self.on_divergence not in ON_DIVERGENCE:
+            raise CogprobeError(f"on_divergence={self.on_divergence!r}: use warn or stop")
         if self.loss_on not in ("continuation", "all"):
             raise CogprobeError(f"loss_on={self.loss_on!r}: use continuation or all")
         if self.resume and self.overwrite:

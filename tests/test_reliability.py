@@ -358,7 +358,7 @@ def test_train_out_holding_other_files(inputs, tmp_path, capsys):
     out.mkdir()
     (out / "mine.txt").write_text("keep")
     assert_refused(capsys, train_argv(inputs["model"], inputs["corpus"], out),
-                   r"not empty and holds no cogprobe run; choose an empty or new --out", out=out)
+                   r"not empty and holds no cogprobe run \(no manifest\.json\); choose an empty or new --out", out=out)
 
 
 def test_sweep_out_holding_another_runs_table(inputs, tmp_path, capsys):
