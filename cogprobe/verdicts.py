@@ -57,15 +57,25 @@ def comparison_table(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) ->
 
 
 def conditional_gain_table(scores: pd.DataFrame, **kw) -> pd.DataFrame:
-    """Per arm and task: NLL(shuffled source) - NLL(true source), paired over the same pairs."""
+    """Per arm and task: NLL(shuffled source) - NLL(true source), paired over the same pairs; and, for
+    every arm but the base, its change from the base's (`conditional_gain_change`, same pairs)."""
+    keyed = scores.assign(arm=scores["arm"] + "|" + scores["task"])  # one arm per (row, task or control)
     out = []
     for arm in dict.fromkeys(scores["arm"]):
         present = set(scores.loc[scores["arm"] == arm, "task"])
         for task in [t for t in TASKS if {t, f"{t}-shuffled"} <= present]:
-            data = intervals.arms(scores, [task, f"{task}-shuffled"], by="task", arm=arm)
-            i = intervals.difference(data, f"{task}-shuffled", task, **kw)
-            out.append(dict(arm=arm, task=task, quantity="conditional_gain", estimate=i.estimate, low=i.low,
-                            high=i.high, n_pairs=len(data[task][0])))
+            true, shuffled = f"{arm}|{task}", f"{arm}|{task}-shuffled"
+            found = {"conditional_gain": lambda m: m[shuffled] - m[true]}
+            names = [true, shuffled]
+            if arm != "base" and f"base|{task}" in set(keyed["arm"]):
+                names += [f"base|{task}", f"base|{task}-shuffled"]
+                found["conditional_gain_change"] = lambda m: (m[shuffled] - m[true]) - (m[names[3]] - m[names[2]])
+            data = intervals.arms(keyed, names)
+            for quantity, statistic in found.items():
+                i = intervals.paired(statistic, {k: data[k] for k in names[:2 if quantity == "conditional_gain"
+                                                                         else 4]}, **kw)
+                out.append(dict(arm=arm, task=task, quantity=quantity, estimate=i.estimate, low=i.low,
+                                high=i.high, n_pairs=len(data[true][0])))
     return pd.DataFrame(out)
 
 
