@@ -274,6 +274,9 @@ def _select(a):
                          batch_size=a.batch_size, evalset=_evalset(a), out=a.out, base=a.base, name=a.name)
     path = (a.out or Path(a.run)) / a.name
     _say(sel.table())
+    if sel.stability:
+        from cogprobe.stability import table
+        _say(table(sel.stability))
     _say(f"wrote {path}; train it with --layers {path}")
 
 

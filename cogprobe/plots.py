@@ -40,6 +40,7 @@ from cogprobe import io
 from cogprobe.intervals import sweep_intervals
 from cogprobe.io import atomic_path
 from cogprobe.tasks import CONTROLS, TASKS, with_conditional_gain
+from cogprobe.verdicts import comparison_table
 
 TASK_ORDER = ("perception", "production")
 DIRECTION_ORDER = ("input", "output", "both")
@@ -56,7 +57,7 @@ STAT_LABELS = {   # colourbar labels: short, since a row of panels may be short;
     "norm": "L2 norm per token",
     "logit_lens_nll": "NLL (nats/token)",
 }
-TABLES = ("sweeps.parquet", "activations.parquet", "train_log.parquet", "compare.parquet")
+TABLES = ("sweeps.parquet", "activations.parquet", "train_log.parquet", "compare.parquet", "scores.parquet")
 
 
 # ------------------------------------------------------------------ shared helpers
@@ -452,11 +453,12 @@ def _human(n: float) -> str:
 
 
 @_styled
-def comparison_bars(compare: pd.DataFrame, metric: str = "nll") -> Figure:
+def comparison_bars(compare: pd.DataFrame, metric: str = "nll", intervals: pd.DataFrame | None = None) -> Figure:
     """Share of the full fine-tuning gain each strategy retains, perception and production.
 
     `metric="nll"` uses `{task}_share`, `metric="chrf"` uses `chrf_{task}_share`.
-    Several rows per strategy (seeds) give mean bars with ±1 std error bars. Dashed
+    Several rows per strategy (seeds) give mean bars with ±1 std error bars; one seed
+    and `intervals` (`verdicts.comparison_table`) give 95% bootstrap error bars. Dashed
     lines mark full fine-tuning (1.0) and 97 % of it; tick labels carry each
     strategy's trainable parameter count.
     """
@@ -475,6 +477,8 @@ def comparison_bars(compare: pd.DataFrame, metric: str = "nll") -> Figure:
                 palette=palette, errorbar="sd" if seeds else None, capsize=0.15 if seeds else 0)
     for container in ax.containers:   # values inside the bars, clear of the error bars
         ax.bar_label(container, fmt="%.2f", label_type="center", fontsize="x-small", color="white")
+    if intervals is not None and not seeds and metric == "nll":
+        _interval_bars(ax, intervals, order)
     ax.axhline(1.0, color="0.2", ls="--", lw=1, label="full fine-tuning (1.0)")
     ax.axhline(0.97, color="0.55", ls="--", lw=1, label="97 % of full fine-tuning")
     ax.axhline(0.0, color="0.2", lw=0.8)
@@ -485,9 +489,23 @@ def comparison_bars(compare: pd.DataFrame, metric: str = "nll") -> Figure:
     ax.get_legend().remove()
     fig.legend(handles, labels, loc="outside lower center", ncols=4, fontsize="small")
     n = int(compare.groupby("strategy").size().max())
-    spread = f"; mean ± sd of {n} seeds" if seeds else ""
+    spread = f"; mean ± sd of {n} seeds" if seeds else (
+        "; 95% bootstrap intervals" if intervals is not None and metric == "nll" else "")
     fig.suptitle(f"How much of full fine-tuning each strategy buys ({what} on the test split{spread})")
     return fig
+
+
+def _interval_bars(ax, intervals: pd.DataFrame, order: list[str]) -> None:
+    """Error bars from the share intervals, on the bars seaborn drew (one container per task)."""
+    shares = intervals[intervals["quantity"] == "share"].set_index(["strategy", "task"])
+    for container, task in zip(ax.containers, TASK_ORDER):
+        for patch, strategy in zip(container, order):
+            if (strategy, task) not in shares.index:
+                continue
+            r = shares.loc[(strategy, task)]
+            x = patch.get_x() + patch.get_width() / 2
+            ax.errorbar(x, r["estimate"], yerr=[[r["estimate"] - r["low"]], [r["high"] - r["estimate"]]],
+                        fmt="none", ecolor="0.15", capsize=3, lw=1)
 
 
 def _param_labels(compare: pd.DataFrame, order: list[str]) -> list[str]:
@@ -545,7 +563,11 @@ def _figures_for(tables: dict[str, pd.DataFrame]):
             yield "training_curve", functools.partial(training_curve, log)
     if "compare.parquet" in tables:
         cmp = tables["compare.parquet"]
-        yield "comparison_nll", functools.partial(comparison_bars, cmp, "nll")
+        bars = None
+        if "scores.parquet" in tables and "seed" in cmp.columns:
+            bars = comparison_table(tables["scores.parquet"], list(cmp[["strategy", "seed"]].itertuples(
+                index=False, name=None)))
+        yield "comparison_nll", functools.partial(comparison_bars, cmp, "nll", bars)
         chrf = [c for c in ("chrf_perception_share", "chrf_production_share") if c in cmp.columns]
         if len(chrf) == 2 and cmp[chrf].notna().any().any():
             yield "comparison_chrf", functools.partial(comparison_bars, cmp, "chrf")

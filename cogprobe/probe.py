@@ -35,7 +35,9 @@ from cogprobe.distributed import World, default_device, world
 from cogprobe.evalset import EvalSet
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import check_fraction
-from cogprobe.select import Selection, select_budget, select_curves, select_fixed
+from cogprobe.select import (Selection, budget_decider, curves_decider, select_budget, select_curves,
+                             select_fixed)
+from cogprobe.stability import stability
 from cogprobe.sweep import DIRECTIONS, FastEngine, sweep, sweep_configs
 from cogprobe.tasks import TASKS, batches
 from cogprobe.trainconfig import NOT_IDENTITY
@@ -263,27 +265,41 @@ def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: floa
     ckpts = open_checkpoints(source, base, device)
     out = _out_dir(source, out)
     n_layers = ckpts.base()[0].config.get_text_config().num_hidden_layers
+    record: dict = {}
     if rule == "fixed":
         selection = select_fixed(n_layers, fraction)
     elif rule == "curves":
         if not (out / SWEEPS).exists():
             raise CogprobeError(f"no {SWEEPS} in {out}; run `cogprobe sweep {source}` first, or use --rule fixed")
-        selection = select_curves(io.read_parquet(out / SWEEPS), tau=tau, step=step, input_task=input_task,
-                                  output_task=output_task, n_layers=n_layers, criterion=criterion)
-    else:
-        selection = _budget(ckpts, n_layers, tau=tau, step=step, max_total=max_total, batch_size=batch_size,
-                            evalset=evalset or EvalSet.for_run(source), log=log)
-    record = selection.to_json()
-    if rule == "budget":
-        record["evalset"] = (evalset or EvalSet.for_run(source)).to_dict()
-    elif rule == "curves":
+        sweeps = io.read_parquet(out / SWEEPS)
+        selection = select_curves(sweeps, tau=tau, step=step, input_task=input_task, output_task=output_task,
+                                  n_layers=n_layers, criterion=criterion)
         meta = out / f"{SWEEPS}.json"
         record["evalset"] = {k: v for k, v in io.read_json(meta).items() if k != "source"} if meta.is_file() else None
-    io.write_json(out / name, record)
+        rows = sweeps[(sweeps["mode"] == "revert") & (sweeps["checkpoint_step"] == selection.params["step"])]
+        selection.stability = _stability(curves_decider(tau, input_task=input_task, output_task=output_task,
+                                                        n_layers=n_layers, criterion=criterion), selection, rows)
+    else:
+        evalset = evalset or EvalSet.for_run(source)
+        selection, rows = _budget(ckpts, n_layers, tau=tau, step=step, max_total=max_total, batch_size=batch_size,
+                                  evalset=evalset, log=log)
+        record["evalset"] = evalset.to_dict()
+        pairs = [(c["k_in"], c["k_out"]) for c in selection.candidates]
+        selection.stability = _stability(budget_decider(tau, selection.params["tasks"], pairs), selection, rows)
+    io.write_json(out / name, {**selection.to_json(), **record})
     return selection
 
 
-def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_size, evalset, log) -> Selection:
+def _stability(decide, selection: Selection, rows: pd.DataFrame) -> dict | None:
+    """The rule rerun on resamples of the probe pairs (None for tables written before per-example scores)."""
+    if "example_nll" not in rows.columns or rows["example_nll"].isna().any():
+        return None
+    return stability(decide, rows.reset_index(drop=True), (selection.k_in, selection.k_out))
+
+
+def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_size, evalset,
+            log) -> tuple[Selection, pd.DataFrame]:
+    """The budget set and every keep-outer row it scored (their per-example scores feed the stability check)."""
     step = ckpts.steps[-1] if step is None else step
     if step == ckpts.reference_step:
         raise CogprobeError("the budget rule needs a trained checkpoint besides the reference; train longer "
@@ -293,10 +309,13 @@ def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_si
     examples = evalset.examples(tok)
     runner = FastEngine(ref)  # one engine for the whole search: reference prefixes are scored once
 
+    scored = []
+
     def evaluate(pairs):
         log(f"select: scoring {len(pairs)} candidate(s) of size {sum(pairs[0])}")
         t = sweep([(ckpts.reference_step, ref), (step, model)], examples, mode="keep-outer", keep_outer=pairs,
                   batch_size=batch_size, steps=[step], runner=runner)
-        return t[t["checkpoint_step"] == step]
+        scored.append(t[t["checkpoint_step"] == step])
+        return scored[-1]
 
-    return select_budget(evaluate, n_layers, tau=tau, max_total=max_total)
+    return select_budget(evaluate, n_layers, tau=tau, max_total=max_total), pd.concat(scored, ignore_index=True)

@@ -19,6 +19,7 @@ from cogprobe import io, verdicts
 from cogprobe.models import EMBEDDED
 from cogprobe.plots import plot_run, save, training_curve
 from cogprobe.tasks import TASKS
+from cogprobe.translate import chrf_intervals
 
 
 
@@ -65,7 +66,7 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
                         "sources - NLL with the true ones, conditional_gain_change = its change from the base model's "
                         "on the same pairs; share = the row's share of full fine-tuning's NLL gain; "
                         "rel_deviation = (NLL row - NLL full) / NLL full, the paper's yardstick, where the bar is "
-                        "3%):"), ("table", intervals_table)]
+                        "3%; chrF over its own sample, pairs in brackets):"), ("table", intervals_table)]
         b += [("p", s) for s in _compare_findings(compare, base.iloc[0], out)]
         b += [("figure", f) for f in figures if f.stem.startswith("comparison")]
     b += [("h2", "Reading these numbers"), ("p", _caveats(cfg))]
@@ -249,6 +250,17 @@ def _pick(table: pd.DataFrame, strategy: str, task: str) -> dict:
     return {r["quantity"]: r for _, r in rows.iterrows()}
 
 
+def _chrf(out: Path, full: str) -> dict:
+    """{(arm, task): "chrF [low, high]"} from translations.parquet (empty without it)."""
+    path = out / "translations.parquet"
+    if not path.is_file():
+        return {}
+    t = chrf_intervals(pd.read_parquet(path), full)
+    t = t[t["quantity"] == "chrf"]
+    return {(r["arm"], r["task"]): f"{r['estimate']:.1f} [{r['low']:.1f}, {r['high']:.1f}] ({int(r['n_pairs'])})"
+            for _, r in t.iterrows()}
+
+
 def interval_table(out: Path) -> pd.DataFrame | None:
     """One row per strategy and task: NLL, share and relative deviation with 95% intervals (first seed)."""
     compare = pd.read_parquet(out / "compare.parquet")
@@ -260,9 +272,11 @@ def interval_table(out: Path) -> pd.DataFrame | None:
     cond = table_cg[table_cg["quantity"] == "conditional_gain"].set_index(["arm", "task"])
     change = table_cg[table_cg["quantity"] == "conditional_gain_change"].set_index(["arm", "task"])
     seed = table["seed"].min()
+    chrf = _chrf(out, f"full-s{seed}")
     rows = [dict(strategy="base model", task=task, n_pairs=int(cond.loc[("base", task), "n_pairs"]), nll="",
                  conditional_gain=verdicts.fmt(cond.loc[("base", task)]), conditional_gain_change="", share="",
-                 rel_deviation="") for task in TASKS if ("base", task) in cond.index]
+                 rel_deviation="", chrf=chrf.get(("base", task), "n/a"))
+            for task in TASKS if ("base", task) in cond.index]
     for (strategy, task), g in table[table["seed"] == seed].groupby(["strategy", "task"], sort=False):
         got = {r["quantity"]: r for _, r in g.iterrows()}
         arm = (f"{strategy}-s{seed}", task)
@@ -271,7 +285,8 @@ def interval_table(out: Path) -> pd.DataFrame | None:
                          conditional_gain=verdicts.fmt(cond.loc[arm]) if arm in cond.index else "n/a",
                          conditional_gain_change=verdicts.fmt(change.loc[arm]) if arm in change.index else "n/a",
                          share=verdicts.fmt(got["share"], True) if "share" in got else "n/a",
-                         rel_deviation=verdicts.fmt(got["rel_deviation"], True) if "rel_deviation" in got else "n/a"))
+                         rel_deviation=verdicts.fmt(got["rel_deviation"], True) if "rel_deviation" in got else "n/a",
+                         chrf=chrf.get(arm, "n/a")))
     return pd.DataFrame(rows)
 
 
