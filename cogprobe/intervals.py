@@ -68,6 +68,33 @@ def paired(statistic: Callable[[dict], np.ndarray], data: Arms, *, level: float 
     return Interval(estimate, float(res.confidence_interval.low), float(res.confidence_interval.high))
 
 
+def hierarchical(statistic: Callable[[dict], np.ndarray], seeds: list[Arms], *, level: float = LEVEL,
+                 n_resamples: int = RESAMPLES, seed: int = SEED) -> Interval:
+    """Interval of the mean over seeds of `statistic`, resampling seeds, then examples (the same
+    examples for every arm and seed: the evaluation set is shared).
+
+    scipy's bootstrap has no nested design, so this is the two-stage percentile bootstrap written
+    out: seeds drawn with replacement, then one draw of examples applied to every drawn seed."""
+    names = list(seeds[0])
+    sums = {a: np.stack([s[a][0] for s in seeds]) for a in names}     # [n_seeds, n_examples]
+    tokens = {a: np.stack([s[a][1] for s in seeds]) for a in names}
+    per_seed = lambda s_ix, e_ix: statistic({a: sums[a][s_ix][:, e_ix].sum(-1) / tokens[a][s_ix][:, e_ix].sum(-1)
+                                             for a in names})  # noqa: E731
+    n_seeds, n = sums[names[0]].shape
+    estimate = float(np.mean(per_seed(np.arange(n_seeds), np.arange(n))))
+    rng = np.random.default_rng(seed)
+    draws = [float(np.mean(per_seed(rng.integers(0, n_seeds, n_seeds), rng.integers(0, n, n))))
+             for _ in range(n_resamples)]
+    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(estimate, float(low), float(high))
+
+
+def seed_spread(statistic: Callable[[dict], np.ndarray], seeds: list[Arms]) -> float:
+    """Standard deviation over seeds of the statistic's point estimate (reported beside the interval)."""
+    values = [float(statistic({a: s[a][0].sum() / s[a][1].sum() for a in s})) for s in seeds]
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
 def nll(data: Arms, arm: str, **kw) -> Interval:
     return paired(lambda m: m[arm], {arm: data[arm]}, **kw)
 

@@ -287,7 +287,9 @@ def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = "revert", value: s
         label = "NLL − step-0 NLL (nats/token)\n< 0: better than step 0"
         empty = "no data"
     else:
+        df = sweep_intervals(df)  # per-example scores give each cell its interval
         df["shown"] = df["gain_retained"]
+        df["resolved"] = (df["gain_retained_low"] > 0) & (df["gain_retained_high"] < 1)
         ref = df.groupby("checkpoint_step")["shown"].transform(lambda v: v.isna().all())
         df = df[~(ref & (df["checkpoint_step"] == df["checkpoint_step"].min()))]   # step 0: no gain
         cmap, vmin, vmax = "viridis", 0.0, 1.0
@@ -302,6 +304,9 @@ def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = "revert", value: s
         grid = df[(df["task"] == task) & (df["direction"] == d)].pivot(
             index="checkpoint_step", columns="k", values="shown")
         mesh = _heat(ax, grid, cmap, vmin, vmax, empty=empty) or mesh
+        if "resolved" in df.columns and mesh is not None:
+            _mark(ax, df[(df["task"] == task) & (df["direction"] == d)].pivot(
+                index="checkpoint_step", columns="k", values="resolved").reindex_like(grid))
         ax.set_title(f"{task} · {d} end")
         ax.set_xlabel(_k_label(mode, d) if i == len(tasks) - 1 else "")
         ax.set_ylabel("checkpoint step" if j == 0 else "")
@@ -312,8 +317,10 @@ def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = "revert", value: s
             [(bool((shown < vmin - 1e-6).any()), bool((shown > vmax + 1e-6).any()))])
         fig.colorbar(mesh, ax=axes.ravel().tolist(), label=label, extend=extend, shrink=0.8)
     _nan_note(fig, df["shown"], "undefined (the checkpoint did not improve on step 0) or not measured")
+    dots = "resolved" in df.columns and bool(df["resolved"].any())
+    note = "\n(dot: the cell's 95% interval excludes both 0 and 1)" if dots else ""
     what = "gain retained" if value == "gain_retained" else "NLL change"
-    fig.suptitle(f"Where the adaptation lives ({mode}): {what} by checkpoint and k{_ends_note(df)}")
+    fig.suptitle(f"Where the adaptation lives ({mode}): {what} by checkpoint and k{note}{_ends_note(df)}")
     return fig
 
 
@@ -331,6 +338,12 @@ def _heat(ax, grid: pd.DataFrame, cmap: str, vmin: float, vmax: float, empty: st
     ax.tick_params(axis="x", rotation=0)
     ax.tick_params(axis="y", rotation=0)
     return ax.collections[0]
+
+
+def _mark(ax, flags: pd.DataFrame) -> None:
+    """A dot on every cell whose flag is True (cells in the heatmap's row/column order)."""
+    rows, cols = np.nonzero(flags.fillna(False).to_numpy(bool))
+    ax.scatter(cols + 0.5, rows + 0.5, s=4, c="white", edgecolors="0.2", linewidths=0.3, zorder=3)
 
 
 def _nan_note(fig: Figure, values: pd.Series, why: str) -> None:

@@ -84,13 +84,18 @@ def chrf_intervals(translations: pd.DataFrame, full: str, *, level: float = 0.95
         score = lambda a, idx: metric._compute_score_from_stats(stats[a][idx].sum(0).tolist()).score  # noqa: E731
         for arm in wide.columns:
             found = {"chrf": lambda idx, arm=arm: score(arm, idx)}
-            if full in stats and arm != full:
-                found["chrf_rel_deviation"] = lambda idx, arm=arm: (score(full, idx) - score(arm, idx)) / score(full, idx)
+            if full in stats and arm != full and score(full, np.arange(len(refs))) > 0:
+                found["chrf_rel_deviation"] = lambda idx, arm=arm: _relative(score(full, idx), score(arm, idx))
             for quantity, f in found.items():
                 res = stats_bootstrap(f, len(refs), level, n_resamples, seed)
                 out.append(dict(arm=arm, task=task, quantity=quantity, estimate=f(np.arange(len(refs))),
                                 low=res[0], high=res[1], n_pairs=len(refs)))
     return pd.DataFrame(out)
+
+
+def _relative(full: float, row: float) -> float:
+    """(full - row) / full; NaN where a resample leaves full fine-tuning at chrF 0."""
+    return (full - row) / full if full > 0 else float("nan")
 
 
 def stats_bootstrap(statistic, n: int, level: float, n_resamples: int, seed: int) -> tuple[float, float]:

@@ -28,7 +28,8 @@ CONTROLS = ("middle", "bottom", "top", "random")
 
 
 def comparison_table(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) -> pd.DataFrame:
-    """Every (row, seed, task, quantity) with estimate, low, high; `rows` are (strategy, seed)."""
+    """Every (row, seed, task, quantity) with estimate, low, high; `rows` are (strategy, seed). With
+    several seeds, `across_seeds` adds the mean over seeds (seed -1) with its hierarchical interval."""
     out = []
     for task in TASKS:
         for strategy, seed in rows:
@@ -53,7 +54,7 @@ def comparison_table(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) ->
             n_pairs = len(data[arm][0])
             out += [dict(strategy=strategy, seed=seed, task=task, quantity=q, estimate=i.estimate, low=i.low,
                          high=i.high, n_pairs=n_pairs) for q, i in found.items()]
-    return pd.DataFrame(out)
+    return pd.concat([pd.DataFrame(out), across_seeds(scores, rows, **kw)], ignore_index=True)
 
 
 def conditional_gain_table(scores: pd.DataFrame, **kw) -> pd.DataFrame:
@@ -76,6 +77,32 @@ def conditional_gain_table(scores: pd.DataFrame, **kw) -> pd.DataFrame:
                                                                          else 4]}, **kw)
                 out.append(dict(arm=arm, task=task, quantity=quantity, estimate=i.estimate, low=i.low,
                                 high=i.high, n_pairs=len(data[true][0])))
+    return pd.DataFrame(out)
+
+
+def across_seeds(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) -> pd.DataFrame:
+    """Rows with several seeds: nll, share and rel_deviation as the mean over seeds, with a hierarchical
+    interval (seeds, then pairs) and the seed spread (sd of the per-seed estimates) beside it."""
+    out, present = [], set(scores["arm"])
+    by_strategy: dict[str, list[int]] = {}
+    for strategy, seed in rows:
+        by_strategy.setdefault(strategy, []).append(seed)
+    statistics = {"nll": lambda m: m["row"], "share": lambda m: (m["base"] - m["row"]) / (m["base"] - m["full"]),
+                  "rel_deviation": lambda m: (m["row"] - m["full"]) / m["full"]}
+    for strategy, seeds in by_strategy.items():
+        seeds = [s for s in seeds if {f"{strategy}-s{s}", f"full-s{s}"} <= present]
+        if len(seeds) < 2 or "base" not in present:
+            continue
+        for task in TASKS:
+            data = [dict(zip(("row", "base", "full"), intervals.arms(
+                scores, [f"{strategy}-s{s}", "base", f"full-s{s}"], task=task).values())) for s in seeds]
+            if strategy == "full":
+                data = [dict(d, full=d["row"]) for d in data]
+            for quantity, f in statistics.items():
+                i = intervals.hierarchical(f, data, **kw)
+                out.append(dict(strategy=strategy, seed=-1, task=task, quantity=quantity, estimate=i.estimate,
+                                low=i.low, high=i.high, n_pairs=len(data[0]["row"][0]), n_seeds=len(seeds),
+                                seed_sd=intervals.seed_spread(f, data)))
     return pd.DataFrame(out)
 
 

@@ -107,3 +107,42 @@ def test_too_few_pairs_state_nothing_and_resolving_sizes_exceed_the_sample():
     wide = intervals.Interval(0.1, -0.05, 0.4)  # asymmetric: the half toward 0 is what matters
     assert intervals.pairs_to_resolve(wide, 50) == 113
     assert intervals.pairs_to_resolve(intervals.Interval(0.1, 0.05, 0.15), 50) == 51
+
+
+def test_hierarchical_interval_covers_the_truth_across_seeds():
+    """Seeds add their own effect on the difference (run-to-run variation); the interval must cover the
+    true mean difference, which a one-seed interval over examples alone would not."""
+    rng = np.random.default_rng(5)
+    hits, one_seed_hits = 0, 0
+    for _ in range(200):
+        tokens = rng.integers(5, 40, size=40).astype(float)
+        difficulty = rng.normal(0, 1.0, size=40)
+        seeds = []
+        for _s in range(5):
+            shift = rng.normal(0, 0.05)  # this seed's own luck
+            arm = lambda mu: ((mu + difficulty + rng.normal(0, 0.1, 40)) * tokens, tokens)  # noqa: E731
+            seeds.append({"a": arm(4.0 + shift), "b": arm(4.1)})
+        diff = lambda m: m["a"] - m["b"]  # noqa: E731
+        i = intervals.hierarchical(diff, seeds, n_resamples=400, seed=int(rng.integers(1 << 30)))
+        hits += i.low <= -0.1 <= i.high
+        j = intervals.difference(seeds[0], "a", "b", n_resamples=400)
+        one_seed_hits += j.low <= -0.1 <= j.high
+    assert 0.90 * 200 <= hits <= 0.99 * 200
+    assert one_seed_hits < hits  # ignoring the seed effect covers less
+    assert intervals.seed_spread(diff, seeds) > 0
+
+
+def test_comparison_table_pools_seeds_hierarchically():
+    rng = np.random.default_rng(6)
+    frames = []
+    for seed in (0, 1, 2):
+        means = {"base": 5.0, f"full-s{seed}": 4.0 + 0.05 * seed, f"cogsym-s{seed}": 4.2}
+        frames.append(_scores(rng, 30, {"perception": means, "production": means}))
+    scores = pd.concat(frames).drop_duplicates(["arm", "task", "pair_id"])
+    rows = [(s, seed) for seed in (0, 1, 2) for s in ("full", "cogsym")]
+    table = verdicts.comparison_table(scores, rows)
+    pooled = table[(table["seed"] == -1) & (table["strategy"] == "cogsym") & (table["quantity"] == "share")]
+    assert len(pooled) == 2 and (pooled["n_seeds"] == 3).all() and (pooled["seed_sd"] > 0).all()
+    one = table[(table["seed"] == 0) & (table["strategy"] == "cogsym") & (table["quantity"] == "share")]
+    assert (pooled["low"].to_numpy() < pooled["estimate"].to_numpy()).all()
+    assert len(one) == 2
