@@ -8,9 +8,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from cogprobe import io
+from cogprobe import intervals, io
 from cogprobe.distributed import default_device
 from cogprobe.evalset import EvalSet
 from cogprobe.models import load_model
@@ -20,20 +21,26 @@ SCORED = (*TASKS, *CONTROLS)
 
 
 def evaluate(model: str | Path, evalset: EvalSet, *, batch_size: int = 8, out: Path | None = None) -> pd.DataFrame:
-    """Score every task and control; one row per task (tidy), the evaluation set in `attrs`.
+    """Score every task and control; one row per task (tidy) with 95% bootstrap intervals (the
+    conditional gain's paired over the same pairs), the evaluation set in `attrs`.
 
     Writes `scores.csv` (and the set beside it in `scores.json`) into `out` if given."""
     lm, tokenizer = load_model(model)
     lm.to(default_device())
     examples = evalset.examples(tokenizer, SCORED)
-    rows = []
+    rows, arms = [], {}
     for task, ex in examples.items():
         start = time.perf_counter()
         s = score(lm, ex, batch_size=batch_size)
+        arms[task] = (np.array(s.example_nll), np.array(s.example_tokens, dtype=float))
+        nll = intervals.nll(arms, task)
         rows.append(dict(model=str(model), corpus=evalset.corpus, split=evalset.split, task=task,
-                         nll=s.nll, n_tokens=s.n_tokens, n_pairs=len(ex),
+                         nll=s.nll, nll_low=nll.low, nll_high=nll.high, n_tokens=s.n_tokens, n_pairs=len(ex),
                          seconds=round(time.perf_counter() - start, 2)))
     table = with_conditional_gain(pd.DataFrame(rows))
+    for control, task in CONTROLS.items():  # its interval: shuffled and true scored on the same pairs
+        gain = intervals.difference(arms, control, task)
+        table.loc[table["task"] == task, ["conditional_gain_low", "conditional_gain_high"]] = gain.low, gain.high
     table.attrs["evalset"] = dict(evalset.to_dict(), **evalset.report(tokenizer))
     if out is not None:
         io.write_json(Path(out) / "scores.json", table.attrs["evalset"])
