@@ -442,4 +442,8 @@ def test_before_tuning_workflow_through_the_cli(tmp_path, capsys):
     assert table["set"].tolist()[:2] == ["base model", "full fine-tuning (the probe run)"]
     assert {"budget", "middle control"} <= set(table["set"])
     assert table.loc[table["set"] == "budget", "blocks"].item() == sel["layers_arg"]
-    assert table.iloc[1]["perception_share_of_full"] == pytest.approx(1.0)
+    budget = table[table["set"] == "budget"].iloc[0]
+    for task in TASKS:  # every number with its interval, on the test pairs
+        assert budget[f"{task}_share_low"] <= budget[f"{task}_share"] <= budget[f"{task}_share_high"]
+        assert budget[f"{task}_nll_low"] < budget[f"{task}_nll_high"]
+    assert (table["test_pairs"] == 8).all()
