@@ -28,7 +28,9 @@ def table(study: Path, name: str) -> pd.DataFrame:
 
 
 def publish(fig, data: pd.DataFrame, stem: str) -> None:
-    """figures/STEM.png and figures/STEM.csv (the numbers the figure shows)."""
+    """figures/STEM.png and figures/STEM.csv (the numbers the figure shows; per-example lists stay in the
+    study's tables)."""
+    data = data.drop(columns=[c for c in data.columns if "example_" in c])
     save(fig, FIGURES / f"{stem}.png")
     io.write_text(FIGURES / f"{stem}.csv", data.to_csv(index=False))
     print(FIGURES / f"{stem}.png")

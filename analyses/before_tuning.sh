@@ -8,10 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${COGPROBE:-.venv/bin/cogprobe}
 R=${1:-runs/before-tuning}/probe
-EVAL=(--limit 64 --max-sentence-tokens 32)
+EVAL=(--pairs 64 --max-sentence-tokens 32)   # dev pairs (the verbs' default split): decisions on dev
 stage() { local name=$1; shift; local t0; t0=$(date +%s); "$@"; echo "TIME $name $(( $(date +%s) - t0 )) s"; }
-stage train  $B train --model smollm2-135m --corpus axolotl --out "$R" --strategy full --steps 30 --batch-size 8 \
-    --seq-len 64 --lr 3e-4 --save-steps 0,10,20,30 --threads 2 --no-progress
+stage train  $B train --model smollm2-135m --corpus axolotl --out "$R" --strategy full --steps 30 --batch-size 4 \
+    --seq-len 128 --lr 3e-4 --save-steps 0,10,20,30 --threads 2 --no-progress
 stage sweep  $B sweep "$R" "${EVAL[@]}" --mode revert
 stage fixed  $B select "$R" --rule fixed --name selection-fixed.json
 stage curves $B select "$R" --rule curves --tau 0.8 --name selection-curves.json

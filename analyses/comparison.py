@@ -1,8 +1,12 @@
-"""Table and figure: every tuning row against full fine-tuning (shares of the gain, cost)."""
+"""Table and figure: every tuning row against full fine-tuning (shares of the gain with 95% bootstrap
+intervals, cost)."""
 from _common import publish, study_dir, table
 
 from cogprobe.plots import comparison_bars
+from cogprobe.verdicts import comparison_table
 
 study = study_dir()
 compare = table(study, "compare.parquet")
-publish(comparison_bars(compare), compare, "comparison")
+bars = comparison_table(table(study, "scores.parquet"), list(compare[["strategy", "seed"]].itertuples(
+    index=False, name=None)))
+publish(comparison_bars(compare, intervals=bars), compare, "comparison")

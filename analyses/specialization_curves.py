@@ -1,4 +1,5 @@
-"""Figure: NLL against k blocks reverted from each end, one line per checkpoint."""
+"""Figure: share of the gain retained against k blocks reverted from each end, one line per checkpoint,
+with 95% paired-bootstrap bands over the pairs."""
 from _common import publish, study_dir, table
 
 from cogprobe.plots import specialization_curves
@@ -6,4 +7,4 @@ from cogprobe.plots import specialization_curves
 study = study_dir()
 sweeps = table(study, "sweeps.parquet")
 revert = sweeps[(sweeps["mode"] == "revert") & ~sweeps["ends"]]
-publish(specialization_curves(revert, y="nll"), revert, "specialization_curves")
+publish(specialization_curves(revert), revert, "specialization_curves")

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 SIZES = dict(full=dict(steps=8, batch_size=8, seq_len=128, pairs=32, ks="0,2,4,8,15,22,26,28,30"),
-             tiny=dict(steps=3, batch_size=2, seq_len=16, pairs=4, ks=None))
+             tiny=dict(steps=3, batch_size=2, seq_len=16, pairs=2, ks=None))
 
 
 def flags(parser) -> None:
@@ -36,7 +36,8 @@ def main() -> None:
     common.set_threads()
     from cogprobe import io
     from cogprobe.distributed import default_device
-    from cogprobe.probe import EvalSet, sweep_run
+    from cogprobe.evalset import EvalSet
+    from cogprobe.probe import sweep_run
     from cogprobe.train import TrainConfig, train
     size = SIZES["tiny" if common.tiny() else "full"]
     device = default_device()
@@ -59,7 +60,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        table = sweep_run(run, ks=ks, evalset=EvalSet.for_run(run, limit=size["pairs"]), log=lambda _: None)
+        table = sweep_run(run, ks=ks, evalset=EvalSet.for_run(run, n=size["pairs"]), log=lambda _: None)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else common.rss_bytes()
         rows.append(dict(stage=f"sweep revert ({len(table)} rows)", device=str(device), device_name=name,
                          seconds=time.perf_counter() - t0, sec_per_step=None, peak_memory_mib=peak / common.MiB,

@@ -7,8 +7,14 @@ temporary folder and renamed (so a folder under its final name is complete):
     strategy trains (frozen ones are the base's, bit for bit);
   - LoRA runs: peft's own adapter folder (`adapter_config.json` +
     `adapter_model.safetensors`), so `PeftModel.from_pretrained` reads it;
-  - `meta.json`: step, train loss, tokens seen, base fingerprint;
+  - `meta.json`: step, train loss, tokens seen, base fingerprint, and the SHA-256
+    of every other file in the folder (written last, in the same atomic step,
+    so no crash leaves a checkpoint without its checksums);
   - `resume/` (latest checkpoint only): optimizer state, see `train`.
+
+Reading a run checks every checkpoint first (`problems`): a missing, truncated or
+changed file fails in one line before any work starts, so no table gets rows
+from the good checkpoints and then stops at the bad one.
 
 `Checkpoints.open` lists and loads, in step order, a cogprobe run, an HF Trainer
 output folder (`checkpoint-N/` with `trainer_state.json`; full models or peft
@@ -26,9 +32,10 @@ from typing import Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from cogprobe import hub, io
+from cogprobe.artifacts import damaged
 from cogprobe.errors import CogprobeError
 from cogprobe.models import EMBEDDED, has_tokenizer, load_model, model_fingerprint, model_source
 from cogprobe.strategies import aliases, load_tensors
@@ -64,7 +71,8 @@ def write_checkpoint(run: Path, step: int, model, kind: str, meta: dict,
             (tmp / RESUME).mkdir()
             save_file(resume[0], str(tmp / RESUME / "optimizer.safetensors"))
             io.write_json(tmp / RESUME / "state.json", resume[1])
-        io.write_json(tmp / META, dict(meta, kind=kind))
+        sha = {p.relative_to(tmp).as_posix(): io.file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        io.write_json(tmp / META, dict(meta, kind=kind, sha256=sha))
     return step_dir(run, step)
 
 
@@ -86,16 +94,50 @@ def read_resume_state(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None
     """The optimizer tensors and state of checkpoint folder `path`, if it has them."""
     if not has_resume_state(path):
         return None
-    return load_file(str(path / RESUME / "optimizer.safetensors")), io.read_json(path / RESUME / "state.json")
+    sha = io.read_json(path / META).get("sha256") or {}
+    name = f"{RESUME}/optimizer.safetensors"
+    return io.read_tensors(path / name, sha.get(name)), io.read_json(path / RESUME / "state.json")
+
+
+def expected_files(kind: str, recorded: dict, path: Path) -> list[str]:
+    """The files a complete checkpoint of `kind` holds: its weights, and whatever meta.json recorded
+    (the resume state only while it is there: it is dropped from older checkpoints on purpose)."""
+    names = {"tensors": {TENSORS}, "lora": {ADAPTER, ADAPTER_CONFIG}}.get(kind, set()) | set(recorded)
+    if (path / RESUME).is_dir():
+        return sorted(names | {f"{RESUME}/optimizer.safetensors", f"{RESUME}/state.json"})
+    return sorted(n for n in names if not n.startswith(RESUME + "/"))
+
+
+def problems(path: Path, meta: dict) -> list[tuple[Path, str]]:
+    """(file, what is wrong) for each damaged file of checkpoint folder `path`; empty when it is whole."""
+    recorded = meta.get("sha256") or {}
+    found = []
+    for name in expected_files(meta.get("kind"), recorded, path):
+        problem = io.file_problem(path / name, recorded.get(name))
+        if problem:
+            found.append((path / name, problem))
+    step = STEP_DIR.match(path.name)
+    if step and meta.get("step") != int(step.group(1)):
+        found.append((path / META, f"is the record of step {meta.get('step')}, not of {path.name}"))
+    return found
+
+
+def check(path: Path, meta: dict) -> None:
+    """Fail in one line on the first damaged file of checkpoint folder `path`."""
+    for file, problem in problems(path, meta):
+        raise damaged(file, problem)
 
 
 def own_steps(run: Path) -> list[tuple[int, Path]]:
     """Complete `step-N` folders (meta.json present), in step order; `.tmp-*` leftovers ignored."""
-    folder = run / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir()
-             if (m := STEP_DIR.match(p.name)) and (p / META).is_file()]
+    return [(step, p) for step, p in step_folders(run) if (p / META).is_file()]
+
+
+def step_folders(run: Path) -> list[tuple[int, Path]]:
+    """Every `step-N` folder, in step order. Unlike `own_steps`, one without meta.json is not skipped:
+    a folder under its final name was written whole, so a missing meta.json is damage, not a leftover."""
+    folder = Path(run) / CHECKPOINTS
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name))] if folder.is_dir() else []
     return sorted(found)
 
 
@@ -167,8 +209,9 @@ class Checkpoints:
         info = manifest["base"]
         fingerprint = info["fingerprint"]
         entries = []
-        for step, path in own_steps(run):
+        for step, path in step_folders(run):
             meta = io.read_json(path / META)
+            check(path, meta)
             if meta.get("base_fingerprint") != fingerprint:
                 raise CogprobeError(f"{path} was trained from a different base model (fingerprint "
                                     f"{str(meta.get('base_fingerprint'))[:12]}, the run's is {fingerprint[:12]}); "
@@ -271,7 +314,7 @@ class Checkpoints:
         base, tok = self.base()
         model = copy.deepcopy(base)
         if entry.kind == "tensors":
-            load_tensors(model, load_file(str(entry.path / TENSORS)), str(entry.path))
+            load_tensors(model, io.read_tensors(entry.path / TENSORS), str(entry.path))
         elif entry.kind in ("lora", "adapter"):
             model = _merge_adapter(model, entry.path)
         return model.eval(), tok
@@ -311,7 +354,7 @@ class Checkpoints:
             return {a for n in _adapted_names(entry.path) if n in names for a in names[n]}
         params = dict(base.named_parameters(remove_duplicate=False))
         if entry.kind == "tensors":
-            new = load_file(str(entry.path / TENSORS))
+            new = io.read_tensors(entry.path / TENSORS)
         else:
             new = dict(self.load(entry.step)[0].named_parameters(remove_duplicate=False))
         return {a for n, t in new.items() if n in params and not torch.equal(t.to(params[n]), params[n])

@@ -2,7 +2,10 @@
 
 Each verb parses flags into the same arguments (or config dataclass) that a
 notebook would pass, and calls the public function. A `CogprobeError` prints as
-one line and exits 2; `--debug` shows the traceback instead.
+one line and exits 2; so do the faults of the machine a user fixes outside
+cogprobe (a full disk, a permission, memory), see `_fault`. SIGINT and SIGTERM
+stop with the conventional status (130, 143) after the finished work is saved;
+the same command continues. `--debug` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import dataclasses
 import inspect
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from cogprobe.errors import CogprobeError
@@ -92,24 +97,49 @@ _prepare.flags = _prepare_flags
 # --- eval ---------------------------------------------------------------------------
 
 
+def _evalset_flags(p, split: str, pairs: int) -> None:
+    """The flags of an `EvalSet`: which split, how many pairs, which sample, which sentence length."""
+    p.add_argument("--split", default=split, choices=["train", "dev", "test"],
+                   help=f"split scored (default {split}: dev for decisions, test for final numbers)")
+    p.add_argument("--pairs", "--limit", dest="pairs", type=int, default=pairs,
+                   help="pairs sampled (stratified by document; 0 = every pair that fits)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the sample")
+    p.add_argument("--max-sentence-tokens", type=int, default=32,
+                   help="pairs with a longer side are left out (never cut)")
+    p.add_argument("--split-seed", "--seed", dest="split_seed", type=int,
+                   help="seed of the train/dev/test split (default: the run's, else 0)")
+    p.add_argument("--by-document", action="store_true", default=None,
+                   help="split keeping each document inside one split")
+
+
+def _evalset_args(a) -> dict:
+    return dict(split=a.split, n=a.pairs, sample_seed=a.sample_seed,
+                max_sentence_tokens=a.max_sentence_tokens, split_seed=a.split_seed,
+                split_by_document=a.by_document)
+
+
 def _eval_flags(p):
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, an HF model folder or a .gguf file")
     _corpus_flags(p)
-    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    p.add_argument("--limit", type=int, default=128, help="pairs per task (0 = the whole split)")
+    _evalset_flags(p, split="test", pairs=128)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/dev/test split")
     p.add_argument("--out", type=Path, help="run folder to write scores.csv into")
 
 
-@command("eval", "perception and production NLL of a model on held-out pairs")
+@command("eval", "perception and production NLL (and their shuffled-source controls) of a model")
 def _eval(a):
+    from cogprobe.evalset import EvalSet
     from cogprobe.evaluate import evaluate
-    table = evaluate(a.model, a.corpus, split=a.split, limit=a.limit or None, batch_size=a.batch_size,
-                     seed=a.seed, out=a.out, **_corpus_kwargs(a))
-    print(table.to_string(index=False))
+    args = {k: v for k, v in _evalset_args(a).items() if v is not None}
+    evalset = EvalSet(corpus=str(a.corpus), **_corpus_kwargs(a), **args)
+    table = evaluate(a.model, evalset, batch_size=a.batch_size, out=a.out)
+    info = table.attrs["evalset"]
+    _say(table.to_string(index=False))
+    _say(f"{info['sampled']} {a.split} pairs from {info['documents']} documents; {info['dropped_long']} of "
+         f"{info['split_pairs']} left out for a side over {a.max_sentence_tokens} tokens; split overlap "
+         f"(normalised sentences in two splits): {sum(info['overlap'].values())}")
     if a.out:
-        print(f"wrote {a.out / 'scores.csv'}")
+        _say(f"wrote {a.out / 'scores.csv'}")
 
 
 _eval.flags = _eval_flags
@@ -156,16 +186,25 @@ def _probe_flags(p):
     p.add_argument("--corpus", help="default: the run's own corpus")
     p.add_argument("--pivot-col")
     p.add_argument("--target-col")
-    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    p.add_argument("--limit", type=int, default=32, help="held-out pairs per task")
-    p.add_argument("--max-sentence-tokens", type=int, default=32, help="each sentence cut to this many tokens")
+    _evalset_flags(p, split="dev", pairs=32)
     p.add_argument("--batch-size", type=int, default=8)
 
 
+def _one_writer(a):
+    """The folder a probe verb writes its tables into, locked (main process only): a second sweep,
+    capture or select on it waits for the first, as a second `train` does."""
+    import contextlib
+    from cogprobe.distributed import world
+    from cogprobe.runfolder import locked
+    if not world().is_main:
+        return contextlib.nullcontext()
+    return locked(a.out or Path(a.run), log=lambda m: print(m, file=sys.stderr))
+
+
 def _evalset(a):
-    from cogprobe.probe import EvalSet
+    from cogprobe.evalset import EvalSet
     return EvalSet.for_run(a.run, corpus=a.corpus, pivot_col=a.pivot_col, target_col=a.target_col,
-                           split=a.split, limit=a.limit, max_sentence_tokens=a.max_sentence_tokens)
+                           **_evalset_args(a))
 
 
 def _source(a):
@@ -192,9 +231,10 @@ def _sweep_flags(p):
 @command("sweep", "perception/production ablation sweeps from each end, per checkpoint")
 def _sweep(a):
     from cogprobe.probe import sweep_run
-    table = sweep_run(_source(a), mode=a.mode, directions=_words(a.directions), tasks=_words(a.tasks), ks=_ints(a.ks),
-                      ends=a.ends, engine=a.engine, batch_size=a.batch_size, evalset=_evalset(a), out=a.out,
-                      base=a.base, overwrite=a.overwrite)
+    with _one_writer(a):
+        table = sweep_run(_source(a), mode=a.mode, directions=_words(a.directions), tasks=_words(a.tasks), ks=_ints(a.ks),
+                          ends=a.ends, engine=a.engine, batch_size=a.batch_size, evalset=_evalset(a), out=a.out,
+                          base=a.base, overwrite=a.overwrite)
     _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'sweeps.parquet'}")
 
 
@@ -211,8 +251,9 @@ def _capture_flags(p):
 @command("capture", "per-layer drift, CKA, norms and logit lens of every checkpoint")
 def _capture(a):
     from cogprobe.probe import capture_run
-    table = capture_run(_source(a), sites=_words(a.sites), backend=a.backend, batch_size=a.batch_size,
-                        evalset=_evalset(a), out=a.out, base=a.base, overwrite=a.overwrite)
+    with _one_writer(a):
+        table = capture_run(_source(a), sites=_words(a.sites), backend=a.backend, batch_size=a.batch_size,
+                            evalset=_evalset(a), out=a.out, base=a.base, overwrite=a.overwrite)
     _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'activations.parquet'}")
 
 
@@ -238,11 +279,15 @@ def _select_flags(p):
 @command("select", "derive a CogSym layer set (fixed rule, or from the model's own curves)")
 def _select(a):
     from cogprobe.probe import select_run
-    sel = select_run(_source(a), rule=a.rule, tau=a.tau, fraction=a.fraction, step=a.step, input_task=a.input_task,
-                     output_task=a.output_task, max_total=a.max_total, criterion=a.criterion,
-                     batch_size=a.batch_size, evalset=_evalset(a), out=a.out, base=a.base, name=a.name)
+    with _one_writer(a):
+        sel = select_run(_source(a), rule=a.rule, tau=a.tau, fraction=a.fraction, step=a.step, input_task=a.input_task,
+                         output_task=a.output_task, max_total=a.max_total, criterion=a.criterion,
+                         batch_size=a.batch_size, evalset=_evalset(a), out=a.out, base=a.base, name=a.name)
     path = (a.out or Path(a.run)) / a.name
     _say(sel.table())
+    if sel.stability:
+        from cogprobe.stability import table
+        _say(table(sel.stability))
     _say(f"wrote {path}; train it with --layers {path}")
 
 
@@ -325,6 +370,26 @@ def _run(a):
 _run.flags = _run_flags
 
 
+# --- verify --------------------------------------------------------------------------
+
+
+def _verify_flags(p):
+    p.add_argument("folder", type=Path, help="a run folder, a study folder or a folder of tables")
+
+
+@command("verify", "check every checkpoint, checksum and table of a run or study folder (exit 1 on a problem)")
+def _verify(a):
+    from cogprobe.verify import verify
+    found = verify(a.folder)
+    for line in found:
+        print(line)
+    print(f"{a.folder}: {len(found)} problem(s)" if found else f"{a.folder}: all is well")
+    return 1 if found else 0
+
+
+_verify.flags = _verify_flags
+
+
 # --- entry point --------------------------------------------------------------------
 
 
@@ -348,20 +413,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` saves what is finished (a cluster's scheduler
+    sends it before killing a job)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _fault(err: BaseException) -> str | None:
+    """One line for a fault of the machine rather than of cogprobe's input; None for a bug."""
+    from cogprobe.io import write_failure
+    if isinstance(err, PermissionError):
+        return (f"permission denied: {err.filename or 'a file or folder cogprobe needs'}; give the user running "
+                "cogprobe access to it (or choose another output folder) and rerun the same command")
+    if isinstance(err, OSError):
+        known = write_failure(Path(err.filename) if err.filename else Path("the output folder"), err)
+        return str(known) if known else None
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":  # torch's CUDA OOM
+        where = "GPU" if type(err).__name__ == "OutOfMemoryError" else "CPU"
+        return (f"out of {where} memory; lower --batch-size (training, sweeps), --limit (pairs scored) or the "
+                "model size, and rerun the same command: finished work is kept")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # this process only: no fork warnings
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        args.func(args)
+        return args.func(args) or 0
     except CogprobeError as err:
         if args.debug:
             raise
         print(f"cogprobe: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("cogprobe: interrupted; rerun the same command to continue", file=sys.stderr)
-        return 130
-    return 0
+    except KeyboardInterrupt as err:
+        name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("SIGINT", 130)
+        print(f"cogprobe: interrupted ({name}); finished work is kept: rerun the same command to continue "
+              "(`train` with --resume)", file=sys.stderr)
+        return code
+    except (OSError, MemoryError, RuntimeError) as err:
+        line = None if args.debug else _fault(err)
+        if line is None:
+            raise
+        print(f"cogprobe: error: {line}", file=sys.stderr)
+        return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

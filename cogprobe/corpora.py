@@ -7,14 +7,21 @@ redistributed, or from a `.csv`, `.tsv` or `.jsonl` file with a header.
 
 Loading cleans the pairs the same way for every source: whitespace is stripped,
 pairs with an empty side are dropped, and repeated (pivot, target) pairs are
-dropped after their first occurrence, so that a sentence cannot sit in both
-the training and the test split. `Corpus.dropped` counts what went.
+dropped after their first occurrence. `Corpus.dropped` counts what went. Each
+kept pair gets a `pair_id` (its row in the cleaned corpus), the key of every
+per-example score.
+
+Splits are leak-free: pairs that share a normalised pivot or target sentence
+(NFKC, case-folded, everything but letters, digits and marks removed) are one
+group, and a group never straddles two splits, so no sentence of the test split
+is in train even up to case, punctuation and spacing. `split_overlap` counts it.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +32,7 @@ import pandas as pd
 from cogprobe import corpus_sources
 from cogprobe.errors import CogprobeError
 
-COLUMNS = ["pivot", "target", "document"]
+COLUMNS = ["pair_id", "pivot", "target", "document"]
 SUFFIXES = (".csv", ".tsv", ".jsonl")
 
 # Column names taken to be language codes, with the name a prompt uses for them.
@@ -52,7 +59,7 @@ ELOTL = {
 
 @dataclass(frozen=True, eq=False)
 class Corpus:
-    """Cleaned sentence pairs; `pairs` has exactly the columns pivot, target, document."""
+    """Cleaned sentence pairs; `pairs` has exactly the columns pair_id, pivot, target, document."""
 
     name: str
     pairs: pd.DataFrame
@@ -198,19 +205,22 @@ def _clean(pairs: pd.DataFrame, name: str) -> tuple[pd.DataFrame, dict[str, int]
         raise CogprobeError(f"{name}: all {n} pairs were empty or duplicates; "
                             "check the column choice and the file's contents")
     dropped = {"empty": n_empty, "duplicate": n - n_empty - len(kept)}
-    return kept.reset_index(drop=True)[COLUMNS], dropped
+    kept = kept.reset_index(drop=True)
+    kept.insert(0, "pair_id", np.arange(len(kept)))
+    return kept[COLUMNS], dropped
 
 
 def split_corpus(corpus: Corpus, *, seed: int = 0, dev: float | int = 0.05,
                  test: float | int = 0.05, by_document: bool = False) -> Splits:
-    """Split into disjoint train/dev/test, the same for the same seed.
+    """Split into disjoint, leak-free train/dev/test, the same for the same seed.
 
-    `dev`/`test` are fractions (0 < x < 1) or pair counts. By pair, the sizes are
-    exact. `by_document=True` keeps every document inside one split: documents are
-    shuffled by the seed, and each goes to the first of test, dev that it fits into
-    without passing the asked size, else to train; so those splits come out at
-    most as large as asked, and closer the smaller the documents are. A split that
-    no document fits into gets the smallest document left over (larger than asked).
+    `dev`/`test` are fractions (0 < x < 1) or pair counts. Pairs sharing a normalised
+    sentence form a group (see the module docstring); `by_document=True` also puts each
+    document in one group. Groups are shuffled by the seed, and each goes to the first of
+    test, dev that it fits into without passing the asked size, else to train. Groups of
+    sentences are small (axolotl's largest is 24 pairs), so those sizes come out exact
+    or a few pairs short; documents are large, so by document they come out at most as
+    large as asked. A split that no group fits into gets the smallest group left over.
     """
     n = len(corpus)
     if n < 3:  # say why, e.g. a file of one pair repeated: its duplicates were dropped
@@ -222,14 +232,54 @@ def split_corpus(corpus: Corpus, *, seed: int = 0, dev: float | int = 0.05,
     if n_test + n_dev >= n:
         raise CogprobeError(f"{corpus.name} has {n} pairs, too few for test={n_test} + "
                             f"dev={n_dev} and a non-empty train split; ask for smaller splits")
-    rng = np.random.default_rng(seed)
     if by_document:
-        parts = _split_documents(corpus, rng, n_test, n_dev)
-    else:
-        order = rng.permutation(n)
-        parts = [order[n_test + n_dev:], order[n_test: n_test + n_dev], order[:n_test]]
+        _check_documents(corpus)
+    group = sentence_groups(corpus.pairs, by_document=by_document)
+    parts = _assign(group, np.random.default_rng(seed), n_test, n_dev)
+    if by_document and not (len(parts[1]) and len(parts[2])):
+        sizes = corpus.pairs["document"].value_counts()
+        raise CogprobeError(
+            f"{corpus.name} has {len(sizes)} documents ({', '.join(map(str, sorted(sizes)))} "
+            "pairs), too few to give train, dev and test whole documents; "
+            "split with by_document=False")
     train, dev_, test_ = (_subset(corpus, idx, s) for idx, s in zip(parts, ("train", "dev", "test")))
     return Splits(train, dev_, test_)
+
+
+def normalise(sentence: str) -> str:
+    """A sentence as the leak check compares it: NFKC, case-folded, letters, digits and marks only."""
+    text = unicodedata.normalize("NFKC", sentence).casefold()
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] in "LNM")
+
+
+def sentence_groups(pairs: pd.DataFrame, *, by_document: bool = False) -> np.ndarray:
+    """Group label of each pair: connected components of pairs that share a normalised pivot or
+    target (or a document), by union-find. A sentence that normalises to nothing links nothing."""
+    parent = np.arange(len(pairs))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    keys = [pairs["pivot"].map(normalise), pairs["target"].map(normalise)]
+    if by_document:
+        keys.append(pairs["document"].astype(str))
+    for column in keys:
+        first: dict[str, int] = {}
+        for i, key in enumerate(column):
+            if key:
+                parent[root(i)] = root(first.setdefault(key, i))
+    return np.array([root(i) for i in range(len(pairs))])
+
+
+def split_overlap(splits: Splits) -> dict[str, int]:
+    """Normalised pivot and target sentences found in two splits (0 for a split made here)."""
+    sets = {name: {side: set(getattr(splits, name).pairs[side].map(normalise)) - {""}
+                   for side in ("pivot", "target")} for name in ("train", "dev", "test")}
+    return {f"{a}-{b} {side}": len(sets[a][side] & sets[b][side])
+            for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")) for side in ("pivot", "target")}
 
 
 def _count(what: str, size: float | int, n: int) -> int:
@@ -249,35 +299,31 @@ def _count(what: str, size: float | int, n: int) -> int:
     return size
 
 
-def _split_documents(corpus: Corpus, rng: np.random.Generator,
-                     n_test: int, n_dev: int) -> list[np.ndarray]:
-    docs = corpus.pairs["document"]
-    sizes = docs.value_counts()
+def _check_documents(corpus: Corpus) -> None:
+    sizes = corpus.pairs["document"].value_counts()
     if len(sizes) == 1:
         raise CogprobeError(f"{corpus.name} has a single document "
                             f"({sizes.index[0]!r}); split with by_document=False")
-    names = np.array(sorted(sizes.index))
-    targets, assigned = [n_test, n_dev], [[], []]  # test, dev
-    counts, train = [0, 0], []
-    for doc in names[rng.permutation(len(names))]:
-        size = int(sizes[doc])
-        slot = next((i for i in (0, 1) if counts[i] + size <= targets[i]), None)
+
+
+def _assign(group: np.ndarray, rng: np.random.Generator, n_test: int, n_dev: int) -> list[np.ndarray]:
+    """[train, dev, test] row indices: whole groups, in a seeded order, test and dev filled first."""
+    labels, sizes = np.unique(group, return_counts=True)
+    size_of = dict(zip(labels.tolist(), sizes.tolist()))
+    targets, assigned, counts, train = [n_test, n_dev], [[], []], [0, 0], []
+    for g in labels[rng.permutation(len(labels))].tolist():
+        slot = next((i for i in (0, 1) if counts[i] + size_of[g] <= targets[i]), None)
         if slot is None:
-            train.append(doc)
+            train.append(g)
         else:
-            assigned[slot].append(doc)
-            counts[slot] += size
-    for i in (0, 1):  # nothing fitted: take the smallest document left, overshooting
+            assigned[slot].append(g)
+            counts[slot] += size_of[g]
+    for i in (0, 1):  # nothing fitted: take the smallest group left, overshooting
         if counts[i] == 0 and len(train) > 1:
-            doc = min(train, key=lambda d: (sizes[d], d))
-            train.remove(doc)
-            assigned[i].append(doc)
-    if not assigned[0] or not assigned[1]:
-        raise CogprobeError(
-            f"{corpus.name} has {len(names)} documents ({', '.join(map(str, sorted(sizes)))} "
-            "pairs), too few to give train, dev and test whole documents; "
-            "split with by_document=False")
-    where = lambda ds: np.flatnonzero(docs.isin(ds).to_numpy())  # noqa: E731
+            g = min(train, key=lambda x: (size_of[x], x))
+            train.remove(g)
+            assigned[i].append(g)
+    where = lambda gs: np.flatnonzero(np.isin(group, gs))  # noqa: E731
     return [where(train), where(assigned[1]), where(assigned[0])]
 
 

@@ -1,33 +1,48 @@
-"""Baseline evaluation: perception and production NLL of one model on held-out pairs."""
+"""Baseline evaluation: perception and production NLL of one model on an `EvalSet`, with the control.
+
+Each task is scored beside its shuffled-source control, so the table shows the
+conditional gain (how much of the model's prediction uses the source sentence).
+"""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from cogprobe import io
-from cogprobe.corpora import load_corpus, split_corpus
+from cogprobe import intervals, io
 from cogprobe.distributed import default_device
+from cogprobe.evalset import EvalSet
 from cogprobe.models import load_model
-from cogprobe.tasks import TASKS, build_examples, score
+from cogprobe.tasks import CONTROLS, TASKS, score, with_conditional_gain
+
+SCORED = (*TASKS, *CONTROLS)
 
 
-def evaluate(model: str | Path, corpus: str | Path = "axolotl", *, split: str = "test", limit: int | None = 128,
-             batch_size: int = 8, seed: int = 0, out: Path | None = None, **corpus_kwargs) -> pd.DataFrame:
-    """Score both tasks; one row per task (tidy). Writes `scores.csv` into `out` if given."""
-    data = getattr(split_corpus(load_corpus(corpus, **corpus_kwargs), seed=seed), split)
+def evaluate(model: str | Path, evalset: EvalSet, *, batch_size: int = 8, out: Path | None = None) -> pd.DataFrame:
+    """Score every task and control; one row per task (tidy) with 95% bootstrap intervals (the
+    conditional gain's paired over the same pairs), the evaluation set in `attrs`.
+
+    Writes `scores.csv` (and the set beside it in `scores.json`) into `out` if given."""
     lm, tokenizer = load_model(model)
     lm.to(default_device())
-    rows = []
-    for task in TASKS:
-        examples = build_examples(tokenizer, data, task, limit=limit)
+    examples = evalset.examples(tokenizer, SCORED)
+    rows, arms = [], {}
+    for task, ex in examples.items():
         start = time.perf_counter()
-        s = score(lm, examples, batch_size=batch_size)
-        rows.append(dict(model=str(model), corpus=str(corpus), target=data.target_name, split=split, task=task,
-                         nll=s.nll, n_tokens=s.n_tokens, n_pairs=len(examples),
+        s = score(lm, ex, batch_size=batch_size)
+        arms[task] = (np.array(s.example_nll), np.array(s.example_tokens, dtype=float))
+        nll = intervals.nll(arms, task)
+        rows.append(dict(model=str(model), corpus=evalset.corpus, split=evalset.split, task=task,
+                         nll=s.nll, nll_low=nll.low, nll_high=nll.high, n_tokens=s.n_tokens, n_pairs=len(ex),
                          seconds=round(time.perf_counter() - start, 2)))
-    table = pd.DataFrame(rows)
+    table = with_conditional_gain(pd.DataFrame(rows))
+    for control, task in CONTROLS.items():  # its interval: shuffled and true scored on the same pairs
+        gain = intervals.difference(arms, control, task)
+        table.loc[table["task"] == task, ["conditional_gain_low", "conditional_gain_high"]] = gain.low, gain.high
+    table.attrs["evalset"] = dict(evalset.to_dict(), **evalset.report(tokenizer))
     if out is not None:
+        io.write_json(Path(out) / "scores.json", table.attrs["evalset"])
         io.write_text(Path(out) / "scores.csv", table.to_csv(index=False))
     return table

@@ -98,7 +98,7 @@ def _from_selection(path: Path, n_layers: int) -> list[int]:
     try:
         sel = json.loads(path.read_text(encoding="utf-8"))
         layers, sel_n = sel["layers"], sel.get("n_layers", n_layers)
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):  # ValueError: not JSON, or not text at all
         raise CogprobeError(f"{path} is not a cogprobe selection file (needs a 'layers' list)") from None
     if sel_n != n_layers:
         raise CogprobeError(f"{path} was selected for a model with {sel_n} blocks, this one has {n_layers} blocks; select again for this model")

@@ -36,7 +36,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from cogprobe.errors import CogprobeError
+from cogprobe import io
+from cogprobe.intervals import sweep_intervals
 from cogprobe.io import atomic_path
+from cogprobe.tasks import CONTROLS, TASKS, with_conditional_gain
+from cogprobe.verdicts import comparison_table
 
 TASK_ORDER = ("perception", "production")
 DIRECTION_ORDER = ("input", "output", "both")
@@ -53,7 +57,7 @@ STAT_LABELS = {   # colourbar labels: short, since a row of panels may be short;
     "norm": "L2 norm per token",
     "logit_lens_nll": "NLL (nats/token)",
 }
-TABLES = ("sweeps.parquet", "activations.parquet", "train_log.parquet", "compare.parquet")
+TABLES = ("sweeps.parquet", "activations.parquet", "train_log.parquet", "compare.parquet", "scores.parquet")
 
 
 # ------------------------------------------------------------------ shared helpers
@@ -115,8 +119,9 @@ def _grid(nrows: int, ncols: int, *, w: float, h: float, **kw) -> tuple[Figure, 
 
 # ------------------------------------------------------------------ sweeps
 
-def _sweep_rows(sweeps: pd.DataFrame, mode: str, ends: bool | None) -> pd.DataFrame:
-    """The rows of one mode (and one `ends` setting), the latest row per configuration.
+def _sweep_rows(sweeps: pd.DataFrame, mode: str, ends: bool | None, controls: bool = False) -> pd.DataFrame:
+    """The rows of one mode (and one `ends` setting), the latest row per configuration; the
+    shuffled-source control tasks only if `controls`.
 
     A run folder's table may hold sweeps with and without the ends ablated; unless
     asked, the default (`ends=False`) is drawn. Rows repeated by a rerun are drawn
@@ -125,7 +130,7 @@ def _sweep_rows(sweeps: pd.DataFrame, mode: str, ends: bool | None) -> pd.DataFr
     _require(sweeps, SWEEP_COLUMNS, "sweeps", "write it with `cogprobe sweep RUN`")
     if mode == "keep-outer":
         raise CogprobeError("keep-outer rows have (k_in, k_out) pairs, not one k; plot mode revert or skip")
-    df = sweeps[sweeps["mode"] == mode]
+    df = sweeps[(sweeps["mode"] == mode) & (controls | ~sweeps["task"].isin(list(CONTROLS)))]
     if df.empty:
         raise CogprobeError(f"the sweeps table has no {mode!r} rows; run `cogprobe sweep RUN --mode {mode}`")
     if "ends" in df.columns:
@@ -166,7 +171,7 @@ def specialization_curves(sweeps: pd.DataFrame, mode: str = "revert", y: str = "
     dirs = _ordered(df["direction"], DIRECTION_ORDER)
     if y == "gain_retained":
         keep = df.groupby("checkpoint_step")["gain_retained"].transform(lambda v: v.notna().any())
-        df = df[keep]
+        df = sweep_intervals(df[keep])  # bands where the table has per-example scores
     steps = sorted(df["checkpoint_step"].unique())
     colors = _step_colors(steps)
     fig, axes = _grid(len(tasks), len(dirs), w=4.2, h=3.0, sharex=True, sharey=(y == "gain_retained") or "row")
@@ -179,7 +184,9 @@ def specialization_curves(sweeps: pd.DataFrame, mode: str = "revert", y: str = "
     _step_key(fig, axes, colors)
     what = "gain retained" if y == "gain_retained" else "task NLL"
     verb = "reverted" if mode == "revert" else "skipped"
-    fig.suptitle(f"Specialization curves ({mode}): {what} with k blocks {verb}{_ends_note(df)}")
+    band = "\n(bands: 95% bootstrap intervals over the pairs)" if "gain_retained_low" in df.columns and \
+        df["gain_retained_low"].notna().any() else ""
+    fig.suptitle(f"Specialization curves ({mode}): {what} with k blocks {verb}{band}{_ends_note(df)}")
     return fig
 
 
@@ -191,10 +198,15 @@ def _curve_panel(ax, df: pd.DataFrame, y: str, colors: dict) -> None:
     for step, g in df.groupby("checkpoint_step"):
         g = g.sort_values("k")
         ax.plot(g["k"], g[y], color=colors[step], marker="o", markersize=3, lw=1.5, label=f"step {step}")
+        if f"{y}_low" in g.columns and g[f"{y}_low"].notna().any():
+            ax.fill_between(g["k"], g[f"{y}_low"], g[f"{y}_high"], color=colors[step], alpha=0.15, lw=0)
     if y == "gain_retained":
         ax.axhline(1.0, color="0.3", ls="--", lw=1, label="_checkpoint")
         ax.axhline(0.0, color="0.6", ls=":", lw=1, label="_reference")
-        _clip_shares(ax, df[y])
+        bands = [df[c] for c in (f"{y}_low", f"{y}_high") if c in df.columns]
+        _clip_shares(ax, pd.concat([df[y], *bands]))
+    elif y == "conditional_gain":
+        ax.axhline(0.0, color="0.6", ls=":", lw=1, label="_no use of the source")
     else:
         ax.axhline(float(df["nll_reference"].mean()), color="0.3", ls="--", lw=1, label="_reference")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -207,7 +219,7 @@ def _clip_shares(ax, values: pd.Series, lo: float = -1.0, hi: float = 2.0) -> No
     if v.empty or (v.min() >= lo and v.max() <= hi):
         return
     ax.set_ylim(max(lo, min(-0.1, v.min())) - 0.05, min(hi, max(1.1, v.max())) + 0.05)
-    ax.text(0.99, 0.02, f"values outside [{lo:g}, {hi:g}] run off the chart", transform=ax.transAxes,
+    ax.text(0.99, 0.02, f"values or bands outside [{lo:g}, {hi:g}] run off the chart", transform=ax.transAxes,
             ha="right", va="bottom", fontsize="x-small", color="0.35")
 
 
@@ -232,6 +244,31 @@ def _step_key(fig: Figure, axes: np.ndarray, colors: dict) -> None:
 
 
 @_styled
+def conditional_gain_curves(sweeps: pd.DataFrame, mode: str = "revert", ends: bool | None = None) -> Figure:
+    """Conditional gain (NLL with shuffled sources - NLL with the true ones) against k, one line per
+    checkpoint; rows = task, columns = direction. How much of the model's use of the source survives
+    ablating k blocks; needs a sweep of the `-shuffled` control tasks."""
+    df = with_conditional_gain(_sweep_rows(sweeps, mode, ends, controls=True), ("checkpoint_step", "direction", "k"))
+    df = df[df["task"].isin(TASKS)]
+    if df["conditional_gain"].isna().all():
+        raise CogprobeError("the sweeps table has no shuffled-source controls; sweep with --tasks "
+                            + ",".join([*TASKS, *CONTROLS]))
+    tasks, dirs = _ordered(df["task"], TASK_ORDER), _ordered(df["direction"], DIRECTION_ORDER)
+    colors = _step_colors(sorted(df["checkpoint_step"].unique()))
+    fig, axes = _grid(len(tasks), len(dirs), w=4.2, h=3.0, sharex=True, sharey="row")
+    for (i, task), (j, d) in ((a, b) for a in enumerate(tasks) for b in enumerate(dirs)):
+        ax = axes[i, j]
+        _curve_panel(ax, df[(df["task"] == task) & (df["direction"] == d)], "conditional_gain", colors)
+        ax.set_title(f"{task} · {d} end")
+        ax.set_xlabel(_k_label(mode, d) if i == len(tasks) - 1 else "")
+        ax.set_ylabel("conditional gain (nats/token)")
+    _step_key(fig, axes, colors)
+    fig.suptitle(f"Use of the source ({mode}): NLL(shuffled source) − NLL(true source) with k blocks "
+                 f"{'reverted' if mode == 'revert' else 'skipped'}{_ends_note(df)}")
+    return fig
+
+
+@_styled
 def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = "revert", value: str = "gain_retained",
                             ends: bool | None = None) -> Figure:
     """A task × direction grid of checkpoint × k heatmaps with one shared colourbar.
@@ -250,7 +287,9 @@ def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = "revert", value: s
         label = "NLL − step-0 NLL (nats/token)\n< 0: better than step 0"
         empty = "no data"
     else:
+        df = sweep_intervals(df)  # per-example scores give each cell its interval
         df["shown"] = df["gain_retained"]
+        df["resolved"] = (df["gain_retained_low"] > 0) & (df["gain_retained_high"] < 1)
         ref = df.groupby("checkpoint_step")["shown"].transform(lambda v: v.isna().all())
         df = df[~(ref & (df["checkpoint_step"] == df["checkpoint_step"].min()))]   # step 0: no gain
         cmap, vmin, vmax = "viridis", 0.0, 1.0
@@ -265,6 +304,9 @@ def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = "revert", value: s
         grid = df[(df["task"] == task) & (df["direction"] == d)].pivot(
             index="checkpoint_step", columns="k", values="shown")
         mesh = _heat(ax, grid, cmap, vmin, vmax, empty=empty) or mesh
+        if "resolved" in df.columns and mesh is not None:
+            _mark(ax, df[(df["task"] == task) & (df["direction"] == d)].pivot(
+                index="checkpoint_step", columns="k", values="resolved").reindex_like(grid))
         ax.set_title(f"{task} · {d} end")
         ax.set_xlabel(_k_label(mode, d) if i == len(tasks) - 1 else "")
         ax.set_ylabel("checkpoint step" if j == 0 else "")
@@ -275,8 +317,10 @@ def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = "revert", value: s
             [(bool((shown < vmin - 1e-6).any()), bool((shown > vmax + 1e-6).any()))])
         fig.colorbar(mesh, ax=axes.ravel().tolist(), label=label, extend=extend, shrink=0.8)
     _nan_note(fig, df["shown"], "undefined (the checkpoint did not improve on step 0) or not measured")
+    dots = "resolved" in df.columns and bool(df["resolved"].any())
+    note = "\n(dot: the cell's 95% interval excludes both 0 and 1)" if dots else ""
     what = "gain retained" if value == "gain_retained" else "NLL change"
-    fig.suptitle(f"Where the adaptation lives ({mode}): {what} by checkpoint and k{_ends_note(df)}")
+    fig.suptitle(f"Where the adaptation lives ({mode}): {what} by checkpoint and k{note}{_ends_note(df)}")
     return fig
 
 
@@ -294,6 +338,12 @@ def _heat(ax, grid: pd.DataFrame, cmap: str, vmin: float, vmax: float, empty: st
     ax.tick_params(axis="x", rotation=0)
     ax.tick_params(axis="y", rotation=0)
     return ax.collections[0]
+
+
+def _mark(ax, flags: pd.DataFrame) -> None:
+    """A dot on every cell whose flag is True (cells in the heatmap's row/column order)."""
+    rows, cols = np.nonzero(flags.fillna(False).to_numpy(bool))
+    ax.scatter(cols + 0.5, rows + 0.5, s=4, c="white", edgecolors="0.2", linewidths=0.3, zorder=3)
 
 
 def _nan_note(fig: Figure, values: pd.Series, why: str) -> None:
@@ -416,11 +466,12 @@ def _human(n: float) -> str:
 
 
 @_styled
-def comparison_bars(compare: pd.DataFrame, metric: str = "nll") -> Figure:
+def comparison_bars(compare: pd.DataFrame, metric: str = "nll", intervals: pd.DataFrame | None = None) -> Figure:
     """Share of the full fine-tuning gain each strategy retains, perception and production.
 
     `metric="nll"` uses `{task}_share`, `metric="chrf"` uses `chrf_{task}_share`.
-    Several rows per strategy (seeds) give mean bars with ±1 std error bars. Dashed
+    Several rows per strategy (seeds) give mean bars with ±1 std error bars; one seed
+    and `intervals` (`verdicts.comparison_table`) give 95% bootstrap error bars. Dashed
     lines mark full fine-tuning (1.0) and 97 % of it; tick labels carry each
     strategy's trainable parameter count.
     """
@@ -439,6 +490,8 @@ def comparison_bars(compare: pd.DataFrame, metric: str = "nll") -> Figure:
                 palette=palette, errorbar="sd" if seeds else None, capsize=0.15 if seeds else 0)
     for container in ax.containers:   # values inside the bars, clear of the error bars
         ax.bar_label(container, fmt="%.2f", label_type="center", fontsize="x-small", color="white")
+    if intervals is not None and not seeds and metric == "nll":
+        _interval_bars(ax, intervals, order)
     ax.axhline(1.0, color="0.2", ls="--", lw=1, label="full fine-tuning (1.0)")
     ax.axhline(0.97, color="0.55", ls="--", lw=1, label="97 % of full fine-tuning")
     ax.axhline(0.0, color="0.2", lw=0.8)
@@ -449,9 +502,23 @@ def comparison_bars(compare: pd.DataFrame, metric: str = "nll") -> Figure:
     ax.get_legend().remove()
     fig.legend(handles, labels, loc="outside lower center", ncols=4, fontsize="small")
     n = int(compare.groupby("strategy").size().max())
-    spread = f"; mean ± sd of {n} seeds" if seeds else ""
+    spread = f"; mean ± sd of {n} seeds" if seeds else (
+        "; 95% bootstrap intervals" if intervals is not None and metric == "nll" else "")
     fig.suptitle(f"How much of full fine-tuning each strategy buys ({what} on the test split{spread})")
     return fig
+
+
+def _interval_bars(ax, intervals: pd.DataFrame, order: list[str]) -> None:
+    """Error bars from the share intervals, on the bars seaborn drew (one container per task)."""
+    shares = intervals[intervals["quantity"] == "share"].set_index(["strategy", "task"])
+    for container, task in zip(ax.containers, TASK_ORDER):
+        for patch, strategy in zip(container, order):
+            if (strategy, task) not in shares.index:
+                continue
+            r = shares.loc[(strategy, task)]
+            x = patch.get_x() + patch.get_width() / 2
+            ax.errorbar(x, r["estimate"], yerr=[[r["estimate"] - r["low"]], [r["high"] - r["estimate"]]],
+                        fmt="none", ecolor="0.15", capsize=3, lw=1)
 
 
 def _param_labels(compare: pd.DataFrame, order: list[str]) -> list[str]:
@@ -472,8 +539,8 @@ def plot_run(run_dir: str | os.PathLike, *, dpi: int = 150) -> list[Path]:
     run = Path(run_dir)
     if not run.is_dir():
         raise CogprobeError(f"no run folder at {run}; give the folder that `cogprobe train` or `cogprobe run` wrote")
-    tables = {name: run / name for name in TABLES if (run / name).is_file()}
-    if not tables:
+    tables = {name: io.read_parquet(run / name) for name in TABLES if (run / name).is_file()}  # all read (and
+    if not tables:  # checked) before the first figure is drawn, so a damaged table leaves no figure behind
         raise CogprobeError(f"no tables to plot in {run}; run `cogprobe sweep {run}` first")
     out = run / "figures"
     written = []
@@ -482,10 +549,10 @@ def plot_run(run_dir: str | os.PathLike, *, dpi: int = 150) -> list[Path]:
     return written
 
 
-def _figures_for(tables: dict[str, Path]):
+def _figures_for(tables: dict[str, pd.DataFrame]):
     """(file stem, thunk) for each figure the present tables can feed."""
     if "sweeps.parquet" in tables:
-        sw = pd.read_parquet(tables["sweeps.parquet"])
+        sw = tables["sweeps.parquet"]
         modes = set(sw["mode"]) if "mode" in sw.columns else set()
         for mode in ("revert", "skip"):
             if mode not in modes:
@@ -493,8 +560,10 @@ def _figures_for(tables: dict[str, Path]):
             for y in (("gain_retained", "nll") if mode == "revert" else ("nll",)):
                 yield f"specialization_curves_{mode}_{y}", functools.partial(specialization_curves, sw, mode, y)
                 yield f"specialization_heatmap_{mode}_{y}", functools.partial(specialization_heatmaps, sw, mode, y)
+            if sw["task"].isin(list(CONTROLS)).any():
+                yield f"conditional_gain_{mode}", functools.partial(conditional_gain_curves, sw, mode)
     if "activations.parquet" in tables:
-        acts = pd.read_parquet(tables["activations.parquet"])
+        acts = tables["activations.parquet"]
         stats = set(acts["stat"]) if "stat" in acts.columns else set()
         if "logit_lens_nll" in stats:
             yield "logit_lens", functools.partial(logit_lens_heatmap, acts)
@@ -502,12 +571,16 @@ def _figures_for(tables: dict[str, Path]):
             if stat in stats:
                 yield f"{stat}_heatmap", functools.partial(drift_heatmap, acts, stat)
     if "train_log.parquet" in tables:
-        log = pd.read_parquet(tables["train_log.parquet"])
+        log = tables["train_log.parquet"]
         if not log.empty:
             yield "training_curve", functools.partial(training_curve, log)
     if "compare.parquet" in tables:
-        cmp = pd.read_parquet(tables["compare.parquet"])
-        yield "comparison_nll", functools.partial(comparison_bars, cmp, "nll")
+        cmp = tables["compare.parquet"]
+        bars = None
+        if "scores.parquet" in tables and "seed" in cmp.columns:
+            bars = comparison_table(tables["scores.parquet"], list(cmp[["strategy", "seed"]].itertuples(
+                index=False, name=None)))
+        yield "comparison_nll", functools.partial(comparison_bars, cmp, "nll", bars)
         chrf = [c for c in ("chrf_perception_share", "chrf_production_share") if c in cmp.columns]
         if len(chrf) == 2 and cmp[chrf].notna().any().any():
             yield "comparison_chrf", functools.partial(comparison_bars, cmp, "chrf")

@@ -1,8 +1,9 @@
 """Probing a run folder: sweeps, capture and layer selection, each writing its table there.
 
-These are the functions behind `cogprobe sweep|capture|select RUN`. They read the
-evaluation data from the run's manifest (same corpus, columns and split seed as
-training; held-out pairs), so a run folder is all they need. Any other
+These are the functions behind `cogprobe sweep|capture|select RUN`. They score an
+`EvalSet` (see `evalset`) built from the run's manifest (same corpus, columns and
+split as training; a sample of the dev split by default, since what they find
+drives decisions), so a run folder is all they need. Any other
 checkpoint source (an HF Trainer folder, a list of model folders) works too,
 given the corpus and an `out` folder.
 
@@ -19,7 +20,6 @@ requests and data fail before anything is written.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -31,47 +31,19 @@ from cogprobe.backends import check_sites
 from cogprobe.blocks import find_blocks
 from cogprobe.capture import ACTIVATIONS, capture
 from cogprobe.checkpoints import MANIFEST, Checkpoints
-from cogprobe.corpora import load_corpus, split_corpus
 from cogprobe.distributed import World, default_device, world
+from cogprobe.evalset import EvalSet
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import check_fraction
-from cogprobe.select import Selection, select_budget, select_curves, select_fixed
+from cogprobe.select import (Selection, budget_decider, curves_decider, select_budget, select_curves,
+                             select_fixed)
+from cogprobe.stability import stability
 from cogprobe.sweep import DIRECTIONS, FastEngine, sweep, sweep_configs
-from cogprobe.tasks import TASKS, batches, build_examples
+from cogprobe.tasks import TASKS, batches
 from cogprobe.trainconfig import NOT_IDENTITY
 
 SWEEPS = "sweeps.parquet"
 SELECTION = "selection.json"
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    """Which held-out pairs a probe scores: recorded beside each table it writes."""
-    corpus: str = "axolotl"
-    split: str = "test"
-    limit: int = 32                 # pairs per task
-    max_sentence_tokens: int = 32
-    split_seed: int = 0
-    pivot_col: str | None = None
-    target_col: str | None = None
-
-    @classmethod
-    def for_run(cls, source, **overrides) -> "EvalSet":
-        """The run's own corpus settings (from manifest.json), with `overrides` on top."""
-        manifest = Path(source) / MANIFEST if isinstance(source, (str, Path)) else None
-        base = {}
-        if manifest is not None and manifest.is_file():
-            cfg = io.read_json(manifest)["config"]
-            base = dict(corpus=str(cfg["corpus"]), split_seed=cfg.get("split_seed", 0),
-                        pivot_col=cfg.get("pivot_col"), target_col=cfg.get("target_col"))
-        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
-
-    def examples(self, tokenizer, tasks: Sequence[str] = TASKS) -> dict:
-        data = split_corpus(load_corpus(self.corpus, pivot_col=self.pivot_col, target_col=self.target_col),
-                            seed=self.split_seed)
-        part = getattr(data, self.split)
-        return {t: build_examples(tokenizer, part, t, limit=self.limit,
-                                  max_sentence_tokens=self.max_sentence_tokens) for t in tasks}
 
 
 def open_checkpoints(source, base=None, device=None) -> Checkpoints:
@@ -106,20 +78,23 @@ def _claim_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrit
     Every process checks (so all fail alike); the main one writes, the others wait for it.
     """
     _check_table(out, table, evalset, source, overwrite)
+    for part in w.parts(out / table) if not overwrite else ():  # a damaged part stops every rank alike
+        if part.exists():
+            io.read_parquet(part)
     if w.is_main:
         _start_table(out, table, evalset, source, overwrite)
     w.barrier()
 
 
 def _want(evalset: EvalSet, source: dict) -> dict:
-    return json.loads(json.dumps(dict(asdict(evalset), source=source), default=str))
+    return json.loads(json.dumps(dict(evalset.to_dict(), source=source), default=str))
 
 
 def _check_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite: bool) -> None:
     meta_path = out / f"{table}.json"
     want = _want(evalset, source)
-    if (out / table).exists() and meta_path.exists() and not overwrite:
-        have = io.read_json(meta_path)
+    if (out / table).exists() and not overwrite:
+        have = io.read_json(meta_path)  # a table without its metadata is refused too: where are its rows from?
         if have != want:
             diff = sorted(k for k in want if have.get(k) != want[k])
             raise CogprobeError(f"{out / table} holds rows of other checkpoints or another evaluation set (differs "
@@ -132,7 +107,7 @@ def _start_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrit
     if overwrite:
         (out / table).unlink(missing_ok=True)
         _drop_parts(out / table)
-    if not meta_path.exists() or io.read_json(meta_path) != want:
+    if overwrite or not meta_path.exists() or io.read_json(meta_path) != want:  # overwrite: even a damaged one
         io.write_json(meta_path, want)
 
 
@@ -142,7 +117,7 @@ def _drop_parts(path: Path) -> None:
 
 
 def _steps_in(path: Path) -> set[int]:
-    return set(pd.read_parquet(path)["checkpoint_step"].unique()) if path.exists() else set()
+    return set(io.read_parquet(path)["checkpoint_step"].unique()) if path.exists() else set()
 
 
 def _merge_parts(path: Path, w: World, todo: Sequence[int], tasks: Sequence[str] = (), keep=None) -> None:
@@ -154,7 +129,7 @@ def _merge_parts(path: Path, w: World, todo: Sequence[int], tasks: Sequence[str]
     """
     w.barrier()
     if w.size > 1 and w.is_main:
-        frames = [t for t in (pd.read_parquet(p) for p in w.parts(path) if p.exists()) if len(t)]
+        frames = [t for t in (io.read_parquet(p) for p in w.parts(path) if p.exists()) if len(t)]
         if frames:
             rows = pd.concat(frames, ignore_index=True)
             rows = rows[rows["checkpoint_step"].isin(todo) & (keep(rows) if keep else True)]
@@ -183,6 +158,7 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
     reference, tok = ckpts.base()
     configs = sweep_configs(find_blocks(reference).n, mode=mode, directions=directions, ks=ks, ends=ends)
     examples = evalset.examples(tok, tasks)
+    _say_set(evalset, tok, w, log)
     _claim_table(out, SWEEPS, evalset, _source_id(source, ckpts), overwrite, w)
     path = out / SWEEPS
     done = _done_steps(path, mode, ends, _grid(tasks, configs))
@@ -190,7 +166,7 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
     if not todo:
         if w.is_main:
             log(f"sweep: every checkpoint of {out} is already in {SWEEPS}")
-        return pd.read_parquet(path)
+        return io.read_parquet(path)
     part, share = w.part(path), w.chunk(configs)
     mine = [s for s in todo if s not in _done_steps(part, mode, ends, _grid(tasks, share))]
 
@@ -203,7 +179,14 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
         sweep(ckpts, examples, mode=mode, configs=share, engine=engine, batch_size=batch_size,
               steps=mine, on_checkpoint=save)
     _merge_parts(path, w, todo, list(examples), keep=lambda t: (t["mode"] == mode) & (t["ends"] == ends))
-    return pd.read_parquet(path)
+    return io.read_parquet(path)
+
+
+def _say_set(evalset: EvalSet, tok, w: World, log) -> None:
+    if w.is_main:
+        r = evalset.report(tok)
+        log(f"scoring {r['sampled']} {evalset.split} pairs per task from {r['documents']} documents "
+            f"({r['dropped_long']} of {r['split_pairs']} left out: a side over {evalset.max_sentence_tokens} tokens)")
 
 
 def _grid(tasks, configs) -> set[tuple]:
@@ -214,7 +197,7 @@ def _done_steps(path: Path, mode: str, ends: bool, want: set[tuple]) -> set[int]
     """Steps already swept (same mode, ends); refused if their (task, direction, k) rows are not `want`."""
     if not path.exists():
         return set()
-    t = pd.read_parquet(path)
+    t = io.read_parquet(path)
     t = t[(t["mode"] == mode) & (t["ends"] == ends)]
     for step, rows in t.groupby("checkpoint_step"):
         if set(zip(rows["task"], rows["direction"], rows["k"].astype(int))) != want:
@@ -237,6 +220,7 @@ def capture_run(source, *, sites: Sequence[str] = ("resid",), backend: str = "to
     evalset = evalset or EvalSet.for_run(source)
     check_sites(sites)
     examples = evalset.examples(ckpts.base()[1])  # bad data fails before anything is written
+    _say_set(evalset, ckpts.base()[1], w, log)
     _claim_table(out, ACTIVATIONS, evalset, _source_id(source, ckpts), overwrite, w)
     path = out / ACTIVATIONS
     done = _steps_in(path)
@@ -244,14 +228,14 @@ def capture_run(source, *, sites: Sequence[str] = ("resid",), backend: str = "to
     if not todo:
         if w.is_main:
             log(f"capture: every checkpoint of {out} is already in {ACTIVATIONS}")
-        return pd.read_parquet(path)
+        return io.read_parquet(path)
     part = w.part(path)
     mine = [s for s in w.share(todo) if s not in _steps_in(part)]
     if mine:
         _capture_steps(ckpts, mine, examples, part, sites=sites, backend=backend, batch_size=batch_size,
                        log=log if w.is_main else lambda _: None)
     _merge_parts(path, w, todo)
-    return pd.read_parquet(path)
+    return io.read_parquet(path)
 
 
 def _capture_steps(ckpts: Checkpoints, steps, examples, path: Path, *, sites, backend, batch_size, log) -> None:
@@ -281,21 +265,41 @@ def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: floa
     ckpts = open_checkpoints(source, base, device)
     out = _out_dir(source, out)
     n_layers = ckpts.base()[0].config.get_text_config().num_hidden_layers
+    record: dict = {}
     if rule == "fixed":
         selection = select_fixed(n_layers, fraction)
     elif rule == "curves":
         if not (out / SWEEPS).exists():
             raise CogprobeError(f"no {SWEEPS} in {out}; run `cogprobe sweep {source}` first, or use --rule fixed")
-        selection = select_curves(pd.read_parquet(out / SWEEPS), tau=tau, step=step, input_task=input_task,
-                                  output_task=output_task, n_layers=n_layers, criterion=criterion)
+        sweeps = io.read_parquet(out / SWEEPS)
+        selection = select_curves(sweeps, tau=tau, step=step, input_task=input_task, output_task=output_task,
+                                  n_layers=n_layers, criterion=criterion)
+        meta = out / f"{SWEEPS}.json"
+        record["evalset"] = {k: v for k, v in io.read_json(meta).items() if k != "source"} if meta.is_file() else None
+        rows = sweeps[(sweeps["mode"] == "revert") & (sweeps["checkpoint_step"] == selection.params["step"])]
+        selection.stability = _stability(curves_decider(tau, input_task=input_task, output_task=output_task,
+                                                        n_layers=n_layers, criterion=criterion), selection, rows)
     else:
-        selection = _budget(ckpts, n_layers, tau=tau, step=step, max_total=max_total, batch_size=batch_size,
-                            evalset=evalset or EvalSet.for_run(source), log=log)
-    io.write_json(out / name, selection.to_json())
+        evalset = evalset or EvalSet.for_run(source)
+        selection, rows = _budget(ckpts, n_layers, tau=tau, step=step, max_total=max_total, batch_size=batch_size,
+                                  evalset=evalset, log=log)
+        record["evalset"] = evalset.to_dict()
+        pairs = [(c["k_in"], c["k_out"]) for c in selection.candidates]
+        selection.stability = _stability(budget_decider(tau, selection.params["tasks"], pairs), selection, rows)
+    io.write_json(out / name, {**selection.to_json(), **record})
     return selection
 
 
-def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_size, evalset, log) -> Selection:
+def _stability(decide, selection: Selection, rows: pd.DataFrame) -> dict | None:
+    """The rule rerun on resamples of the probe pairs (None for tables written before per-example scores)."""
+    if "example_nll" not in rows.columns or rows["example_nll"].isna().any():
+        return None
+    return stability(decide, rows.reset_index(drop=True), (selection.k_in, selection.k_out))
+
+
+def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_size, evalset,
+            log) -> tuple[Selection, pd.DataFrame]:
+    """The budget set and every keep-outer row it scored (their per-example scores feed the stability check)."""
     step = ckpts.steps[-1] if step is None else step
     if step == ckpts.reference_step:
         raise CogprobeError("the budget rule needs a trained checkpoint besides the reference; train longer "
@@ -305,10 +309,13 @@ def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_si
     examples = evalset.examples(tok)
     runner = FastEngine(ref)  # one engine for the whole search: reference prefixes are scored once
 
+    scored = []
+
     def evaluate(pairs):
         log(f"select: scoring {len(pairs)} candidate(s) of size {sum(pairs[0])}")
         t = sweep([(ckpts.reference_step, ref), (step, model)], examples, mode="keep-outer", keep_outer=pairs,
                   batch_size=batch_size, steps=[step], runner=runner)
-        return t[t["checkpoint_step"] == step]
+        scored.append(t[t["checkpoint_step"] == step])
+        return scored[-1]
 
-    return select_budget(evaluate, n_layers, tau=tau, max_total=max_total)
+    return select_budget(evaluate, n_layers, tau=tau, max_total=max_total), pd.concat(scored, ignore_index=True)

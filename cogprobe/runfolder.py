@@ -10,18 +10,20 @@ pickled: `torch.load` of an untrusted file can run code.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
 from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import torch
 
 from cogprobe import io
-from cogprobe.checkpoints import (CHECKPOINTS, MANIFEST, drop_resume_state, has_resume_state, own_steps,
+from cogprobe.checkpoints import (CHECKPOINTS, MANIFEST, META, RESUME, check, drop_resume_state, own_steps,
                                   read_resume_state, step_dir)
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import to_string
@@ -50,16 +52,28 @@ def lock(out: Path, log=print) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        log(f"waiting for another process that is training into {out} ...")
+        log(f"waiting for another cogprobe process that is writing into {out} ...")
         fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
+
+
+@contextlib.contextmanager
+def locked(folder: Path, log=print) -> Iterator[None]:
+    """`lock` held for the span of a block, when `folder` exists already (a new one has no writer yet):
+    two sweeps, captures or selections into one folder would each rewrite the other's table."""
+    fd = lock(folder, log) if Path(folder).is_dir() else None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
     """Decide what to do with `out`: the step to start from, or None if this run is finished."""
     out = Path(out)
     identity = _jsonable(dict(cfg.identity(), base_fingerprint=fingerprint))
-    if (out / MANIFEST).is_file():
+    if (out / MANIFEST).is_file() and not cfg.overwrite:  # --overwrite replaces even a damaged manifest
         old = io.read_json(out / MANIFEST)
         old_identity = {k: v for k, v in old.get("config", {}).items() if k not in NOT_IDENTITY}
         old_identity["base_fingerprint"] = old.get("base", {}).get("fingerprint")
@@ -77,7 +91,7 @@ def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
             raise CogprobeError(f"{out} holds a different run (differs in {', '.join(diff)}); choose another "
                                 "--out or pass --overwrite to replace it")
     elif out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise CogprobeError(f"{out} is not empty and holds no cogprobe run; choose an empty or new --out "
+        raise CogprobeError(f"{out} is not empty and holds no cogprobe run (no manifest.json); choose an empty or new --out "
                             "folder, or pass --overwrite (only cogprobe's own files are replaced)")
     if main:
         io.make_dir(out)  # first: a file in the way fails here, as one line
@@ -88,14 +102,21 @@ def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
 
 
 def _resume_from(out: Path, main: bool) -> int:
-    """The last checkpoint with resume state (0 if none); later log rows and leftovers removed."""
-    start = max((s for s, p in own_steps(out) if has_resume_state(p)), default=0)
+    """The last checkpoint with resume state (0 if none); later log rows and leftovers removed.
+
+    What the rerun reads is checked first (that checkpoint, its optimizer state, the log), so a damaged
+    file fails in one line before anything in the folder is changed."""
+    start = max((s for s, p in own_steps(out) if (p / RESUME).is_dir()), default=0)
+    if start:
+        path = step_dir(out, start)
+        check(path, io.read_json(path / META))
+        io.read_json(path / RESUME / "state.json")
+    log = out / LOG
+    table = io.read_parquet(log) if start or log.is_file() else None  # a run with checkpoints has its log
     if main:
         for leftover in (out / CHECKPOINTS).glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
-        log = out / LOG
-        if log.is_file():
-            table = pd.read_parquet(log)
+        if table is not None:
             io.write_parquet(log, table[table["step"] <= start])
     return start
 
@@ -163,13 +184,12 @@ def load_optimizer_state(optimizer, path: Path, names: list[str]) -> dict:
     return info
 
 
-def write_cost(out: Path, n_trainable: int, optimizer, peak_memory: int, memory_kind: str,
-               tokens_per_step: int) -> dict:
+def write_cost(out: Path, n_trainable: int, optimizer, peak_memory: int, memory_kind: str) -> dict:
     """cost.json from the optimizer's state tensors and the log's timings (all sessions)."""
     state = _inner(optimizer).state
     opt_bytes = sum(t.numel() * t.element_size() for s in state.values() for t in s.values()
                     if torch.is_tensor(t))
-    log = pd.read_parquet(out / LOG) if (out / LOG).is_file() else pd.DataFrame(columns=["seconds", "tokens"])
+    log = io.read_parquet(out / LOG) if (out / LOG).is_file() else pd.DataFrame(columns=["seconds", "tokens"])
     previous = io.read_json(out / COST) if (out / COST).is_file() else {}
     seconds = float(log["seconds"].sum())
     cost = dict(
@@ -177,7 +197,9 @@ def write_cost(out: Path, n_trainable: int, optimizer, peak_memory: int, memory_
         peak_memory_bytes=max(peak_memory, previous.get("peak_memory_bytes", 0)),
         peak_memory_kind=memory_kind,
         sec_per_step=seconds / len(log) if len(log) else None,
-        tokens_per_sec=tokens_per_step * len(log) / seconds if seconds else None,
+        tokens_per_sec=float(log["step_tokens"].sum()) / seconds if seconds and "step_tokens" in log else None,
+        tokens_total=int(log["step_tokens"].sum()) if "step_tokens" in log else None,
+        loss_tokens_total=int(log["loss_tokens"].sum()) if "loss_tokens" in log else None,
         steps_logged=len(log), seconds_total=seconds,
     )
     io.write_json(out / COST, cost)

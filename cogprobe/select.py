@@ -52,13 +52,14 @@ class Selection:
     k_out: int
     evidence: dict                  # the values that decided, per rule
     candidates: list[dict] = field(default_factory=list)  # budget: every evaluated candidate
+    stability: dict | None = None   # the rule on resamples of the probe pairs (see `stability`)
 
     def to_json(self) -> dict:
         """Everything above plus the ready-to-use forms for `cogprobe train` and peft."""
         return dict(rule=self.rule, params=self.params, n_layers=self.n_layers, layers=list(self.layers),
                     k_in=self.k_in, k_out=self.k_out, fraction=len(self.layers) / self.n_layers,
                     layers_arg=to_string(self.layers), layers_to_transform=list(self.layers),
-                    evidence=self.evidence, candidates=self.candidates)
+                    evidence=self.evidence, candidates=self.candidates, stability=self.stability)
 
     def table(self) -> str:
         """A short evidence table for the CLI."""
@@ -254,3 +255,35 @@ def _score_candidates(table: pd.DataFrame, pairs: list[tuple[int, int]], tasks: 
         low = min(shares.values())
         out.append(dict(k_in=k_in, k_out=k_out, shares=shares, min_share=low, passed=low >= tau * (1 - EPS)))
     return out
+
+
+def curves_decider(tau: float, **kw) -> Callable:
+    """For `stability`: the curves rule on a resampled sweep, and whether the chosen k of each end
+    still keeps tau there."""
+    def decide(table: pd.DataFrame, chosen: tuple[int, int]):
+        try:
+            s = select_curves(table, tau=tau, **kw)
+        except CogprobeError:
+            return None, False
+        shares = [{c["k"]: c["share"] for c in e["curve"]} for e in s.evidence["ends"]]
+        ok = all(sh.get(k, -math.inf) >= tau * (1 - EPS) for sh, k in zip(shares, chosen))
+        return (s.k_in, s.k_out), ok
+    return decide
+
+
+def budget_decider(tau: float, tasks: Sequence[str], pairs: list[tuple[int, int]]) -> Callable:
+    """For `stability`: the budget rule over the candidates it scored (smallest passing size, the best
+    worst-task share within it), and whether the chosen candidate still passes."""
+    def decide(table: pd.DataFrame, chosen: tuple[int, int]):
+        try:
+            scored = _score_candidates(table, pairs, list(tasks), tau)
+        except CogprobeError:
+            return None, False
+        passed = [c for c in scored if c["passed"]]
+        ok = any(c["passed"] and (c["k_in"], c["k_out"]) == tuple(chosen) for c in scored)
+        if not passed:
+            return None, ok
+        size = min(c["k_in"] + c["k_out"] for c in passed)
+        best = max((c for c in passed if c["k_in"] + c["k_out"] == size), key=lambda c: (c["min_share"], -c["k_in"]))
+        return (best["k_in"], best["k_out"]), ok
+    return decide

@@ -4,13 +4,18 @@
 folder and skipped when they are already there, so rerunning the same command
 continues an interrupted study and redoes nothing that finished:
 
-  1. baseline     base model's NLL and chrF on the test split     baseline.csv
+  1. baseline     base model's NLL, control and chrF on test      baseline.csv
   2. tune full    full fine-tuning with checkpoints (first seed)  runs/full-s{seed}/
   3. probe        revert sweeps and capture on its checkpoints    sweeps.parquet, activations.parquet
   4. select       the fixed CogSym set and the derived budget set selection-fixed.json, selection-budget.json
   5. tune         every comparison row, same base/data/steps/seed runs/{strategy}-s{seed}/
-  6. compare      NLL and chrF of each run, shares of full FT     compare.parquet
+  6. compare      NLL, control and chrF of each run on test       compare.parquet
   7. report       figures and the plain-language report           figures/, report.md, report.html
+
+Dev for decisions, test once: the probe and the budget selection score a sample
+of the dev split; only the baseline and the final comparison rows score test.
+Every score comes from an `EvalSet` (`evaluation_sets` names the three), recorded
+in `evalsets.json`.
 """
 from __future__ import annotations
 
@@ -25,21 +30,26 @@ import pandas as pd
 
 from cogprobe import io
 from cogprobe.checkpoints import Checkpoints
-from cogprobe.corpora import load_corpus, split_corpus
+from cogprobe.corpora import load_corpus
 from cogprobe.distributed import default_device
 from cogprobe.errors import CogprobeError
+from cogprobe.health import check_healthy
 from cogprobe.layersets import cogsym, to_string
 from cogprobe.models import load_model
-from cogprobe.probe import EvalSet, capture_run, select_run, sweep_run
+from cogprobe.evalset import EvalSet
+from cogprobe.probe import capture_run, select_run, sweep_run
 from cogprobe.select import select_fixed
 from cogprobe.studyconfig import EXECUTION_ONLY, StudyConfig
-from cogprobe.tasks import TASKS, build_examples, score
+from cogprobe.tasks import CONTROLS, TASKS, score
 from cogprobe.trainconfig import TrainConfig
 from cogprobe.translate import chrf, translate
 
 STUDY = "study.json"
 BASELINE = "baseline.csv"
 COMPARE = "compare.parquet"
+EVALSETS = "evalsets.json"
+SCORES = "scores.parquet"              # per example: arm, task, pair_id, nll_sum, n_tokens
+TRANSLATIONS = "translations.parquet"  # per sentence: arm, task, pair_id, hypothesis, reference
 MIN_CHRF_GAIN = 1.0  # chrF points: a share of a smaller full-FT gain is noise, not a ratio worth printing
 
 
@@ -99,7 +109,8 @@ def _check_inputs(config: StudyConfig) -> None:
     """A bad model, corpus, fraction or k grid fails here, before the folder is claimed, not after the tuning."""
     from cogprobe.layersets import parse_range_list
     from cogprobe.sweep import check_ks
-    _test_split(config)
+    evaluation_sets(config)  # bad sizes fail here
+    load_corpus(config.corpus, pivot_col=config.pivot_col, target_col=config.target_col)
     n = _block_count(str(config.model))
     cogsym(n, config.fraction)
     if config.sweep_ks:
@@ -128,23 +139,51 @@ def _claim(out: Path, config: StudyConfig) -> None:
 # --- data --------------------------------------------------------------------------
 
 
-def _test_split(config: StudyConfig):
-    corpus = load_corpus(config.corpus, pivot_col=config.pivot_col, target_col=config.target_col)
-    return split_corpus(corpus, seed=0).test
+def evaluation_sets(config: StudyConfig) -> dict[str, EvalSet]:
+    """The study's three evaluation sets: NLL and chrF on test (final rows), probe on dev (decisions)."""
+    common = dict(corpus=str(config.corpus), pivot_col=config.pivot_col, target_col=config.target_col,
+                  split_seed=config.split_seed, sample_seed=config.sample_seed,
+                  max_sentence_tokens=config.max_sentence_tokens)
+    return {"nll": EvalSet(split="test", n=config.eval_pairs, **common),
+            "chrf": EvalSet(split="test", n=config.chrf_pairs, **common),
+            "probe": EvalSet(split="dev", n=config.probe_pairs, **common)}
 
 
-def _scores(model, tokenizer, config: StudyConfig) -> dict:
-    """NLL per task on `eval_pairs` test pairs and chrF per direction on `chrf_pairs`."""
-    test = _test_split(config)
-    out = {}
+def _scores(model, tokenizer, config: StudyConfig, arm: str, out: Path) -> dict:
+    """NLL and conditional gain per task on the test set, chrF per direction on its chrF set.
+
+    Each example's NLL sum and token count go to `scores.parquet`, and each translation to
+    `translations.parquet`, under `arm` (base, or the row's run name), so every interval
+    can be recomputed without scoring again."""
+    sets = evaluation_sets(config)
+    pairs = list(sets["nll"].pairs(tokenizer).pairs["pair_id"])
+    examples = sets["nll"].examples(tokenizer, (*TASKS, *CONTROLS))
+    summary, per_example = {}, []
+    for task, ex in examples.items():
+        s = score(model, ex)
+        summary[f"{task.replace('-', '_')}_nll"] = s.nll
+        per_example.append(pd.DataFrame(dict(arm=arm, task=task, pair_id=pairs, nll_sum=s.example_nll,
+                                             n_tokens=s.example_tokens)))
     for task in TASKS:
-        examples = build_examples(tokenizer, test, task, limit=config.eval_pairs,
-                                  max_sentence_tokens=config.max_sentence_tokens)
-        out[f"{task}_nll"] = score(model, examples).nll
-        hyps, refs = translate(model, tokenizer, test, task, limit=config.chrf_pairs,
-                               max_new_tokens=config.max_new_tokens, max_sentence_tokens=config.max_sentence_tokens)
-        out[f"chrf_{task}"] = chrf(hyps, refs)
-    return out
+        summary[f"{task}_conditional_gain"] = summary[f"{task}_shuffled_nll"] - summary[f"{task}_nll"]
+    translations = []
+    for task in TASKS:
+        hyps, refs = translate(model, tokenizer, sets["chrf"].examples(tokenizer, [task])[task],
+                               max_new_tokens=config.max_new_tokens)
+        summary[f"chrf_{task}"] = chrf(hyps, refs)
+        translations.append(pd.DataFrame(dict(arm=arm, task=task, pair_id=list(
+            sets["chrf"].pairs(tokenizer).pairs["pair_id"]), hypothesis=hyps, reference=refs)))
+    _append_unique(out / SCORES, pd.concat(per_example, ignore_index=True))
+    _append_unique(out / TRANSLATIONS, pd.concat(translations, ignore_index=True))
+    return summary
+
+
+def _append_unique(path: Path, rows: pd.DataFrame) -> None:
+    """Append, replacing this arm's earlier rows (a rerun after an interruption scores it again)."""
+    if path.exists():
+        old = pd.read_parquet(path)
+        rows = pd.concat([old[~old["arm"].isin(set(rows["arm"]))], rows], ignore_index=True)
+    io.write_parquet(path, rows)
 
 
 def baseline(config: StudyConfig, out: Path) -> None:
@@ -152,7 +191,9 @@ def baseline(config: StudyConfig, out: Path) -> None:
         return
     model, tok = load_model(config.model)
     model.to(default_device())
-    io.write_text(out / BASELINE, pd.DataFrame([_scores(model, tok, config)]).to_csv(index=False))
+    sets = evaluation_sets(config)
+    io.write_json(out / EVALSETS, {name: dict(e.to_dict(), **e.report(tok)) for name, e in sets.items()})
+    io.write_text(out / BASELINE, pd.DataFrame([_scores(model, tok, config, "base", out)]).to_csv(index=False))
 
 
 # --- tuning -------------------------------------------------------------------------
@@ -202,7 +243,8 @@ def tune(config: StudyConfig, out: Path, strategy: str, seed: int) -> None:
         batch_size=config.batch_size, seq_len=config.seq_len, lr=config.lora_lr if lora else config.lr,
         lora_r=config.lora_r, bf16=config.bf16, threads=config.threads, seed=seed,
         save_steps=config.save_steps if first_full else str(config.steps),
-        max_sentence_tokens=config.train_max_sentence_tokens, resume=True, progress=False,
+        max_sentence_tokens=config.train_max_sentence_tokens, loss_on=config.loss_on,
+        split_seed=config.split_seed, resume=True, progress=False,
         report_to=config.report_to)
     if not config.isolate_runs:
         from cogprobe.train import train
@@ -239,8 +281,7 @@ def train_argv(cfg: TrainConfig) -> list[str]:
 
 
 def _probe_set(config: StudyConfig) -> EvalSet:
-    return EvalSet(corpus=config.corpus, pivot_col=config.pivot_col, target_col=config.target_col,
-                   limit=config.probe_pairs, max_sentence_tokens=config.max_sentence_tokens)
+    return evaluation_sets(config)["probe"]
 
 
 def _full_run(config: StudyConfig, out: Path) -> Path:
@@ -253,7 +294,8 @@ def probe(config: StudyConfig, out: Path) -> None:
         from cogprobe.layersets import parse_range_list
         ks = parse_range_list(config.sweep_ks, 10**6)
     run = _full_run(config, out)
-    sweep_run(run, ks=ks, evalset=_probe_set(config), out=out, log=lambda m: None)
+    tasks = (*TASKS, *CONTROLS) if config.sweep_controls else TASKS
+    sweep_run(run, ks=ks, tasks=tasks, evalset=_probe_set(config), out=out, log=lambda m: None)
     capture_run(run, backend=config.capture_backend, evalset=_probe_set(config), out=out, log=lambda m: None)
 
 
@@ -276,7 +318,7 @@ def select_sets(config: StudyConfig, out: Path, log) -> None:
 
 def compare_one(config: StudyConfig, out: Path, strategy: str, seed: int) -> None:
     path = out / COMPARE
-    table = pd.read_parquet(path) if path.exists() else pd.DataFrame()
+    table = io.read_parquet(path) if path.exists() else pd.DataFrame()
     if len(table) and ((table["strategy"] == strategy) & (table["seed"] == seed)).any():
         return
     run = out / "runs" / f"{strategy}-s{seed}"
@@ -286,12 +328,14 @@ def compare_one(config: StudyConfig, out: Path, strategy: str, seed: int) -> Non
     model, tok = ckpts.load(ckpts.steps[-1])
     cost = io.read_json(run / "cost.json")
     manifest = io.read_json(run / "manifest.json")
+    if strategy == "full":  # every row's share is a fraction of this run's gain
+        check_healthy(run, manifest, "shares of its gain")
     row = dict(strategy=strategy, seed=seed, blocks=manifest.get("layers_string") or "all",
                trainable_params=cost["trainable_params"], optimizer_bytes=cost["optimizer_state_bytes"],
                sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,
-               **_scores(model, tok, config))
+               **_scores(model, tok, config, f"{strategy}-s{seed}", out))
     table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
-    io.write_parquet(path, with_shares(table, pd.read_csv(out / BASELINE).iloc[0]))
+    io.write_parquet(path, with_shares(table, io.read_csv(out / BASELINE).iloc[0]))
 
 
 def with_shares(table: pd.DataFrame, base: pd.Series) -> pd.DataFrame:

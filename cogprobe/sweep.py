@@ -34,6 +34,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -41,12 +42,16 @@ from torch import nn
 from cogprobe.blocks import Blocks, SkipBlock, find_blocks, swapped
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import to_string
-from cogprobe.tasks import Example, batches, nll_at_scored, scored_positions
+from cogprobe.tasks import Example, collate, nll_per_example, scored_positions
 
 DIRECTIONS = ("input", "output")
 MODES = ("revert", "skip", "keep-outer")
 COLUMNS = ["checkpoint_step", "task", "direction", "mode", "k", "k_in", "k_out", "blocks", "ends",
-           "nll", "n_tokens", "nll_reference", "nll_checkpoint", "gain_retained"]
+           "nll", "n_tokens", "nll_reference", "nll_checkpoint", "gain_retained", "example_nll", "example_tokens",
+           "reference_example_nll", "checkpoint_example_nll"]
+# example_nll / example_tokens: per-example NLL sums and token counts (lists, in the evaluation set's
+# order), and the same sums for the reference and the checkpoint (same examples, same counts), so an
+# interval on any row, gain_retained included, can be recomputed without scoring again (`intervals`).
 
 
 @dataclass(frozen=True)
@@ -176,7 +181,7 @@ class FastEngine:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, configs: Sequence[Config], examples: dict[str, list[Example]],
                  *, batch_size: int = 8) -> dict[tuple[str, Config], tuple[float, int]]:
-        """{(task, config): (nll_sum, n_tokens)} for every task and configuration."""
+        """{(task, config): (nll sums, token counts)}, arrays over the task's examples in their order."""
         configs = list(dict.fromkeys(configs))  # equal configurations are evaluated once
         cb = find_blocks(model)
         changed, embed_changed = changed_blocks(model, self.reference)
@@ -185,9 +190,10 @@ class FastEngine:
         keyed = sorted(((self._key(c, changed, embed_changed), c) for c in configs), key=lambda kc: kc[0])
         totals = {}
         for task, exs in examples.items():
-            ordered = sorted(exs, key=lambda e: -len(e.input_ids))
-            for b, batch in enumerate(batches(ordered, batch_size, pad_id=0)):
-                self._batch(task, batch, cb, keyed, totals, device)
+            for c in configs:
+                totals[(task, c)] = (np.zeros(len(exs)), np.zeros(len(exs), dtype=np.int64))
+            for idx, batch in _batches(exs, batch_size):
+                self._batch(task, batch, idx, cb, keyed, totals, device)
         return totals
 
     @staticmethod
@@ -195,7 +201,7 @@ class FastEngine:
         emb = "r" if c.embed == "r" or not embed_changed else "c"
         return (emb,) + tuple("r" if s == "c" and i not in changed else s for i, s in enumerate(c.sources))
 
-    def _batch(self, task, batch, cb, keyed, totals, device):
+    def _batch(self, task, batch, idx, cb, keyed, totals, device):
         pred_mask, targets = scored_positions(batch)
         pred_mask = pred_mask.to(device)
         batch_id = (task, tuple(batch["input_ids"].shape), hash(batch["input_ids"].numpy().tobytes()))
@@ -218,9 +224,8 @@ class FastEngine:
                 states.append(h)
             head_blocks = self.ref_blocks if config.head == "r" else cb
             logits = head_blocks.decode(states[-1][pred_mask])
-            s, n = nll_at_scored(logits, targets)
-            acc = totals.get((task, config), (0.0, 0))
-            totals[(task, config)] = (acc[0] + s, acc[1] + n)
+            sums, counts = totals[(task, config)]
+            sums[idx], counts[idx] = nll_per_example(logits, targets, pred_mask)
 
     def _step(self, batch_id, prefix, src, i, h, calls, cb):
         """The state after block i runs (from `src`) on state h.
@@ -241,6 +246,14 @@ class FastEngine:
             self._ref_cache[ck] = out
             self._cached += out.numel() * out.element_size()
         return out
+
+
+def _batches(examples: Sequence[Example], batch_size: int):
+    """(example indices, collated batch), longest first: batches of similar lengths waste less on padding."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield idx, collate([examples[i] for i in idx], pad_id=0)
 
 
 def _common_prefix(a: Sequence, b: Sequence) -> int:
@@ -266,16 +279,14 @@ class NaiveEngine:
             ablated = build_ablated(model, self.reference, config)
             n_run = sum(s != "s" for s in config.sources)
             for task, exs in examples.items():
-                ordered = sorted(exs, key=lambda e: -len(e.input_ids))
-                s_tot, n_tot = 0.0, 0
-                for batch in batches(ordered, batch_size, pad_id=0):
+                sums, counts = np.zeros(len(exs)), np.zeros(len(exs), dtype=np.int64)
+                for idx, batch in _batches(exs, batch_size):
                     pred_mask, targets = scored_positions(batch)
                     logits = ablated(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      use_cache=False).logits
-                    s, n = nll_at_scored(logits[pred_mask], targets)
-                    s_tot, n_tot = s_tot + s, n_tot + n
+                    sums[idx], counts[idx] = nll_per_example(logits[pred_mask], targets, pred_mask)
                     self.counter.block_evals += n_run
-                totals[(task, config)] = (s_tot, n_tot)
+                totals[(task, config)] = (sums, counts)
             del ablated
         return totals
 
@@ -379,18 +390,20 @@ def _iter_checkpoints(checkpoints, steps):
 
 def _rows(step, configs, totals, examples) -> pd.DataFrame:
     rows = []
+    mean = lambda sc: float(sc[0].sum()) / int(sc[1].sum())  # noqa: E731  (a ratio of sums, in float64)
     for task in examples:
-        ref_sum, ref_n = totals[(task, configs[0])]
-        ck_sum, ck_n = totals[(task, configs[1])]
-        nll_ref, nll_ck = ref_sum / ref_n, ck_sum / ck_n
+        nll_ref, nll_ck = mean(totals[(task, configs[0])]), mean(totals[(task, configs[1])])
+        ref_sums, ck_sums = totals[(task, configs[0])][0].tolist(), totals[(task, configs[1])][0].tolist()
         gain = nll_ref - nll_ck
         for c in configs[2:]:
-            s, n = totals[(task, c)]
-            nll = s / n
+            sums, counts = totals[(task, c)]
+            nll, n = mean(totals[(task, c)]), int(counts.sum())
             lab = c.labels
             rows.append(dict(checkpoint_step=step, task=task, direction=lab["direction"], mode=lab["mode"],
                              k=lab["k"], k_in=lab.get("k_in"), k_out=lab.get("k_out"), blocks=lab.get("blocks", ""),
                              ends=lab.get("ends", False), nll=nll, n_tokens=n, nll_reference=nll_ref,
                              nll_checkpoint=nll_ck,
-                             gain_retained=(nll_ref - nll) / gain if gain > 0 else float("nan")))
+                             gain_retained=(nll_ref - nll) / gain if gain > 0 else float("nan"),
+                             example_nll=sums.tolist(), example_tokens=counts.tolist(),
+                             reference_example_nll=ref_sums, checkpoint_example_nll=ck_sums))
     return pd.DataFrame(rows, columns=COLUMNS)

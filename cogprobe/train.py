@@ -12,8 +12,9 @@ uninterrupted one's losses exactly.
 
 The run folder:
   manifest.json      config, seed, versions, base model path + fingerprint, layers
-  train_log.parquet  one row per step: step, loss, lr, grad_norm, tokens (seen so
-                     far), seconds (of that step); rewritten atomically as it grows
+  train_log.parquet  one row per step: step, loss, lr, grad_norm, tokens (real
+                     tokens seen so far), step_tokens and loss_tokens (of that step),
+                     seconds (of that step); rewritten atomically as it grows
   cost.json          trainable params, optimizer-state bytes, peak memory, s/step, tok/s
   checkpoints/step-N/   see `checkpoints`
 """
@@ -23,6 +24,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,8 +33,9 @@ import pandas as pd
 import psutil
 import torch
 
-from cogprobe import io, tracking
-from cogprobe.checkpoints import ADAPTER, TENSORS, drop_resume_state, step_dir, write_checkpoint
+from cogprobe import health, io, tracking
+from cogprobe.checkpoints import ADAPTER, MANIFEST, TENSORS, drop_resume_state, step_dir, write_checkpoint
+from cogprobe.data import check_isolation
 from cogprobe.distributed import on_cpu
 from cogprobe.errors import CogprobeError
 from cogprobe.runfolder import (LOG, claim, load_optimizer_state, lock, manifest, optimizer_state,
@@ -89,6 +92,7 @@ class _Run:
         self._check_resumable()
         set_seed(cfg.seed)
         model, tok = load_model(cfg.model)
+        check_isolation(model)  # packed examples must not see each other: fail before any work
         self.fingerprint = model_fingerprint(model_source(model))
         blocks = find_blocks(model)
         self.layers = cfg.resolved_layers(blocks.n)
@@ -137,20 +141,23 @@ class _Run:
         return model
 
     def _data(self, tok):
-        from cogprobe.corpora import load_corpus, split_corpus
+        from cogprobe.corpora import load_corpus, split_corpus, split_overlap
         from cogprobe.data import KINDS, PackedStream, tokenize
         cfg = self.cfg
         corpus = load_corpus(cfg.corpus, pivot_col=cfg.pivot_col, target_col=cfg.target_col,
                              document_col=cfg.document_col, pivot_name=cfg.pivot_name,
                              target_name=cfg.target_name)
-        train_split = split_corpus(corpus, seed=cfg.split_seed, dev=cfg.dev, test=cfg.test).train
+        splits = split_corpus(corpus, seed=cfg.split_seed, dev=cfg.dev, test=cfg.test,
+                              by_document=cfg.split_by_document)
         weights = cfg.mixture()
-        examples = tokenize(tok, train_split, max_sentence_tokens=cfg.max_sentence_tokens,
-                            kinds=tuple(k for k in KINDS if weights[k] > 0))
+        texts = tokenize(tok, splits.train, seq_len=cfg.seq_len, max_sentence_tokens=cfg.max_sentence_tokens,
+                         kinds=tuple(k for k in KINDS if weights[k] > 0), loss_on=cfg.loss_on)
         self.corpus_info = dict(spec=str(cfg.corpus), pivot_name=corpus.pivot_name,
                                 target_name=corpus.target_name, n_pairs=len(corpus),
-                                n_train_pairs=len(train_split))
-        return PackedStream(examples, weights, cfg.seq_len, cfg.seed)
+                                n_train_pairs=len(splits.train), n_dev_pairs=len(splits.dev),
+                                n_test_pairs=len(splits.test), split_overlap=split_overlap(splits))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return PackedStream(texts, weights, cfg.seq_len, cfg.seed, pad_id=pad)
 
     def _optimizer(self, model) -> torch.optim.AdamW:
         """AdamW; weight decay on matrices only (not on biases and norm gains), as HF Trainer does."""
@@ -171,13 +178,12 @@ class _Run:
 
     def _restore(self, model, optimizer, start: int) -> None:
         """Load the trained tensors and optimizer state of checkpoint `start`."""
-        from safetensors.torch import load_file
         path = step_dir(self.out, start)
         if self.is_lora:
             from peft import set_peft_model_state_dict
-            set_peft_model_state_dict(model, load_file(str(path / ADAPTER)))
+            set_peft_model_state_dict(model, io.read_tensors(path / ADAPTER))
         else:
-            load_tensors(model, load_file(str(path / TENSORS)), str(path))
+            load_tensors(model, io.read_tensors(path / TENSORS), str(path))
         state = load_optimizer_state(optimizer, path, self.param_names)
         self.tokens = state["tokens_seen"]
 
@@ -191,17 +197,24 @@ class _Run:
                    disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        self.monitor = self._monitor(start)
         try:
             for step in range(start + 1, cfg.steps + 1):
                 t0 = time.perf_counter()
-                loss, grad_norm, lr = self._step(step)
+                try:
+                    loss, grad_norm, lr, (n_tokens, n_labels) = self._step(step)
+                except health.NonFinite as e:
+                    self._record_health(dict(step=step, kind="non-finite", message=e.summary))
+                    raise
                 seconds = time.perf_counter() - t0
-                self.tokens += self._rows_per_step() * cfg.seq_len
-                self.log_rows.append(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm,
-                                          tokens=self.tokens, seconds=seconds))
+                self.tokens += n_tokens
+                self.log_rows.append(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens,
+                                          step_tokens=n_tokens, loss_tokens=n_labels, seconds=seconds))
                 acc.log({f"train/{k}": v for k, v in self.log_rows[-1].items() if k != "step"}, step=step)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self._rows_per_step() * cfg.seq_len / seconds:.0f}")
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{n_tokens / seconds:.0f}",
+                                **({"health": "DIVERGED"} if self.monitor.warned else {}))
+                self._watch(step, loss, grad_norm)
                 if self.on_step is not None:
                     self.on_step(step, acc.unwrap_model(self.model), loss)
                 if step in saves:
@@ -212,11 +225,38 @@ class _Run:
             bar.close()
             self._flush()
 
+    # ---- health (see `health`)
+    def _monitor(self, start: int) -> health.Monitor:
+        """A divergence monitor; a resumed run's continues from its log (first loss) and manifest (warned)."""
+        if start == 0:
+            return health.Monitor()
+        first = io.read_parquet(self.out / LOG).query("step == 1")["loss"]
+        warned = any(e["kind"] == "divergence" for e in health.events(io.read_json(self.out / MANIFEST)))
+        return health.Monitor(float(first.iloc[0]) if len(first) else None, warned)
+
+    def _watch(self, step: int, loss: float, grad_norm: float) -> None:
+        message = self.monitor.update(step, loss, grad_norm)
+        if message is None:
+            return
+        self._record_health(dict(step=step, kind="divergence", loss=loss, grad_norm=grad_norm, message=message))
+        if self.cfg.on_divergence == "stop":
+            raise health.Diverged(f"{message}; training stopped (--on-divergence stop); checkpoints up to "
+                                  f"step-{self.last_saved} are kept in {self.out}; rerun with --overwrite")
+        if self.acc.is_main_process:
+            from tqdm.auto import tqdm
+            tqdm.write(f"cogprobe: warning: {message} (recorded in manifest.json; --on-divergence stop stops the run "
+                       "instead)", file=sys.stderr)  # above the progress bar, not through it
+
+    def _record_health(self, event: dict) -> None:
+        if self.acc.is_main_process:
+            health.record(self.out, event)
+
     def _rows_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.grad_accum
 
-    def _step(self, step: int) -> tuple[float, float, float]:
-        """One optimizer step over grad_accum micro-batches; (loss, grad norm, lr)."""
+    def _step(self, step: int) -> tuple[float, float, float, tuple[int, int]]:
+        """One optimizer step over grad_accum micro-batches; (loss, grad norm, lr, (tokens, labels))
+        with the step's real (not padding) tokens and loss tokens over every process."""
         cfg, acc, model = self.cfg, self.acc, self.model
         lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps(), cfg.schedule)
         for group in self.optimizer.param_groups:
@@ -224,29 +264,31 @@ class _Run:
         rank, b = acc.process_index, self.micro
         torch.manual_seed((cfg.seed * 1_000_003 + step) * 1024 + rank)  # dropout: a function of the step
         first_row = (step - 1) * self._rows_per_step()
+        everything = self.stream.rows(first_row, self._rows_per_step())  # every process's rows: a pure function
         total = torch.zeros((), device=acc.device)
         for j in range(cfg.grad_accum):
-            ids = self.stream.rows(first_row + j * cfg.batch_size + rank * b, b).to(acc.device)
+            rows = self.stream.rows(first_row + j * cfg.batch_size + rank * b, b)
+            batch = {k: v.to(acc.device) for k, v in rows.batch().items()}
+            # Each micro-batch's mean loss weighted by its share of the step's loss tokens (times the
+            # process count, which DDP's gradient averaging divides out): the gradient of the step's
+            # token mean, whatever the split into processes and micro-batches.
+            weight = rows.n_labels / max(everything.n_labels, 1)
             sync = contextlib.nullcontext() if j == cfg.grad_accum - 1 else acc.no_sync(model)
             with sync:
                 with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                    loss = model(**batch, use_cache=False).loss
                 self._sample_memory()
-                acc.backward(loss / cfg.grad_accum)
+                acc.backward(loss * weight * acc.num_processes)
                 self._sample_memory()
-            total += loss.detach()
-        mean = acc.reduce(total / cfg.grad_accum, "mean").item()
+            total += loss.detach() * weight
+        mean = acc.reduce(total, "sum").item()
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm else float("inf")
         grad_norm = float(acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm))
-        if not (math.isfinite(mean) and math.isfinite(grad_norm)):
-            what = f"loss {mean}" if not math.isfinite(mean) else f"gradient norm {grad_norm}"
-            raise CogprobeError(f"{what} at step {step}: training stopped; checkpoints up to the last good "
-                                f"one, step-{self.last_saved}, are kept in {self.out}; lower --lr (or clip with "
-                                "--max-grad-norm) and rerun with --overwrite")
+        health.check_finite(step, mean, grad_norm, self.last_saved, self.out)
         self.optimizer.step()
         self._sample_memory()
         self.optimizer.zero_grad(set_to_none=True)
-        return mean, grad_norm, lr
+        return mean, grad_norm, lr, (everything.n_tokens, everything.n_labels)
 
     def _sample_memory(self) -> None:
         """Peak memory: on CPU the largest RSS sampled after each forward pass (activations alive),
@@ -301,4 +343,4 @@ class _Run:
         self.log_rows = []
         self.flushed_at = time.perf_counter()
         write_cost(self.out, self.n_trainable, self.optimizer, self.peak_memory,
-                   "cuda" if torch.cuda.is_available() else "rss", self._rows_per_step() * self.cfg.seq_len)
+                   "cuda" if torch.cuda.is_available() else "rss")

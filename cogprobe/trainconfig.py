@@ -18,8 +18,9 @@ from cogprobe.errors import CogprobeError
 from cogprobe.strategies import LAYERED, LORA, STRATEGIES
 
 SCHEDULES = ("cosine", "linear", "constant")
+ON_DIVERGENCE = ("warn", "stop")  # what a diverging loss does: see cogprobe/health.py
 # Fields that change how a run executes but not what it computes.
-NOT_IDENTITY = ("out", "resume", "overwrite", "threads", "progress", "report_to")
+NOT_IDENTITY = ("out", "resume", "overwrite", "threads", "progress", "report_to", "on_divergence")
 
 
 @dataclass
@@ -51,19 +52,22 @@ class TrainConfig:
     mix_perception: float = 1.0  # mixture weights of the training examples: target -> pivot,
     mix_production: float = 1.0  # pivot -> target,
     mix_plain: float = 1.0     # and the target sentence alone
-    max_sentence_tokens: int = 64  # each sentence cut to this many tokens
+    max_sentence_tokens: int = 64  # a pair longer than this on a side is cut as a whole (both sides alike)
+    loss_on: str = "continuation"  # continuation (translated side of translation examples + plain text) | all
     pivot_col: str | None = None
     target_col: str | None = None
     document_col: str | None = None
     pivot_name: str | None = None
     target_name: str | None = None
     split_seed: int = 0        # seed of the train/dev/test split (the evaluation's `seed`)
-    dev: float = 0.05
-    test: float = 0.05
+    dev: float = 0.05          # dev split: a fraction or a pair count
+    test: float = 0.05         # test split: a fraction or a pair count
+    split_by_document: bool = False  # keep each document inside one split
     resume: bool = False       # continue an interrupted run from its last checkpoint
     overwrite: bool = False    # replace a different run in `out`
     progress: bool = True      # show a progress bar
     report_to: str = "none"    # experiment trackers through accelerate: none, tensorboard, wandb, mlflow, all, or a comma list
+    on_divergence: str = "warn"  # warn | stop: what a diverging loss does (see cogprobe/health.py)
 
     def __post_init__(self):
         self._check_strategy()
@@ -88,6 +92,10 @@ class TrainConfig:
         if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
             raise CogprobeError(f"mixture weights {weights} must be >= 0 with a positive sum; "
                                 "e.g. mix_plain=0 trains on the two translation directions only")
+        if self.on_divergence not in ON_DIVERGENCE:
+            raise CogprobeError(f"on_divergence={self.on_divergence!r}: use warn or stop")
+        if self.loss_on not in ("continuation", "all"):
+            raise CogprobeError(f"loss_on={self.loss_on!r}: use continuation or all")
         if self.resume and self.overwrite:
             raise CogprobeError("resume and overwrite contradict each other; pass one of them")
         if isinstance(self.lora_targets, str):

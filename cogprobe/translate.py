@@ -8,20 +8,24 @@ end of the line or at EOS, and is cut to `max_new_tokens`.
 """
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import sacrebleu
 import torch
+from scipy import stats as scipy_stats
+
+from typing import Sequence
 
 from cogprobe.blocks import unwrap
-from cogprobe.corpora import Corpus
-from cogprobe.tasks import TEMPLATES, build_examples
+from cogprobe.tasks import Example
 
 
 @torch.no_grad()
-def translate(model, tokenizer, corpus: Corpus, task: str, *, limit: int = 16, max_new_tokens: int = 48,
-              batch_size: int = 8, max_sentence_tokens: int = 32) -> tuple[list[str], list[str]]:
-    """(hypotheses, references) for the first `limit` pairs of `corpus`."""
+def translate(model, tokenizer, examples: Sequence[Example], *, max_new_tokens: int = 48,
+              batch_size: int = 8) -> tuple[list[str], list[str]]:
+    """(hypotheses, references): the model's greedy continuation of each example's prompt, and
+    the example's own continuation (e.g. `EvalSet.examples(tok)["production"]`)."""
     model = unwrap(model)
-    examples = build_examples(tokenizer, corpus, task, limit=limit, max_sentence_tokens=max_sentence_tokens)
     refs = [tokenizer.decode(e.input_ids[e.n_prompt:], skip_special_tokens=True).strip() for e in examples]
     prompts = [list(e.input_ids[:e.n_prompt]) for e in examples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -64,3 +68,40 @@ def chrf(hypotheses: list[str], references: list[str]) -> float:
     return float(sacrebleu.corpus_chrf(hypotheses, [references]).score)
 
 
+def chrf_intervals(translations: pd.DataFrame, full: str, *, level: float = 0.95, n_resamples: int = 2000,
+                   seed: int = 0) -> pd.DataFrame:
+    """chrF of each arm and task, and its relative deviation from `full` ((full - arm) / full, the
+    paper's yardstick), with paired percentile-bootstrap intervals over sentences.
+
+    `translations`: arm, task, pair_id, hypothesis, reference (the study's translations.parquet).
+    Each resample sums sacrebleu's own per-sentence chrF statistics, so a resampled score is exactly
+    the corpus chrF of the resampled sentences; every arm is resampled on the same sentences."""
+    metric, out = sacrebleu.CHRF(), []
+    for task, rows in translations.groupby("task", sort=False):
+        wide = rows.pivot_table(index="pair_id", columns="arm", values="hypothesis", aggfunc="first").dropna()
+        refs = rows.drop_duplicates("pair_id").set_index("pair_id").loc[wide.index, "reference"].tolist()
+        stats = {a: np.array(metric._extract_corpus_statistics(wide[a].tolist(), [refs])) for a in wide.columns}
+        score = lambda a, idx: metric._compute_score_from_stats(stats[a][idx].sum(0).tolist()).score  # noqa: E731
+        for arm in wide.columns:
+            found = {"chrf": lambda idx, arm=arm: score(arm, idx)}
+            if full in stats and arm != full and score(full, np.arange(len(refs))) > 0:
+                found["chrf_rel_deviation"] = lambda idx, arm=arm: _relative(score(full, idx), score(arm, idx))
+            for quantity, f in found.items():
+                res = stats_bootstrap(f, len(refs), level, n_resamples, seed)
+                out.append(dict(arm=arm, task=task, quantity=quantity, estimate=f(np.arange(len(refs))),
+                                low=res[0], high=res[1], n_pairs=len(refs)))
+    return pd.DataFrame(out)
+
+
+def _relative(full: float, row: float) -> float:
+    """(full - row) / full; NaN where a resample leaves full fine-tuning at chrF 0."""
+    return (full - row) / full if full > 0 else float("nan")
+
+
+def stats_bootstrap(statistic, n: int, level: float, n_resamples: int, seed: int) -> tuple[float, float]:
+    """Percentile interval of statistic(indices) over resampled sentence indices (scipy)."""
+    if n < 2:
+        return float("nan"), float("nan")
+    res = scipy_stats.bootstrap((np.arange(n),), statistic, vectorized=False, n_resamples=n_resamples,
+                                confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from cogprobe.corpora import Corpus, load_corpus, split_corpus
+from cogprobe.corpora import Corpus, load_corpus, normalise, split_corpus, split_overlap
 from cogprobe.errors import CogprobeError
 
 PAIRS = [("el agua", "in atl"), ("la casa", "in calli"), ("el hombre", "in tlacatl"),
@@ -28,7 +28,8 @@ def _write(path, rows: list[dict], sep: str | None = None):
 # --- elotl corpora -------------------------------------------------------------------
 
 def test_axolotl(axolotl):
-    assert list(axolotl.pairs.columns) == ["pivot", "target", "document"]
+    assert list(axolotl.pairs.columns) == ["pair_id", "pivot", "target", "document"]
+    assert (axolotl.pairs["pair_id"] == range(len(axolotl))).all()
     assert (axolotl.pivot_name, axolotl.target_name) == ("Spanish", "Nahuatl")
     assert 14_500 < len(axolotl) < 15_500
     assert axolotl.dropped["duplicate"] > 500
@@ -66,7 +67,7 @@ def test_file_explicit_columns(tmp_path, suffix):
     c = load_corpus(path, pivot_col="src", target_col="tgt", document_col="book",
                     target_name="Nahuatl")
     assert c.name == "mine" and (c.pivot_name, c.target_name) == ("src", "Nahuatl")
-    assert list(c.pairs.itertuples(index=False, name=None)) == [
+    assert list(c.pairs.drop(columns="pair_id").itertuples(index=False, name=None)) == [
         (p, t, f"b{i % 2}") for i, (p, t) in enumerate(PAIRS)]
 
 
@@ -74,7 +75,7 @@ def test_tsv_keeps_commas_and_na_words(tmp_path):
     path = tmp_path / "t.tsv"
     path.write_text("es\tnah\nsí, NA\tNA\n", "utf-8")
     c = load_corpus(path)
-    assert c.pairs.iloc[0].tolist() == ["sí, NA", "NA", ""]
+    assert c.pairs.iloc[0].tolist() == [0, "sí, NA", "NA", ""]
 
 
 def test_autodetect(tmp_path):
@@ -175,6 +176,29 @@ def test_split_by_document(axolotl):
         assert sum(map(len, (s.train, s.dev, s.test))) == len(axolotl)
         assert 0 < len(s.test) <= round(0.05 * len(axolotl))
         assert 0 < len(s.dev) <= round(0.05 * len(axolotl))
+
+
+@pytest.mark.parametrize("name", ["axolotl", "tsunkua"])
+def test_split_is_leak_free_up_to_normalisation(name):
+    corpus = load_corpus(name)
+    for by_document in (False, True):
+        s = split_corpus(corpus, by_document=by_document)
+        assert set(split_overlap(s).values()) == {0}
+        assert sum(map(len, (s.train, s.dev, s.test))) == len(corpus)
+    # the corpus itself does repeat normalised sentences, so the grouping had work to do
+    assert corpus.pairs["target"].map(normalise).duplicated().sum() > 10
+
+
+def test_split_groups_normalised_sentences(tmp_path):
+    rows = [{"es": f"Frase {i}.", "nah": f"tlahtolli {i}"} for i in range(40)]
+    rows += [{"es": "¡FRASE   3!", "nah": "otro 1"}, {"es": "otra", "nah": "Tlahtolli-7"}]
+    c = load_corpus(_write(tmp_path / "a.csv", rows))
+    for seed in range(5):
+        s = split_corpus(c, seed=seed, dev=5, test=5)
+        assert set(split_overlap(s).values()) == {0}
+        where = {p: name for name in ("train", "dev", "test") for p in getattr(s, name).pairs["pivot"]}
+        assert where["Frase 3."] == where["¡FRASE   3!"] and where["Frase 7."] == where["otra"]
+    assert normalise(" ¡Ca-SA,  grande! ") == "casagrande" and normalise("...") == ""
 
 
 def test_split_too_small(tmp_path):

@@ -21,14 +21,15 @@ from safetensors.torch import load_file
 
 import cogprobe.probe as probe
 from cogprobe.distributed import World
-from cogprobe.probe import EvalSet, capture_run, sweep_run
+from cogprobe.evalset import EvalSet
+from cogprobe.probe import capture_run, sweep_run
 from cogprobe.train import TrainConfig, train
 from test_train import write_corpus
 from tiny import save_tiny
 
 TRAIN_FLAGS = dict(strategy="full", steps=4, batch_size=4, seq_len=24, lr=1e-2, warmup=0, save_steps="0,2",
                    threads=1, progress=False)
-EVAL = dict(limit=6, max_sentence_tokens=16)
+EVAL = dict(n=3, max_sentence_tokens=32)
 
 
 def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -79,7 +80,9 @@ def test_two_process_training_follows_the_single_process_run(inputs, single_run)
         b = load_file(str(out / f"checkpoints/step-{step}/trainable.safetensors"))
         assert a.keys() == b.keys()
         for name in a:
-            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+            # Adam divides by the gradient's own scale, so a float-order difference in a near-zero
+            # gradient moves its weight by up to ~1e-5 of lr=1e-2 steps: far below one step (1e-2)
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4)
 
 
 def test_two_process_lora_layers_training_follows_the_single_process_run(inputs):
@@ -106,7 +109,7 @@ def test_two_process_sweep_and_capture_equal_the_single_process_tables(inputs, s
     one, two = inputs["root"] / "tables1", inputs["root"] / "tables2"
     sweep_run(single_run, evalset=EvalSet.for_run(single_run, **EVAL), batch_size=2, out=one, log=lambda _: None)
     capture_run(single_run, evalset=EvalSet.for_run(single_run, **EVAL), batch_size=2, out=one, log=lambda _: None)
-    common = [str(single_run), "--out", str(two), "--limit", "6", "--max-sentence-tokens", "16", "--batch-size", "2"]
+    common = [str(single_run), "--out", str(two), "--pairs", "3", "--max-sentence-tokens", "32", "--batch-size", "2"]
     for verb in ("sweep", "capture"):
         done = torchrun(verb, *common)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -126,7 +126,7 @@ def test_sweep_killed_and_rerun_equals_uninterrupted(inputs, tmp_path):
                                   "--no-progress"]]) == 0
 
     def argv(out):
-        return ["sweep", run, "--out", out, "--limit", 8, "--batch-size", 4]
+        return ["sweep", run, "--out", out, "--pairs", 3, "--batch-size", 4]
 
     ref, out = tmp_path / "ref", tmp_path / "killed"
     seconds = timed(argv(ref))
@@ -147,8 +147,8 @@ def test_run_killed_and_rerun_equals_uninterrupted(inputs, tmp_path):
     toml = tmp_path / "tiny.toml"  # every key of the default `quick` preset is set here, so it overrides them
     toml.write_text("\n".join([
         f'model = "{inputs["model"]}"', f'corpus = "{inputs["corpus"]}"', "steps = 4", "batch_size = 2",
-        "seq_len = 32", 'save_steps = "0,2,4"', "eval_pairs = 4", "probe_pairs = 3", "chrf_pairs = 2",
-        "max_new_tokens = 4", "max_sentence_tokens = 12", "threads = 1", "isolate_runs = false", "bf16 = false",
+        "seq_len = 32", 'save_steps = "0,2,4"', "eval_pairs = 3", "probe_pairs = 3", "chrf_pairs = 2",
+        "max_new_tokens = 4", "max_sentence_tokens = 32", "threads = 1", "isolate_runs = false", "bf16 = false",
         "lr = 0.003", "lora_lr = 0.003", 'strategies = "full,cogsym,middle"', 'sweep_ks = "0-6"', ""]))
 
     def argv(out):

@@ -358,19 +358,19 @@ def test_train_out_holding_other_files(inputs, tmp_path, capsys):
     out.mkdir()
     (out / "mine.txt").write_text("keep")
     assert_refused(capsys, train_argv(inputs["model"], inputs["corpus"], out),
-                   r"not empty and holds no cogprobe run; choose an empty or new --out", out=out)
+                   r"not empty and holds no cogprobe run \(no manifest\.json\); choose an empty or new --out", out=out)
 
 
 def test_sweep_out_holding_another_runs_table(inputs, tmp_path, capsys):
     other = tmp_path / "other-run"
     assert cli(train_argv(inputs["model"], inputs["corpus"], other, steps=2, save_steps="0,2", seed=1)) == 0
     out = tmp_path / "tables"
-    assert cli(["sweep", inputs["run"], "--out", out, "--limit", "3", "--ks", "0,6"]) == 0
-    assert_refused(capsys, ["sweep", other, "--out", out, "--limit", "3", "--ks", "0,6"],
+    assert cli(["sweep", inputs["run"], "--out", out, "--pairs", "3", "--ks", "0,6"]) == 0
+    assert_refused(capsys, ["sweep", other, "--out", out, "--pairs", "3", "--ks", "0,6"],
                    r"sweeps\.parquet holds rows of other checkpoints .*differs in source.*--overwrite", out=out)
-    assert_refused(capsys, ["sweep", inputs["run"], "--out", out, "--limit", "3", "--ks", "0,3,6"],
+    assert_refused(capsys, ["sweep", inputs["run"], "--out", out, "--pairs", "3", "--ks", "0,3,6"],
                    r"holds a revert sweep of step 0 with other tasks, directions or ks.*--overwrite", out=out)
-    assert cli(["sweep", other, "--out", out, "--limit", "3", "--ks", "0,6", "--overwrite"]) == 0
+    assert cli(["sweep", other, "--out", out, "--pairs", "3", "--ks", "0,6", "--overwrite"]) == 0
     assert set(pd.read_parquet(out / "sweeps.parquet")["checkpoint_step"]) == {0, 2}
 
 
@@ -392,8 +392,8 @@ def test_out_under_a_regular_file(inputs, tmp_path, capsys, verb):
     blocker.write_text("not a folder")
     out = blocker / "out"
     argv = {"train": train_argv(inputs["model"], inputs["corpus"], out),
-            "sweep": ["sweep", inputs["run"], "--out", out, "--limit", "2"],
-            "eval": ["eval", "--model", inputs["model"], "--corpus", inputs["corpus"], "--limit", "2", "--out", out],
+            "sweep": ["sweep", inputs["run"], "--out", out, "--pairs", "2"],
+            "eval": ["eval", "--model", inputs["model"], "--corpus", inputs["corpus"], "--pairs", "2", "--out", out],
             "run": ["run", "--out", out, "--model", inputs["model"], "--corpus", inputs["corpus"],
                     "--sweep-ks", "0-6"]}[verb]
     assert_refused(capsys, argv, r"cannot create folder .*a-file.* \(Not a directory\); choose an output path",
@@ -516,7 +516,7 @@ def test_pickle_weights_are_never_unpickled_unless_asked(inputs, tmp_path, capsy
     # beside safetensors, a pickle is ignored: the safetensors load and the pickle stays shut
     both = shutil.copytree(inputs["model"], tmp_path / "both")
     (both / "pytorch_model.bin").write_bytes(pickle.dumps(_Touch(marker)))
-    assert cli(["eval", "--model", both, "--corpus", inputs["corpus"], "--limit", "2"]) == 0
+    assert cli(["eval", "--model", both, "--corpus", inputs["corpus"], "--pairs", "2"]) == 0
     assert not marker.exists() and not loads
 
 
@@ -527,7 +527,7 @@ def test_remote_code_is_never_run(inputs, tmp_path, capsys, monkeypatch):
         real = cls.from_pretrained
         monkeypatch.setattr(cls, "from_pretrained",
                             lambda *a, _real=real, **kw: seen.append(kw.get("trust_remote_code")) or _real(*a, **kw))
-    assert cli(["eval", "--model", inputs["model"], "--corpus", inputs["corpus"], "--limit", "2"]) == 0
+    assert cli(["eval", "--model", inputs["model"], "--corpus", inputs["corpus"], "--pairs", "2"]) == 0
     assert len(seen) >= 3 and all(v is False for v in seen)  # the tokenizer reads the config again
 
     marker = tmp_path / "code-ran"

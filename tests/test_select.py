@@ -410,9 +410,9 @@ def test_before_tuning_workflow_through_the_cli(tmp_path, capsys):
     # the probe fine-tunes every block (embeddings frozen, so the gain sits in the blocks)
     assert main(["train", *common, "--out", str(probe_run), "--strategy", "layers", "--layers", f"0-{LAYERS - 1}",
                  "--steps", "20", "--lr", "3e-3", "--save-steps", "0,10,20"]) == 0
-    assert main(["sweep", str(probe_run), "--limit", "8"]) == 0
+    assert main(["sweep", str(probe_run), "--pairs", "3"]) == 0
     assert main(["select", str(probe_run), "--rule", "curves", "--name", "selection-curves.json"]) == 0
-    assert main(["select", str(probe_run), "--rule", "budget", "--limit", "8"]) == 0
+    assert main(["select", str(probe_run), "--rule", "budget", "--pairs", "3"]) == 0
     sel = json.loads((probe_run / "selection.json").read_text())
     assert sel["rule"] == "budget"
     assert json.loads((probe_run / "selection-curves.json").read_text())["rule"] == "curves"
@@ -435,11 +435,15 @@ def test_before_tuning_workflow_through_the_cli(tmp_path, capsys):
     # analyses/before_tuning_compare.py tunes every derived set of such a probe folder and scores it
     (probe_run / "selection.json").rename(probe_run / "selection-budget.json")
     script = Path(__file__).parent.parent / "analyses" / "before_tuning_compare.py"
-    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), "--pairs", "8"], capture_output=True, text=True,
                           env={**os.environ, "COGPROBE_FIGURES": str(tmp_path / "figures")}, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     table = pd.read_csv(tmp_path / "figures" / "before_tuning.csv")
     assert table["set"].tolist()[:2] == ["base model", "full fine-tuning (the probe run)"]
     assert {"budget", "middle control"} <= set(table["set"])
     assert table.loc[table["set"] == "budget", "blocks"].item() == sel["layers_arg"]
-    assert table.iloc[1]["perception_share_of_full"] == pytest.approx(1.0)
+    budget = table[table["set"] == "budget"].iloc[0]
+    for task in TASKS:  # every number with its interval, on the test pairs
+        assert budget[f"{task}_share_low"] <= budget[f"{task}_share"] <= budget[f"{task}_share_high"]
+        assert budget[f"{task}_nll_low"] < budget[f"{task}_nll_high"]
+    assert (table["test_pairs"] == 8).all()

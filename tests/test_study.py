@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
 
 def tiny_config(root, model, corpus, **kw):
     values = dict(model=str(model), corpus=str(corpus), steps=4, batch_size=2, seq_len=32, save_steps="0,2,4",
-                  eval_pairs=4, probe_pairs=3, chrf_pairs=2, max_new_tokens=4, max_sentence_tokens=12,
+                  eval_pairs=3, probe_pairs=3, chrf_pairs=2, max_new_tokens=4, max_sentence_tokens=32,
                   lr=3e-3, lora_lr=3e-3, bf16=False, threads=1, isolate_runs=False)
     values.update(kw)
     return build_config(root / "out", preset_name=None, **values)
@@ -60,12 +60,13 @@ def test_whole_study_on_a_tiny_model(setup):
 
     # every published-figure script runs on the study folder
     studies = [s for s in sorted((Path(__file__).parent.parent / "analyses").glob("[a-z]*.py"))
-               if not s.name.startswith("before_tuning")]  # that one reads a probe folder: test_select
+               if not s.name.startswith(("before_tuning", "measurement"))]  # a probe folder (test_select); git
     for script in studies:
         done = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True,
                               env={**os.environ, "COGPROBE_FIGURES": str(root / "figures")})
         assert done.returncode == 0, done.stderr
-    assert len(list((root / "figures").glob("*.png"))) == 4
+    assert len(list((root / "figures").glob("*.png"))) == 5
+    assert (root / "figures" / "comparison_intervals.csv").is_file()
 
     # rerunning the same command redoes nothing: the tables stay byte-identical
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}

@@ -60,6 +60,13 @@ def test_fast_equals_naive(family, mode):
     assert len(fast) == 3 * 2 * 2 * (LAYERS + 1)
     np.testing.assert_allclose(fast["nll"], naive["nll"], atol=1e-4, rtol=0)
     assert fast.attrs["block_evals"] < naive.attrs["block_evals"]
+    # per-example sums: the same in both engines (other batch sizes), in the examples' own order
+    np.testing.assert_allclose(np.stack(fast["example_nll"]), np.stack(naive["example_nll"]), atol=1e-3, rtol=0)
+    assert (np.stack(fast["example_tokens"]) == np.stack(naive["example_tokens"])).all()
+    row = fast.iloc[5]
+    assert sum(row["example_nll"]) / sum(row["example_tokens"]) == pytest.approx(row["nll"], abs=1e-9)
+    want = [len(e.input_ids) - e.n_prompt for e in ex[row["task"]]]
+    assert list(row["example_tokens"]) == want
 
 
 @pytest.mark.parametrize("family", ["llama", "phi"])

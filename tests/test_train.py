@@ -105,47 +105,6 @@ def test_lr_schedule_warmup_then_decay():
     assert lr_factor(7, 10, 2, "constant") == 1.0
 
 
-# ------------------------------------------------------------------ data
-
-
-def test_training_text_is_the_task_text_and_ends_with_eos(inputs):
-    from cogprobe.corpora import load_corpus
-    from cogprobe.data import tokenize
-    from cogprobe.tasks import build_examples
-    tok, corpus = tiny_tokenizer(), load_corpus(inputs["corpus"])
-    ex = tokenize(tok, corpus)
-    for task in ("perception", "production"):
-        want = build_examples(tok, corpus, task)
-        assert [tuple(a[:-1]) for a in ex.ids[task]] == [w.input_ids for w in want]
-    assert all(a[-1] == tok.eos_token_id for kind in ex.ids.values() for a in kind)
-    assert tok.decode(ex.ids["plain"][0][:-1]) == corpus.pairs["target"][0]
-
-
-def test_packed_rows_are_a_function_of_seed_and_index(inputs):
-    from cogprobe.corpora import load_corpus
-    from cogprobe.data import PackedStream, tokenize
-    ex = tokenize(tiny_tokenizer(), load_corpus(inputs["corpus"]))
-    weights = dict(perception=1, production=1, plain=1)
-    a = PackedStream(ex, weights, 16, seed=3)
-    a.rows(0, 500)  # walk through several epochs first
-    fresh = PackedStream(ex, weights, 16, seed=3)
-    assert torch.equal(fresh.rows(400, 7), a.rows(400, 7))
-    assert not torch.equal(PackedStream(ex, weights, 16, seed=4).rows(0, 7), fresh.rows(0, 7))
-    assert fresh.rows(0, 3).shape == (3, 16)
-
-
-def test_mixture_weights_choose_the_kinds(inputs):
-    from cogprobe.corpora import load_corpus
-    from cogprobe.data import PackedStream, tokenize
-    tok = tiny_tokenizer()
-    ex = tokenize(tok, load_corpus(inputs["corpus"]), kinds=("plain",))
-    text = tok.decode(PackedStream(ex, dict(plain=1.0), 32, seed=0).rows(0, 20).flatten())
-    assert "Spanish" not in text and "Nahuatl" not in text and "quichiua" in text
-    mixed = tokenize(tok, load_corpus(inputs["corpus"]))
-    text = tok.decode(PackedStream(mixed, dict(production=1.0), 32, seed=0).rows(0, 20).flatten())
-    assert text.count("Spanish:") > 5 and "Nahuatl:" in text
-
-
 # ------------------------------------------------------------------ strategies
 
 
@@ -228,7 +187,9 @@ def test_run_folder_manifest_log_and_cost(inputs, tmp_path):
     assert manifest["base"]["fingerprint"] and manifest["versions"]["torch"].startswith("2.")
     log = pd.read_parquet(out / "train_log.parquet")
     assert list(log["step"]) == [1, 2, 3, 4]
-    assert list(log["tokens"]) == [s * 2 * 2 * 24 for s in (1, 2, 3, 4)]
+    assert list(log["tokens"]) == list(log["step_tokens"].cumsum())  # real tokens, padding not counted
+    assert ((log["step_tokens"] <= 2 * 2 * 24) & (log["step_tokens"] > 2 * 24)).all()
+    assert (log["loss_tokens"] < log["step_tokens"]).all()  # prompts and first tokens are not labels
     assert {"loss", "lr", "seconds", "grad_norm"} <= set(log.columns)
     cost = json.loads((out / "cost.json").read_text())
     trainable = manifest["trainable_params"]
@@ -238,7 +199,8 @@ def test_run_folder_manifest_log_and_cost(inputs, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0", "step-2", "step-4"]
     assert not (out / "checkpoints" / "step-0" / "trainable.safetensors").exists()
     meta = json.loads((out / "checkpoints" / "step-4" / "meta.json").read_text())
-    assert meta["step"] == 4 and meta["tokens_seen"] == 4 * 96 and meta["train_loss"] == log["loss"].iloc[-1]
+    assert meta["step"] == 4 and meta["tokens_seen"] == log["tokens"].iloc[-1]
+    assert meta["train_loss"] == log["loss"].iloc[-1] and cost["tokens_total"] == log["tokens"].iloc[-1]
     assert not any((out / "checkpoints").glob("*/resume"))  # a finished run keeps no optimizer state
 
 

@@ -1,0 +1,180 @@
+"""The study's comparisons with their intervals, and the sentences they allow.
+
+From the per-example scores of the study (`scores.parquet`: arm, task, pair_id,
+nll_sum, n_tokens) this builds one tidy table, one row per (row, seed, task,
+quantity), with a paired-bootstrap interval (see `intervals`):
+
+  nll                 the row's test NLL
+  share               (NLL base - NLL row) / (NLL base - NLL full): its share of full FT's gain
+  rel_deviation       (NLL row - NLL full) / NLL full: the paper's "within x%" yardstick on NLL
+  share_minus_<ctrl>  share(row) - share(control) for CogSym against each same-size control
+
+and words a finding only where the interval allows it: a difference is stated when
+its interval excludes 0 ("within 3%" when the whole interval of the relative deviation
+is below 3%); otherwise it is "not resolved", with the number of pairs that would
+resolve it at the observed spread.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cogprobe import intervals
+from cogprobe.tasks import TASKS
+
+BAR = 0.03        # the paper's "within 2-3% of full fine-tuning", as a relative deviation
+MIN_PAIRS = 20    # below this, percentile bootstrap intervals cover too rarely to state a finding from
+CONTROLS = ("middle", "bottom", "top", "random")
+
+
+def comparison_table(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) -> pd.DataFrame:
+    """Every (row, seed, task, quantity) with estimate, low, high; `rows` are (strategy, seed). With
+    several seeds, `across_seeds` adds the mean over seeds (seed -1) with its hierarchical interval."""
+    out = []
+    for task in TASKS:
+        for strategy, seed in rows:
+            arm, full = f"{strategy}-s{seed}", f"full-s{seed}"
+            names = list(dict.fromkeys([arm, "base", full]))
+            data = intervals.arms(scores, [n for n in names if n in set(scores["arm"])], task=task)
+            if arm not in data:
+                continue
+            found = {"nll": intervals.nll(data, arm, **kw)}
+            if full in data:
+                found["share"] = intervals.share(data, arm, "base", full, **kw)
+                found["rel_deviation"] = intervals.paired(lambda m: (m[arm] - m[full]) / m[full],
+                                                          {k: data[k] for k in dict.fromkeys((arm, full))}, **kw)
+            if strategy == "cogsym" and full in data:
+                for control in CONTROLS:
+                    other = f"{control}-s{seed}"
+                    both = intervals.arms(scores, [arm, other, "base", full], task=task) \
+                        if other in set(scores["arm"]) else None
+                    if both:
+                        found[f"share_minus_{control}"] = intervals.share_difference(both, arm, other, "base", full,
+                                                                                     **kw)
+            n_pairs = len(data[arm][0])
+            out += [dict(strategy=strategy, seed=seed, task=task, quantity=q, estimate=i.estimate, low=i.low,
+                         high=i.high, n_pairs=n_pairs) for q, i in found.items()]
+    return pd.concat([pd.DataFrame(out), across_seeds(scores, rows, **kw)], ignore_index=True)
+
+
+def conditional_gain_table(scores: pd.DataFrame, **kw) -> pd.DataFrame:
+    """Per arm and task: NLL(shuffled source) - NLL(true source), paired over the same pairs; and, for
+    every arm but the base, its change from the base's (`conditional_gain_change`, same pairs)."""
+    keyed = scores.assign(arm=scores["arm"] + "|" + scores["task"])  # one arm per (row, task or control)
+    out = []
+    for arm in dict.fromkeys(scores["arm"]):
+        present = set(scores.loc[scores["arm"] == arm, "task"])
+        for task in [t for t in TASKS if {t, f"{t}-shuffled"} <= present]:
+            true, shuffled = f"{arm}|{task}", f"{arm}|{task}-shuffled"
+            found = {"conditional_gain": lambda m: m[shuffled] - m[true]}
+            names = [true, shuffled]
+            if arm != "base" and f"base|{task}" in set(keyed["arm"]):
+                names += [f"base|{task}", f"base|{task}-shuffled"]
+                found["conditional_gain_change"] = lambda m: (m[shuffled] - m[true]) - (m[names[3]] - m[names[2]])
+            data = intervals.arms(keyed, names)
+            for quantity, statistic in found.items():
+                i = intervals.paired(statistic, {k: data[k] for k in names[:2 if quantity == "conditional_gain"
+                                                                         else 4]}, **kw)
+                out.append(dict(arm=arm, task=task, quantity=quantity, estimate=i.estimate, low=i.low,
+                                high=i.high, n_pairs=len(data[true][0])))
+    return pd.DataFrame(out)
+
+
+def across_seeds(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) -> pd.DataFrame:
+    """Rows with several seeds: nll, share and rel_deviation as the mean over seeds, with a hierarchical
+    interval (seeds, then pairs) and the seed spread (sd of the per-seed estimates) beside it."""
+    out, present = [], set(scores["arm"])
+    by_strategy: dict[str, list[int]] = {}
+    for strategy, seed in rows:
+        by_strategy.setdefault(strategy, []).append(seed)
+    statistics = {"nll": lambda m: m["row"], "share": lambda m: (m["base"] - m["row"]) / (m["base"] - m["full"]),
+                  "rel_deviation": lambda m: (m["row"] - m["full"]) / m["full"]}
+    for strategy, seeds in by_strategy.items():
+        seeds = [s for s in seeds if {f"{strategy}-s{s}", f"full-s{s}"} <= present]
+        if len(seeds) < 2 or "base" not in present:
+            continue
+        for task in TASKS:
+            data = [dict(zip(("row", "base", "full"), intervals.arms(
+                scores, [f"{strategy}-s{s}", "base", f"full-s{s}"], task=task).values())) for s in seeds]
+            if strategy == "full":
+                data = [dict(d, full=d["row"]) for d in data]
+            for quantity, f in statistics.items():
+                i = intervals.hierarchical(f, data, **kw)
+                out.append(dict(strategy=strategy, seed=-1, task=task, quantity=quantity, estimate=i.estimate,
+                                low=i.low, high=i.high, n_pairs=len(data[0]["row"][0]), n_seeds=len(seeds),
+                                seed_sd=intervals.seed_spread(f, data)))
+    return pd.DataFrame(out)
+
+
+def _interval(row) -> intervals.Interval:
+    return intervals.Interval(row["estimate"], row["low"], row["high"])
+
+
+def fmt(row, percent: bool = False) -> str:
+    f = (lambda x: f"{x:.1%}") if percent else (lambda x: f"{x:.3f}")
+    return f"{f(row['estimate'])} [{f(row['low'])}, {f(row['high'])}]"
+
+
+def within_bar(row) -> str:
+    """The paper's yardstick on one relative deviation: within the bar, not within it, or unresolved."""
+    i = _interval(row)
+    if row["n_pairs"] < MIN_PAIRS:
+        return _too_few(row)
+    if i.high <= BAR:
+        return f"within {BAR:.0%} of full fine-tuning (at most {BAR:.0%} worse)"
+    if i.low > BAR:
+        return f"more than {BAR:.0%} worse than full fine-tuning"
+    need = intervals.pairs_to_resolve(i, int(row["n_pairs"]), BAR)
+    return f"not resolved against the {BAR:.0%} bar at {int(row['n_pairs'])} pairs" + _resolving(need, int(row["n_pairs"]))
+
+
+def difference_words(row, better: str, worse: str) -> str:
+    """A paired difference stated only when its interval excludes 0 (and rests on enough pairs)."""
+    i = _interval(row)
+    if row["n_pairs"] < MIN_PAIRS:
+        return _too_few(row)
+    if i.low > 0:
+        return better
+    if i.high < 0:
+        return worse
+    need = intervals.pairs_to_resolve(i, int(row["n_pairs"]))
+    return f"not resolved at {int(row['n_pairs'])} pairs" + _resolving(need, int(row["n_pairs"]))
+
+
+def _resolving(need: int | None, n_pairs: int) -> str:
+    if need is None or need > 100 * n_pairs:
+        return " (the difference is too small to resolve with any practical number of pairs)"
+    return f" (about {need} pairs would resolve it at this spread)"
+
+
+def _too_few(row) -> str:
+    return (f"not resolved: {int(row['n_pairs'])} pairs are too few for a bootstrap interval to be trusted "
+            f"(cogprobe states findings from {MIN_PAIRS} pairs up)")
+
+
+def ends_sentence(rows: pd.DataFrame, k: int, **kw) -> str:
+    """Gain retained with k blocks reverted from each end (with intervals), and which end holds more of
+    the gain, stated only when the paired difference excludes 0. `rows`: one task and checkpoint of a
+    revert sweep with per-example scores."""
+    at = {d: rows[(rows["direction"] == d) & (rows["k"] == k)] for d in ("input", "output")}
+    if any(r.empty for r in at.values()):
+        return f"k = {k} was not swept from both ends"
+    if "example_nll" not in rows.columns:
+        return (f"with k = {k} blocks reverted, {at['input']['gain_retained'].iloc[0]:.0%} of the gain remains "
+                f"(input end) and {at['output']['gain_retained'].iloc[0]:.0%} (output end); no per-example scores, "
+                "so no intervals")
+    first = at["input"].iloc[0]
+    tokens = np.asarray(first["example_tokens"], float)
+    data = {"ref": (np.asarray(first["reference_example_nll"], float), tokens),
+            "ck": (np.asarray(first["checkpoint_example_nll"], float), tokens),
+            **{d: (np.asarray(r.iloc[0]["example_nll"], float), tokens) for d, r in at.items()}}
+    kept = {d: intervals.paired(lambda m, d=d: (m["ref"] - m[d]) / (m["ref"] - m["ck"]), data, **kw) for d in at}
+    diff = intervals.paired(lambda m: (m["output"] - m["input"]) / (m["ref"] - m["ck"]), data, **kw)
+    row = dict(estimate=diff.estimate, low=diff.low, high=diff.high, n_pairs=len(tokens))
+    # diff = kept(input) - kept(output): positive when reverting the first k leaves more of the gain,
+    # i.e. when the last k blocks hold more of it
+    which = difference_words(row, f"the last {k} blocks hold more of the gain than the first {k}",
+                             f"the first {k} blocks hold more of the gain than the last {k}")
+    pct = lambda i: f"{i.estimate:.0%} [{i.low:.0%}, {i.high:.0%}]"  # noqa: E731
+    return (f"with {k} blocks reverted, {pct(kept['input'])} of the gain remains from the input end and "
+            f"{pct(kept['output'])} from the output end: {which}")

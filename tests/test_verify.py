@@ -1,0 +1,141 @@
+"""`cogprobe verify`: each kind of problem is found and named on its own line, and a sound folder is "all is well".
+
+The fault matrix (test_faults.py) checks that verify names every damaged file;
+these tests cover what only verify looks for: a changed file of the right size,
+a checkpoint the manifest lists but the folder lacks, tables from another run,
+a log that disagrees with the checkpoints, an unfinished run.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+import cogprobe  # noqa: F401  (offline environment before transformers)
+from cogprobe.checkpoints import step_dir
+from cogprobe.verify import verify
+from test_faults import SWEEP, cli
+from test_reliability import corpus_rows, train_argv
+from tiny import save_tiny
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verify")
+    model = save_tiny(root / "llama", "llama")
+    corpus = root / "pairs.csv"
+    pd.DataFrame(corpus_rows()).to_csv(corpus, index=False)
+    run = root / "run"
+    assert cli(train_argv(model, corpus, run, steps=4, save_steps="0,2,4")) == 0
+    assert cli(["sweep", run, *SWEEP]) == 0
+    return dict(run=run, model=model, corpus=corpus)
+
+
+@pytest.fixture
+def run(pristine, tmp_path):
+    return shutil.copytree(pristine["run"], tmp_path / "run")
+
+
+def _edit_json(path, change) -> None:
+    obj = json.loads(path.read_text())
+    change(obj)
+    path.write_text(json.dumps(obj))
+
+
+def test_a_sound_run_is_all_well(run, capsys):
+    assert verify(run) == []
+    assert cli(["verify", run]) == 0
+    assert capsys.readouterr().out.strip().endswith("all is well")
+
+
+def test_a_changed_byte_is_found_by_its_checksum_and_refused_by_every_reader(run, capsys):
+    """Same size, header intact: only the SHA-256 recorded when the file was written tells."""
+    path = step_dir(run, 2) / "trainable.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert verify(run) == [f"{path} (checkpoint tensors) differs from what was written (its SHA-256 is not the one "
+                           f"recorded when it was saved); delete {path.parent} to leave that checkpoint out, or "
+                           "retrain with `cogprobe train ... --overwrite`"]
+    assert cli(["sweep", run, *SWEEP, "--overwrite"]) == 2
+    assert "differs from what was written" in capsys.readouterr().err
+
+
+def test_a_listed_checkpoint_that_is_gone(run):
+    shutil.rmtree(step_dir(run, 2))
+    lines = verify(run)
+    assert len(lines) == 2 and f"{step_dir(run, 2)} is missing (manifest.json lists it)" in lines[0]
+    assert "sweeps.parquet (the sweep table) holds rows of step(s) [2], which are not checkpoints" in lines[1]
+
+
+def test_a_table_of_another_run(run):
+    _edit_json(run / "sweeps.parquet.json", lambda meta: meta["source"]["run"].update(lr=0.5))
+    assert [l.split(" (")[0] for l in verify(run)] == [str(run / "sweeps.parquet")]
+    assert "was computed from another run than this folder's" in verify(run)[0]
+
+
+def test_rows_twice_and_rows_of_steps_the_run_lacks(run):
+    table = pd.read_parquet(run / "sweeps.parquet")
+    extra = table[table["checkpoint_step"] == 4].assign(checkpoint_step=3)
+    pd.concat([table, table.iloc[:1], extra]).to_parquet(run / "sweeps.parquet")
+    lines = verify(run)
+    assert len(lines) == 2
+    assert "holds some rows twice" in lines[0] and "holds rows of step(s) [3], which are not checkpoints" in lines[1]
+
+
+def test_a_log_that_disagrees_with_the_checkpoints(run):
+    _edit_json(step_dir(run, 2) / "meta.json", lambda meta: meta.update(train_loss=1.0))
+    lines = verify(run)
+    assert len(lines) == 1 and "train_log.parquet (the training log) disagrees with the checkpoints' losses at " \
+                               "step(s) [2]" in lines[0]
+    log = pd.read_parquet(run / "train_log.parquet")
+    log.iloc[[0, 2, 1, 3]].to_parquet(run / "train_log.parquet")
+    assert any("does not hold every step once, in order" in line for line in verify(run))
+
+
+def test_several_problems_one_line_each(run, capsys):
+    (run / "cost.json").write_text("{")
+    (step_dir(run, 4) / "trainable.safetensors").write_bytes(b"")
+    (run / "sweeps.parquet.json").unlink()
+    assert cli(["verify", run]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"{run}: 3 problem(s)"
+    assert [next(w for w in ("step-4", "cost.json", "sweeps.parquet.json") if w in line) for line in lines[:-1]] == \
+           ["step-4", "cost.json", "sweeps.parquet.json"]
+
+
+def test_an_unfinished_run(pristine, tmp_path):
+    from test_faults import Stop
+    from cogprobe.train import train
+    from cogprobe.trainconfig import TrainConfig
+
+    def stop(step, model, loss):
+        if step == 3:
+            raise Stop()
+
+    out = tmp_path / "run"
+    with pytest.raises(Stop):
+        train(TrainConfig(model=str(pristine["model"]), corpus=str(pristine["corpus"]), out=str(out), strategy="full",
+                          steps=4, save_steps="0,2,4", batch_size=2, seq_len=24, threads=1, progress=False),
+              on_step=stop)
+    assert verify(out) == [f"{out} is an unfinished run (last checkpoint step-2 of 4 steps); rerun the same "
+                           "`cogprobe train` with --resume to finish it"]
+
+
+def test_checkpoints_without_recorded_checksums_are_still_checked(run):
+    """Runs written before checksums were recorded: their files are checked by their headers only."""
+    for step in (0, 2, 4):
+        _edit_json(step_dir(run, step) / "meta.json", lambda meta: meta.pop("sha256"))
+    assert verify(run) == []
+    path = step_dir(run, 4) / "trainable.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    assert len(verify(run)) == 1 and "is damaged or truncated" in verify(run)[0]
+
+
+def test_a_folder_that_is_no_run(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert cli(["verify", tmp_path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is neither a cogprobe run (manifest.json), a study (study.json)" in err[0]
