@@ -24,7 +24,7 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     pd.DataFrame([dict(es=f"la casa {i} es grande", nah=f"in calli {i} huei") for i in range(60)]).to_csv(
         tmp_path / "pairs.csv", index=False)
     for key, value in dict(MODEL=str(save_tiny(tmp_path / "tiny")), CORPUS=str(tmp_path / "pairs.csv"),
-                           STEPS="2", KS="0,1,6", OUT=str(tmp_path / "runs")).items():
+                           STEPS="2", KS="0,1,6", PAIRS="3", OUT=str(tmp_path / "runs")).items():
         monkeypatch.setenv(f"QUICKSTART_{key}", value)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOK, as_version=4)
