@@ -83,10 +83,11 @@ class EvalSet:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
     def splits(self):
-        corpus = load_corpus(self.corpus, pivot_col=self.pivot_col, target_col=self.target_col,
-                             document_col=self.document_col)
-        return split_corpus(corpus, seed=self.split_seed, dev=self.split_dev, test=self.split_test,
-                            by_document=self.split_by_document)
+        return self._split_with_overlap()[0]
+
+    def _split_with_overlap(self):
+        return _splits(self.corpus, self.pivot_col, self.target_col, self.document_col, self.split_seed,
+                       self.split_dev, self.split_test, self.split_by_document)
 
     def pairs(self, tokenizer) -> Corpus:
         """The sampled pairs (columns pair_id, pivot, target, document), in corpus order."""
@@ -106,11 +107,20 @@ class EvalSet:
         return _draw(self, tokenizer)
 
 
+@functools.lru_cache(maxsize=4)
+def _splits(corpus, pivot_col, target_col, document_col, seed, dev, test, by_document):
+    """The split and its overlap count, once per process: every set of one corpus shares them, whatever
+    tokenizer (each checkpoint load brings a new tokenizer object, which the sample cache keys on)."""
+    loaded = load_corpus(corpus, pivot_col=pivot_col, target_col=target_col, document_col=document_col)
+    splits = split_corpus(loaded, seed=seed, dev=dev, test=test, by_document=by_document)
+    return splits, split_overlap(splits)
+
+
 @functools.lru_cache(maxsize=16)
 def _draw(evalset: EvalSet, tokenizer) -> tuple[Corpus, dict]:
     """Split, filter and sample once per (set, tokenizer) in a process: every stage of a study
     that scores the same set reuses it."""
-    splits = evalset.splits()
+    splits, overlap = evalset._split_with_overlap()
     part = getattr(splits, evalset.split)
     fits = _fits(tokenizer, part.pairs, evalset.max_sentence_tokens)
     eligible = part.pairs[fits]
@@ -125,7 +135,7 @@ def _draw(evalset: EvalSet, tokenizer) -> tuple[Corpus, dict]:
     sample = Corpus(f"{part.name}:{len(chosen)}", chosen.reset_index(drop=True), part.pivot_name,
                     part.target_name)
     report = dict(split_pairs=len(part), dropped_long=int((~fits).sum()), sampled=len(chosen),
-                  documents=int(chosen["document"].nunique()), overlap=split_overlap(splits))
+                  documents=int(chosen["document"].nunique()), overlap=overlap)
     return sample, report
 
 

@@ -160,29 +160,25 @@ def read_json(path: str | os.PathLike) -> Any:
 def read_parquet(path: str | os.PathLike) -> pd.DataFrame:
     """The table in `path`, checked: it is Parquet, and a table of a known kind has that kind's columns."""
     import pyarrow as pa
-    path = Path(path)
-    problem = presence_problem(path)
-    if problem:
-        raise artifacts.damaged(path, problem)
-    try:
-        table = pd.read_parquet(path)
-    except (pa.ArrowException, OSError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise artifacts.damaged(path, f"is not a readable Parquet table ({first.split(': ', 1)[-1]})") from None
-    artifacts.check_columns(path, table.columns, len(table))
-    return table
+    return _read_table(path, pd.read_parquet, (pa.ArrowException, OSError, ValueError), "Parquet")
 
 
 def read_csv(path: str | os.PathLike) -> pd.DataFrame:
     """A CSV table cogprobe wrote, checked like `read_parquet`."""
+    return _read_table(path, pd.read_csv, (UnicodeDecodeError, ValueError, pd.errors.ParserError), "CSV")
+
+
+def _read_table(path, reader, errors: tuple, kind: str) -> pd.DataFrame:
+    """`reader(path)` after the presence check, any of `errors` as one damage line, then the column check."""
     path = Path(path)
     problem = presence_problem(path)
     if problem:
         raise artifacts.damaged(path, problem)
     try:
-        table = pd.read_csv(path)
-    except (UnicodeDecodeError, ValueError, pd.errors.ParserError) as e:
-        raise artifacts.damaged(path, f"is not a readable CSV table ({str(e).splitlines()[0]})") from None
+        table = reader(path)
+    except errors as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise artifacts.damaged(path, f"is not a readable {kind} table ({first.split(': ', 1)[-1]})") from None
     artifacts.check_columns(path, table.columns, len(table))
     return table
 
