@@ -25,6 +25,8 @@ _LAZY = {
     "sweep_run": "cogprobe.probe",
     "capture_run": "cogprobe.probe",
     "select_run": "cogprobe.probe",
+    "rank": "cogprobe.rank",
+    "rank_run": "cogprobe.rank",
     "specialization_curves": "cogprobe.plots",
     "specialization_heatmaps": "cogprobe.plots",
     "logit_lens_heatmap": "cogprobe.plots",

@@ -38,7 +38,7 @@ from cogprobe.layersets import check_fraction
 from cogprobe.select import (Selection, budget_decider, curves_decider, select_budget, select_curves,
                              select_fixed)
 from cogprobe.stability import stability
-from cogprobe.sweep import DIRECTIONS, FastEngine, sweep, sweep_configs
+from cogprobe.sweep import DIRECTIONS, FastEngine, engine_label, engines_in, sweep, sweep_configs
 from cogprobe.tasks import TASKS, batches
 from cogprobe.trainconfig import NOT_IDENTITY
 
@@ -159,6 +159,7 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
     configs = sweep_configs(find_blocks(reference).n, mode=mode, directions=directions, ks=ks, ends=ends)
     examples = evalset.examples(tok, tasks)
     _say_set(evalset, tok, w, log)
+    _check_engine(out / SWEEPS, engine, overwrite)
     _claim_table(out, SWEEPS, evalset, _source_id(source, ckpts), overwrite, w)
     path = out / SWEEPS
     done = _done_steps(path, mode, ends, _grid(tasks, configs))
@@ -180,6 +181,15 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
               steps=mine, on_checkpoint=save)
     _merge_parts(path, w, todo, list(examples), keep=lambda t: (t["mode"] == mode) & (t["ends"] == ends))
     return io.read_parquet(path)
+
+
+def _check_engine(path: Path, engine: str, overwrite: bool) -> None:
+    """One engine per table: first-order estimates never join exact rows (nor the reverse)."""
+    if path.exists() and not overwrite:
+        have, want = engines_in(io.read_parquet(path)), engine_label(engine)
+        if have and have != {want}:
+            raise CogprobeError(f"{path} holds {'/'.join(sorted(have))} sweep rows and --engine {engine} writes "
+                                f"{want} rows; sweep into another folder (--out DIR) or pass --overwrite")
 
 
 def _say_set(evalset: EvalSet, tok, w: World, log) -> None:
@@ -255,13 +265,20 @@ def _capture_steps(ckpts: Checkpoints, steps, examples, path: Path, *, sites, ba
 def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: float = 0.25, step: int | None = None,
                input_task: str = "perception", output_task: str = "production", max_total: int | None = None,
                criterion: str = "remove", batch_size: int = 8, evalset: EvalSet | None = None, out=None, base=None,
-               name: str = SELECTION, device=None, log=print) -> Selection:
-    """A CogSym layer set by `rule` (fixed | curves | budget), written to `selection.json`."""
+               name: str = SELECTION, device=None, log=print, by_tau: bool = False) -> Selection:
+    """A CogSym layer set by `rule` (fixed | curves | budget, or a cheap ranking of `rank`: the top
+    blocks of rankings.parquet, CogSym's size unless `by_tau`), written to `selection.json`."""
     check_fraction(tau, "tau")
     if not str(name).endswith(".json"):
         raise CogprobeError(f"selection name {name!r} must end in .json (that is how --layers recognises it)")
+    from cogprobe.rank import RANKINGS, select_ranking_run
+    if rule in RANKINGS:
+        selection = select_ranking_run(source, rule, out=out, step=step, fraction=fraction,
+                                       tau=tau if by_tau else None)
+        io.write_json(_out_dir(source, out) / name, selection.to_json())
+        return selection
     if rule not in ("fixed", "curves", "budget"):
-        raise CogprobeError(f"unknown rule {rule!r}; use fixed, curves or budget")
+        raise CogprobeError(f"unknown rule {rule!r}; use fixed, curves, budget or a ranking ({', '.join(RANKINGS)})")
     ckpts = open_checkpoints(source, base, device)
     out = _out_dir(source, out)
     n_layers = ckpts.base()[0].config.get_text_config().num_hidden_layers

@@ -121,6 +121,9 @@ def select_curves(sweeps: pd.DataFrame, *, tau: float = 0.8, step: int | None = 
     if not need <= set(sweeps.columns):
         raise CogprobeError(f"the sweep table lacks columns {sorted(need - set(sweeps.columns))}; "
                             "give the sweeps.parquet that `cogprobe sweep` wrote")
+    if "engine" in sweeps.columns and sweeps["engine"].fillna("exact").nunique() > 1:
+        raise CogprobeError("the sweep table mixes exact rows and first-order estimates (column engine); "
+                            "select from one engine's table")
     rows = sweeps[sweeps["mode"] == "revert"]
     if rows.empty:
         raise CogprobeError("the sweep table has no revert rows; run `cogprobe sweep RUN --mode revert` first")
