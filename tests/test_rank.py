@@ -1,6 +1,10 @@
 """Cheap rankings and the taylor engine, checked on tiny models with known answers."""
 import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -200,3 +204,17 @@ def test_rank_sweep_and_select_through_the_cli(tmp_path, capsys):
     assert set(pd.read_parquet(tmp_path / "t" / "sweeps.parquet")["engine"]) == {"taylor"}
     assert main(["select", str(run), "--rule", "curves", "--out", str(tmp_path / "t"), "--tau", "0.5",
                  "--name", "sel-curves.json"]) == 0
+
+    # analyses/cheap_rankings.py on this probe: every table it publishes, every rho with its interval
+    script = Path(__file__).parent.parent / "analyses" / "cheap_rankings.py"
+    done = subprocess.run([sys.executable, str(script), "--probe", f"tiny={run}", "--exact-seconds", "tiny=10",
+                           "--out", str(tmp_path / "cr")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COGPROBE_FIGURES": str(tmp_path / "figures")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    agree = pd.read_csv(tmp_path / "figures" / "cheap_rankings.csv")
+    assert set(agree["ranking"]) == {"block-influence", "angular", "weight-delta", "taylor"}
+    assert (agree["spearman_low"] <= agree["spearman"]).all() and (agree["spearman"] <= agree["spearman_high"]).all()
+    sets = pd.read_csv(tmp_path / "figures" / "cheap_rankings_sets.csv")
+    assert "exact importance, top" in set(sets["set"])
+    assert len(pd.read_csv(tmp_path / "figures" / "cheap_rankings_curves.csv")) == 4
+    assert (tmp_path / "figures" / "cheap_rankings.png").is_file()
