@@ -30,7 +30,7 @@ from cogprobe.errors import CogprobeError
 from cogprobe.evalset import EvalSet
 from cogprobe.layersets import cogsym, to_string
 from cogprobe.probe import sweep_run
-from cogprobe.rank import RANKINGS, rank_run, select_ranking
+from cogprobe.rank import RANKINGS, _rows, rank_run, select_ranking
 from cogprobe.select import select_curves
 
 TAU = 0.8
@@ -53,12 +53,29 @@ def same_evalset(run: Path) -> EvalSet:
     return evalset
 
 
-def measure(language: str, run: Path, out: Path) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+def measure(run: Path, out: Path, steps: list[int]) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+    """The rankings and the taylor sweep of the checkpoints the exact sweep covers, with its seconds.
+
+    The taylor ranking is read off the taylor sweep (the same estimates: its importances are the
+    ranking's shares, see `agreement`), at the sweep's cost, instead of computing them twice."""
     evalset = same_evalset(run)
-    ranks = rank_run(run, evalset=evalset, out=out, device="cpu")
+    ranks = rank_run(run, rankings=[r for r in RANKINGS if r != "taylor"], evalset=evalset, out=out, device="cpu")
     t0 = time.perf_counter()
-    taylor = sweep_run(run, engine="taylor", evalset=evalset, out=out, device="cpu", overwrite=True)
-    return ranks, taylor, time.perf_counter() - t0
+    taylor = sweep_run(run, engine="taylor", evalset=evalset, out=out, device="cpu", overwrite=True, steps=steps)
+    seconds = time.perf_counter() - t0
+    L = int(taylor["k"].max())
+    rows = []
+    for step in steps:
+        means = {k: v[0].sum() / v[1].sum() for k, v in agreement.arms(taylor, step).items()}
+        rows += _rows(step, "taylor", agreement.importance(means, L), taylor_examples(taylor, step),
+                      taylor_examples(taylor, step), seconds / len(steps))
+    return pd.concat([ranks, pd.DataFrame(rows, columns=ranks.columns)], ignore_index=True), taylor, seconds
+
+
+def taylor_examples(taylor: pd.DataFrame, step: int) -> int:
+    """Examples the taylor engine ran forward and backward at a checkpoint (every task's pairs)."""
+    rows = taylor[taylor["checkpoint_step"] == step].drop_duplicates("task")
+    return int(sum(len(x) for x in rows["example_nll"]))
 
 
 def agreement_rows(language, exact, ranks, taylor, exact_seconds, taylor_seconds) -> list[dict]:
@@ -99,16 +116,13 @@ def set_rows(language, run, exact, ranks, taylor) -> list[dict]:
             ("exact importance, shares reach tau", "tau", agreement.tau_set(imp, TAU), None)]
     for name in RANKINGS:
         rows.append((name, "size", select_ranking(ranks, name, n_layers=L, step=step).layers, "exact importance, top"))
-    rows.append(("taylor", "tau", select_ranking(ranks, "taylor", n_layers=L, step=step, tau=TAU).layers,
+    rows.append(("taylor", "tau", _refused_or(lambda: select_ranking(ranks, "taylor", n_layers=L, step=step, tau=TAU)),
                  "exact importance, shares reach tau"))
     for criterion in ("remove", "keep"):
         want = f"curves ({criterion}), exact sweep"
         rows.append((want, "tau", select_curves(exact, tau=TAU, step=step, criterion=criterion).layers, None))
-        try:
-            got = select_curves(taylor, tau=TAU, step=step, criterion=criterion).layers
-        except CogprobeError as err:  # an estimated curve may never reach tau: say so in the table
-            got = str(err)
-        rows.append((f"curves ({criterion}), taylor sweep", "tau", got, want))
+        rows.append((f"curves ({criterion}), taylor sweep", "tau",
+                     _refused_or(lambda: select_curves(taylor, tau=TAU, step=step, criterion=criterion)), want))
     budget = run / "selection-budget.json"
     if budget.is_file():
         rows.append(("budget (exact keep-outer search)", "tau", io.read_json(budget)["layers"], None))
@@ -121,6 +135,14 @@ def set_rows(language, run, exact, ranks, taylor) -> list[dict]:
                         compared_with=against or "",
                         jaccard=agreement.jaccard(layers, found[against]) if ok and against else None))
     return out
+
+
+def _refused_or(select):
+    """The set a rule gives, or why it refused (an estimate may never reach tau): a row either way."""
+    try:
+        return select().layers
+    except CogprobeError as err:
+        return f"refused: {str(err).split(': ', 1)[-1].split(';')[0]}"
 
 
 def curve_rows(language, exact, taylor) -> list[dict]:
@@ -185,7 +207,8 @@ def main():
     for language, run in probes.items():
         run = Path(run)
         exact = io.read_parquet(run / "sweeps.parquet")
-        ranks, taylor, taylor_seconds = measure(language, run, a.out / language)
+        steps = sorted(int(s) for s in exact["checkpoint_step"].unique() if s != 0)
+        ranks, taylor, taylor_seconds = measure(run, a.out / language, steps)
         print(f"{language}: taylor sweep {taylor_seconds:.0f} s; exact {seconds[language]:.0f} s")
         agree += agreement_rows(language, exact, ranks, taylor, seconds[language], taylor_seconds)
         sets += set_rows(language, run, exact, ranks, taylor)

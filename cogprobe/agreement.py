@@ -1,10 +1,13 @@
 """Checking a cheap ranking (or the taylor engine) against the exact revert sweep.
 
 The exact per-block importance at a checkpoint comes from its four revert curves (two tasks, two
-directions). Each curve adds one block per step from its end; the share of the gain that block
-removes there is (nll(k+1) - nll(k)) / (nll(L) - nll(0)), the block being k (input direction) or
-L-1-k (output direction). A block's importance is the mean of its four shares; the importances of
-the L blocks add up to 1. A taylor sweep table gives its own importances by the same formula.
+directions). Each curve adds one block per step from its end; the share of the task's gain
+(nll_reference - nll_checkpoint, measured) that the block removes there is
+(nll(k+1) - nll(k)) / gain, the block being k (input direction) or L-1-k (output direction). A
+block's importance is the mean of its four shares; the L importances add up to the mean share that
+reverting every block removes (about 1 here). A taylor sweep table gives its own importances by the
+same formula, over the same measured gain: the first-order estimates' own total can be near zero or
+negative, and dividing by it would flip or scramble their order.
 
 Every statistic is recomputed on paired bootstrap resamples of the evaluation pairs
 (`intervals.paired`): all curve points, exact and estimated, on the same resampled pairs. A ranking
@@ -51,12 +54,13 @@ def arms(sweeps: pd.DataFrame, step: int, prefix: str = "") -> dict[str, tuple[n
 
 
 def importance(means: dict, n_layers: int, prefix: str = "") -> np.ndarray:
-    """Per block (axis 0), the mean over the four curves of the share of the gain it removes; any
-    trailing axes are bootstrap resamples."""
+    """Per block (axis 0), the mean over the four curves of the share of the task's gain it removes;
+    any trailing axes are bootstrap resamples."""
     shares = []
     for task, direction in TASK_DIRECTIONS:
         nll = np.stack([np.asarray(means[f"{prefix}{task}|{direction}|{k}"], float) for k in range(n_layers + 1)])
-        share = np.diff(nll, axis=0) / (nll[-1] - nll[0])
+        gain = np.asarray(means[f"{prefix}{task}|reference"], float) - np.asarray(means[f"{prefix}{task}|checkpoint"], float)
+        share = np.diff(nll, axis=0) / gain
         shares.append(share if direction == "input" else share[::-1])
     return np.mean(shares, axis=0)
 

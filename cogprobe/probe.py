@@ -144,8 +144,8 @@ def _merge_parts(path: Path, w: World, todo: Sequence[int], tasks: Sequence[str]
 def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIRECTIONS, tasks: Sequence[str] = TASKS,
               ks: Sequence[int] | None = None, ends: bool = False, engine: str = "fast", batch_size: int = 8,
               evalset: EvalSet | None = None, out=None, base=None, overwrite: bool = False, device=None,
-              log=print) -> pd.DataFrame:
-    """Revert/skip sweeps of every checkpoint into `sweeps.parquet`; returns the whole table.
+              log=print, steps: Sequence[int] | None = None) -> pd.DataFrame:
+    """Revert/skip sweeps of every checkpoint (or of `steps`) into `sweeps.parquet`; returns the whole table.
 
     Launched on N processes (torchrun, accelerate launch), each sweeps a contiguous share of the
     configurations of every checkpoint into its own part file and the main process merges them:
@@ -163,7 +163,7 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
     _claim_table(out, SWEEPS, evalset, _source_id(source, ckpts), overwrite, w)
     path = out / SWEEPS
     done = _done_steps(path, mode, ends, _grid(tasks, configs))
-    todo = [s for s in ckpts.steps if s not in done]
+    todo = [s for s in ckpts.steps if s not in done and (steps is None or s in steps)]
     if not todo:
         if w.is_main:
             log(f"sweep: every checkpoint of {out} is already in {SWEEPS}")

@@ -7,9 +7,10 @@ Each ranking scores every block; a higher score means a more important block (ra
   token, the mean over sequences, on the base model. One forward pass; no probe run.
 - `weight-delta`: ||theta_ck - theta_ref|| / ||theta_ref|| over the block's weights, per checkpoint of
   a probe run. No forward pass.
-- `taylor`: per checkpoint, the first-order estimate of the share of the gain that reverting the
-  block alone removes (t_i / sum_j t_j, see `taylor`), the mean over tasks. One forward and one
-  backward pass per example. The only ranking that estimates gain, so the only one a tau can cut.
+- `taylor`: per checkpoint, the first-order estimate of the share of the task's gain that reverting
+  the block alone removes (t_i / gain, see `taylor`), the mean over tasks. One forward and one
+  backward pass per example (and one forward of the reference per run, for the gain). The only
+  ranking that estimates gain, so the only one a tau can cut.
 
 `rank` returns a tidy table, one row per (checkpoint_step, ranking, block): score, rank, and what the
 ranking cost at that checkpoint (forward and backward passes over the evaluation set, seconds).
@@ -32,7 +33,7 @@ from cogprobe.blocks import find_blocks
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import DEFAULT_FRACTION, check_fraction, cogsym
 from cogprobe.select import EPS, Selection
-from cogprobe.tasks import Example, batches
+from cogprobe.tasks import Example, batches, score
 from cogprobe.taylor import block_terms
 
 RANKINGS = ("block-influence", "angular", "weight-delta", "taylor")
@@ -118,14 +119,18 @@ def weight_delta(model, reference) -> np.ndarray:
     return np.sqrt(moved) / np.sqrt(np.where(size > 0, size, 1.0))
 
 
-def taylor_share(terms: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Per block, the first-order share of the gain that reverting it removes, the mean over tasks:
-    t_i / sum_j t_j of each task's summed estimates (`taylor.block_terms`)."""
+def taylor_share(terms: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], reference: dict[str, float]) -> np.ndarray:
+    """Per block, the first-order share of the task's gain that reverting it removes, the mean over tasks:
+    sum_e t_e,i / (sum_e nll_ref,e - sum_e nll_ck,e), from `taylor.block_terms` and the reference's
+    summed NLL. Over the measured gain, not the estimates' own total: that can be near zero or
+    negative far from the reference, and dividing by it would flip the order."""
     shares = []
-    for _, _, t in terms.values():
-        per_block = t.sum(axis=0)
-        total = per_block.sum()
-        shares.append(per_block / total if total != 0 else np.zeros_like(per_block))
+    for task, (sums, _, t) in terms.items():
+        gain = reference[task] - sums.sum()
+        if not gain > 0:
+            raise CogprobeError(f"the checkpoint did not improve on the reference for task {task!r} "
+                                f"(gain {gain:.4g} nats); the taylor ranking shares a gain: train longer")
+        shares.append(t.sum(axis=0) / gain)
     return np.mean(shares, axis=0)
 
 
@@ -152,14 +157,19 @@ def rank(checkpoints, examples: dict[str, list[Example]], *, rankings: Sequence[
             t0 = time.perf_counter()
             scores = fn(reference, examples, batch_size=batch_size)
             rows += _rows(ref_step, name, scores, n_examples, 0, time.perf_counter() - t0)
+    reference_nll = {}
     for step, model in items:
         if "weight-delta" in rankings:
             t0 = time.perf_counter()
             rows += _rows(step, "weight-delta", weight_delta(model, reference), 0, 0, time.perf_counter() - t0)
         if "taylor" in rankings:
             t0 = time.perf_counter()
+            if not reference_nll:   # once per run: the reference does not change
+                reference_nll = {task: score(reference, exs, batch_size=batch_size).nll_sum
+                                 for task, exs in examples.items()}
             terms = {task: block_terms(model, reference, exs) for task, exs in examples.items()}
-            rows += _rows(step, "taylor", taylor_share(terms), n_examples, n_examples, time.perf_counter() - t0)
+            rows += _rows(step, "taylor", taylor_share(terms, reference_nll), n_examples, n_examples,
+                          time.perf_counter() - t0)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
