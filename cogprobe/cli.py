@@ -188,6 +188,7 @@ def _probe_flags(p):
     p.add_argument("--target-col")
     _evalset_flags(p, split="dev", pairs=32)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _one_writer(a):
@@ -234,7 +235,7 @@ def _sweep(a):
     with _one_writer(a):
         table = sweep_run(_source(a), mode=a.mode, directions=_words(a.directions), tasks=_words(a.tasks), ks=_ints(a.ks),
                           ends=a.ends, engine=a.engine, batch_size=a.batch_size, evalset=_evalset(a), out=a.out,
-                          base=a.base, overwrite=a.overwrite)
+                          base=a.base, overwrite=a.overwrite, progress=not a.quiet)
     _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'sweeps.parquet'}")
 
 
@@ -253,7 +254,8 @@ def _capture(a):
     from cogprobe.probe import capture_run
     with _one_writer(a):
         table = capture_run(_source(a), sites=_words(a.sites), backend=a.backend, batch_size=a.batch_size,
-                            evalset=_evalset(a), out=a.out, base=a.base, overwrite=a.overwrite)
+                            evalset=_evalset(a), out=a.out, base=a.base, overwrite=a.overwrite,
+                            progress=not a.quiet)
     _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'activations.parquet'}")
 
 
@@ -272,6 +274,9 @@ def _select_flags(p):
                    help="rule curves: an end's k blocks must remove tau of the gain when reverted (remove), "
                         "or keep it alone when every other block is reverted (keep)")
     p.add_argument("--max-total", type=int, help="rule budget: largest k_in + k_out to try")
+    p.add_argument("--search", default="frontier", choices=["frontier", "exhaustive"],
+                   help="rule budget: walk the pass/fail frontier (assumes a superset of a passing set passes; "
+                        "checked, with a fallback) or score every candidate of each size")
     p.add_argument("--name", default="selection.json",
                    help="file written in the tables folder (keep several rules side by side)")
 
@@ -282,7 +287,8 @@ def _select(a):
     with _one_writer(a):
         sel = select_run(_source(a), rule=a.rule, tau=a.tau, fraction=a.fraction, step=a.step, input_task=a.input_task,
                          output_task=a.output_task, max_total=a.max_total, criterion=a.criterion,
-                         batch_size=a.batch_size, evalset=_evalset(a), out=a.out, base=a.base, name=a.name)
+                         batch_size=a.batch_size, evalset=_evalset(a), out=a.out, base=a.base, name=a.name,
+                         search=a.search, progress=not a.quiet)
     path = (a.out or Path(a.run)) / a.name
     _say(sel.table())
     if sel.stability:

@@ -35,10 +35,11 @@ from cogprobe.distributed import World, default_device, world
 from cogprobe.evalset import EvalSet
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import check_fraction
+from cogprobe.progress import bar
 from cogprobe.select import (Selection, budget_decider, curves_decider, select_budget, select_curves,
-                             select_fixed)
+                             select_fixed, sweep_candidates)
 from cogprobe.stability import stability
-from cogprobe.sweep import DIRECTIONS, FastEngine, sweep, sweep_configs
+from cogprobe.sweep import DIRECTIONS, FastEngine, n_batches, sweep, sweep_configs
 from cogprobe.tasks import TASKS, batches
 from cogprobe.trainconfig import NOT_IDENTITY
 
@@ -144,15 +145,16 @@ def _merge_parts(path: Path, w: World, todo: Sequence[int], tasks: Sequence[str]
 def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIRECTIONS, tasks: Sequence[str] = TASKS,
               ks: Sequence[int] | None = None, ends: bool = False, engine: str = "fast", batch_size: int = 8,
               evalset: EvalSet | None = None, out=None, base=None, overwrite: bool = False, device=None,
-              log=print) -> pd.DataFrame:
+              log=print, progress: bool = True, checkpoints: Checkpoints | None = None) -> pd.DataFrame:
     """Revert/skip sweeps of every checkpoint into `sweeps.parquet`; returns the whole table.
 
     Launched on N processes (torchrun, accelerate launch), each sweeps a contiguous share of the
     configurations of every checkpoint into its own part file and the main process merges them:
-    the table equals a single-process one row for row.
+    the table equals a single-process one row for row. `checkpoints`: `source` already opened
+    (the study opens its probe run once for the sweep, capture and selection).
     """
     w = world()
-    ckpts = open_checkpoints(source, base, device)
+    ckpts = checkpoints or open_checkpoints(source, base, device)
     out = _out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
     reference, tok = ckpts.base()
@@ -176,8 +178,10 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
             log(f"sweep: step {step} done" + (f" (process 0 of {w.size})" if w.size > 1 else f" ({len(rows)} rows)"))
 
     if mine:
-        sweep(ckpts, examples, mode=mode, configs=share, engine=engine, batch_size=batch_size,
-              steps=mine, on_checkpoint=save)
+        with bar("sweep", total=len(mine) * n_batches(examples, batch_size), unit="batch",
+                 enabled=progress) as ticks:
+            sweep(ckpts, examples, mode=mode, configs=share, engine=engine, batch_size=batch_size,
+                  steps=mine, on_checkpoint=save, on_batch=ticks.update)
     _merge_parts(path, w, todo, list(examples), keep=lambda t: (t["mode"] == mode) & (t["ends"] == ends))
     return io.read_parquet(path)
 
@@ -208,14 +212,14 @@ def _done_steps(path: Path, mode: str, ends: bool, want: set[tuple]) -> set[int]
 
 def capture_run(source, *, sites: Sequence[str] = ("resid",), backend: str = "torch", batch_size: int = 8,
                 evalset: EvalSet | None = None, out=None, base=None, overwrite: bool = False, device=None,
-                log=print) -> pd.DataFrame:
+                log=print, progress: bool = True, checkpoints: Checkpoints | None = None) -> pd.DataFrame:
     """Drift, CKA, norms and logit lens of every checkpoint into `activations.parquet`.
 
     On N processes each captures every N-th checkpoint into its own part file; the main process
     merges them in checkpoint order (the same table as one process writes).
     """
     w = world()
-    ckpts = open_checkpoints(source, base, device)
+    ckpts = checkpoints or open_checkpoints(source, base, device)
     out = _out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
     check_sites(sites)
@@ -232,13 +236,15 @@ def capture_run(source, *, sites: Sequence[str] = ("resid",), backend: str = "to
     part = w.part(path)
     mine = [s for s in w.share(todo) if s not in _steps_in(part)]
     if mine:
-        _capture_steps(ckpts, mine, examples, part, sites=sites, backend=backend, batch_size=batch_size,
-                       log=log if w.is_main else lambda _: None)
+        with bar("capture", total=len(mine), unit="checkpoint", enabled=progress) as ticks:
+            _capture_steps(ckpts, mine, examples, part, sites=sites, backend=backend, batch_size=batch_size,
+                           log=log if w.is_main else lambda _: None, on_step=ticks.update)
     _merge_parts(path, w, todo)
     return io.read_parquet(path)
 
 
-def _capture_steps(ckpts: Checkpoints, steps, examples, path: Path, *, sites, backend, batch_size, log) -> None:
+def _capture_steps(ckpts: Checkpoints, steps, examples, path: Path, *, sites, backend, batch_size, log,
+                   on_step=lambda: None) -> None:
     """Capture each of `steps` against the reference, appending its rows to `path` as it finishes."""
     ref_step = ckpts.reference_step
     ref, tok = ckpts.load(ref_step)
@@ -250,19 +256,25 @@ def _capture_steps(ckpts: Checkpoints, steps, examples, path: Path, *, sites, ba
                        batched, sites=sites, backend=backend)
         io.append_parquet(path, rows[rows["checkpoint_step"] == step])
         log(f"capture: step {step} done")
+        on_step()
 
 
 def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: float = 0.25, step: int | None = None,
                input_task: str = "perception", output_task: str = "production", max_total: int | None = None,
                criterion: str = "remove", batch_size: int = 8, evalset: EvalSet | None = None, out=None, base=None,
-               name: str = SELECTION, device=None, log=print) -> Selection:
-    """A CogSym layer set by `rule` (fixed | curves | budget), written to `selection.json`."""
+               name: str = SELECTION, device=None, log=print, search: str = "frontier", progress: bool = True,
+               checkpoints: Checkpoints | None = None) -> Selection:
+    """A CogSym layer set by `rule` (fixed | curves | budget), written to `selection.json`.
+
+    The budget rule reads the candidates that `sweeps.parquet` in `out` already scored (a revert
+    sweep without --ends of the same checkpoint, tasks and evaluation set), instead of scoring them
+    again, and searches the rest by `search` (frontier | exhaustive, see `select_budget`)."""
     check_fraction(tau, "tau")
     if not str(name).endswith(".json"):
         raise CogprobeError(f"selection name {name!r} must end in .json (that is how --layers recognises it)")
     if rule not in ("fixed", "curves", "budget"):
         raise CogprobeError(f"unknown rule {rule!r}; use fixed, curves or budget")
-    ckpts = open_checkpoints(source, base, device)
+    ckpts = checkpoints or open_checkpoints(source, base, device)
     out = _out_dir(source, out)
     n_layers = ckpts.base()[0].config.get_text_config().num_hidden_layers
     record: dict = {}
@@ -281,8 +293,12 @@ def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: floa
                                                         n_layers=n_layers, criterion=criterion), selection, rows)
     else:
         evalset = evalset or EvalSet.for_run(source)
-        selection, rows = _budget(ckpts, n_layers, tau=tau, step=step, max_total=max_total, batch_size=batch_size,
-                                  evalset=evalset, log=log)
+        step = ckpts.steps[-1] if step is None else step
+        known = _swept_candidates(out, evalset, _source_id(source, ckpts), step, n_layers)
+        with bar("select budget", total=None, unit="candidate", enabled=progress) as ticks:
+            selection, rows = _budget(ckpts, n_layers, tau=tau, step=step, max_total=max_total,
+                                      batch_size=batch_size, evalset=evalset, known=known, search=search,
+                                      log=log, on_scored=ticks.update)
         record["evalset"] = evalset.to_dict()
         pairs = [(c["k_in"], c["k_out"]) for c in selection.candidates]
         selection.stability = _stability(budget_decider(tau, selection.params["tasks"], pairs), selection, rows)
@@ -297,10 +313,25 @@ def _stability(decide, selection: Selection, rows: pd.DataFrame) -> dict | None:
     return stability(decide, rows.reset_index(drop=True), (selection.k_in, selection.k_out))
 
 
-def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_size, evalset,
-            log) -> tuple[Selection, pd.DataFrame]:
-    """The budget set and every keep-outer row it scored (their per-example scores feed the stability check)."""
-    step = ckpts.steps[-1] if step is None else step
+def _swept_candidates(out: Path, evalset: EvalSet, source: dict, step: int, n_layers: int) -> pd.DataFrame | None:
+    """The budget candidates the sweep table in `out` holds for `step` (None if it holds none of
+    this evaluation set and these checkpoints, or lacks a task or a per-example column)."""
+    path = out / SWEEPS
+    if not path.exists() or not (out / f"{SWEEPS}.json").is_file():
+        return None
+    if io.read_json(out / f"{SWEEPS}.json") != _want(evalset, source):
+        return None
+    rows = sweep_candidates(io.read_parquet(path), step, n_layers)
+    rows = rows[rows["task"].isin(TASKS)]
+    if set(rows["task"]) != set(TASKS) or rows["example_nll"].isna().any():
+        return None
+    return rows
+
+
+def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_size, evalset, known, search,
+            log, on_scored) -> tuple[Selection, pd.DataFrame]:
+    """The budget set and every keep-outer row it read or scored (their per-example scores feed the
+    stability check)."""
     if step == ckpts.reference_step:
         raise CogprobeError("the budget rule needs a trained checkpoint besides the reference; train longer "
                             "or pass --step")
@@ -309,13 +340,15 @@ def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_si
     examples = evalset.examples(tok)
     runner = FastEngine(ref)  # one engine for the whole search: reference prefixes are scored once
 
-    scored = []
+    scored = [] if known is None else [known]
 
     def evaluate(pairs):
-        log(f"select: scoring {len(pairs)} candidate(s) of size {sum(pairs[0])}")
+        log(f"select: scoring {len(pairs)} candidate(s): {pairs}")
         t = sweep([(ckpts.reference_step, ref), (step, model)], examples, mode="keep-outer", keep_outer=pairs,
                   batch_size=batch_size, steps=[step], runner=runner)
         scored.append(t[t["checkpoint_step"] == step])
+        on_scored(len(pairs))
         return scored[-1]
 
-    return select_budget(evaluate, n_layers, tau=tau, max_total=max_total), pd.concat(scored, ignore_index=True)
+    selection = select_budget(evaluate, n_layers, tau=tau, max_total=max_total, search=search, known=known)
+    return selection, pd.concat(scored, ignore_index=True)

@@ -69,8 +69,25 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
                         "3%; chrF over its own sample, pairs in brackets):"), ("table", intervals_table)]
         b += [("p", s) for s in _compare_findings(compare, base.iloc[0], out)]
         b += [("figure", f) for f in figures if f.stem.startswith("comparison")]
+    b += _stage_times(cfg)
     b += [("h2", "Reading these numbers"), ("p", _caveats(cfg))]
     return b
+
+
+def _stage_times(cfg: dict) -> list[tuple]:
+    """Where the study's wall time went, per stage (summed over resumed invocations)."""
+    seconds = cfg.get("stage_seconds") or {}
+    if not seconds:
+        return []
+    total = sum(seconds.values())
+    table = pd.DataFrame({"stage": list(seconds), "seconds": [round(v) for v in seconds.values()],
+                          "minutes": [f"{int(v // 60)}:{int(v % 60):02d}" for v in seconds.values()],
+                          "share": [f"{v / total:.0%}" for v in seconds.values()]})
+    table.loc[len(table)] = ["total", round(total), f"{int(total // 60)}:{int(total % 60):02d}", "100%"]
+    return [("h2", "Where the time went"),
+            ("p", f"Wall time per stage on this machine ({os.cpu_count()} cores), summed over every invocation "
+                  "of a resumed study; the report stage itself is timed when it ends, so it is missing from the "
+                  "report that is being written and present in study.json."), ("table", table)]
 
 
 def _what_was_run(out: Path, cfg: dict) -> str:

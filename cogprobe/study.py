@@ -45,6 +45,7 @@ from cogprobe.trainconfig import TrainConfig
 from cogprobe.translate import chrf, translate
 
 STUDY = "study.json"
+STAGE_SECONDS = "stage_seconds"        # in study.json: wall seconds per stage, summed over resumed invocations
 BASELINE = "baseline.csv"
 COMPARE = "compare.parquet"
 EVALSETS = "evalsets.json"
@@ -84,25 +85,46 @@ def run(config: StudyConfig, log=print) -> Path:
     weights.update({f"tune {s}-s{seed}": 3 for s, seed in rows})
     weights.update({f"compare {s}-s{seed}": 1 for s, seed in rows})
     progress = Progress(weights, log)
-    _stage(progress, "baseline", lambda: baseline(config, out))
+    stage = functools.partial(_stage, progress, out)
+    stage("baseline", lambda: baseline(config, out))
     seed0 = config.seed_list()[0]
-    _stage(progress, f"tune full-s{seed0}", lambda: tune(config, out, "full", seed0))
-    _stage(progress, "probe", lambda: probe(config, out))
-    _stage(progress, "select", lambda: select_sets(config, out, log))
+    stage(f"tune full-s{seed0}", lambda: tune(config, out, "full", seed0))
+    probe_run = _Opened(_full_run(config, out))   # opened once for the probe and select stages
+    stage("probe", lambda: probe(config, out, probe_run()))
+    stage("select", lambda: select_sets(config, out, log, probe_run))
     for strategy, seed in rows:
         if (strategy, seed) != ("full", seed0):  # the first full run is the probe run, tuned above
-            _stage(progress, f"tune {strategy}-s{seed}", lambda: tune(config, out, strategy, seed))
-        _stage(progress, f"compare {strategy}-s{seed}", lambda: compare_one(config, out, strategy, seed))
+            stage(f"tune {strategy}-s{seed}", lambda: tune(config, out, strategy, seed))
+        stage(f"compare {strategy}-s{seed}", lambda: compare_one(config, out, strategy, seed))
     from cogprobe.report import write_report
-    _stage(progress, "report", lambda: write_report(out))
+    stage("report", lambda: write_report(out))
     progress.stage("done", str(out / "report.md"))
     return out
 
 
-def _stage(progress: Progress, name: str, fn) -> None:
+def _stage(progress: Progress, out: Path, name: str, fn) -> None:
+    """Run one stage and add its wall time to study.json's `stage_seconds` (summed over the
+    invocations of a resumed study, so an interrupted stage counts all the work it took)."""
     progress.stage(name)
+    start = time.perf_counter()
     fn()
+    record = io.read_json(out / STUDY)
+    seconds = record.setdefault(STAGE_SECONDS, {})
+    seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 1)
+    io.write_json(out / STUDY, record)
     progress.finished(name)
+
+
+class _Opened:
+    """A run's checkpoints, opened on first use and then shared (the base model is read once)."""
+
+    def __init__(self, run: Path):
+        self.run, self.checkpoints = run, None
+
+    def __call__(self) -> Checkpoints:
+        if self.checkpoints is None:
+            self.checkpoints = Checkpoints.open(self.run).to(default_device())
+        return self.checkpoints
 
 
 def _check_inputs(config: StudyConfig) -> None:
@@ -122,7 +144,7 @@ def _claim(out: Path, config: StudyConfig) -> None:
     path = out / STUDY
     if path.is_file() and not config.overwrite:
         old = io.read_json(path)
-        old_id = {k: v for k, v in old.items() if k not in EXECUTION_ONLY}
+        old_id = {k: v for k, v in old.items() if k not in (*EXECUTION_ONLY, STAGE_SECONDS)}
         if old_id != config.identity():
             diff = sorted(k for k in config.identity() if old_id.get(k) != config.identity()[k])
             raise CogprobeError(f"{out} holds a different study (differs in {', '.join(diff)}); choose another "
@@ -133,7 +155,8 @@ def _claim(out: Path, config: StudyConfig) -> None:
         import shutil
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-    io.write_json(path, config.to_dict())
+    kept = io.read_json(path).get(STAGE_SECONDS, {}) if path.is_file() and not config.overwrite else {}
+    io.write_json(path, {**config.to_dict(), STAGE_SECONDS: kept})
 
 
 # --- data --------------------------------------------------------------------------
@@ -288,18 +311,21 @@ def _full_run(config: StudyConfig, out: Path) -> Path:
     return out / "runs" / f"full-s{config.seed_list()[0]}"
 
 
-def probe(config: StudyConfig, out: Path) -> None:
+def probe(config: StudyConfig, out: Path, checkpoints: Checkpoints | None = None) -> None:
+    """Sweeps and capture of the probe run (`checkpoints`: the run already opened)."""
     ks = None
     if config.sweep_ks:
         from cogprobe.layersets import parse_range_list
         ks = parse_range_list(config.sweep_ks, 10**6)
     run = _full_run(config, out)
     tasks = (*TASKS, *CONTROLS) if config.sweep_controls else TASKS
-    sweep_run(run, ks=ks, tasks=tasks, evalset=_probe_set(config), out=out, log=lambda m: None)
-    capture_run(run, backend=config.capture_backend, evalset=_probe_set(config), out=out, log=lambda m: None)
+    quiet = dict(evalset=_probe_set(config), out=out, log=lambda m: None, progress=False, checkpoints=checkpoints)
+    sweep_run(run, ks=ks, tasks=tasks, **quiet)
+    capture_run(run, backend=config.capture_backend, **quiet)
 
 
-def select_sets(config: StudyConfig, out: Path, log) -> None:
+def select_sets(config: StudyConfig, out: Path, log, checkpoints=lambda: None) -> None:
+    """The fixed set, and the budget set from the probe run (`checkpoints()`: the run, opened)."""
     n = _block_count(str(config.model))
     if not (out / "selection-fixed.json").is_file():
         io.write_json(out / "selection-fixed.json", select_fixed(n, config.fraction).to_json())
@@ -307,7 +333,8 @@ def select_sets(config: StudyConfig, out: Path, log) -> None:
         return
     try:
         select_run(_full_run(config, out), rule="budget", tau=config.tau, max_total=config.budget_max_total,
-                   evalset=_probe_set(config), out=out, name="selection-budget.json", log=lambda m: None)
+                   evalset=_probe_set(config), out=out, name="selection-budget.json", log=lambda m: None,
+                   progress=False, checkpoints=checkpoints())
     except CogprobeError as e:  # an honest "no set": recorded, reported, and its tuning row skipped
         io.write_json(out / "selection-budget.json", {"rule": "budget", "error": str(e)})
         log(f"budget selection failed: {e}")

@@ -45,7 +45,6 @@ from cogprobe.layersets import to_string
 from cogprobe.tasks import Example, collate, nll_per_example, scored_positions
 
 DIRECTIONS = ("input", "output")
-MODES = ("revert", "skip", "keep-outer")
 COLUMNS = ["checkpoint_step", "task", "direction", "mode", "k", "k_in", "k_out", "blocks", "ends",
            "nll", "n_tokens", "nll_reference", "nll_checkpoint", "gain_retained", "example_nll", "example_tokens",
            "reference_example_nll", "checkpoint_example_nll"]
@@ -180,8 +179,9 @@ class FastEngine:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, configs: Sequence[Config], examples: dict[str, list[Example]],
-                 *, batch_size: int = 8) -> dict[tuple[str, Config], tuple[float, int]]:
-        """{(task, config): (nll sums, token counts)}, arrays over the task's examples in their order."""
+                 *, batch_size: int = 8, on_batch=None) -> dict[tuple[str, Config], tuple[float, int]]:
+        """{(task, config): (nll sums, token counts)}, arrays over the task's examples in their order.
+        `on_batch()` is called after each (task, batch) (a progress bar's tick)."""
         configs = list(dict.fromkeys(configs))  # equal configurations are evaluated once
         cb = find_blocks(model)
         changed, embed_changed = changed_blocks(model, self.reference)
@@ -194,6 +194,8 @@ class FastEngine:
                 totals[(task, c)] = (np.zeros(len(exs)), np.zeros(len(exs), dtype=np.int64))
             for idx, batch in _batches(exs, batch_size):
                 self._batch(task, batch, idx, cb, keyed, totals, device)
+                if on_batch is not None:
+                    on_batch()
         return totals
 
     @staticmethod
@@ -256,6 +258,11 @@ def _batches(examples: Sequence[Example], batch_size: int):
         yield idx, collate([examples[i] for i in idx], pad_id=0)
 
 
+def n_batches(examples: dict[str, list[Example]], batch_size: int) -> int:
+    """(task, batch) units one checkpoint's evaluation goes through: a progress bar's total."""
+    return sum(-(-len(exs) // batch_size) for exs in examples.values())
+
+
 def _common_prefix(a: Sequence, b: Sequence) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -273,9 +280,10 @@ class NaiveEngine:
         self.counter = Counter()
 
     @torch.no_grad()
-    def evaluate(self, model, configs, examples, *, batch_size: int = 8):
+    def evaluate(self, model, configs, examples, *, batch_size: int = 8, on_batch=None):
         totals = {}
-        for config in dict.fromkeys(configs):
+        configs = list(dict.fromkeys(configs))
+        for n, config in enumerate(configs):
             ablated = build_ablated(model, self.reference, config)
             n_run = sum(s != "s" for s in config.sources)
             for task, exs in examples.items():
@@ -288,6 +296,8 @@ class NaiveEngine:
                     self.counter.block_evals += n_run
                 totals[(task, config)] = (sums, counts)
             del ablated
+        for _ in range(n_batches(examples, batch_size)) if on_batch is not None else ():
+            on_batch()   # one tick per (task, batch), as the fast engine, at the end
         return totals
 
 
@@ -329,7 +339,7 @@ def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "rever
           directions: Sequence[str] = DIRECTIONS, ks: Iterable[int] | None = None, ends: bool = False,
           keep_outer: Iterable[tuple[int, int]] = (), engine: str = "fast", batch_size: int = 8,
           steps: Iterable[int] | None = None, on_checkpoint=None, runner=None,
-          configs: Sequence[Config] | None = None) -> pd.DataFrame:
+          configs: Sequence[Config] | None = None, on_batch=None) -> pd.DataFrame:
     """Sweep every checkpoint; a tidy table with one row per (checkpoint, task, configuration).
 
     `checkpoints` is a `Checkpoints` or a sequence of (step, model) with the
@@ -337,6 +347,7 @@ def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "rever
     (the run-folder driver appends to disk there, so an interruption loses at
     most one checkpoint's work). `configs` replaces the grid that mode, directions,
     ks, ends and keep_outer describe (a process of a sharded sweep passes its share).
+    `on_batch()` is called after each (checkpoint, task, batch): a progress bar's tick.
     """
     if engine not in ENGINES:
         raise CogprobeError(f"unknown engine {engine!r}; use fast or naive")
@@ -353,7 +364,7 @@ def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "rever
     frames = []
     wanted_ref = steps is None or ref_step in set(steps)
     for step, model in (_with_reference(ref_step, reference, items) if wanted_ref else items):
-        totals = runner.evaluate(model, configs, examples, batch_size=batch_size)
+        totals = runner.evaluate(model, configs, examples, batch_size=batch_size, on_batch=on_batch)
         rows = _rows(step, configs, totals, examples)
         if on_checkpoint is not None:
             on_checkpoint(step, rows)

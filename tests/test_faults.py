@@ -233,7 +233,9 @@ def test_damaged_artifact(inputs, tmp_path, capsys, artifact, damage, verb):
 def _one_error_line(capsys, code: int, expected_code: int, pattern: str) -> str:
     import re
     err = capsys.readouterr().err
-    lines = [l for l in err.strip().splitlines() if not l.startswith("waiting for")]
+    # a progress bar redraws itself with carriage returns (one terminal line, cleared on error)
+    lines = [l for l in err.strip().splitlines() if l.strip() and not l.startswith("waiting for")
+             and not re.search(r"\d+%\|", l)]
     assert code == expected_code, err
     assert len(lines) == 1 and lines[0].startswith("cogprobe: ") and re.search(pattern, lines[0]), err
     assert "Traceback" not in err

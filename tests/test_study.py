@@ -1,4 +1,5 @@
 """The whole study on a tiny model: every stage runs, every table has its columns, every figure exists."""
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +58,11 @@ def test_whole_study_on_a_tiny_model(setup):
             "training_curve.png"} <= figures
     report = (out / "report.md").read_text()
     assert "CogSym against full fine-tuning" in report and "cogsym" in report
+    # where the time went: every stage that ran, in study.json and (all but the report itself) in the report
+    seconds = json.loads((out / "study.json").read_text())["stage_seconds"]
+    assert {"baseline", "tune full-s0", "probe", "select", "compare cogsym-s0", "report"} <= set(seconds)
+    assert all(v >= 0 for v in seconds.values()) and seconds["probe"] > 0
+    assert "## Where the time went" in report and "| tune full-s0 |" in report
 
     # every published-figure script runs on the study folder
     studies = [s for s in sorted((Path(__file__).parent.parent / "analyses").glob("[a-z]*.py"))
@@ -68,10 +74,12 @@ def test_whole_study_on_a_tiny_model(setup):
     assert len(list((root / "figures").glob("*.png"))) == 5
     assert (root / "figures" / "comparison_intervals.csv").is_file()
 
-    # rerunning the same command redoes nothing: the tables stay byte-identical
+    # rerunning the same command redoes nothing: the tables stay byte-identical, the stage times add up
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
     run(tiny_config(root, model, corpus), log=lambda m: None)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == before
+    again = json.loads((out / "study.json").read_text())["stage_seconds"]
+    assert set(again) == set(seconds) and all(again[k] >= seconds[k] for k in seconds)
 
 
 def test_study_refuses_a_different_study_in_out(setup):
