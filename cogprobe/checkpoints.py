@@ -38,7 +38,7 @@ from cogprobe import hub, io
 from cogprobe.artifacts import damaged
 from cogprobe.errors import CogprobeError
 from cogprobe.models import EMBEDDED, has_tokenizer, load_model, model_fingerprint, model_source
-from cogprobe.strategies import aliases, load_tensors
+from cogprobe.params import aliases, load_tensors
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"

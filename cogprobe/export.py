@@ -25,7 +25,8 @@ from cogprobe import io
 from cogprobe.blocks import find_blocks
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import resolve, to_string
-from cogprobe.strategies import LoraSpec, apply, lora_kwargs, trainable
+from cogprobe.params import trainable
+from cogprobe.strategies import LoraSpec, apply, lora_kwargs
 
 FORMATS = ("peft", "axolotl", "llamafactory", "trainer")
 

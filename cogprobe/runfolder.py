@@ -133,7 +133,7 @@ def versions() -> dict[str, str]:
 
 def manifest(cfg, model, blocks, layers, fingerprint: str, corpus: dict) -> dict:
     from cogprobe.models import model_source
-    from cogprobe.strategies import n_trainable
+    from cogprobe.params import n_trainable
     lora = getattr(model, "peft_config", {}).get("default")
     return _jsonable(dict(
         config=cfg.to_dict(), seed=cfg.seed, strategy=cfg.strategy,

@@ -39,7 +39,8 @@ from cogprobe.distributed import on_cpu
 from cogprobe.errors import CogprobeError
 from cogprobe.runfolder import (LOG, claim, load_optimizer_state, lock, manifest, optimizer_state,
                                 write_cost)
-from cogprobe.strategies import LORA, load_tensors, n_trainable, trainable, trainable_tensors
+from cogprobe.params import load_tensors, n_trainable, trainable, trainable_tensors
+from cogprobe.strategies import LORA
 from cogprobe.trainconfig import TrainConfig, lr_factor
 
 __all__ = ["TrainConfig", "train", "lr_factor"]

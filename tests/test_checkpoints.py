@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -181,3 +183,12 @@ def test_unknown_sources_are_refused(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path / "tok")
     with pytest.raises(CogprobeError, match="neither a model folder"):
         Checkpoints.open([tmp_path / "tok"])
+
+
+def test_reading_checkpoints_does_not_import_the_training_code():
+    """Sweeps, captures and `verify` read checkpoints; how a run was trained must not come with that."""
+    training = ("cogprobe.strategies", "cogprobe.trainconfig", "cogprobe.train", "cogprobe.runfolder")
+    code = f"import sys, cogprobe.checkpoints; print([m for m in {training!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
