@@ -16,7 +16,7 @@ The run folder:
                      tokens seen so far), step_tokens and loss_tokens (of that step),
                      seconds (of that step); rewritten atomically as it grows
   cost.json          trainable params, optimizer-state bytes, peak memory, s/step, tok/s
-  checkpoints/step-N/   see `checkpoints`
+  checkpoints/step-N/   see `checkpoints` (and `resume` for the optimizer state)
 """
 from __future__ import annotations
 
@@ -32,13 +32,12 @@ import pandas as pd
 import psutil
 import torch
 
-from cogprobe import health, io, tracking
-from cogprobe.checkpoints import ADAPTER, MANIFEST, TENSORS, drop_resume_state, step_dir, write_checkpoint
+from cogprobe import health, io, resume, tracking
+from cogprobe.checkpoints import ADAPTER, MANIFEST, META, TENSORS, own_steps, step_dir, write_checkpoint
 from cogprobe.data import check_isolation
 from cogprobe.distributed import on_cpu
 from cogprobe.errors import CogprobeError
-from cogprobe.runfolder import (LOG, claim, load_optimizer_state, lock, manifest, optimizer_state,
-                                write_cost)
+from cogprobe.runfolder import LOG, claim, lock, manifest, write_cost
 from cogprobe.params import load_tensors, n_trainable, trainable, trainable_tensors
 from cogprobe.strategies import LORA
 from cogprobe.trainconfig import TrainConfig, lr_factor
@@ -184,8 +183,8 @@ class _Run:
             set_peft_model_state_dict(model, io.read_tensors(path / ADAPTER))
         else:
             load_tensors(model, io.read_tensors(path / TENSORS), str(path))
-        state = load_optimizer_state(optimizer, path, self.param_names)
-        self.tokens = state["tokens_seen"]
+        recorded = io.read_json(path / META).get("sha256") or {}
+        self.tokens = resume.restore(optimizer, path, self.param_names, recorded)["tokens_seen"]
 
     # ---- the loop
     def _loop(self, start: int) -> None:
@@ -310,18 +309,17 @@ class _Run:
         if acc.is_main_process:
             self._flush()  # first, so a checkpoint on disk always has its log rows
             model = acc.unwrap_model(self.model)
-            resume = None
+            saved = None
             if not final and state is None:
-                tensors, info = optimizer_state(self.optimizer, self.param_names)
-                resume = (tensors, dict(info, step=step, tokens_seen=self.tokens))
+                saved = resume.capture(self.optimizer, self.param_names, step=step, tokens_seen=self.tokens)
             if self.is_lora:
-                write_checkpoint(self.out, step, model, "lora", self._meta(step, loss), resume=resume,
+                write_checkpoint(self.out, step, model, "lora", self._meta(step, loss), resume_state=saved,
                                  state_dict=state)
             else:
                 tensors = trainable_tensors(model) if state is None else state
-                write_checkpoint(self.out, step, None, "tensors", self._meta(step, loss), resume=resume,
+                write_checkpoint(self.out, step, None, "tensors", self._meta(step, loss), resume_state=saved,
                                  tensors=tensors)
-            drop_resume_state(self.out, keep=None if final or state is not None else step)
+            resume.drop(own_steps(self.out), keep=None if final or state is not None else step)
         acc.wait_for_everyone()
         self.last_saved = step
 
