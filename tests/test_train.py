@@ -312,3 +312,22 @@ def test_threads_are_restored(inputs, tmp_path):
     train(config(inputs, tmp_path / "run", "full", steps=1, save_steps=[], threads=1),
           on_step=lambda *a: seen.append(torch.get_num_threads()))
     assert seen == [1] and torch.get_num_threads() == before
+
+
+def test_training_state_is_only_assigned_in_constructors():
+    """The run is set up once (`_Run`, frozen) and the loop's changing state is one declared record:
+    no `self.x = ...` outside an `__init__`, so no method depends on another having run first."""
+    import ast
+    import importlib
+    import inspect
+    module = importlib.import_module("cogprobe.train")  # the module (`cogprobe.train` is the function)
+    tree = ast.parse(inspect.getsource(module))
+    outside = []
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name != "__init__"):
+            for node in ast.walk(fn):
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+                outside += [f"{cls.name}.{fn.name}: self.{t.attr}" for t in targets if isinstance(t, ast.Attribute)
+                            and isinstance(t.value, ast.Name) and t.value.id == "self"]
+    assert outside == []
