@@ -87,16 +87,6 @@ class Blocks:
         return self.logits(norm(resid) if norm is not None else resid)
 
 
-def check_causal(model: nn.Module) -> None:
-    """Fail unless changing a later token leaves earlier logits unchanged (a causal decoder)."""
-    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5]]) % model.config.get_text_config().vocab_size
-    with torch.no_grad():
-        logits = unwrap(model)(input_ids=ids.to(model.device), use_cache=False).logits
-    if not torch.allclose(logits[0, :3], logits[1, :3], atol=1e-4):
-        raise CogprobeError(f"{type(unwrap(model)).__name__} is not causal (earlier outputs depend on later tokens); "
-                            "cogprobe needs a decoder-only causal LM")
-
-
 def _n_layers(config) -> int:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     n = getattr(text, "num_hidden_layers", None)
@@ -184,16 +174,6 @@ def swapped(blocks: Blocks, replacements: Mapping[int, nn.Module]) -> Iterator[B
     finally:
         for i, module in originals.items():
             blocks.layers[i] = module
-
-
-def reverted(blocks: Blocks, reference: Blocks, indices: Iterable[int]):
-    """Blocks `indices` run with the reference model's weights (its own modules, no copy)."""
-    return swapped(blocks, {i: reference.layers[i] for i in indices})
-
-
-def skipped(blocks: Blocks, indices: Iterable[int]):
-    """Blocks `indices` become the identity (and cost nothing)."""
-    return swapped(blocks, {i: SkipBlock(blocks.layers[i]) for i in indices})
 
 
 def check_indices(indices: Iterable[int], n: int) -> list[int]:

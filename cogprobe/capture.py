@@ -42,11 +42,11 @@ from cogprobe.backends import SITES, Acts, check_sites, open_backend
 from cogprobe.blocks import check_indices, find_blocks
 from cogprobe.errors import CogprobeError
 from cogprobe.io import atomic_path, write_parquet
+from cogprobe.layout import ACTIVATIONS
 from cogprobe.tasks import nll_at_scored, scored_positions
 
 STATS = ("drift_cos", "cka", "norm", "logit_lens_nll")
 COLUMNS = ["checkpoint_step", "layer", "site", "stat", "task", "value"]
-ACTIVATIONS = "activations.parquet"
 
 
 # ------------------------------------------------------------------ streaming reducers

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from cogprobe import hub, io
 from cogprobe.artifacts import damaged
 from cogprobe.errors import CogprobeError
-from cogprobe.models import EMBEDDED, has_tokenizer, load_model, model_fingerprint, model_source
+from cogprobe.models import EMBEDDED, embedded_dir, has_tokenizer, load_model, model_fingerprint, model_source
 from cogprobe.strategies import aliases, load_tensors
 
 CHECKPOINTS = "checkpoints"
@@ -362,7 +362,6 @@ class Checkpoints:
 
 
 def _resolved(spec) -> Path:
-    from cogprobe.models import embedded_dir
     if hub.is_hub_id(spec):
         return hub.resolve(str(spec))
     return embedded_dir() if str(spec) == EMBEDDED else Path(spec)

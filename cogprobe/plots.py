@@ -35,10 +35,11 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cogprobe.errors import CogprobeError
 from cogprobe import io
+from cogprobe.errors import CogprobeError
 from cogprobe.intervals import sweep_intervals
 from cogprobe.io import atomic_path
+from cogprobe.layout import ACTIVATIONS, COMPARE, SCORES, SWEEPS, TRAIN_LOG
 from cogprobe.tasks import CONTROLS, TASKS, with_conditional_gain
 from cogprobe.verdicts import comparison_table
 
@@ -57,7 +58,7 @@ STAT_LABELS = {   # colourbar labels: short, since a row of panels may be short;
     "norm": "L2 norm per token",
     "logit_lens_nll": "NLL (nats/token)",
 }
-TABLES = ("sweeps.parquet", "activations.parquet", "train_log.parquet", "compare.parquet", "scores.parquet")
+TABLES = (SWEEPS, ACTIVATIONS, TRAIN_LOG, COMPARE, SCORES)
 
 
 # ------------------------------------------------------------------ shared helpers
@@ -551,8 +552,8 @@ def plot_run(run_dir: str | os.PathLike, *, dpi: int = 150) -> list[Path]:
 
 def _figures_for(tables: dict[str, pd.DataFrame]):
     """(file stem, thunk) for each figure the present tables can feed."""
-    if "sweeps.parquet" in tables:
-        sw = tables["sweeps.parquet"]
+    if SWEEPS in tables:
+        sw = tables[SWEEPS]
         modes = set(sw["mode"]) if "mode" in sw.columns else set()
         for mode in ("revert", "skip"):
             if mode not in modes:
@@ -562,23 +563,23 @@ def _figures_for(tables: dict[str, pd.DataFrame]):
                 yield f"specialization_heatmap_{mode}_{y}", functools.partial(specialization_heatmaps, sw, mode, y)
             if sw["task"].isin(list(CONTROLS)).any():
                 yield f"conditional_gain_{mode}", functools.partial(conditional_gain_curves, sw, mode)
-    if "activations.parquet" in tables:
-        acts = tables["activations.parquet"]
+    if ACTIVATIONS in tables:
+        acts = tables[ACTIVATIONS]
         stats = set(acts["stat"]) if "stat" in acts.columns else set()
         if "logit_lens_nll" in stats:
             yield "logit_lens", functools.partial(logit_lens_heatmap, acts)
         for stat in ("drift_cos", "cka", "norm"):
             if stat in stats:
                 yield f"{stat}_heatmap", functools.partial(drift_heatmap, acts, stat)
-    if "train_log.parquet" in tables:
-        log = tables["train_log.parquet"]
+    if TRAIN_LOG in tables:
+        log = tables[TRAIN_LOG]
         if not log.empty:
             yield "training_curve", functools.partial(training_curve, log)
-    if "compare.parquet" in tables:
-        cmp = tables["compare.parquet"]
+    if COMPARE in tables:
+        cmp = tables[COMPARE]
         bars = None
-        if "scores.parquet" in tables and "seed" in cmp.columns:
-            bars = comparison_table(tables["scores.parquet"], list(cmp[["strategy", "seed"]].itertuples(
+        if SCORES in tables and "seed" in cmp.columns:
+            bars = comparison_table(tables[SCORES], list(cmp[["strategy", "seed"]].itertuples(
                 index=False, name=None)))
         yield "comparison_nll", functools.partial(comparison_bars, cmp, "nll", bars)
         chrf = [c for c in ("chrf_perception_share", "chrf_production_share") if c in cmp.columns]

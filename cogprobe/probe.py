@@ -29,22 +29,21 @@ import pandas as pd
 from cogprobe import io
 from cogprobe.backends import check_sites
 from cogprobe.blocks import find_blocks
-from cogprobe.capture import ACTIVATIONS, capture
+from cogprobe.capture import capture
 from cogprobe.checkpoints import MANIFEST, Checkpoints
 from cogprobe.distributed import World, default_device, world
-from cogprobe.evalset import EvalSet
 from cogprobe.errors import CogprobeError
+from cogprobe.evalset import EvalSet
 from cogprobe.layersets import check_fraction
+from cogprobe.layout import ACTIVATIONS, SELECTION, SWEEPS, differing, metadata
 from cogprobe.progress import bar
 from cogprobe.select import (Selection, budget_decider, curves_decider, select_budget, select_curves,
                              select_fixed, sweep_candidates)
 from cogprobe.stability import stability
 from cogprobe.sweep import DIRECTIONS, FastEngine, n_batches, sweep, sweep_configs
 from cogprobe.tasks import TASKS, batches
-from cogprobe.trainconfig import NOT_IDENTITY
+from cogprobe.trainconfig import EXECUTION_ONLY
 
-SWEEPS = "sweeps.parquet"
-SELECTION = "selection.json"
 
 
 def open_checkpoints(source, base=None, device=None) -> Checkpoints:
@@ -68,7 +67,7 @@ def _source_id(source, ckpts: Checkpoints) -> dict:
     same run, a retrained one with other settings is not), else the checkpoint folders."""
     if isinstance(source, (str, Path)) and (Path(source) / MANIFEST).is_file():
         manifest = io.read_json(Path(source) / MANIFEST)
-        config = {k: v for k, v in manifest["config"].items() if k not in NOT_IDENTITY}
+        config = {k: v for k, v in manifest["config"].items() if k not in EXECUTION_ONLY}
         return dict(run=config, base=manifest["base"]["fingerprint"])
     return dict(checkpoints=ckpts.source)
 
@@ -92,19 +91,18 @@ def _want(evalset: EvalSet, source: dict) -> dict:
 
 
 def _check_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite: bool) -> None:
-    meta_path = out / f"{table}.json"
+    meta_path = metadata(out / table)
     want = _want(evalset, source)
     if (out / table).exists() and not overwrite:
         have = io.read_json(meta_path)  # a table without its metadata is refused too: where are its rows from?
         if have != want:
-            diff = sorted(k for k in want if have.get(k) != want[k])
             raise CogprobeError(f"{out / table} holds rows of other checkpoints or another evaluation set (differs "
-                                f"in {', '.join(diff)}); pass the same run and options, another --out, or "
+                                f"in {', '.join(differing(want, have))}); pass the same run and options, another --out, or "
                                 "--overwrite to start the table again")
 
 
 def _start_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite: bool) -> None:
-    meta_path, want = out / f"{table}.json", _want(evalset, source)
+    meta_path, want = metadata(out / table), _want(evalset, source)
     if overwrite:
         (out / table).unlink(missing_ok=True)
         _drop_parts(out / table)
@@ -286,7 +284,7 @@ def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: floa
         sweeps = io.read_parquet(out / SWEEPS)
         selection = select_curves(sweeps, tau=tau, step=step, input_task=input_task, output_task=output_task,
                                   n_layers=n_layers, criterion=criterion)
-        meta = out / f"{SWEEPS}.json"
+        meta = metadata(out / SWEEPS)
         record["evalset"] = {k: v for k, v in io.read_json(meta).items() if k != "source"} if meta.is_file() else None
         rows = sweeps[(sweeps["mode"] == "revert") & (sweeps["checkpoint_step"] == selection.params["step"])]
         selection.stability = _stability(curves_decider(tau, input_task=input_task, output_task=output_task,
@@ -317,9 +315,9 @@ def _swept_candidates(out: Path, evalset: EvalSet, source: dict, step: int, n_la
     """The budget candidates the sweep table in `out` holds for `step` (None if it holds none of
     this evaluation set and these checkpoints, or lacks a task or a per-example column)."""
     path = out / SWEEPS
-    if not path.exists() or not (out / f"{SWEEPS}.json").is_file():
+    if not path.exists() or not metadata(path).is_file():
         return None
-    if io.read_json(out / f"{SWEEPS}.json") != _want(evalset, source):
+    if io.read_json(metadata(path)) != _want(evalset, source):
         return None
     rows = sweep_candidates(io.read_parquet(path), step, n_layers)
     rows = rows[rows["task"].isin(TASKS)]

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 from cogprobe import io, verdicts
+from cogprobe.layout import (BASELINE, COMPARE, EVALSETS, MANIFEST, RUNS, SCORES, STUDY, SWEEPS, TRAIN_LOG,
+                             TRANSLATIONS, arm)
 from cogprobe.models import EMBEDDED
 from cogprobe.plots import plot_run, save, training_curve
 from cogprobe.tasks import TASKS
@@ -27,7 +29,7 @@ def write_report(out: Path) -> list[Path]:
     """Draw the figures and write report.md and report.html into the study folder."""
     out = Path(out)
     figures = plot_run(out)
-    log = out / "runs" / _full_name(out) / "train_log.parquet"
+    log = out / RUNS / _full_name(out) / TRAIN_LOG
     if log.is_file():
         figures.append(save(training_curve(io.read_parquet(log)), out / "figures" / "training_curve.png"))
     blocks = _blocks(out, figures)
@@ -38,18 +40,18 @@ def write_report(out: Path) -> list[Path]:
 
 
 def _full_name(out: Path) -> str:
-    seeds = str(io.read_json(out / "study.json").get("seeds", "0"))
-    return f"full-s{seeds.split(',')[0].strip()}"
+    seeds = str(io.read_json(out / STUDY).get("seeds", "0"))
+    return arm("full", int(seeds.split(",")[0]))
 
 
 # --- content ------------------------------------------------------------------------------
 
 
 def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
-    cfg = io.read_json(out / "study.json")
+    cfg = io.read_json(out / STUDY)
     b: list[tuple] = [("h1", f"cogprobe study: {cfg['model']} on {cfg['corpus']}")]
     b += [("p", _what_was_run(out, cfg))]
-    base = io.read_csv(out / "baseline.csv")
+    base = io.read_csv(out / BASELINE)
     b += [("h2", "Baseline (base model, test split)"), ("table", base.round(3)),
           ("p", "conditional_gain = NLL with each source replaced by another pair's (a fixed derangement) minus NLL "
                 "with the true source: how much the model's prediction uses the sentence it translates.")]
@@ -57,8 +59,8 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
     b += [("figure", f) for f in figures
           if f.stem.startswith(("specialization", "conditional_gain", "logit", "drift", "training"))]
     b += [("h2", "Layer sets")] + _selections(out)
-    if (out / "compare.parquet").is_file():
-        compare = io.read_parquet(out / "compare.parquet")
+    if (out / COMPARE).is_file():
+        compare = io.read_parquet(out / COMPARE)
         b += [("h2", "CogSym against full fine-tuning"), ("table", _compare_table(compare))]
         intervals_table = interval_table(out)
         if intervals_table is not None:
@@ -91,7 +93,7 @@ def _stage_times(cfg: dict) -> list[tuple]:
 
 
 def _what_was_run(out: Path, cfg: dict) -> str:
-    manifest = out / "runs" / _full_name(out) / "manifest.json"
+    manifest = out / RUNS / _full_name(out) / MANIFEST
     versions = io.read_json(manifest).get("versions", {}) if manifest.is_file() else {}
     vers = ", ".join(f"{k} {v}" for k, v in versions.items())
     machine = f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores), Python {platform.python_version()}"
@@ -106,7 +108,7 @@ def _what_was_run(out: Path, cfg: dict) -> str:
 
 def _evalsets_text(out: Path) -> str:
     """Which pairs every number comes from (evalsets.json, written with the baseline)."""
-    path = out / "evalsets.json"
+    path = out / EVALSETS
     if not path.is_file():
         return ""
     sets = io.read_json(path)
@@ -121,7 +123,7 @@ def _evalsets_text(out: Path) -> str:
 
 
 def _sweep_findings(out: Path) -> list[str]:
-    path = out / "sweeps.parquet"
+    path = out / SWEEPS
     if not path.is_file():
         return ["No sweeps were run."]
     t = io.read_parquet(path)
@@ -253,7 +255,7 @@ def _compare_findings(compare: pd.DataFrame, base: pd.Series, out: Path) -> list
 
 
 def _intervals(out: Path, compare: pd.DataFrame) -> pd.DataFrame | None:
-    path = out / "scores.parquet"
+    path = out / SCORES
     if not path.is_file():
         return None
     rows = list(compare[["strategy", "seed"]].itertuples(index=False, name=None))
@@ -269,7 +271,7 @@ def _pick(table: pd.DataFrame, strategy: str, task: str) -> dict:
 
 def _chrf(out: Path, full: str) -> dict:
     """{(arm, task): "chrF [low, high]"} from translations.parquet (empty without it)."""
-    path = out / "translations.parquet"
+    path = out / TRANSLATIONS
     if not path.is_file():
         return {}
     t = chrf_intervals(pd.read_parquet(path), full)
@@ -280,30 +282,31 @@ def _chrf(out: Path, full: str) -> dict:
 
 def interval_table(out: Path) -> pd.DataFrame | None:
     """One row per strategy and task: NLL, share and relative deviation with 95% intervals (first seed)."""
-    compare = pd.read_parquet(out / "compare.parquet")
+    compare = pd.read_parquet(out / COMPARE)
     table = _intervals(out, compare)
     if table is None or table.empty:
         return None
-    scores = pd.read_parquet(out / "scores.parquet")
+    scores = pd.read_parquet(out / SCORES)
     table_cg = verdicts.conditional_gain_table(scores)
     cond = table_cg[table_cg["quantity"] == "conditional_gain"].set_index(["arm", "task"])
     change = table_cg[table_cg["quantity"] == "conditional_gain_change"].set_index(["arm", "task"])
     seed = table["seed"].min()
-    chrf = _chrf(out, f"full-s{seed}")
+    chrf = _chrf(out, arm("full", seed))
     rows = [dict(strategy="base model", task=task, n_pairs=int(cond.loc[("base", task), "n_pairs"]), nll="",
                  conditional_gain=verdicts.fmt(cond.loc[("base", task)]), conditional_gain_change="", share="",
                  rel_deviation="", chrf=chrf.get(("base", task), "n/a"))
             for task in TASKS if ("base", task) in cond.index]
     for (strategy, task), g in table[table["seed"] == seed].groupby(["strategy", "task"], sort=False):
         got = {r["quantity"]: r for _, r in g.iterrows()}
-        arm = (f"{strategy}-s{seed}", task)
+        arm_task = (arm(strategy, seed), task)
         rows.append(dict(strategy=strategy, task=task, n_pairs=int(g["n_pairs"].iloc[0]),
                          nll=verdicts.fmt(got["nll"]),
-                         conditional_gain=verdicts.fmt(cond.loc[arm]) if arm in cond.index else "n/a",
-                         conditional_gain_change=verdicts.fmt(change.loc[arm]) if arm in change.index else "n/a",
+                         conditional_gain=verdicts.fmt(cond.loc[arm_task]) if arm_task in cond.index else "n/a",
+                         conditional_gain_change=(verdicts.fmt(change.loc[arm_task]) if arm_task in change.index
+                                                  else "n/a"),
                          share=verdicts.fmt(got["share"], True) if "share" in got else "n/a",
                          rel_deviation=verdicts.fmt(got["rel_deviation"], True) if "rel_deviation" in got else "n/a",
-                         chrf=chrf.get(arm, "n/a")))
+                         chrf=chrf.get(arm_task, "n/a")))
     return pd.DataFrame(rows)
 
 

@@ -97,10 +97,9 @@ class Selection:
 
 def select_fixed(n_layers: int, fraction: float = DEFAULT_FRACTION) -> Selection:
     """The training loop's CogSym rule, for when no sweep exists."""
-    layers = cogsym(n_layers, fraction)
+    layers = cogsym(n_layers, fraction)   # [0, ceil(n/2)) and the last floor(n/2) blocks
     k_in = math.ceil(len(layers) / 2)
     k_out = len(layers) - k_in
-    assert outer(n_layers, k_in, k_out) == layers
     return Selection("fixed", {"fraction": fraction}, n_layers, layers, k_in, k_out,
                      {"n_blocks": len(layers), "rule": "round(f*L) outermost blocks, the input end takes the odd one"})
 

@@ -10,7 +10,8 @@ import pytest
 
 from cogprobe.cli import main
 from cogprobe.errors import CogprobeError
-from cogprobe.study import COMPARE, run
+from cogprobe.layout import COMPARE
+from cogprobe.study import run
 from cogprobe.studyconfig import ROWS, build_config
 from tiny import save_tiny
 
@@ -100,16 +101,24 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert "unknown preset" in capsys.readouterr().err
 
 
-def test_isolated_training_rebuilds_the_same_config(setup, tmp_path):
-    """The study trains rows in subprocesses: the flags must rebuild the exact config."""
-    from cogprobe.cli import build_parser, dataclass_from_args
-    from cogprobe.study import train_argv
+def test_isolated_training_gets_the_config_itself(setup, tmp_path):
+    """The study trains each row in a subprocess from a JSON of its TrainConfig (`train --config`): the
+    child's run has exactly that config, and flags given as well override the file."""
+    from cogprobe.cli import build_parser, train_config
+    from cogprobe.study import tune
     from cogprobe.trainconfig import TrainConfig
     root, model, corpus = setup
-    cfg = TrainConfig(model=str(model), corpus=str(corpus), out=str(tmp_path), strategy="lora-layers",
-                      layers="cogsym:0.5", steps=3, save_steps="3", bf16=True, resume=True, progress=False)
-    args = build_parser().parse_args(["train", *train_argv(cfg)])
-    assert dataclass_from_args(TrainConfig, args).to_dict() == cfg.to_dict()
+    config = tiny_config(root, model, corpus, isolate_runs=True, strategies="full,cogsym-lora", steps=2)
+    out = Path(config.out).parent / "isolated"
+    tune(config, out, "cogsym-lora", 0)
+    run = out / "runs" / "cogsym-lora-s0"
+    handed = json.loads((run / "train-config.json").read_text())
+    assert json.loads((run / "manifest.json").read_text())["config"] == handed
+    assert handed["strategy"] == "lora-layers" and handed["layers"] == "cogsym:0.25" and handed["steps"] == 2
+    args = build_parser().parse_args(["train", "--config", str(run / "train-config.json"), "--steps", "7"])
+    assert train_config(args) == TrainConfig.from_dict({**handed, "steps": 7})
+    with pytest.raises(CogprobeError, match="train needs --model, --corpus, --out, --strategy: give them as flags"):
+        train_config(build_parser().parse_args(["train"]))
 
 
 def test_training_child_dies_with_the_study_process():
