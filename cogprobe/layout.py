@@ -37,6 +37,7 @@ SELECTION = "selection.json"
 
 # a study folder
 STUDY = "study.json"
+STAGE_SECONDS = "stage_seconds"        # in study.json: wall seconds per stage, summed over resumed invocations
 EVALSETS = "evalsets.json"
 BASELINE = "baseline.csv"
 COMPARE = "compare.parquet"

@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 
 from cogprobe import io, verdicts
-from cogprobe.layout import (BASELINE, COMPARE, EVALSETS, MANIFEST, RUNS, SCORES, STUDY, SWEEPS, TRAIN_LOG,
-                             TRANSLATIONS, arm)
+from cogprobe.layout import (BASELINE, COMPARE, EVALSETS, MANIFEST, RUNS, SCORES, STAGE_SECONDS, STUDY, SWEEPS,
+                             TRAIN_LOG, TRANSLATIONS, arm)
 from cogprobe.models import EMBEDDED
+from cogprobe.studyconfig import StudyConfig
 from cogprobe.plots import plot_run, save, training_curve
 from cogprobe.tasks import TASKS
 from cogprobe.translate import chrf_intervals
@@ -40,16 +41,15 @@ def write_report(out: Path) -> list[Path]:
 
 
 def _full_name(out: Path) -> str:
-    seeds = str(io.read_json(out / STUDY).get("seeds", "0"))
-    return arm("full", int(seeds.split(",")[0]))
+    return arm("full", StudyConfig.read(out).seed_list()[0])
 
 
 # --- content ------------------------------------------------------------------------------
 
 
 def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
-    cfg = io.read_json(out / STUDY)
-    b: list[tuple] = [("h1", f"cogprobe study: {cfg['model']} on {cfg['corpus']}")]
+    cfg = StudyConfig.read(out)
+    b: list[tuple] = [("h1", f"cogprobe study: {cfg.model} on {cfg.corpus}")]
     b += [("p", _what_was_run(out, cfg))]
     base = io.read_csv(out / BASELINE)
     b += [("h2", "Baseline (base model, test split)"), ("table", base.round(3)),
@@ -71,14 +71,13 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
                         "3%; chrF over its own sample, pairs in brackets):"), ("table", intervals_table)]
         b += [("p", s) for s in _compare_findings(compare, base.iloc[0], out)]
         b += [("figure", f) for f in figures if f.stem.startswith("comparison")]
-    b += _stage_times(cfg)
+    b += _stage_times(io.read_json(out / STUDY).get(STAGE_SECONDS) or {})
     b += [("h2", "Reading these numbers"), ("p", _caveats(cfg))]
     return b
 
 
-def _stage_times(cfg: dict) -> list[tuple]:
+def _stage_times(seconds: dict[str, float]) -> list[tuple]:
     """Where the study's wall time went, per stage (summed over resumed invocations)."""
-    seconds = cfg.get("stage_seconds") or {}
     if not seconds:
         return []
     total = sum(seconds.values())
@@ -92,16 +91,16 @@ def _stage_times(cfg: dict) -> list[tuple]:
                   "report that is being written and present in study.json."), ("table", table)]
 
 
-def _what_was_run(out: Path, cfg: dict) -> str:
+def _what_was_run(out: Path, cfg: StudyConfig) -> str:
     manifest = out / RUNS / _full_name(out) / MANIFEST
     versions = io.read_json(manifest).get("versions", {}) if manifest.is_file() else {}
     vers = ", ".join(f"{k} {v}" for k, v in versions.items())
     machine = f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores), Python {platform.python_version()}"
-    return (f"Model `{cfg['model']}`, corpus `{cfg['corpus']}`; seeds {cfg['seeds']}; every tuning run: "
-            f"{cfg['steps']} steps of batch {cfg['batch_size']} x {cfg['seq_len']} tokens, lr {cfg['lr']} "
-            f"(LoRA {cfg['lora_lr']}, r={cfg['lora_r']}), bf16 autocast {cfg['bf16']}, training loss on "
-            f"{cfg.get('loss_on', 'all')} tokens, whole examples per row, training pairs cut as wholes to "
-            f"{cfg.get('train_max_sentence_tokens', 64)} tokens a side. {_evalsets_text(out)} "
+    return (f"Model `{cfg.model}`, corpus `{cfg.corpus}`; seeds {cfg.seeds}; every tuning run: "
+            f"{cfg.steps} steps of batch {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr} "
+            f"(LoRA {cfg.lora_lr}, r={cfg.lora_r}), bf16 autocast {cfg.bf16}, training loss on "
+            f"{cfg.loss_on} tokens, whole examples per row, training pairs cut as wholes to "
+            f"{cfg.train_max_sentence_tokens} tokens a side. {_evalsets_text(out)} "
             f"Report written on: {machine}. Versions: {vers}. "
             f"Report written {time.strftime('%Y-%m-%d %H:%M')}.")
 
@@ -310,15 +309,15 @@ def interval_table(out: Path) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
-def _caveats(cfg: dict) -> str:
+def _caveats(cfg: StudyConfig) -> str:
     embedded = ("The embedded model's weights are dequantised from a 4-bit GGUF, not the original bf16. "
-                if cfg.get("model") == EMBEDDED else "")
-    n_seeds = len([s for s in str(cfg.get("seeds", "0")).split(",") if s.strip()])
+                if cfg.model == EMBEDDED else "")
+    n_seeds = len(cfg.seed_list())
     return ("Shares are (base NLL - run NLL) / (base NLL - full-FT NLL) per seed; a share above 100% means the run "
             "beat full fine-tuning on that held-out set. chrF shares use the same ratio on chrF. " + embedded +
             "Sweeps keep embeddings, final norm and LM head at the checkpoint (revert mode). A share is n/a where "
             "full fine-tuning did not gain (chrF: by at least 1 point). With "
-            f"{cfg.get('steps')} steps, {n_seeds} seed(s) per row and {cfg.get('eval_pairs')} test pairs, differences of a "
+            f"{cfg.steps} steps, {n_seeds} seed(s) per row and {cfg.eval_pairs} test pairs, differences of a "
             "few points are within noise; `--preset paper` runs 400 steps, 256 pairs and 3 seeds.")
 
 

@@ -38,7 +38,7 @@ from cogprobe.evalset import EvalSet
 from cogprobe.health import check_healthy
 from cogprobe.layersets import cogsym, parse_range_list, to_string
 from cogprobe.layout import (BASELINE, COMPARE, COST, EVALSETS, MANIFEST, SCORES, SELECTION_BUDGET, SELECTION_FIXED,
-                             STUDY, TRAIN_CONFIG, TRANSLATIONS, arm, claim, row_run)
+                             STAGE_SECONDS, STUDY, TRAIN_CONFIG, TRANSLATIONS, arm, claim, row_run)
 from cogprobe.models import block_count, load_model
 from cogprobe.probe import capture_run, select_run, sweep_run
 from cogprobe.report import write_report
@@ -50,7 +50,6 @@ from cogprobe.train import train
 from cogprobe.trainconfig import TrainConfig
 from cogprobe.translate import chrf, translate
 
-STAGE_SECONDS = "stage_seconds"        # in study.json: wall seconds per stage, summed over resumed invocations
 MIN_CHRF_GAIN = 1.0  # chrF points: a share of a smaller full-FT gain is noise, not a ratio worth printing
 
 

@@ -11,9 +11,11 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from cogprobe import io
 from cogprobe.errors import CogprobeError
 from cogprobe.knob import knob
 from cogprobe.layersets import check_fraction
+from cogprobe.layout import STUDY
 
 PRESETS = Path(__file__).parent / "presets"
 EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "report_to")  # how a study runs, not what it computes
@@ -90,6 +92,12 @@ class StudyConfig:
     def identity(self) -> dict:
         """What makes two studies the same (execution-only fields left out)."""
         return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_ONLY}
+
+    @classmethod
+    def read(cls, study: str | Path) -> "StudyConfig":
+        """The config recorded in a study folder's study.json (keys it no longer has are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in io.read_json(Path(study) / STUDY).items() if k in names})
 
 
 def _check_types(values: dict, where: str) -> dict:

@@ -268,7 +268,10 @@ def test_budget_finds_the_planted_smallest_set(tmp_path):
     assert min(a + b for a, b, s in brute_force(model, 10, 0.8) if s >= 0.8) == 3
     data = check_json(sel, 10, tmp_path)
     assert data["evidence"]["chosen"]["shares"] == pytest.approx({"perception": 0.9125, "production": 0.93})
-    assert "0-1,9" in sel.table() and "smaller sizes: 6 candidates, best worst-task share 0.4625" in sel.table()
+    # best smaller candidate: (1, 1) keeps perception's block 0 and block 9 (0.45 + 0.0125), production 0.92
+    assert sel.evidence["best_smaller_share"] == pytest.approx(0.45 + 0.0125)
+    assert "0-1,9" in sel.table() and f"smaller sizes: 6 candidates, best worst-task share {0.45 + 0.0125:.4f}" \
+        in sel.table()
     walk = select_budget(KeepOuterModel(gains), 10, tau=0.8)   # the frontier walk: same set, fewer candidates
     assert (walk.k_in, walk.k_out) == (2, 1) and walk.evidence["chosen"] == sel.evidence["chosen"]
     assert walk.evidence["n_monotone_violations"] == 0 and walk.evidence["search"] == "frontier"
