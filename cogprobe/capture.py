@@ -46,7 +46,7 @@ from cogprobe.layout import ACTIVATIONS
 from cogprobe.tasks import nll_at_scored, scored_positions
 
 STATS = ("drift_cos", "cka", "norm", "logit_lens_nll")
-COLUMNS = ["checkpoint_step", "layer", "site", "stat", "task", "value"]
+COLUMNS = ["checkpoint_step", "block", "site", "stat", "task", "value"]
 
 
 # ------------------------------------------------------------------ streaming reducers
@@ -263,9 +263,9 @@ class _Pass:
             if self.raw is not None:
                 self.raw.write(step, task, index, acts, batch)
             del acts, ref
-        rows = [dict(checkpoint_step=step, layer=layer, site=site, stat=stat, task=task, value=value)
+        rows = [dict(checkpoint_step=step, block=layer, site=site, stat=stat, task=task, value=value)
                 for (layer, site), sim in sims.items() for stat, value in sim.values().items()]
-        rows += [dict(checkpoint_step=step, layer=layer, site="resid", stat="logit_lens_nll", task=task,
+        rows += [dict(checkpoint_step=step, block=layer, site="resid", stat="logit_lens_nll", task=task,
                       value=s / n if n else float("nan")) for layer, (s, n) in lens.items()]
         return rows
 

@@ -101,7 +101,7 @@ def _evalset_flags(p, split: str, pairs: int) -> None:
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the sample")
     p.add_argument("--max-sentence-tokens", type=int, default=32,
                    help="pairs with a longer side are left out (never cut)")
-    p.add_argument("--split-seed", "--seed", dest="split_seed", type=int,
+    p.add_argument("--split-seed", dest="split_seed", type=int,
                    help="seed of the train/dev/test split (default: the run's, else 0)")
     p.add_argument("--by-document", action="store_true", default=None,
                    help="split keeping each document inside one split")

@@ -155,7 +155,7 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
     ckpts = checkpoints or open_checkpoints(source, base, device)
     out = _out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
-    reference, tok = ckpts.base()
+    reference, tok = ckpts.reference()
     configs = sweep_configs(find_blocks(reference).n, mode=mode, directions=directions, ks=ks, ends=ends)
     examples = evalset.examples(tok, tasks)
     _say_set(evalset, tok, w, log)
@@ -221,8 +221,8 @@ def capture_run(source, *, sites: Sequence[str] = ("resid",), backend: str = "to
     out = _out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
     check_sites(sites)
-    examples = evalset.examples(ckpts.base()[1])  # bad data fails before anything is written
-    _say_set(evalset, ckpts.base()[1], w, log)
+    examples = evalset.examples(ckpts.reference()[1])  # bad data fails before anything is written
+    _say_set(evalset, ckpts.reference()[1], w, log)
     _claim_table(out, ACTIVATIONS, evalset, _source_id(source, ckpts), overwrite, w)
     path = out / ACTIVATIONS
     done = _steps_in(path)
@@ -274,7 +274,7 @@ def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: floa
         raise CogprobeError(f"unknown rule {rule!r}; use fixed, curves or budget")
     ckpts = checkpoints or open_checkpoints(source, base, device)
     out = _out_dir(source, out)
-    n_layers = ckpts.base()[0].config.get_text_config().num_hidden_layers
+    n_layers = ckpts.reference()[0].config.get_text_config().num_hidden_layers
     record: dict = {}
     if rule == "fixed":
         selection = select_fixed(n_layers, fraction)

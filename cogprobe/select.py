@@ -344,7 +344,7 @@ def monotone_violations(records: list[dict]) -> list[dict]:
 
 def _score_candidates(table: pd.DataFrame, pairs: list[tuple[int, int]], tasks: list[str], tau: float) -> list[dict]:
     """One record per candidate: its share of the gain per task, and whether all reach tau."""
-    need = {"k_in", "k_out", "task", "gain_retained", "nll_reference", "nll_checkpoint"}
+    need = {"k_in", "k_out", "task", "share", "nll_reference", "nll_checkpoint"}
     if not need <= set(table.columns):
         raise CogprobeError(f"evaluate() returned a table without columns {sorted(need - set(table.columns))}; "
                             "return a keep-outer sweep table")
@@ -361,7 +361,7 @@ def _score_candidates(table: pd.DataFrame, pairs: list[tuple[int, int]], tasks: 
                 raise CogprobeError(f"evaluate() returned {len(row)} rows for k_in={k_in}, k_out={k_out}, "
                                     f"task {task!r}; expected one (sweep that task)")
             _check_gain(task, float(row["nll_reference"].iloc[0]), float(row["nll_checkpoint"].iloc[0]), "budget")
-            shares[task] = float(row["gain_retained"].iloc[0])
+            shares[task] = float(row["share"].iloc[0])
             if math.isnan(shares[task]):
                 raise CogprobeError(f"budget: the share of task {task!r} at k_in={k_in}, k_out={k_out} is NaN; "
                                     "check the model and rerun")

@@ -43,7 +43,7 @@ from cogprobe.models import block_count, load_model
 from cogprobe.probe import capture_run, select_run, sweep_run
 from cogprobe.report import write_report
 from cogprobe.select import select_fixed
-from cogprobe.studyconfig import EXECUTION_ONLY, StudyConfig
+from cogprobe.studyconfig import EXECUTION_ONLY, StudyConfig, renamed
 from cogprobe.sweep import check_ks
 from cogprobe.tasks import CONTROLS, TASKS, score
 from cogprobe.train import train
@@ -79,7 +79,7 @@ def run(config: StudyConfig, log=print) -> Path:
     out = Path(config.out)
     _check_inputs(config)
     _claim(out, config)
-    rows = [(s, seed) for seed in config.seed_list() for s in config.strategy_list()]
+    rows = [(s, seed) for seed in config.seed_list() for s in config.row_list()]
     weights = {"baseline": 1, "probe": 4, "select": 2, "report": 0.5}
     weights.update({f"tune {arm(s, seed)}": 3 for s, seed in rows})
     weights.update({f"compare {arm(s, seed)}": 1 for s, seed in rows})
@@ -138,7 +138,7 @@ def _check_inputs(config: StudyConfig) -> None:
 def _claim(out: Path, config: StudyConfig) -> None:
     """Refuse a folder holding a different study (unless overwrite); record this one."""
     path = out / STUDY
-    old = io.read_json(path) if path.is_file() and not config.overwrite else None
+    old = renamed(io.read_json(path)) if path.is_file() and not config.overwrite else None
     have = None if old is None else {k: v for k, v in old.items() if k not in (*EXECUTION_ONLY, STAGE_SECONDS)}
     claim(out, STUDY, config.identity(), have, what="study", overwrite=config.overwrite)
     if config.overwrite and out.is_dir():

@@ -42,7 +42,7 @@ class StudyConfig:
     fraction: float = knob(0.25, "CogSym fraction of blocks (the paper's 25%)")
     tau: float = knob(0.8, "share of the gain the budget set must keep")
     budget_max_total: int | None = knob(None, "largest k_in + k_out the budget search tries (default: L)")
-    strategies: str = knob(",".join(ROWS), "comparison rows to run (full is always run)")
+    rows: str = knob(",".join(ROWS), "comparison rows to run (full is always run)")
     sweep_ks: str | None = knob(None, "k grid of the sweeps, e.g. '0-30' or '0,2,4,8' (default every k)")
     eval_pairs: int = knob(64, "test pairs sampled for the NLL scores (baseline and comparison rows)")
     probe_pairs: int = knob(16, "dev pairs sampled for sweeps, capture and budget selection")
@@ -68,13 +68,13 @@ class StudyConfig:
                 raise CogprobeError(f"{name}={value!r}: give a whole number >= 1")
         check_fraction(self.fraction, "fraction")
         check_fraction(self.tau, "tau")
-        bad = [s for s in self.strategy_list() if s not in ROWS]
+        bad = [s for s in self.row_list() if s not in ROWS]
         if bad:
-            raise CogprobeError(f"strategies {bad} are unknown; choose from {', '.join(ROWS)}")
+            raise CogprobeError(f"rows {bad} are unknown; choose from {', '.join(ROWS)}")
         self.seed_list()
 
-    def strategy_list(self) -> list[str]:
-        rows = [s.strip() for s in str(self.strategies).split(",") if s.strip()]
+    def row_list(self) -> list[str]:
+        rows = [s.strip() for s in str(self.rows).split(",") if s.strip()]
         return ["full"] + [s for s in rows if s != "full"]
 
     def seed_list(self) -> list[int]:
@@ -97,12 +97,22 @@ class StudyConfig:
     def read(cls, study: str | Path) -> "StudyConfig":
         """The config recorded in a study folder's study.json (keys it no longer has are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in io.read_json(Path(study) / STUDY).items() if k in names})
+        return cls(**{k: v for k, v in renamed(io.read_json(Path(study) / STUDY)).items() if k in names})
+
+
+RENAMED = {"strategies": "rows"}   # keys renamed since studies were first written (old -> new)
+
+
+def renamed(recorded: dict) -> dict:
+    """A study.json written before a key was renamed, with the new names (so old studies resume)."""
+    return {RENAMED.get(k, k) if RENAMED.get(k, k) not in recorded else k: v for k, v in recorded.items()}
 
 
 def _check_types(values: dict, where: str) -> dict:
     fields = {f.name: str(f.type) for f in dataclasses.fields(StudyConfig)}
     for key, value in values.items():
+        if key in RENAMED:
+            raise CogprobeError(f"{where}: key {key!r} is now called {RENAMED[key]!r}; rename it")
         if key not in fields:
             raise CogprobeError(f"{where}: unknown key {key!r}; known keys: {', '.join(fields)}")
         kind = fields[key].replace(" | None", "")

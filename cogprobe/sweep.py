@@ -46,15 +46,15 @@ from cogprobe.tasks import Example, collate, nll_per_example, scored_positions
 
 DIRECTIONS = ("input", "output")
 COLUMNS = ["checkpoint_step", "task", "direction", "mode", "k", "k_in", "k_out", "blocks", "ends",
-           "nll", "n_tokens", "nll_reference", "nll_checkpoint", "gain_retained", "example_nll", "example_tokens",
+           "nll", "n_tokens", "nll_reference", "nll_checkpoint", "share", "example_nll", "example_tokens",
            "reference_example_nll", "checkpoint_example_nll"]
 # example_nll / example_tokens: per-example NLL sums and token counts (lists, in the evaluation set's
 # order), and the same sums for the reference and the checkpoint (same examples, same counts), so an
-# interval on any row, gain_retained included, can be recomputed without scoring again (`intervals`).
+# interval on any row, share included, can be recomputed without scoring again (`intervals`).
 
 
 @dataclass(frozen=True)
-class Config:
+class Ablation:
     """Which weights run each block, the embeddings and the head; plus its labels."""
     sources: tuple[str, ...]   # per block: "c", "r" or "s"
     embed: str = "c"           # "c" or "r"
@@ -66,7 +66,7 @@ class Config:
 
 
 def sweep_configs(n_layers: int, *, mode: str = "revert", directions: Sequence[str] = DIRECTIONS,
-                  ks: Iterable[int] | None = None, ends: bool = False) -> list[Config]:
+                  ks: Iterable[int] | None = None, ends: bool = False) -> list[Ablation]:
     """The configurations of a one-end sweep (modes revert and skip)."""
     if mode not in ("revert", "skip"):
         raise CogprobeError(f"sweep mode {mode!r} ablates one end; use revert or skip (keep-outer: keep_outer_configs)")
@@ -84,12 +84,12 @@ def sweep_configs(n_layers: int, *, mode: str = "revert", directions: Sequence[s
             else:
                 src, emb, head = ("c",) * (n_layers - k) + (ab,) * k, "c", end if k else "c"
             blocks = list(range(k)) if d == "input" else list(range(n_layers - k, n_layers))
-            out.append(Config(src, emb, head, dict(direction=d, mode=mode, k=k, k_in=None, k_out=None,
+            out.append(Ablation(src, emb, head, dict(direction=d, mode=mode, k=k, k_in=None, k_out=None,
                                                    blocks=to_string(blocks), ends=ends)))
     return out
 
 
-def keep_outer_configs(n_layers: int, pairs: Iterable[tuple[int, int]]) -> list[Config]:
+def keep_outer_configs(n_layers: int, pairs: Iterable[tuple[int, int]]) -> list[Ablation]:
     """Keep the checkpoint in [0, k_in) and [L-k_out, L), revert the middle to the reference."""
     out = []
     for k_in, k_out in pairs:
@@ -97,7 +97,7 @@ def keep_outer_configs(n_layers: int, pairs: Iterable[tuple[int, int]]) -> list[
             raise CogprobeError(f"keep-outer ({k_in}, {k_out}) does not fit {n_layers} blocks; need k_in + k_out <= L")
         src = ("c",) * k_in + ("r",) * (n_layers - k_in - k_out) + ("c",) * k_out
         kept = list(range(k_in)) + list(range(n_layers - k_out, n_layers))
-        out.append(Config(src, "c", "c", dict(direction="both", mode="keep-outer", k=k_in + k_out, k_in=k_in,
+        out.append(Ablation(src, "c", "c", dict(direction="both", mode="keep-outer", k=k_in + k_out, k_in=k_in,
                                               k_out=k_out, blocks=to_string(kept), ends=False)))
     return out
 
@@ -152,7 +152,7 @@ class _Recorder(SkipBlock):
 def _record_call_args(blocks: Blocks, batch: dict, device) -> tuple[torch.Tensor, list]:
     """One cheap decoder pass with recorders for blocks: (embedding output, per-block call args)."""
     log: list = []
-    with swapped(blocks, {i: _Recorder(blocks.layers[i], log) for i in range(blocks.n)}):
+    with swapped(blocks, {i: _Recorder(blocks.modules[i], log) for i in range(blocks.n)}):
         blocks.decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                        use_cache=False)
     return log[0][0], [(args, kwargs) for _, args, kwargs in log]
@@ -178,8 +178,8 @@ class FastEngine:
         self._cache_bytes, self._cached = cache_bytes, 0
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, configs: Sequence[Config], examples: dict[str, list[Example]],
-                 *, batch_size: int = 8, on_batch=None) -> dict[tuple[str, Config], tuple[float, int]]:
+    def evaluate(self, model: nn.Module, configs: Sequence[Ablation], examples: dict[str, list[Example]],
+                 *, batch_size: int = 8, on_batch=None) -> dict[tuple[str, Ablation], tuple[float, int]]:
         """{(task, config): (nll sums, token counts)}, arrays over the task's examples in their order.
         `on_batch()` is called after each (task, batch) (a progress bar's tick)."""
         configs = list(dict.fromkeys(configs))  # equal configurations are evaluated once
@@ -199,7 +199,7 @@ class FastEngine:
         return totals
 
     @staticmethod
-    def _key(c: Config, changed: set[int], embed_changed: bool) -> tuple:
+    def _key(c: Ablation, changed: set[int], embed_changed: bool) -> tuple:
         emb = "r" if c.embed == "r" or not embed_changed else "c"
         return (emb,) + tuple("r" if s == "c" and i not in changed else s for i, s in enumerate(c.sources))
 
@@ -241,7 +241,7 @@ class FastEngine:
         ck = (batch_id, len(prefix))
         if pure_ref and ck in self._ref_cache:
             return self._ref_cache[ck]
-        layer = (self.ref_blocks if src == "r" else cb).layers[i]
+        layer = (self.ref_blocks if src == "r" else cb).modules[i]
         out = _call(layer, h, calls[i])
         self.counter.block_evals += 1
         if pure_ref and self._cached + out.numel() * out.element_size() <= self._cache_bytes:
@@ -301,7 +301,7 @@ class NaiveEngine:
         return totals
 
 
-def build_ablated(model: nn.Module, reference: nn.Module, config: Config) -> nn.Module:
+def build_ablated(model: nn.Module, reference: nn.Module, config: Ablation) -> nn.Module:
     """A standalone copy of `model` with the configuration's weights loaded (ties broken)."""
     out = copy.deepcopy(model)
     ob, rb = find_blocks(out), find_blocks(reference)
@@ -319,27 +319,27 @@ def build_ablated(model: nn.Module, reference: nn.Module, config: Config) -> nn.
             p.data.copy_(ref[name].data)
     for i, s in enumerate(config.sources):
         if s == "s":
-            ob.layers[i] = SkipBlock(ob.layers[i])
+            ob.modules[i] = SkipBlock(ob.modules[i])
     return out
 
 
 ENGINES = {"fast": FastEngine, "naive": NaiveEngine}
 
 
-def reference_config(n_layers: int) -> Config:
+def reference_config(n_layers: int) -> Ablation:
     """The reference model itself: every block, the embeddings and the head at step 0."""
-    return Config(("r",) * n_layers, "r", "r", dict(direction="none", mode="reference", k=0))
+    return Ablation(("r",) * n_layers, "r", "r", dict(direction="none", mode="reference", k=0))
 
 
-def checkpoint_config(n_layers: int) -> Config:
-    return Config(("c",) * n_layers, "c", "c", dict(direction="none", mode="checkpoint", k=0))
+def checkpoint_config(n_layers: int) -> Ablation:
+    return Ablation(("c",) * n_layers, "c", "c", dict(direction="none", mode="checkpoint", k=0))
 
 
 def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "revert",
           directions: Sequence[str] = DIRECTIONS, ks: Iterable[int] | None = None, ends: bool = False,
           keep_outer: Iterable[tuple[int, int]] = (), engine: str = "fast", batch_size: int = 8,
           steps: Iterable[int] | None = None, on_checkpoint=None, runner=None,
-          configs: Sequence[Config] | None = None, on_batch=None) -> pd.DataFrame:
+          configs: Sequence[Ablation] | None = None, on_batch=None) -> pd.DataFrame:
     """Sweep every checkpoint; a tidy table with one row per (checkpoint, task, configuration).
 
     `checkpoints` is a `Checkpoints` or a sequence of (step, model) with the
@@ -414,7 +414,7 @@ def _rows(step, configs, totals, examples) -> pd.DataFrame:
                              k=lab["k"], k_in=lab.get("k_in"), k_out=lab.get("k_out"), blocks=lab.get("blocks", ""),
                              ends=lab.get("ends", False), nll=nll, n_tokens=n, nll_reference=nll_ref,
                              nll_checkpoint=nll_ck,
-                             gain_retained=(nll_ref - nll) / gain if gain > 0 else float("nan"),
+                             share=(nll_ref - nll) / gain if gain > 0 else float("nan"),
                              example_nll=sums.tolist(), example_tokens=counts.tolist(),
                              reference_example_nll=ref_sums, checkpoint_example_nll=ck_sums))
     return pd.DataFrame(rows, columns=COLUMNS)

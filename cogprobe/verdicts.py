@@ -160,8 +160,8 @@ def ends_sentence(rows: pd.DataFrame, k: int, **kw) -> str:
     if any(r.empty for r in at.values()):
         return f"k = {k} was not swept from both ends"
     if "example_nll" not in rows.columns:
-        return (f"with k = {k} blocks reverted, {at['input']['gain_retained'].iloc[0]:.0%} of the gain remains "
-                f"(input end) and {at['output']['gain_retained'].iloc[0]:.0%} (output end); no per-example scores, "
+        return (f"with k = {k} blocks reverted, {at['input']['share'].iloc[0]:.0%} of the gain remains "
+                f"(input end) and {at['output']['share'].iloc[0]:.0%} (output end); no per-example scores, "
                 "so no intervals")
     first = at["input"].iloc[0]
     tokens = np.asarray(first["example_tokens"], float)

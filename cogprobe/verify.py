@@ -29,7 +29,7 @@ from cogprobe.layout import (ACTIVATIONS, BASELINE, COMPARE, COST, RUNS, STUDY, 
 from cogprobe.trainconfig import EXECUTION_ONLY
 
 TABLES = {SWEEPS: ["checkpoint_step", "task", "direction", "mode", "k", "ends"],
-          ACTIVATIONS: ["checkpoint_step", "layer", "site", "stat", "task"]}
+          ACTIVATIONS: ["checkpoint_step", "block", "site", "stat", "task"]}
 Problems = list[str]
 
 

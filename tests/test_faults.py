@@ -449,7 +449,7 @@ def test_a_damaged_part_file_stops_a_sharded_sweep_in_one_line(inputs, tmp_path,
     before = snapshot(folder)
     opened = [probe.open_checkpoints(folder) for _ in range(2)]  # loading models is not thread-safe
     for c in opened:
-        c.base()
+        c.reference()
     evalset = probe.EvalSet.for_run(folder, n=2)
     with pytest.raises(CogprobeError, match=r"\.sweeps\.parquet\.part-0-of-2 \(the sweep table\) is not a readable "
                                             r"Parquet table .*rebuild it with `cogprobe sweep \S*run --overwrite`"):

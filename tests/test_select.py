@@ -40,7 +40,7 @@ def revert_table(gains: dict[str, list[float]], *, step: int = 10, nll_ck: float
                 gain = (nll_ref - nll) / (nll_ref - nll_ck) if nll_ref > nll_ck else math.nan
                 rows.append(dict(checkpoint_step=step, task=task, direction=direction, mode="revert", k=k,
                                  k_in=None, k_out=None, blocks=to_string(blocks), ends=ends, nll=nll, n_tokens=100,
-                                 nll_reference=nll_ref, nll_checkpoint=nll_ck, gain_retained=gain))
+                                 nll_reference=nll_ref, nll_checkpoint=nll_ck, share=gain))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -75,7 +75,7 @@ class KeepOuterModel:
                 gain = (ref - nll) / (ref - self.nll_ck) if ref > self.nll_ck else math.nan
                 rows.append(dict(checkpoint_step=5, task=task, direction="both", mode="keep-outer", k=k_in + k_out,
                                  k_in=k_in, k_out=k_out, nll=nll, nll_reference=ref, nll_checkpoint=self.nll_ck,
-                                 gain_retained=gain))
+                                 share=gain))
         return pd.DataFrame(rows)
 
 
@@ -161,7 +161,7 @@ def curve_table(curves: dict[tuple[str, str], list[float]], nll_ref: float = 3.0
         for k, nll in enumerate(nlls):
             rows.append(dict(checkpoint_step=5, task=task, direction=direction, mode="revert", k=k, k_in=None,
                              k_out=None, blocks="", ends=False, nll=nll, n_tokens=100, nll_reference=nll_ref,
-                             nll_checkpoint=nlls[0], gain_retained=(nll_ref - nll) / (nll_ref - nlls[0])))
+                             nll_checkpoint=nlls[0], share=(nll_ref - nll) / (nll_ref - nlls[0])))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -387,7 +387,7 @@ def test_budget_failures_say_what_and_how_to_fix():
 
     def with_nan(pairs):
         t = KeepOuterModel(gains)(pairs)
-        t.loc[(t.k_in == 1) & (t.k_out == 0) & (t.task == "production"), "gain_retained"] = math.nan
+        t.loc[(t.k_in == 1) & (t.k_out == 0) & (t.task == "production"), "share"] = math.nan
         return t
     with pytest.raises(CogprobeError, match="share of task 'production' at k_in=1, k_out=0 is NaN"):
         select_budget(with_nan, 8, search="exhaustive")

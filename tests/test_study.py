@@ -62,7 +62,7 @@ def test_whole_study_on_a_tiny_model(setup):
     assert {"activations.parquet", "baseline.csv", "selection-fixed.json", "selection-budget.json",
             "report.md", "report.html"} <= {p.name for p in out.iterdir()}
     figures = {p.name for p in (out / "figures").iterdir()}
-    assert {"specialization_heatmap_revert_gain_retained.png", "logit_lens.png", "comparison_nll.png",
+    assert {"specialization_heatmap_revert_share.png", "logit_lens.png", "comparison_nll.png",
             "training_curve.png"} <= figures
     report = (out / "report.md").read_text()
     assert "CogSym against full fine-tuning" in report and "cogsym" in report
@@ -96,6 +96,26 @@ def test_study_refuses_a_different_study_in_out(setup):
         run(tiny_config(root, model, corpus, steps=5), log=lambda m: None)
 
 
+def test_a_study_written_before_rows_were_called_rows_still_resumes(setup, tmp_path):
+    """study.json once said `strategies`; such a study continues (nothing recomputed), a config file
+    that still says it is told the new name."""
+    import shutil
+    root, model, corpus = setup
+    out = run(tiny_config(root, model, corpus), log=lambda m: None)   # the module's study (done: nothing rerun)
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    recorded = json.loads((old / "study.json").read_text())
+    recorded["strategies"] = recorded.pop("rows")
+    (old / "study.json").write_text(json.dumps(recorded))
+    before = {p: p.stat().st_mtime_ns for p in old.rglob("*.parquet")}
+    run(build_config(old, preset_name=None, **{k: v for k, v in tiny_config(root, model, corpus).to_dict().items()
+                                               if k != "out"}), log=lambda m: None)
+    assert {p: p.stat().st_mtime_ns for p in old.rglob("*.parquet")} == before
+    (tmp_path / "old.toml").write_text('strategies = "full"\n')
+    with pytest.raises(CogprobeError, match="key 'strategies' is now called 'rows'"):
+        build_config(tmp_path / "o", preset_name=None, config_file=tmp_path / "old.toml")
+
+
 def test_config_errors_name_the_key(tmp_path, capsys):
     bad = tmp_path / "study.toml"
     bad.write_text("stepz = 3\n")
@@ -115,7 +135,7 @@ def test_isolated_training_gets_the_config_itself(setup, tmp_path):
     from cogprobe.study import tune
     from cogprobe.trainconfig import TrainConfig
     root, model, corpus = setup
-    config = tiny_config(root, model, corpus, isolate_runs=True, strategies="full,cogsym-lora", steps=2)
+    config = tiny_config(root, model, corpus, isolate_runs=True, rows="full,cogsym-lora", steps=2)
     out = Path(config.out).parent / "isolated"
     tune(config, out, "cogsym-lora", 0)
     run = out / "runs" / "cogsym-lora-s0"

@@ -113,17 +113,17 @@ def test_k0_is_checkpoint_score_and_kL_on_blocks_only_run_is_reference():
         assert np.isclose(out[1], score(mix(ref, ck, {0, 1}), ex[task]).nll, atol=1e-5)
 
 
-def test_gain_retained_is_one_at_k0_and_zero_when_all_reverted():
+def test_share_is_one_at_k0_and_zero_when_all_reverted():
     ref = tiny_model("llama")
     ck = perturbed(ref, scale=0.2)
     t = sweep([(0, ref), (1, ck)], examples())
     t = t[t.checkpoint_step == 1]
     for _, rows in t.groupby("task"):
         if rows["nll_checkpoint"].iloc[0] < rows["nll_reference"].iloc[0]:
-            assert np.allclose(rows[rows.k == 0]["gain_retained"], 1.0)
-            assert np.allclose(rows[rows.k == LAYERS]["gain_retained"], 0.0, atol=1e-5)
+            assert np.allclose(rows[rows.k == 0]["share"], 1.0)
+            assert np.allclose(rows[rows.k == LAYERS]["share"], 0.0, atol=1e-5)
         else:  # no gain to retain: the column says so instead of inventing a share
-            assert rows["gain_retained"].isna().all()
+            assert rows["share"].isna().all()
 
 
 def test_reference_prefix_is_shared_across_blocks_only_checkpoints():
