@@ -343,7 +343,7 @@ def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_si
     def evaluate(pairs):
         log(f"select: scoring {len(pairs)} candidate(s): {pairs}")
         t = sweep([(ckpts.reference_step, ref), (step, model)], examples, mode="keep-outer", keep_outer=pairs,
-                  batch_size=batch_size, steps=[step], runner=runner)
+                  batch_size=batch_size, steps=[step], runner=runner, remember=True)
         scored.append(t[t["checkpoint_step"] == step])
         on_scored(len(pairs))
         return scored[-1]

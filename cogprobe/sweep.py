@@ -31,6 +31,7 @@ Two engines give identical numbers:
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -176,12 +177,17 @@ class FastEngine:
         self.counter = Counter()
         self._ref_cache: dict[tuple, torch.Tensor] = {}  # (task, batch, depth) -> state after r-only prefix
         self._cache_bytes, self._cached = cache_bytes, 0
+        self._kept: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (name, batch, prefix) -> state, LRU
+        self._kept_bytes = 0
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, configs: Sequence[Ablation], examples: dict[str, list[Example]],
-                 *, batch_size: int = 8, on_batch=None) -> dict[tuple[str, Ablation], tuple[float, int]]:
+                 *, batch_size: int = 8, on_batch=None, remember=None) -> dict[tuple[str, Ablation], tuple[float, int]]:
         """{(task, config): (nll sums, token counts)}, arrays over the task's examples in their order.
-        `on_batch()` is called after each (task, batch) (a progress bar's tick)."""
+        `on_batch()` is called after each (task, batch) (a progress bar's tick). `remember`: a name
+        for `model` (its step): the states of its prefixes are kept across calls (the least recently
+        used dropped first beyond `cache_bytes`), for a caller that scores one checkpoint in many
+        small calls (the budget search); the same block calls on the same states, so the same numbers."""
         configs = list(dict.fromkeys(configs))  # equal configurations are evaluated once
         cb = find_blocks(model)
         changed, embed_changed = changed_blocks(model, self.reference)
@@ -193,7 +199,7 @@ class FastEngine:
             for c in configs:
                 totals[(task, c)] = (np.zeros(len(exs)), np.zeros(len(exs), dtype=np.int64))
             for idx, batch in _batches(exs, batch_size):
-                self._batch(task, batch, idx, cb, keyed, totals, device)
+                self._batch(task, batch, idx, cb, keyed, totals, device, remember)
                 if on_batch is not None:
                     on_batch()
         return totals
@@ -203,7 +209,7 @@ class FastEngine:
         emb = "r" if c.embed == "r" or not embed_changed else "c"
         return (emb,) + tuple("r" if s == "c" and i not in changed else s for i, s in enumerate(c.sources))
 
-    def _batch(self, task, batch, idx, cb, keyed, totals, device):
+    def _batch(self, task, batch, idx, cb, keyed, totals, device, remember=None):
         pred_mask, targets = scored_positions(batch)
         pred_mask = pred_mask.to(device)
         batch_id = (task, tuple(batch["input_ids"].shape), hash(batch["input_ids"].numpy().tobytes()))
@@ -221,7 +227,7 @@ class FastEngine:
                         calls = calls or calls_
                     h = roots[src]
                 else:
-                    h = self._step(batch_id, key[:depth + 1], src, depth - 1, states[-1], calls, cb)
+                    h = self._step(batch_id, key[:depth + 1], src, depth - 1, states[-1], calls, cb, remember)
                 path.append(src)
                 states.append(h)
             head_blocks = self.ref_blocks if config.head == "r" else cb
@@ -229,11 +235,12 @@ class FastEngine:
             sums, counts = totals[(task, config)]
             sums[idx], counts[idx] = nll_per_example(logits, targets, pred_mask)
 
-    def _step(self, batch_id, prefix, src, i, h, calls, cb):
+    def _step(self, batch_id, prefix, src, i, h, calls, cb, remember=None):
         """The state after block i runs (from `src`) on state h.
 
         A prefix that is reference-only (normalised keys) does not depend on the
-        checkpoint, so its state is cached for every later checkpoint.
+        checkpoint, so its state is cached for every later checkpoint; with `remember`,
+        the checkpoint's other prefixes are kept too (see `evaluate`).
         """
         if src == "s":
             return h
@@ -241,12 +248,22 @@ class FastEngine:
         ck = (batch_id, len(prefix))
         if pure_ref and ck in self._ref_cache:
             return self._ref_cache[ck]
+        kept = (remember, batch_id, prefix) if remember is not None and not pure_ref else None
+        if kept in self._kept:
+            self._kept.move_to_end(kept)
+            return self._kept[kept]
         layer = (self.ref_blocks if src == "r" else cb).modules[i]
         out = _call(layer, h, calls[i])
         self.counter.block_evals += 1
-        if pure_ref and self._cached + out.numel() * out.element_size() <= self._cache_bytes:
+        size = out.numel() * out.element_size()
+        if pure_ref and self._cached + size <= self._cache_bytes:
             self._ref_cache[ck] = out
-            self._cached += out.numel() * out.element_size()
+            self._cached += size
+        elif kept is not None and size <= self._cache_bytes:
+            self._kept[kept] = out
+            self._kept_bytes += size
+            while self._kept_bytes > self._cache_bytes:
+                self._kept_bytes -= self._kept.popitem(last=False)[1].numel() * out.element_size()
         return out
 
 
@@ -339,7 +356,7 @@ def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "rever
           directions: Sequence[str] = DIRECTIONS, ks: Iterable[int] | None = None, ends: bool = False,
           keep_outer: Iterable[tuple[int, int]] = (), engine: str = "fast", batch_size: int = 8,
           steps: Iterable[int] | None = None, on_checkpoint=None, runner=None,
-          configs: Sequence[Ablation] | None = None, on_batch=None) -> pd.DataFrame:
+          configs: Sequence[Ablation] | None = None, on_batch=None, remember: bool = False) -> pd.DataFrame:
     """Sweep every checkpoint; a tidy table with one row per (checkpoint, task, configuration).
 
     `checkpoints` is a `Checkpoints` or a sequence of (step, model) with the
@@ -348,6 +365,8 @@ def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "rever
     most one checkpoint's work). `configs` replaces the grid that mode, directions,
     ks, ends and keep_outer describe (a process of a sharded sweep passes its share).
     `on_batch()` is called after each (checkpoint, task, batch): a progress bar's tick.
+    `remember`: keep each checkpoint's prefix states in `runner` across calls (see
+    `FastEngine.evaluate`; the budget search scores one checkpoint in many small calls).
     """
     if engine not in ENGINES:
         raise CogprobeError(f"unknown engine {engine!r}; use fast or naive")
@@ -364,7 +383,8 @@ def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "rever
     frames = []
     wanted_ref = steps is None or ref_step in set(steps)
     for step, model in (_with_reference(ref_step, reference, items) if wanted_ref else items):
-        totals = runner.evaluate(model, configs, examples, batch_size=batch_size, on_batch=on_batch)
+        extra = dict(remember=step) if remember else {}
+        totals = runner.evaluate(model, configs, examples, batch_size=batch_size, on_batch=on_batch, **extra)
         rows = _rows(step, configs, totals, examples)
         if on_checkpoint is not None:
             on_checkpoint(step, rows)
