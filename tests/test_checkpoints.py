@@ -13,7 +13,7 @@ from cogprobe.checkpoints import Checkpoints
 from cogprobe.errors import CogprobeError
 from cogprobe.models import load_model, model_fingerprint
 from cogprobe.train import train
-from test_train import config, inputs  # noqa: F401  (the session fixture)
+from helpers import config
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft vs transformers 5

@@ -31,7 +31,7 @@ import cogprobe  # noqa: F401  (offline environment before transformers)
 from cogprobe.checkpoints import Checkpoints, step_dir
 from cogprobe.cli import main
 from tiny import save_tiny
-from test_reliability import corpus_rows
+from helpers import corpus_rows
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # as the in-process runs (conftest)
 SEED = os.environ.get("COGPROBE_KILL_SEED", "0")  # other values kill at other points (a stress run)

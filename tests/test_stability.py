@@ -7,7 +7,7 @@ import pytest
 
 from cogprobe.select import budget_decider, curves_decider, select_curves
 from cogprobe.stability import resampled, stability, table
-from test_select import PLANT_12, KeepOuterModel, revert_table
+from helpers import PLANT_12, KeepOuterModel, revert_table
 
 
 def with_examples(rows: pd.DataFrame, noise: float, n: int = 40, seed: int = 0) -> pd.DataFrame:
