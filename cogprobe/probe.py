@@ -45,7 +45,6 @@ from cogprobe.tasks import TASKS, batches
 from cogprobe.trainconfig import EXECUTION_ONLY
 
 
-
 def open_checkpoints(source, base=None, device=None) -> Checkpoints:
     """`source` opened (unless it is a `Checkpoints` already), loading onto `device` (default: this
     process's CUDA device if any, else the CPU; a given `Checkpoints` keeps its own)."""
@@ -97,8 +96,8 @@ def _check_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrit
         have = io.read_json(meta_path)  # a table without its metadata is refused too: where are its rows from?
         if have != want:
             raise CogprobeError(f"{out / table} holds rows of other checkpoints or another evaluation set (differs "
-                                f"in {', '.join(differing(want, have))}); pass the same run and options, another --out, or "
-                                "--overwrite to start the table again")
+                                f"in {', '.join(differing(want, have))}); pass the same run and options, another "
+                                "--out, or --overwrite to start the table again")
 
 
 def _start_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite: bool) -> None:

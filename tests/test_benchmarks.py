@@ -20,6 +20,7 @@ BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import capture_bench  # noqa: E402
+import probe_path  # noqa: E402
 import common  # noqa: E402
 import sweep_bench  # noqa: E402
 import tuning_bench  # noqa: E402
@@ -39,7 +40,8 @@ def tiny_run(tmp_path_factory):
 
 def test_a_tiny_run_leaves_the_published_tables_alone(tiny_run):
     results, stdout = tiny_run
-    assert sorted(p.name for p in results.iterdir()) == ["capture.csv", "latest.md", "sweeps.csv", "tuning.csv"]
+    assert sorted(p.name for p in results.iterdir()) == ["capture.csv", "latest.md", "probe_path.csv", "sweeps.csv",
+                                                         "tuning.csv"]
     assert str(BENCH / "results") not in stdout   # every table went to --out
 
 
@@ -48,7 +50,7 @@ def _table(results: Path, name: str) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("name,module", [("capture", capture_bench), ("sweeps", sweep_bench),
-                                         ("tuning", tuning_bench)])
+                                         ("tuning", tuning_bench), ("probe_path", probe_path)])
 def test_tables_have_their_columns_and_the_machine_on_every_row(tiny_run, name, module):
     table = _table(tiny_run[0], name)
     assert list(table.columns) == module.COLUMNS + MACHINE
@@ -93,6 +95,16 @@ def test_tuning_counts_follow_the_strategies(tiny_run):
     assert (table["optimizer_state_bytes"] >= 8 * p).all()
     assert (table["optimizer_state_bytes"] < 8 * p + 4096).all()
     assert table["measured_steps"].eq(2).all() and table["sec_per_step"].gt(0).all()
+
+
+def test_probe_path_gives_the_same_answers_both_ways(tiny_run):
+    table = _table(tiny_run[0], "probe_path").set_index("path")
+    assert list(table.index) == ["before", "now"]
+    assert table["identical_sweep_rows"].all() and table["same_set"].all()
+    assert table.loc["before", "search"] == "exhaustive" and table.loc["now", "search"] == "frontier"
+    assert table.loc["before", "candidates_from_sweep"] == 0 < table.loc["now", "candidates_from_sweep"]
+    assert table.loc["now", "candidates_scored"] < table.loc["before", "candidates_scored"] + \
+        table.loc["now", "candidates_from_sweep"]
 
 
 def test_run_all_prints_and_writes_the_targets(tiny_run):
