@@ -13,6 +13,9 @@ those pooled vectors, per block (`n` pairs, target vectors T, pivot vectors P):
   language offset, and the large dimensions every sentence shares), the cosine of a
   pair minus the mean cosine of the sentence with the other sentences, averaged over
   the two sides (direction `both`). 0 when translations are no closer than strangers.
+  Caveat: centring does not rescale, so a block with a massive-activation dimension
+  (SmolLM2-135M has one ~230x the mean magnitude in blocks 11-27) has this cosine
+  dominated by that one dimension; read it beside retrieval, which ranks.
 - `language_probe_acc`: held-out accuracy of a logistic regression (scikit-learn)
   telling target from pivot sentences; two-fold by pair (fit on one half of the
   pairs, score the other, then swap), so both sentences of a pair are always on

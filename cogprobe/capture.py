@@ -237,6 +237,7 @@ class _Pass:
     raw: RawWriter | None
     logit_lens: bool = True
     sentences: Sentences | None = None
+    align_steps: set[int] | None = None   # None: every checkpoint
     aligned: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=lambda: {"tasks": 0.0, "alignment": 0.0})
 
@@ -261,7 +262,7 @@ class _Pass:
         start = time.perf_counter()
         rows = [r for task, b in self.batches_by_task.items() for r in self.task(step, task, b, blocks, run, run_ref)]
         self.seconds["tasks"] += time.perf_counter() - start
-        if self.sentences is not None:
+        if self.sentences is not None and (self.align_steps is None or step in self.align_steps):
             start = time.perf_counter()
             pool = Pooler(self.layers)
             for batch in self.sentences.batches:
@@ -315,20 +316,21 @@ def capture(checkpoints, batches_by_task: Mapping[str, Sequence[dict]], *, sites
                     raw_budget_bytes=raw_budget_bytes, logit_lens=logit_lens, log=log)[0]
 
 
-def capture_with_alignment(checkpoints, batches_by_task: Mapping[str, Sequence[dict]], sentences: Sentences,
-                           **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
+def capture_with_alignment(checkpoints, batches_by_task: Mapping[str, Sequence[dict]], sentences: Sentences, *,
+                           align_steps: Sequence[int] | None = None, **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
     """`capture`'s table and the alignment table (`cogprobe.alignment.COLUMNS`), from one pass over the
     checkpoints. `sentences`: from `alignment.sentence_batches`. `batches_by_task` may be empty: then
-    only the alignment is computed. Needs site `resid` (the default)."""
+    only the alignment is computed. `align_steps`: the checkpoints to align (default all). Needs site
+    `resid` (the default)."""
     if not isinstance(sentences, Sentences):
         raise CogprobeError("sentences must come from cogprobe.alignment.sentence_batches(tokenizer, pairs)")
-    acts, aligned, _ = _capture(checkpoints, batches_by_task, sentences, **kw)
+    acts, aligned, _ = _capture(checkpoints, batches_by_task, sentences, align_steps=align_steps, **kw)
     return acts, aligned
 
 
 def _capture(checkpoints, batches_by_task, sentences, *, sites=("resid",), layers=None, backend="torch",
              tokenizer=None, raw_dir=None, raw_layers=(), raw_positions="scored", raw_budget_bytes=1 << 30,
-             logit_lens=True, log=None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+             logit_lens=True, log=None, align_steps=None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Both tables and the seconds spent on the tasks and on the alignment."""
     sites = check_sites(sites)
     if sentences is not None and "resid" not in sites:
@@ -346,7 +348,7 @@ def _capture(checkpoints, batches_by_task, sentences, *, sites=("resid",), layer
     seen: set[int] = set()
     with open_backend(backend, ref_model, layers=layers, sites=sites, tokenizer=ref_tok) as run_ref:
         plan = _Pass(batches_by_task, backend, layers, sites, ref_step, ref_model, run_ref, raw, logit_lens,
-                     sentences)
+                     sentences, None if align_steps is None else {int(s) for s in align_steps})
         for step, model, tok in _chain((ref_step, ref_model, ref_tok), items):
             if step in seen:
                 raise CogprobeError(f"checkpoint step {step} appears twice; give each step once")
@@ -356,7 +358,7 @@ def _capture(checkpoints, batches_by_task, sentences, *, sites=("resid",), layer
             if log:
                 spent = {k: v - before[k] for k, v in plan.seconds.items()}
                 log(f"capture: step {step} ({backend} backend): tasks {spent['tasks']:.1f} s"
-                    + (f", alignment {spent['alignment']:.1f} s" if sentences is not None else ""))
+                    + (f", alignment {spent['alignment']:.1f} s" if spent["alignment"] else ""))
             if step != ref_step:  # only one checkpoint besides the reference is alive at a time
                 del model
                 gc.collect()

@@ -57,7 +57,8 @@ STAT_LABELS = {   # colourbar labels: short, since a row of panels may be short;
     "norm": "L2 norm per token",
     "logit_lens_nll": "NLL (nats/token)",
 }
-TABLES = ("sweeps.parquet", "activations.parquet", "train_log.parquet", "compare.parquet", "scores.parquet")
+TABLES = ("sweeps.parquet", "activations.parquet", "train_log.parquet", "compare.parquet", "scores.parquet",
+          "alignment.parquet")
 
 
 # ------------------------------------------------------------------ shared helpers
@@ -570,6 +571,8 @@ def _figures_for(tables: dict[str, pd.DataFrame]):
         for stat in ("drift_cos", "cka", "norm"):
             if stat in stats:
                 yield f"{stat}_heatmap", functools.partial(drift_heatmap, acts, stat)
+    from cogprobe.alignment_plots import figures as alignment_figures  # it imports this module's helpers
+    yield from alignment_figures(tables)
     if "train_log.parquet" in tables:
         log = tables["train_log.parquet"]
         if not log.empty:

@@ -29,7 +29,7 @@ import pandas as pd
 from cogprobe import io
 from cogprobe.backends import check_sites
 from cogprobe.blocks import find_blocks
-from cogprobe.alignment import ALIGNMENT, sentence_batches
+from cogprobe.alignment import ALIGNMENT, MIN_PAIRS, sentence_batches
 from cogprobe.capture import ACTIVATIONS, capture, capture_with_alignment
 from cogprobe.checkpoints import MANIFEST, Checkpoints
 from cogprobe.distributed import World, default_device, world
@@ -226,8 +226,12 @@ def capture_run(source, *, sites: Sequence[str] = ("resid",), backend: str = "to
         raise CogprobeError("alignment pools the residual stream: add resid to --sites, or pass --no-alignment")
     tok = ckpts.base()[1]
     examples = evalset.examples(tok)  # bad data fails before anything is written
-    sentences = sentence_batches(tok, evalset.pairs(tok), batch_size) if alignment else None
     _say_set(evalset, tok, w, log)
+    if alignment and len(evalset.pairs(tok)) < MIN_PAIRS:
+        alignment = False  # a study's tiny probe set still gets its activations
+        if w.is_main:
+            log(f"capture: alignment left out: it needs at least {MIN_PAIRS} pairs (--pairs)")
+    sentences = sentence_batches(tok, evalset.pairs(tok), batch_size) if alignment else None
     tables = [ACTIVATIONS, ALIGNMENT] if alignment else [ACTIVATIONS]
     for table in tables:
         _claim_table(out, table, evalset, _source_id(source, ckpts), overwrite, w)
@@ -260,8 +264,9 @@ def _capture_steps(ckpts: Checkpoints, steps, examples, parts: dict, need: dict,
         pair = [(ref_step, ref, tok), (step, model, tok)] if step != ref_step else [(ref_step, ref, tok)]
         tasks = batched if step in need[ACTIVATIONS] else {}
         if step in need.get(ALIGNMENT, ()):
-            rows, aligned = capture_with_alignment(pair, tasks, sentences, sites=sites, backend=backend, log=log)
-            io.append_parquet(parts[ALIGNMENT], aligned[aligned["checkpoint_step"] == step])
+            rows, aligned = capture_with_alignment(pair, tasks, sentences, align_steps=[step], sites=sites,
+                                                   backend=backend, log=log)
+            io.append_parquet(parts[ALIGNMENT], aligned)
         else:
             rows = capture(pair, tasks, sites=sites, backend=backend, log=log)
         if tasks:

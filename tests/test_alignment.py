@@ -146,3 +146,74 @@ def test_alignment_does_not_depend_on_the_backend(family, backend, tok):
     pd.testing.assert_frame_equal(got.drop(columns="example_scores"), want.drop(columns="example_scores"),
                                   atol=1e-6, rtol=0)
     np.testing.assert_allclose(np.stack(got.example_scores), np.stack(want.example_scores), atol=1e-6)
+
+
+# ---------------------------------------------------------------- run folders, figures, report
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from cogprobe.train import TrainConfig, train
+    from test_train import write_corpus
+    from tiny import save_tiny
+    root = tmp_path_factory.mktemp("align")
+    return train(TrainConfig(model=save_tiny(root / "llama", "llama"), corpus=write_corpus(root / "corpus.csv"),
+                             out=root / "run", strategy="full", steps=2, batch_size=4, seq_len=24, lr=1e-2,
+                             warmup=0, save_steps="0,2", threads=1, progress=False))
+
+
+def test_capture_run_writes_alignment_and_fills_in_a_missing_table(tiny_run, tmp_path):
+    from cogprobe.evalset import EvalSet
+    from cogprobe.probe import capture_run
+    evalset = EvalSet.for_run(tiny_run, n=6, split_dev=0.2)
+    said = []
+    acts = capture_run(tiny_run, evalset=evalset, out=tmp_path, batch_size=4, alignment=False, log=said.append)
+    assert not (tmp_path / al.ALIGNMENT).exists()
+    capture_run(tiny_run, evalset=evalset, out=tmp_path, batch_size=4, log=said.append)  # alignment only
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "activations.parquet"), acts)
+    table = pd.read_parquet(tmp_path / al.ALIGNMENT)
+    assert set(table.checkpoint_step) == {0, 2} and (table.n_pairs == 6).all()
+    assert any(m.startswith("capture: step 2 (torch backend): tasks 0.0 s, alignment") for m in said)
+    capture_run(tiny_run, evalset=evalset, out=tmp_path, batch_size=4, log=said.append)
+    assert "already in activations.parquet and alignment.parquet" in said[-1]
+    small = EvalSet.for_run(tiny_run, n=3)
+    capture_run(tiny_run, evalset=small, out=tmp_path / "small", batch_size=4, log=said.append)
+    assert any("alignment left out" in m for m in said) and not (tmp_path / "small" / al.ALIGNMENT).exists()
+
+
+def planted_table(steps=(0, 16)) -> pd.DataFrame:
+    return pd.DataFrame([r for i, s in enumerate(steps) for r in al.alignment_rows(s, planted(i, MEET + i), N)])
+
+
+def test_figures_draw_from_the_tables(tmp_path):
+    from cogprobe import alignment_plots, plots
+    from test_plots import synthetic_sweeps
+    table = planted_table()
+    fig = alignment_plots.alignment_heatmaps(table)
+    assert len([a for a in fig.axes if a.get_title()]) == 3  # top-1 both ways, and the cosine
+    fig = alignment_plots.alignment_curves(table)
+    assert len([a for a in fig.axes if a.get_visible() and a.get_title()]) == 6
+    sweeps = synthetic_sweeps(steps=(0, 16), n=BLOCKS)
+    fig = alignment_plots.alignment_vs_specialization(table, sweeps)
+    assert "step 16" in fig.get_suptitle()
+    with pytest.raises(CogprobeError, match="no checkpoint is in both"):
+        alignment_plots.alignment_vs_specialization(table, synthetic_sweeps(steps=(4, 20), n=BLOCKS))
+    from cogprobe.io import write_parquet
+    write_parquet(tmp_path / "alignment.parquet", table)
+    write_parquet(tmp_path / "sweeps.parquet", sweeps)
+    names = {p.name for p in plots.plot_run(tmp_path, dpi=30)}
+    assert {"alignment_heatmaps.png", "alignment_curves.png", "alignment_vs_specialization.png"} <= names
+
+
+def test_report_section_words_the_move_by_its_interval(tmp_path):
+    from cogprobe.io import write_parquet
+    from cogprobe.report import _where_languages_meet
+    write_parquet(tmp_path / "alignment.parquet", planted_table())
+    blocks = _where_languages_meet(tmp_path, [])
+    assert blocks[0] == ("h2", "Where the languages meet")
+    peaks = blocks[2][1]
+    assert peaks["peak block"].tolist() == [MEET, MEET + 1] and peaks["95% interval"].iloc[0] == f"[{MEET}, {MEET}]"
+    assert blocks[3][1].startswith("Fine-tuning moved the meeting point: peak block at step 16 minus at step 0: +1")
+    write_parquet(tmp_path / "alignment.parquet", pd.DataFrame(
+        al.alignment_rows(0, planted(0), N) + al.alignment_rows(16, planted(1), N)))
+    assert _where_languages_meet(tmp_path, [])[3][1].startswith("These pairs do not show")
+    assert _where_languages_meet(tmp_path / "none", []) == []
