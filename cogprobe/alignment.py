@@ -40,9 +40,9 @@ import torch
 from cogprobe import intervals
 from cogprobe.corpora import Corpus
 from cogprobe.errors import CogprobeError
+from cogprobe.layout import ALIGNMENT
 from cogprobe.tasks import Example, _prompt_ids_all, collate
 
-ALIGNMENT = "alignment.parquet"
 COLUMNS = ["checkpoint_step", "block", "measure", "direction", "value", "low", "high", "n_pairs", "example_scores"]
 MEASURES = ("retrieval_top1", "retrieval_mrr", "paired_minus_unpaired_cos", "language_probe_acc")
 DIRECTIONS = ("target_to_pivot", "pivot_to_target")

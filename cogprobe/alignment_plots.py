@@ -127,10 +127,10 @@ def alignment_vs_specialization(align: pd.DataFrame, sweeps: pd.DataFrame, step:
         for direction, color in (("input", "C2"), ("output", "C3")):
             g = rows[(rows["task"] == task) & (rows["direction"] == direction)].sort_values("k")
             x = g["k"] if direction == "input" else n_blocks - g["k"]
-            ax.plot(x, g["gain_retained"], color=color, marker="o", markersize=2.5, lw=1.4,
+            ax.plot(x, g["share"], color=color, marker="o", markersize=2.5, lw=1.4,
                     label=f"blocks reverted from the {direction} end up to x")
-            if g["gain_retained_low"].notna().any():
-                ax.fill_between(x, g["gain_retained_low"], g["gain_retained_high"], color=color, alpha=0.15, lw=0)
+            if g["share_low"].notna().any():
+                ax.fill_between(x, g["share_low"], g["share_high"], color=color, alpha=0.15, lw=0)
         ax.axhline(1.0, color="0.3", ls="--", lw=1)
         ax.axhline(0.0, color="0.6", ls=":", lw=1)
         ax.set(ylabel="share of gain\nretained", title=f"{task}: revert sweep")

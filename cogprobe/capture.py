@@ -53,11 +53,11 @@ from cogprobe.backends import SITES, Acts, check_sites, open_backend
 from cogprobe.blocks import check_indices, find_blocks
 from cogprobe.errors import CogprobeError
 from cogprobe.io import atomic_path, write_parquet
+from cogprobe.layout import ACTIVATIONS
 from cogprobe.tasks import nll_at_scored, scored_positions
 
 STATS = ("drift_cos", "cka", "norm", "logit_lens_nll")
-COLUMNS = ["checkpoint_step", "layer", "site", "stat", "task", "value"]
-ACTIVATIONS = "activations.parquet"
+COLUMNS = ["checkpoint_step", "block", "site", "stat", "task", "value"]
 
 
 # ------------------------------------------------------------------ streaming reducers
@@ -290,9 +290,9 @@ class _Pass:
             if self.raw is not None:
                 self.raw.write(step, task, index, acts, batch)
             del acts, ref
-        rows = [dict(checkpoint_step=step, layer=layer, site=site, stat=stat, task=task, value=value)
+        rows = [dict(checkpoint_step=step, block=layer, site=site, stat=stat, task=task, value=value)
                 for (layer, site), sim in sims.items() for stat, value in sim.values().items()]
-        rows += [dict(checkpoint_step=step, layer=layer, site="resid", stat="logit_lens_nll", task=task,
+        rows += [dict(checkpoint_step=step, block=layer, site="resid", stat="logit_lens_nll", task=task,
                       value=s / n if n else float("nan")) for layer, (s, n) in lens.items()]
         return rows
 

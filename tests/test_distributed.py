@@ -158,7 +158,7 @@ def test_ranks_write_parts_and_the_main_one_merges_in_single_process_order(input
     expected = pd.read_parquet(one / probe.SWEEPS)
     opened = [probe.open_checkpoints(single_run) for _ in range(3)]  # loading models is not thread-safe
     for c in opened:
-        c.base()
+        c.reference()
     tables = run_as_ranks(monkeypatch, 3, lambda: sweep_run(opened[probe.world().rank], out=out, **kw))
     for table in tables:
         pd.testing.assert_frame_equal(table, expected, check_exact=True)

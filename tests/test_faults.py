@@ -233,7 +233,9 @@ def test_damaged_artifact(inputs, tmp_path, capsys, artifact, damage, verb):
 def _one_error_line(capsys, code: int, expected_code: int, pattern: str) -> str:
     import re
     err = capsys.readouterr().err
-    lines = [l for l in err.strip().splitlines() if not l.startswith("waiting for")]
+    # a progress bar redraws itself with carriage returns (one terminal line, cleared on error)
+    lines = [l for l in err.strip().splitlines() if l.strip() and not l.startswith("waiting for")
+             and not re.search(r"\d+%\|", l)]
     assert code == expected_code, err
     assert len(lines) == 1 and lines[0].startswith("cogprobe: ") and re.search(pattern, lines[0]), err
     assert "Traceback" not in err
@@ -447,7 +449,7 @@ def test_a_damaged_part_file_stops_a_sharded_sweep_in_one_line(inputs, tmp_path,
     before = snapshot(folder)
     opened = [probe.open_checkpoints(folder) for _ in range(2)]  # loading models is not thread-safe
     for c in opened:
-        c.base()
+        c.reference()
     evalset = probe.EvalSet.for_run(folder, n=2)
     with pytest.raises(CogprobeError, match=r"\.sweeps\.parquet\.part-0-of-2 \(the sweep table\) is not a readable "
                                             r"Parquet table .*rebuild it with `cogprobe sweep \S*run --overwrite`"):
