@@ -74,13 +74,26 @@ def test_whole_study_on_a_tiny_model(setup):
 
     # every published-figure script runs on the study folder
     studies = [s for s in sorted((Path(__file__).parent.parent / "analyses").glob("[a-z]*.py"))
-               if not s.name.startswith(("before_tuning", "measurement"))]  # a probe folder (test_select); git
+               if not s.name.startswith(("before_tuning", "measurement", "same_results"))]  # other inputs
     for script in studies:
         done = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True,
                               env={**os.environ, "COGPROBE_FIGURES": str(root / "figures")})
         assert done.returncode == 0, done.stderr
     assert len(list((root / "figures").glob("*.png"))) == 5
     assert (root / "figures" / "comparison_intervals.csv").is_file()
+
+    # analyses/same_results.py (the refactoring check): a copy is the same; one changed score is not
+    import shutil
+    copy = root / "copy"
+    shutil.copytree(out, copy)
+    script = [sys.executable, str(Path(__file__).parent.parent / "analyses" / "same_results.py"), str(out), str(copy)]
+    same = subprocess.run(script, capture_output=True, text=True)
+    assert same.returncode == 0 and same.stdout.count("identical") == 6, same.stdout + same.stderr
+    scores = pd.read_parquet(copy / "scores.parquet")
+    scores.loc[0, "nll_sum"] += 1e-9
+    scores.to_parquet(copy / "scores.parquet")
+    changed = subprocess.run(script, capture_output=True, text=True)
+    assert changed.returncode == 1 and "scores.parquet: DIFFERENT" in changed.stdout
 
     # rerunning the same command redoes nothing: the tables stay byte-identical, the stage times add up
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
