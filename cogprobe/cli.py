@@ -257,16 +257,19 @@ def _capture_flags(p):
     p.add_argument("--sites", default="resid", help="comma list of resid, attn, mlp")
     p.add_argument("--backend", default="torch", choices=["torch", "nnsight", "transformerlens"])
     p.add_argument("--overwrite", action="store_true", help="start the table again")
+    p.add_argument("--no-alignment", dest="alignment", action="store_false",
+                   help="leave out the cross-lingual alignment (alignment.parquet)")
 
 
-@command("capture", "per-layer drift, CKA, norms and logit lens of every checkpoint")
+@command("capture", "per-layer drift, CKA, norms, logit lens and cross-lingual alignment of every checkpoint")
 def _capture(a):
     from cogprobe.probe import capture_run
     with _one_writer(a):
         table = capture_run(_source(a), sites=_words(a.sites), backend=a.backend, batch_size=a.batch_size,
                             evalset=_evalset(a), out=a.out, base=a.base, overwrite=a.overwrite,
-                            progress=not a.quiet)
-    _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'activations.parquet'}")
+                            alignment=a.alignment, progress=not a.quiet)
+    _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'activations.parquet'}"
+         + (" (and alignment.parquet beside it)" if a.alignment else ""))
 
 
 _capture.flags = _capture_flags

@@ -6,6 +6,7 @@ A run folder (`cogprobe train`), and the probe tables written into it or into `-
     checkpoints/step-N/           (see `checkpoints`)
     sweeps.parquet (+ .json)      sweeps of its checkpoints, and the evaluation set they scored
     activations.parquet (+ .json) capture of its checkpoints
+    alignment.parquet (+ .json)   cross-lingual alignment per block of its checkpoints (written by capture)
     selection.json                a layer set (`select --name` picks another name)
 
 A study folder (`cogprobe run`) holds the probe tables of its probe run, and:
@@ -33,6 +34,7 @@ TRAIN_CONFIG = "train-config.json"   # the TrainConfig a study hands its trainin
 # probe tables (in a run folder or --out; in a study folder for its probe run)
 SWEEPS = "sweeps.parquet"
 ACTIVATIONS = "activations.parquet"
+ALIGNMENT = "alignment.parquet"
 SELECTION = "selection.json"
 
 # a study folder

@@ -39,7 +39,7 @@ from cogprobe import io
 from cogprobe.errors import CogprobeError
 from cogprobe.intervals import sweep_intervals
 from cogprobe.io import atomic_path
-from cogprobe.layout import ACTIVATIONS, COMPARE, SCORES, SWEEPS, TRAIN_LOG
+from cogprobe.layout import ACTIVATIONS, ALIGNMENT, COMPARE, SCORES, SWEEPS, TRAIN_LOG
 from cogprobe.tasks import CONTROLS, TASKS, with_conditional_gain
 from cogprobe.verdicts import comparison_table
 
@@ -58,7 +58,7 @@ STAT_LABELS = {   # colourbar labels: short, since a row of panels may be short;
     "norm": "L2 norm per token",
     "logit_lens_nll": "NLL (nats/token)",
 }
-TABLES = (SWEEPS, ACTIVATIONS, TRAIN_LOG, COMPARE, SCORES)
+TABLES = (SWEEPS, ACTIVATIONS, TRAIN_LOG, COMPARE, SCORES, ALIGNMENT)
 
 
 # ------------------------------------------------------------------ shared helpers
@@ -571,6 +571,8 @@ def _figures_for(tables: dict[str, pd.DataFrame]):
         for stat in ("drift_cos", "cka", "norm"):
             if stat in stats:
                 yield f"{stat}_heatmap", functools.partial(drift_heatmap, acts, stat)
+    from cogprobe.alignment_plots import figures as alignment_figures  # it imports this module's helpers
+    yield from alignment_figures(tables)
     if TRAIN_LOG in tables:
         log = tables[TRAIN_LOG]
         if not log.empty:

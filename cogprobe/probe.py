@@ -27,15 +27,16 @@ import numpy as np
 import pandas as pd
 
 from cogprobe import io
+from cogprobe.alignment import MIN_PAIRS, sentence_batches
 from cogprobe.backends import check_sites
 from cogprobe.blocks import find_blocks
-from cogprobe.capture import capture
+from cogprobe.capture import capture, capture_with_alignment
 from cogprobe.checkpoints import MANIFEST, Checkpoints
 from cogprobe.distributed import World, default_device, world
 from cogprobe.errors import CogprobeError
 from cogprobe.evalset import EvalSet
 from cogprobe.layersets import check_fraction
-from cogprobe.layout import ACTIVATIONS, SELECTION, SWEEPS, differing, metadata
+from cogprobe.layout import ACTIVATIONS, ALIGNMENT, SELECTION, SWEEPS, differing, metadata
 from cogprobe.progress import bar
 from cogprobe.select import (Selection, budget_decider, curves_decider, select_budget, select_curves,
                              select_fixed, sweep_candidates)
@@ -208,50 +209,71 @@ def _done_steps(path: Path, mode: str, ends: bool, want: set[tuple]) -> set[int]
 
 
 def capture_run(source, *, sites: Sequence[str] = ("resid",), backend: str = "torch", batch_size: int = 8,
-                evalset: EvalSet | None = None, out=None, base=None, overwrite: bool = False, device=None,
-                log=print, progress: bool = True, checkpoints: Checkpoints | None = None) -> pd.DataFrame:
-    """Drift, CKA, norms and logit lens of every checkpoint into `activations.parquet`.
+                evalset: EvalSet | None = None, out=None, base=None, overwrite: bool = False,
+                alignment: bool = True, device=None, log=print, progress: bool = True,
+                checkpoints: Checkpoints | None = None) -> pd.DataFrame:
+    """Drift, CKA, norms and logit lens of every checkpoint into `activations.parquet`, and (unless
+    `alignment=False`) the cross-lingual alignment of its blocks into `alignment.parquet`.
 
-    On N processes each captures every N-th checkpoint into its own part file; the main process
-    merges them in checkpoint order (the same table as one process writes).
+    A checkpoint already in one table but not the other is captured for the missing one only. On N
+    processes each captures every N-th checkpoint into its own part files; the main process merges
+    them in checkpoint order (the same tables as one process writes). Returns the activations table.
     """
     w = world()
     ckpts = checkpoints or open_checkpoints(source, base, device)
     out = _out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
     check_sites(sites)
-    examples = evalset.examples(ckpts.reference()[1])  # bad data fails before anything is written
-    _say_set(evalset, ckpts.reference()[1], w, log)
-    _claim_table(out, ACTIVATIONS, evalset, _source_id(source, ckpts), overwrite, w)
-    path = out / ACTIVATIONS
-    done = _steps_in(path)
-    todo = [s for s in ckpts.steps if s not in done]
-    if not todo:
+    if alignment and "resid" not in sites:
+        raise CogprobeError("alignment pools the residual stream: add resid to --sites, or pass --no-alignment")
+    tok = ckpts.reference()[1]
+    examples = evalset.examples(tok)  # bad data fails before anything is written
+    _say_set(evalset, tok, w, log)
+    if alignment and len(evalset.pairs(tok)) < MIN_PAIRS:
+        alignment = False  # a study's tiny probe set still gets its activations
         if w.is_main:
-            log(f"capture: every checkpoint of {out} is already in {ACTIVATIONS}")
-        return io.read_parquet(path)
-    part = w.part(path)
-    mine = [s for s in w.share(todo) if s not in _steps_in(part)]
+            log(f"capture: alignment left out: it needs at least {MIN_PAIRS} pairs (--pairs)")
+    sentences = sentence_batches(tok, evalset.pairs(tok), batch_size) if alignment else None
+    tables = [ACTIVATIONS, ALIGNMENT] if alignment else [ACTIVATIONS]
+    for table in tables:
+        _claim_table(out, table, evalset, _source_id(source, ckpts), overwrite, w)
+    todo = {t: [s for s in ckpts.steps if s not in _steps_in(out / t)] for t in tables}
+    if not any(todo.values()):
+        if w.is_main:
+            log(f"capture: every checkpoint of {out} is already in {' and '.join(tables)}")
+        return io.read_parquet(out / ACTIVATIONS)
+    parts = {t: w.part(out / t) for t in tables}
+    need = {t: [s for s in w.share(todo[t]) if s not in _steps_in(parts[t])] for t in tables}
+    mine = [s for s in ckpts.steps if any(s in steps for steps in need.values())]
     if mine:
         with bar("capture", total=len(mine), unit="checkpoint", enabled=progress) as ticks:
-            _capture_steps(ckpts, mine, examples, part, sites=sites, backend=backend, batch_size=batch_size,
-                           log=log if w.is_main else lambda _: None, on_step=ticks.update)
-    _merge_parts(path, w, todo)
-    return io.read_parquet(path)
+            _capture_steps(ckpts, mine, examples, parts, need, sentences, sites=sites, backend=backend,
+                           batch_size=batch_size, log=log if w.is_main else lambda _: None, on_step=ticks.update)
+    for table in tables:
+        _merge_parts(out / table, w, todo[table])
+    return io.read_parquet(out / ACTIVATIONS)
 
 
-def _capture_steps(ckpts: Checkpoints, steps, examples, path: Path, *, sites, backend, batch_size, log,
-                   on_step=lambda: None) -> None:
-    """Capture each of `steps` against the reference, appending its rows to `path` as it finishes."""
+def _capture_steps(ckpts: Checkpoints, steps, examples, parts: dict, need: dict, sentences, *, sites, backend,
+                   batch_size, log, on_step=lambda: None) -> None:
+    """Capture each of `steps` against the reference, appending its rows to the tables' part files
+    (`parts[table]`) that still `need` it, as each step finishes."""
     ref_step = ckpts.reference_step
     ref, tok = ckpts.load(ref_step)
     batched = {t: list(batches(sorted(ex, key=lambda e: -len(e.input_ids)), batch_size, pad_id=0))
                for t, ex in examples.items()}
     for step in steps:
         model = ref if step == ref_step else ckpts.load(step)[0]
-        rows = capture([(ref_step, ref, tok), (step, model, tok)] if step != ref_step else [(ref_step, ref, tok)],
-                       batched, sites=sites, backend=backend)
-        io.append_parquet(path, rows[rows["checkpoint_step"] == step])
+        pair = [(ref_step, ref, tok), (step, model, tok)] if step != ref_step else [(ref_step, ref, tok)]
+        tasks = batched if step in need[ACTIVATIONS] else {}
+        if step in need.get(ALIGNMENT, ()):
+            rows, aligned = capture_with_alignment(pair, tasks, sentences, align_steps=[step], sites=sites,
+                                                   backend=backend, log=log)
+            io.append_parquet(parts[ALIGNMENT], aligned)
+        else:
+            rows = capture(pair, tasks, sites=sites, backend=backend, log=log)
+        if tasks:
+            io.append_parquet(parts[ACTIVATIONS], rows[rows["checkpoint_step"] == step])
         log(f"capture: step {step} done")
         on_step()
 

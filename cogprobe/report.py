@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cogprobe import io, verdicts
-from cogprobe.layout import (BASELINE, COMPARE, EVALSETS, MANIFEST, RUNS, SCORES, STAGE_SECONDS, STUDY, SWEEPS,
-                             TRAIN_LOG, TRANSLATIONS, arm)
+from cogprobe import alignment, io, verdicts
+from cogprobe.layout import (ALIGNMENT, BASELINE, COMPARE, EVALSETS, MANIFEST, RUNS, SCORES, STAGE_SECONDS, STUDY,
+                             SWEEPS, TRAIN_LOG, TRANSLATIONS, arm)
 from cogprobe.models import EMBEDDED
 from cogprobe.studyconfig import StudyConfig
 from cogprobe.plots import plot_run, save, training_curve
@@ -58,6 +58,7 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
     b += [("h2", "Where the adaptation lives")] + [("p", s) for s in _sweep_findings(out)]
     b += [("figure", f) for f in figures
           if f.stem.startswith(("specialization", "conditional_gain", "logit", "drift", "training"))]
+    b += _where_languages_meet(out, figures)
     b += [("h2", "Layer sets")] + _selections(out)
     if (out / COMPARE).is_file():
         compare = io.read_parquet(out / COMPARE)
@@ -143,6 +144,41 @@ def _sweep_findings(out: Path) -> list[str]:
         lines.append(f"{task.capitalize()} (step {last}, NLL {ref:.3f} -> {ck:.3f} nats/token): " + "; ".join(parts) + "."
                      + _source_use(t, task))
     return lines
+
+
+def _where_languages_meet(out: Path, figures: list[Path]) -> list[tuple]:
+    """The block of peak alignment per checkpoint with its interval, and whether tuning moved it."""
+    path = out / ALIGNMENT
+    if not path.is_file():
+        return []
+    t = io.read_parquet(path)
+    steps = sorted(int(s) for s in t["checkpoint_step"].unique())
+    rows = []
+    for step in steps:
+        peak = alignment.peak_block(t, step)
+        at = t[(t["checkpoint_step"] == step) & (t["block"] == int(peak.estimate))].groupby("measure")["value"].mean()
+        rows.append({"checkpoint step": step, "peak block": int(peak.estimate),
+                     "95% interval": f"[{peak.low:.0f}, {peak.high:.0f}]",
+                     **{m: round(float(at[m]), 3) for m in alignment.MEASURES if m in at}})
+    n = int(t["n_pairs"].iloc[0])
+    b = [("h2", "Where the languages meet"),
+         ("p", f"Each of {n} pairs' sentences read alone, mean-pooled after every block: the peak block is where "
+               f"retrieving the true translation among the {n} by cosine ranks it highest (mean reciprocal rank, "
+               "both directions); its interval is the percentile interval of that block over resamples of the "
+               "pairs. Measures at the peak block are means over pairs (and directions)."),
+         ("table", pd.DataFrame(rows))]
+    if len(steps) > 1:
+        b.append(("p", _peak_moved(t, steps[0], steps[-1])))
+    return b + [("figure", f) for f in figures if f.stem.startswith("alignment")]
+
+
+def _peak_moved(t: pd.DataFrame, first: int, last: int) -> str:
+    shift = alignment.peak_shift(t, first, last)
+    said = (f"peak block at step {last} minus at step {first}: {shift.estimate:+.0f} blocks "
+            f"(95% interval [{shift.low:+.0f}, {shift.high:+.0f}], the same pairs resampled for both)")
+    if shift.excludes(0):
+        return f"Fine-tuning moved the meeting point: {said}."
+    return f"These pairs do not show that fine-tuning moved the meeting point: {said}, an interval that includes 0."
 
 
 def _probe_ks(rows: pd.DataFrame) -> list[int]:
