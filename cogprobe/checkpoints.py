@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from cogprobe import hub, io, resume
 from cogprobe.artifacts import damaged
 from cogprobe.errors import CogprobeError
-from cogprobe.models import EMBEDDED, has_tokenizer, load_model, model_fingerprint, model_source
+from cogprobe.models import EMBEDDED, embedded_dir, has_tokenizer, load_model, model_fingerprint, model_source
 from cogprobe.params import aliases, load_tensors
 
 CHECKPOINTS = "checkpoints"
@@ -260,8 +260,9 @@ class Checkpoints:
         return self.entries[step]
 
     # ---- loading
-    def base(self):
-        """The base (reference) model and tokenizer, read once; do not modify them."""
+    def reference(self):
+        """The reference model (the base every checkpoint is compared against: step 0 of a cogprobe
+        run, or --base) and its tokenizer, read once; do not modify them."""
         if self._base is None:
             own = not self.tokenizer or has_tokenizer(_resolved(self.base_spec))
             model, tok = load_model(self.base_spec, tokenizer=None if own else self.tokenizer)
@@ -284,7 +285,7 @@ class Checkpoints:
         if entry.kind == "model":
             model, tok = load_model(entry.path, tokenizer=self._tokenizer_for(entry.path))
             return model.to(self.device), tok
-        base, tok = self.base()
+        base, tok = self.reference()
         model = copy.deepcopy(base)
         if entry.kind == "tensors":
             load_tensors(model, io.read_tensors(entry.path / TENSORS), str(entry.path))
@@ -302,7 +303,7 @@ class Checkpoints:
         if _resolved(self.base_spec) == Path(folder):
             raise CogprobeError(f"{folder} has no tokenizer files and no base model was given; pass --base "
                                 "(base=) the model the checkpoints were trained from")
-        base, tok = self.base()
+        base, tok = self.reference()
         config = io.read_json(Path(folder) / "config.json")
         rows = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
         base_rows = base.get_input_embeddings().num_embeddings
@@ -321,7 +322,7 @@ class Checkpoints:
     def _compute_changed(self, entry: Entry) -> set[str]:
         if entry.kind == "base":
             return set()
-        base = self.base()[0]
+        base = self.reference()[0]
         names = aliases(base)
         if entry.kind in ("lora", "adapter"):
             return {a for n in _adapted_names(entry.path) if n in names for a in names[n]}
@@ -335,7 +336,6 @@ class Checkpoints:
 
 
 def _resolved(spec) -> Path:
-    from cogprobe.models import embedded_dir
     if hub.is_hub_id(spec):
         return hub.resolve(str(spec))
     return embedded_dir() if str(spec) == EMBEDDED else Path(spec)

@@ -35,10 +35,11 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cogprobe.errors import CogprobeError
 from cogprobe import io
+from cogprobe.errors import CogprobeError
 from cogprobe.intervals import sweep_intervals
 from cogprobe.io import atomic_path
+from cogprobe.layout import ACTIVATIONS, ALIGNMENT, COMPARE, SCORES, SWEEPS, TRAIN_LOG
 from cogprobe.tasks import CONTROLS, TASKS, with_conditional_gain
 from cogprobe.verdicts import comparison_table
 
@@ -49,15 +50,15 @@ NAN_GREY = "0.85"
 MAX_LEGEND_STEPS = 10     # more checkpoints than this get a colourbar instead of a legend
 TASK_FREE = ("", "all")   # task values that mean "not task-specific"
 
-SWEEP_COLUMNS = ("checkpoint_step", "task", "direction", "mode", "k", "nll", "nll_reference", "gain_retained")
-ACT_COLUMNS = ("checkpoint_step", "layer", "site", "stat", "task", "value")
+SWEEP_COLUMNS = ("checkpoint_step", "task", "direction", "mode", "k", "nll", "nll_reference", "share")
+ACT_COLUMNS = ("checkpoint_step", "block", "site", "stat", "task", "value")
 STAT_LABELS = {   # colourbar labels: short, since a row of panels may be short; titles say more
     "drift_cos": "1 − cosine similarity to step 0",
     "cka": "linear CKA with step 0",
     "norm": "L2 norm per token",
     "logit_lens_nll": "NLL (nats/token)",
 }
-TABLES = ("sweeps.parquet", "activations.parquet", "train_log.parquet", "compare.parquet", "scores.parquet")
+TABLES = (SWEEPS, ACTIVATIONS, TRAIN_LOG, COMPARE, SCORES, ALIGNMENT)
 
 
 # ------------------------------------------------------------------ shared helpers
@@ -155,44 +156,44 @@ def _k_label(mode: str, direction: str) -> str:
 
 
 @_styled
-def specialization_curves(sweeps: pd.DataFrame, mode: str = "revert", y: str = "gain_retained",
+def specialization_curves(sweeps: pd.DataFrame, mode: str = "revert", y: str = "share",
                           ends: bool | None = None) -> Figure:
     """Score against k, one line per checkpoint; rows = task, columns = direction.
 
-    `y="gain_retained"`: share of the checkpoint's gain over step 0 that survives
+    `y="share"`: share of the checkpoint's gain over step 0 that survives
     ablating k blocks (the reference step, whose gain is undefined, is left out);
     `y="nll"`: the task NLL in nats/token, with the reference NLL dashed. NaN
     values leave gaps in the lines.
     """
-    if y not in ("gain_retained", "nll"):
-        raise CogprobeError(f"y={y!r} is not a sweep score; use gain_retained or nll")
+    if y not in ("share", "nll"):
+        raise CogprobeError(f"y={y!r} is not a sweep score; use share or nll")
     df = _sweep_rows(sweeps, mode, ends)
     tasks = _ordered(df["task"], TASK_ORDER)
     dirs = _ordered(df["direction"], DIRECTION_ORDER)
-    if y == "gain_retained":
-        keep = df.groupby("checkpoint_step")["gain_retained"].transform(lambda v: v.notna().any())
+    if y == "share":
+        keep = df.groupby("checkpoint_step")["share"].transform(lambda v: v.notna().any())
         df = sweep_intervals(df[keep])  # bands where the table has per-example scores
     steps = sorted(df["checkpoint_step"].unique())
     colors = _step_colors(steps)
-    fig, axes = _grid(len(tasks), len(dirs), w=4.2, h=3.0, sharex=True, sharey=(y == "gain_retained") or "row")
+    fig, axes = _grid(len(tasks), len(dirs), w=4.2, h=3.0, sharex=True, sharey=(y == "share") or "row")
     for (i, task), (j, d) in ((a, b) for a in enumerate(tasks) for b in enumerate(dirs)):
         ax = axes[i, j]
         _curve_panel(ax, df[(df["task"] == task) & (df["direction"] == d)], y, colors)
         ax.set_title(f"{task} · {d} end")
         ax.set_xlabel(_k_label(mode, d) if i == len(tasks) - 1 else "")
-        ax.set_ylabel("share of gain retained" if y == "gain_retained" else "NLL (nats/token)")
+        ax.set_ylabel("share of gain retained" if y == "share" else "NLL (nats/token)")
     _step_key(fig, axes, colors)
-    what = "gain retained" if y == "gain_retained" else "task NLL"
+    what = "gain retained" if y == "share" else "task NLL"
     verb = "reverted" if mode == "revert" else "skipped"
-    band = "\n(bands: 95% bootstrap intervals over the pairs)" if "gain_retained_low" in df.columns and \
-        df["gain_retained_low"].notna().any() else ""
+    band = "\n(bands: 95% bootstrap intervals over the pairs)" if "share_low" in df.columns and \
+        df["share_low"].notna().any() else ""
     fig.suptitle(f"Specialization curves ({mode}): {what} with k blocks {verb}{band}{_ends_note(df)}")
     return fig
 
 
 def _curve_panel(ax, df: pd.DataFrame, y: str, colors: dict) -> None:
     if df.empty or df[y].isna().all():
-        _empty(ax, "no checkpoint improved on step 0:\nno gain to retain" if y == "gain_retained" else "no data",
+        _empty(ax, "no checkpoint improved on step 0:\nno gain to retain" if y == "share" else "no data",
                clear=False)
         return
     for step, g in df.groupby("checkpoint_step"):
@@ -200,7 +201,7 @@ def _curve_panel(ax, df: pd.DataFrame, y: str, colors: dict) -> None:
         ax.plot(g["k"], g[y], color=colors[step], marker="o", markersize=3, lw=1.5, label=f"step {step}")
         if f"{y}_low" in g.columns and g[f"{y}_low"].notna().any():
             ax.fill_between(g["k"], g[f"{y}_low"], g[f"{y}_high"], color=colors[step], alpha=0.15, lw=0)
-    if y == "gain_retained":
+    if y == "share":
         ax.axhline(1.0, color="0.3", ls="--", lw=1, label="_checkpoint")
         ax.axhline(0.0, color="0.6", ls=":", lw=1, label="_reference")
         bands = [df[c] for c in (f"{y}_low", f"{y}_high") if c in df.columns]
@@ -269,15 +270,15 @@ def conditional_gain_curves(sweeps: pd.DataFrame, mode: str = "revert", ends: bo
 
 
 @_styled
-def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = "revert", value: str = "gain_retained",
+def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = "revert", value: str = "share",
                             ends: bool | None = None) -> Figure:
     """A task × direction grid of checkpoint × k heatmaps with one shared colourbar.
 
-    `value="gain_retained"`: viridis on [0, 1]; `value="nll"`: NLL − reference NLL
+    `value="share"`: viridis on [0, 1]; `value="nll"`: NLL − reference NLL
     (nats/token) on a diverging map centred at 0, so both tasks share one scale.
     """
-    if value not in ("gain_retained", "nll"):
-        raise CogprobeError(f"value={value!r} is not a sweep score; use gain_retained or nll")
+    if value not in ("share", "nll"):
+        raise CogprobeError(f"value={value!r} is not a sweep score; use share or nll")
     df = _sweep_rows(sweeps, mode, ends).copy()
     if value == "nll":
         df["shown"] = df["nll"] - df["nll_reference"]
@@ -288,8 +289,8 @@ def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = "revert", value: s
         empty = "no data"
     else:
         df = sweep_intervals(df)  # per-example scores give each cell its interval
-        df["shown"] = df["gain_retained"]
-        df["resolved"] = (df["gain_retained_low"] > 0) & (df["gain_retained_high"] < 1)
+        df["shown"] = df["share"]
+        df["resolved"] = (df["share_low"] > 0) & (df["share_high"] < 1)
         ref = df.groupby("checkpoint_step")["shown"].transform(lambda v: v.isna().all())
         df = df[~(ref & (df["checkpoint_step"] == df["checkpoint_step"].min()))]   # step 0: no gain
         cmap, vmin, vmax = "viridis", 0.0, 1.0
@@ -319,7 +320,7 @@ def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = "revert", value: s
     _nan_note(fig, df["shown"], "undefined (the checkpoint did not improve on step 0) or not measured")
     dots = "resolved" in df.columns and bool(df["resolved"].any())
     note = "\n(dot: the cell's 95% interval excludes both 0 and 1)" if dots else ""
-    what = "gain retained" if value == "gain_retained" else "NLL change"
+    what = "gain retained" if value == "share" else "NLL change"
     fig.suptitle(f"Where the adaptation lives ({mode}): {what} by checkpoint and k{note}{_ends_note(df)}")
     return fig
 
@@ -384,10 +385,10 @@ def _layer_heatmaps(df: pd.DataFrame, stat: str, cmap: str, title: str) -> Figur
         for j, task in enumerate(tasks):
             ax = axes[i, j]
             grid = rows[rows["task"] == task].pivot_table(
-                index="checkpoint_step", columns="layer", values="value", aggfunc="last", dropna=False)
+                index="checkpoint_step", columns="block", values="value", aggfunc="last", dropna=False)
             mesh = _heat(ax, grid, cmap, vmin, vmax) or mesh
             ax.set_title(f"{task} · {site}" if len(sites) > 1 else task)
-            ax.set_xlabel("layer (output of block i)" if i == len(sites) - 1 else "")
+            ax.set_xlabel("block (its output)" if i == len(sites) - 1 else "")
             ax.set_ylabel("checkpoint step" if j == 0 else "")
         if mesh is not None:
             fig.colorbar(mesh, ax=axes[i].tolist(), label=STAT_LABELS.get(stat, stat), shrink=0.9)
@@ -410,7 +411,7 @@ def logit_lens_heatmap(acts: pd.DataFrame) -> Figure:
 
 @_styled
 def drift_heatmap(acts: pd.DataFrame, stat: str = "drift_cos", site: str | None = None) -> Figure:
-    """How far each block's activations moved from step 0, layer × checkpoint, per task (and site).
+    """How far each block's activations moved from step 0, block × checkpoint, per task (and site).
 
     `stat`: drift_cos (1 − cosine similarity; 0 = unchanged), cka (linear CKA;
     1 = unchanged) or norm. `site=None` draws every site present.
@@ -551,34 +552,36 @@ def plot_run(run_dir: str | os.PathLike, *, dpi: int = 150) -> list[Path]:
 
 def _figures_for(tables: dict[str, pd.DataFrame]):
     """(file stem, thunk) for each figure the present tables can feed."""
-    if "sweeps.parquet" in tables:
-        sw = tables["sweeps.parquet"]
+    if SWEEPS in tables:
+        sw = tables[SWEEPS]
         modes = set(sw["mode"]) if "mode" in sw.columns else set()
         for mode in ("revert", "skip"):
             if mode not in modes:
                 continue
-            for y in (("gain_retained", "nll") if mode == "revert" else ("nll",)):
+            for y in (("share", "nll") if mode == "revert" else ("nll",)):
                 yield f"specialization_curves_{mode}_{y}", functools.partial(specialization_curves, sw, mode, y)
                 yield f"specialization_heatmap_{mode}_{y}", functools.partial(specialization_heatmaps, sw, mode, y)
             if sw["task"].isin(list(CONTROLS)).any():
                 yield f"conditional_gain_{mode}", functools.partial(conditional_gain_curves, sw, mode)
-    if "activations.parquet" in tables:
-        acts = tables["activations.parquet"]
+    if ACTIVATIONS in tables:
+        acts = tables[ACTIVATIONS]
         stats = set(acts["stat"]) if "stat" in acts.columns else set()
         if "logit_lens_nll" in stats:
             yield "logit_lens", functools.partial(logit_lens_heatmap, acts)
         for stat in ("drift_cos", "cka", "norm"):
             if stat in stats:
                 yield f"{stat}_heatmap", functools.partial(drift_heatmap, acts, stat)
-    if "train_log.parquet" in tables:
-        log = tables["train_log.parquet"]
+    from cogprobe.alignment_plots import figures as alignment_figures  # it imports this module's helpers
+    yield from alignment_figures(tables)
+    if TRAIN_LOG in tables:
+        log = tables[TRAIN_LOG]
         if not log.empty:
             yield "training_curve", functools.partial(training_curve, log)
-    if "compare.parquet" in tables:
-        cmp = tables["compare.parquet"]
+    if COMPARE in tables:
+        cmp = tables[COMPARE]
         bars = None
-        if "scores.parquet" in tables and "seed" in cmp.columns:
-            bars = comparison_table(tables["scores.parquet"], list(cmp[["strategy", "seed"]].itertuples(
+        if SCORES in tables and "seed" in cmp.columns:
+            bars = comparison_table(tables[SCORES], list(cmp[["strategy", "seed"]].itertuples(
                 index=False, name=None)))
         yield "comparison_nll", functools.partial(comparison_bars, cmp, "nll", bars)
         chrf = [c for c in ("chrf_perception_share", "chrf_production_share") if c in cmp.columns]

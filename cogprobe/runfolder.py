@@ -24,7 +24,9 @@ from cogprobe import io, resume
 from cogprobe.checkpoints import CHECKPOINTS, MANIFEST, META, check, own_steps, step_dir
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import to_string
-from cogprobe.trainconfig import NOT_IDENTITY
+from cogprobe.layout import TRAIN_CONFIG
+from cogprobe.layout import claim as claim_folder
+from cogprobe.trainconfig import EXECUTION_ONLY
 
 LOG = "train_log.parquet"
 COST = "cost.json"
@@ -70,27 +72,21 @@ def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
     """Decide what to do with `out`: the step to start from, or None if this run is finished."""
     out = Path(out)
     identity = _jsonable(dict(cfg.identity(), base_fingerprint=fingerprint))
+    have = None
     if (out / MANIFEST).is_file() and not cfg.overwrite:  # --overwrite replaces even a damaged manifest
         old = io.read_json(out / MANIFEST)
-        old_identity = {k: v for k, v in old.get("config", {}).items() if k not in NOT_IDENTITY}
-        old_identity["base_fingerprint"] = old.get("base", {}).get("fingerprint")
-        if old_identity == identity and not cfg.overwrite:
-            if (step_dir(out, cfg.steps) / "meta.json").is_file():
-                if main:  # killed between the last checkpoint and dropping the optimizer state: finish that
-                    resume.drop(own_steps(out), keep=None)
-                return None
-            if not cfg.resume:
-                raise CogprobeError(f"{out} holds an unfinished run of this config; pass --resume to continue "
-                                    "it or --overwrite to start again")
-            return _resume_from(out, main)
-        if not cfg.overwrite:
-            diff = sorted(k for k in set(identity) | set(old_identity) if identity.get(k) != old_identity.get(k))
-            raise CogprobeError(f"{out} holds a different run (differs in {', '.join(diff)}); choose another "
-                                "--out or pass --overwrite to replace it")
-    elif out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise CogprobeError(f"{out} is not empty and holds no cogprobe run (no manifest.json); choose an empty or new --out "
-                            "folder, or pass --overwrite (only cogprobe's own files are replaced)")
-    if main:
+        have = {k: v for k, v in old.get("config", {}).items() if k not in EXECUTION_ONLY}
+        have["base_fingerprint"] = old.get("base", {}).get("fingerprint")
+    if claim_folder(out, MANIFEST, identity, have, what="run", overwrite=cfg.overwrite, ignore=(TRAIN_CONFIG,)):
+        if (step_dir(out, cfg.steps) / "meta.json").is_file():
+            if main:  # killed between the last checkpoint and dropping the optimizer state: finish that
+                resume.drop(own_steps(out), keep=None)
+            return None
+        if not cfg.resume:
+            raise CogprobeError(f"{out} holds an unfinished run of this config; pass --resume to continue "
+                                "it or --overwrite to start again")
+        return _resume_from(out, main)
+    if main:  # a new run, or --overwrite: only cogprobe's own files are replaced
         io.make_dir(out)  # first: a file in the way fails here, as one line
         for name in OWN:
             path = out / name

@@ -97,10 +97,9 @@ class Selection:
 
 def select_fixed(n_layers: int, fraction: float = DEFAULT_FRACTION) -> Selection:
     """The training loop's CogSym rule, for when no sweep exists."""
-    layers = cogsym(n_layers, fraction)
+    layers = cogsym(n_layers, fraction)   # [0, ceil(n/2)) and the last floor(n/2) blocks
     k_in = math.ceil(len(layers) / 2)
     k_out = len(layers) - k_in
-    assert outer(n_layers, k_in, k_out) == layers
     return Selection("fixed", {"fraction": fraction}, n_layers, layers, k_in, k_out,
                      {"n_blocks": len(layers), "rule": "round(f*L) outermost blocks, the input end takes the odd one"})
 
@@ -296,12 +295,13 @@ def _frontier(scorer: _Scorer, max_total: int) -> int | None:
     """The smallest size with a passing candidate, if passing is monotone (a superset of a passing
     set passes): for each k_in, the smallest passing k_out is all that matters.
 
-    Until a first set passes, each k_in bisects its k_out over what max_total allows. After that,
-    with `best` the smallest passing size so far, a k_in only needs two candidates, (k_in,
-    best - k_in - 1) (could it do better?) and (k_in, best - k_in) (does it tie?: ties are scored
-    so the best worst-task share among them can win), bisecting further down when the first
-    passes. k_in stops at best. About 2 * best + log2(L) candidates, plus log2(L) per improvement,
-    against (best + 1)(best + 2) / 2 for the exhaustive search: fewer from sizes of about 5 on.
+    Until a first set passes, each k_in checks the largest k_out max_total allows and, if that
+    passes, searches down for its smallest passing k_out. After that, with `best` the smallest
+    passing size so far, a k_in only needs two candidates, (k_in, best - k_in - 1) (could it do
+    better?) and (k_in, best - k_in) (does it tie?: ties are scored so the best worst-task share
+    among them can win), searching further down when the first passes. k_in stops at best. About
+    2 * best candidates plus a few per improvement, against (best + 1)(best + 2) / 2 for the
+    exhaustive search: fewer from sizes of about 5 on.
     """
     best = None
     for k_in in range(max_total + 1):
@@ -309,17 +309,24 @@ def _frontier(scorer: _Scorer, max_total: int) -> int | None:
             break
         if best is None:     # nothing passed yet: can this k_in pass within max_total at all?
             if scorer.passes(k_in, max_total - k_in):
-                best = k_in + _smallest_passing(scorer, k_in, 0, max_total - k_in)
+                best = k_in + _smallest_passing(scorer, k_in, max_total - k_in)
             continue
         k_out = best - k_in
         scorer([(k_in, k_out - 1), (k_in, k_out)] if k_out >= 1 else [(k_in, k_out)])
         if k_out >= 1 and scorer.passes(k_in, k_out - 1):
-            best = k_in + _smallest_passing(scorer, k_in, 0, k_out - 1)
+            best = k_in + _smallest_passing(scorer, k_in, k_out - 1)
     return best
 
 
-def _smallest_passing(scorer: _Scorer, k_in: int, lo: int, hi: int) -> int:
-    """Bisection: the smallest k_out in [lo, hi] that passes with k_in, given that hi does."""
+def _smallest_passing(scorer: _Scorer, k_in: int, hi: int) -> int:
+    """The smallest k_out that passes with k_in, given that `hi` does: steps down 1, 2, 4, ... until
+    one fails (a staircase: the frontier usually drops by a block or two per k_in), then bisects."""
+    step, lo = 1, 0
+    while hi - step >= 0:
+        if not scorer.passes(k_in, hi - step):
+            lo = hi - step + 1
+            break
+        hi, step = hi - step, step * 2
     while lo < hi:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if scorer.passes(k_in, mid) else (mid + 1, hi)
@@ -337,7 +344,7 @@ def monotone_violations(records: list[dict]) -> list[dict]:
 
 def _score_candidates(table: pd.DataFrame, pairs: list[tuple[int, int]], tasks: list[str], tau: float) -> list[dict]:
     """One record per candidate: its share of the gain per task, and whether all reach tau."""
-    need = {"k_in", "k_out", "task", "gain_retained", "nll_reference", "nll_checkpoint"}
+    need = {"k_in", "k_out", "task", "share", "nll_reference", "nll_checkpoint"}
     if not need <= set(table.columns):
         raise CogprobeError(f"evaluate() returned a table without columns {sorted(need - set(table.columns))}; "
                             "return a keep-outer sweep table")
@@ -354,7 +361,7 @@ def _score_candidates(table: pd.DataFrame, pairs: list[tuple[int, int]], tasks: 
                 raise CogprobeError(f"evaluate() returned {len(row)} rows for k_in={k_in}, k_out={k_out}, "
                                     f"task {task!r}; expected one (sweep that task)")
             _check_gain(task, float(row["nll_reference"].iloc[0]), float(row["nll_checkpoint"].iloc[0]), "budget")
-            shares[task] = float(row["gain_retained"].iloc[0])
+            shares[task] = float(row["share"].iloc[0])
             if math.isnan(shares[task]):
                 raise CogprobeError(f"budget: the share of task {task!r} at k_in={k_in}, k_out={k_out} is NaN; "
                                     "check the model and rerun")

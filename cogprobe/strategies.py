@@ -37,7 +37,7 @@ class LoraSpec:
 def linear_names(blocks: Blocks) -> list[str]:
     """Last-name of every linear module inside the blocks, e.g. q_proj ... down_proj, or c_attn."""
     from transformers.pytorch_utils import Conv1D
-    return sorted({name.rsplit(".", 1)[-1] for name, m in blocks.layers.named_modules()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in blocks.modules.named_modules()
                    if isinstance(m, (nn.Linear, Conv1D))})
 
 
@@ -96,4 +96,4 @@ def _lora(model, blocks: Blocks, indices: list[int], spec: LoraSpec):
 
 def _conv1d(blocks: Blocks) -> bool:
     from transformers.pytorch_utils import Conv1D
-    return any(isinstance(m, Conv1D) for m in blocks.layers.modules())
+    return any(isinstance(m, Conv1D) for m in blocks.modules.modules())

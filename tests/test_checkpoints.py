@@ -15,7 +15,7 @@ from cogprobe.checkpoints import Checkpoints
 from cogprobe.errors import CogprobeError
 from cogprobe.models import load_model, model_fingerprint
 from cogprobe.train import train
-from test_train import config, inputs  # noqa: F401  (the session fixture)
+from helpers import config
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft vs transformers 5
@@ -72,13 +72,13 @@ def test_loads_are_independent_copies(runs):
         a.model.layers[1].mlp.up_proj.weight.zero_()
     b, _ = ckpts.load(4)
     assert not torch.equal(a.model.layers[1].mlp.up_proj.weight, b.model.layers[1].mlp.up_proj.weight)
-    assert not torch.equal(ckpts.base()[0].model.layers[1].mlp.up_proj.weight,
+    assert not torch.equal(ckpts.reference()[0].model.layers[1].mlp.up_proj.weight,
                            a.model.layers[1].mlp.up_proj.weight)
 
 
 def test_changed_tensors(runs):
     layers = Checkpoints.open(runs["layers"][0])
-    names = {n for n, _ in layers.base()[0].named_parameters()}
+    names = {n for n, _ in layers.reference()[0].named_parameters()}
     assert layers.changed_tensors(0) == set()
     assert layers.changed_tensors(4) == {n for n in names if n.startswith(("model.layers.1.", "model.layers.4."))}
     full = Checkpoints.open(runs["full"][0])

@@ -36,30 +36,22 @@ from cogprobe.cli import main
 from cogprobe.studyconfig import StudyConfig
 from cogprobe.train import train
 from cogprobe.trainconfig import TrainConfig
-from test_reliability import corpus_rows, train_argv
+from helpers import SWEEP, Stop, cli, corpus_rows, train_argv
 from tiny import save_tiny
 
-SWEEP = ["--limit", "2"]
 RUN = dict(steps=4, save_steps="0,2,4")
 
 
 # ------------------------------------------------------------------ the folders, built once
 
 
-class Stop(Exception):
-    """Raised from on_step: the run is interrupted like a killed one (its finally blocks run)."""
-
-
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+def inputs(tmp_path_factory, trained_run):
     root = tmp_path_factory.mktemp("faults")
-    model = save_tiny(root / "llama", "llama")
-    corpus = root / "pairs.csv"
-    pd.DataFrame(corpus_rows()).to_csv(corpus, index=False)
+    model, corpus = trained_run["model"], trained_run["corpus"]
     folders = dict(run=root / "run", lora=root / "lora", unfinished=root / "unfinished", study=root / "study")
     inputs = dict(model=model, corpus=corpus, toml=root / "study.toml", folders=folders)
-    run = folders["run"]
-    assert cli(train_argv(model, corpus, run, **RUN)) == 0
+    run = shutil.copytree(trained_run["run"], folders["run"])   # a finished run with RUN's settings
     assert cli(["sweep", run, *SWEEP]) == 0
     assert cli(["capture", run, "--limit", "2"]) == 0
     assert cli(["select", run, "--rule", "curves", "--limit", "2"]) == 0
@@ -176,13 +168,6 @@ ARTIFACTS = {
 CASES = [(a, d, v) for a, (_, _, verbs, _, _) in ARTIFACTS.items() for d in DAMAGES for v in verbs]
 # Refusals whose line names the folder's state rather than the file (the file is gone: there is nothing to name).
 NAMED_OTHERWISE = {("study config", "deleted", "run"): "holds no cogprobe study"}
-
-
-def cli(argv: list) -> int:
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -441,7 +426,7 @@ def test_a_damaged_part_file_stops_a_sharded_sweep_in_one_line(inputs, tmp_path,
     2-process sweep truncated and stops with the one-line error before it writes any row."""
     import cogprobe.probe as probe
     from cogprobe.errors import CogprobeError
-    from test_distributed import run_as_ranks
+    from helpers import run_as_ranks
     folder = shutil.copytree(inputs["folders"]["run"], tmp_path / "run")
     (folder / "sweeps.parquet").unlink()
     part = folder / ".sweeps.parquet.part-0-of-2"
@@ -449,7 +434,7 @@ def test_a_damaged_part_file_stops_a_sharded_sweep_in_one_line(inputs, tmp_path,
     before = snapshot(folder)
     opened = [probe.open_checkpoints(folder) for _ in range(2)]  # loading models is not thread-safe
     for c in opened:
-        c.base()
+        c.reference()
     evalset = probe.EvalSet.for_run(folder, n=2)
     with pytest.raises(CogprobeError, match=r"\.sweeps\.parquet\.part-0-of-2 \(the sweep table\) is not a readable "
                                             r"Parquet table .*rebuild it with `cogprobe sweep \S*run --overwrite`"):

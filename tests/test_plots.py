@@ -39,7 +39,7 @@ def synthetic_sweeps(steps=STEPS, n=L, mode="revert") -> pd.DataFrame:
                     rows.append(dict(checkpoint_step=step, task=task, direction=d, mode=mode, k=k, k_in=None,
                                      k_out=None, blocks="", ends=False, nll=nll, n_tokens=100,
                                      nll_reference=ref, nll_checkpoint=ref - gain,
-                                     gain_retained=(ref - nll) / gain if gain > 0 else float("nan")))
+                                     share=(ref - nll) / gain if gain > 0 else float("nan")))
     return pd.DataFrame(rows)
 
 
@@ -49,16 +49,16 @@ def synthetic_acts(steps=STEPS, n=L, sites=("resid", "attn", "mlp"), task_free=F
         for layer in range(n):
             for task in ("perception", "production"):
                 final = REF_NLL[task] - 2.0 * (1 - math.exp(-step / 40))
-                rows.append(dict(checkpoint_step=step, layer=layer, site="resid", stat="logit_lens_nll", task=task,
+                rows.append(dict(checkpoint_step=step, block=layer, site="resid", stat="logit_lens_nll", task=task,
                                  value=final + 3.0 * (n - 1 - layer) / n))
             for site in sites:
                 drift = (step / max(steps)) * (0.2 + 0.1 * layer)
                 for task in (["all"] if task_free else ["perception", "production"]):
-                    rows += [dict(checkpoint_step=step, layer=layer, site=site, stat="drift_cos", task=task,
+                    rows += [dict(checkpoint_step=step, block=layer, site=site, stat="drift_cos", task=task,
                                   value=drift),
-                             dict(checkpoint_step=step, layer=layer, site=site, stat="cka", task=task,
+                             dict(checkpoint_step=step, block=layer, site=site, stat="cka", task=task,
                                   value=math.exp(-drift)),
-                             dict(checkpoint_step=step, layer=layer, site=site, stat="norm", task=task,
+                             dict(checkpoint_step=step, block=layer, site=site, stat="norm", task=task,
                                   value=10 + layer)]
     return pd.DataFrame(rows)
 
@@ -116,7 +116,7 @@ def test_curves_nll_includes_reference_and_its_dashed_level():
 
 def test_curves_leave_gaps_at_nan():
     sw = synthetic_sweeps()
-    sw.loc[(sw["checkpoint_step"] == 40) & (sw["k"] == 3), "gain_retained"] = float("nan")
+    sw.loc[(sw["checkpoint_step"] == 40) & (sw["k"] == 3), "share"] = float("nan")
     fig = plots.specialization_curves(sw)
     line = next(ln for ln in data_lines(fig.axes[0]) if ln.get_label() == "step 40")
     assert np.isnan(line.get_ydata()[3]) and np.isfinite(line.get_ydata()[4])
@@ -124,7 +124,7 @@ def test_curves_leave_gaps_at_nan():
 
 def test_curves_panel_without_gain_says_so():
     sw = synthetic_sweeps()
-    sw.loc[sw["task"] == "production", "gain_retained"] = float("nan")
+    sw.loc[sw["task"] == "production", "share"] = float("nan")
     fig = plots.specialization_curves(sw)
     production = [ax for ax in fig.axes if ax.get_title().startswith("production")]
     assert all(not data_lines(ax) and "no gain" in ax.texts[0].get_text() for ax in production)
@@ -134,7 +134,7 @@ def test_curves_panel_without_gain_says_so():
 
 def test_curves_keep_tiny_gains_from_flattening_the_chart():
     sw = synthetic_sweeps()
-    sw.loc[(sw["checkpoint_step"] == 20) & (sw["k"] == 2), "gain_retained"] = 50.0   # gain ~ 0: noise
+    sw.loc[(sw["checkpoint_step"] == 20) & (sw["k"] == 2), "share"] = 50.0   # gain ~ 0: noise
     fig = plots.specialization_curves(sw)
     assert all(ax.get_ylim()[1] <= 2.1 for ax in fig.axes)
     assert "run off the chart" in fig.axes[0].texts[0].get_text()
@@ -191,7 +191,7 @@ def test_sweep_errors_name_the_fix():
         plots.specialization_curves(sw, mode="skip")
     with pytest.raises(CogprobeError, match="lacks column"):
         plots.specialization_heatmaps(sw.drop(columns="nll"))
-    with pytest.raises(CogprobeError, match="gain_retained or nll"):
+    with pytest.raises(CogprobeError, match="share or nll"):
         plots.specialization_heatmaps(sw, value="loss")
 
 
@@ -295,7 +295,7 @@ def test_plot_run_writes_every_figure(tmp_path):
     paths = plots.plot_run(tmp_path, dpi=40)   # low resolution: this test checks files, not looks
     names = sorted(p.name for p in paths)
     assert names == sorted([
-        "specialization_curves_revert_gain_retained.png", "specialization_heatmap_revert_gain_retained.png",
+        "specialization_curves_revert_share.png", "specialization_heatmap_revert_share.png",
         "specialization_curves_revert_nll.png", "specialization_heatmap_revert_nll.png",
         "specialization_curves_skip_nll.png", "specialization_heatmap_skip_nll.png",
         "logit_lens.png", "drift_cos_heatmap.png", "cka_heatmap.png", "norm_heatmap.png",

@@ -19,64 +19,10 @@ from cogprobe.layersets import cogsym, resolve, to_string
 from cogprobe.select import Selection, select_budget, select_curves, select_fixed, sweep_candidates
 from cogprobe.sweep import COLUMNS, sweep
 from cogprobe.tasks import TASKS, build_examples, collate, score, scored_positions
+from helpers import PLANT_8, PLANT_12, KeepOuterModel, revert_table
 from tiny import LAYERS, tiny_model, tiny_tokenizer
 
 # --- synthetic tables: the gain of each task sits in known blocks -----------------------------
-
-
-def revert_table(gains: dict[str, list[float]], *, step: int = 10, nll_ck: float = 2.0,
-                 extra: float = 0.0, ends: bool = False) -> pd.DataFrame:
-    """A revert sweep under an additive model: reverting block i adds gains[task][i] to the NLL.
-
-    `extra` is gain outside the blocks (embeddings/head): in the reference, not in any curve.
-    """
-    rows = []
-    for task, g in gains.items():
-        L, nll_ref = len(g), nll_ck + sum(g) + extra
-        for direction in ("input", "output"):
-            for k in range(L + 1):
-                blocks = list(range(k)) if direction == "input" else list(range(L - k, L))
-                nll = nll_ck + sum(g[i] for i in blocks)
-                gain = (nll_ref - nll) / (nll_ref - nll_ck) if nll_ref > nll_ck else math.nan
-                rows.append(dict(checkpoint_step=step, task=task, direction=direction, mode="revert", k=k,
-                                 k_in=None, k_out=None, blocks=to_string(blocks), ends=ends, nll=nll, n_tokens=100,
-                                 nll_reference=nll_ref, nll_checkpoint=nll_ck, gain_retained=gain))
-    return pd.DataFrame(rows, columns=COLUMNS)
-
-
-PLANT_12 = {"perception": [0.5, 0.3, 0.2] + [0.01] * 9, "production": [0.01] * 9 + [0.2, 0.3, 0.5]}
-PLANT_8 = {"perception": [0.1, 0.1, 0.6, 0.1, 0.05, 0.05, 0, 0], "production": [0, 0, 0, 0, 0.1, 0.1, 0.1, 0.7]}
-
-
-class KeepOuterModel:
-    """A synthetic `evaluate` for budget: kept blocks keep their planted share of each task's gain.
-
-    Records every call, so tests can check the search order and that one size is one call.
-    """
-
-    def __init__(self, gains: dict[str, list[float]], nll_ck: float = 2.0, extra: float = 0.0):
-        self.gains, self.nll_ck, self.extra, self.calls = gains, nll_ck, extra, []
-
-    def ref(self, task):
-        return self.nll_ck + sum(self.gains[task]) + self.extra
-
-    def nll(self, task, k_in, k_out):
-        g = self.gains[task]
-        kept = set(range(k_in)) | set(range(len(g) - k_out, len(g)))
-        return self.nll_ck + sum(x for i, x in enumerate(g) if i not in kept)
-
-    def __call__(self, pairs):
-        self.calls.append(list(pairs))
-        rows = []
-        for task, g in self.gains.items():
-            ref = self.ref(task)
-            for k_in, k_out in pairs:
-                nll = self.nll(task, k_in, k_out)
-                gain = (ref - nll) / (ref - self.nll_ck) if ref > self.nll_ck else math.nan
-                rows.append(dict(checkpoint_step=5, task=task, direction="both", mode="keep-outer", k=k_in + k_out,
-                                 k_in=k_in, k_out=k_out, nll=nll, nll_reference=ref, nll_checkpoint=self.nll_ck,
-                                 gain_retained=gain))
-        return pd.DataFrame(rows)
 
 
 def brute_force(model: KeepOuterModel, L: int, tau: float):
@@ -161,7 +107,7 @@ def curve_table(curves: dict[tuple[str, str], list[float]], nll_ref: float = 3.0
         for k, nll in enumerate(nlls):
             rows.append(dict(checkpoint_step=5, task=task, direction=direction, mode="revert", k=k, k_in=None,
                              k_out=None, blocks="", ends=False, nll=nll, n_tokens=100, nll_reference=nll_ref,
-                             nll_checkpoint=nlls[0], gain_retained=(nll_ref - nll) / (nll_ref - nlls[0])))
+                             nll_checkpoint=nlls[0], share=(nll_ref - nll) / (nll_ref - nlls[0])))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -268,7 +214,10 @@ def test_budget_finds_the_planted_smallest_set(tmp_path):
     assert min(a + b for a, b, s in brute_force(model, 10, 0.8) if s >= 0.8) == 3
     data = check_json(sel, 10, tmp_path)
     assert data["evidence"]["chosen"]["shares"] == pytest.approx({"perception": 0.9125, "production": 0.93})
-    assert "0-1,9" in sel.table() and "smaller sizes: 6 candidates, best worst-task share 0.4625" in sel.table()
+    # best smaller candidate: (1, 1) keeps perception's block 0 and block 9 (0.45 + 0.0125), production 0.92
+    assert sel.evidence["best_smaller_share"] == pytest.approx(0.45 + 0.0125)
+    assert "0-1,9" in sel.table() and f"smaller sizes: 6 candidates, best worst-task share {0.45 + 0.0125:.4f}" \
+        in sel.table()
     walk = select_budget(KeepOuterModel(gains), 10, tau=0.8)   # the frontier walk: same set, fewer candidates
     assert (walk.k_in, walk.k_out) == (2, 1) and walk.evidence["chosen"] == sel.evidence["chosen"]
     assert walk.evidence["n_monotone_violations"] == 0 and walk.evidence["search"] == "frontier"
@@ -384,7 +333,7 @@ def test_budget_failures_say_what_and_how_to_fix():
 
     def with_nan(pairs):
         t = KeepOuterModel(gains)(pairs)
-        t.loc[(t.k_in == 1) & (t.k_out == 0) & (t.task == "production"), "gain_retained"] = math.nan
+        t.loc[(t.k_in == 1) & (t.k_out == 0) & (t.task == "production"), "share"] = math.nan
         return t
     with pytest.raises(CogprobeError, match="share of task 'production' at k_in=1, k_out=0 is NaN"):
         select_budget(with_nan, 8, search="exhaustive")
@@ -478,7 +427,7 @@ def test_before_tuning_workflow_through_the_cli(tmp_path, capsys):
     from safetensors.torch import load_file
     from cogprobe.checkpoints import Checkpoints
     from cogprobe.cli import main
-    from test_train import write_corpus
+    from helpers import write_corpus
     from tiny import save_tiny
     model, corpus = save_tiny(tmp_path / "llama", "llama"), write_corpus(tmp_path / "pairs.csv")
     probe_run = tmp_path / "probe"
