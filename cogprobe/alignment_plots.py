@@ -14,7 +14,8 @@ from matplotlib.figure import Figure
 from cogprobe.alignment import COLUMNS, DIRECTIONS, MEASURES, PEAK_MEASURE
 from cogprobe.errors import CogprobeError
 from cogprobe.intervals import sweep_intervals
-from cogprobe.plots import TASK_ORDER, _grid, _heat, _require, _step_colors, _step_key, _styled, _sweep_rows
+from cogprobe.plot_style import TASK_ORDER, _grid, _heat, _require, _step_colors, _styled
+from cogprobe.sweep_plots import _step_key, _sweep_rows
 
 LABELS = {
     "retrieval_top1": "translation retrieval, top-1 accuracy",

@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -167,3 +168,63 @@ def run_as_ranks(monkeypatch, size: int, fn) -> list:
         if isinstance(r, BaseException):
             raise r
     return results
+
+
+# ------------------------------------------------------------------ a synthetic sweep table (figures)
+
+L = 6
+STEPS = (0, 20, 40, 80)
+REF_NLL = {"perception": 7.0, "production": 6.0}
+
+
+def _weights(task: str, n: int, sharp: float = 4.0) -> np.ndarray:
+    """Where each task's gain lives: perception near the input, production near the output."""
+    pos = np.arange(n) / max(n - 1, 1)
+    w = np.exp(-sharp * pos) if task == "perception" else np.exp(-sharp * (1 - pos))
+    return w / w.sum()
+
+
+def synthetic_sweeps(steps=STEPS, n=L, mode="revert") -> pd.DataFrame:
+    """A sweeps table shaped like `cogprobe.sweep.sweep`'s, with a known pattern."""
+    rows = []
+    for step in steps:
+        for task, ref in REF_NLL.items():
+            gain = 2.0 * (1 - math.exp(-step / 40))
+            w = _weights(task, n, sharp=1 + 6 * step / max(steps))   # specializes over training
+            for d in ("input", "output"):
+                for k in range(n + 1):
+                    lost = w[:k].sum() if d == "input" else w[n - k:].sum() if k else 0.0
+                    nll = ref - gain * (1 - lost) if mode == "revert" else ref - gain + 0.8 * k
+                    rows.append(dict(checkpoint_step=step, task=task, direction=d, mode=mode, k=k, k_in=None,
+                                     k_out=None, blocks="", ends=False, nll=nll, n_tokens=100,
+                                     nll_reference=ref, nll_checkpoint=ref - gain,
+                                     share=(ref - nll) / gain if gain > 0 else float("nan")))
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------ capture inputs
+
+PERTURBED = 3  # the block changed in the "fine-tuned" checkpoint
+
+
+def text_examples(tok, n=5, offset=0):
+    """`n` Examples cut from the tiny texts (half prompt, half continuation): capture's test inputs."""
+    from cogprobe.tasks import Example
+    from tiny import _TEXT
+    out = []
+    for text in (_TEXT * 2)[offset:offset + n]:
+        ids = tok(text).input_ids[:36]
+        out.append(Example(tuple(ids), len(ids) // 2))
+    return out
+
+
+def perturbed_block(model, block=PERTURBED, scale=0.05, seed=1):
+    """A copy of `model` with one block moved by seeded noise: a 'fine-tuned' checkpoint."""
+    import copy
+    from cogprobe.blocks import find_blocks
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in find_blocks(other).modules[block].parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return other

@@ -9,7 +9,7 @@ from cogprobe.capture import capture, capture_with_alignment
 from cogprobe.corpora import Corpus
 from cogprobe.errors import CogprobeError
 from cogprobe.tasks import batches
-from test_capture import examples, perturbed
+from helpers import perturbed_block as perturbed, text_examples as examples
 from tiny import _TEXT, tiny_model, tiny_tokenizer
 
 N, HIDDEN, BLOCKS, MEET = 64, 24, 5, 2
@@ -153,7 +153,7 @@ def test_alignment_does_not_depend_on_the_backend(family, backend, tok):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from cogprobe.train import TrainConfig, train
-    from test_train import write_corpus
+    from helpers import write_corpus
     from tiny import save_tiny
     root = tmp_path_factory.mktemp("align")
     return train(TrainConfig(model=save_tiny(root / "llama", "llama"), corpus=write_corpus(root / "corpus.csv"),
@@ -186,7 +186,7 @@ def planted_table(steps=(0, 16)) -> pd.DataFrame:
 
 def test_figures_draw_from_the_tables(tmp_path):
     from cogprobe import alignment_plots, plots
-    from test_plots import synthetic_sweeps
+    from helpers import synthetic_sweeps
     table = planted_table()
     fig = alignment_plots.alignment_heatmaps(table)
     assert len([a for a in fig.axes if a.get_title()]) == 3  # top-1 both ways, and the cosine

@@ -13,17 +13,9 @@ from cogprobe.blocks import find_blocks
 from cogprobe.capture import COLUMNS, Similarity, capture, write_activations
 from cogprobe.errors import CogprobeError
 from cogprobe.tasks import Example, batches, score
+from helpers import PERTURBED, perturbed_block as perturbed, text_examples as examples
 from tiny import _TEXT, LAYERS, save_tiny, tiny_model, tiny_tokenizer
 
-PERTURBED = 3  # the block changed in the "fine-tuned" checkpoint
-
-
-def examples(tok, n=5, offset=0):
-    out = []
-    for text in (_TEXT * 2)[offset:offset + n]:
-        ids = tok(text).input_ids[:36]
-        out.append(Example(tuple(ids), len(ids) // 2))
-    return out
 
 
 @pytest.fixture(autouse=True)
@@ -46,15 +38,6 @@ def task_batches(tok):
     # different batch sizes per task, so padding differs and several batches stream
     return {"perception": list(batches(examples(tok), 2, 0)),
             "production": list(batches(examples(tok, 4, offset=2), 3, 0))}
-
-
-def perturbed(model, block=PERTURBED, scale=0.05, seed=1):
-    other = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in find_blocks(other).modules[block].parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-    return other
 
 
 def assert_same_acts(got, want, mask, atol=1e-4):

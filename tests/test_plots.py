@@ -12,36 +12,8 @@ from matplotlib.figure import Figure
 from cogprobe import plots
 from cogprobe.errors import CogprobeError
 from cogprobe.io import write_parquet
-
-L = 6
-STEPS = (0, 20, 40, 80)
-REF_NLL = {"perception": 7.0, "production": 6.0}
-
-
-def _weights(task: str, n: int, sharp: float = 4.0) -> np.ndarray:
-    """Where each task's gain lives: perception near the input, production near the output."""
-    pos = np.arange(n) / max(n - 1, 1)
-    w = np.exp(-sharp * pos) if task == "perception" else np.exp(-sharp * (1 - pos))
-    return w / w.sum()
-
-
-def synthetic_sweeps(steps=STEPS, n=L, mode="revert") -> pd.DataFrame:
-    """A sweeps table shaped like `cogprobe.sweep.sweep`'s, with a known pattern."""
-    rows = []
-    for step in steps:
-        for task, ref in REF_NLL.items():
-            gain = 2.0 * (1 - math.exp(-step / 40))
-            w = _weights(task, n, sharp=1 + 6 * step / max(steps))   # specializes over training
-            for d in ("input", "output"):
-                for k in range(n + 1):
-                    lost = w[:k].sum() if d == "input" else w[n - k:].sum() if k else 0.0
-                    nll = ref - gain * (1 - lost) if mode == "revert" else ref - gain + 0.8 * k
-                    rows.append(dict(checkpoint_step=step, task=task, direction=d, mode=mode, k=k, k_in=None,
-                                     k_out=None, blocks="", ends=False, nll=nll, n_tokens=100,
-                                     nll_reference=ref, nll_checkpoint=ref - gain,
-                                     share=(ref - nll) / gain if gain > 0 else float("nan")))
-    return pd.DataFrame(rows)
-
+from cogprobe.plot_style import MAX_LEGEND_STEPS
+from helpers import L, REF_NLL, STEPS, synthetic_sweeps
 
 def synthetic_acts(steps=STEPS, n=L, sites=("resid", "attn", "mlp"), task_free=False) -> pd.DataFrame:
     rows = []
@@ -141,7 +113,7 @@ def test_curves_keep_tiny_gains_from_flattening_the_chart():
 
 
 def test_curves_many_checkpoints_get_a_colorbar():
-    steps = tuple(range(0, 10 * (plots.MAX_LEGEND_STEPS + 3), 10))
+    steps = tuple(range(0, 10 * (MAX_LEGEND_STEPS + 3), 10))
     fig = plots.specialization_curves(synthetic_sweeps(steps=steps))
     assert len(fig.axes) == 5 and not fig.legends   # 4 panels + the step colourbar
 
