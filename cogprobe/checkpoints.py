@@ -36,11 +36,11 @@ from safetensors.torch import save_file
 from cogprobe import hub, io, resume
 from cogprobe.artifacts import damaged
 from cogprobe.errors import CogprobeError
+from cogprobe.layout import MANIFEST
 from cogprobe.models import EMBEDDED, embedded_dir, has_tokenizer, load_model, model_fingerprint, model_source
 from cogprobe.params import aliases, load_tensors
 
 CHECKPOINTS = "checkpoints"
-MANIFEST = "manifest.json"
 META = "meta.json"
 TENSORS = "trainable.safetensors"
 ADAPTER = "adapter_model.safetensors"

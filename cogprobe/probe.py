@@ -31,12 +31,12 @@ from cogprobe.alignment import MIN_PAIRS, sentence_batches
 from cogprobe.backends import check_sites
 from cogprobe.blocks import find_blocks
 from cogprobe.capture import capture, capture_with_alignment
-from cogprobe.checkpoints import MANIFEST, Checkpoints
+from cogprobe.checkpoints import Checkpoints
 from cogprobe.distributed import World, default_device, world
 from cogprobe.errors import CogprobeError
 from cogprobe.evalset import EvalSet
 from cogprobe.layersets import check_fraction
-from cogprobe.layout import ACTIVATIONS, ALIGNMENT, SELECTION, SWEEPS, differing, metadata
+from cogprobe.layout import ACTIVATIONS, ALIGNMENT, MANIFEST, SELECTION, SWEEPS, differing, metadata
 from cogprobe.progress import bar
 from cogprobe.select import (Selection, budget_decider, curves_decider, select_budget, select_curves,
                              select_fixed, sweep_candidates)

@@ -21,16 +21,14 @@ import pandas as pd
 import torch
 
 from cogprobe import io, resume
-from cogprobe.checkpoints import CHECKPOINTS, MANIFEST, META, check, own_steps, step_dir
+from cogprobe.checkpoints import CHECKPOINTS, META, check, own_steps, step_dir
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import to_string
-from cogprobe.layout import TRAIN_CONFIG
+from cogprobe.layout import COST, MANIFEST, TRAIN_CONFIG, TRAIN_LOG
 from cogprobe.layout import claim as claim_folder
 from cogprobe.trainconfig import EXECUTION_ONLY
 
-LOG = "train_log.parquet"
-COST = "cost.json"
-OWN = (MANIFEST, LOG, COST, CHECKPOINTS, "tracking")
+OWN = (MANIFEST, TRAIN_LOG, COST, CHECKPOINTS, "tracking")
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy", "pandas")
 
 
@@ -104,7 +102,7 @@ def _resume_from(out: Path, main: bool) -> int:
         path = step_dir(out, start)
         check(path, io.read_json(path / META))
         io.read_json(path / resume.STATE)
-    log = out / LOG
+    log = out / TRAIN_LOG
     table = io.read_parquet(log) if start or log.is_file() else None  # a run with checkpoints has its log
     if main:
         for leftover in (out / CHECKPOINTS).glob(".tmp-*"):
@@ -145,7 +143,7 @@ def write_cost(out: Path, n_trainable: int, optimizer, peak_memory: int, memory_
     state = resume.torch_optimizer(optimizer).state
     opt_bytes = sum(t.numel() * t.element_size() for s in state.values() for t in s.values()
                     if torch.is_tensor(t))
-    log = io.read_parquet(out / LOG) if (out / LOG).is_file() else pd.DataFrame(columns=["seconds", "tokens"])
+    log = io.read_parquet(out / TRAIN_LOG) if (out / TRAIN_LOG).is_file() else pd.DataFrame(columns=["seconds", "tokens"])
     previous = io.read_json(out / COST) if (out / COST).is_file() else {}
     seconds = float(log["seconds"].sum())
     cost = dict(

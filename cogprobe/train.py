@@ -39,14 +39,15 @@ import torch
 
 from cogprobe import health, io, resume, tracking
 from cogprobe.blocks import find_blocks
-from cogprobe.checkpoints import ADAPTER, MANIFEST, META, TENSORS, own_steps, step_dir, write_checkpoint
+from cogprobe.checkpoints import ADAPTER, META, TENSORS, own_steps, step_dir, write_checkpoint
 from cogprobe.corpora import load_corpus, split_corpus, split_overlap
 from cogprobe.data import KINDS, PackedStream, check_isolation, tokenize
 from cogprobe.distributed import on_cpu
 from cogprobe.errors import CogprobeError
+from cogprobe.layout import MANIFEST, TRAIN_LOG
 from cogprobe.models import load_model, model_fingerprint, model_source
 from cogprobe.params import load_tensors, n_trainable, trainable, trainable_tensors
-from cogprobe.runfolder import LOG, claim, lock, manifest, write_cost
+from cogprobe.runfolder import claim, lock, manifest, write_cost
 from cogprobe.strategies import LORA, LoraSpec, apply
 from cogprobe.trainconfig import TrainConfig, lr_factor
 
@@ -401,7 +402,7 @@ class _Loop:
         progress = self.progress
         if not self.acc.is_main_process or not progress.rows:
             return
-        io.append_parquet(self.run.out / LOG, pd.DataFrame(progress.rows))
+        io.append_parquet(self.run.out / TRAIN_LOG, pd.DataFrame(progress.rows))
         progress.rows.clear()
         progress.flushed_at = time.perf_counter()
         write_cost(self.run.out, self.run.n_trainable, self.run.optimizer, progress.peak_memory,
@@ -412,6 +413,6 @@ def _monitor(run: _Run) -> health.Monitor:
     """A divergence monitor; a resumed run's continues from its log (first loss) and manifest (warned)."""
     if run.start == 0:
         return health.Monitor()
-    first = io.read_parquet(run.out / LOG).query("step == 1")["loss"]
+    first = io.read_parquet(run.out / TRAIN_LOG).query("step == 1")["loss"]
     warned = any(e["kind"] == "divergence" for e in health.events(io.read_json(run.out / MANIFEST)))
     return health.Monitor(float(first.iloc[0]) if len(first) else None, warned)

@@ -22,9 +22,9 @@ from typing import Callable
 
 from cogprobe import io
 from cogprobe.artifacts import damaged
-from cogprobe.checkpoints import CHECKPOINTS, MANIFEST, META, problems, step_dir, step_folders
+from cogprobe.checkpoints import CHECKPOINTS, META, problems, step_dir, step_folders
 from cogprobe.errors import CogprobeError
-from cogprobe.layout import (ACTIVATIONS, BASELINE, COMPARE, COST, RUNS, STUDY, SWEEPS, TRAIN_LOG, arm,
+from cogprobe.layout import (ACTIVATIONS, BASELINE, COMPARE, COST, MANIFEST, RUNS, STUDY, SWEEPS, TRAIN_LOG, arm,
                              metadata)
 from cogprobe.trainconfig import EXECUTION_ONLY
 
