@@ -115,6 +115,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     common.parse_args(__doc__.splitlines()[0])
+    info = common.machine_info()   # at the start: the commit measured and the load it started under
     config = study_config()
     run = probe_run(config)
     work = common.cache_dir() / "probe-path"
@@ -126,7 +127,7 @@ def main() -> None:
                    same_set=row["blocks"] == before["blocks"] and row["min_share"] == before["min_share"],
                    identical_sweep_rows=same)
     rows = [{c: row[c] for c in COLUMNS} for row in rows]
-    common.write_csv("probe_path", rows)
+    common.write_csv("probe_path", rows, info)
     print(common.show("probe path: sweeps + budget selection", rows, COLUMNS))
 
 
