@@ -383,21 +383,19 @@ def _raw_writer(raw_dir, raw_layers, layers, sites, positions, budget) -> RawWri
 
 def write_activations(df: pd.DataFrame, run_dir: str | Path) -> Path:
     """Write the capture table to `run_dir/activations.parquet` atomically."""
-    missing = set(COLUMNS) - set(df.columns)
-    if missing:
-        raise CogprobeError(f"not a capture table: columns {sorted(missing)} are missing")
-    path = Path(run_dir) / ACTIVATIONS
-    write_parquet(path, df[COLUMNS])
-    return path
+    return _write_table(df, Path(run_dir) / ACTIVATIONS, COLUMNS, "a capture table")
 
 
 def write_alignment(df: pd.DataFrame, run_dir: str | Path) -> Path:
     """Write the alignment table to `run_dir/alignment.parquet` atomically."""
-    missing = set(ALIGNMENT_COLUMNS) - set(df.columns)
+    return _write_table(df, Path(run_dir) / ALIGNMENT, ALIGNMENT_COLUMNS, "an alignment table")
+
+
+def _write_table(df: pd.DataFrame, path: Path, columns: list[str], what: str) -> Path:
+    missing = set(columns) - set(df.columns)
     if missing:
-        raise CogprobeError(f"not an alignment table: columns {sorted(missing)} are missing")
-    path = Path(run_dir) / ALIGNMENT
-    write_parquet(path, df[ALIGNMENT_COLUMNS])
+        raise CogprobeError(f"not {what}: columns {sorted(missing)} are missing")
+    write_parquet(path, df[columns])
     return path
 
 
