@@ -261,7 +261,7 @@ def _capture_flags(p):
                    help="leave out the cross-lingual alignment (alignment.parquet)")
 
 
-@command("capture", "per-layer drift, CKA, norms, logit lens and cross-lingual alignment of every checkpoint")
+@command("capture", "per-block drift, CKA, norms, logit lens and cross-lingual alignment of every checkpoint")
 def _capture(a):
     from cogprobe.probe import capture_run
     with _one_writer(a):
