@@ -9,7 +9,7 @@ import pandas as pd
 
 from cogprobe import io
 from cogprobe.errors import CogprobeError
-from cogprobe.plots import save
+from cogprobe.plot_style import save
 
 FIGURES = Path(os.environ.get("COGPROBE_FIGURES", Path(__file__).resolve().parent.parent / "figures"))
 

@@ -90,7 +90,7 @@ def main() -> None:
     cfg, n_layers = manifest["config"], manifest["base"]["n_layers"]
     probe = Checkpoints.open(PROBE)
     evalset = EvalSet.for_run(PROBE, split="test", n=ARGS.pairs, max_sentence_tokens=32)
-    examples = evalset.examples(probe.base()[1], (*TASKS, *CONTROLS))  # once
+    examples = evalset.examples(probe.reference()[1], (*TASKS, *CONTROLS))  # once
     missing = [r for r in RULES if not (PROBE / f"selection-{r}.json").is_file()]
     if "budget" in missing:
         sys.exit(f"{PROBE / 'selection-budget.json'} is missing; run analyses/before_tuning.sh first")

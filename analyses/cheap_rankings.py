@@ -155,8 +155,8 @@ def curve_rows(language, exact, taylor) -> list[dict]:
             rows.append(dict(language=language, checkpoint_step=int(step), task=task, direction=direction,
                              mean_abs_error=err.estimate, low=err.low, high=err.high,
                              max_abs_error=float(pts["error"].abs().max()),
-                             exact_share_at_L=float(pts[pts.k == pts.k.max()]["gain_retained_exact"].iloc[0]),
-                             taylor_share_at_L=float(pts[pts.k == pts.k.max()]["gain_retained_taylor"].iloc[0])))
+                             exact_share_at_L=float(pts[pts.k == pts.k.max()]["share_exact"].iloc[0]),
+                             taylor_share_at_L=float(pts[pts.k == pts.k.max()]["share_taylor"].iloc[0])))
     return rows
 
 
@@ -184,8 +184,8 @@ def figure(agree: pd.DataFrame, curves: dict[str, tuple[pd.DataFrame, pd.DataFra
         ax = axes[1, j]
         for (task, direction), color in zip(agreement.TASK_DIRECTIONS, ["C0", "C1", "C2", "C3"]):
             p = pts[(pts.task == task) & (pts.direction == direction)].sort_values("k")
-            ax.plot(p.k, 1 - p.gain_retained_exact, color=color, label=f"{task}, {direction}: exact")
-            ax.plot(p.k, 1 - p.gain_retained_taylor, color=color, ls="--", label="taylor")
+            ax.plot(p.k, 1 - p.share_exact, color=color, label=f"{task}, {direction}: exact")
+            ax.plot(p.k, 1 - p.share_taylor, color=color, ls="--", label="taylor")
         ax.set_xlabel("k blocks reverted from the end")
         ax.set_ylabel("share of the gain removed")
         ax.set_title(f"{language}, step {step}: exact (solid) and taylor (dashed) curves")

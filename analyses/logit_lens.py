@@ -1,4 +1,4 @@
-"""Figure: logit-lens NLL of each block's output, per checkpoint (layer x checkpoint)."""
+"""Figure: logit-lens NLL of each block's output, per checkpoint (block x checkpoint)."""
 from _common import publish, study_dir, table
 
 from cogprobe.plots import logit_lens_heatmap

@@ -1,9 +1,9 @@
-"""Figure: gain retained after reverting k blocks from each end, per checkpoint (layer x checkpoint)."""
+"""Figure: the share of the gain kept after reverting k blocks from each end, per checkpoint (k x checkpoint)."""
 from _common import publish, study_dir, table
 
-from cogprobe.plots import specialization_heatmaps
+from cogprobe.sweep_plots import specialization_heatmaps
 
 study = study_dir()
 sweeps = table(study, "sweeps.parquet")
 revert = sweeps[(sweeps["mode"] == "revert") & ~sweeps["ends"]]
-publish(specialization_heatmaps(revert, value="gain_retained"), revert, "specialization_heatmaps")
+publish(specialization_heatmaps(revert, value="share"), revert, "specialization_heatmaps")

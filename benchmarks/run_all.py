@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import capture_bench  # noqa: E402
+import probe_path  # noqa: E402
 import sweep_bench  # noqa: E402
 import tuning_bench  # noqa: E402
 
@@ -26,6 +27,7 @@ BENCHMARKS = {  # name -> (module, csv)
     "capture": (capture_bench, "capture"),
     "sweeps": (sweep_bench, "sweeps"),
     "tuning": (tuning_bench, "tuning"),
+    "probe": (probe_path, "probe_path"),
 }
 
 
@@ -64,7 +66,7 @@ def report(names: list[str], seconds: dict[str, float]) -> str:
 
 def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
-        "--only", default=",".join(BENCHMARKS), help="comma-separated subset of capture,sweeps,tuning"))
+        "--only", default=",".join(BENCHMARKS), help="comma-separated subset of capture,sweeps,tuning,probe"))
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown or not names:

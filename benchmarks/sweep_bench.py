@@ -70,7 +70,7 @@ def training_run() -> Path:
 def changes(ckpts, step: int) -> tuple[set[int], bool]:
     """(blocks the checkpoint changed, whether it changed the input embeddings)."""
     from cogprobe.blocks import find_blocks
-    blocks = find_blocks(ckpts.base()[0])
+    blocks = find_blocks(ckpts.reference()[0])
     names = ckpts.changed_tensors(step)
     changed = {i for n in names if (i := blocks.block_of(n)) is not None}
     return changed, any(n in names for n in blocks.input_end_names())
@@ -125,7 +125,7 @@ def run_scenario(name: str, ckpts, steps: list[int], examples: dict, source: str
     from cogprobe.blocks import find_blocks
     from cogprobe.sweep import sweep
     s = sizes()
-    n_layers = find_blocks(ckpts.base()[0]).n
+    n_layers = find_blocks(ckpts.reference()[0]).n
     tables, walls = {}, {}
     for engine in ("fast", "naive"):
         print(f"sweeps: {name}, {engine} engine ...", flush=True)
@@ -180,7 +180,7 @@ def main() -> None:
     run = training_run()
     print(f"sweeps: checkpoints ready in {time.perf_counter() - start:.0f}s: {run}", flush=True)
     ckpts = Checkpoints.open(run)
-    base, tok = ckpts.base()  # read once, outside the timings
+    base, tok = ckpts.reference()  # read once, outside the timings
     trained = [st for st in ckpts.steps if st != ckpts.reference_step]
     t = s["train"]
     source = (f"cogprobe.train full fine-tuning, {t['steps']} steps of {t['batch_size']}x{t['seq_len']} "

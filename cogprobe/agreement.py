@@ -119,9 +119,9 @@ def point_errors(sweeps: pd.DataFrame, taylor: pd.DataFrame, step: int) -> pd.Da
     """Every curve point of `step`: exact and estimated gain retained, and their difference."""
     exact, est = curve_rows(sweeps, step), curve_rows(taylor, step)
     keys = ["checkpoint_step", "task", "direction", "k"]
-    both = exact[keys + ["gain_retained", "nll"]].merge(est[keys + ["gain_retained", "nll"]], on=keys,
+    both = exact[keys + ["share", "nll"]].merge(est[keys + ["share", "nll"]], on=keys,
                                                        suffixes=("_exact", "_taylor"))
-    both["error"] = both["gain_retained_taylor"] - both["gain_retained_exact"]
+    both["error"] = both["share_taylor"] - both["share_exact"]
     return both
 
 

@@ -32,6 +32,11 @@ class Kind:
     needs_rows: bool = False     # a table that is never written empty
 
 
+# columns renamed since tables were first written (old name -> new): every table read through
+# `io.read_parquet` / `read_csv` gets the new names, so folders written before still read
+RENAMED = {"gain_retained": "share", "gain_retained_low": "share_low", "gain_retained_high": "share_high",
+           "layer": "block"}
+
 KINDS: list[tuple[str, Kind]] = [
     (r"step-\d+/meta\.json", Kind("a checkpoint's record", CHECKPOINT, ("step", "kind", "base_fingerprint"))),
     (r"step-\d+/(trainable|adapter_model)\.safetensors", Kind("checkpoint tensors", CHECKPOINT)),
@@ -45,12 +50,16 @@ KINDS: list[tuple[str, Kind]] = [
     (r"cost\.json", Kind("the run's cost record", RETRAIN, ("trainable_params", "peak_memory_bytes"))),
     (r"\.?sweeps\.parquet(\.part-\d+-of-\d+)?", Kind("the sweep table", SWEEP,
                                                      ("checkpoint_step", "task", "direction", "mode", "k", "ends",
-                                                      "nll", "gain_retained"))),
+                                                      "nll", "share"))),
     (r"sweeps\.parquet\.json", Kind("the sweep table's metadata", SWEEP, TABLE_META)),
     (r"\.?activations\.parquet(\.part-\d+-of-\d+)?", Kind("the capture table", CAPTURE,
-                                                          ("checkpoint_step", "layer", "site", "stat", "task",
+                                                          ("checkpoint_step", "block", "site", "stat", "task",
                                                            "value"))),
     (r"activations\.parquet\.json", Kind("the capture table's metadata", CAPTURE, TABLE_META)),
+    (r"\.?alignment\.parquet(\.part-\d+-of-\d+)?", Kind("the alignment table", CAPTURE,
+                                                        ("checkpoint_step", "block", "measure", "direction",
+                                                         "value", "low", "high", "example_scores"))),
+    (r"alignment\.parquet\.json", Kind("the alignment table's metadata", CAPTURE, TABLE_META)),
     (r"selection[^/]*\.json", Kind("a layer selection", "it is derived: rewrite it with `cogprobe select RUN`",
                                    ("rule",))),
     (r"study\.json", Kind("the study's config", "rerun `cogprobe run` with the same options and --overwrite",

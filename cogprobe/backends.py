@@ -92,7 +92,7 @@ def _device(model: nn.Module) -> torch.device:
 def _site_modules(blocks: Blocks, layers: Sequence[int], sites: Sequence[str]) -> dict:
     mods = {}
     for i in layers:
-        block = blocks.layers[i]
+        block = blocks.modules[i]
         for site in sites:
             mods[(i, site)] = block if site == "resid" else block.get_submodule(site_child(block, site))
     return mods
@@ -110,7 +110,7 @@ def run_with_sites(model: nn.Module, batch: dict, layers: Sequence[int], sites: 
 
 
 def _hooked_run(blocks: Blocks, mods: dict, batch: dict) -> Acts:
-    last = blocks.layers[max(layer for layer, _ in mods)]
+    last = blocks.modules[max(layer for layer, _ in mods)]
     acts: Acts = {}
     handles = []
 
@@ -157,7 +157,7 @@ def _nnsight_backend(model, tokenizer, layers, sites) -> Iterator[Runner]:
     TransformersModel = _optional("nnsight.modeling.transformers", "nnsight").TransformersModel
     model = unwrap(model)
     blocks = find_blocks(model)
-    children = {s: site_child(blocks.layers[0], s) for s in sites if s != "resid"}
+    children = {s: site_child(blocks.modules[0], s) for s in sites if s != "resid"}
     order = [s for s in ("attn", "mlp", "resid") if s in sites]  # execution order inside a block
     keys = [(i, s) for i in sorted(layers) for s in order]
     before = _instance_state(model)

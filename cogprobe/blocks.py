@@ -35,7 +35,7 @@ class Blocks:
 
     model: nn.Module        # the causal LM (peft wrappers unwrapped)
     decoder: nn.Module      # base model: embeddings -> blocks -> final norm
-    layers: nn.ModuleList   # the L decoder blocks, input end first
+    modules: nn.ModuleList  # the L blocks (HF decoder layers), input end first
     layers_path: str        # e.g. "model.layers" (parameter-name prefix of the blocks)
     embeddings: dict[str, nn.Module]   # token (and position) embeddings by qualified name
     final_norm_path: str | None
@@ -43,7 +43,7 @@ class Blocks:
 
     @property
     def n(self) -> int:
-        return len(self.layers)
+        return len(self.modules)
 
     @property
     def final_norm(self) -> nn.Module | None:
@@ -87,16 +87,6 @@ class Blocks:
         return self.logits(norm(resid) if norm is not None else resid)
 
 
-def check_causal(model: nn.Module) -> None:
-    """Fail unless changing a later token leaves earlier logits unchanged (a causal decoder)."""
-    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5]]) % model.config.get_text_config().vocab_size
-    with torch.no_grad():
-        logits = unwrap(model)(input_ids=ids.to(model.device), use_cache=False).logits
-    if not torch.allclose(logits[0, :3], logits[1, :3], atol=1e-4):
-        raise CogprobeError(f"{type(unwrap(model)).__name__} is not causal (earlier outputs depend on later tokens); "
-                            "cogprobe needs a decoder-only causal LM")
-
-
 def _n_layers(config) -> int:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     n = getattr(text, "num_hidden_layers", None)
@@ -128,7 +118,7 @@ def find_blocks(model: nn.Module) -> Blocks:
         raise CogprobeError(f"{name} has no LM head (get_output_embeddings() is None); it is not a causal LM")
     paths = {id(m): p for p, m in model.named_modules()}
     return Blocks(
-        model=model, decoder=decoder, layers=layers, layers_path=layers_path,
+        model=model, decoder=decoder, modules=layers, layers_path=layers_path,
         embeddings=_embeddings(model, decoder, decoder_path, paths),
         final_norm_path=_final_norm_path(decoder, decoder_path),
         head_path=paths[id(head)],
@@ -176,24 +166,14 @@ class SkipBlock(nn.Module):
 @contextlib.contextmanager
 def swapped(blocks: Blocks, replacements: Mapping[int, nn.Module]) -> Iterator[Blocks]:
     """Temporarily put other modules in place of some blocks (restored on exit)."""
-    originals = {i: blocks.layers[i] for i in replacements}
+    originals = {i: blocks.modules[i] for i in replacements}
     try:
         for i, module in replacements.items():
-            blocks.layers[i] = module
+            blocks.modules[i] = module
         yield blocks
     finally:
         for i, module in originals.items():
-            blocks.layers[i] = module
-
-
-def reverted(blocks: Blocks, reference: Blocks, indices: Iterable[int]):
-    """Blocks `indices` run with the reference model's weights (its own modules, no copy)."""
-    return swapped(blocks, {i: reference.layers[i] for i in indices})
-
-
-def skipped(blocks: Blocks, indices: Iterable[int]):
-    """Blocks `indices` become the identity (and cost nothing)."""
-    return swapped(blocks, {i: SkipBlock(blocks.layers[i]) for i in indices})
+            blocks.modules[i] = module
 
 
 def check_indices(indices: Iterable[int], n: int) -> list[int]:

@@ -21,6 +21,14 @@ included: identical inputs give exactly those values. Cost: on the embedded
 model the logit lens (a 49k-vocabulary head at every layer, scored positions
 only) takes about two thirds of the time; `logit_lens=False` skips it.
 
+Alignment (`capture_with_alignment`): on bare-sentence batches of the evaluation
+set's pairs (`alignment.sentence_batches`), each checkpoint's block outputs are
+mean-pooled per sentence and reduced to cross-lingual alignment measures (see
+`cogprobe.alignment`), in the same checkpoint pass and through the same backend
+runner as the rest; its rows form a second table, `alignment.parquet`. The
+sentences are read alone, so these are forward passes of their own (one per
+checkpoint, none of the reference's), logged with their time beside the rest's.
+
 Optionally, raw activations of chosen layers and positions go to safetensors
 shards `raw_dir/step-{step}/{task}/batch-{i:05d}.safetensors`, one per batch, each
 written atomically, holding `{site}.{layer}` [n, hidden] plus the `row`,
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -38,15 +47,17 @@ from typing import Callable, Iterator, Mapping, Sequence
 import pandas as pd
 import torch
 
+from cogprobe.alignment import ALIGNMENT, Pooler, Sentences, alignment_rows
+from cogprobe.alignment import COLUMNS as ALIGNMENT_COLUMNS
 from cogprobe.backends import SITES, Acts, check_sites, open_backend
 from cogprobe.blocks import check_indices, find_blocks
 from cogprobe.errors import CogprobeError
 from cogprobe.io import atomic_path, write_parquet
+from cogprobe.layout import ACTIVATIONS
 from cogprobe.tasks import nll_at_scored, scored_positions
 
 STATS = ("drift_cos", "cka", "norm", "logit_lens_nll")
-COLUMNS = ["checkpoint_step", "layer", "site", "stat", "task", "value"]
-ACTIVATIONS = "activations.parquet"
+COLUMNS = ["checkpoint_step", "block", "site", "stat", "task", "value"]
 
 
 # ------------------------------------------------------------------ streaming reducers
@@ -181,8 +192,8 @@ def _iter_checkpoints(checkpoints, tokenizer) -> Iterator[tuple[int, object, obj
         yield int(item[0]), item[1], item[2] if len(item) == 3 else tokenizer
 
 
-def _check_batches(batches_by_task: Mapping[str, Sequence[dict]]) -> dict[str, list[dict]]:
-    if not batches_by_task:
+def _check_batches(batches_by_task: Mapping[str, Sequence[dict]], alignment: bool = False) -> dict[str, list[dict]]:
+    if not batches_by_task and not alignment:
         raise CogprobeError("no tasks to capture; give batches_by_task={'perception': [...], ...}")
     out = {}
     for task, batches in batches_by_task.items():
@@ -225,6 +236,10 @@ class _Pass:
     run_ref: Callable[[dict], Acts]
     raw: RawWriter | None
     logit_lens: bool = True
+    sentences: Sentences | None = None
+    align_steps: set[int] | None = None   # None: every checkpoint
+    aligned: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=lambda: {"tasks": 0.0, "alignment": 0.0})
 
     @property
     def keys(self) -> list[tuple[int, str]]:
@@ -236,13 +251,25 @@ class _Pass:
             raise CogprobeError(f"checkpoint {step} has {blocks.n} blocks, the reference {n_ref}; "
                                 "all checkpoints must share the reference's architecture")
         if step == self.ref_step:  # compared with itself: one forward per batch
-            return [r for task, b in self.batches_by_task.items()
-                    for r in self.task(step, task, b, blocks, self.run_ref)]
+            return self.tasks(step, blocks, self.run_ref, None)
         own = (contextlib.nullcontext(self.run_ref) if model is self.ref_model  # one object: wrap it once
                else open_backend(self.backend, model, layers=self.layers, sites=self.sites, tokenizer=tok))
         with own as run:
-            return [r for task, b in self.batches_by_task.items()
-                    for r in self.task(step, task, b, blocks, run, self.run_ref)]
+            return self.tasks(step, blocks, run, self.run_ref)
+
+    def tasks(self, step, blocks, run, run_ref) -> list[dict]:
+        """Every task's rows, then (if asked) the alignment rows into `self.aligned`; both timed."""
+        start = time.perf_counter()
+        rows = [r for task, b in self.batches_by_task.items() for r in self.task(step, task, b, blocks, run, run_ref)]
+        self.seconds["tasks"] += time.perf_counter() - start
+        if self.sentences is not None and (self.align_steps is None or step in self.align_steps):
+            start = time.perf_counter()
+            pool = Pooler(self.layers)
+            for batch in self.sentences.batches:
+                pool.add(run(batch), batch)
+            self.aligned += alignment_rows(step, pool.vectors(), self.sentences.n_pairs)
+            self.seconds["alignment"] += time.perf_counter() - start
+        return rows
 
     def task(self, step, task, batches, blocks, run, run_ref=None) -> list[dict]:
         """Stream one task's batches through the checkpoint (and the reference), then reduce."""
@@ -263,9 +290,9 @@ class _Pass:
             if self.raw is not None:
                 self.raw.write(step, task, index, acts, batch)
             del acts, ref
-        rows = [dict(checkpoint_step=step, layer=layer, site=site, stat=stat, task=task, value=value)
+        rows = [dict(checkpoint_step=step, block=layer, site=site, stat=stat, task=task, value=value)
                 for (layer, site), sim in sims.items() for stat, value in sim.values().items()]
-        rows += [dict(checkpoint_step=step, layer=layer, site="resid", stat="logit_lens_nll", task=task,
+        rows += [dict(checkpoint_step=step, block=layer, site="resid", stat="logit_lens_nll", task=task,
                       value=s / n if n else float("nan")) for layer, (s, n) in lens.items()]
         return rows
 
@@ -284,8 +311,31 @@ def capture(checkpoints, batches_by_task: Mapping[str, Sequence[dict]], *, sites
     Raw activations are written only when `raw_dir` and `raw_layers` are given.
     `logit_lens=False` leaves out the `logit_lens_nll` rows (and most of the cost).
     """
+    return _capture(checkpoints, batches_by_task, None, sites=sites, layers=layers, backend=backend,
+                    tokenizer=tokenizer, raw_dir=raw_dir, raw_layers=raw_layers, raw_positions=raw_positions,
+                    raw_budget_bytes=raw_budget_bytes, logit_lens=logit_lens, log=log)[0]
+
+
+def capture_with_alignment(checkpoints, batches_by_task: Mapping[str, Sequence[dict]], sentences: Sentences, *,
+                           align_steps: Sequence[int] | None = None, **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`capture`'s table and the alignment table (`cogprobe.alignment.COLUMNS`), from one pass over the
+    checkpoints. `sentences`: from `alignment.sentence_batches`. `batches_by_task` may be empty: then
+    only the alignment is computed. `align_steps`: the checkpoints to align (default all). Needs site
+    `resid` (the default)."""
+    if not isinstance(sentences, Sentences):
+        raise CogprobeError("sentences must come from cogprobe.alignment.sentence_batches(tokenizer, pairs)")
+    acts, aligned, _ = _capture(checkpoints, batches_by_task, sentences, align_steps=align_steps, **kw)
+    return acts, aligned
+
+
+def _capture(checkpoints, batches_by_task, sentences, *, sites=("resid",), layers=None, backend="torch",
+             tokenizer=None, raw_dir=None, raw_layers=(), raw_positions="scored", raw_budget_bytes=1 << 30,
+             logit_lens=True, log=None, align_steps=None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Both tables and the seconds spent on the tasks and on the alignment."""
     sites = check_sites(sites)
-    batches_by_task = _check_batches(batches_by_task)
+    if sentences is not None and "resid" not in sites:
+        raise CogprobeError("alignment pools the residual stream: add 'resid' to the sites, or leave alignment out")
+    batches_by_task = _check_batches(batches_by_task, alignment=sentences is not None)
     items = _iter_checkpoints(checkpoints, tokenizer)
     try:
         ref_step, ref_model, ref_tok = next(items)
@@ -297,18 +347,23 @@ def capture(checkpoints, batches_by_task: Mapping[str, Sequence[dict]], *, sites
     rows: list[dict] = []
     seen: set[int] = set()
     with open_backend(backend, ref_model, layers=layers, sites=sites, tokenizer=ref_tok) as run_ref:
-        plan = _Pass(batches_by_task, backend, layers, sites, ref_step, ref_model, run_ref, raw, logit_lens)
+        plan = _Pass(batches_by_task, backend, layers, sites, ref_step, ref_model, run_ref, raw, logit_lens,
+                     sentences, None if align_steps is None else {int(s) for s in align_steps})
         for step, model, tok in _chain((ref_step, ref_model, ref_tok), items):
             if step in seen:
                 raise CogprobeError(f"checkpoint step {step} appears twice; give each step once")
             seen.add(step)
-            if log:
-                log(f"capture: step {step} ({backend} backend)")
+            before = dict(plan.seconds)
             rows += plan.checkpoint(step, model, tok)
+            if log:
+                spent = {k: v - before[k] for k, v in plan.seconds.items()}
+                log(f"capture: step {step} ({backend} backend): tasks {spent['tasks']:.1f} s"
+                    + (f", alignment {spent['alignment']:.1f} s" if spent["alignment"] else ""))
             if step != ref_step:  # only one checkpoint besides the reference is alive at a time
                 del model
                 gc.collect()
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return (pd.DataFrame(rows, columns=COLUMNS), pd.DataFrame(plan.aligned, columns=ALIGNMENT_COLUMNS),
+            dict(plan.seconds))
 
 
 def _chain(first, rest):
@@ -328,12 +383,21 @@ def _raw_writer(raw_dir, raw_layers, layers, sites, positions, budget) -> RawWri
 
 def write_activations(df: pd.DataFrame, run_dir: str | Path) -> Path:
     """Write the capture table to `run_dir/activations.parquet` atomically."""
-    missing = set(COLUMNS) - set(df.columns)
+    return _write_table(df, Path(run_dir) / ACTIVATIONS, COLUMNS, "a capture table")
+
+
+def write_alignment(df: pd.DataFrame, run_dir: str | Path) -> Path:
+    """Write the alignment table to `run_dir/alignment.parquet` atomically."""
+    return _write_table(df, Path(run_dir) / ALIGNMENT, ALIGNMENT_COLUMNS, "an alignment table")
+
+
+def _write_table(df: pd.DataFrame, path: Path, columns: list[str], what: str) -> Path:
+    missing = set(columns) - set(df.columns)
     if missing:
-        raise CogprobeError(f"not a capture table: columns {sorted(missing)} are missing")
-    path = Path(run_dir) / ACTIVATIONS
-    write_parquet(path, df[COLUMNS])
+        raise CogprobeError(f"not {what}: columns {sorted(missing)} are missing")
+    write_parquet(path, df[columns])
     return path
 
 
-__all__ = ["SITES", "STATS", "COLUMNS", "Similarity", "RawWriter", "capture", "write_activations"]
+__all__ = ["SITES", "STATS", "COLUMNS", "Similarity", "RawWriter", "capture", "capture_with_alignment",
+           "write_activations", "write_alignment"]

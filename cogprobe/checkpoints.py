@@ -10,7 +10,7 @@ temporary folder and renamed (so a folder under its final name is complete):
   - `meta.json`: step, train loss, tokens seen, base fingerprint, and the SHA-256
     of every other file in the folder (written last, in the same atomic step,
     so no crash leaves a checkpoint without its checksums);
-  - `resume/` (latest checkpoint only): optimizer state, see `train`.
+  - `resume/` (latest checkpoint only): optimizer state, see `resume`.
 
 Reading a run checks every checkpoint first (`problems`): a missing, truncated or
 changed file fails in one line before any work starts, so no table gets rows
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -34,19 +33,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cogprobe import hub, io
+from cogprobe import hub, io, resume
 from cogprobe.artifacts import damaged
 from cogprobe.errors import CogprobeError
-from cogprobe.models import EMBEDDED, has_tokenizer, load_model, model_fingerprint, model_source
-from cogprobe.strategies import aliases, load_tensors
+from cogprobe.layout import MANIFEST
+from cogprobe.models import EMBEDDED, embedded_dir, has_tokenizer, load_model, model_fingerprint, model_source
+from cogprobe.params import aliases, load_tensors
 
 CHECKPOINTS = "checkpoints"
-MANIFEST = "manifest.json"
 META = "meta.json"
 TENSORS = "trainable.safetensors"
 ADAPTER = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-RESUME = "resume"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 HF_DIR = re.compile(r"^checkpoint-(\d+)$")
 
@@ -57,55 +55,30 @@ def step_dir(run: Path, step: int) -> Path:
 
 def write_checkpoint(run: Path, step: int, model, kind: str, meta: dict,
                      tensors: dict[str, torch.Tensor] | None = None,
-                     resume: tuple[dict[str, torch.Tensor], dict] | None = None,
+                     resume_state: resume.State | None = None,
                      state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `step-N/` atomically: kind "base" (meta only), "tensors" or "lora" (peft folder; from
-    `state_dict` when given, as gathered under FSDP)."""
+    `state_dict` when given, as gathered under FSDP); with `resume_state`, its `resume/` too."""
     with io.atomic_dir(step_dir(run, step)) as tmp:
         if kind == "tensors":
             save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt"})
         elif kind == "lora":
             model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
             (tmp / "README.md").unlink(missing_ok=True)  # peft's model-card stub
-        if resume is not None:
-            (tmp / RESUME).mkdir()
-            save_file(resume[0], str(tmp / RESUME / "optimizer.safetensors"))
-            io.write_json(tmp / RESUME / "state.json", resume[1])
+        if resume_state is not None:
+            resume.write(tmp, resume_state)
         sha = {p.relative_to(tmp).as_posix(): io.file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         io.write_json(tmp / META, dict(meta, kind=kind, sha256=sha))
     return step_dir(run, step)
-
-
-def drop_resume_state(run: Path, keep: int | None) -> None:
-    """Remove `resume/` from every checkpoint but `keep` (renamed first, then deleted)."""
-    for step, path in own_steps(Path(run)):
-        if step != keep and (path / RESUME).exists():
-            gone = path / ".old-resume"
-            shutil.rmtree(gone, ignore_errors=True)
-            (path / RESUME).rename(gone)
-            shutil.rmtree(gone, ignore_errors=True)
-
-
-def has_resume_state(path: Path) -> bool:
-    return (path / RESUME / "state.json").is_file() and (path / RESUME / "optimizer.safetensors").is_file()
-
-
-def read_resume_state(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """The optimizer tensors and state of checkpoint folder `path`, if it has them."""
-    if not has_resume_state(path):
-        return None
-    sha = io.read_json(path / META).get("sha256") or {}
-    name = f"{RESUME}/optimizer.safetensors"
-    return io.read_tensors(path / name, sha.get(name)), io.read_json(path / RESUME / "state.json")
 
 
 def expected_files(kind: str, recorded: dict, path: Path) -> list[str]:
     """The files a complete checkpoint of `kind` holds: its weights, and whatever meta.json recorded
     (the resume state only while it is there: it is dropped from older checkpoints on purpose)."""
     names = {"tensors": {TENSORS}, "lora": {ADAPTER, ADAPTER_CONFIG}}.get(kind, set()) | set(recorded)
-    if (path / RESUME).is_dir():
-        return sorted(names | {f"{RESUME}/optimizer.safetensors", f"{RESUME}/state.json"})
-    return sorted(n for n in names if not n.startswith(RESUME + "/"))
+    if resume.present(path):
+        return sorted(names | set(resume.FILES))
+    return sorted(n for n in names if not n.startswith(resume.DIR + "/"))
 
 
 def problems(path: Path, meta: dict) -> list[tuple[Path, str]]:
@@ -287,8 +260,9 @@ class Checkpoints:
         return self.entries[step]
 
     # ---- loading
-    def base(self):
-        """The base (reference) model and tokenizer, read once; do not modify them."""
+    def reference(self):
+        """The reference model (the base every checkpoint is compared against: step 0 of a cogprobe
+        run, or --base) and its tokenizer, read once; do not modify them."""
         if self._base is None:
             own = not self.tokenizer or has_tokenizer(_resolved(self.base_spec))
             model, tok = load_model(self.base_spec, tokenizer=None if own else self.tokenizer)
@@ -311,7 +285,7 @@ class Checkpoints:
         if entry.kind == "model":
             model, tok = load_model(entry.path, tokenizer=self._tokenizer_for(entry.path))
             return model.to(self.device), tok
-        base, tok = self.base()
+        base, tok = self.reference()
         model = copy.deepcopy(base)
         if entry.kind == "tensors":
             load_tensors(model, io.read_tensors(entry.path / TENSORS), str(entry.path))
@@ -329,7 +303,7 @@ class Checkpoints:
         if _resolved(self.base_spec) == Path(folder):
             raise CogprobeError(f"{folder} has no tokenizer files and no base model was given; pass --base "
                                 "(base=) the model the checkpoints were trained from")
-        base, tok = self.base()
+        base, tok = self.reference()
         config = io.read_json(Path(folder) / "config.json")
         rows = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
         base_rows = base.get_input_embeddings().num_embeddings
@@ -348,7 +322,7 @@ class Checkpoints:
     def _compute_changed(self, entry: Entry) -> set[str]:
         if entry.kind == "base":
             return set()
-        base = self.base()[0]
+        base = self.reference()[0]
         names = aliases(base)
         if entry.kind in ("lora", "adapter"):
             return {a for n in _adapted_names(entry.path) if n in names for a in names[n]}
@@ -362,7 +336,6 @@ class Checkpoints:
 
 
 def _resolved(spec) -> Path:
-    from cogprobe.models import embedded_dir
     if hub.is_hub_id(spec):
         return hub.resolve(str(spec))
     return embedded_dir() if str(spec) == EMBEDDED else Path(spec)

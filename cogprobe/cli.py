@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import os
-import re
 import signal
 import sys
 import threading
@@ -42,22 +40,19 @@ def _corpus_kwargs(a) -> dict:
     return dict(pivot_col=a.pivot_col, target_col=a.target_col)
 
 
-def _field_help(cls) -> dict[str, str]:
-    """Each dataclass field's trailing comment: the one place a config knob is documented."""
-    src = inspect.getsource(cls)
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^ {4}(\w+):[^#\n]*#\s*(.*)$", src, re.M)}
+def dataclass_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), *, unset: bool = False) -> None:
+    """One --flag per field of a config dataclass, typed from its annotation, help from its metadata.
 
-
-def dataclass_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per field of a config dataclass, typed from its annotation, help from its comment."""
-    helps = _field_help(cls)
+    `unset`: no flag is required and a flag not given is absent from the namespace, so the values
+    can come from a config file with the given flags on top (`train --config`)."""
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
             continue
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required or f.default is dataclasses.MISSING else f.default
         kind = str(f.type).replace(" | None", "")
-        kw = dict(default=default, required=required, help=helps.get(f.name, "").replace("%", "%%"))
+        kw = dict(default=argparse.SUPPRESS if unset else default, required=required and not unset,
+                  help=f.metadata.get("help", "").replace("%", "%%"))
         if kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
         else:
@@ -88,7 +83,7 @@ def _prepare_flags(p):
 @command("prepare", "download and convert the embedded model (SmolLM2-135M-Instruct) once")
 def _prepare(a):
     from cogprobe.models import prepare
-    print(prepare(a.home))
+    _say(prepare(a.home))
 
 
 _prepare.flags = _prepare_flags
@@ -106,7 +101,7 @@ def _evalset_flags(p, split: str, pairs: int) -> None:
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the sample")
     p.add_argument("--max-sentence-tokens", type=int, default=32,
                    help="pairs with a longer side are left out (never cut)")
-    p.add_argument("--split-seed", "--seed", dest="split_seed", type=int,
+    p.add_argument("--split-seed", dest="split_seed", type=int,
                    help="seed of the train/dev/test split (default: the run's, else 0)")
     p.add_argument("--by-document", action="store_true", default=None,
                    help="split keeping each document inside one split")
@@ -150,14 +145,29 @@ _eval.flags = _eval_flags
 
 def _train_flags(p):
     from cogprobe.trainconfig import TrainConfig
-    dataclass_flags(p, TrainConfig)
+    p.add_argument("--config", type=Path, help="a TrainConfig as JSON (what `cogprobe run` hands each row's "
+                                              "training); flags given as well override its values")
+    dataclass_flags(p, TrainConfig, unset=True)
 
 
 @command("train", "fine-tune with a strategy (full, layers, lora, lora-layers), saving checkpoints")
 def _train(a):
     from cogprobe.train import train
+    _say(train(train_config(a)))
+
+
+def train_config(a):
+    """The TrainConfig of `cogprobe train`: --config's values, then the flags given."""
+    from cogprobe import io
     from cogprobe.trainconfig import TrainConfig
-    _say(train(dataclass_from_args(TrainConfig, a)))
+    values = io.read_json(a.config) if a.config else {}
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.init]
+    values.update({f.name: getattr(a, f.name) for f in fields if hasattr(a, f.name)})
+    missing = [f.name for f in fields if f.name not in values and f.default is dataclasses.MISSING]
+    if missing:
+        flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+        raise CogprobeError(f"train needs {flags}: give them as flags or in a --config JSON file")
+    return TrainConfig.from_dict(values)
 
 
 _train.flags = _train_flags
@@ -188,6 +198,7 @@ def _probe_flags(p):
     p.add_argument("--target-col")
     _evalset_flags(p, split="dev", pairs=32)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _one_writer(a):
@@ -236,7 +247,7 @@ def _sweep(a):
     with _one_writer(a):
         table = sweep_run(_source(a), mode=a.mode, directions=_words(a.directions), tasks=_words(a.tasks), ks=_ints(a.ks),
                           ends=a.ends, engine=a.engine, batch_size=a.batch_size, evalset=_evalset(a), out=a.out,
-                          base=a.base, overwrite=a.overwrite)
+                          base=a.base, overwrite=a.overwrite, progress=not a.quiet)
     _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'sweeps.parquet'}")
 
 
@@ -248,15 +259,19 @@ def _capture_flags(p):
     p.add_argument("--sites", default="resid", help="comma list of resid, attn, mlp")
     p.add_argument("--backend", default="torch", choices=["torch", "nnsight", "transformerlens"])
     p.add_argument("--overwrite", action="store_true", help="start the table again")
+    p.add_argument("--no-alignment", dest="alignment", action="store_false",
+                   help="leave out the cross-lingual alignment (alignment.parquet)")
 
 
-@command("capture", "per-layer drift, CKA, norms and logit lens of every checkpoint")
+@command("capture", "per-block drift, CKA, norms, logit lens and cross-lingual alignment of every checkpoint")
 def _capture(a):
     from cogprobe.probe import capture_run
     with _one_writer(a):
         table = capture_run(_source(a), sites=_words(a.sites), backend=a.backend, batch_size=a.batch_size,
-                            evalset=_evalset(a), out=a.out, base=a.base, overwrite=a.overwrite)
-    _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'activations.parquet'}")
+                            evalset=_evalset(a), out=a.out, base=a.base, overwrite=a.overwrite,
+                            alignment=a.alignment, progress=not a.quiet)
+    _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'activations.parquet'}"
+         + (" (and alignment.parquet beside it)" if a.alignment else ""))
 
 
 _capture.flags = _capture_flags
@@ -276,6 +291,9 @@ def _select_flags(p):
                    help="rule curves: an end's k blocks must remove tau of the gain when reverted (remove), "
                         "or keep it alone when every other block is reverted (keep)")
     p.add_argument("--max-total", type=int, help="rule budget: largest k_in + k_out to try")
+    p.add_argument("--search", default="frontier", choices=["frontier", "exhaustive"],
+                   help="rule budget: walk the pass/fail frontier (assumes a superset of a passing set passes; "
+                        "checked, with a fallback) or score every candidate of each size")
     p.add_argument("--by-tau", action="store_true",
                    help="rule taylor: the fewest top blocks whose estimated shares reach --tau (default: CogSym's size)")
     p.add_argument("--name", default="selection.json",
@@ -289,7 +307,7 @@ def _select(a):
         sel = select_run(_source(a), rule=a.rule, tau=a.tau, fraction=a.fraction, step=a.step, input_task=a.input_task,
                          output_task=a.output_task, max_total=a.max_total, criterion=a.criterion,
                          batch_size=a.batch_size, evalset=_evalset(a), out=a.out, base=a.base, name=a.name,
-                         by_tau=a.by_tau)
+                         search=a.search, progress=not a.quiet, by_tau=a.by_tau)
     path = (a.out or Path(a.run)) / a.name
     _say(sel.table())
     if sel.stability:
@@ -326,7 +344,7 @@ def _plot_flags(p):
 def _plot(a):
     from cogprobe.plots import plot_run
     for path in plot_run(a.run):
-        print(path)
+        _say(path)
 
 
 _plot.flags = _plot_flags
@@ -388,7 +406,7 @@ def _run(a):
     from cogprobe.studyconfig import StudyConfig, build_config
     overrides = {f.name: getattr(a, f.name) for f in dataclasses.fields(StudyConfig) if f.name != "out"}
     config = build_config(a.out, preset_name=a.preset, config_file=a.config, **overrides)
-    print(run(config) / "report.md")
+    _say(run(config) / "report.md")
 
 
 _run.flags = _run_flags

@@ -23,9 +23,11 @@ from torch import nn
 
 from cogprobe import io
 from cogprobe.blocks import find_blocks
+from cogprobe.checkpoints import Checkpoints
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import resolve, to_string
-from cogprobe.strategies import LoraSpec, apply, lora_kwargs, trainable
+from cogprobe.params import trainable
+from cogprobe.strategies import LoraSpec, apply, lora_kwargs
 
 FORMATS = ("peft", "axolotl", "llamafactory", "trainer")
 
@@ -133,7 +135,6 @@ def _yaml(obj: dict) -> str:
 def export_merged(run, step: int, out, *, base=None) -> Path:
     """Checkpoint `step` of `run` (any strategy; LoRA merged) as an HF model folder: safetensors,
     config and tokenizer, written atomically, loadable by `AutoModelForCausalLM.from_pretrained`."""
-    from cogprobe.checkpoints import Checkpoints
     model, tok = Checkpoints.open(run, base=base).load(step)
     with io.atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

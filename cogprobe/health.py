@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 from cogprobe import io
-from cogprobe.checkpoints import MANIFEST
+from cogprobe.layout import MANIFEST
 from cogprobe.errors import CogprobeError
 
 FACTOR = 2.0   # a loss twice the first one: far above any noise of a healthy run's early steps

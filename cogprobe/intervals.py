@@ -127,19 +127,19 @@ def pairs_to_resolve(interval: Interval, n_pairs: int, margin: float = 0.0) -> i
 
 
 def sweep_intervals(sweeps: pd.DataFrame, **kw) -> pd.DataFrame:
-    """`gain_retained_low` / `_high` on every sweep row that has per-example scores (NaN elsewhere):
+    """`share_low` / `_high` on every sweep row that has per-example scores (NaN elsewhere):
     reference, checkpoint and ablated scores resampled together over the same examples."""
     sweeps = sweeps.copy()
-    sweeps["gain_retained_low"] = sweeps["gain_retained_high"] = float("nan")
+    sweeps["share_low"] = sweeps["share_high"] = float("nan")
     if "example_nll" not in sweeps.columns:
         return sweeps
     for i, row in sweeps.iterrows():
-        if row["example_nll"] is None or not np.isfinite(row["gain_retained"]):
+        if row["example_nll"] is None or not np.isfinite(row["share"]):
             continue
         tokens = np.asarray(row["example_tokens"], float)
         data = {"ref": (np.asarray(row["reference_example_nll"], float), tokens),
                 "ck": (np.asarray(row["checkpoint_example_nll"], float), tokens),
                 "k": (np.asarray(row["example_nll"], float), tokens)}
         got = paired(lambda m: (m["ref"] - m["k"]) / (m["ref"] - m["ck"]), data, **kw)
-        sweeps.loc[i, ["gain_retained_low", "gain_retained_high"]] = got.low, got.high
+        sweeps.loc[i, ["share_low", "share_high"]] = got.low, got.high
     return sweeps

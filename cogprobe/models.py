@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from cogprobe.blocks import find_blocks
 from cogprobe.errors import CogprobeError
 from cogprobe.io import atomic_dir, write_json
 
@@ -269,6 +270,17 @@ def _looks_like_bad_weights(e: Exception) -> bool:
     from safetensors import SafetensorError
     return isinstance(e, (SafetensorError, UnpicklingError, EOFError)) or (
         isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e))
+
+
+def block_count(spec: str | Path) -> int:
+    """L, the number of transformer blocks of a model spec, from its config.json (no weights read);
+    a .gguf file is loaded, since its config lives in the file's own metadata."""
+    path = _resolve(spec, prepare_if_missing=True)
+    if path.is_file():
+        return find_blocks(load_model(path)[0]).n
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    return int(config.get_text_config().num_hidden_layers)
 
 
 def load_model(spec: str | Path, *, dtype: torch.dtype = torch.float32,

@@ -27,23 +27,23 @@ import numpy as np
 import pandas as pd
 
 from cogprobe import io
+from cogprobe.alignment import MIN_PAIRS, sentence_batches
 from cogprobe.backends import check_sites
 from cogprobe.blocks import find_blocks
-from cogprobe.capture import ACTIVATIONS, capture
-from cogprobe.checkpoints import MANIFEST, Checkpoints
+from cogprobe.capture import capture, capture_with_alignment
+from cogprobe.checkpoints import Checkpoints
 from cogprobe.distributed import World, default_device, world
-from cogprobe.evalset import EvalSet
 from cogprobe.errors import CogprobeError
+from cogprobe.evalset import EvalSet
 from cogprobe.layersets import check_fraction
+from cogprobe.layout import ACTIVATIONS, ALIGNMENT, MANIFEST, SELECTION, SWEEPS, differing, metadata
+from cogprobe.progress import bar
 from cogprobe.select import (Selection, budget_decider, curves_decider, select_budget, select_curves,
-                             select_fixed)
+                             select_fixed, sweep_candidates)
 from cogprobe.stability import stability
-from cogprobe.sweep import DIRECTIONS, FastEngine, engine_label, engines_in, sweep, sweep_configs
+from cogprobe.sweep import DIRECTIONS, FastEngine, engine_label, engines_in, n_batches, sweep, sweep_configs
 from cogprobe.tasks import TASKS, batches
-from cogprobe.trainconfig import NOT_IDENTITY
-
-SWEEPS = "sweeps.parquet"
-SELECTION = "selection.json"
+from cogprobe.trainconfig import EXECUTION_ONLY
 
 
 def open_checkpoints(source, base=None, device=None) -> Checkpoints:
@@ -67,7 +67,7 @@ def _source_id(source, ckpts: Checkpoints) -> dict:
     same run, a retrained one with other settings is not), else the checkpoint folders."""
     if isinstance(source, (str, Path)) and (Path(source) / MANIFEST).is_file():
         manifest = io.read_json(Path(source) / MANIFEST)
-        config = {k: v for k, v in manifest["config"].items() if k not in NOT_IDENTITY}
+        config = {k: v for k, v in manifest["config"].items() if k not in EXECUTION_ONLY}
         return dict(run=config, base=manifest["base"]["fingerprint"])
     return dict(checkpoints=ckpts.source)
 
@@ -91,19 +91,18 @@ def _want(evalset: EvalSet, source: dict) -> dict:
 
 
 def _check_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite: bool) -> None:
-    meta_path = out / f"{table}.json"
+    meta_path = metadata(out / table)
     want = _want(evalset, source)
     if (out / table).exists() and not overwrite:
         have = io.read_json(meta_path)  # a table without its metadata is refused too: where are its rows from?
         if have != want:
-            diff = sorted(k for k in want if have.get(k) != want[k])
             raise CogprobeError(f"{out / table} holds rows of other checkpoints or another evaluation set (differs "
-                                f"in {', '.join(diff)}); pass the same run and options, another --out, or "
-                                "--overwrite to start the table again")
+                                f"in {', '.join(differing(want, have))}); pass the same run and options, another "
+                                "--out, or --overwrite to start the table again")
 
 
 def _start_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite: bool) -> None:
-    meta_path, want = out / f"{table}.json", _want(evalset, source)
+    meta_path, want = metadata(out / table), _want(evalset, source)
     if overwrite:
         (out / table).unlink(missing_ok=True)
         _drop_parts(out / table)
@@ -144,18 +143,20 @@ def _merge_parts(path: Path, w: World, todo: Sequence[int], tasks: Sequence[str]
 def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIRECTIONS, tasks: Sequence[str] = TASKS,
               ks: Sequence[int] | None = None, ends: bool = False, engine: str = "fast", batch_size: int = 8,
               evalset: EvalSet | None = None, out=None, base=None, overwrite: bool = False, device=None,
-              log=print, steps: Sequence[int] | None = None) -> pd.DataFrame:
+              log=print, progress: bool = True, checkpoints: Checkpoints | None = None,
+              steps: Sequence[int] | None = None) -> pd.DataFrame:
     """Revert/skip sweeps of every checkpoint (or of `steps`) into `sweeps.parquet`; returns the whole table.
 
     Launched on N processes (torchrun, accelerate launch), each sweeps a contiguous share of the
     configurations of every checkpoint into its own part file and the main process merges them:
-    the table equals a single-process one row for row.
+    the table equals a single-process one row for row. `checkpoints`: `source` already opened
+    (the study opens its probe run once for the sweep, capture and selection).
     """
     w = world()
-    ckpts = open_checkpoints(source, base, device)
+    ckpts = checkpoints or open_checkpoints(source, base, device)
     out = _out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
-    reference, tok = ckpts.base()
+    reference, tok = ckpts.reference()
     configs = sweep_configs(find_blocks(reference).n, mode=mode, directions=directions, ks=ks, ends=ends)
     examples = evalset.examples(tok, tasks)
     _say_set(evalset, tok, w, log)
@@ -177,8 +178,10 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
             log(f"sweep: step {step} done" + (f" (process 0 of {w.size})" if w.size > 1 else f" ({len(rows)} rows)"))
 
     if mine:
-        sweep(ckpts, examples, mode=mode, configs=share, engine=engine, batch_size=batch_size,
-              steps=mine, on_checkpoint=save)
+        with bar("sweep", total=len(mine) * n_batches(examples, batch_size), unit="batch",
+                 enabled=progress) as ticks:
+            sweep(ckpts, examples, mode=mode, configs=share, engine=engine, batch_size=batch_size,
+                  steps=mine, on_checkpoint=save, on_batch=ticks.update)
     _merge_parts(path, w, todo, list(examples), keep=lambda t: (t["mode"] == mode) & (t["ends"] == ends))
     return io.read_parquet(path)
 
@@ -217,57 +220,86 @@ def _done_steps(path: Path, mode: str, ends: bool, want: set[tuple]) -> set[int]
 
 
 def capture_run(source, *, sites: Sequence[str] = ("resid",), backend: str = "torch", batch_size: int = 8,
-                evalset: EvalSet | None = None, out=None, base=None, overwrite: bool = False, device=None,
-                log=print) -> pd.DataFrame:
-    """Drift, CKA, norms and logit lens of every checkpoint into `activations.parquet`.
+                evalset: EvalSet | None = None, out=None, base=None, overwrite: bool = False,
+                alignment: bool = True, device=None, log=print, progress: bool = True,
+                checkpoints: Checkpoints | None = None) -> pd.DataFrame:
+    """Drift, CKA, norms and logit lens of every checkpoint into `activations.parquet`, and (unless
+    `alignment=False`) the cross-lingual alignment of its blocks into `alignment.parquet`.
 
-    On N processes each captures every N-th checkpoint into its own part file; the main process
-    merges them in checkpoint order (the same table as one process writes).
+    A checkpoint already in one table but not the other is captured for the missing one only. On N
+    processes each captures every N-th checkpoint into its own part files; the main process merges
+    them in checkpoint order (the same tables as one process writes). Returns the activations table.
     """
     w = world()
-    ckpts = open_checkpoints(source, base, device)
+    ckpts = checkpoints or open_checkpoints(source, base, device)
     out = _out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
     check_sites(sites)
-    examples = evalset.examples(ckpts.base()[1])  # bad data fails before anything is written
-    _say_set(evalset, ckpts.base()[1], w, log)
-    _claim_table(out, ACTIVATIONS, evalset, _source_id(source, ckpts), overwrite, w)
-    path = out / ACTIVATIONS
-    done = _steps_in(path)
-    todo = [s for s in ckpts.steps if s not in done]
-    if not todo:
+    if alignment and "resid" not in sites:
+        raise CogprobeError("alignment pools the residual stream: add resid to --sites, or pass --no-alignment")
+    tok = ckpts.reference()[1]
+    examples = evalset.examples(tok)  # bad data fails before anything is written
+    _say_set(evalset, tok, w, log)
+    if alignment and len(evalset.pairs(tok)) < MIN_PAIRS:
+        alignment = False  # a study's tiny probe set still gets its activations
         if w.is_main:
-            log(f"capture: every checkpoint of {out} is already in {ACTIVATIONS}")
-        return io.read_parquet(path)
-    part = w.part(path)
-    mine = [s for s in w.share(todo) if s not in _steps_in(part)]
+            log(f"capture: alignment left out: it needs at least {MIN_PAIRS} pairs (--pairs)")
+    sentences = sentence_batches(tok, evalset.pairs(tok), batch_size) if alignment else None
+    tables = [ACTIVATIONS, ALIGNMENT] if alignment else [ACTIVATIONS]
+    for table in tables:
+        _claim_table(out, table, evalset, _source_id(source, ckpts), overwrite, w)
+    todo = {t: [s for s in ckpts.steps if s not in _steps_in(out / t)] for t in tables}
+    if not any(todo.values()):
+        if w.is_main:
+            log(f"capture: every checkpoint of {out} is already in {' and '.join(tables)}")
+        return io.read_parquet(out / ACTIVATIONS)
+    parts = {t: w.part(out / t) for t in tables}
+    need = {t: [s for s in w.share(todo[t]) if s not in _steps_in(parts[t])] for t in tables}
+    mine = [s for s in ckpts.steps if any(s in steps for steps in need.values())]
     if mine:
-        _capture_steps(ckpts, mine, examples, part, sites=sites, backend=backend, batch_size=batch_size,
-                       log=log if w.is_main else lambda _: None)
-    _merge_parts(path, w, todo)
-    return io.read_parquet(path)
+        with bar("capture", total=len(mine), unit="checkpoint", enabled=progress) as ticks:
+            _capture_steps(ckpts, mine, examples, parts, need, sentences, sites=sites, backend=backend,
+                           batch_size=batch_size, log=log if w.is_main else lambda _: None, on_step=ticks.update)
+    for table in tables:
+        _merge_parts(out / table, w, todo[table])
+    return io.read_parquet(out / ACTIVATIONS)
 
 
-def _capture_steps(ckpts: Checkpoints, steps, examples, path: Path, *, sites, backend, batch_size, log) -> None:
-    """Capture each of `steps` against the reference, appending its rows to `path` as it finishes."""
+def _capture_steps(ckpts: Checkpoints, steps, examples, parts: dict, need: dict, sentences, *, sites, backend,
+                   batch_size, log, on_step=lambda: None) -> None:
+    """Capture each of `steps` against the reference, appending its rows to the tables' part files
+    (`parts[table]`) that still `need` it, as each step finishes."""
     ref_step = ckpts.reference_step
     ref, tok = ckpts.load(ref_step)
     batched = {t: list(batches(sorted(ex, key=lambda e: -len(e.input_ids)), batch_size, pad_id=0))
                for t, ex in examples.items()}
     for step in steps:
         model = ref if step == ref_step else ckpts.load(step)[0]
-        rows = capture([(ref_step, ref, tok), (step, model, tok)] if step != ref_step else [(ref_step, ref, tok)],
-                       batched, sites=sites, backend=backend)
-        io.append_parquet(path, rows[rows["checkpoint_step"] == step])
+        pair = [(ref_step, ref, tok), (step, model, tok)] if step != ref_step else [(ref_step, ref, tok)]
+        tasks = batched if step in need[ACTIVATIONS] else {}
+        if step in need.get(ALIGNMENT, ()):
+            rows, aligned = capture_with_alignment(pair, tasks, sentences, align_steps=[step], sites=sites,
+                                                   backend=backend, log=log)
+            io.append_parquet(parts[ALIGNMENT], aligned)
+        else:
+            rows = capture(pair, tasks, sites=sites, backend=backend, log=log)
+        if tasks:
+            io.append_parquet(parts[ACTIVATIONS], rows[rows["checkpoint_step"] == step])
         log(f"capture: step {step} done")
+        on_step()
 
 
 def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: float = 0.25, step: int | None = None,
                input_task: str = "perception", output_task: str = "production", max_total: int | None = None,
                criterion: str = "remove", batch_size: int = 8, evalset: EvalSet | None = None, out=None, base=None,
-               name: str = SELECTION, device=None, log=print, by_tau: bool = False) -> Selection:
+               name: str = SELECTION, device=None, log=print, search: str = "frontier", progress: bool = True,
+               checkpoints: Checkpoints | None = None, by_tau: bool = False) -> Selection:
     """A CogSym layer set by `rule` (fixed | curves | budget, or a cheap ranking of `rank`: the top
-    blocks of rankings.parquet, CogSym's size unless `by_tau`), written to `selection.json`."""
+    blocks of rankings.parquet, CogSym's size unless `by_tau`), written to `selection.json`.
+
+    The budget rule reads the candidates that `sweeps.parquet` in `out` already scored (a revert
+    sweep without --ends of the same checkpoint, tasks and evaluation set), instead of scoring them
+    again, and searches the rest by `search` (frontier | exhaustive, see `select_budget`)."""
     check_fraction(tau, "tau")
     if not str(name).endswith(".json"):
         raise CogprobeError(f"selection name {name!r} must end in .json (that is how --layers recognises it)")
@@ -279,9 +311,9 @@ def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: floa
         return selection
     if rule not in ("fixed", "curves", "budget"):
         raise CogprobeError(f"unknown rule {rule!r}; use fixed, curves, budget or a ranking ({', '.join(RANKINGS)})")
-    ckpts = open_checkpoints(source, base, device)
+    ckpts = checkpoints or open_checkpoints(source, base, device)
     out = _out_dir(source, out)
-    n_layers = ckpts.base()[0].config.get_text_config().num_hidden_layers
+    n_layers = ckpts.reference()[0].config.get_text_config().num_hidden_layers
     record: dict = {}
     if rule == "fixed":
         selection = select_fixed(n_layers, fraction)
@@ -291,15 +323,19 @@ def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: floa
         sweeps = io.read_parquet(out / SWEEPS)
         selection = select_curves(sweeps, tau=tau, step=step, input_task=input_task, output_task=output_task,
                                   n_layers=n_layers, criterion=criterion)
-        meta = out / f"{SWEEPS}.json"
+        meta = metadata(out / SWEEPS)
         record["evalset"] = {k: v for k, v in io.read_json(meta).items() if k != "source"} if meta.is_file() else None
         rows = sweeps[(sweeps["mode"] == "revert") & (sweeps["checkpoint_step"] == selection.params["step"])]
         selection.stability = _stability(curves_decider(tau, input_task=input_task, output_task=output_task,
                                                         n_layers=n_layers, criterion=criterion), selection, rows)
     else:
         evalset = evalset or EvalSet.for_run(source)
-        selection, rows = _budget(ckpts, n_layers, tau=tau, step=step, max_total=max_total, batch_size=batch_size,
-                                  evalset=evalset, log=log)
+        step = ckpts.steps[-1] if step is None else step
+        known = _swept_candidates(out, evalset, _source_id(source, ckpts), step, n_layers)
+        with bar("select budget", total=None, unit="candidate", enabled=progress) as ticks:
+            selection, rows = _budget(ckpts, n_layers, tau=tau, step=step, max_total=max_total,
+                                      batch_size=batch_size, evalset=evalset, known=known, search=search,
+                                      log=log, on_scored=ticks.update)
         record["evalset"] = evalset.to_dict()
         pairs = [(c["k_in"], c["k_out"]) for c in selection.candidates]
         selection.stability = _stability(budget_decider(tau, selection.params["tasks"], pairs), selection, rows)
@@ -314,10 +350,25 @@ def _stability(decide, selection: Selection, rows: pd.DataFrame) -> dict | None:
     return stability(decide, rows.reset_index(drop=True), (selection.k_in, selection.k_out))
 
 
-def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_size, evalset,
-            log) -> tuple[Selection, pd.DataFrame]:
-    """The budget set and every keep-outer row it scored (their per-example scores feed the stability check)."""
-    step = ckpts.steps[-1] if step is None else step
+def _swept_candidates(out: Path, evalset: EvalSet, source: dict, step: int, n_layers: int) -> pd.DataFrame | None:
+    """The budget candidates the sweep table in `out` holds for `step` (None if it holds none of
+    this evaluation set and these checkpoints, or lacks a task or a per-example column)."""
+    path = out / SWEEPS
+    if not path.exists() or not metadata(path).is_file():
+        return None
+    if io.read_json(metadata(path)) != _want(evalset, source):
+        return None
+    rows = sweep_candidates(io.read_parquet(path), step, n_layers)
+    rows = rows[rows["task"].isin(TASKS)]
+    if set(rows["task"]) != set(TASKS) or rows["example_nll"].isna().any():
+        return None
+    return rows
+
+
+def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_size, evalset, known, search,
+            log, on_scored) -> tuple[Selection, pd.DataFrame]:
+    """The budget set and every keep-outer row it read or scored (their per-example scores feed the
+    stability check)."""
     if step == ckpts.reference_step:
         raise CogprobeError("the budget rule needs a trained checkpoint besides the reference; train longer "
                             "or pass --step")
@@ -326,13 +377,15 @@ def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_si
     examples = evalset.examples(tok)
     runner = FastEngine(ref)  # one engine for the whole search: reference prefixes are scored once
 
-    scored = []
+    scored = [] if known is None else [known]
 
     def evaluate(pairs):
-        log(f"select: scoring {len(pairs)} candidate(s) of size {sum(pairs[0])}")
+        log(f"select: scoring {len(pairs)} candidate(s): {pairs}")
         t = sweep([(ckpts.reference_step, ref), (step, model)], examples, mode="keep-outer", keep_outer=pairs,
-                  batch_size=batch_size, steps=[step], runner=runner)
+                  batch_size=batch_size, steps=[step], runner=runner, remember=True)
         scored.append(t[t["checkpoint_step"] == step])
+        on_scored(len(pairs))
         return scored[-1]
 
-    return select_budget(evaluate, n_layers, tau=tau, max_total=max_total), pd.concat(scored, ignore_index=True)
+    selection = select_budget(evaluate, n_layers, tau=tau, max_total=max_total, search=search, known=known)
+    return selection, pd.concat(scored, ignore_index=True)

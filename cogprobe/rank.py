@@ -68,7 +68,7 @@ def _block_states(model, examples: dict[str, list[Example]], batch_size: int, re
             outputs[i] = output[0] if isinstance(output, tuple) else output
         return hook
 
-    handles = [h for i, layer in enumerate(blocks.layers) for h in (
+    handles = [h for i, layer in enumerate(blocks.modules) for h in (
         layer.register_forward_pre_hook(keep_input(i), with_kwargs=True),
         layer.register_forward_hook(keep_output(i)))]
     sums, counts = np.zeros(blocks.n), np.zeros(blocks.n)
@@ -184,7 +184,7 @@ def rank_run(source, *, rankings: Sequence[str] = RANKINGS, batch_size: int = 8,
     ckpts = open_checkpoints(source, base, device)
     out = _out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
-    tok = ckpts.base()[1]
+    tok = ckpts.reference()[1]
     examples = evalset.examples(tok)
     _say_set(evalset, tok, world(), log)
     table = rank(ckpts, examples, rankings=rankings, batch_size=batch_size)

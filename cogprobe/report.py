@@ -15,8 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cogprobe import io, verdicts
+from cogprobe import alignment, io, verdicts
+from cogprobe.layout import (ALIGNMENT, BASELINE, COMPARE, EVALSETS, MANIFEST, RUNS, SCORES, STAGE_SECONDS, STUDY,
+                             SWEEPS, TRAIN_LOG, TRANSLATIONS, arm)
 from cogprobe.models import EMBEDDED
+from cogprobe.studyconfig import StudyConfig
 from cogprobe.plots import plot_run, save, training_curve
 from cogprobe.tasks import TASKS
 from cogprobe.translate import chrf_intervals
@@ -27,7 +30,7 @@ def write_report(out: Path) -> list[Path]:
     """Draw the figures and write report.md and report.html into the study folder."""
     out = Path(out)
     figures = plot_run(out)
-    log = out / "runs" / _full_name(out) / "train_log.parquet"
+    log = out / RUNS / _full_name(out) / TRAIN_LOG
     if log.is_file():
         figures.append(save(training_curve(io.read_parquet(log)), out / "figures" / "training_curve.png"))
     blocks = _blocks(out, figures)
@@ -38,27 +41,27 @@ def write_report(out: Path) -> list[Path]:
 
 
 def _full_name(out: Path) -> str:
-    seeds = str(io.read_json(out / "study.json").get("seeds", "0"))
-    return f"full-s{seeds.split(',')[0].strip()}"
+    return arm("full", StudyConfig.read(out).seed_list()[0])
 
 
 # --- content ------------------------------------------------------------------------------
 
 
 def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
-    cfg = io.read_json(out / "study.json")
-    b: list[tuple] = [("h1", f"cogprobe study: {cfg['model']} on {cfg['corpus']}")]
+    cfg = StudyConfig.read(out)
+    b: list[tuple] = [("h1", f"cogprobe study: {cfg.model} on {cfg.corpus}")]
     b += [("p", _what_was_run(out, cfg))]
-    base = io.read_csv(out / "baseline.csv")
+    base = io.read_csv(out / BASELINE)
     b += [("h2", "Baseline (base model, test split)"), ("table", base.round(3)),
           ("p", "conditional_gain = NLL with each source replaced by another pair's (a fixed derangement) minus NLL "
                 "with the true source: how much the model's prediction uses the sentence it translates.")]
     b += [("h2", "Where the adaptation lives")] + [("p", s) for s in _sweep_findings(out)]
     b += [("figure", f) for f in figures
           if f.stem.startswith(("specialization", "conditional_gain", "logit", "drift", "training"))]
+    b += _where_languages_meet(out, figures)
     b += [("h2", "Layer sets")] + _selections(out)
-    if (out / "compare.parquet").is_file():
-        compare = io.read_parquet(out / "compare.parquet")
+    if (out / COMPARE).is_file():
+        compare = io.read_parquet(out / COMPARE)
         b += [("h2", "CogSym against full fine-tuning"), ("table", _compare_table(compare))]
         intervals_table = interval_table(out)
         if intervals_table is not None:
@@ -69,27 +72,43 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
                         "3%; chrF over its own sample, pairs in brackets):"), ("table", intervals_table)]
         b += [("p", s) for s in _compare_findings(compare, base.iloc[0], out)]
         b += [("figure", f) for f in figures if f.stem.startswith("comparison")]
+    b += _stage_times(io.read_json(out / STUDY).get(STAGE_SECONDS) or {})
     b += [("h2", "Reading these numbers"), ("p", _caveats(cfg))]
     return b
 
 
-def _what_was_run(out: Path, cfg: dict) -> str:
-    manifest = out / "runs" / _full_name(out) / "manifest.json"
+def _stage_times(seconds: dict[str, float]) -> list[tuple]:
+    """Where the study's wall time went, per stage (summed over resumed invocations)."""
+    if not seconds:
+        return []
+    total = sum(seconds.values())
+    table = pd.DataFrame({"stage": list(seconds), "seconds": [round(v) for v in seconds.values()],
+                          "minutes": [f"{int(v // 60)}:{int(v % 60):02d}" for v in seconds.values()],
+                          "share": [f"{v / total:.0%}" for v in seconds.values()]})
+    table.loc[len(table)] = ["total", round(total), f"{int(total // 60)}:{int(total % 60):02d}", "100%"]
+    return [("h2", "Where the time went"),
+            ("p", f"Wall time per stage on this machine ({os.cpu_count()} cores), summed over every invocation "
+                  "of a resumed study; the report stage itself is timed when it ends, so it is missing from the "
+                  "report that is being written and present in study.json."), ("table", table)]
+
+
+def _what_was_run(out: Path, cfg: StudyConfig) -> str:
+    manifest = out / RUNS / _full_name(out) / MANIFEST
     versions = io.read_json(manifest).get("versions", {}) if manifest.is_file() else {}
     vers = ", ".join(f"{k} {v}" for k, v in versions.items())
     machine = f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores), Python {platform.python_version()}"
-    return (f"Model `{cfg['model']}`, corpus `{cfg['corpus']}`; seeds {cfg['seeds']}; every tuning run: "
-            f"{cfg['steps']} steps of batch {cfg['batch_size']} x {cfg['seq_len']} tokens, lr {cfg['lr']} "
-            f"(LoRA {cfg['lora_lr']}, r={cfg['lora_r']}), bf16 autocast {cfg['bf16']}, training loss on "
-            f"{cfg.get('loss_on', 'all')} tokens, whole examples per row, training pairs cut as wholes to "
-            f"{cfg.get('train_max_sentence_tokens', 64)} tokens a side. {_evalsets_text(out)} "
+    return (f"Model `{cfg.model}`, corpus `{cfg.corpus}`; seeds {cfg.seeds}; every tuning run: "
+            f"{cfg.steps} steps of batch {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr} "
+            f"(LoRA {cfg.lora_lr}, r={cfg.lora_r}), bf16 autocast {cfg.bf16}, training loss on "
+            f"{cfg.loss_on} tokens, whole examples per row, training pairs cut as wholes to "
+            f"{cfg.train_max_sentence_tokens} tokens a side. {_evalsets_text(out)} "
             f"Report written on: {machine}. Versions: {vers}. "
             f"Report written {time.strftime('%Y-%m-%d %H:%M')}.")
 
 
 def _evalsets_text(out: Path) -> str:
     """Which pairs every number comes from (evalsets.json, written with the baseline)."""
-    path = out / "evalsets.json"
+    path = out / EVALSETS
     if not path.is_file():
         return ""
     sets = io.read_json(path)
@@ -104,7 +123,7 @@ def _evalsets_text(out: Path) -> str:
 
 
 def _sweep_findings(out: Path) -> list[str]:
-    path = out / "sweeps.parquet"
+    path = out / SWEEPS
     if not path.is_file():
         return ["No sweeps were run."]
     t = io.read_parquet(path)
@@ -125,6 +144,41 @@ def _sweep_findings(out: Path) -> list[str]:
         lines.append(f"{task.capitalize()} (step {last}, NLL {ref:.3f} -> {ck:.3f} nats/token): " + "; ".join(parts) + "."
                      + _source_use(t, task))
     return lines
+
+
+def _where_languages_meet(out: Path, figures: list[Path]) -> list[tuple]:
+    """The block of peak alignment per checkpoint with its interval, and whether tuning moved it."""
+    path = out / ALIGNMENT
+    if not path.is_file():
+        return []
+    t = io.read_parquet(path)
+    steps = sorted(int(s) for s in t["checkpoint_step"].unique())
+    rows = []
+    for step in steps:
+        peak = alignment.peak_block(t, step)
+        at = t[(t["checkpoint_step"] == step) & (t["block"] == int(peak.estimate))].groupby("measure")["value"].mean()
+        rows.append({"checkpoint step": step, "peak block": int(peak.estimate),
+                     "95% interval": f"[{peak.low:.0f}, {peak.high:.0f}]",
+                     **{m: round(float(at[m]), 3) for m in alignment.MEASURES if m in at}})
+    n = int(t["n_pairs"].iloc[0])
+    b = [("h2", "Where the languages meet"),
+         ("p", f"Each of {n} pairs' sentences read alone, mean-pooled after every block: the peak block is where "
+               f"retrieving the true translation among the {n} by cosine ranks it highest (mean reciprocal rank, "
+               "both directions); its interval is the percentile interval of that block over resamples of the "
+               "pairs. Measures at the peak block are means over pairs (and directions)."),
+         ("table", pd.DataFrame(rows))]
+    if len(steps) > 1:
+        b.append(("p", _peak_moved(t, steps[0], steps[-1])))
+    return b + [("figure", f) for f in figures if f.stem.startswith("alignment")]
+
+
+def _peak_moved(t: pd.DataFrame, first: int, last: int) -> str:
+    shift = alignment.peak_shift(t, first, last)
+    said = (f"peak block at step {last} minus at step {first}: {shift.estimate:+.0f} blocks "
+            f"(95% interval [{shift.low:+.0f}, {shift.high:+.0f}], the same pairs resampled for both)")
+    if shift.excludes(0):
+        return f"Fine-tuning moved the meeting point: {said}."
+    return f"These pairs do not show that fine-tuning moved the meeting point: {said}, an interval that includes 0."
 
 
 def _probe_ks(rows: pd.DataFrame) -> list[int]:
@@ -236,7 +290,7 @@ def _compare_findings(compare: pd.DataFrame, base: pd.Series, out: Path) -> list
 
 
 def _intervals(out: Path, compare: pd.DataFrame) -> pd.DataFrame | None:
-    path = out / "scores.parquet"
+    path = out / SCORES
     if not path.is_file():
         return None
     rows = list(compare[["strategy", "seed"]].itertuples(index=False, name=None))
@@ -252,7 +306,7 @@ def _pick(table: pd.DataFrame, strategy: str, task: str) -> dict:
 
 def _chrf(out: Path, full: str) -> dict:
     """{(arm, task): "chrF [low, high]"} from translations.parquet (empty without it)."""
-    path = out / "translations.parquet"
+    path = out / TRANSLATIONS
     if not path.is_file():
         return {}
     t = chrf_intervals(pd.read_parquet(path), full)
@@ -263,42 +317,43 @@ def _chrf(out: Path, full: str) -> dict:
 
 def interval_table(out: Path) -> pd.DataFrame | None:
     """One row per strategy and task: NLL, share and relative deviation with 95% intervals (first seed)."""
-    compare = pd.read_parquet(out / "compare.parquet")
+    compare = pd.read_parquet(out / COMPARE)
     table = _intervals(out, compare)
     if table is None or table.empty:
         return None
-    scores = pd.read_parquet(out / "scores.parquet")
+    scores = pd.read_parquet(out / SCORES)
     table_cg = verdicts.conditional_gain_table(scores)
     cond = table_cg[table_cg["quantity"] == "conditional_gain"].set_index(["arm", "task"])
     change = table_cg[table_cg["quantity"] == "conditional_gain_change"].set_index(["arm", "task"])
     seed = table["seed"].min()
-    chrf = _chrf(out, f"full-s{seed}")
+    chrf = _chrf(out, arm("full", seed))
     rows = [dict(strategy="base model", task=task, n_pairs=int(cond.loc[("base", task), "n_pairs"]), nll="",
                  conditional_gain=verdicts.fmt(cond.loc[("base", task)]), conditional_gain_change="", share="",
                  rel_deviation="", chrf=chrf.get(("base", task), "n/a"))
             for task in TASKS if ("base", task) in cond.index]
     for (strategy, task), g in table[table["seed"] == seed].groupby(["strategy", "task"], sort=False):
         got = {r["quantity"]: r for _, r in g.iterrows()}
-        arm = (f"{strategy}-s{seed}", task)
+        arm_task = (arm(strategy, seed), task)
         rows.append(dict(strategy=strategy, task=task, n_pairs=int(g["n_pairs"].iloc[0]),
                          nll=verdicts.fmt(got["nll"]),
-                         conditional_gain=verdicts.fmt(cond.loc[arm]) if arm in cond.index else "n/a",
-                         conditional_gain_change=verdicts.fmt(change.loc[arm]) if arm in change.index else "n/a",
+                         conditional_gain=verdicts.fmt(cond.loc[arm_task]) if arm_task in cond.index else "n/a",
+                         conditional_gain_change=(verdicts.fmt(change.loc[arm_task]) if arm_task in change.index
+                                                  else "n/a"),
                          share=verdicts.fmt(got["share"], True) if "share" in got else "n/a",
                          rel_deviation=verdicts.fmt(got["rel_deviation"], True) if "rel_deviation" in got else "n/a",
-                         chrf=chrf.get(arm, "n/a")))
+                         chrf=chrf.get(arm_task, "n/a")))
     return pd.DataFrame(rows)
 
 
-def _caveats(cfg: dict) -> str:
+def _caveats(cfg: StudyConfig) -> str:
     embedded = ("The embedded model's weights are dequantised from a 4-bit GGUF, not the original bf16. "
-                if cfg.get("model") == EMBEDDED else "")
-    n_seeds = len([s for s in str(cfg.get("seeds", "0")).split(",") if s.strip()])
+                if cfg.model == EMBEDDED else "")
+    n_seeds = len(cfg.seed_list())
     return ("Shares are (base NLL - run NLL) / (base NLL - full-FT NLL) per seed; a share above 100% means the run "
             "beat full fine-tuning on that held-out set. chrF shares use the same ratio on chrF. " + embedded +
             "Sweeps keep embeddings, final norm and LM head at the checkpoint (revert mode). A share is n/a where "
             "full fine-tuning did not gain (chrF: by at least 1 point). With "
-            f"{cfg.get('steps')} steps, {n_seeds} seed(s) per row and {cfg.get('eval_pairs')} test pairs, differences of a "
+            f"{cfg.steps} steps, {n_seeds} seed(s) per row and {cfg.eval_pairs} test pairs, differences of a "
             "few points are within noise; `--preset paper` runs 400 steps, 256 pairs and 3 seeds.")
 
 

@@ -1,12 +1,10 @@
-"""Bookkeeping of a training run folder: claiming it, the manifest, costs, optimizer state.
+"""Bookkeeping of a training run folder: claiming it, the manifest, costs.
 
 A folder belongs to one run, identified by its config (less execution-only
 fields such as `threads`) and the base model's fingerprint. `claim` refuses a
 folder that holds another run unless `overwrite`, returns the step to resume
-from, or None when the run there is already finished.
-
-Optimizer state is stored as safetensors (its tensors) + JSON (the rest), never
-pickled: `torch.load` of an untrusted file can run code.
+from, or None when the run there is already finished. What a resume reads back
+(the optimizer state) is `resume`'s.
 """
 from __future__ import annotations
 
@@ -22,16 +20,15 @@ from typing import Iterator
 import pandas as pd
 import torch
 
-from cogprobe import io
-from cogprobe.checkpoints import (CHECKPOINTS, MANIFEST, META, RESUME, check, drop_resume_state, own_steps,
-                                  read_resume_state, step_dir)
+from cogprobe import io, resume
+from cogprobe.checkpoints import CHECKPOINTS, META, check, own_steps, step_dir
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import to_string
-from cogprobe.trainconfig import NOT_IDENTITY
+from cogprobe.layout import COST, MANIFEST, TRAIN_CONFIG, TRAIN_LOG
+from cogprobe.layout import claim as claim_folder
+from cogprobe.trainconfig import EXECUTION_ONLY
 
-LOG = "train_log.parquet"
-COST = "cost.json"
-OWN = (MANIFEST, LOG, COST, CHECKPOINTS, "tracking")
+OWN = (MANIFEST, TRAIN_LOG, COST, CHECKPOINTS, "tracking")
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy", "pandas")
 
 
@@ -73,27 +70,21 @@ def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
     """Decide what to do with `out`: the step to start from, or None if this run is finished."""
     out = Path(out)
     identity = _jsonable(dict(cfg.identity(), base_fingerprint=fingerprint))
+    have = None
     if (out / MANIFEST).is_file() and not cfg.overwrite:  # --overwrite replaces even a damaged manifest
         old = io.read_json(out / MANIFEST)
-        old_identity = {k: v for k, v in old.get("config", {}).items() if k not in NOT_IDENTITY}
-        old_identity["base_fingerprint"] = old.get("base", {}).get("fingerprint")
-        if old_identity == identity and not cfg.overwrite:
-            if (step_dir(out, cfg.steps) / "meta.json").is_file():
-                if main:  # killed between the last checkpoint and dropping the optimizer state: finish that
-                    drop_resume_state(out, keep=None)
-                return None
-            if not cfg.resume:
-                raise CogprobeError(f"{out} holds an unfinished run of this config; pass --resume to continue "
-                                    "it or --overwrite to start again")
-            return _resume_from(out, main)
-        if not cfg.overwrite:
-            diff = sorted(k for k in set(identity) | set(old_identity) if identity.get(k) != old_identity.get(k))
-            raise CogprobeError(f"{out} holds a different run (differs in {', '.join(diff)}); choose another "
-                                "--out or pass --overwrite to replace it")
-    elif out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise CogprobeError(f"{out} is not empty and holds no cogprobe run (no manifest.json); choose an empty or new --out "
-                            "folder, or pass --overwrite (only cogprobe's own files are replaced)")
-    if main:
+        have = {k: v for k, v in old.get("config", {}).items() if k not in EXECUTION_ONLY}
+        have["base_fingerprint"] = old.get("base", {}).get("fingerprint")
+    if claim_folder(out, MANIFEST, identity, have, what="run", overwrite=cfg.overwrite, ignore=(TRAIN_CONFIG,)):
+        if (step_dir(out, cfg.steps) / "meta.json").is_file():
+            if main:  # killed between the last checkpoint and dropping the optimizer state: finish that
+                resume.drop(own_steps(out), keep=None)
+            return None
+        if not cfg.resume:
+            raise CogprobeError(f"{out} holds an unfinished run of this config; pass --resume to continue "
+                                "it or --overwrite to start again")
+        return _resume_from(out, main)
+    if main:  # a new run, or --overwrite: only cogprobe's own files are replaced
         io.make_dir(out)  # first: a file in the way fails here, as one line
         for name in OWN:
             path = out / name
@@ -106,12 +97,12 @@ def _resume_from(out: Path, main: bool) -> int:
 
     What the rerun reads is checked first (that checkpoint, its optimizer state, the log), so a damaged
     file fails in one line before anything in the folder is changed."""
-    start = max((s for s, p in own_steps(out) if (p / RESUME).is_dir()), default=0)
+    start = max((s for s, p in own_steps(out) if resume.present(p)), default=0)
     if start:
         path = step_dir(out, start)
         check(path, io.read_json(path / META))
-        io.read_json(path / RESUME / "state.json")
-    log = out / LOG
+        io.read_json(path / resume.STATE)
+    log = out / TRAIN_LOG
     table = io.read_parquet(log) if start or log.is_file() else None  # a run with checkpoints has its log
     if main:
         for leftover in (out / CHECKPOINTS).glob(".tmp-*"):
@@ -133,7 +124,7 @@ def versions() -> dict[str, str]:
 
 def manifest(cfg, model, blocks, layers, fingerprint: str, corpus: dict) -> dict:
     from cogprobe.models import model_source
-    from cogprobe.strategies import n_trainable
+    from cogprobe.params import n_trainable
     lora = getattr(model, "peft_config", {}).get("default")
     return _jsonable(dict(
         config=cfg.to_dict(), seed=cfg.seed, strategy=cfg.strategy,
@@ -147,49 +138,12 @@ def manifest(cfg, model, blocks, layers, fingerprint: str, corpus: dict) -> dict
     ))
 
 
-def _inner(optimizer):
-    return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
-
-
-def optimizer_state(optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors "<param index>.<key>", JSON-able rest) of an optimizer's state_dict."""
-    sd = _inner(optimizer).state_dict()
-    tensors, plain = {}, {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
-            else:
-                plain.setdefault(str(idx), {})[key] = value
-    return tensors, _jsonable(dict(param_groups=sd["param_groups"], plain_state=plain, param_names=names))
-
-
-def load_optimizer_state(optimizer, path: Path, names: list[str]) -> dict:
-    """Restore the optimizer from checkpoint folder `path`; returns its state.json."""
-    saved = read_resume_state(path)
-    if saved is None:
-        raise CogprobeError(f"{path} has no resume state; resume from a checkpoint saved by this version")
-    tensors, info = saved
-    if info["param_names"] != names:
-        raise CogprobeError(f"the resume state in {path} is for other trainable parameters; "
-                            "resume with the run's own config, or pass --overwrite")
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    for idx, rest in info["plain_state"].items():
-        state.setdefault(int(idx), {}).update(rest)
-    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in info["param_groups"]]
-    _inner(optimizer).load_state_dict({"state": state, "param_groups": groups})
-    return info
-
-
 def write_cost(out: Path, n_trainable: int, optimizer, peak_memory: int, memory_kind: str) -> dict:
     """cost.json from the optimizer's state tensors and the log's timings (all sessions)."""
-    state = _inner(optimizer).state
+    state = resume.torch_optimizer(optimizer).state
     opt_bytes = sum(t.numel() * t.element_size() for s in state.values() for t in s.values()
                     if torch.is_tensor(t))
-    log = io.read_parquet(out / LOG) if (out / LOG).is_file() else pd.DataFrame(columns=["seconds", "tokens"])
+    log = io.read_parquet(out / TRAIN_LOG) if (out / TRAIN_LOG).is_file() else pd.DataFrame(columns=["seconds", "tokens"])
     previous = io.read_json(out / COST) if (out / COST).is_file() else {}
     seconds = float(log["seconds"].sum())
     cost = dict(

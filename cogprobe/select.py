@@ -14,11 +14,18 @@ Three rules, each returning a `Selection` (`cogprobe select` saves it as selecti
   (reverting one end is repaired by the rest), `remove` needs nearly every block
   and `keep` is the informative one. The set is [0, k_in) ∪ [L-k_out, L).
 - `budget`: the smallest outer set whose middle-reverted model (`keep-outer`)
-  keeps at least tau of the gain of every task. Candidates are searched by total
-  size k_in + k_out; all candidates of one size go to `evaluate` in one call (so
-  the engine shares prefixes). Among the passing candidates of the first size that
-  has one, the largest worst-task share wins; on a tie, the smaller k_in (fewer
-  early blocks means a shorter backward pass when training).
+  keeps at least tau of the gain of every task. Among the passing candidates of
+  the smallest size, the largest worst-task share wins; on a tie, the smaller k_in
+  (fewer early blocks means a shorter backward pass when training). Two searches
+  find it. `exhaustive` scores every candidate of each size, smallest first, until
+  one passes: (s+1)(s+2)/2 candidates for an answer of size s. `frontier` (the
+  default) relies on passing being monotone (keeping more blocks of the checkpoint
+  keeps more of its gain, so a superset of a passing set passes): then only the
+  smallest passing k_out of each k_in matters, found by bisection and then a
+  staircase, about 2s + log2(L) candidates. Monotonicity is an assumption about a
+  noisy, finite evaluation set, so every pair of scored candidates is checked for a
+  passing set whose superset fails; any such pair is recorded and the search falls
+  back to the exhaustive one (reusing what it already scored).
 
 A share counts as reaching tau when it is at least tau * (1 - 1e-9), so that
 tau = 1 accepts the full set despite float rounding. Every rule fails with one
@@ -40,6 +47,8 @@ EPS = 1e-9
 CRITERIA = ("remove", "keep")
 OTHER_END = {"input": "output", "output": "input"}
 FULL_GRID = "rerun the sweep with the full grid (omit --ks)"
+SEARCHES = ("frontier", "exhaustive")
+MAX_REPORTED = 20  # monotonicity violations listed in selection.json (all are counted)
 
 
 @dataclass
@@ -88,10 +97,9 @@ class Selection:
 
 def select_fixed(n_layers: int, fraction: float = DEFAULT_FRACTION) -> Selection:
     """The training loop's CogSym rule, for when no sweep exists."""
-    layers = cogsym(n_layers, fraction)
+    layers = cogsym(n_layers, fraction)   # [0, ceil(n/2)) and the last floor(n/2) blocks
     k_in = math.ceil(len(layers) / 2)
     k_out = len(layers) - k_in
-    assert outer(n_layers, k_in, k_out) == layers
     return Selection("fixed", {"fraction": fraction}, n_layers, layers, k_in, k_out,
                      {"n_blocks": len(layers), "rule": "round(f*L) outermost blocks, the input end takes the odd one"})
 
@@ -121,7 +129,7 @@ def select_curves(sweeps: pd.DataFrame, *, tau: float = 0.8, step: int | None = 
     if not need <= set(sweeps.columns):
         raise CogprobeError(f"the sweep table lacks columns {sorted(need - set(sweeps.columns))}; "
                             "give the sweeps.parquet that `cogprobe sweep` wrote")
-    if "engine" in sweeps.columns and sweeps["engine"].fillna("exact").nunique() > 1:
+    if "engine" in sweeps.columns and sweeps["engine"].astype(object).fillna("exact").nunique() > 1:
         raise CogprobeError("the sweep table mixes exact rows and first-order estimates (column engine); "
                             "select from one engine's table")
     rows = sweeps[sweeps["mode"] == "revert"]
@@ -200,41 +208,146 @@ def _end_k(rows: pd.DataFrame, end: str, task: str, tau: float, L: int, where: s
 
 def select_budget(evaluate: Callable[[list[tuple[int, int]]], pd.DataFrame], n_layers: int, *,
                   tau: float = 0.8, tasks: Sequence[str] = ("perception", "production"),
-                  max_total: int | None = None) -> Selection:
-    """The smallest (k_in, k_out) whose middle-reverted model keeps >= tau of every task's gain."""
+                  max_total: int | None = None, search: str = "frontier",
+                  known: pd.DataFrame | None = None) -> Selection:
+    """The smallest (k_in, k_out) whose middle-reverted model keeps >= tau of every task's gain.
+
+    `search`: `frontier` (default) walks the pass/fail frontier, `exhaustive` scores every
+    candidate of each size until one passes; both return the same set when passing is monotone
+    (see the module docstring), and the frontier walk falls back to the exhaustive search when the
+    candidates it knows show that it is not. `known`: candidates scored elsewhere, as rows like
+    `evaluate` returns (a revert sweep's curves are the k_in = 0 and k_out = 0 candidates, see
+    `sweep_candidates`): used instead of scoring them again, and checked for monotonicity with
+    the rest (a walk's own candidates can never contradict it; the sweep's whole edges can).
+    """
     tau, tasks = _check_tau(tau), list(tasks)
     if not tasks:
         raise CogprobeError("budget needs at least one task, e.g. tasks=('perception', 'production')")
+    if search not in SEARCHES:
+        raise CogprobeError(f"unknown budget search {search!r}; use {' or '.join(SEARCHES)}")
     max_total = n_layers if max_total is None else max_total
     if not 0 <= max_total <= n_layers:
         raise CogprobeError(f"max_total={max_total} is outside 0..{n_layers} (the model has {n_layers} blocks)")
-    candidates: list[dict] = []
+    scorer = _Scorer(evaluate, tasks, tau)
+    if known is not None and len(known):
+        scorer.add_known(known, max_total)
+    size = _frontier(scorer, max_total) if search == "frontier" else _exhaustive(scorer, max_total)
+    violations = monotone_violations(scorer.records)
+    fell_back = search == "frontier" and bool(violations)
+    if fell_back:
+        size = _exhaustive(scorer, max_total)
+    candidates = scorer.records
+    if size == 0:
+        raise CogprobeError(f"with every block reverted the checkpoint still keeps >= tau={tau} of the gain of "
+                            f"{', '.join(tasks)}: the gain is not in the blocks; raise tau or use --rule fixed")
+    if size is None:
+        best = max(candidates, key=lambda c: c["min_share"])
+        raise CogprobeError(f"no outer set of up to {max_total} blocks keeps tau={tau} of every task's gain "
+                            f"(best worst-task share {best['min_share']:.3f} at k_in={best['k_in']}, "
+                            f"k_out={best['k_out']}); lower --tau, raise --max-total or train longer")
+    passed = [c for c in candidates if c["passed"] and c["k_in"] + c["k_out"] == size]
+    best = max(passed, key=lambda c: (c["min_share"], -c["k_in"]))
+    smaller = [c["min_share"] for c in candidates if c["k_in"] + c["k_out"] < size]
+    evidence = dict(tau=tau, tasks=tasks, size=size, n_evaluated=len(candidates),
+                    n_scored=sum(c["source"] == "scored" for c in candidates), chosen=best,
+                    best_smaller_share=max(smaller) if smaller else None, search=search,
+                    monotone_violations=violations[:MAX_REPORTED], n_monotone_violations=len(violations),
+                    fell_back_to_exhaustive=fell_back)
+    return Selection("budget", dict(tau=tau, tasks=tasks, max_total=max_total, search=search), n_layers,
+                     outer(n_layers, best["k_in"], best["k_out"]), best["k_in"], best["k_out"], evidence, candidates)
+
+
+class _Scorer:
+    """Scores candidates through `evaluate`, each once: a list of pairs is one call (the engine
+    shares their prefixes), and a pair scored before is answered from memory."""
+
+    def __init__(self, evaluate, tasks: list[str], tau: float):
+        self.evaluate, self.tasks, self.tau = evaluate, tasks, tau
+        self.found: dict[tuple[int, int], dict] = {}
+
+    @property
+    def records(self) -> list[dict]:
+        return list(self.found.values())   # in the order they were scored
+
+    def __call__(self, pairs: list[tuple[int, int]]) -> list[dict]:
+        new = [p for p in dict.fromkeys(pairs) if p not in self.found]
+        if new:
+            for record in _score_candidates(self.evaluate(new), new, self.tasks, self.tau):
+                self.found[(record["k_in"], record["k_out"])] = dict(record, source="scored")
+        return [self.found[p] for p in pairs]
+
+    def add_known(self, table: pd.DataFrame, max_total: int) -> None:
+        """Candidates scored elsewhere (every task present), up to max_total blocks."""
+        pairs = sorted({(int(a), int(b)) for a, b in zip(table["k_in"], table["k_out"]) if a + b <= max_total})
+        for record in _score_candidates(table, pairs, self.tasks, self.tau):
+            self.found[(record["k_in"], record["k_out"])] = dict(record, source="known")
+
+    def passes(self, k_in: int, k_out: int) -> bool:
+        return self([(k_in, k_out)])[0]["passed"]
+
+
+def _exhaustive(scorer: _Scorer, max_total: int) -> int | None:
+    """The smallest size with a passing candidate, scoring every candidate of each size in turn."""
     for size in range(max_total + 1):
-        pairs = [(k_in, size - k_in) for k_in in range(size + 1)]
-        size_rows = _score_candidates(evaluate(pairs), pairs, tasks, tau)
-        candidates += size_rows
-        passed = [c for c in size_rows if c["passed"]]
-        if passed and size == 0:
-            raise CogprobeError(f"with every block reverted the checkpoint still keeps >= tau={tau} of the gain of "
-                                f"{', '.join(tasks)}: the gain is not in the blocks; raise tau or use --rule fixed")
-        if passed:
-            best = max(passed, key=lambda c: (c["min_share"], -c["k_in"]))
-            smaller = [c["min_share"] for c in candidates if c["k_in"] + c["k_out"] < size]
-            evidence = dict(tau=tau, tasks=tasks, size=size, n_evaluated=len(candidates), chosen=best,
-                            best_smaller_share=max(smaller) if smaller else None)
-            return Selection("budget", dict(tau=tau, tasks=tasks, max_total=max_total), n_layers,
-                             outer(n_layers, best["k_in"], best["k_out"]), best["k_in"], best["k_out"],
-                             evidence, candidates)
-    best = max(candidates, key=lambda c: c["min_share"])
-    raise CogprobeError(f"no outer set of up to {max_total} blocks keeps tau={tau} of every task's gain "
-                        f"(best worst-task share {best['min_share']:.3f} at k_in={best['k_in']}, "
-                        f"k_out={best['k_out']}); "
-                        "lower --tau, raise --max-total or train longer")
+        if any(c["passed"] for c in scorer([(k_in, size - k_in) for k_in in range(size + 1)])):
+            return size
+    return None
+
+
+def _frontier(scorer: _Scorer, max_total: int) -> int | None:
+    """The smallest size with a passing candidate, if passing is monotone (a superset of a passing
+    set passes): for each k_in, the smallest passing k_out is all that matters.
+
+    Until a first set passes, each k_in checks the largest k_out max_total allows and, if that
+    passes, searches down for its smallest passing k_out. After that, with `best` the smallest
+    passing size so far, a k_in only needs two candidates, (k_in, best - k_in - 1) (could it do
+    better?) and (k_in, best - k_in) (does it tie?: ties are scored so the best worst-task share
+    among them can win), searching further down when the first passes. k_in stops at best. About
+    2 * best candidates plus a few per improvement, against (best + 1)(best + 2) / 2 for the
+    exhaustive search: fewer from sizes of about 5 on.
+    """
+    best = None
+    for k_in in range(max_total + 1):
+        if best is not None and k_in > best:
+            break
+        if best is None:     # nothing passed yet: can this k_in pass within max_total at all?
+            if scorer.passes(k_in, max_total - k_in):
+                best = k_in + _smallest_passing(scorer, k_in, max_total - k_in)
+            continue
+        k_out = best - k_in
+        scorer([(k_in, k_out - 1), (k_in, k_out)] if k_out >= 1 else [(k_in, k_out)])
+        if k_out >= 1 and scorer.passes(k_in, k_out - 1):
+            best = k_in + _smallest_passing(scorer, k_in, k_out - 1)
+    return best
+
+
+def _smallest_passing(scorer: _Scorer, k_in: int, hi: int) -> int:
+    """The smallest k_out that passes with k_in, given that `hi` does: steps down 1, 2, 4, ... until
+    one fails (a staircase: the frontier usually drops by a block or two per k_in), then bisects."""
+    step, lo = 1, 0
+    while hi - step >= 0:
+        if not scorer.passes(k_in, hi - step):
+            lo = hi - step + 1
+            break
+        hi, step = hi - step, step * 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if scorer.passes(k_in, mid) else (mid + 1, hi)
+    return hi
+
+
+def monotone_violations(records: list[dict]) -> list[dict]:
+    """Pairs of scored candidates where a set passes but a superset of it (both ends at least as
+    large) fails: evidence that the frontier walk's assumption does not hold for this checkpoint."""
+    passed = [c for c in records if c["passed"]]
+    failed = [c for c in records if not c["passed"]]
+    return [dict(passes=[p["k_in"], p["k_out"]], fails=[f["k_in"], f["k_out"]])
+            for p in passed for f in failed if p["k_in"] <= f["k_in"] and p["k_out"] <= f["k_out"]]
 
 
 def _score_candidates(table: pd.DataFrame, pairs: list[tuple[int, int]], tasks: list[str], tau: float) -> list[dict]:
     """One record per candidate: its share of the gain per task, and whether all reach tau."""
-    need = {"k_in", "k_out", "task", "gain_retained", "nll_reference", "nll_checkpoint"}
+    need = {"k_in", "k_out", "task", "share", "nll_reference", "nll_checkpoint"}
     if not need <= set(table.columns):
         raise CogprobeError(f"evaluate() returned a table without columns {sorted(need - set(table.columns))}; "
                             "return a keep-outer sweep table")
@@ -251,13 +364,29 @@ def _score_candidates(table: pd.DataFrame, pairs: list[tuple[int, int]], tasks: 
                 raise CogprobeError(f"evaluate() returned {len(row)} rows for k_in={k_in}, k_out={k_out}, "
                                     f"task {task!r}; expected one (sweep that task)")
             _check_gain(task, float(row["nll_reference"].iloc[0]), float(row["nll_checkpoint"].iloc[0]), "budget")
-            shares[task] = float(row["gain_retained"].iloc[0])
+            shares[task] = float(row["share"].iloc[0])
             if math.isnan(shares[task]):
                 raise CogprobeError(f"budget: the share of task {task!r} at k_in={k_in}, k_out={k_out} is NaN; "
                                     "check the model and rerun")
         low = min(shares.values())
         out.append(dict(k_in=k_in, k_out=k_out, shares=shares, min_share=low, passed=low >= tau * (1 - EPS)))
     return out
+
+
+def sweep_candidates(sweeps: pd.DataFrame, step: int, n_layers: int) -> pd.DataFrame:
+    """The budget candidates a revert sweep (without --ends) already scored at `step`, as
+    keep-outer rows: reverting the first k blocks keeps (0, L-k), reverting the last k keeps
+    (L-k, 0). Same configuration, same engine, so the same numbers as scoring them again."""
+    rows = sweeps[(sweeps["mode"] == "revert") & (sweeps["checkpoint_step"] == step)]
+    if "ends" in rows.columns:
+        rows = rows[~rows["ends"].astype(bool)]
+    rows = rows.copy()
+    kept = n_layers - rows["k"].astype(int)
+    rows["k_in"] = kept.where(rows["direction"] == "output", 0)
+    rows["k_out"] = kept.where(rows["direction"] == "input", 0)
+    rows["blocks"] = [to_string(outer(n_layers, a, b)) for a, b in zip(rows["k_in"], rows["k_out"])]
+    rows = rows.assign(mode="keep-outer", direction="both", k=rows["k_in"] + rows["k_out"])
+    return rows.drop_duplicates(["task", "k_in", "k_out"]).reset_index(drop=True)
 
 
 def curves_decider(tau: float, **kw) -> Callable:

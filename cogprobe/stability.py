@@ -22,7 +22,7 @@ RESAMPLES, SEED = 200, 0
 
 
 def resampled(rows: pd.DataFrame, n_resamples: int = RESAMPLES, seed: int = SEED) -> Iterator[pd.DataFrame]:
-    """Copies of a sweep table with nll, nll_reference, nll_checkpoint and gain_retained recomputed on
+    """Copies of a sweep table with nll, nll_reference, nll_checkpoint and share recomputed on
     a bootstrap resample of each task's examples."""
     if "example_nll" not in rows.columns or rows["example_nll"].isna().any():
         raise CogprobeError("the sweep rows have no per-example scores; rerun the sweep with this version")
@@ -38,7 +38,7 @@ def resampled(rows: pd.DataFrame, n_resamples: int = RESAMPLES, seed: int = SEED
             nll, nll_ref, nll_ck = own[:, pick].sum(1) / n, ref[:, pick].sum(1) / n, ck[:, pick].sum(1) / n
             gain = nll_ref - nll_ck
             copy.loc[ix, "nll"], copy.loc[ix, "nll_reference"], copy.loc[ix, "nll_checkpoint"] = nll, nll_ref, nll_ck
-            copy.loc[ix, "gain_retained"] = np.where(gain > 0, (nll_ref - nll) / np.where(gain > 0, gain, 1), np.nan)
+            copy.loc[ix, "share"] = np.where(gain > 0, (nll_ref - nll) / np.where(gain > 0, gain, 1), np.nan)
         yield copy
 
 

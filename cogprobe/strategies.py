@@ -16,7 +16,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from cogprobe.blocks import Blocks, find_blocks
@@ -38,7 +37,7 @@ class LoraSpec:
 def linear_names(blocks: Blocks) -> list[str]:
     """Last-name of every linear module inside the blocks, e.g. q_proj ... down_proj, or c_attn."""
     from transformers.pytorch_utils import Conv1D
-    return sorted({name.rsplit(".", 1)[-1] for name, m in blocks.layers.named_modules()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in blocks.modules.named_modules()
                    if isinstance(m, (nn.Linear, Conv1D))})
 
 
@@ -97,43 +96,4 @@ def _lora(model, blocks: Blocks, indices: list[int], spec: LoraSpec):
 
 def _conv1d(blocks: Blocks) -> bool:
     from transformers.pytorch_utils import Conv1D
-    return any(isinstance(m, Conv1D) for m in blocks.layers.modules())
-
-
-def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Trainable parameters by name (tied weights once, under their first name)."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def n_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in trainable(model).values())
-
-
-def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """CPU copies of the trainable tensors (the non-LoRA checkpoint content)."""
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in trainable(model).items()}
-
-
-def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Copy saved tensors into `model` in place; every name must be a parameter of it."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    unknown = sorted(set(tensors) - set(params))
-    if unknown:
-        raise CogprobeError(f"{where} holds tensors the model does not have ({unknown[:3]}); "
-                            "it was saved from a different architecture")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            p = params[name]
-            if p.shape != value.shape:
-                raise CogprobeError(f"{where}: tensor {name} has shape {tuple(value.shape)}, the model's "
-                                    f"is {tuple(p.shape)}; it was saved from a different model")
-            p.copy_(value.to(p.device, p.dtype))
-
-
-def aliases(model: nn.Module) -> dict[str, set[str]]:
-    """Every parameter name -> all names sharing its tensor (tied embeddings/head)."""
-    by_tensor: dict[int, set[str]] = {}
-    pairs = list(model.named_parameters(remove_duplicate=False))
-    for name, p in pairs:
-        by_tensor.setdefault(id(p), set()).add(name)
-    return {name: by_tensor[id(p)] for name, p in pairs}
+    return any(isinstance(m, Conv1D) for m in blocks.modules.modules())

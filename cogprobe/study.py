@@ -20,6 +20,7 @@ in `evalsets.json`.
 from __future__ import annotations
 
 import functools
+import shutil
 import subprocess
 import sys
 import time
@@ -33,23 +34,22 @@ from cogprobe.checkpoints import Checkpoints
 from cogprobe.corpora import load_corpus
 from cogprobe.distributed import default_device
 from cogprobe.errors import CogprobeError
-from cogprobe.health import check_healthy
-from cogprobe.layersets import cogsym, to_string
-from cogprobe.models import load_model
 from cogprobe.evalset import EvalSet
+from cogprobe.health import check_healthy
+from cogprobe.layersets import cogsym, parse_range_list, to_string
+from cogprobe.layout import (BASELINE, COMPARE, COST, EVALSETS, MANIFEST, SCORES, SELECTION_BUDGET, SELECTION_FIXED,
+                             STAGE_SECONDS, STUDY, TRAIN_CONFIG, TRANSLATIONS, arm, claim, row_run)
+from cogprobe.models import block_count, load_model
 from cogprobe.probe import capture_run, select_run, sweep_run
+from cogprobe.report import write_report
 from cogprobe.select import select_fixed
-from cogprobe.studyconfig import EXECUTION_ONLY, StudyConfig
+from cogprobe.studyconfig import EXECUTION_ONLY, StudyConfig, renamed
+from cogprobe.sweep import check_ks
 from cogprobe.tasks import CONTROLS, TASKS, score
+from cogprobe.train import train
 from cogprobe.trainconfig import TrainConfig
 from cogprobe.translate import chrf, translate
 
-STUDY = "study.json"
-BASELINE = "baseline.csv"
-COMPARE = "compare.parquet"
-EVALSETS = "evalsets.json"
-SCORES = "scores.parquet"              # per example: arm, task, pair_id, nll_sum, n_tokens
-TRANSLATIONS = "translations.parquet"  # per sentence: arm, task, pair_id, hypothesis, reference
 MIN_CHRF_GAIN = 1.0  # chrF points: a share of a smaller full-FT gain is noise, not a ratio worth printing
 
 
@@ -79,36 +79,54 @@ def run(config: StudyConfig, log=print) -> Path:
     out = Path(config.out)
     _check_inputs(config)
     _claim(out, config)
-    rows = [(s, seed) for seed in config.seed_list() for s in config.strategy_list()]
+    rows = [(s, seed) for seed in config.seed_list() for s in config.row_list()]
     weights = {"baseline": 1, "probe": 4, "select": 2, "report": 0.5}
-    weights.update({f"tune {s}-s{seed}": 3 for s, seed in rows})
-    weights.update({f"compare {s}-s{seed}": 1 for s, seed in rows})
+    weights.update({f"tune {arm(s, seed)}": 3 for s, seed in rows})
+    weights.update({f"compare {arm(s, seed)}": 1 for s, seed in rows})
     progress = Progress(weights, log)
-    _stage(progress, "baseline", lambda: baseline(config, out))
+    stage = functools.partial(_stage, progress, out)
+    stage("baseline", lambda: baseline(config, out))
     seed0 = config.seed_list()[0]
-    _stage(progress, f"tune full-s{seed0}", lambda: tune(config, out, "full", seed0))
-    _stage(progress, "probe", lambda: probe(config, out))
-    _stage(progress, "select", lambda: select_sets(config, out, log))
+    stage(f"tune {arm('full', seed0)}", lambda: tune(config, out, "full", seed0))
+    probe_run = _Opened(_full_run(config, out))   # opened once for the probe and select stages
+    stage("probe", lambda: probe(config, out, probe_run()))
+    stage("select", lambda: select_sets(config, out, log, probe_run))
     for strategy, seed in rows:
         if (strategy, seed) != ("full", seed0):  # the first full run is the probe run, tuned above
-            _stage(progress, f"tune {strategy}-s{seed}", lambda: tune(config, out, strategy, seed))
-        _stage(progress, f"compare {strategy}-s{seed}", lambda: compare_one(config, out, strategy, seed))
-    from cogprobe.report import write_report
-    _stage(progress, "report", lambda: write_report(out))
+            stage(f"tune {arm(strategy, seed)}", lambda: tune(config, out, strategy, seed))
+        stage(f"compare {arm(strategy, seed)}", lambda: compare_one(config, out, strategy, seed))
+    stage("report", lambda: write_report(out))
     progress.stage("done", str(out / "report.md"))
     return out
 
 
-def _stage(progress: Progress, name: str, fn) -> None:
+def _stage(progress: Progress, out: Path, name: str, fn) -> None:
+    """Run one stage and add its wall time to study.json's `stage_seconds` (summed over the
+    invocations of a resumed study, so an interrupted stage counts all the work it took)."""
     progress.stage(name)
+    start = time.perf_counter()
     fn()
+    record = io.read_json(out / STUDY)
+    seconds = record.setdefault(STAGE_SECONDS, {})
+    seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 1)
+    io.write_json(out / STUDY, record)
     progress.finished(name)
+
+
+class _Opened:
+    """A run's checkpoints, opened on first use and then shared (the base model is read once)."""
+
+    def __init__(self, run: Path):
+        self.run, self.checkpoints = run, None
+
+    def __call__(self) -> Checkpoints:
+        if self.checkpoints is None:
+            self.checkpoints = Checkpoints.open(self.run).to(default_device())
+        return self.checkpoints
 
 
 def _check_inputs(config: StudyConfig) -> None:
     """A bad model, corpus, fraction or k grid fails here, before the folder is claimed, not after the tuning."""
-    from cogprobe.layersets import parse_range_list
-    from cogprobe.sweep import check_ks
     evaluation_sets(config)  # bad sizes fail here
     load_corpus(config.corpus, pivot_col=config.pivot_col, target_col=config.target_col)
     n = _block_count(str(config.model))
@@ -120,20 +138,13 @@ def _check_inputs(config: StudyConfig) -> None:
 def _claim(out: Path, config: StudyConfig) -> None:
     """Refuse a folder holding a different study (unless overwrite); record this one."""
     path = out / STUDY
-    if path.is_file() and not config.overwrite:
-        old = io.read_json(path)
-        old_id = {k: v for k, v in old.items() if k not in EXECUTION_ONLY}
-        if old_id != config.identity():
-            diff = sorted(k for k in config.identity() if old_id.get(k) != config.identity()[k])
-            raise CogprobeError(f"{out} holds a different study (differs in {', '.join(diff)}); choose another "
-                                "--out or pass --overwrite")
-    elif out.is_dir() and any(out.iterdir()) and not path.is_file() and not config.overwrite:
-        raise CogprobeError(f"{out} is not empty and holds no cogprobe study; choose a new --out or pass --overwrite")
-    elif config.overwrite and out.is_dir():
-        import shutil
+    old = renamed(io.read_json(path)) if path.is_file() and not config.overwrite else None
+    have = None if old is None else {k: v for k, v in old.items() if k not in (*EXECUTION_ONLY, STAGE_SECONDS)}
+    claim(out, STUDY, config.identity(), have, what="study", overwrite=config.overwrite)
+    if config.overwrite and out.is_dir():
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-    io.write_json(path, config.to_dict())
+    io.write_json(path, {**config.to_dict(), STAGE_SECONDS: (old or {}).get(STAGE_SECONDS, {})})
 
 
 # --- data --------------------------------------------------------------------------
@@ -202,8 +213,7 @@ def baseline(config: StudyConfig, out: Path) -> None:
 @functools.lru_cache(maxsize=8)
 def _block_count(model_spec: str) -> int:
     """L of a model spec (any spec load_model takes: alias, folder, .gguf); read once per process."""
-    from cogprobe.blocks import find_blocks
-    return find_blocks(load_model(model_spec)[0]).n
+    return block_count(model_spec)
 
 
 def layer_set(config: StudyConfig, out: Path, strategy: str, seed: int) -> tuple[str, str | None]:
@@ -215,7 +225,7 @@ def layer_set(config: StudyConfig, out: Path, strategy: str, seed: int) -> tuple
     if strategy in ("cogsym", "cogsym-lora"):
         return ("layers" if strategy == "cogsym" else "lora-layers"), f"cogsym:{config.fraction}"
     if strategy == "budget":
-        sel = io.read_json(out / "selection-budget.json")
+        sel = io.read_json(out / SELECTION_BUDGET)
         if "error" in sel:
             raise _Skip(f"budget selection failed: {sel['error']}")
         return "layers", sel["layers_arg"]
@@ -239,7 +249,7 @@ def tune(config: StudyConfig, out: Path, strategy: str, seed: int) -> None:
     first_full = strategy == "full" and seed == config.seed_list()[0]
     cfg = TrainConfig(
         model=config.model, corpus=config.corpus, pivot_col=config.pivot_col, target_col=config.target_col,
-        out=out / "runs" / f"{strategy}-s{seed}", strategy=train_strategy, layers=layers, steps=config.steps,
+        out=row_run(out, strategy, seed), strategy=train_strategy, layers=layers, steps=config.steps,
         batch_size=config.batch_size, seq_len=config.seq_len, lr=config.lora_lr if lora else config.lr,
         lora_r=config.lora_r, bf16=config.bf16, threads=config.threads, seed=seed,
         save_steps=config.save_steps if first_full else str(config.steps),
@@ -247,14 +257,15 @@ def tune(config: StudyConfig, out: Path, strategy: str, seed: int) -> None:
         split_seed=config.split_seed, resume=True, progress=False,
         report_to=config.report_to)
     if not config.isolate_runs:
-        from cogprobe.train import train
         train(cfg)
         return
-    done = subprocess.run([sys.executable, "-m", "cogprobe", "train", *train_argv(cfg)],
+    handoff = Path(cfg.out) / TRAIN_CONFIG   # the config itself, not flags that could drift from it
+    io.write_json(handoff, cfg.to_dict())
+    done = subprocess.run([sys.executable, "-m", "cogprobe", "train", "--config", str(handoff)],
                           capture_output=True, text=True, preexec_fn=_die_with_parent)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise CogprobeError(f"training {strategy}-s{seed} failed: {last}")
+        raise CogprobeError(f"training {arm(strategy, seed)} failed: {last}")
 
 
 def _die_with_parent() -> None:
@@ -265,18 +276,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
-def train_argv(cfg: TrainConfig) -> list[str]:
-    """The `cogprobe train` flags that rebuild `cfg`."""
-    argv = []
-    for key, value in cfg.to_dict().items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + flag[2:])
-        elif value is not None:
-            argv += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
-    return argv
-
-
 # --- probing and selection -------------------------------------------------------------------
 
 
@@ -285,31 +284,34 @@ def _probe_set(config: StudyConfig) -> EvalSet:
 
 
 def _full_run(config: StudyConfig, out: Path) -> Path:
-    return out / "runs" / f"full-s{config.seed_list()[0]}"
+    return row_run(out, "full", config.seed_list()[0])
 
 
-def probe(config: StudyConfig, out: Path) -> None:
+def probe(config: StudyConfig, out: Path, checkpoints: Checkpoints | None = None) -> None:
+    """Sweeps and capture of the probe run (`checkpoints`: the run already opened)."""
     ks = None
     if config.sweep_ks:
-        from cogprobe.layersets import parse_range_list
         ks = parse_range_list(config.sweep_ks, 10**6)
     run = _full_run(config, out)
     tasks = (*TASKS, *CONTROLS) if config.sweep_controls else TASKS
-    sweep_run(run, ks=ks, tasks=tasks, evalset=_probe_set(config), out=out, log=lambda m: None)
-    capture_run(run, backend=config.capture_backend, evalset=_probe_set(config), out=out, log=lambda m: None)
+    quiet = dict(evalset=_probe_set(config), out=out, log=lambda m: None, progress=False, checkpoints=checkpoints)
+    sweep_run(run, ks=ks, tasks=tasks, **quiet)
+    capture_run(run, backend=config.capture_backend, **quiet)
 
 
-def select_sets(config: StudyConfig, out: Path, log) -> None:
+def select_sets(config: StudyConfig, out: Path, log, checkpoints=lambda: None) -> None:
+    """The fixed set, and the budget set from the probe run (`checkpoints()`: the run, opened)."""
     n = _block_count(str(config.model))
-    if not (out / "selection-fixed.json").is_file():
-        io.write_json(out / "selection-fixed.json", select_fixed(n, config.fraction).to_json())
-    if (out / "selection-budget.json").is_file():
+    if not (out / SELECTION_FIXED).is_file():
+        io.write_json(out / SELECTION_FIXED, select_fixed(n, config.fraction).to_json())
+    if (out / SELECTION_BUDGET).is_file():
         return
     try:
         select_run(_full_run(config, out), rule="budget", tau=config.tau, max_total=config.budget_max_total,
-                   evalset=_probe_set(config), out=out, name="selection-budget.json", log=lambda m: None)
+                   evalset=_probe_set(config), out=out, name=SELECTION_BUDGET, log=lambda m: None,
+                   progress=False, checkpoints=checkpoints())
     except CogprobeError as e:  # an honest "no set": recorded, reported, and its tuning row skipped
-        io.write_json(out / "selection-budget.json", {"rule": "budget", "error": str(e)})
+        io.write_json(out / SELECTION_BUDGET, {"rule": "budget", "error": str(e)})
         log(f"budget selection failed: {e}")
 
 
@@ -321,19 +323,19 @@ def compare_one(config: StudyConfig, out: Path, strategy: str, seed: int) -> Non
     table = io.read_parquet(path) if path.exists() else pd.DataFrame()
     if len(table) and ((table["strategy"] == strategy) & (table["seed"] == seed)).any():
         return
-    run = out / "runs" / f"{strategy}-s{seed}"
-    if not (run / "cost.json").is_file():
+    run = row_run(out, strategy, seed)
+    if not (run / COST).is_file():
         return  # a skipped row (e.g. no budget set): the report says why
     ckpts = Checkpoints.open(run).to(default_device())
     model, tok = ckpts.load(ckpts.steps[-1])
-    cost = io.read_json(run / "cost.json")
-    manifest = io.read_json(run / "manifest.json")
+    cost = io.read_json(run / COST)
+    manifest = io.read_json(run / MANIFEST)
     if strategy == "full":  # every row's share is a fraction of this run's gain
         check_healthy(run, manifest, "shares of its gain")
     row = dict(strategy=strategy, seed=seed, blocks=manifest.get("layers_string") or "all",
                trainable_params=cost["trainable_params"], optimizer_bytes=cost["optimizer_state_bytes"],
                sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,
-               **_scores(model, tok, config, f"{strategy}-s{seed}", out))
+               **_scores(model, tok, config, arm(strategy, seed), out))
     table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
     io.write_parquet(path, with_shares(table, io.read_csv(out / BASELINE).iloc[0]))
 

@@ -11,8 +11,11 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from cogprobe import io
 from cogprobe.errors import CogprobeError
+from cogprobe.knob import knob
 from cogprobe.layersets import check_fraction
+from cogprobe.layout import STUDY
 
 PRESETS = Path(__file__).parent / "presets"
 EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "report_to")  # how a study runs, not what it computes
@@ -21,40 +24,41 @@ ROWS = ("full", "lora", "cogsym", "cogsym-lora", "budget", "middle", "bottom", "
 
 @dataclass
 class StudyConfig:
-    out: str                        # the study folder (rerun the same command to continue it)
-    model: str = "smollm2-135m"     # "smollm2-135m", an HF model folder or a .gguf file
-    corpus: str = "axolotl"         # elotl name (axolotl, tsunkua) or a CSV/TSV/JSONL path
-    pivot_col: str | None = None    # corpus files: column of the pivot language
-    target_col: str | None = None   # corpus files: column of the new language
-    seeds: str = "0"                # comma list of tuning seeds (every run of a seed shares data order)
-    steps: int = 24                 # optimizer steps of every tuning run
-    batch_size: int = 8             # sequences per step
-    seq_len: int = 64               # tokens per packed sequence
-    lr: float = 3e-4                # peak lr of full and layer-restricted tuning
-    lora_lr: float = 1e-3           # peak lr of the LoRA runs (adapters start at zero and need a larger step)
-    lora_r: int = 8                 # LoRA rank
-    bf16: bool = False              # bf16 autocast in training
-    threads: int | None = None      # torch threads (default: torch's)
-    save_steps: str = "0,6,12,24"   # checkpoints of the first full fine-tuning run, probed by the sweeps
-    fraction: float = 0.25          # CogSym fraction of blocks (the paper's 25%)
-    tau: float = 0.8                # share of the gain the budget set must keep
-    budget_max_total: int | None = None  # largest k_in + k_out the budget search tries (default: L)
-    strategies: str = ",".join(ROWS)  # comparison rows to run (full is always run)
-    sweep_ks: str | None = None     # k grid of the sweeps, e.g. '0-30' or '0,2,4,8' (default every k)
-    eval_pairs: int = 64            # test pairs sampled for the NLL scores (baseline and comparison rows)
-    probe_pairs: int = 16           # dev pairs sampled for sweeps, capture and budget selection
-    chrf_pairs: int = 16            # test pairs sampled per direction for chrF
-    max_new_tokens: int = 40        # greedy translation length cap
-    max_sentence_tokens: int = 64   # evaluated pairs with a longer side are left out (never cut)
-    train_max_sentence_tokens: int = 64  # a training pair longer than this on a side is cut as a whole
-    loss_on: str = "continuation"   # training loss on the translated side (+ plain text), or on all tokens
-    split_seed: int = 0             # seed of the leak-free train/dev/test split
-    sample_seed: int = 0            # seed of the evaluation samples (stratified by document)
-    sweep_controls: bool = True     # sweep the shuffled-source controls too (conditional gain per k)
-    capture_backend: str = "torch"  # torch | nnsight | transformerlens
-    isolate_runs: bool = True       # train each row in its own process, so its peak memory is its own
-    overwrite: bool = False         # replace a different study in `out`
-    report_to: str = "none"         # experiment trackers of every tuning run (accelerate): none, tensorboard, wandb, mlflow, ...
+    out: str = knob(help="the study folder (rerun the same command to continue it)")
+    model: str = knob("smollm2-135m", '"smollm2-135m", an HF model folder or a .gguf file')
+    corpus: str = knob("axolotl", "elotl name (axolotl, tsunkua) or a CSV/TSV/JSONL path")
+    pivot_col: str | None = knob(None, "corpus files: column of the pivot language")
+    target_col: str | None = knob(None, "corpus files: column of the new language")
+    seeds: str = knob("0", "comma list of tuning seeds (every run of a seed shares data order)")
+    steps: int = knob(24, "optimizer steps of every tuning run")
+    batch_size: int = knob(8, "sequences per step")
+    seq_len: int = knob(64, "tokens per packed sequence")
+    lr: float = knob(3e-4, "peak lr of full and layer-restricted tuning")
+    lora_lr: float = knob(1e-3, "peak lr of the LoRA runs (adapters start at zero and need a larger step)")
+    lora_r: int = knob(8, "LoRA rank")
+    bf16: bool = knob(False, "bf16 autocast in training")
+    threads: int | None = knob(None, "torch threads (default: torch's)")
+    save_steps: str = knob("0,6,12,24", "checkpoints of the first full fine-tuning run, probed by the sweeps")
+    fraction: float = knob(0.25, "CogSym fraction of blocks (the paper's 25%)")
+    tau: float = knob(0.8, "share of the gain the budget set must keep")
+    budget_max_total: int | None = knob(None, "largest k_in + k_out the budget search tries (default: L)")
+    rows: str = knob(",".join(ROWS), "comparison rows to run (full is always run)")
+    sweep_ks: str | None = knob(None, "k grid of the sweeps, e.g. '0-30' or '0,2,4,8' (default every k)")
+    eval_pairs: int = knob(64, "test pairs sampled for the NLL scores (baseline and comparison rows)")
+    probe_pairs: int = knob(16, "dev pairs sampled for sweeps, capture and budget selection")
+    chrf_pairs: int = knob(16, "test pairs sampled per direction for chrF")
+    max_new_tokens: int = knob(40, "greedy translation length cap")
+    max_sentence_tokens: int = knob(64, "evaluated pairs with a longer side are left out (never cut)")
+    train_max_sentence_tokens: int = knob(64, "a training pair longer than this on a side is cut as a whole")
+    loss_on: str = knob("continuation", "training loss on the translated side (+ plain text), or on all tokens")
+    split_seed: int = knob(0, "seed of the leak-free train/dev/test split")
+    sample_seed: int = knob(0, "seed of the evaluation samples (stratified by document)")
+    sweep_controls: bool = knob(True, "sweep the shuffled-source controls too (conditional gain per k)")
+    capture_backend: str = knob("torch", "torch | nnsight | transformerlens")
+    isolate_runs: bool = knob(True, "train each row in its own process, so its peak memory is its own")
+    overwrite: bool = knob(False, "replace a different study in `out`")
+    report_to: str = knob("none",
+        "experiment trackers of every tuning run (accelerate): none, tensorboard, wandb, mlflow, ...")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_pairs", "probe_pairs", "chrf_pairs",
@@ -64,13 +68,13 @@ class StudyConfig:
                 raise CogprobeError(f"{name}={value!r}: give a whole number >= 1")
         check_fraction(self.fraction, "fraction")
         check_fraction(self.tau, "tau")
-        bad = [s for s in self.strategy_list() if s not in ROWS]
+        bad = [s for s in self.row_list() if s not in ROWS]
         if bad:
-            raise CogprobeError(f"strategies {bad} are unknown; choose from {', '.join(ROWS)}")
+            raise CogprobeError(f"rows {bad} are unknown; choose from {', '.join(ROWS)}")
         self.seed_list()
 
-    def strategy_list(self) -> list[str]:
-        rows = [s.strip() for s in str(self.strategies).split(",") if s.strip()]
+    def row_list(self) -> list[str]:
+        rows = [s.strip() for s in str(self.rows).split(",") if s.strip()]
         return ["full"] + [s for s in rows if s != "full"]
 
     def seed_list(self) -> list[int]:
@@ -89,10 +93,26 @@ class StudyConfig:
         """What makes two studies the same (execution-only fields left out)."""
         return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_ONLY}
 
+    @classmethod
+    def read(cls, study: str | Path) -> "StudyConfig":
+        """The config recorded in a study folder's study.json (keys it no longer has are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in renamed(io.read_json(Path(study) / STUDY)).items() if k in names})
+
+
+RENAMED = {"strategies": "rows"}   # keys renamed since studies were first written (old -> new)
+
+
+def renamed(recorded: dict) -> dict:
+    """A study.json written before a key was renamed, with the new names (so old studies resume)."""
+    return {RENAMED.get(k, k) if RENAMED.get(k, k) not in recorded else k: v for k, v in recorded.items()}
+
 
 def _check_types(values: dict, where: str) -> dict:
     fields = {f.name: str(f.type) for f in dataclasses.fields(StudyConfig)}
     for key, value in values.items():
+        if key in RENAMED:
+            raise CogprobeError(f"{where}: key {key!r} is now called {RENAMED[key]!r}; rename it")
         if key not in fields:
             raise CogprobeError(f"{where}: unknown key {key!r}; known keys: {', '.join(fields)}")
         kind = fields[key].replace(" | None", "")

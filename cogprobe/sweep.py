@@ -34,6 +34,7 @@ backward pass per example; its rows say `engine="taylor"` and never share a tabl
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -48,19 +49,18 @@ from cogprobe.layersets import to_string
 from cogprobe.tasks import Example, collate, nll_per_example, scored_positions
 
 DIRECTIONS = ("input", "output")
-MODES = ("revert", "skip", "keep-outer")
 COLUMNS = ["checkpoint_step", "task", "direction", "mode", "k", "k_in", "k_out", "blocks", "ends",
-           "nll", "n_tokens", "nll_reference", "nll_checkpoint", "gain_retained", "example_nll", "example_tokens",
+           "nll", "n_tokens", "nll_reference", "nll_checkpoint", "share", "example_nll", "example_tokens",
            "reference_example_nll", "checkpoint_example_nll", "engine"]
 # example_nll / example_tokens: per-example NLL sums and token counts (lists, in the evaluation set's
 # order), and the same sums for the reference and the checkpoint (same examples, same counts), so an
-# interval on any row, gain_retained included, can be recomputed without scoring again (`intervals`).
+# interval on any row, share included, can be recomputed without scoring again (`intervals`).
 # engine: "exact" (fast and naive give the same numbers) or "taylor" (first-order estimates, see
 # `taylor`); a table written before the column existed holds exact rows (`engines_in`).
 
 
 @dataclass(frozen=True)
-class Config:
+class Ablation:
     """Which weights run each block, the embeddings and the head; plus its labels."""
     sources: tuple[str, ...]   # per block: "c", "r" or "s"
     embed: str = "c"           # "c" or "r"
@@ -72,7 +72,7 @@ class Config:
 
 
 def sweep_configs(n_layers: int, *, mode: str = "revert", directions: Sequence[str] = DIRECTIONS,
-                  ks: Iterable[int] | None = None, ends: bool = False) -> list[Config]:
+                  ks: Iterable[int] | None = None, ends: bool = False) -> list[Ablation]:
     """The configurations of a one-end sweep (modes revert and skip)."""
     if mode not in ("revert", "skip"):
         raise CogprobeError(f"sweep mode {mode!r} ablates one end; use revert or skip (keep-outer: keep_outer_configs)")
@@ -90,12 +90,12 @@ def sweep_configs(n_layers: int, *, mode: str = "revert", directions: Sequence[s
             else:
                 src, emb, head = ("c",) * (n_layers - k) + (ab,) * k, "c", end if k else "c"
             blocks = list(range(k)) if d == "input" else list(range(n_layers - k, n_layers))
-            out.append(Config(src, emb, head, dict(direction=d, mode=mode, k=k, k_in=None, k_out=None,
+            out.append(Ablation(src, emb, head, dict(direction=d, mode=mode, k=k, k_in=None, k_out=None,
                                                    blocks=to_string(blocks), ends=ends)))
     return out
 
 
-def keep_outer_configs(n_layers: int, pairs: Iterable[tuple[int, int]]) -> list[Config]:
+def keep_outer_configs(n_layers: int, pairs: Iterable[tuple[int, int]]) -> list[Ablation]:
     """Keep the checkpoint in [0, k_in) and [L-k_out, L), revert the middle to the reference."""
     out = []
     for k_in, k_out in pairs:
@@ -103,7 +103,7 @@ def keep_outer_configs(n_layers: int, pairs: Iterable[tuple[int, int]]) -> list[
             raise CogprobeError(f"keep-outer ({k_in}, {k_out}) does not fit {n_layers} blocks; need k_in + k_out <= L")
         src = ("c",) * k_in + ("r",) * (n_layers - k_in - k_out) + ("c",) * k_out
         kept = list(range(k_in)) + list(range(n_layers - k_out, n_layers))
-        out.append(Config(src, "c", "c", dict(direction="both", mode="keep-outer", k=k_in + k_out, k_in=k_in,
+        out.append(Ablation(src, "c", "c", dict(direction="both", mode="keep-outer", k=k_in + k_out, k_in=k_in,
                                               k_out=k_out, blocks=to_string(kept), ends=False)))
     return out
 
@@ -159,7 +159,7 @@ class _Recorder(SkipBlock):
 def _record_call_args(blocks: Blocks, batch: dict, device) -> tuple[torch.Tensor, list]:
     """One cheap decoder pass with recorders for blocks: (embedding output, per-block call args)."""
     log: list = []
-    with swapped(blocks, {i: _Recorder(blocks.layers[i], log) for i in range(blocks.n)}):
+    with swapped(blocks, {i: _Recorder(blocks.modules[i], log) for i in range(blocks.n)}):
         blocks.decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                        use_cache=False)
     return log[0][0], [(args, kwargs) for _, args, kwargs in log]
@@ -183,11 +183,17 @@ class FastEngine:
         self.counter = Counter()
         self._ref_cache: dict[tuple, torch.Tensor] = {}  # (task, batch, depth) -> state after r-only prefix
         self._cache_bytes, self._cached = cache_bytes, 0
+        self._kept: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (name, batch, prefix) -> state, LRU
+        self._kept_bytes = 0
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, configs: Sequence[Config], examples: dict[str, list[Example]],
-                 *, batch_size: int = 8) -> dict[tuple[str, Config], tuple[float, int]]:
-        """{(task, config): (nll sums, token counts)}, arrays over the task's examples in their order."""
+    def evaluate(self, model: nn.Module, configs: Sequence[Ablation], examples: dict[str, list[Example]],
+                 *, batch_size: int = 8, on_batch=None, remember=None) -> dict[tuple[str, Ablation], tuple[float, int]]:
+        """{(task, config): (nll sums, token counts)}, arrays over the task's examples in their order.
+        `on_batch()` is called after each (task, batch) (a progress bar's tick). `remember`: a name
+        for `model` (its step): the states of its prefixes are kept across calls (the least recently
+        used dropped first beyond `cache_bytes`), for a caller that scores one checkpoint in many
+        small calls (the budget search); the same block calls on the same states, so the same numbers."""
         configs = list(dict.fromkeys(configs))  # equal configurations are evaluated once
         cb = find_blocks(model)
         changed, embed_changed = changed_blocks(model, self.reference)
@@ -199,15 +205,17 @@ class FastEngine:
             for c in configs:
                 totals[(task, c)] = (np.zeros(len(exs)), np.zeros(len(exs), dtype=np.int64))
             for idx, batch in _batches(exs, batch_size):
-                self._batch(task, batch, idx, cb, keyed, totals, device)
+                self._batch(task, batch, idx, cb, keyed, totals, device, remember)
+                if on_batch is not None:
+                    on_batch()
         return totals
 
     @staticmethod
-    def _key(c: Config, changed: set[int], embed_changed: bool) -> tuple:
+    def _key(c: Ablation, changed: set[int], embed_changed: bool) -> tuple:
         emb = "r" if c.embed == "r" or not embed_changed else "c"
         return (emb,) + tuple("r" if s == "c" and i not in changed else s for i, s in enumerate(c.sources))
 
-    def _batch(self, task, batch, idx, cb, keyed, totals, device):
+    def _batch(self, task, batch, idx, cb, keyed, totals, device, remember=None):
         pred_mask, targets = scored_positions(batch)
         pred_mask = pred_mask.to(device)
         batch_id = (task, tuple(batch["input_ids"].shape), hash(batch["input_ids"].numpy().tobytes()))
@@ -225,7 +233,7 @@ class FastEngine:
                         calls = calls or calls_
                     h = roots[src]
                 else:
-                    h = self._step(batch_id, key[:depth + 1], src, depth - 1, states[-1], calls, cb)
+                    h = self._step(batch_id, key[:depth + 1], src, depth - 1, states[-1], calls, cb, remember)
                 path.append(src)
                 states.append(h)
             head_blocks = self.ref_blocks if config.head == "r" else cb
@@ -233,11 +241,12 @@ class FastEngine:
             sums, counts = totals[(task, config)]
             sums[idx], counts[idx] = nll_per_example(logits, targets, pred_mask)
 
-    def _step(self, batch_id, prefix, src, i, h, calls, cb):
+    def _step(self, batch_id, prefix, src, i, h, calls, cb, remember=None):
         """The state after block i runs (from `src`) on state h.
 
         A prefix that is reference-only (normalised keys) does not depend on the
-        checkpoint, so its state is cached for every later checkpoint.
+        checkpoint, so its state is cached for every later checkpoint; with `remember`,
+        the checkpoint's other prefixes are kept too (see `evaluate`).
         """
         if src == "s":
             return h
@@ -245,12 +254,22 @@ class FastEngine:
         ck = (batch_id, len(prefix))
         if pure_ref and ck in self._ref_cache:
             return self._ref_cache[ck]
-        layer = (self.ref_blocks if src == "r" else cb).layers[i]
+        kept = (remember, batch_id, prefix) if remember is not None and not pure_ref else None
+        if kept in self._kept:
+            self._kept.move_to_end(kept)
+            return self._kept[kept]
+        layer = (self.ref_blocks if src == "r" else cb).modules[i]
         out = _call(layer, h, calls[i])
         self.counter.block_evals += 1
-        if pure_ref and self._cached + out.numel() * out.element_size() <= self._cache_bytes:
+        size = out.numel() * out.element_size()
+        if pure_ref and self._cached + size <= self._cache_bytes:
             self._ref_cache[ck] = out
-            self._cached += out.numel() * out.element_size()
+            self._cached += size
+        elif kept is not None and size <= self._cache_bytes:
+            self._kept[kept] = out
+            self._kept_bytes += size
+            while self._kept_bytes > self._cache_bytes:
+                self._kept_bytes -= self._kept.popitem(last=False)[1].numel() * out.element_size()
         return out
 
 
@@ -260,6 +279,11 @@ def _batches(examples: Sequence[Example], batch_size: int):
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         yield idx, collate([examples[i] for i in idx], pad_id=0)
+
+
+def n_batches(examples: dict[str, list[Example]], batch_size: int) -> int:
+    """(task, batch) units one checkpoint's evaluation goes through: a progress bar's total."""
+    return sum(-(-len(exs) // batch_size) for exs in examples.values())
 
 
 def _common_prefix(a: Sequence, b: Sequence) -> int:
@@ -279,9 +303,10 @@ class NaiveEngine:
         self.counter = Counter()
 
     @torch.no_grad()
-    def evaluate(self, model, configs, examples, *, batch_size: int = 8):
+    def evaluate(self, model, configs, examples, *, batch_size: int = 8, on_batch=None):
         totals = {}
-        for config in dict.fromkeys(configs):
+        configs = list(dict.fromkeys(configs))
+        for n, config in enumerate(configs):
             ablated = build_ablated(model, self.reference, config)
             n_run = sum(s != "s" for s in config.sources)
             for task, exs in examples.items():
@@ -294,10 +319,12 @@ class NaiveEngine:
                     self.counter.block_evals += n_run
                 totals[(task, config)] = (sums, counts)
             del ablated
+        for _ in range(n_batches(examples, batch_size)) if on_batch is not None else ():
+            on_batch()   # one tick per (task, batch), as the fast engine, at the end
         return totals
 
 
-def build_ablated(model: nn.Module, reference: nn.Module, config: Config) -> nn.Module:
+def build_ablated(model: nn.Module, reference: nn.Module, config: Ablation) -> nn.Module:
     """A standalone copy of `model` with the configuration's weights loaded (ties broken)."""
     out = copy.deepcopy(model)
     ob, rb = find_blocks(out), find_blocks(reference)
@@ -315,7 +342,7 @@ def build_ablated(model: nn.Module, reference: nn.Module, config: Config) -> nn.
             p.data.copy_(ref[name].data)
     for i, s in enumerate(config.sources):
         if s == "s":
-            ob.layers[i] = SkipBlock(ob.layers[i])
+            ob.modules[i] = SkipBlock(ob.modules[i])
     return out
 
 
@@ -338,7 +365,7 @@ def engines_in(table: pd.DataFrame) -> set[str]:
         return set()
     if "engine" not in table.columns:
         return {"exact"}
-    return set(table["engine"].fillna("exact"))
+    return set(table["engine"].astype(object).fillna("exact"))
 
 
 def check_one_engine(table: pd.DataFrame, where: str) -> None:
@@ -349,20 +376,20 @@ def check_one_engine(table: pd.DataFrame, where: str) -> None:
                             "own table (sweep with --out DIR)")
 
 
-def reference_config(n_layers: int) -> Config:
+def reference_config(n_layers: int) -> Ablation:
     """The reference model itself: every block, the embeddings and the head at step 0."""
-    return Config(("r",) * n_layers, "r", "r", dict(direction="none", mode="reference", k=0))
+    return Ablation(("r",) * n_layers, "r", "r", dict(direction="none", mode="reference", k=0))
 
 
-def checkpoint_config(n_layers: int) -> Config:
-    return Config(("c",) * n_layers, "c", "c", dict(direction="none", mode="checkpoint", k=0))
+def checkpoint_config(n_layers: int) -> Ablation:
+    return Ablation(("c",) * n_layers, "c", "c", dict(direction="none", mode="checkpoint", k=0))
 
 
 def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "revert",
           directions: Sequence[str] = DIRECTIONS, ks: Iterable[int] | None = None, ends: bool = False,
           keep_outer: Iterable[tuple[int, int]] = (), engine: str = "fast", batch_size: int = 8,
           steps: Iterable[int] | None = None, on_checkpoint=None, runner=None,
-          configs: Sequence[Config] | None = None) -> pd.DataFrame:
+          configs: Sequence[Ablation] | None = None, on_batch=None, remember: bool = False) -> pd.DataFrame:
     """Sweep every checkpoint; a tidy table with one row per (checkpoint, task, configuration).
 
     `checkpoints` is a `Checkpoints` or a sequence of (step, model) with the
@@ -370,6 +397,9 @@ def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "rever
     (the run-folder driver appends to disk there, so an interruption loses at
     most one checkpoint's work). `configs` replaces the grid that mode, directions,
     ks, ends and keep_outer describe (a process of a sharded sweep passes its share).
+    `on_batch()` is called after each (checkpoint, task, batch): a progress bar's tick.
+    `remember`: keep each checkpoint's prefix states in `runner` across calls (see
+    `FastEngine.evaluate`; the budget search scores one checkpoint in many small calls).
     """
     if engine not in ENGINES:
         raise CogprobeError(f"unknown engine {engine!r}; use {', '.join(ENGINES)}")
@@ -386,7 +416,8 @@ def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "rever
     frames = []
     wanted_ref = steps is None or ref_step in set(steps)
     for step, model in (_with_reference(ref_step, reference, items) if wanted_ref else items):
-        totals = runner.evaluate(model, configs, examples, batch_size=batch_size)
+        extra = dict(remember=step) if remember else {}
+        totals = runner.evaluate(model, configs, examples, batch_size=batch_size, on_batch=on_batch, **extra)
         rows = _rows(step, configs, totals, examples, engine_label(engine))
         if on_checkpoint is not None:
             on_checkpoint(step, rows)
@@ -436,7 +467,7 @@ def _rows(step, configs, totals, examples, engine: str = "exact") -> pd.DataFram
                              k=lab["k"], k_in=lab.get("k_in"), k_out=lab.get("k_out"), blocks=lab.get("blocks", ""),
                              ends=lab.get("ends", False), nll=nll, n_tokens=n, nll_reference=nll_ref,
                              nll_checkpoint=nll_ck,
-                             gain_retained=(nll_ref - nll) / gain if gain > 0 else float("nan"),
+                             share=(nll_ref - nll) / gain if gain > 0 else float("nan"),
                              example_nll=sums.tolist(), example_tokens=counts.tolist(),
                              reference_example_nll=ref_sums, checkpoint_example_nll=ck_sums, engine=engine))
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -94,9 +94,13 @@ class TaylorEngine:
         self._reference_scores: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     @torch.no_grad()
-    def evaluate(self, model, configs, examples: dict[str, list[Example]], *, batch_size: int = 8) -> dict:
+    def evaluate(self, model, configs, examples: dict[str, list[Example]], *, batch_size: int = 8, on_batch=None,
+                 remember=None) -> dict:
         """{(task, config): (nll sums, token counts)}: exact for the reference and the checkpoint,
-        the first-order estimate for every other configuration."""
+        the first-order estimate for every other configuration. `on_batch` ticks once per (task, batch)
+        of `batch_size`, at the end, as the exact engines' progress does; `remember` is the fast
+        engine's (nothing to remember here: one pass serves every configuration)."""
+        from cogprobe.sweep import n_batches
         configs = list(dict.fromkeys(configs))
         ref_like = [c for c in configs if c.embed == "r" or c.head == "r" or "s" in c.sources]
         bad = [c for c in ref_like if not _is_reference(c)]
@@ -113,6 +117,8 @@ class TaylorEngine:
                 else:
                     reverted = [i for i, s in enumerate(c.sources) if s == "r"]
                     totals[(task, c)] = (sums + t[:, reverted].sum(axis=1), counts)
+        for _ in range(n_batches(examples, batch_size)) if on_batch is not None else ():
+            on_batch()
         return totals
 
     def _reference(self, task, exs, batch_size) -> tuple[np.ndarray, np.ndarray]:

@@ -16,31 +16,43 @@ The run folder:
                      tokens seen so far), step_tokens and loss_tokens (of that step),
                      seconds (of that step); rewritten atomically as it grows
   cost.json          trainable params, optimizer-state bytes, peak memory, s/step, tok/s
-  checkpoints/step-N/   see `checkpoints`
+  checkpoints/step-N/   see `checkpoints` (and `resume` for the optimizer state)
+
+Read top to bottom: `train` calls `_setup`, which does everything before the first
+step once and returns one frozen `_Run` (accelerator, prepared model and optimizer,
+data stream, where to start, ...); `_Loop` runs the steps over it, and all that
+changes from step to step lives in its one `_Progress` record.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pandas as pd
 import psutil
 import torch
 
-from cogprobe import health, io, tracking
-from cogprobe.checkpoints import ADAPTER, MANIFEST, TENSORS, drop_resume_state, step_dir, write_checkpoint
-from cogprobe.data import check_isolation
+from cogprobe import health, io, resume, tracking
+from cogprobe.blocks import find_blocks
+from cogprobe.checkpoints import ADAPTER, META, TENSORS, own_steps, step_dir, write_checkpoint
+from cogprobe.corpora import load_corpus, split_corpus, split_overlap
+from cogprobe.data import KINDS, PackedStream, check_isolation, tokenize
 from cogprobe.distributed import on_cpu
 from cogprobe.errors import CogprobeError
-from cogprobe.runfolder import (LOG, claim, load_optimizer_state, lock, manifest, optimizer_state,
-                                write_cost)
-from cogprobe.strategies import LORA, load_tensors, n_trainable, trainable, trainable_tensors
+from cogprobe.layout import MANIFEST, TRAIN_LOG
+from cogprobe.models import load_model, model_fingerprint, model_source
+from cogprobe.params import load_tensors, n_trainable, trainable, trainable_tensors
+from cogprobe.runfolder import claim, lock, manifest, write_cost
+from cogprobe.strategies import LORA, LoraSpec, apply
 from cogprobe.trainconfig import TrainConfig, lr_factor
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 __all__ = ["TrainConfig", "train", "lr_factor"]
 
@@ -58,147 +70,206 @@ def train(config: TrainConfig, *, on_step: OnStep | None = None) -> Path:
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
-    run = _Run(config, on_step)
     try:
-        return run.execute()
+        with contextlib.ExitStack() as held:  # the run folder's lock, released however the run ends
+            run = _setup(config, held)
+            if run is None:
+                return Path(config.out)
+            tracking.start(run.acc, asdict(config))
+            try:
+                _Loop(run, on_step).execute()
+            finally:
+                run.acc.end_training()
+            return run.out
     finally:
-        if run.lock_fd is not None:
-            os.close(run.lock_fd)
         torch.set_num_threads(threads)
 
 
+# ---------------------------------------------------------------- setup
+
+
+@dataclass(frozen=True)
 class _Run:
-    def __init__(self, config: TrainConfig, on_step: OnStep | None):
-        self.cfg, self.on_step = config, on_step
-        self.out = Path(config.out)
-        self.log_rows: list[dict] = []
-        self.flushed_at = time.perf_counter()
-        self.peak_memory = 0
+    """A run ready for its first step: built once by `_setup`, read by `_Loop`, never changed."""
+    cfg: TrainConfig
+    acc: Accelerator
+    model: torch.nn.Module            # prepared by accelerate (wrapped under DDP / FSDP)
+    optimizer: torch.optim.Optimizer  # prepared by accelerate
+    stream: PackedStream              # the rows of every step, a pure function of (seed, step)
+    micro: int                        # sequences per process per micro-batch
+    start: int                        # the last step done before this session (0: a new run)
+    tokens_seen: int                  # real tokens seen up to `start`
+    fingerprint: str                  # of the base model
+    param_names: tuple[str, ...]      # the trainable parameters, in the optimizer's order
+    is_lora: bool
+    n_trainable: int
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+
+def _setup(cfg: TrainConfig, held: contextlib.ExitStack) -> _Run | None:
+    """Everything before the first step, in an order that fails early: the checks that need no
+    work, then the model and the data (bad data leaves no folder behind), then the folder is
+    claimed, and only then the strategy applied and the optimizer built (restored on a resume).
+    None when the folder already holds this run, finished."""
+    from accelerate.utils import set_seed
+    acc = _accelerator(cfg)
+    micro = _micro_batch(cfg, acc)
+    _check_resumable(cfg, acc)
+    set_seed(cfg.seed)
+    model, tok = load_model(cfg.model)
+    check_isolation(model)  # packed examples must not see each other: fail before any work
+    fingerprint = model_fingerprint(model_source(model))
+    blocks = find_blocks(model)
+    layers = cfg.resolved_layers(blocks.n)
+    stream, corpus_info = _data(cfg, tok)  # before claiming `out`: bad data leaves no folder behind
+    start = _claim(cfg, acc, fingerprint, held)
+    if start is None:
+        return None
+    model = _strategy(cfg, model, layers)
+    trained = n_trainable(model)
+    optimizer, names = _optimizer(cfg, model)
+    tokens_seen = 0
+    if start > 0:
+        tokens_seen = _restore(cfg, model, optimizer, names, start)
+    elif acc.is_main_process:
+        out = Path(cfg.out)
+        io.write_json(out / MANIFEST, manifest(cfg, model, blocks, layers, fingerprint, corpus_info))
+        write_checkpoint(out, 0, None, "base", _meta(cfg, fingerprint, 0, None, 0))
+    model, optimizer = acc.prepare(model, optimizer)
+    return _Run(cfg, acc, model, optimizer, stream, micro, start, tokens_seen, fingerprint, tuple(names),
+                is_lora=cfg.strategy in LORA, n_trainable=trained)
+
+
+def _accelerator(cfg: TrainConfig) -> Accelerator:
+    """bf16 is our own autocast, not Accelerator(mixed_precision=...): accelerate's state is a
+    process-wide singleton that refuses a second run with another precision in one process."""
+    from accelerate import Accelerator
+    return Accelerator(cpu=on_cpu(), **tracking.accelerator_kwargs(cfg.report_to, Path(cfg.out)))
+
+
+def _micro_batch(cfg: TrainConfig, acc: Accelerator) -> int:
+    """Sequences per process per micro-batch: the global `batch_size` split evenly."""
+    b, n = cfg.batch_size, acc.num_processes
+    if b % n:
+        raise CogprobeError(f"--batch-size {b} is the global batch and does not split over {n} processes; "
+                            f"pass a multiple of {n}")
+    return b // n
+
+
+def _check_resumable(cfg: TrainConfig, acc: Accelerator) -> None:
+    """Under FSDP no resume state is saved, so `--resume` would silently start over: refuse it."""
+    from accelerate.utils import DistributedType
+    if cfg.resume and acc.distributed_type == DistributedType.FSDP:
+        raise CogprobeError("--resume is not supported under FSDP (its optimizer state is sharded and not "
+                            "saved); rerun with --overwrite, or without FSDP")
+
+
+def _data(cfg: TrainConfig, tok) -> tuple[PackedStream, dict]:
+    """The packed training stream of the corpus' train split, and the corpus facts for the manifest."""
+    corpus = load_corpus(cfg.corpus, pivot_col=cfg.pivot_col, target_col=cfg.target_col,
+                         document_col=cfg.document_col, pivot_name=cfg.pivot_name,
+                         target_name=cfg.target_name)
+    splits = split_corpus(corpus, seed=cfg.split_seed, dev=cfg.dev, test=cfg.test,
+                          by_document=cfg.split_by_document)
+    weights = cfg.mixture()
+    texts = tokenize(tok, splits.train, seq_len=cfg.seq_len, max_sentence_tokens=cfg.max_sentence_tokens,
+                     kinds=tuple(k for k in KINDS if weights[k] > 0), loss_on=cfg.loss_on)
+    corpus_info = dict(spec=str(cfg.corpus), pivot_name=corpus.pivot_name,
+                       target_name=corpus.target_name, n_pairs=len(corpus),
+                       n_train_pairs=len(splits.train), n_dev_pairs=len(splits.dev),
+                       n_test_pairs=len(splits.test), split_overlap=split_overlap(splits))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return PackedStream(texts, weights, cfg.seq_len, cfg.seed, pad_id=pad), corpus_info
+
+
+def _claim(cfg: TrainConfig, acc: Accelerator, fingerprint: str, held: contextlib.ExitStack) -> int | None:
+    """Lock the run folder (main process; `held` releases it) and claim it: the step to start from,
+    or None when it holds this run finished (see `runfolder.claim`)."""
+    out = Path(cfg.out)
+    if acc.is_main_process:
+        fd = lock(out)
+        if fd is not None:
+            held.callback(os.close, fd)
+    start = claim(out, cfg, fingerprint, main=acc.is_main_process)
+    acc.wait_for_everyone()
+    return start
+
+
+def _strategy(cfg: TrainConfig, model, layers: list[int] | None):
+    """The model with what trains set by the strategy (a PeftModel for LoRA), in train mode."""
+    spec = LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                    tuple(cfg.lora_targets) if cfg.lora_targets else None)
+    model = apply(model, cfg.strategy, layers, lora=spec,
+                  train_embeddings=cfg.train_embeddings, train_head=cfg.train_head)
+    model.train()
+    return model
+
+
+def _optimizer(cfg: TrainConfig, model) -> tuple[torch.optim.AdamW, list[str]]:
+    """AdamW and the names of the parameters it trains; weight decay on matrices only (not on biases
+    and norm gains), as HF Trainer does."""
+    params = trainable(model)
+    decay = [p for p in params.values() if p.ndim >= 2]
+    flat = [p for p in params.values() if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": flat, "weight_decay": 0.0}) if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr), list(params)
+
+
+def _restore(cfg: TrainConfig, model, optimizer, names: list[str], start: int) -> int:
+    """Load the trained tensors and optimizer state of checkpoint `start`; returns the tokens seen."""
+    path = step_dir(Path(cfg.out), start)
+    if cfg.strategy in LORA:
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(model, io.read_tensors(path / ADAPTER))
+    else:
+        load_tensors(model, io.read_tensors(path / TENSORS), str(path))
+    recorded = io.read_json(path / META).get("sha256") or {}
+    return resume.restore(optimizer, path, names, recorded)["tokens_seen"]
+
+
+def _meta(cfg: TrainConfig, fingerprint: str, step: int, loss: float | None, tokens_seen: int) -> dict:
+    """A checkpoint's meta.json fields (`write_checkpoint` adds its kind and checksums)."""
+    return dict(step=step, train_loss=loss, tokens_seen=tokens_seen if step else 0,
+                base_fingerprint=fingerprint, strategy=cfg.strategy)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class _Progress:
+    """What changes from step to step, declared in one place (the `_Run` itself never changes)."""
+    tokens: int                      # real tokens seen so far, every process's
+    last_saved: int                  # the latest checkpoint on disk
+    rows: list[dict] = field(default_factory=list)  # train_log rows not written yet
+    flushed_at: float = field(default_factory=time.perf_counter)
+    peak_memory: int = 0             # bytes, see `_Loop._sample_memory`
+
+
+class _Loop:
+    """The optimizer steps of one `_Run`: the log, the checkpoints and the health watch."""
+
+    def __init__(self, run: _Run, on_step: OnStep | None):
+        self.run, self.cfg, self.acc = run, run.cfg, run.acc
+        self.on_step = on_step
+        self.saves = set(run.cfg.save_step_list())
+        self.progress = _Progress(tokens=run.tokens_seen, last_saved=run.start)
         self.process = psutil.Process()
-        self.lock_fd: int | None = None  # see runfolder.lock
+        self.monitor = _monitor(run)
 
-    # ---- setup
-    def execute(self) -> Path:
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-        from cogprobe.blocks import find_blocks
-        from cogprobe.models import load_model, model_fingerprint, model_source
-        cfg = self.cfg
-        # bf16 is our own autocast, not Accelerator(mixed_precision=...): accelerate's state is a
-        # process-wide singleton that refuses a second run with another precision in one process.
-        self.acc = Accelerator(cpu=on_cpu(), **tracking.accelerator_kwargs(cfg.report_to, self.out))
-        self.micro = self._micro_batch()
-        self._check_resumable()
-        set_seed(cfg.seed)
-        model, tok = load_model(cfg.model)
-        check_isolation(model)  # packed examples must not see each other: fail before any work
-        self.fingerprint = model_fingerprint(model_source(model))
-        blocks = find_blocks(model)
-        self.layers = cfg.resolved_layers(blocks.n)
-        self.stream = self._data(tok)  # before claiming `out`: bad data leaves no folder behind
-        if self.acc.is_main_process:
-            self.lock_fd = lock(self.out)
-        start = claim(self.out, cfg, self.fingerprint, main=self.acc.is_main_process)
-        self.acc.wait_for_everyone()
-        if start is None:
-            return self.out
-        model = self._strategy(model)
-        optimizer = self._optimizer(model)
-        self.tokens = 0
-        if start > 0:
-            self._restore(model, optimizer, start)
-        elif self.acc.is_main_process:
-            io.write_json(self.out / "manifest.json",
-                          manifest(cfg, model, blocks, self.layers, self.fingerprint, self.corpus_info))
-            write_checkpoint(self.out, 0, None, "base", self._meta(0, None))
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        tracking.start(self.acc, dataclasses.asdict(cfg))
-        try:
-            self._loop(start)
-        finally:
-            self.acc.end_training()
-        return self.out
-
-    def _micro_batch(self) -> int:
-        """Sequences per process per micro-batch: the global `batch_size` split evenly."""
-        b, n = self.cfg.batch_size, self.acc.num_processes
-        if b % n:
-            raise CogprobeError(f"--batch-size {b} is the global batch and does not split over {n} processes; "
-                                f"pass a multiple of {n}")
-        return b // n
-
-    def _strategy(self, model):
-        from cogprobe.strategies import LoraSpec, apply
-        cfg = self.cfg
-        spec = LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                        tuple(cfg.lora_targets) if cfg.lora_targets else None)
-        model = apply(model, cfg.strategy, self.layers, lora=spec,
-                      train_embeddings=cfg.train_embeddings, train_head=cfg.train_head)
-        model.train()
-        self.is_lora = cfg.strategy in LORA
-        self.n_trainable = n_trainable(model)
-        return model
-
-    def _data(self, tok):
-        from cogprobe.corpora import load_corpus, split_corpus, split_overlap
-        from cogprobe.data import KINDS, PackedStream, tokenize
-        cfg = self.cfg
-        corpus = load_corpus(cfg.corpus, pivot_col=cfg.pivot_col, target_col=cfg.target_col,
-                             document_col=cfg.document_col, pivot_name=cfg.pivot_name,
-                             target_name=cfg.target_name)
-        splits = split_corpus(corpus, seed=cfg.split_seed, dev=cfg.dev, test=cfg.test,
-                              by_document=cfg.split_by_document)
-        weights = cfg.mixture()
-        texts = tokenize(tok, splits.train, seq_len=cfg.seq_len, max_sentence_tokens=cfg.max_sentence_tokens,
-                         kinds=tuple(k for k in KINDS if weights[k] > 0), loss_on=cfg.loss_on)
-        self.corpus_info = dict(spec=str(cfg.corpus), pivot_name=corpus.pivot_name,
-                                target_name=corpus.target_name, n_pairs=len(corpus),
-                                n_train_pairs=len(splits.train), n_dev_pairs=len(splits.dev),
-                                n_test_pairs=len(splits.test), split_overlap=split_overlap(splits))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return PackedStream(texts, weights, cfg.seq_len, cfg.seed, pad_id=pad)
-
-    def _optimizer(self, model) -> torch.optim.AdamW:
-        """AdamW; weight decay on matrices only (not on biases and norm gains), as HF Trainer does."""
-        params = trainable(model)
-        self.param_names = list(params)
-        decay = [p for p in params.values() if p.ndim >= 2]
-        flat = [p for p in params.values() if p.ndim < 2]
-        groups = [g for g in ({"params": decay, "weight_decay": self.cfg.weight_decay},
-                              {"params": flat, "weight_decay": 0.0}) if g["params"]]
-        return torch.optim.AdamW(groups, lr=self.cfg.lr)
-
-    def _check_resumable(self) -> None:
-        """Under FSDP no resume state is saved, so `--resume` would silently start over: refuse it."""
-        from accelerate.utils import DistributedType
-        if self.cfg.resume and self.acc.distributed_type == DistributedType.FSDP:
-            raise CogprobeError("--resume is not supported under FSDP (its optimizer state is sharded and not "
-                                "saved); rerun with --overwrite, or without FSDP")
-
-    def _restore(self, model, optimizer, start: int) -> None:
-        """Load the trained tensors and optimizer state of checkpoint `start`."""
-        path = step_dir(self.out, start)
-        if self.is_lora:
-            from peft import set_peft_model_state_dict
-            set_peft_model_state_dict(model, io.read_tensors(path / ADAPTER))
-        else:
-            load_tensors(model, io.read_tensors(path / TENSORS), str(path))
-        state = load_optimizer_state(optimizer, path, self.param_names)
-        self.tokens = state["tokens_seen"]
-
-    # ---- the loop
-    def _loop(self, start: int) -> None:
+    def execute(self) -> None:
         from tqdm.auto import tqdm
-        cfg, acc = self.cfg, self.acc
-        saves = set(cfg.save_step_list())
-        self.last_saved = start
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.strategy}", unit="step",
+        cfg, acc, progress = self.cfg, self.acc, self.progress
+        bar = tqdm(total=cfg.steps, initial=self.run.start, desc=f"train {cfg.strategy}", unit="step",
                    disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self.monitor = self._monitor(start)
         try:
-            for step in range(start + 1, cfg.steps + 1):
+            for step in range(self.run.start + 1, cfg.steps + 1):
                 t0 = time.perf_counter()
                 try:
                     loss, grad_norm, lr, (n_tokens, n_labels) = self._step(step)
@@ -206,33 +277,29 @@ class _Run:
                     self._record_health(dict(step=step, kind="non-finite", message=e.summary))
                     raise
                 seconds = time.perf_counter() - t0
-                self.tokens += n_tokens
-                self.log_rows.append(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens,
+                progress.tokens += n_tokens
+                progress.rows.append(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=progress.tokens,
                                           step_tokens=n_tokens, loss_tokens=n_labels, seconds=seconds))
-                acc.log({f"train/{k}": v for k, v in self.log_rows[-1].items() if k != "step"}, step=step)
+                acc.log({f"train/{k}": v for k, v in progress.rows[-1].items() if k != "step"}, step=step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{n_tokens / seconds:.0f}",
                                 **({"health": "DIVERGED"} if self.monitor.warned else {}))
-                self._watch(step, loss, grad_norm)
-                if self.on_step is not None:
-                    self.on_step(step, acc.unwrap_model(self.model), loss)
-                if step in saves:
-                    self._save(step, loss, final=step == cfg.steps)
-                elif len(self.log_rows) >= 50 or time.perf_counter() - self.flushed_at > 30:
-                    self._flush()
+                self._after(step, loss, grad_norm)
         finally:
             bar.close()
             self._flush()
 
-    # ---- health (see `health`)
-    def _monitor(self, start: int) -> health.Monitor:
-        """A divergence monitor; a resumed run's continues from its log (first loss) and manifest (warned)."""
-        if start == 0:
-            return health.Monitor()
-        first = io.read_parquet(self.out / LOG).query("step == 1")["loss"]
-        warned = any(e["kind"] == "divergence" for e in health.events(io.read_json(self.out / MANIFEST)))
-        return health.Monitor(float(first.iloc[0]) if len(first) else None, warned)
+    def _after(self, step: int, loss: float, grad_norm: float) -> None:
+        """After a step is logged: the health watch, the caller's hook, then a checkpoint or a flush."""
+        self._watch(step, loss, grad_norm)
+        if self.on_step is not None:
+            self.on_step(step, self.acc.unwrap_model(self.run.model), loss)
+        if step in self.saves:
+            self._save(step, loss, final=step == self.cfg.steps)
+        elif len(self.progress.rows) >= 50 or time.perf_counter() - self.progress.flushed_at > 30:
+            self._flush()
 
+    # ---- health (see `health`)
     def _watch(self, step: int, loss: float, grad_norm: float) -> None:
         message = self.monitor.update(step, loss, grad_norm)
         if message is None:
@@ -240,7 +307,8 @@ class _Run:
         self._record_health(dict(step=step, kind="divergence", loss=loss, grad_norm=grad_norm, message=message))
         if self.cfg.on_divergence == "stop":
             raise health.Diverged(f"{message}; training stopped (--on-divergence stop); checkpoints up to "
-                                  f"step-{self.last_saved} are kept in {self.out}; rerun with --overwrite")
+                                  f"step-{self.progress.last_saved} are kept in {self.run.out}; "
+                                  "rerun with --overwrite")
         if self.acc.is_main_process:
             from tqdm.auto import tqdm
             tqdm.write(f"cogprobe: warning: {message} (recorded in manifest.json; --on-divergence stop stops the run "
@@ -248,25 +316,27 @@ class _Run:
 
     def _record_health(self, event: dict) -> None:
         if self.acc.is_main_process:
-            health.record(self.out, event)
+            health.record(self.run.out, event)
 
+    # ---- one step
     def _rows_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.grad_accum
 
     def _step(self, step: int) -> tuple[float, float, float, tuple[int, int]]:
         """One optimizer step over grad_accum micro-batches; (loss, grad norm, lr, (tokens, labels))
         with the step's real (not padding) tokens and loss tokens over every process."""
-        cfg, acc, model = self.cfg, self.acc, self.model
+        cfg, acc, run = self.cfg, self.acc, self.run
+        model, optimizer, stream = run.model, run.optimizer, run.stream
         lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps(), cfg.schedule)
-        for group in self.optimizer.param_groups:
+        for group in optimizer.param_groups:
             group["lr"] = lr
-        rank, b = acc.process_index, self.micro
+        rank, b = acc.process_index, run.micro
         torch.manual_seed((cfg.seed * 1_000_003 + step) * 1024 + rank)  # dropout: a function of the step
         first_row = (step - 1) * self._rows_per_step()
-        everything = self.stream.rows(first_row, self._rows_per_step())  # every process's rows: a pure function
+        everything = stream.rows(first_row, self._rows_per_step())  # every process's rows: a pure function
         total = torch.zeros((), device=acc.device)
         for j in range(cfg.grad_accum):
-            rows = self.stream.rows(first_row + j * cfg.batch_size + rank * b, b)
+            rows = stream.rows(first_row + j * cfg.batch_size + rank * b, b)
             batch = {k: v.to(acc.device) for k, v in rows.batch().items()}
             # Each micro-batch's mean loss weighted by its share of the step's loss tokens (times the
             # process count, which DDP's gradient averaging divides out): the gradient of the step's
@@ -283,46 +353,39 @@ class _Run:
         mean = acc.reduce(total, "sum").item()
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm else float("inf")
         grad_norm = float(acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm))
-        health.check_finite(step, mean, grad_norm, self.last_saved, self.out)
-        self.optimizer.step()
+        health.check_finite(step, mean, grad_norm, self.progress.last_saved, run.out)
+        optimizer.step()
         self._sample_memory()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         return mean, grad_norm, lr, (everything.n_tokens, everything.n_labels)
 
     def _sample_memory(self) -> None:
         """Peak memory: on CPU the largest RSS sampled after each forward pass (activations alive),
         backward pass (gradients) and optimizer step (its state); on GPU CUDA's own peak."""
-        if torch.cuda.is_available():
-            self.peak_memory = max(self.peak_memory, torch.cuda.max_memory_allocated())
-        else:
-            self.peak_memory = max(self.peak_memory, self.process.memory_info().rss)
+        now = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else self.process.memory_info().rss
+        self.progress.peak_memory = max(self.progress.peak_memory, now)
 
     # ---- writing
-    def _meta(self, step: int, loss: float | None) -> dict:
-        return dict(step=step, train_loss=loss, tokens_seen=self.tokens if step else 0,
-                    base_fingerprint=self.fingerprint, strategy=self.cfg.strategy)
-
     def _save(self, step: int, loss: float, final: bool) -> None:
         """Checkpoint `step` (main process); resume state too unless it is the last step (or FSDP)."""
-        acc = self.acc
+        run, acc = self.run, self.acc
         state = self._gathered_state()
         if acc.is_main_process:
             self._flush()  # first, so a checkpoint on disk always has its log rows
-            model = acc.unwrap_model(self.model)
-            resume = None
+            model = acc.unwrap_model(run.model)
+            saved = None
             if not final and state is None:
-                tensors, info = optimizer_state(self.optimizer, self.param_names)
-                resume = (tensors, dict(info, step=step, tokens_seen=self.tokens))
-            if self.is_lora:
-                write_checkpoint(self.out, step, model, "lora", self._meta(step, loss), resume=resume,
-                                 state_dict=state)
+                saved = resume.capture(run.optimizer, list(run.param_names), step=step,
+                                       tokens_seen=self.progress.tokens)
+            meta = _meta(self.cfg, run.fingerprint, step, loss, self.progress.tokens)
+            if run.is_lora:
+                write_checkpoint(run.out, step, model, "lora", meta, resume_state=saved, state_dict=state)
             else:
                 tensors = trainable_tensors(model) if state is None else state
-                write_checkpoint(self.out, step, None, "tensors", self._meta(step, loss), resume=resume,
-                                 tensors=tensors)
-            drop_resume_state(self.out, keep=None if final or state is not None else step)
+                write_checkpoint(run.out, step, None, "tensors", meta, resume_state=saved, tensors=tensors)
+            resume.drop(own_steps(run.out), keep=None if final or state is not None else step)
         acc.wait_for_everyone()
-        self.last_saved = step
+        self.progress.last_saved = step
 
     def _gathered_state(self) -> dict[str, torch.Tensor] | None:
         """Under FSDP, the trainable tensors gathered whole on the main process (every process must
@@ -330,16 +393,26 @@ class _Run:
         from accelerate.utils import DistributedType
         if self.acc.distributed_type != DistributedType.FSDP:
             return None
-        full = self.acc.get_state_dict(self.model)
+        full = self.acc.get_state_dict(self.run.model)
         if not self.acc.is_main_process:
             return None
-        return {n: full[n].detach().to("cpu").contiguous() for n in self.param_names}
+        return {n: full[n].detach().to("cpu").contiguous() for n in self.run.param_names}
 
     def _flush(self) -> None:
-        if not self.acc.is_main_process or not self.log_rows:
+        progress = self.progress
+        if not self.acc.is_main_process or not progress.rows:
             return
-        io.append_parquet(self.out / LOG, pd.DataFrame(self.log_rows))
-        self.log_rows = []
-        self.flushed_at = time.perf_counter()
-        write_cost(self.out, self.n_trainable, self.optimizer, self.peak_memory,
+        io.append_parquet(self.run.out / TRAIN_LOG, pd.DataFrame(progress.rows))
+        progress.rows.clear()
+        progress.flushed_at = time.perf_counter()
+        write_cost(self.run.out, self.run.n_trainable, self.run.optimizer, progress.peak_memory,
                    "cuda" if torch.cuda.is_available() else "rss")
+
+
+def _monitor(run: _Run) -> health.Monitor:
+    """A divergence monitor; a resumed run's continues from its log (first loss) and manifest (warned)."""
+    if run.start == 0:
+        return health.Monitor()
+    first = io.read_parquet(run.out / TRAIN_LOG).query("step == 1")["loss"]
+    warned = any(e["kind"] == "divergence" for e in health.events(io.read_json(run.out / MANIFEST)))
+    return health.Monitor(float(first.iloc[0]) if len(first) else None, warned)

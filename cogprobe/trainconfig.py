@@ -15,59 +15,65 @@ from pathlib import Path
 import numpy as np
 
 from cogprobe.errors import CogprobeError
+from cogprobe.knob import knob
+from cogprobe.layersets import resolve
 from cogprobe.strategies import LAYERED, LORA, STRATEGIES
 
 SCHEDULES = ("cosine", "linear", "constant")
 ON_DIVERGENCE = ("warn", "stop")  # what a diverging loss does: see cogprobe/health.py
 # Fields that change how a run executes but not what it computes.
-NOT_IDENTITY = ("out", "resume", "overwrite", "threads", "progress", "report_to", "on_divergence")
+EXECUTION_ONLY = ("out", "resume", "overwrite", "threads", "progress", "report_to", "on_divergence")
 
 
 @dataclass
 class TrainConfig:
-    model: str | Path          # "smollm2-135m", an HF model folder or a .gguf file
-    corpus: str | Path         # elotl name (axolotl, tsunkua, kolo) or a CSV/TSV/JSONL path
-    out: str | Path            # the run folder
-    strategy: str              # full | layers | lora | lora-layers
-    layers: str | list[int] | None = None  # for layers / lora-layers: "0-3,26-29", "cogsym", "cogsym:0.5", selection.json
-    steps: int = 100           # optimizer steps
-    batch_size: int = 8        # sequences per micro-batch, all processes together (the global batch)
-    grad_accum: int = 1        # micro-batches per optimizer step
-    seq_len: int = 128         # tokens per packed sequence
-    lr: float = 3e-4           # peak learning rate
-    warmup: float = 0.05       # warm-up steps; below 1, a fraction of `steps`
-    schedule: str = "cosine"   # after warm-up: cosine | linear (both to 0) | constant
-    weight_decay: float = 0.0  # AdamW decay on weight matrices (never biases or norms)
-    max_grad_norm: float | None = 1.0  # gradient clipping; None or 0: off
-    save_steps: str | list[int] = "log:8"  # "0,10,20,40", a list, or "log:N" (N log-spaced); 0 and the last step always
-    seed: int = 0              # data order, LoRA init and dropout
-    bf16: bool = False         # bf16 autocast (weights and optimizer stay fp32)
-    threads: int | None = None  # torch.set_num_threads for the run
-    lora_r: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.05
-    lora_targets: list[str] | None = None  # module names; default: every linear module in the blocks
-    train_embeddings: bool = False  # strategy layers: also train the input embeddings
-    train_head: bool = False   # strategy layers: also train the final norm and LM head
-    mix_perception: float = 1.0  # mixture weights of the training examples: target -> pivot,
-    mix_production: float = 1.0  # pivot -> target,
-    mix_plain: float = 1.0     # and the target sentence alone
-    max_sentence_tokens: int = 64  # a pair longer than this on a side is cut as a whole (both sides alike)
-    loss_on: str = "continuation"  # continuation (translated side of translation examples + plain text) | all
-    pivot_col: str | None = None
-    target_col: str | None = None
-    document_col: str | None = None
-    pivot_name: str | None = None
-    target_name: str | None = None
-    split_seed: int = 0        # seed of the train/dev/test split (the evaluation's `seed`)
-    dev: float = 0.05          # dev split: a fraction or a pair count
-    test: float = 0.05         # test split: a fraction or a pair count
-    split_by_document: bool = False  # keep each document inside one split
-    resume: bool = False       # continue an interrupted run from its last checkpoint
-    overwrite: bool = False    # replace a different run in `out`
-    progress: bool = True      # show a progress bar
-    report_to: str = "none"    # experiment trackers through accelerate: none, tensorboard, wandb, mlflow, all, or a comma list
-    on_divergence: str = "warn"  # warn | stop: what a diverging loss does (see cogprobe/health.py)
+    model: str | Path = knob(help='"smollm2-135m", an HF model folder or a .gguf file')
+    corpus: str | Path = knob(help="elotl name (axolotl, tsunkua, kolo) or a CSV/TSV/JSONL path")
+    out: str | Path = knob(help="the run folder")
+    strategy: str = knob(help="full | layers | lora | lora-layers")
+    layers: str | list[int] | None = knob(None,
+        'for layers / lora-layers: "0-3,26-29", "cogsym", "cogsym:0.5", selection.json')
+    steps: int = knob(100, "optimizer steps")
+    batch_size: int = knob(8, "sequences per micro-batch, all processes together (the global batch)")
+    grad_accum: int = knob(1, "micro-batches per optimizer step")
+    seq_len: int = knob(128, "tokens per packed sequence")
+    lr: float = knob(3e-4, "peak learning rate")
+    warmup: float = knob(0.05, "warm-up steps; below 1, a fraction of `steps`")
+    schedule: str = knob("cosine", "after warm-up: cosine | linear (both to 0) | constant")
+    weight_decay: float = knob(0.0, "AdamW decay on weight matrices (never biases or norms)")
+    max_grad_norm: float | None = knob(1.0, "gradient clipping; None or 0: off")
+    save_steps: str | list[int] = knob("log:8",
+        '"0,10,20,40", a list, or "log:N" (N log-spaced); 0 and the last step always')
+    seed: int = knob(0, "data order, LoRA init and dropout")
+    bf16: bool = knob(False, "bf16 autocast (weights and optimizer stay fp32)")
+    threads: int | None = knob(None, "torch.set_num_threads for the run")
+    lora_r: int = knob(8, "LoRA rank")
+    lora_alpha: float = knob(16, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)")
+    lora_dropout: float = knob(0.05, "dropout on the LoRA input")
+    lora_targets: list[str] | None = knob(None, "module names; default: every linear module in the blocks")
+    train_embeddings: bool = knob(False, "strategy layers: also train the input embeddings")
+    train_head: bool = knob(False, "strategy layers: also train the final norm and LM head")
+    mix_perception: float = knob(1.0, "mixture weight of translation examples target -> pivot")
+    mix_production: float = knob(1.0, "mixture weight of translation examples pivot -> target")
+    mix_plain: float = knob(1.0, "mixture weight of the target sentence alone")
+    max_sentence_tokens: int = knob(64, "a pair longer than this on a side is cut as a whole (both sides alike)")
+    loss_on: str = knob("continuation", "continuation (translated side of translation examples + plain text) | all")
+    pivot_col: str | None = knob(None, "corpus files: column of the pivot language")
+    target_col: str | None = knob(None, "corpus files: column of the new language")
+    document_col: str | None = knob(None,
+        "corpus files: column naming each pair's document (splits and samples stratify by it)")
+    pivot_name: str | None = knob(None, "name of the pivot language in the prompts (default: the corpus's)")
+    target_name: str | None = knob(None, "name of the new language in the prompts (default: the corpus's)")
+    split_seed: int = knob(0, "seed of the train/dev/test split")
+    dev: float = knob(0.05, "dev split: a fraction or a pair count")
+    test: float = knob(0.05, "test split: a fraction or a pair count")
+    split_by_document: bool = knob(False, "keep each document inside one split")
+    resume: bool = knob(False, "continue an interrupted run from its last checkpoint")
+    overwrite: bool = knob(False, "replace a different run in `out`")
+    progress: bool = knob(True, "show a progress bar")
+    report_to: str = knob("none",
+        "experiment trackers through accelerate: none, tensorboard, wandb, mlflow, all, or a comma list")
+    on_divergence: str = knob("warn", "warn | stop: what a diverging loss does (see cogprobe/health.py)")
 
     def __post_init__(self):
         self._check_strategy()
@@ -123,18 +129,15 @@ class TrainConfig:
         return int(self.warmup) if self.warmup >= 1 else round(self.warmup * self.steps)
 
     def resolved_layers(self, n_layers: int) -> list[int] | None:
-        from cogprobe.layersets import resolve
         return resolve(self.layers, n_layers) if self.strategy in LAYERED else None
 
     def save_step_list(self) -> list[int]:
         """The steps to checkpoint, sorted; always with 0 (the base) and the last step."""
         spec = self.save_steps
         if isinstance(spec, str) and spec.startswith("log:"):
-            try:
-                n = int(spec[4:])
-                assert n >= 1
-            except (ValueError, AssertionError):
-                raise CogprobeError(f"save_steps={spec!r}: write log:N with N >= 1 (e.g. log:8)") from None
+            n = int(spec[4:]) if spec[4:].strip().isdigit() else 0
+            if n < 1:
+                raise CogprobeError(f"save_steps={spec!r}: write log:N with N >= 1 (e.g. log:8)")
             steps = {int(round(x)) for x in np.geomspace(1, self.steps, n)}
         else:
             try:
@@ -153,7 +156,7 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """What makes two runs the same run (execution-only fields left out)."""
-        return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_ONLY}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cogprobe import intervals
+from cogprobe import intervals, layout
 from cogprobe.tasks import TASKS
 
 BAR = 0.03        # the paper's "within 2-3% of full fine-tuning", as a relative deviation
@@ -33,7 +33,7 @@ def comparison_table(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) ->
     out = []
     for task in TASKS:
         for strategy, seed in rows:
-            arm, full = f"{strategy}-s{seed}", f"full-s{seed}"
+            arm, full = layout.arm(strategy, seed), layout.arm("full", seed)
             names = list(dict.fromkeys([arm, "base", full]))
             data = intervals.arms(scores, [n for n in names if n in set(scores["arm"])], task=task)
             if arm not in data:
@@ -45,7 +45,7 @@ def comparison_table(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) ->
                                                           {k: data[k] for k in dict.fromkeys((arm, full))}, **kw)
             if strategy == "cogsym" and full in data:
                 for control in CONTROLS:
-                    other = f"{control}-s{seed}"
+                    other = layout.arm(control, seed)
                     both = intervals.arms(scores, [arm, other, "base", full], task=task) \
                         if other in set(scores["arm"]) else None
                     if both:
@@ -90,12 +90,12 @@ def across_seeds(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) -> pd.
     statistics = {"nll": lambda m: m["row"], "share": lambda m: (m["base"] - m["row"]) / (m["base"] - m["full"]),
                   "rel_deviation": lambda m: (m["row"] - m["full"]) / m["full"]}
     for strategy, seeds in by_strategy.items():
-        seeds = [s for s in seeds if {f"{strategy}-s{s}", f"full-s{s}"} <= present]
+        seeds = [s for s in seeds if {layout.arm(strategy, s), layout.arm("full", s)} <= present]
         if len(seeds) < 2 or "base" not in present:
             continue
         for task in TASKS:
             data = [dict(zip(("row", "base", "full"), intervals.arms(
-                scores, [f"{strategy}-s{s}", "base", f"full-s{s}"], task=task).values())) for s in seeds]
+                scores, [layout.arm(strategy, s), "base", layout.arm("full", s)], task=task).values())) for s in seeds]
             if strategy == "full":
                 data = [dict(d, full=d["row"]) for d in data]
             for quantity, f in statistics.items():
@@ -160,8 +160,8 @@ def ends_sentence(rows: pd.DataFrame, k: int, **kw) -> str:
     if any(r.empty for r in at.values()):
         return f"k = {k} was not swept from both ends"
     if "example_nll" not in rows.columns:
-        return (f"with k = {k} blocks reverted, {at['input']['gain_retained'].iloc[0]:.0%} of the gain remains "
-                f"(input end) and {at['output']['gain_retained'].iloc[0]:.0%} (output end); no per-example scores, "
+        return (f"with k = {k} blocks reverted, {at['input']['share'].iloc[0]:.0%} of the gain remains "
+                f"(input end) and {at['output']['share'].iloc[0]:.0%} (output end); no per-example scores, "
                 "so no intervals")
     first = at["input"].iloc[0]
     tokens = np.asarray(first["example_tokens"], float)

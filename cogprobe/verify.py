@@ -21,14 +21,15 @@ from pathlib import Path
 from typing import Callable
 
 from cogprobe import io
-from cogprobe.checkpoints import CHECKPOINTS, MANIFEST, META, problems, step_dir, step_folders
 from cogprobe.artifacts import damaged
+from cogprobe.checkpoints import CHECKPOINTS, META, problems, step_dir, step_folders
 from cogprobe.errors import CogprobeError
-from cogprobe.runfolder import COST, LOG
+from cogprobe.layout import (ACTIVATIONS, BASELINE, COMPARE, COST, MANIFEST, RUNS, STUDY, SWEEPS, TRAIN_LOG, arm,
+                             metadata)
+from cogprobe.trainconfig import EXECUTION_ONLY
 
-STUDY = "study.json"
-TABLES = {"sweeps.parquet": ["checkpoint_step", "task", "direction", "mode", "k", "ends"],
-          "activations.parquet": ["checkpoint_step", "layer", "site", "stat", "task"]}
+TABLES = {SWEEPS: ["checkpoint_step", "task", "direction", "mode", "k", "ends"],
+          ACTIVATIONS: ["checkpoint_step", "block", "site", "stat", "task"]}
 Problems = list[str]
 
 
@@ -73,7 +74,7 @@ def _log_and_cost(run: Path, metas: dict[int, dict], manifest: dict | None) -> P
     once and agrees with the checkpoints; a finished run's cost.json counts the log's steps."""
     found: Problems = []
     trained = any(metas)
-    log = _read(found, io.read_parquet, run / LOG) if trained or (run / LOG).exists() else None
+    log = _read(found, io.read_parquet, run / TRAIN_LOG) if trained or (run / TRAIN_LOG).exists() else None
     cost = _read(found, io.read_json, run / COST) if trained or (run / COST).exists() else None
     if log is not None:
         found += _log_problems(run, log, metas)
@@ -110,7 +111,7 @@ def _checkpoints(run: Path, manifest: dict | None, found: Problems) -> dict[int,
 
 
 def _log_problems(run: Path, log, metas: dict[int, dict]) -> Problems:
-    path, steps = run / LOG, list(log["step"])
+    path, steps = run / TRAIN_LOG, list(log["step"])
     if steps != list(range(1, len(steps) + 1)):
         return [str(damaged(path, "does not hold every step once, in order"))]
     losses = dict(zip(log["step"], log["loss"]))
@@ -154,7 +155,7 @@ def verify_tables(folder: Path, run: tuple[set[int], dict | None] | None) -> Pro
         if not path.exists():
             continue
         table = _read(found, io.read_parquet, path)
-        meta = _read(found, io.read_json, Path(f"{path}.json"))
+        meta = _read(found, io.read_json, metadata(path))
         if table is None or meta is None:
             continue
         if table.duplicated(key).any():
@@ -166,11 +167,10 @@ def verify_tables(folder: Path, run: tuple[set[int], dict | None] | None) -> Pro
 
 def _same_run(path: Path, table, meta: dict, steps: set[int], manifest: dict | None) -> Problems:
     """A table in a run folder holds rows of that run's checkpoints, computed from that run's config."""
-    from cogprobe.trainconfig import NOT_IDENTITY
     found = []
     source = meta.get("source", {})
     if manifest is not None and "run" in source:
-        config = {k: v for k, v in manifest["config"].items() if k not in NOT_IDENTITY}
+        config = {k: v for k, v in manifest["config"].items() if k not in EXECUTION_ONLY}
         if source["run"] != config or source.get("base") != manifest["base"]["fingerprint"]:
             found.append(str(damaged(path, "was computed from another run than this folder's")))
     stray = sorted(int(s) for s in set(table["checkpoint_step"]) - steps)
@@ -185,18 +185,18 @@ def _same_run(path: Path, table, meta: dict, steps: set[int], manifest: dict | N
 def verify_study(study: Path) -> Problems:
     found: Problems = []
     _read(found, io.read_json, study / STUDY)
-    if (study / "baseline.csv").exists():
-        _read(found, io.read_csv, study / "baseline.csv")
-    compare = _read(found, io.read_parquet, study / "compare.parquet") if (study / "compare.parquet").exists() else None
+    if (study / BASELINE).exists():
+        _read(found, io.read_csv, study / BASELINE)
+    compare = _read(found, io.read_parquet, study / COMPARE) if (study / COMPARE).exists() else None
     found += _selections(study)
     found += verify_tables(study, None)
-    runs = sorted(p for p in (study / "runs").iterdir() if p.is_dir()) if (study / "runs").is_dir() else []
+    runs = sorted(p for p in (study / RUNS).iterdir() if p.is_dir()) if (study / RUNS).is_dir() else []
     for run in runs:
         found += verify_run(run)
     if compare is not None and "seed" in compare:
         names = {p.name for p in runs}
         for strategy, seed in zip(compare["strategy"], compare["seed"]):
-            if f"{strategy}-s{seed}" not in names:
-                found.append(str(damaged(study / "compare.parquet", f"has a row for {strategy}-s{seed}, whose run "
-                                                                    "folder is missing")))
+            if arm(strategy, seed) not in names:
+                found.append(str(damaged(study / COMPARE, f"has a row for {arm(strategy, seed)}, whose run "
+                                                          "folder is missing")))
     return found

@@ -20,6 +20,7 @@ BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import capture_bench  # noqa: E402
+import probe_path  # noqa: E402
 import common  # noqa: E402
 import sweep_bench  # noqa: E402
 import tuning_bench  # noqa: E402
@@ -39,10 +40,9 @@ def tiny_run(tmp_path_factory):
 
 def test_a_tiny_run_leaves_the_published_tables_alone(tiny_run):
     results, stdout = tiny_run
-    assert sorted(p.name for p in results.iterdir()) == ["capture.csv", "latest.md", "sweeps.csv", "tuning.csv"]
-    assert str(BENCH / "results") not in stdout
-    for csv in (BENCH / "results").glob("*.csv"):  # (a real run may be writing there meanwhile)
-        assert not pd.read_csv(csv)["tiny"].any(), f"{csv} holds rows of a --tiny run"
+    assert sorted(p.name for p in results.iterdir()) == ["capture.csv", "latest.md", "probe_path.csv", "sweeps.csv",
+                                                         "tuning.csv"]
+    assert str(BENCH / "results") not in stdout   # every table went to --out
 
 
 def _table(results: Path, name: str) -> pd.DataFrame:
@@ -50,7 +50,7 @@ def _table(results: Path, name: str) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("name,module", [("capture", capture_bench), ("sweeps", sweep_bench),
-                                         ("tuning", tuning_bench)])
+                                         ("tuning", tuning_bench), ("probe_path", probe_path)])
 def test_tables_have_their_columns_and_the_machine_on_every_row(tiny_run, name, module):
     table = _table(tiny_run[0], name)
     assert list(table.columns) == module.COLUMNS + MACHINE
@@ -97,6 +97,16 @@ def test_tuning_counts_follow_the_strategies(tiny_run):
     assert table["measured_steps"].eq(2).all() and table["sec_per_step"].gt(0).all()
 
 
+def test_probe_path_gives_the_same_answers_both_ways(tiny_run):
+    table = _table(tiny_run[0], "probe_path").set_index("path")
+    assert list(table.index) == ["before", "now"]
+    assert table["identical_sweep_rows"].all() and table["same_set"].all()
+    assert table.loc["before", "search"] == "exhaustive" and table.loc["now", "search"] == "frontier"
+    assert table.loc["before", "candidates_from_sweep"] == 0 < table.loc["now", "candidates_from_sweep"]
+    assert table.loc["now", "candidates_scored"] < table.loc["before", "candidates_scored"] + \
+        table.loc["now", "candidates_from_sweep"]
+
+
 def test_run_all_prints_and_writes_the_targets(tiny_run):
     results, stdout = tiny_run
     latest = (results / "latest.md").read_text()
@@ -135,10 +145,16 @@ def test_peak_memory_sees_a_short_lived_allocation():
     assert mem.extra >= 60 * common.MiB
 
 
-def test_timeit_returns_the_median():
-    calls = iter([0.0, 0.03, 0.01, 0.02])  # warm-up, then three timed calls
-    import time
-    assert 0.015 < common.timeit(lambda: time.sleep(next(calls)), repeats=3, warmup=1) < 0.03
+def test_timeit_returns_the_median(monkeypatch):
+    """On a fake clock each call takes exactly its planted time, so a loaded machine cannot move it."""
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    durations = iter([5.0, 0.03, 0.01, 0.02])  # warm-up (not timed), then three timed calls
+
+    def call():
+        clock[0] += next(durations)
+    assert common.timeit(call, repeats=3, warmup=1) == pytest.approx(0.02)
+    assert common.times(lambda: clock.__setitem__(0, clock[0] + 1.5), repeats=2, warmup=0) == pytest.approx([1.5, 1.5])
 
 
 # ------------------------------------------------------------------ the floor, by hand

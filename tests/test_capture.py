@@ -13,17 +13,9 @@ from cogprobe.blocks import find_blocks
 from cogprobe.capture import COLUMNS, Similarity, capture, write_activations
 from cogprobe.errors import CogprobeError
 from cogprobe.tasks import Example, batches, score
+from helpers import PERTURBED, perturbed_block as perturbed, text_examples as examples
 from tiny import _TEXT, LAYERS, save_tiny, tiny_model, tiny_tokenizer
 
-PERTURBED = 3  # the block changed in the "fine-tuned" checkpoint
-
-
-def examples(tok, n=5, offset=0):
-    out = []
-    for text in (_TEXT * 2)[offset:offset + n]:
-        ids = tok(text).input_ids[:36]
-        out.append(Example(tuple(ids), len(ids) // 2))
-    return out
 
 
 @pytest.fixture(autouse=True)
@@ -48,15 +40,6 @@ def task_batches(tok):
             "production": list(batches(examples(tok, 4, offset=2), 3, 0))}
 
 
-def perturbed(model, block=PERTURBED, scale=0.05, seed=1):
-    other = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in find_blocks(other).layers[block].parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-    return other
-
-
 def assert_same_acts(got, want, mask, atol=1e-4):
     assert sorted(got) == sorted(want)
     real = mask.bool()
@@ -66,7 +49,7 @@ def assert_same_acts(got, want, mask, atol=1e-4):
 
 def table(df, step, site="resid", task="perception"):
     sel = df[(df.checkpoint_step == step) & (df.site == site) & (df.task == task)]
-    return sel.pivot_table(index="layer", columns="stat", values="value")
+    return sel.pivot_table(index="block", columns="stat", values="value")
 
 
 # ---------------------------------------------------------------- backends
@@ -106,13 +89,13 @@ def test_hooks_removed_after_an_error(tok, task_batches):
     def boom(module, args, out):
         raise RuntimeError("boom")
 
-    bomb = blocks.layers[2].register_forward_hook(boom)
+    bomb = blocks.modules[2].register_forward_hook(boom)
     with pytest.raises(RuntimeError, match="boom"):
         run_with_sites(model, task_batches["perception"][0], range(LAYERS), SITES)
     with pytest.raises(RuntimeError, match="boom"):
         capture([(0, model)], task_batches, sites=SITES)
     hooked = [name for name, m in model.named_modules() if m._forward_hooks]
-    assert hooked == ["model.layers.2"] and list(blocks.layers[2]._forward_hooks) == [bomb.id]
+    assert hooked == ["model.layers.2"] and list(blocks.modules[2]._forward_hooks) == [bomb.id]
     bomb.remove()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     # and a normal run leaves none behind either

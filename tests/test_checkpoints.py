@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -13,7 +15,7 @@ from cogprobe.checkpoints import Checkpoints
 from cogprobe.errors import CogprobeError
 from cogprobe.models import load_model, model_fingerprint
 from cogprobe.train import train
-from test_train import config, inputs  # noqa: F401  (the session fixture)
+from helpers import config
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft vs transformers 5
@@ -70,13 +72,13 @@ def test_loads_are_independent_copies(runs):
         a.model.layers[1].mlp.up_proj.weight.zero_()
     b, _ = ckpts.load(4)
     assert not torch.equal(a.model.layers[1].mlp.up_proj.weight, b.model.layers[1].mlp.up_proj.weight)
-    assert not torch.equal(ckpts.base()[0].model.layers[1].mlp.up_proj.weight,
+    assert not torch.equal(ckpts.reference()[0].model.layers[1].mlp.up_proj.weight,
                            a.model.layers[1].mlp.up_proj.weight)
 
 
 def test_changed_tensors(runs):
     layers = Checkpoints.open(runs["layers"][0])
-    names = {n for n, _ in layers.base()[0].named_parameters()}
+    names = {n for n, _ in layers.reference()[0].named_parameters()}
     assert layers.changed_tensors(0) == set()
     assert layers.changed_tensors(4) == {n for n in names if n.startswith(("model.layers.1.", "model.layers.4."))}
     full = Checkpoints.open(runs["full"][0])
@@ -181,3 +183,12 @@ def test_unknown_sources_are_refused(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path / "tok")
     with pytest.raises(CogprobeError, match="neither a model folder"):
         Checkpoints.open([tmp_path / "tok"])
+
+
+def test_reading_checkpoints_does_not_import_the_training_code():
+    """Sweeps, captures and `verify` read checkpoints; how a run was trained must not come with that."""
+    training = ("cogprobe.strategies", "cogprobe.trainconfig", "cogprobe.train", "cogprobe.runfolder")
+    code = f"import sys, cogprobe.checkpoints; print([m for m in {training!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

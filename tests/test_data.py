@@ -12,7 +12,7 @@ from cogprobe.corpora import Corpus, load_corpus, split_corpus
 from cogprobe.data import IGNORE, PackedStream, check_isolation, pack, tokenize
 from cogprobe.errors import CogprobeError
 from cogprobe.tasks import build_examples
-from test_train import write_corpus
+from helpers import write_corpus
 from tiny import FAMILIES, tiny_model, tiny_tokenizer
 
 WEIGHTS = dict(perception=1, production=1, plain=1)

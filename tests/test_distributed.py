@@ -24,7 +24,8 @@ from cogprobe.distributed import World
 from cogprobe.evalset import EvalSet
 from cogprobe.probe import capture_run, sweep_run
 from cogprobe.train import TrainConfig, train
-from test_train import write_corpus
+from helpers import write_corpus
+from helpers import ThreadWorld, run_as_ranks
 from tiny import save_tiny
 
 TRAIN_FLAGS = dict(strategy="full", steps=4, batch_size=4, seq_len=24, lr=1e-2, warmup=0, save_steps="0,2",
@@ -118,39 +119,6 @@ def test_two_process_sweep_and_capture_equal_the_single_process_tables(inputs, s
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # parts merged, gone
 
 
-@dataclass(frozen=True)
-class ThreadWorld(World):
-    """A rank played by a thread: the process barrier becomes a thread barrier."""
-    gate: threading.Barrier | None = None
-
-    def barrier(self) -> None:
-        self.gate.wait(timeout=300)
-
-
-def run_as_ranks(monkeypatch, size: int, fn) -> list:
-    """fn() on `size` threads, each seeing itself as one rank of a `size`-process launch."""
-    gate, ranks, results = threading.Barrier(size), {}, [None] * size
-    monkeypatch.setattr(probe, "world", lambda: ranks[threading.get_ident()])
-
-    def play(rank):
-        ranks[threading.get_ident()] = ThreadWorld(rank, size, torch.device("cpu"), gate)
-        try:
-            results[rank] = fn()
-        except BaseException as err:  # noqa: BLE001  (reported below; a dead rank would hang the others)
-            gate.abort()
-            results[rank] = err
-
-    threads = [threading.Thread(target=play, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return results
-
-
 def test_ranks_write_parts_and_the_main_one_merges_in_single_process_order(inputs, single_run, monkeypatch):
     one, out = inputs["root"] / "order1", inputs["root"] / "order3"
     kw = dict(evalset=EvalSet.for_run(single_run, **EVAL), batch_size=2, log=lambda _: None)
@@ -158,7 +126,7 @@ def test_ranks_write_parts_and_the_main_one_merges_in_single_process_order(input
     expected = pd.read_parquet(one / probe.SWEEPS)
     opened = [probe.open_checkpoints(single_run) for _ in range(3)]  # loading models is not thread-safe
     for c in opened:
-        c.base()
+        c.reference()
     tables = run_as_ranks(monkeypatch, 3, lambda: sweep_run(opened[probe.world().rank], out=out, **kw))
     for table in tables:
         pd.testing.assert_frame_equal(table, expected, check_exact=True)

@@ -15,7 +15,7 @@ from cogprobe.models import load_model
 from cogprobe.probe import sweep_run
 from cogprobe.tasks import CONTROLS, TASKS, derangement, score, sentence_lengths, with_conditional_gain
 from cogprobe.train import TrainConfig, train
-from test_train import write_corpus
+from helpers import write_corpus
 from tiny import save_tiny, tiny_tokenizer
 
 

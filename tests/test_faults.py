@@ -36,30 +36,22 @@ from cogprobe.cli import main
 from cogprobe.studyconfig import StudyConfig
 from cogprobe.train import train
 from cogprobe.trainconfig import TrainConfig
-from test_reliability import corpus_rows, train_argv
+from helpers import SWEEP, Stop, cli, corpus_rows, train_argv
 from tiny import save_tiny
 
-SWEEP = ["--limit", "2"]
 RUN = dict(steps=4, save_steps="0,2,4")
 
 
 # ------------------------------------------------------------------ the folders, built once
 
 
-class Stop(Exception):
-    """Raised from on_step: the run is interrupted like a killed one (its finally blocks run)."""
-
-
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+def inputs(tmp_path_factory, trained_run):
     root = tmp_path_factory.mktemp("faults")
-    model = save_tiny(root / "llama", "llama")
-    corpus = root / "pairs.csv"
-    pd.DataFrame(corpus_rows()).to_csv(corpus, index=False)
+    model, corpus = trained_run["model"], trained_run["corpus"]
     folders = dict(run=root / "run", lora=root / "lora", unfinished=root / "unfinished", study=root / "study")
     inputs = dict(model=model, corpus=corpus, toml=root / "study.toml", folders=folders)
-    run = folders["run"]
-    assert cli(train_argv(model, corpus, run, **RUN)) == 0
+    run = shutil.copytree(trained_run["run"], folders["run"])   # a finished run with RUN's settings
     assert cli(["sweep", run, *SWEEP]) == 0
     assert cli(["capture", run, "--limit", "2"]) == 0
     assert cli(["select", run, "--rule", "curves", "--limit", "2"]) == 0
@@ -178,13 +170,6 @@ CASES = [(a, d, v) for a, (_, _, verbs, _, _) in ARTIFACTS.items() for d in DAMA
 NAMED_OTHERWISE = {("study config", "deleted", "run"): "holds no cogprobe study"}
 
 
-def cli(argv: list) -> int:
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-
-
 def snapshot(folder: Path) -> dict[str, str]:
     """Every path under `folder` with a hash of its bytes (folders: "dir")."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
@@ -233,7 +218,9 @@ def test_damaged_artifact(inputs, tmp_path, capsys, artifact, damage, verb):
 def _one_error_line(capsys, code: int, expected_code: int, pattern: str) -> str:
     import re
     err = capsys.readouterr().err
-    lines = [l for l in err.strip().splitlines() if not l.startswith("waiting for")]
+    # a progress bar redraws itself with carriage returns (one terminal line, cleared on error)
+    lines = [l for l in err.strip().splitlines() if l.strip() and not l.startswith("waiting for")
+             and not re.search(r"\d+%\|", l)]
     assert code == expected_code, err
     assert len(lines) == 1 and lines[0].startswith("cogprobe: ") and re.search(pattern, lines[0]), err
     assert "Traceback" not in err
@@ -388,9 +375,18 @@ def test_signal_stops_cleanly_and_the_rerun_continues(inputs, tmp_path, capsys, 
         return real(self, step, loss, grad_norm)
 
     monkeypatch.setattr(health.Monitor, "update", signalled_at_step_3)
+    # SIGINT as a terminal delivers it (Python's default handler), whatever an earlier test in this process
+    # left installed (a full suite under load once saw this run finish with exit 0: the signal was not raised)
+    found = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     out = tmp_path / "run"
     argv = train_argv(inputs["model"], inputs["corpus"], out, **RUN) + ["--resume"]
-    _one_error_line(capsys, cli(argv), code, rf"interrupted \({sig.name}\); finished work is kept: rerun the same command")
+    try:
+        code_seen = cli(argv)
+    finally:
+        signal.signal(signal.SIGINT, found)
+    assert code_seen == code, f"SIGINT handler found at the start: {found!r}"
+    _one_error_line(capsys, code_seen, code, rf"interrupted \({sig.name}\); finished work is kept: rerun the same command")
     _no_leftovers_under_final_names(out)
     monkeypatch.setattr(health.Monitor, "update", real)
     assert cli(argv) == 0 and _verify_lines(out) == []
@@ -439,7 +435,7 @@ def test_a_damaged_part_file_stops_a_sharded_sweep_in_one_line(inputs, tmp_path,
     2-process sweep truncated and stops with the one-line error before it writes any row."""
     import cogprobe.probe as probe
     from cogprobe.errors import CogprobeError
-    from test_distributed import run_as_ranks
+    from helpers import run_as_ranks
     folder = shutil.copytree(inputs["folders"]["run"], tmp_path / "run")
     (folder / "sweeps.parquet").unlink()
     part = folder / ".sweeps.parquet.part-0-of-2"
@@ -447,7 +443,7 @@ def test_a_damaged_part_file_stops_a_sharded_sweep_in_one_line(inputs, tmp_path,
     before = snapshot(folder)
     opened = [probe.open_checkpoints(folder) for _ in range(2)]  # loading models is not thread-safe
     for c in opened:
-        c.base()
+        c.reference()
     evalset = probe.EvalSet.for_run(folder, n=2)
     with pytest.raises(CogprobeError, match=r"\.sweeps\.parquet\.part-0-of-2 \(the sweep table\) is not a readable "
                                             r"Parquet table .*rebuild it with `cogprobe sweep \S*run --overwrite`"):

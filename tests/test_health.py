@@ -17,8 +17,7 @@ import cogprobe  # noqa: F401  (offline environment before transformers)
 from cogprobe.checkpoints import Checkpoints
 from cogprobe.errors import CogprobeError
 from cogprobe.health import FACTOR, PATIENCE, Monitor, check_healthy
-from test_faults import cli
-from test_reliability import corpus_rows, train_argv
+from helpers import cli, corpus_rows, train_argv
 from tiny import save_tiny
 
 DIVERGING = dict(steps=8, save_steps="0,2,8", lr=1.0, max_grad_norm=0, schedule="constant")

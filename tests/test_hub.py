@@ -79,7 +79,7 @@ def test_embedded_model_through_a_hand_made_cache(tmp_path, monkeypatch):
     assert torch.equal(_logits(ours), _logits(theirs))
 
 
-def test_sweep_cli_over_step_revisions(cache, tmp_path):
+def test_sweep_cli_over_step_revisions(cache, tmp_path, capsys):
     import pandas as pd
     from cogprobe.cli import main
     pd.DataFrame([dict(es=f"la casa {i}", nah=f"in calli {i}") for i in range(40)]).to_csv(tmp_path / "p.csv", index=False)
@@ -89,5 +89,6 @@ def test_sweep_cli_over_step_revisions(cache, tmp_path):
     assert sorted(table["checkpoint_step"].unique()) == [0, 2, 10]
     assert main(["capture", "org/tiny@step2,step10", "--base", "org/tiny", "--out", str(tmp_path / "t"),
                  "--corpus", str(tmp_path / "p.csv"), "--limit", "2"]) == 0
+    assert "capture: 100%" in capsys.readouterr().err   # one bar, ticking per checkpoint
     acts = pd.read_parquet(tmp_path / "t" / "activations.parquet")
     assert {2, 10} <= set(acts["checkpoint_step"].unique())

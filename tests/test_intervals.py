@@ -91,7 +91,7 @@ def test_ends_sentence_names_the_end_that_holds_the_gain():
     noise = lambda: rng.normal(0, 0.05, n) * tokens  # noqa: E731
     ref, ck = 5.0 * tokens + noise(), 4.0 * tokens + noise()
     nll = {"input": 4.1 * tokens + noise(), "output": 4.9 * tokens + noise()}
-    rows = pd.DataFrame([dict(direction=d, k=2, gain_retained=0.0, example_nll=nll[d].tolist(),
+    rows = pd.DataFrame([dict(direction=d, k=2, share=0.0, example_nll=nll[d].tolist(),
                               example_tokens=tokens.tolist(), reference_example_nll=ref.tolist(),
                               checkpoint_example_nll=ck.tolist()) for d in ("input", "output")])
     text = verdicts.ends_sentence(rows, 2)

@@ -42,3 +42,16 @@ def test_append_parquet(tmp_path):
     p = tmp_path / "t.parquet"
     io.append_parquet(p, pd.DataFrame({"a": [1]}))
     assert io.append_parquet(p, pd.DataFrame({"a": [2]}))["a"].tolist() == [1, 2]
+
+
+def test_tables_written_before_a_column_was_renamed_read_with_the_new_names(tmp_path):
+    """Sweeps once had `gain_retained` (now `share`), activations `layer` (now `block`)."""
+    old_sweeps = pd.DataFrame(dict(checkpoint_step=[4], task=["perception"], direction=["input"], mode=["revert"],
+                                   k=[1], ends=[False], nll=[2.0], gain_retained=[0.5]))
+    old_sweeps.to_parquet(tmp_path / "sweeps.parquet")
+    got = io.read_parquet(tmp_path / "sweeps.parquet")
+    assert "gain_retained" not in got.columns and got["share"].tolist() == [0.5]
+    old_acts = pd.DataFrame(dict(checkpoint_step=[0], layer=[3], site=["resid"], stat=["norm"], task=["perception"],
+                                 value=[1.0]))
+    old_acts.to_parquet(tmp_path / "activations.parquet")
+    assert io.read_parquet(tmp_path / "activations.parquet")["block"].tolist() == [3]

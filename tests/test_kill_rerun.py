@@ -31,7 +31,7 @@ import cogprobe  # noqa: F401  (offline environment before transformers)
 from cogprobe.checkpoints import Checkpoints, step_dir
 from cogprobe.cli import main
 from tiny import save_tiny
-from test_reliability import corpus_rows
+from helpers import corpus_rows
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # as the in-process runs (conftest)
 SEED = os.environ.get("COGPROBE_KILL_SEED", "0")  # other values kill at other points (a stress run)
@@ -149,7 +149,7 @@ def test_run_killed_and_rerun_equals_uninterrupted(inputs, tmp_path):
         f'model = "{inputs["model"]}"', f'corpus = "{inputs["corpus"]}"', "steps = 4", "batch_size = 2",
         "seq_len = 32", 'save_steps = "0,2,4"', "eval_pairs = 3", "probe_pairs = 3", "chrf_pairs = 2",
         "max_new_tokens = 4", "max_sentence_tokens = 32", "threads = 1", "isolate_runs = false", "bf16 = false",
-        "lr = 0.003", "lora_lr = 0.003", 'strategies = "full,cogsym,middle"', 'sweep_ks = "0-6"', ""]))
+        "lr = 0.003", "lora_lr = 0.003", 'rows = "full,cogsym,middle"', 'sweep_ks = "0-6"', ""]))
 
     def argv(out):
         return ["run", "--out", out, "--config", toml]
@@ -164,7 +164,7 @@ def test_run_killed_and_rerun_equals_uninterrupted(inputs, tmp_path):
     assert not b.duplicated(["strategy", "seed"]).any()
     pd.testing.assert_frame_equal(a, b, check_exact=True)
     for table, key in [("sweeps.parquet", ["checkpoint_step", "task", "direction", "mode", "k", "ends"]),
-                       ("activations.parquet", ["checkpoint_step", "layer", "site", "stat", "task"])]:
+                       ("activations.parquet", ["checkpoint_step", "block", "site", "stat", "task"])]:
         ta, tb = (pd.read_parquet(folder / table) for folder in (ref, out))
         assert not tb.duplicated(key).any(), table
         pd.testing.assert_frame_equal(ta, tb, check_exact=True)

@@ -12,36 +12,8 @@ from matplotlib.figure import Figure
 from cogprobe import plots
 from cogprobe.errors import CogprobeError
 from cogprobe.io import write_parquet
-
-L = 6
-STEPS = (0, 20, 40, 80)
-REF_NLL = {"perception": 7.0, "production": 6.0}
-
-
-def _weights(task: str, n: int, sharp: float = 4.0) -> np.ndarray:
-    """Where each task's gain lives: perception near the input, production near the output."""
-    pos = np.arange(n) / max(n - 1, 1)
-    w = np.exp(-sharp * pos) if task == "perception" else np.exp(-sharp * (1 - pos))
-    return w / w.sum()
-
-
-def synthetic_sweeps(steps=STEPS, n=L, mode="revert") -> pd.DataFrame:
-    """A sweeps table shaped like `cogprobe.sweep.sweep`'s, with a known pattern."""
-    rows = []
-    for step in steps:
-        for task, ref in REF_NLL.items():
-            gain = 2.0 * (1 - math.exp(-step / 40))
-            w = _weights(task, n, sharp=1 + 6 * step / max(steps))   # specializes over training
-            for d in ("input", "output"):
-                for k in range(n + 1):
-                    lost = w[:k].sum() if d == "input" else w[n - k:].sum() if k else 0.0
-                    nll = ref - gain * (1 - lost) if mode == "revert" else ref - gain + 0.8 * k
-                    rows.append(dict(checkpoint_step=step, task=task, direction=d, mode=mode, k=k, k_in=None,
-                                     k_out=None, blocks="", ends=False, nll=nll, n_tokens=100,
-                                     nll_reference=ref, nll_checkpoint=ref - gain,
-                                     gain_retained=(ref - nll) / gain if gain > 0 else float("nan")))
-    return pd.DataFrame(rows)
-
+from cogprobe.plot_style import MAX_LEGEND_STEPS
+from helpers import L, REF_NLL, STEPS, synthetic_sweeps
 
 def synthetic_acts(steps=STEPS, n=L, sites=("resid", "attn", "mlp"), task_free=False) -> pd.DataFrame:
     rows = []
@@ -49,16 +21,16 @@ def synthetic_acts(steps=STEPS, n=L, sites=("resid", "attn", "mlp"), task_free=F
         for layer in range(n):
             for task in ("perception", "production"):
                 final = REF_NLL[task] - 2.0 * (1 - math.exp(-step / 40))
-                rows.append(dict(checkpoint_step=step, layer=layer, site="resid", stat="logit_lens_nll", task=task,
+                rows.append(dict(checkpoint_step=step, block=layer, site="resid", stat="logit_lens_nll", task=task,
                                  value=final + 3.0 * (n - 1 - layer) / n))
             for site in sites:
                 drift = (step / max(steps)) * (0.2 + 0.1 * layer)
                 for task in (["all"] if task_free else ["perception", "production"]):
-                    rows += [dict(checkpoint_step=step, layer=layer, site=site, stat="drift_cos", task=task,
+                    rows += [dict(checkpoint_step=step, block=layer, site=site, stat="drift_cos", task=task,
                                   value=drift),
-                             dict(checkpoint_step=step, layer=layer, site=site, stat="cka", task=task,
+                             dict(checkpoint_step=step, block=layer, site=site, stat="cka", task=task,
                                   value=math.exp(-drift)),
-                             dict(checkpoint_step=step, layer=layer, site=site, stat="norm", task=task,
+                             dict(checkpoint_step=step, block=layer, site=site, stat="norm", task=task,
                                   value=10 + layer)]
     return pd.DataFrame(rows)
 
@@ -116,7 +88,7 @@ def test_curves_nll_includes_reference_and_its_dashed_level():
 
 def test_curves_leave_gaps_at_nan():
     sw = synthetic_sweeps()
-    sw.loc[(sw["checkpoint_step"] == 40) & (sw["k"] == 3), "gain_retained"] = float("nan")
+    sw.loc[(sw["checkpoint_step"] == 40) & (sw["k"] == 3), "share"] = float("nan")
     fig = plots.specialization_curves(sw)
     line = next(ln for ln in data_lines(fig.axes[0]) if ln.get_label() == "step 40")
     assert np.isnan(line.get_ydata()[3]) and np.isfinite(line.get_ydata()[4])
@@ -124,7 +96,7 @@ def test_curves_leave_gaps_at_nan():
 
 def test_curves_panel_without_gain_says_so():
     sw = synthetic_sweeps()
-    sw.loc[sw["task"] == "production", "gain_retained"] = float("nan")
+    sw.loc[sw["task"] == "production", "share"] = float("nan")
     fig = plots.specialization_curves(sw)
     production = [ax for ax in fig.axes if ax.get_title().startswith("production")]
     assert all(not data_lines(ax) and "no gain" in ax.texts[0].get_text() for ax in production)
@@ -134,14 +106,14 @@ def test_curves_panel_without_gain_says_so():
 
 def test_curves_keep_tiny_gains_from_flattening_the_chart():
     sw = synthetic_sweeps()
-    sw.loc[(sw["checkpoint_step"] == 20) & (sw["k"] == 2), "gain_retained"] = 50.0   # gain ~ 0: noise
+    sw.loc[(sw["checkpoint_step"] == 20) & (sw["k"] == 2), "share"] = 50.0   # gain ~ 0: noise
     fig = plots.specialization_curves(sw)
     assert all(ax.get_ylim()[1] <= 2.1 for ax in fig.axes)
     assert "run off the chart" in fig.axes[0].texts[0].get_text()
 
 
 def test_curves_many_checkpoints_get_a_colorbar():
-    steps = tuple(range(0, 10 * (plots.MAX_LEGEND_STEPS + 3), 10))
+    steps = tuple(range(0, 10 * (MAX_LEGEND_STEPS + 3), 10))
     fig = plots.specialization_curves(synthetic_sweeps(steps=steps))
     assert len(fig.axes) == 5 and not fig.legends   # 4 panels + the step colourbar
 
@@ -191,7 +163,7 @@ def test_sweep_errors_name_the_fix():
         plots.specialization_curves(sw, mode="skip")
     with pytest.raises(CogprobeError, match="lacks column"):
         plots.specialization_heatmaps(sw.drop(columns="nll"))
-    with pytest.raises(CogprobeError, match="gain_retained or nll"):
+    with pytest.raises(CogprobeError, match="share or nll"):
         plots.specialization_heatmaps(sw, value="loss")
 
 
@@ -295,7 +267,7 @@ def test_plot_run_writes_every_figure(tmp_path):
     paths = plots.plot_run(tmp_path, dpi=40)   # low resolution: this test checks files, not looks
     names = sorted(p.name for p in paths)
     assert names == sorted([
-        "specialization_curves_revert_gain_retained.png", "specialization_heatmap_revert_gain_retained.png",
+        "specialization_curves_revert_share.png", "specialization_heatmap_revert_share.png",
         "specialization_curves_revert_nll.png", "specialization_heatmap_revert_nll.png",
         "specialization_curves_skip_nll.png", "specialization_heatmap_skip_nll.png",
         "logit_lens.png", "drift_cos_heatmap.png", "cka_heatmap.png", "norm_heatmap.png",

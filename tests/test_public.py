@@ -60,3 +60,20 @@ def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(cogprobe.CogprobeError):
         main(["--debug", "export", "0-99", "--model", str(tmp_path / "missing")])
     assert main(["export", "0-99", "--model", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("verb,cls", [("train", "TrainConfig"), ("run", "StudyConfig")])
+def test_every_config_flag_has_its_help(verb, cls):
+    """Help comes from each field's metadata (`knob`), so a knob without help cannot be declared."""
+    import dataclasses
+    import cogprobe.studyconfig
+    import cogprobe.trainconfig
+    from cogprobe.cli import build_parser
+    config = getattr(cogprobe.trainconfig if verb == "train" else cogprobe.studyconfig, cls)
+    sub = build_parser()._subparsers._group_actions[0].choices[verb]
+    helps = {a.dest: a.help for a in sub._actions}
+    for f in dataclasses.fields(config):
+        assert f.metadata.get("help") and helps[f.name] == f.metadata["help"].replace("%", "%%"), f.name
+    from cogprobe.knob import knob
+    with pytest.raises(ValueError, match="help text"):
+        knob(3)

@@ -81,14 +81,14 @@ def test_weight_delta_and_taylor_put_the_planted_blocks_first(planted):
     assert (taylor["score"] >= 0).all()   # near the reference, reverting a trained block costs gain
     # shares of the measured gain: together, what the taylor sweep estimates reverting every block removes
     swept = sweep([(0, ref), (7, ck)], ex, engine="taylor", steps=[7])
-    assert taylor["score"].sum() == pytest.approx((1 - swept[swept.k == LAYERS]["gain_retained"]).mean(), rel=1e-6)
+    assert taylor["score"].sum() == pytest.approx((1 - swept[swept.k == LAYERS]["share"]).mean(), rel=1e-6)
     assert (taylor["backward_passes"] == sum(len(e) for e in ex.values())).all()
     assert (table[table.ranking == "weight-delta"]["forward_passes"] == 0).all()
     d = weight_delta(ck, ref)
     b = find_blocks(ck)
-    moved = sum(float((p.detach() - dict(ref.named_parameters())[n]).pow(2).sum()) for n, p in ck.named_parameters()
+    moved = sum(float((p.detach() - dict(ref.named_parameters())[n].detach()).pow(2).sum()) for n, p in ck.named_parameters()
                 if b.block_of(n) == 1)
-    size = sum(float(p.pow(2).sum()) for n, p in ref.named_parameters() if b.block_of(n) == 1)
+    size = sum(float(p.detach().pow(2).sum()) for n, p in ref.named_parameters() if b.block_of(n) == 1)
     assert d[1] == pytest.approx(np.sqrt(moved / size), rel=1e-6)
 
 

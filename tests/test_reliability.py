@@ -24,20 +24,8 @@ from safetensors.torch import load_file
 import cogprobe  # noqa: F401  (offline environment before transformers)
 from cogprobe.checkpoints import Checkpoints, step_dir
 from cogprobe.cli import main
+from helpers import cli, corpus_rows, train_argv
 from tiny import save_tiny, tiny_model, tiny_tokenizer
-
-ES = ["el hombre", "la casa", "el agua", "la mujer", "el perro", "la tortilla"]
-NAH = ["in tlacatl", "in calli", "in atl", "in cihuatl", "in itzcuintli", "in tlaxcalli"]
-VERB_ES = ["come", "hace", "ve", "quiere", "tiene"]
-VERB_NAH = ["quicua", "quichiua", "quitta", "quinequi", "quipia"]
-
-
-def corpus_rows() -> list[dict]:
-    """60 distinct Spanish-Nahuatl-like pairs."""
-    rows = [dict(es=f"{ES[i]} {VERB_ES[j]} {ES[(i + j) % 6]}", nah=f"{NAH[i]} {VERB_NAH[j]} {NAH[(i + j) % 6]}")
-            for i in range(6) for j in range(5)]
-    return rows + [dict(es=r["es"] + " hoy", nah=r["nah"] + " axcan") for r in rows]
-
 
 def write_gguf(path: Path) -> Path:
     """The tiny llama as a real GGUF file (f32 tensors, gpt2-style tokenizer), written with `gguf`."""
@@ -81,33 +69,11 @@ def write_gguf(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """A tiny llama folder, a 60-pair CSV, and a finished 4-step run with checkpoints 0, 2, 4."""
+def inputs(tmp_path_factory, trained_run):
+    """The session's tiny llama, 60-pair CSV and finished 4-step run (copied here: tests change it)."""
     root = tmp_path_factory.mktemp("reliability")
-    model = save_tiny(root / "llama", "llama")
-    corpus = root / "pairs.csv"
-    pd.DataFrame(corpus_rows()).to_csv(corpus, index=False)
-    run = root / "run"
-    assert main(train_argv(model, corpus, run, steps=4, save_steps="0,2,4")) == 0
-    return dict(root=root, model=model, corpus=corpus, run=run)
-
-
-def train_argv(model, corpus, out, **flags) -> list[str]:
-    values = dict(model=model, corpus=corpus, out=out, strategy="full", steps=2, batch_size=2, seq_len=24,
-                  threads=1, lr=1e-2, warmup=0)
-    values.update(flags)
-    argv = ["train", "--no-progress"]
-    for key, value in values.items():
-        argv += ["--" + key.replace("_", "-"), str(value)]
-    return argv
-
-
-def cli(argv: list[str]) -> int:
-    """`main(argv)`'s exit code; argparse's own errors exit, so catch that too."""
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
+    run = shutil.copytree(trained_run["run"], root / "run")
+    return dict(root=root, model=trained_run["model"], corpus=trained_run["corpus"], run=run)
 
 
 def snapshot(folder: Path) -> dict | None:

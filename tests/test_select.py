@@ -16,67 +16,13 @@ from cogprobe.blocks import find_blocks
 from cogprobe.corpora import Corpus
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import cogsym, resolve, to_string
-from cogprobe.select import Selection, select_budget, select_curves, select_fixed
+from cogprobe.select import Selection, select_budget, select_curves, select_fixed, sweep_candidates
 from cogprobe.sweep import COLUMNS, sweep
 from cogprobe.tasks import TASKS, build_examples, collate, score, scored_positions
+from helpers import PLANT_8, PLANT_12, KeepOuterModel, revert_table
 from tiny import LAYERS, tiny_model, tiny_tokenizer
 
 # --- synthetic tables: the gain of each task sits in known blocks -----------------------------
-
-
-def revert_table(gains: dict[str, list[float]], *, step: int = 10, nll_ck: float = 2.0,
-                 extra: float = 0.0, ends: bool = False) -> pd.DataFrame:
-    """A revert sweep under an additive model: reverting block i adds gains[task][i] to the NLL.
-
-    `extra` is gain outside the blocks (embeddings/head): in the reference, not in any curve.
-    """
-    rows = []
-    for task, g in gains.items():
-        L, nll_ref = len(g), nll_ck + sum(g) + extra
-        for direction in ("input", "output"):
-            for k in range(L + 1):
-                blocks = list(range(k)) if direction == "input" else list(range(L - k, L))
-                nll = nll_ck + sum(g[i] for i in blocks)
-                gain = (nll_ref - nll) / (nll_ref - nll_ck) if nll_ref > nll_ck else math.nan
-                rows.append(dict(checkpoint_step=step, task=task, direction=direction, mode="revert", k=k,
-                                 k_in=None, k_out=None, blocks=to_string(blocks), ends=ends, nll=nll, n_tokens=100,
-                                 nll_reference=nll_ref, nll_checkpoint=nll_ck, gain_retained=gain))
-    return pd.DataFrame(rows, columns=COLUMNS)
-
-
-PLANT_12 = {"perception": [0.5, 0.3, 0.2] + [0.01] * 9, "production": [0.01] * 9 + [0.2, 0.3, 0.5]}
-PLANT_8 = {"perception": [0.1, 0.1, 0.6, 0.1, 0.05, 0.05, 0, 0], "production": [0, 0, 0, 0, 0.1, 0.1, 0.1, 0.7]}
-
-
-class KeepOuterModel:
-    """A synthetic `evaluate` for budget: kept blocks keep their planted share of each task's gain.
-
-    Records every call, so tests can check the search order and that one size is one call.
-    """
-
-    def __init__(self, gains: dict[str, list[float]], nll_ck: float = 2.0, extra: float = 0.0):
-        self.gains, self.nll_ck, self.extra, self.calls = gains, nll_ck, extra, []
-
-    def ref(self, task):
-        return self.nll_ck + sum(self.gains[task]) + self.extra
-
-    def nll(self, task, k_in, k_out):
-        g = self.gains[task]
-        kept = set(range(k_in)) | set(range(len(g) - k_out, len(g)))
-        return self.nll_ck + sum(x for i, x in enumerate(g) if i not in kept)
-
-    def __call__(self, pairs):
-        self.calls.append(list(pairs))
-        rows = []
-        for task, g in self.gains.items():
-            ref = self.ref(task)
-            for k_in, k_out in pairs:
-                nll = self.nll(task, k_in, k_out)
-                gain = (ref - nll) / (ref - self.nll_ck) if ref > self.nll_ck else math.nan
-                rows.append(dict(checkpoint_step=5, task=task, direction="both", mode="keep-outer", k=k_in + k_out,
-                                 k_in=k_in, k_out=k_out, nll=nll, nll_reference=ref, nll_checkpoint=self.nll_ck,
-                                 gain_retained=gain))
-        return pd.DataFrame(rows)
 
 
 def brute_force(model: KeepOuterModel, L: int, tau: float):
@@ -161,7 +107,7 @@ def curve_table(curves: dict[tuple[str, str], list[float]], nll_ref: float = 3.0
         for k, nll in enumerate(nlls):
             rows.append(dict(checkpoint_step=5, task=task, direction=direction, mode="revert", k=k, k_in=None,
                              k_out=None, blocks="", ends=False, nll=nll, n_tokens=100, nll_reference=nll_ref,
-                             nll_checkpoint=nlls[0], gain_retained=(nll_ref - nll) / (nll_ref - nlls[0])))
+                             nll_checkpoint=nlls[0], share=(nll_ref - nll) / (nll_ref - nlls[0])))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -259,7 +205,7 @@ def test_curves_failures_say_what_and_how_to_fix():
 def test_budget_finds_the_planted_smallest_set(tmp_path):
     gains = {"perception": [0.45, 0.45] + [0.0125] * 8, "production": [0.01] * 9 + [0.91]}
     model = KeepOuterModel(gains)
-    sel = select_budget(model, 10, tau=0.8)
+    sel = select_budget(model, 10, tau=0.8, search="exhaustive")
     assert (sel.k_in, sel.k_out) == (2, 1) and sel.layers == [0, 1, 9]
     # one evaluate call per size, each with every candidate of that size, smallest sizes first
     assert model.calls == [[(a, s - a) for a in range(s + 1)] for s in range(4)]
@@ -268,23 +214,91 @@ def test_budget_finds_the_planted_smallest_set(tmp_path):
     assert min(a + b for a, b, s in brute_force(model, 10, 0.8) if s >= 0.8) == 3
     data = check_json(sel, 10, tmp_path)
     assert data["evidence"]["chosen"]["shares"] == pytest.approx({"perception": 0.9125, "production": 0.93})
-    assert "0-1,9" in sel.table() and "smaller sizes: 6 candidates, best worst-task share 0.4625" in sel.table()
+    # best smaller candidate: (1, 1) keeps perception's block 0 and block 9 (0.45 + 0.0125), production 0.92
+    assert sel.evidence["best_smaller_share"] == pytest.approx(0.45 + 0.0125)
+    assert "0-1,9" in sel.table() and f"smaller sizes: 6 candidates, best worst-task share {0.45 + 0.0125:.4f}" \
+        in sel.table()
+    walk = select_budget(KeepOuterModel(gains), 10, tau=0.8)   # the frontier walk: same set, fewer candidates
+    assert (walk.k_in, walk.k_out) == (2, 1) and walk.evidence["chosen"] == sel.evidence["chosen"]
+    assert walk.evidence["n_monotone_violations"] == 0 and walk.evidence["search"] == "frontier"
+    assert len(walk.candidates) == 12   # exhaustive: 10 (the walk pays off from sizes of about 5 on)
 
 
-@pytest.mark.parametrize("seed", range(25))
-def test_budget_matches_brute_force_on_random_plants(seed):
+class TableModel(KeepOuterModel):
+    """A synthetic `evaluate` from a table of shares per task: share[task][k_in, k_out]."""
+
+    def __init__(self, shares: dict[str, np.ndarray]):
+        super().__init__({t: [1.0 / (len(s) - 1)] * (len(s) - 1) for t, s in shares.items()})
+        self.shares = shares
+
+    def nll(self, task, k_in, k_out):
+        return self.nll_ck + 1.0 - self.shares[task][k_in, k_out]   # every task's gain is 1
+
+
+def monotone_shares(rng, L: int) -> np.ndarray:
+    """A random table that grows with k_in and with k_out (not additive over blocks), 1 at the full set."""
+    grid = np.cumsum(np.cumsum(rng.exponential(size=(L + 1, L + 1)) ** 3, axis=0), axis=1)
+    grid = grid - grid[0, 0]
+    full = max(grid[a, L - a] for a in range(L + 1))
+    return grid / full
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_frontier_walk_agrees_with_the_exhaustive_search_on_monotone_tables(seed):
     rng = np.random.default_rng(seed)
-    L = int(rng.integers(3, 11))
-    gains = {t: list(rng.dirichlet(np.full(L, 0.3))) for t in TASKS}
-    tau = float(rng.uniform(0.3, 1.0))
-    model = KeepOuterModel(gains)
-    sel = select_budget(model, L, tau=tau)
-    grid = brute_force(model, L, tau)
-    size = min(a + b for a, b, s in grid if s >= tau * (1 - 1e-9))
-    assert sel.k_in + sel.k_out == size
-    best = max(s for a, b, s in grid if a + b == size)
-    assert sel.evidence["chosen"]["min_share"] == pytest.approx(best, abs=1e-12)
-    assert len(model.calls) == size + 1 and len(sel.candidates) == (size + 1) * (size + 2) // 2
+    L = int(rng.integers(2, 13))
+    shares = {t: monotone_shares(rng, L) for t in TASKS}
+    tau = float(rng.choice([0.5, 0.8, 0.9, 1.0, rng.uniform(0.2, 1.0)]))
+    max_total = int(rng.integers(1, L + 1))
+    results = []
+    for search in ("exhaustive", "frontier"):
+        try:
+            sel = select_budget(TableModel(shares), L, tau=tau, max_total=max_total, search=search)
+            results.append((sel.k_in, sel.k_out, sel.evidence["chosen"]["min_share"], len(sel.candidates)))
+            assert sel.evidence["n_monotone_violations"] == 0 and not sel.evidence["fell_back_to_exhaustive"]
+        except CogprobeError as e:
+            results.append(str(e).split(" (")[0])
+    if isinstance(results[0], tuple):
+        assert results[1][:3] == results[0][:3]
+        size = results[0][0] + results[0][1]
+        assert results[1][3] <= 2 * size + 3 * math.ceil(math.log2(max_total + 1)) + 1
+    else:
+        assert results[1] == results[0]
+
+
+def test_frontier_walk_falls_back_when_a_superset_fails():
+    """Planted: (0, 3) passes but its supersets (0, 4), (0, 5) fail. The sweep's edge (every (0, k_out)
+    and (k_in, 0)) is known, so the walk sees the violation and searches exhaustively."""
+    L = 6
+    shares = {t: monotone_shares(np.random.default_rng(1), L) for t in TASKS}
+    for t in TASKS:
+        shares[t][0, 3], shares[t][0, 4], shares[t][0, 5] = 0.95, 0.5, 0.5
+    edges = [(0, b) for b in range(L + 1)] + [(a, 0) for a in range(1, L + 1)]
+    known = TableModel(shares)(edges)
+    exhaustive = select_budget(TableModel(shares), L, tau=0.8, search="exhaustive")
+    model = TableModel(shares)
+    walk = select_budget(model, L, tau=0.8, known=known)
+    assert walk.evidence["fell_back_to_exhaustive"]
+    assert {"passes": [0, 3], "fails": [0, 4]} in walk.evidence["monotone_violations"]
+    assert (walk.k_in, walk.k_out) == (exhaustive.k_in, exhaustive.k_out)
+    assert walk.evidence["chosen"]["min_share"] == exhaustive.evidence["chosen"]["min_share"]
+    assert not any(set(call) & set(edges) for call in model.calls)   # known candidates are never scored again
+    assert walk.evidence["n_scored"] == len(walk.candidates) - len(edges)
+    with pytest.raises(CogprobeError, match="unknown budget search 'greedy'; use frontier or exhaustive"):
+        select_budget(TableModel(shares), L, search="greedy")
+
+
+def test_known_candidates_replace_scoring_and_keep_the_answer():
+    rng = np.random.default_rng(3)
+    L = 12
+    shares = {t: monotone_shares(rng, L) for t in TASKS}
+    edges = [(0, b) for b in range(L + 1)] + [(a, 0) for a in range(1, L + 1)]
+    plain = select_budget(TableModel(shares), L, tau=0.6)
+    model = TableModel(shares)
+    with_edges = select_budget(model, L, tau=0.6, known=TableModel(shares)(edges))
+    assert (with_edges.k_in, with_edges.k_out) == (plain.k_in, plain.k_out)
+    assert with_edges.evidence["n_scored"] < plain.evidence["n_scored"]
+    assert with_edges.evidence["n_monotone_violations"] == 0
 
 
 def test_budget_tie_goes_to_the_smaller_input_end():
@@ -319,12 +333,12 @@ def test_budget_failures_say_what_and_how_to_fix():
 
     def with_nan(pairs):
         t = KeepOuterModel(gains)(pairs)
-        t.loc[(t.k_in == 1) & (t.k_out == 0) & (t.task == "production"), "gain_retained"] = math.nan
+        t.loc[(t.k_in == 1) & (t.k_out == 0) & (t.task == "production"), "share"] = math.nan
         return t
     with pytest.raises(CogprobeError, match="share of task 'production' at k_in=1, k_out=0 is NaN"):
-        select_budget(with_nan, 8)
+        select_budget(with_nan, 8, search="exhaustive")
     with pytest.raises(CogprobeError, match=r"returned 0 rows for k_in=0, k_out=0, task 'production'"):
-        select_budget(lambda pairs: KeepOuterModel(gains)(pairs).query("task == 'perception'"), 8)
+        select_budget(lambda pairs: KeepOuterModel(gains)(pairs).query("task == 'perception'"), 8, search="exhaustive")
     with pytest.raises(CogprobeError, match="several checkpoints"):
         select_budget(lambda pairs: pd.concat([KeepOuterModel(gains)(pairs),
                                                KeepOuterModel(gains)(pairs).assign(checkpoint_step=9)]), 8)
@@ -386,13 +400,25 @@ def test_end_to_end_on_a_real_sweep(tmp_path):
         t = sweep([(0, ref), (1, ck)], ex, mode="keep-outer", keep_outer=pairs)
         return t[t.checkpoint_step == 1]
 
+    # a revert sweep's rows are budget candidates: (0, L-k) and (L-k, 0), the same numbers bit for bit
+    edges = sweep_candidates(table, 1, LAYERS)
+    assert set(zip(edges.k_in, edges.k_out)) == {(0, b) for b in range(LAYERS + 1)} | {(a, 0) for a in range(LAYERS + 1)}
+    scored = evaluate(list(dict.fromkeys(zip(edges.k_in, edges.k_out))))
+    merged = edges.merge(scored, on=["task", "k_in", "k_out"], suffixes=("", "_scored"))
+    assert len(merged) == len(edges) and (merged.nll == merged.nll_scored).all()
+    assert (merged.example_nll.map(tuple) == merged.example_nll_scored.map(tuple)).all()
+    assert (merged.blocks == merged.blocks_scored).all()
+    calls.clear()
+
     tau = 0.9
-    sel = select_budget(evaluate, LAYERS, tau=tau)
+    sel = select_budget(evaluate, LAYERS, tau=tau, search="exhaustive")
     singles = [c["min_share"] for c in sel.candidates if c["k_in"] + c["k_out"] == 1]
     assert max(singles) < tau   # neither changed block alone keeps 90% of both gains ...
     assert (sel.k_in, sel.k_out) == (1, 1) and sel.layers == [0, LAYERS - 1]  # ... both together keep all of it
     assert sel.evidence["chosen"]["min_share"] == pytest.approx(1.0, abs=1e-9)
     assert len(calls) == 3
+    walk = select_budget(evaluate, LAYERS, tau=tau, known=edges)
+    assert walk.layers == sel.layers and walk.evidence["chosen"]["min_share"] == sel.evidence["chosen"]["min_share"]
 
 
 def test_before_tuning_workflow_through_the_cli(tmp_path, capsys):
@@ -401,7 +427,7 @@ def test_before_tuning_workflow_through_the_cli(tmp_path, capsys):
     from safetensors.torch import load_file
     from cogprobe.checkpoints import Checkpoints
     from cogprobe.cli import main
-    from test_train import write_corpus
+    from helpers import write_corpus
     from tiny import save_tiny
     model, corpus = save_tiny(tmp_path / "llama", "llama"), write_corpus(tmp_path / "pairs.csv")
     probe_run = tmp_path / "probe"
@@ -410,11 +436,24 @@ def test_before_tuning_workflow_through_the_cli(tmp_path, capsys):
     # the probe fine-tunes every block (embeddings frozen, so the gain sits in the blocks)
     assert main(["train", *common, "--out", str(probe_run), "--strategy", "layers", "--layers", f"0-{LAYERS - 1}",
                  "--steps", "20", "--lr", "3e-3", "--save-steps", "0,10,20"]) == 0
+    capsys.readouterr()
     assert main(["sweep", str(probe_run), "--pairs", "3"]) == 0
+    assert "sweep: 100%" in capsys.readouterr().err   # the progress bar (rate and ETA), left when done
     assert main(["select", str(probe_run), "--rule", "curves", "--name", "selection-curves.json"]) == 0
     assert main(["select", str(probe_run), "--rule", "budget", "--pairs", "3"]) == 0
+    said = capsys.readouterr()
+    assert "select budget:" in said.err and "train it with --layers" in said.out
     sel = json.loads((probe_run / "selection.json").read_text())
-    assert sel["rule"] == "budget"
+    assert sel["rule"] == "budget" and sel["evidence"]["search"] == "frontier"
+    # the sweep's curves (same pairs) are budget candidates read, not scored again
+    known = [c for c in sel["candidates"] if c["source"] == "known"]
+    assert known and all(0 in (c["k_in"], c["k_out"]) for c in known)
+    assert sel["evidence"]["n_scored"] == len(sel["candidates"]) - len(known)
+    assert main(["select", str(probe_run), "--rule", "budget", "--pairs", "3", "--search", "exhaustive", "--quiet",
+                 "--name", "selection-exhaustive.json"]) == 0
+    assert "select budget:" not in capsys.readouterr().err
+    exhaustive = json.loads((probe_run / "selection-exhaustive.json").read_text())
+    assert exhaustive["layers"] == sel["layers"] and exhaustive["evidence"]["chosen"] == sel["evidence"]["chosen"]
     assert json.loads((probe_run / "selection-curves.json").read_text())["rule"] == "curves"
     assert 0 < len(sel["layers"]) < LAYERS  # this probe's gain is not spread over every block
     chosen = sel["evidence"]["chosen"]
@@ -429,7 +468,6 @@ def test_before_tuning_workflow_through_the_cli(tmp_path, capsys):
         changed = Checkpoints.open(out).changed_tensors(2)
         blocks = find_blocks(tiny_model("llama"))
         assert {blocks.block_of(n) for n in changed} == set(sel["layers"])
-    assert "train it with --layers" in capsys.readouterr().out
     assert load_file(str(tmp_path / "layers/checkpoints/step-2/trainable.safetensors"))
 
     # analyses/before_tuning_compare.py tunes every derived set of such a probe folder and scores it

@@ -7,7 +7,7 @@ import pytest
 
 from cogprobe.select import budget_decider, curves_decider, select_curves
 from cogprobe.stability import resampled, stability, table
-from test_select import PLANT_12, KeepOuterModel, revert_table
+from helpers import PLANT_12, KeepOuterModel, revert_table
 
 
 def with_examples(rows: pd.DataFrame, noise: float, n: int = 40, seed: int = 0) -> pd.DataFrame:
@@ -38,7 +38,7 @@ def test_resamples_recompute_every_row_on_the_same_examples():
     first = next(resampled(rows, n_resamples=1, seed=3))
     assert not np.allclose(first["nll"], rows["nll"])
     k0 = first[(first["k"] == 0)]
-    assert np.allclose(k0["gain_retained"], 1.0)  # k = 0 is the checkpoint itself on any resample
+    assert np.allclose(k0["share"], 1.0)  # k = 0 is the checkpoint itself on any resample
 
 
 def test_a_clear_plant_is_stable_and_a_noisy_one_is_not():

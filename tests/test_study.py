@@ -1,4 +1,5 @@
 """The whole study on a tiny model: every stage runs, every table has its columns, every figure exists."""
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import pytest
 
 from cogprobe.cli import main
 from cogprobe.errors import CogprobeError
-from cogprobe.study import COMPARE, run
+from cogprobe.layout import COMPARE
+from cogprobe.study import run
 from cogprobe.studyconfig import ROWS, build_config
 from tiny import save_tiny
 
@@ -46,21 +48,33 @@ def test_whole_study_on_a_tiny_model(setup):
                 "perception_nll", "production_nll", "perception_share", "production_share", "chrf_perception",
                 "chrf_production", "chrf_perception_share", "chrf_production_share"]:
         assert col in compare.columns, col
+    # a row's share is its NLL gain over full fine-tuning's, on the same test pairs (by hand here)
+    base = pd.read_csv(out / "baseline.csv").iloc[0]
     full = compare[compare["strategy"] == "full"].iloc[0]
-    assert full["perception_share"] == pytest.approx(1.0) and full["production_share"] == pytest.approx(1.0)
+    for _, row in compare.iterrows():
+        for task in ("perception", "production"):
+            gain = base[f"{task}_nll"] - full[f"{task}_nll"]
+            want = (base[f"{task}_nll"] - row[f"{task}_nll"]) / gain if gain > 0 else None
+            assert (pd.isna(row[f"{task}_share"]) if want is None
+                    else row[f"{task}_share"] == pytest.approx(want)), (row["strategy"], task)
     sweeps = pd.read_parquet(out / "sweeps.parquet")
     assert set(sweeps["checkpoint_step"]) == {0, 2, 4}
     assert {"activations.parquet", "baseline.csv", "selection-fixed.json", "selection-budget.json",
             "report.md", "report.html"} <= {p.name for p in out.iterdir()}
     figures = {p.name for p in (out / "figures").iterdir()}
-    assert {"specialization_heatmap_revert_gain_retained.png", "logit_lens.png", "comparison_nll.png",
+    assert {"specialization_heatmap_revert_share.png", "logit_lens.png", "comparison_nll.png",
             "training_curve.png"} <= figures
     report = (out / "report.md").read_text()
     assert "CogSym against full fine-tuning" in report and "cogsym" in report
+    # where the time went: every stage that ran, in study.json and (all but the report itself) in the report
+    seconds = json.loads((out / "study.json").read_text())["stage_seconds"]
+    assert {"baseline", "tune full-s0", "probe", "select", "compare cogsym-s0", "report"} <= set(seconds)
+    assert all(v >= 0 for v in seconds.values()) and seconds["probe"] > 0
+    assert "## Where the time went" in report and "| tune full-s0 |" in report
 
     # every published-figure script runs on the study folder
     studies = [s for s in sorted((Path(__file__).parent.parent / "analyses").glob("[a-z]*.py"))
-               if not s.name.startswith(("before_tuning", "measurement"))]  # a probe folder (test_select); git
+               if not s.name.startswith(("before_tuning", "measurement", "same_results"))]  # other inputs
     for script in studies:
         done = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True,
                               env={**os.environ, "COGPROBE_FIGURES": str(root / "figures")})
@@ -68,16 +82,51 @@ def test_whole_study_on_a_tiny_model(setup):
     assert len(list((root / "figures").glob("*.png"))) == 5
     assert (root / "figures" / "comparison_intervals.csv").is_file()
 
-    # rerunning the same command redoes nothing: the tables stay byte-identical
+    # analyses/same_results.py (the refactoring check): a copy is the same; one changed score is not
+    import shutil
+    copy = root / "copy"
+    shutil.copytree(out, copy)
+    script = [sys.executable, str(Path(__file__).parent.parent / "analyses" / "same_results.py"), str(out), str(copy)]
+    same = subprocess.run(script, capture_output=True, text=True)
+    assert same.returncode == 0 and same.stdout.count("identical") == 6, same.stdout + same.stderr
+    scores = pd.read_parquet(copy / "scores.parquet")
+    scores.loc[0, "nll_sum"] += 1e-9
+    scores.to_parquet(copy / "scores.parquet")
+    changed = subprocess.run(script, capture_output=True, text=True)
+    assert changed.returncode == 1 and "scores.parquet: DIFFERENT" in changed.stdout
+
+    # rerunning the same command redoes nothing: the tables stay byte-identical, the stage times add up
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
     run(tiny_config(root, model, corpus), log=lambda m: None)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == before
+    again = json.loads((out / "study.json").read_text())["stage_seconds"]
+    assert set(again) == set(seconds) and all(again[k] >= seconds[k] for k in seconds)
 
 
 def test_study_refuses_a_different_study_in_out(setup):
     root, model, corpus = setup
     with pytest.raises(CogprobeError, match="different study"):
         run(tiny_config(root, model, corpus, steps=5), log=lambda m: None)
+
+
+def test_a_study_written_before_rows_were_called_rows_still_resumes(setup, tmp_path):
+    """study.json once said `strategies`; such a study continues (nothing recomputed), a config file
+    that still says it is told the new name."""
+    import shutil
+    root, model, corpus = setup
+    out = run(tiny_config(root, model, corpus), log=lambda m: None)   # the module's study (done: nothing rerun)
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    recorded = json.loads((old / "study.json").read_text())
+    recorded["strategies"] = recorded.pop("rows")
+    (old / "study.json").write_text(json.dumps(recorded))
+    before = {p: p.stat().st_mtime_ns for p in old.rglob("*.parquet")}
+    run(build_config(old, preset_name=None, **{k: v for k, v in tiny_config(root, model, corpus).to_dict().items()
+                                               if k != "out"}), log=lambda m: None)
+    assert {p: p.stat().st_mtime_ns for p in old.rglob("*.parquet")} == before
+    (tmp_path / "old.toml").write_text('strategies = "full"\n')
+    with pytest.raises(CogprobeError, match="key 'strategies' is now called 'rows'"):
+        build_config(tmp_path / "o", preset_name=None, config_file=tmp_path / "old.toml")
 
 
 def test_config_errors_name_the_key(tmp_path, capsys):
@@ -92,16 +141,24 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert "unknown preset" in capsys.readouterr().err
 
 
-def test_isolated_training_rebuilds_the_same_config(setup, tmp_path):
-    """The study trains rows in subprocesses: the flags must rebuild the exact config."""
-    from cogprobe.cli import build_parser, dataclass_from_args
-    from cogprobe.study import train_argv
+def test_isolated_training_gets_the_config_itself(setup, tmp_path):
+    """The study trains each row in a subprocess from a JSON of its TrainConfig (`train --config`): the
+    child's run has exactly that config, and flags given as well override the file."""
+    from cogprobe.cli import build_parser, train_config
+    from cogprobe.study import tune
     from cogprobe.trainconfig import TrainConfig
     root, model, corpus = setup
-    cfg = TrainConfig(model=str(model), corpus=str(corpus), out=str(tmp_path), strategy="lora-layers",
-                      layers="cogsym:0.5", steps=3, save_steps="3", bf16=True, resume=True, progress=False)
-    args = build_parser().parse_args(["train", *train_argv(cfg)])
-    assert dataclass_from_args(TrainConfig, args).to_dict() == cfg.to_dict()
+    config = tiny_config(root, model, corpus, isolate_runs=True, rows="full,cogsym-lora", steps=2)
+    out = Path(config.out).parent / "isolated"
+    tune(config, out, "cogsym-lora", 0)
+    run = out / "runs" / "cogsym-lora-s0"
+    handed = json.loads((run / "train-config.json").read_text())
+    assert json.loads((run / "manifest.json").read_text())["config"] == handed
+    assert handed["strategy"] == "lora-layers" and handed["layers"] == "cogsym:0.25" and handed["steps"] == 2
+    args = build_parser().parse_args(["train", "--config", str(run / "train-config.json"), "--steps", "7"])
+    assert train_config(args) == TrainConfig.from_dict({**handed, "steps": 7})
+    with pytest.raises(CogprobeError, match="train needs --model, --corpus, --out, --strategy: give them as flags"):
+        train_config(build_parser().parse_args(["train"]))
 
 
 def test_training_child_dies_with_the_study_process():

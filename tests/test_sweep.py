@@ -94,6 +94,27 @@ def test_keep_outer_matches_naive():
     assert np.allclose(none["nll"], none["nll_reference"], atol=1e-5)      # blocks-only run: all reverted
 
 
+def test_remembered_prefixes_give_the_same_numbers_for_fewer_block_evaluations():
+    """The budget search scores one checkpoint in many small calls: with `remember` the engine keeps the
+    checkpoint's prefix states between calls, and every number is bit for bit what a fresh engine gives."""
+    from cogprobe.sweep import FastEngine
+    ref = tiny_model("llama")
+    ckpts = [(0, ref), (5, perturbed(ref))]
+    calls = [[(2, 1), (2, 2)], [(2, 0)], [(1, 3), (1, 2)], [(2, 3)]]
+    fresh, kept = FastEngine(ref), FastEngine(ref)
+    for pairs in calls:
+        a = sweep(ckpts, examples(), mode="keep-outer", keep_outer=pairs, steps=[5], runner=fresh)
+        b = sweep(ckpts, examples(), mode="keep-outer", keep_outer=pairs, steps=[5], runner=kept, remember=True)
+        pd.testing.assert_frame_equal(a, b)
+    assert kept.counter.block_evals < fresh.counter.block_evals
+    tight = FastEngine(ref, cache_bytes=1)   # nothing fits: recomputed, still the same numbers
+    for pairs in calls:
+        c = sweep(ckpts, examples(), mode="keep-outer", keep_outer=pairs, steps=[5], runner=tight, remember=True)
+        d = sweep(ckpts, examples(), mode="keep-outer", keep_outer=pairs, steps=[5], runner=FastEngine(ref))
+        pd.testing.assert_frame_equal(c, d)
+    assert not tight._kept
+
+
 def test_k0_is_checkpoint_score_and_kL_on_blocks_only_run_is_reference():
     ref = tiny_model("llama")
     ck = perturbed(ref, blocks={0, 1, 5})
@@ -113,17 +134,17 @@ def test_k0_is_checkpoint_score_and_kL_on_blocks_only_run_is_reference():
         assert np.isclose(out[1], score(mix(ref, ck, {0, 1}), ex[task]).nll, atol=1e-5)
 
 
-def test_gain_retained_is_one_at_k0_and_zero_when_all_reverted():
+def test_share_is_one_at_k0_and_zero_when_all_reverted():
     ref = tiny_model("llama")
     ck = perturbed(ref, scale=0.2)
     t = sweep([(0, ref), (1, ck)], examples())
     t = t[t.checkpoint_step == 1]
     for _, rows in t.groupby("task"):
         if rows["nll_checkpoint"].iloc[0] < rows["nll_reference"].iloc[0]:
-            assert np.allclose(rows[rows.k == 0]["gain_retained"], 1.0)
-            assert np.allclose(rows[rows.k == LAYERS]["gain_retained"], 0.0, atol=1e-5)
+            assert np.allclose(rows[rows.k == 0]["share"], 1.0)
+            assert np.allclose(rows[rows.k == LAYERS]["share"], 0.0, atol=1e-5)
         else:  # no gain to retain: the column says so instead of inventing a share
-            assert rows["gain_retained"].isna().all()
+            assert rows["share"].isna().all()
 
 
 def test_reference_prefix_is_shared_across_blocks_only_checkpoints():

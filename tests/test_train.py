@@ -18,35 +18,9 @@ import cogprobe  # noqa: F401  (offline environment before transformers)
 from cogprobe.checkpoints import Checkpoints, step_dir
 from cogprobe.errors import CogprobeError
 from cogprobe.train import TrainConfig, lr_factor, train
+from helpers import config, write_corpus
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
-ES = ["el hombre", "la casa", "el agua", "la mujer", "el perro", "la tortilla"]
-NAH = ["in tlacatl", "in calli", "in atl", "in cihuatl", "in itzcuintli", "in tlaxcalli"]
-VERB_ES = ["come", "hace", "ve", "quiere", "tiene"]
-VERB_NAH = ["quicua", "quichiua", "quitta", "quinequi", "quipia"]
-
-
-def write_corpus(path: Path) -> Path:
-    """60 distinct Spanish-Nahuatl-like pairs as a CSV with es/nah columns."""
-    rows = [dict(es=f"{ES[i]} {VERB_ES[j]} {ES[(i + j) % 6]}", nah=f"{NAH[i]} {VERB_NAH[j]} {NAH[(i + j) % 6]}")
-            for i in range(6) for j in range(5)]
-    rows += [dict(es=r["es"] + " hoy", nah=r["nah"] + " axcan") for r in rows]
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
-
-
-@pytest.fixture(scope="session")
-def inputs(tmp_path_factory):
-    """(llama folder, qwen2 folder, gpt2 folder, corpus csv), written once."""
-    root = tmp_path_factory.mktemp("inputs")
-    return dict(llama=save_tiny(root / "llama", "llama"), qwen2=save_tiny(root / "qwen2", "qwen2"),
-                gpt2=save_tiny(root / "gpt2", "gpt2"), corpus=write_corpus(root / "corpus.csv"))
-
-
-def config(inputs, out, strategy, family="llama", **kw) -> TrainConfig:
-    base = dict(model=inputs[family], corpus=inputs["corpus"], out=out, strategy=strategy, steps=4,
-                batch_size=2, seq_len=24, lr=1e-2, warmup=0, save_steps="0,2", threads=1, progress=False)
-    return TrainConfig(**{**base, **kw})
 
 
 def base_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -312,3 +286,22 @@ def test_threads_are_restored(inputs, tmp_path):
     train(config(inputs, tmp_path / "run", "full", steps=1, save_steps=[], threads=1),
           on_step=lambda *a: seen.append(torch.get_num_threads()))
     assert seen == [1] and torch.get_num_threads() == before
+
+
+def test_training_state_is_only_assigned_in_constructors():
+    """The run is set up once (`_Run`, frozen) and the loop's changing state is one declared record:
+    no `self.x = ...` outside an `__init__`, so no method depends on another having run first."""
+    import ast
+    import importlib
+    import inspect
+    module = importlib.import_module("cogprobe.train")  # the module (`cogprobe.train` is the function)
+    tree = ast.parse(inspect.getsource(module))
+    outside = []
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name != "__init__"):
+            for node in ast.walk(fn):
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+                outside += [f"{cls.name}.{fn.name}: self.{t.attr}" for t in targets if isinstance(t, ast.Attribute)
+                            and isinstance(t.value, ast.Name) and t.value.id == "self"]
+    assert outside == []

@@ -37,8 +37,8 @@ def test_checkpoints_take_the_base_tokenizer(trainer_run):
     ckpts = Checkpoints.open(out, base=base)
     assert ckpts.steps == [0, 2, 4]
     model, tok = ckpts.load(2)
-    assert tok is ckpts.base()[1]
-    assert not torch.equal(model.lm_head.weight, ckpts.base()[0].lm_head.weight)
+    assert tok is ckpts.reference()[1]
+    assert not torch.equal(model.lm_head.weight, ckpts.reference()[0].lm_head.weight)
 
 
 def test_without_base_the_error_says_to_pass_it(trainer_run):

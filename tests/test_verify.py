@@ -16,21 +16,15 @@ import pytest
 import cogprobe  # noqa: F401  (offline environment before transformers)
 from cogprobe.checkpoints import step_dir
 from cogprobe.verify import verify
-from test_faults import SWEEP, cli
-from test_reliability import corpus_rows, train_argv
+from helpers import SWEEP, Stop, cli, corpus_rows, train_argv
 from tiny import save_tiny
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("verify")
-    model = save_tiny(root / "llama", "llama")
-    corpus = root / "pairs.csv"
-    pd.DataFrame(corpus_rows()).to_csv(corpus, index=False)
-    run = root / "run"
-    assert cli(train_argv(model, corpus, run, steps=4, save_steps="0,2,4")) == 0
+def pristine(tmp_path_factory, trained_run):
+    run = shutil.copytree(trained_run["run"], tmp_path_factory.mktemp("verify") / "run")
     assert cli(["sweep", run, *SWEEP]) == 0
-    return dict(run=run, model=model, corpus=corpus)
+    return dict(run=run, model=trained_run["model"], corpus=trained_run["corpus"])
 
 
 @pytest.fixture
@@ -107,7 +101,6 @@ def test_several_problems_one_line_each(run, capsys):
 
 
 def test_an_unfinished_run(pristine, tmp_path):
-    from test_faults import Stop
     from cogprobe.train import train
     from cogprobe.trainconfig import TrainConfig
 
