@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -80,7 +79,7 @@ class EvalSet:
 
     def to_dict(self) -> dict:
         """What a table records about its evaluation set (JSON-safe)."""
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+        return io.jsonable(dataclasses.asdict(self))
 
     def splits(self):
         return self._split_with_overlap()[0]

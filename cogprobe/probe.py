@@ -19,7 +19,6 @@ requests and data fail before anything is written.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -87,7 +86,7 @@ def _claim_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrit
 
 
 def _want(evalset: EvalSet, source: dict) -> dict:
-    return json.loads(json.dumps(dict(evalset.to_dict(), source=source), default=str))
+    return io.jsonable(dict(evalset.to_dict(), source=source))
 
 
 def _check_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite: bool) -> None:

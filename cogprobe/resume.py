@@ -14,7 +14,6 @@ from `checkpoints`, which calls it, and `train` and `runfolder`, which use it.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Iterable
@@ -49,11 +48,7 @@ def capture(optimizer, names: list[str], *, step: int, tokens_seen: int) -> Stat
             else:
                 plain.setdefault(str(idx), {})[key] = value
     info = dict(param_groups=sd["param_groups"], plain_state=plain, param_names=list(names))
-    return tensors, dict(_jsonable(info), step=step, tokens_seen=tokens_seen)
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=str))
+    return tensors, dict(io.jsonable(info), step=step, tokens_seen=tokens_seen)
 
 
 def write(folder: Path, state: State) -> None:

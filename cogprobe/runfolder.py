@@ -9,7 +9,6 @@ from, or None when the run there is already finished. What a resume reads back
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import shutil
@@ -30,10 +29,6 @@ from cogprobe.trainconfig import EXECUTION_ONLY
 
 OWN = (MANIFEST, TRAIN_LOG, COST, CHECKPOINTS, "tracking")
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy", "pandas")
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=str))
 
 
 def lock(out: Path, log=print) -> int | None:
@@ -69,7 +64,7 @@ def locked(folder: Path, log=print) -> Iterator[None]:
 def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
     """Decide what to do with `out`: the step to start from, or None if this run is finished."""
     out = Path(out)
-    identity = _jsonable(dict(cfg.identity(), base_fingerprint=fingerprint))
+    identity = io.jsonable(dict(cfg.identity(), base_fingerprint=fingerprint))
     have = None
     if (out / MANIFEST).is_file() and not cfg.overwrite:  # --overwrite replaces even a damaged manifest
         old = io.read_json(out / MANIFEST)
@@ -126,7 +121,7 @@ def manifest(cfg, model, blocks, layers, fingerprint: str, corpus: dict) -> dict
     from cogprobe.models import model_source
     from cogprobe.params import n_trainable
     lora = getattr(model, "peft_config", {}).get("default")
-    return _jsonable(dict(
+    return io.jsonable(dict(
         config=cfg.to_dict(), seed=cfg.seed, strategy=cfg.strategy,
         layers=layers, layers_string=to_string(layers) if layers else None,
         lora_targets=sorted(lora.target_modules) if lora else None,

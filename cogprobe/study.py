@@ -88,7 +88,8 @@ def run(config: StudyConfig, log=print) -> Path:
     stage("baseline", lambda: baseline(config, out))
     seed0 = config.seed_list()[0]
     stage(f"tune {arm('full', seed0)}", lambda: tune(config, out, "full", seed0))
-    probe_run = _Opened(_full_run(config, out))   # opened once for the probe and select stages
+    # the probe run, opened on first use and shared by the probe and select stages (its base read once)
+    probe_run = functools.cache(lambda: Checkpoints.open(_full_run(config, out)).to(default_device()))
     stage("probe", lambda: probe(config, out, probe_run()))
     stage("select", lambda: select_sets(config, out, log, probe_run))
     for strategy, seed in rows:
@@ -111,18 +112,6 @@ def _stage(progress: Progress, out: Path, name: str, fn) -> None:
     seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 1)
     io.write_json(out / STUDY, record)
     progress.finished(name)
-
-
-class _Opened:
-    """A run's checkpoints, opened on first use and then shared (the base model is read once)."""
-
-    def __init__(self, run: Path):
-        self.run, self.checkpoints = run, None
-
-    def __call__(self) -> Checkpoints:
-        if self.checkpoints is None:
-            self.checkpoints = Checkpoints.open(self.run).to(default_device())
-        return self.checkpoints
 
 
 def _check_inputs(config: StudyConfig) -> None:

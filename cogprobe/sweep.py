@@ -269,7 +269,8 @@ class FastEngine:
             self._kept[kept] = out
             self._kept_bytes += size
             while self._kept_bytes > self._cache_bytes:
-                self._kept_bytes -= self._kept.popitem(last=False)[1].numel() * out.element_size()
+                dropped = self._kept.popitem(last=False)[1]
+                self._kept_bytes -= dropped.numel() * dropped.element_size()
         return out
 
 

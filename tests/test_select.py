@@ -221,7 +221,7 @@ def test_budget_finds_the_planted_smallest_set(tmp_path):
     walk = select_budget(KeepOuterModel(gains), 10, tau=0.8)   # the frontier walk: same set, fewer candidates
     assert (walk.k_in, walk.k_out) == (2, 1) and walk.evidence["chosen"] == sel.evidence["chosen"]
     assert walk.evidence["n_monotone_violations"] == 0 and walk.evidence["search"] == "frontier"
-    assert len(walk.candidates) == 12   # exhaustive: 10 (the walk pays off from sizes of about 5 on)
+    assert len(walk.candidates) == 12   # exhaustive: 10 (for so small an answer the walk scores more)
 
 
 class TableModel(KeepOuterModel):
