@@ -12,7 +12,7 @@ blocks that compensate for one another.
 Examples go through one at a time: a batch's backward pass gives only the sum of its examples'
 gradients, and the paired bootstrap intervals need each example's own estimate. The reference
 and checkpoint rows are exact forward passes (the reference's cached across checkpoints), so
-`gain_retained` compares an estimate with the exact gain. The engine estimates revert
+`share` compares an estimate with the exact gain. The engine estimates revert
 configurations only (no `skip`, no `--ends`); anything else is refused, never computed another way.
 """
 from __future__ import annotations
