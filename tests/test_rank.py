@@ -18,8 +18,7 @@ from cogprobe.rank import angular_distance, block_influence, rank, select_rankin
 from cogprobe.select import select_curves
 from cogprobe.sweep import engines_in, sweep
 from cogprobe.tasks import TASKS, batches
-from test_select import train_blocks
-from test_sweep import examples, perturbed
+from helpers import examples, perturbed, train_blocks
 from tiny import LAYERS, tiny_model
 
 PLANTED = {1, 4}
@@ -187,7 +186,7 @@ def test_select_ranking_by_size_and_by_tau(planted):
 
 def test_rank_sweep_and_select_through_the_cli(tmp_path, capsys):
     from cogprobe.cli import main
-    from test_train import write_corpus
+    from helpers import write_corpus
     from tiny import save_tiny
     model, corpus = save_tiny(tmp_path / "llama", "llama"), write_corpus(tmp_path / "pairs.csv")
     run = tmp_path / "probe"
@@ -224,3 +223,10 @@ def test_rank_sweep_and_select_through_the_cli(tmp_path, capsys):
     assert "exact importance, top" in set(sets["set"])
     assert len(pd.read_csv(tmp_path / "figures" / "cheap_rankings_curves.csv")) == 4
     assert (tmp_path / "figures" / "cheap_rankings.png").is_file()
+
+    # analyses/taylor_line_check.py: the first-order prediction beside the exact change, per alpha
+    script = Path(__file__).parent.parent / "analyses" / "taylor_line_check.py"
+    done = subprocess.run([sys.executable, str(script), str(run), "6", "--pairs", "3"], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("alpha 0.02: exact change") == 2   # both tasks
