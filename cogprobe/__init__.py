@@ -25,6 +25,8 @@ _LAZY = {
     "sweep_run": "cogprobe.probe",
     "capture_run": "cogprobe.probe",
     "select_run": "cogprobe.probe",
+    "rank": "cogprobe.rank",
+    "rank_run": "cogprobe.rank",
     "specialization_curves": "cogprobe.sweep_plots",
     "specialization_heatmaps": "cogprobe.sweep_plots",
     "logit_lens_heatmap": "cogprobe.plots",

@@ -235,7 +235,9 @@ def _sweep_flags(p):
     p.add_argument("--ks", help="k grid, e.g. '0-30' or '0,2,4,8' (default: every k from 0 to L)")
     p.add_argument("--ends", action="store_true",
                    help="revert the embedding with the input end and final norm + head with the output end")
-    p.add_argument("--engine", default="fast", choices=["fast", "naive"])
+    p.add_argument("--engine", default="fast", choices=["fast", "naive", "taylor"],
+                   help="fast, naive: exact (the same numbers); taylor: first-order estimates of a revert sweep "
+                        "from one backward pass per pair (its own table: use --out)")
     p.add_argument("--overwrite", action="store_true", help="start the table again")
 
 
@@ -277,7 +279,9 @@ _capture.flags = _capture_flags
 
 def _select_flags(p):
     _probe_flags(p)
-    p.add_argument("--rule", default="budget", choices=["fixed", "curves", "budget"])
+    p.add_argument("--rule", default="budget", choices=["fixed", "curves", "budget", "block-influence", "angular",
+                                                        "weight-delta", "taylor"],
+                   help="fixed, curves, budget; or the top blocks of a ranking of `cogprobe rank`")
     p.add_argument("--tau", type=float, default=0.8, help="share of the gain the set must account for / keep")
     p.add_argument("--fraction", type=float, default=0.25, help="rule fixed: the CogSym fraction")
     p.add_argument("--step", type=int, help="checkpoint to read (default: the last)")
@@ -290,6 +294,8 @@ def _select_flags(p):
     p.add_argument("--search", default="frontier", choices=["frontier", "exhaustive"],
                    help="rule budget: walk the pass/fail frontier (assumes a superset of a passing set passes; "
                         "checked, with a fallback) or score every candidate of each size")
+    p.add_argument("--by-tau", action="store_true",
+                   help="rule taylor: the fewest top blocks whose estimated shares reach --tau (default: CogSym's size)")
     p.add_argument("--name", default="selection.json",
                    help="file written in the tables folder (keep several rules side by side)")
 
@@ -301,7 +307,7 @@ def _select(a):
         sel = select_run(_source(a), rule=a.rule, tau=a.tau, fraction=a.fraction, step=a.step, input_task=a.input_task,
                          output_task=a.output_task, max_total=a.max_total, criterion=a.criterion,
                          batch_size=a.batch_size, evalset=_evalset(a), out=a.out, base=a.base, name=a.name,
-                         search=a.search, progress=not a.quiet)
+                         search=a.search, progress=not a.quiet, by_tau=a.by_tau)
     path = (a.out or Path(a.run)) / a.name
     _say(sel.table())
     if sel.stability:
@@ -311,6 +317,23 @@ def _select(a):
 
 
 _select.flags = _select_flags
+
+
+def _rank_flags(p):
+    _probe_flags(p)
+    p.add_argument("--rankings", default="block-influence,angular,weight-delta,taylor",
+                   help="comma list of block-influence, angular (base model), weight-delta, taylor (per checkpoint)")
+
+
+@command("rank", "cheap per-block rankings of a run (no sweep), with their cost, into rankings.parquet")
+def _rank(a):
+    from cogprobe.rank import rank_run
+    with _one_writer(a):
+        rank_run(_source(a), rankings=_words(a.rankings), batch_size=a.batch_size, evalset=_evalset(a), out=a.out,
+                 base=a.base, log=_say)
+
+
+_rank.flags = _rank_flags
 
 
 def _plot_flags(p):

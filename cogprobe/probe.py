@@ -40,7 +40,7 @@ from cogprobe.progress import bar
 from cogprobe.select import (Selection, budget_decider, curves_decider, select_budget, select_curves,
                              select_fixed, sweep_candidates)
 from cogprobe.stability import stability
-from cogprobe.sweep import DIRECTIONS, FastEngine, n_batches, sweep, sweep_configs
+from cogprobe.sweep import DIRECTIONS, FastEngine, engine_label, engines_in, n_batches, sweep, sweep_configs
 from cogprobe.tasks import TASKS, batches
 from cogprobe.trainconfig import EXECUTION_ONLY
 
@@ -142,8 +142,9 @@ def _merge_parts(path: Path, w: World, todo: Sequence[int], tasks: Sequence[str]
 def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIRECTIONS, tasks: Sequence[str] = TASKS,
               ks: Sequence[int] | None = None, ends: bool = False, engine: str = "fast", batch_size: int = 8,
               evalset: EvalSet | None = None, out=None, base=None, overwrite: bool = False, device=None,
-              log=print, progress: bool = True, checkpoints: Checkpoints | None = None) -> pd.DataFrame:
-    """Revert/skip sweeps of every checkpoint into `sweeps.parquet`; returns the whole table.
+              log=print, progress: bool = True, checkpoints: Checkpoints | None = None,
+              steps: Sequence[int] | None = None) -> pd.DataFrame:
+    """Revert/skip sweeps of every checkpoint (or of `steps`) into `sweeps.parquet`; returns the whole table.
 
     Launched on N processes (torchrun, accelerate launch), each sweeps a contiguous share of the
     configurations of every checkpoint into its own part file and the main process merges them:
@@ -158,10 +159,11 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
     configs = sweep_configs(find_blocks(reference).n, mode=mode, directions=directions, ks=ks, ends=ends)
     examples = evalset.examples(tok, tasks)
     _say_set(evalset, tok, w, log)
+    _check_engine(out / SWEEPS, engine, overwrite)
     _claim_table(out, SWEEPS, evalset, _source_id(source, ckpts), overwrite, w)
     path = out / SWEEPS
     done = _done_steps(path, mode, ends, _grid(tasks, configs))
-    todo = [s for s in ckpts.steps if s not in done]
+    todo = [s for s in ckpts.steps if s not in done and (steps is None or s in steps)]
     if not todo:
         if w.is_main:
             log(f"sweep: every checkpoint of {out} is already in {SWEEPS}")
@@ -181,6 +183,15 @@ def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIREC
                   steps=mine, on_checkpoint=save, on_batch=ticks.update)
     _merge_parts(path, w, todo, list(examples), keep=lambda t: (t["mode"] == mode) & (t["ends"] == ends))
     return io.read_parquet(path)
+
+
+def _check_engine(path: Path, engine: str, overwrite: bool) -> None:
+    """One engine per table: first-order estimates never join exact rows (nor the reverse)."""
+    if path.exists() and not overwrite:
+        have, want = engines_in(io.read_parquet(path)), engine_label(engine)
+        if have and have != {want}:
+            raise CogprobeError(f"{path} holds {'/'.join(sorted(have))} sweep rows and --engine {engine} writes "
+                                f"{want} rows; sweep into another folder (--out DIR) or pass --overwrite")
 
 
 def _say_set(evalset: EvalSet, tok, w: World, log) -> None:
@@ -281,8 +292,9 @@ def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: floa
                input_task: str = "perception", output_task: str = "production", max_total: int | None = None,
                criterion: str = "remove", batch_size: int = 8, evalset: EvalSet | None = None, out=None, base=None,
                name: str = SELECTION, device=None, log=print, search: str = "frontier", progress: bool = True,
-               checkpoints: Checkpoints | None = None) -> Selection:
-    """A CogSym layer set by `rule` (fixed | curves | budget), written to `selection.json`.
+               checkpoints: Checkpoints | None = None, by_tau: bool = False) -> Selection:
+    """A CogSym layer set by `rule` (fixed | curves | budget, or a cheap ranking of `rank`: the top
+    blocks of rankings.parquet, CogSym's size unless `by_tau`), written to `selection.json`.
 
     The budget rule reads the candidates that `sweeps.parquet` in `out` already scored (a revert
     sweep without --ends of the same checkpoint, tasks and evaluation set), instead of scoring them
@@ -290,8 +302,14 @@ def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: floa
     check_fraction(tau, "tau")
     if not str(name).endswith(".json"):
         raise CogprobeError(f"selection name {name!r} must end in .json (that is how --layers recognises it)")
+    from cogprobe.rank import RANKINGS, select_ranking_run
+    if rule in RANKINGS:
+        selection = select_ranking_run(source, rule, out=out, step=step, fraction=fraction,
+                                       tau=tau if by_tau else None)
+        io.write_json(_out_dir(source, out) / name, selection.to_json())
+        return selection
     if rule not in ("fixed", "curves", "budget"):
-        raise CogprobeError(f"unknown rule {rule!r}; use fixed, curves or budget")
+        raise CogprobeError(f"unknown rule {rule!r}; use fixed, curves, budget or a ranking ({', '.join(RANKINGS)})")
     ckpts = checkpoints or open_checkpoints(source, base, device)
     out = _out_dir(source, out)
     n_layers = ckpts.reference()[0].config.get_text_config().num_hidden_layers

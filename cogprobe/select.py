@@ -42,6 +42,7 @@ import pandas as pd
 
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import DEFAULT_FRACTION, check_fraction, cogsym, outer, to_string
+from cogprobe.sweep import check_one_engine
 
 EPS = 1e-9
 CRITERIA = ("remove", "keep")
@@ -129,6 +130,7 @@ def select_curves(sweeps: pd.DataFrame, *, tau: float = 0.8, step: int | None = 
     if not need <= set(sweeps.columns):
         raise CogprobeError(f"the sweep table lacks columns {sorted(need - set(sweeps.columns))}; "
                             "give the sweeps.parquet that `cogprobe sweep` wrote")
+    check_one_engine(sweeps, "the sweep table")
     rows = sweeps[sweeps["mode"] == "revert"]
     if rows.empty:
         raise CogprobeError("the sweep table has no revert rows; run `cogprobe sweep RUN --mode revert` first")

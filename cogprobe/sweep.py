@@ -27,6 +27,9 @@ Two engines give identical numbers:
   Blocks are called directly with the arguments the HF decoder itself passes them
   (masks, rotary tables), recorded once per batch, so no architecture is
   special-cased.
+
+A third engine, `taylor` (see `taylor`), estimates revert configurations to first order from one
+backward pass per example; its rows say `engine="taylor"` and never share a table with exact rows.
 """
 from __future__ import annotations
 
@@ -48,10 +51,12 @@ from cogprobe.tasks import Example, collate, nll_per_example, scored_positions
 DIRECTIONS = ("input", "output")
 COLUMNS = ["checkpoint_step", "task", "direction", "mode", "k", "k_in", "k_out", "blocks", "ends",
            "nll", "n_tokens", "nll_reference", "nll_checkpoint", "share", "example_nll", "example_tokens",
-           "reference_example_nll", "checkpoint_example_nll"]
+           "reference_example_nll", "checkpoint_example_nll", "engine"]
 # example_nll / example_tokens: per-example NLL sums and token counts (lists, in the evaluation set's
 # order), and the same sums for the reference and the checkpoint (same examples, same counts), so an
 # interval on any row, share included, can be recomputed without scoring again (`intervals`).
+# engine: "exact" (fast and naive give the same numbers) or "taylor" (first-order estimates, see
+# `taylor`); a table written before the column existed holds exact rows (`engines_in`).
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,7 @@ def check_ks(ks: Iterable[int] | None, n_layers: int) -> list[int]:
 class Counter:
     """Block evaluations performed, summed over batches (the benchmark's cost measure)."""
     block_evals: int = 0
+    backward_passes: int = 0   # the taylor engine's (one per example)
 
 
 def changed_blocks(model: nn.Module, reference: nn.Module) -> tuple[set[int], bool]:
@@ -341,7 +347,34 @@ def build_ablated(model: nn.Module, reference: nn.Module, config: Ablation) -> n
     return out
 
 
-ENGINES = {"fast": FastEngine, "naive": NaiveEngine}
+def _taylor(reference, **kw):
+    from cogprobe.taylor import TaylorEngine   # imported here: taylor builds on this module
+    return TaylorEngine(reference, **kw)
+
+
+ENGINES = {"fast": FastEngine, "naive": NaiveEngine, "taylor": _taylor}
+ESTIMATES = {"taylor"}   # engines whose rows are estimates, labelled by name; the others are "exact"
+
+
+def engine_label(engine: str) -> str:
+    return engine if engine in ESTIMATES else "exact"
+
+
+def engines_in(table: pd.DataFrame) -> set[str]:
+    """The engines a sweep table's rows come from; rows without the column (older tables) are exact."""
+    if table.empty:
+        return set()
+    if "engine" not in table.columns:
+        return {"exact"}
+    return set(table["engine"].astype(object).fillna("exact"))
+
+
+def check_one_engine(table: pd.DataFrame, where: str) -> None:
+    """Refuse a table that mixes exact rows and estimates: no rule or figure may average them."""
+    found = engines_in(table)
+    if len(found) > 1:
+        raise CogprobeError(f"{where} mixes rows of the engines {sorted(found)}; keep each engine's sweep in its "
+                            "own table (sweep with --out DIR)")
 
 
 def reference_config(n_layers: int) -> Ablation:
@@ -370,7 +403,7 @@ def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "rever
     `FastEngine.evaluate`; the budget search scores one checkpoint in many small calls).
     """
     if engine not in ENGINES:
-        raise CogprobeError(f"unknown engine {engine!r}; use fast or naive")
+        raise CogprobeError(f"unknown engine {engine!r}; use {', '.join(ENGINES)}")
     if mode == "keep-outer" and not keep_outer and configs is None:
         raise CogprobeError("mode keep-outer needs (k_in, k_out) pairs; pass keep_outer=[(2, 2), ...]")
     items = _iter_checkpoints(checkpoints, steps)
@@ -386,7 +419,7 @@ def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "rever
     for step, model in (_with_reference(ref_step, reference, items) if wanted_ref else items):
         extra = dict(remember=step) if remember else {}
         totals = runner.evaluate(model, configs, examples, batch_size=batch_size, on_batch=on_batch, **extra)
-        rows = _rows(step, configs, totals, examples)
+        rows = _rows(step, configs, totals, examples, engine_label(engine))
         if on_checkpoint is not None:
             on_checkpoint(step, rows)
         frames.append(rows)
@@ -420,7 +453,7 @@ def _iter_checkpoints(checkpoints, steps):
             yield s, m
 
 
-def _rows(step, configs, totals, examples) -> pd.DataFrame:
+def _rows(step, configs, totals, examples, engine: str = "exact") -> pd.DataFrame:
     rows = []
     mean = lambda sc: float(sc[0].sum()) / int(sc[1].sum())  # noqa: E731  (a ratio of sums, in float64)
     for task in examples:
@@ -437,5 +470,5 @@ def _rows(step, configs, totals, examples) -> pd.DataFrame:
                              nll_checkpoint=nll_ck,
                              share=(nll_ref - nll) / gain if gain > 0 else float("nan"),
                              example_nll=sums.tolist(), example_tokens=counts.tolist(),
-                             reference_example_nll=ref_sums, checkpoint_example_nll=ck_sums))
+                             reference_example_nll=ref_sums, checkpoint_example_nll=ck_sums, engine=engine))
     return pd.DataFrame(rows, columns=COLUMNS)

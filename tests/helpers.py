@@ -4,6 +4,7 @@ A plain module (not a test module), so tests import from here and never from eac
 """
 from __future__ import annotations
 
+import copy
 import math
 import threading
 from dataclasses import dataclass
@@ -12,12 +13,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 import cogprobe.probe as probe
+from cogprobe.blocks import find_blocks
+from cogprobe.corpora import Corpus
 from cogprobe.cli import main
 from cogprobe.distributed import World
 from cogprobe.layersets import to_string
 from cogprobe.sweep import COLUMNS
+from cogprobe.tasks import TASKS, build_examples, collate, scored_positions
+from tiny import tiny_tokenizer
 
 # ------------------------------------------------------------------ a tiny corpus
 
@@ -220,11 +226,55 @@ def text_examples(tok, n=5, offset=0):
 
 def perturbed_block(model, block=PERTURBED, scale=0.05, seed=1):
     """A copy of `model` with one block moved by seeded noise: a 'fine-tuned' checkpoint."""
-    import copy
-    from cogprobe.blocks import find_blocks
     other = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in find_blocks(other).modules[block].parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen))
     return other
+
+
+# ------------------------------------------------------------------ planted checkpoints of a tiny model
+
+TOY_CORPUS = Corpus("toy", pd.DataFrame({
+    "pivot": ["el hombre hace las tortillas", "la casa es grande", "el agua está fría", "¿dónde está?", "sí"],
+    "target": ["in tlacatl quichiua in tlaxcalli", "in calli huei", "in atl itztic", "canin?", "quemah"],
+    "document": [""] * 5,
+}), "Spanish", "Nahuatl")
+
+
+def examples():
+    """Both tasks' examples of the five toy pairs, on the tiny tokenizer."""
+    tok = tiny_tokenizer()
+    return {t: build_examples(tok, TOY_CORPUS, t) for t in TASKS}
+
+
+def perturbed(model, blocks=None, embed=False, seed=1, scale=0.05):
+    """A 'checkpoint': a copy with some blocks (and maybe the embeddings) moved."""
+    out = copy.deepcopy(model)
+    b = find_blocks(out)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            i = b.block_of(name)
+            if (i is not None and (blocks is None or i in blocks)) or (embed and name in b.input_end_names()):
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return out
+
+
+def train_blocks(ref, examples, blocks, steps=8, lr=1e-2):
+    """A real 'checkpoint': `ref` with only `blocks` trained on both tasks (embeddings frozen)."""
+    ck = copy.deepcopy(ref).train()
+    b = find_blocks(ck)
+    for name, p in ck.named_parameters():
+        p.requires_grad_(b.block_of(name) in blocks)
+    opt = torch.optim.Adam([p for p in ck.parameters() if p.requires_grad], lr=lr)
+    batch = collate([e for exs in examples.values() for e in exs], pad_id=0)
+    pred, targets = scored_positions(batch)
+    for _ in range(steps):
+        logits = ck(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        loss = F.cross_entropy(logits[pred], targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return ck.eval().requires_grad_(False)

@@ -1,4 +1,3 @@
-import copy
 import json
 import math
 import os
@@ -9,17 +8,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-import torch.nn.functional as F
 
 from cogprobe.blocks import find_blocks
-from cogprobe.corpora import Corpus
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import cogsym, resolve, to_string
 from cogprobe.select import Selection, select_budget, select_curves, select_fixed, sweep_candidates
 from cogprobe.sweep import COLUMNS, sweep
-from cogprobe.tasks import TASKS, build_examples, collate, score, scored_positions
-from helpers import PLANT_8, PLANT_12, KeepOuterModel, revert_table
+from cogprobe.tasks import TASKS, build_examples, score
+from helpers import PLANT_8, PLANT_12, TOY_CORPUS, KeepOuterModel, revert_table, train_blocks
 from tiny import LAYERS, tiny_model, tiny_tokenizer
 
 # --- synthetic tables: the gain of each task sits in known blocks -----------------------------
@@ -346,34 +342,12 @@ def test_budget_failures_say_what_and_how_to_fix():
 
 # --- end to end on a real sweep of a tiny model ------------------------------------------------
 
-PAIRS = pd.DataFrame({
-    "pivot": ["el hombre hace las tortillas", "la casa es grande", "el agua está fría", "¿dónde está?", "sí"],
-    "target": ["in tlacatl quichiua in tlaxcalli", "in calli huei", "in atl itztic", "canin?", "quemah"],
-    "document": [""] * 5,
-})
 
-
-def train_blocks(ref, examples, blocks, steps=8, lr=1e-2):
-    """A real 'checkpoint': `ref` with only `blocks` trained on both tasks (embeddings frozen)."""
-    ck = copy.deepcopy(ref).train()
-    b = find_blocks(ck)
-    for name, p in ck.named_parameters():
-        p.requires_grad_(b.block_of(name) in blocks)
-    opt = torch.optim.Adam([p for p in ck.parameters() if p.requires_grad], lr=lr)
-    batch = collate([e for exs in examples.values() for e in exs], pad_id=0)
-    pred, targets = scored_positions(batch)
-    for _ in range(steps):
-        logits = ck(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        loss = F.cross_entropy(logits[pred], targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return ck.eval().requires_grad_(False)
 
 
 def test_end_to_end_on_a_real_sweep(tmp_path):
     tok = tiny_tokenizer()
-    corpus = Corpus("toy", PAIRS, "Spanish", "Nahuatl")
+    corpus = TOY_CORPUS
     ex = {t: build_examples(tok, corpus, t) for t in TASKS}
     ref = tiny_model("llama")
     ck = train_blocks(ref, ex, {0, LAYERS - 1})

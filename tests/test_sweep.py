@@ -6,36 +6,14 @@ import pytest
 import torch
 
 from cogprobe.blocks import find_blocks
-from cogprobe.corpora import Corpus
 from cogprobe.errors import CogprobeError
 from cogprobe.sweep import keep_outer_configs, sweep, sweep_configs
-from cogprobe.tasks import TASKS, build_examples, score
-from tiny import LAYERS, tiny_model, tiny_tokenizer
-
-PAIRS = pd.DataFrame({
-    "pivot": ["el hombre hace las tortillas", "la casa es grande", "el agua está fría", "¿dónde está?", "sí"],
-    "target": ["in tlacatl quichiua in tlaxcalli", "in calli huei", "in atl itztic", "canin?", "quemah"],
-    "document": [""] * 5,
-})
-CORPUS = Corpus("toy", PAIRS, "Spanish", "Nahuatl")
+from cogprobe.tasks import TASKS, score
+from helpers import examples, perturbed
+from tiny import LAYERS, tiny_model
 
 
-def examples():
-    tok = tiny_tokenizer()
-    return {t: build_examples(tok, CORPUS, t) for t in TASKS}
 
-
-def perturbed(model, blocks=None, embed=False, seed=1, scale=0.05):
-    """A 'checkpoint': a copy with some blocks (and maybe the embeddings) moved."""
-    out = copy.deepcopy(model)
-    b = find_blocks(out)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in out.named_parameters():
-            i = b.block_of(name)
-            if (i is not None and (blocks is None or i in blocks)) or (embed and name in b.input_end_names()):
-                p.add_(scale * torch.randn(p.shape, generator=g))
-    return out
 
 
 def mix(ref, ck, from_ck):
