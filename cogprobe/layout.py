@@ -16,6 +16,7 @@ A study folder (`cogprobe run`) holds the probe tables of its probe run, and:
     baseline.csv        the base model's scores          compare.parquet   one row per tuned run
     scores.parquet      per-example NLL sums of every arm, translations.parquet every translation
     selection-fixed.json, selection-budget.json
+    lr_search.parquet   the learning rates tried per row on dev, and their dev NLL (runs/lr-trials/)
     runs/{row}-s{seed}/ one run folder per comparison row and seed ("arm" names it in the tables)
     figures/, report.md, report.html
 """
@@ -30,6 +31,7 @@ MANIFEST = "manifest.json"
 TRAIN_LOG = "train_log.parquet"
 COST = "cost.json"
 TRAIN_CONFIG = "train-config.json"   # the TrainConfig a study hands its training child (`train --config`)
+DEV_CURVE = "dev_curve.parquet"      # dev NLL per (step, task) during training (`eval_steps`)
 
 # probe tables (in a run folder or --out; in a study folder for its probe run)
 SWEEPS = "sweeps.parquet"
@@ -47,6 +49,8 @@ SCORES = "scores.parquet"              # per example: arm, task, pair_id, nll_su
 TRANSLATIONS = "translations.parquet"  # per sentence: arm, task, pair_id, hypothesis, reference
 SELECTION_FIXED = "selection-fixed.json"
 SELECTION_BUDGET = "selection-budget.json"
+LR_SEARCH = "lr_search.parquet"        # one row per (row, lr) tried on dev: the learning-rate choice
+LR_TRIALS = "lr-trials"                # runs/lr-trials/{row}-lr{lr}/: the short trial runs
 RUNS = "runs"
 FIGURES = "figures"
 
