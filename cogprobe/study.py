@@ -8,7 +8,7 @@ continues an interrupted study and redoes nothing that finished:
   2. tune full    full fine-tuning with checkpoints (first seed)  runs/full-s{seed}/
   3. probe        revert sweeps and capture on its checkpoints    sweeps.parquet, activations.parquet
   4. select       the fixed CogSym set and the derived budget set selection-fixed.json, selection-budget.json
-  5. tune         every comparison row, same base/data/steps/seed runs/{strategy}-s{seed}/
+  5. tune         every comparison row, same base/data/steps/seed runs/{row}-s{seed}/
   6. compare      NLL, control and chrF of each run on test       compare.parquet
   7. report       figures and the plain-language report           figures/, report.md, report.html
 
@@ -92,10 +92,10 @@ def run(config: StudyConfig, log=print) -> Path:
     probe_run = functools.cache(lambda: Checkpoints.open(_full_run(config, out)).to(default_device()))
     stage("probe", lambda: probe(config, out, probe_run()))
     stage("select", lambda: select_sets(config, out, log, probe_run))
-    for strategy, seed in rows:
-        if (strategy, seed) != ("full", seed0):  # the first full run is the probe run, tuned above
-            stage(f"tune {arm(strategy, seed)}", lambda: tune(config, out, strategy, seed))
-        stage(f"compare {arm(strategy, seed)}", lambda: compare_one(config, out, strategy, seed))
+    for row, seed in rows:
+        if (row, seed) != ("full", seed0):  # the first full run is the probe run, tuned above
+            stage(f"tune {arm(row, seed)}", lambda: tune(config, out, row, seed))
+        stage(f"compare {arm(row, seed)}", lambda: compare_one(config, out, row, seed))
     stage("report", lambda: write_report(out))
     progress.stage("done", str(out / "report.md"))
     return out
@@ -205,22 +205,22 @@ def _block_count(model_spec: str) -> int:
     return block_count(model_spec)
 
 
-def layer_set(config: StudyConfig, out: Path, strategy: str, seed: int) -> tuple[str, str | None]:
+def layer_set(config: StudyConfig, out: Path, row: str, seed: int) -> tuple[str, str | None]:
     """(train strategy, --layers) of a comparison row; the controls have CogSym's size."""
     n = _block_count(str(config.model))
     k = len(cogsym(n, config.fraction))
-    if strategy in ("full", "lora"):
-        return strategy, None
-    if strategy in ("cogsym", "cogsym-lora"):
-        return ("layers" if strategy == "cogsym" else "lora-layers"), f"cogsym:{config.fraction}"
-    if strategy == "budget":
+    if row in ("full", "lora"):  # the rows named after the strategy they train with
+        return row, None
+    if row in ("cogsym", "cogsym-lora"):
+        return ("layers" if row == "cogsym" else "lora-layers"), f"cogsym:{config.fraction}"
+    if row == "budget":
         sel = io.read_json(out / SELECTION_BUDGET)
         if "error" in sel:
             raise _Skip(f"budget selection failed: {sel['error']}")
         return "layers", sel["layers_arg"]
     start = (n - k) // 2
     blocks = {"middle": range(start, start + k), "bottom": range(k), "top": range(n - k, n),
-              "random": np.random.default_rng(seed).choice(n, size=k, replace=False)}[strategy]
+              "random": np.random.default_rng(seed).choice(n, size=k, replace=False)}[row]
     return "layers", to_string(sorted(int(b) for b in blocks))
 
 
@@ -228,17 +228,17 @@ class _Skip(Exception):
     """A comparison row that cannot run, with the reason the report gives."""
 
 
-def tune(config: StudyConfig, out: Path, strategy: str, seed: int) -> None:
+def tune(config: StudyConfig, out: Path, row: str, seed: int) -> None:
     """Train one comparison row in its own process, so its peak memory is its own."""
     try:
-        train_strategy, layers = layer_set(config, out, strategy, seed)
+        strategy, layers = layer_set(config, out, row, seed)
     except _Skip:
         return
-    lora = train_strategy.startswith("lora")
-    first_full = strategy == "full" and seed == config.seed_list()[0]
+    lora = strategy.startswith("lora")
+    first_full = row == "full" and seed == config.seed_list()[0]
     cfg = TrainConfig(
         model=config.model, corpus=config.corpus, pivot_col=config.pivot_col, target_col=config.target_col,
-        out=row_run(out, strategy, seed), strategy=train_strategy, layers=layers, steps=config.steps,
+        out=row_run(out, row, seed), strategy=strategy, layers=layers, steps=config.steps,
         batch_size=config.batch_size, seq_len=config.seq_len, lr=config.lora_lr if lora else config.lr,
         lora_r=config.lora_r, bf16=config.bf16, threads=config.threads, seed=seed,
         save_steps=config.save_steps if first_full else str(config.steps),
@@ -254,7 +254,7 @@ def tune(config: StudyConfig, out: Path, strategy: str, seed: int) -> None:
                           capture_output=True, text=True, preexec_fn=_die_with_parent)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise CogprobeError(f"training {arm(strategy, seed)} failed: {last}")
+        raise CogprobeError(f"training {arm(row, seed)} failed: {last}")
 
 
 def _die_with_parent() -> None:
@@ -307,32 +307,32 @@ def select_sets(config: StudyConfig, out: Path, log, checkpoints=lambda: None) -
 # --- comparison --------------------------------------------------------------------------
 
 
-def compare_one(config: StudyConfig, out: Path, strategy: str, seed: int) -> None:
+def compare_one(config: StudyConfig, out: Path, row: str, seed: int) -> None:
     path = out / COMPARE
     table = io.read_parquet(path) if path.exists() else pd.DataFrame()
-    if len(table) and ((table["strategy"] == strategy) & (table["seed"] == seed)).any():
+    if len(table) and ((table["row"] == row) & (table["seed"] == seed)).any():
         return
-    run = row_run(out, strategy, seed)
+    run = row_run(out, row, seed)
     if not (run / COST).is_file():
         return  # a skipped row (e.g. no budget set): the report says why
     ckpts = Checkpoints.open(run).to(default_device())
     model, tok = ckpts.load(ckpts.steps[-1])
     cost = io.read_json(run / COST)
     manifest = io.read_json(run / MANIFEST)
-    if strategy == "full":  # every row's share is a fraction of this run's gain
+    if row == "full":  # every row's share is a fraction of this run's gain
         check_healthy(run, manifest, "shares of its gain")
-    row = dict(strategy=strategy, seed=seed, blocks=manifest.get("layers_string") or "all",
-               trainable_params=cost["trainable_params"], optimizer_bytes=cost["optimizer_state_bytes"],
-               sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,
-               **_scores(model, tok, config, arm(strategy, seed), out))
-    table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+    record = dict(row=row, seed=seed, blocks=manifest.get("layers_string") or "all",
+                  trainable_params=cost["trainable_params"], optimizer_bytes=cost["optimizer_state_bytes"],
+                  sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,
+                  **_scores(model, tok, config, arm(row, seed), out))
+    table = pd.concat([table, pd.DataFrame([record])], ignore_index=True)
     io.write_parquet(path, with_shares(table, io.read_csv(out / BASELINE).iloc[0]))
 
 
 def with_shares(table: pd.DataFrame, base: pd.Series) -> pd.DataFrame:
     """Share of full fine-tuning's gain each run keeps (per seed): run gain / full gain."""
     table = table.copy()
-    full = table[table["strategy"] == "full"].set_index("seed")
+    full = table[table["row"] == "full"].set_index("seed")
     for task in TASKS:
         nll, share = f"{task}_nll", f"{task}_share"
         full_gain = table["seed"].map(base[nll] - full[nll])
