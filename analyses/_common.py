@@ -21,10 +21,12 @@ def study_dir() -> Path:
 
 
 def table(study: Path, name: str) -> pd.DataFrame:
+    """A study table read through `io`, so a folder written before a column was renamed reads with the
+    new names (compare's `strategy` as `row`)."""
     path = study / name
     if not path.is_file():
         raise CogprobeError(f"{path} is missing; run `cogprobe run --out {study}` first")
-    return pd.read_parquet(path) if name.endswith(".parquet") else pd.read_csv(path)
+    return io.read_parquet(path) if name.endswith(".parquet") else io.read_csv(path)
 
 
 def publish(fig, data: pd.DataFrame, stem: str) -> None:

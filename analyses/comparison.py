@@ -7,6 +7,6 @@ from cogprobe.verdicts import comparison_table
 
 study = study_dir()
 compare = table(study, "compare.parquet")
-bars = comparison_table(table(study, "scores.parquet"), list(compare[["strategy", "seed"]].itertuples(
+bars = comparison_table(table(study, "scores.parquet"), list(compare[["row", "seed"]].itertuples(
     index=False, name=None)))
 publish(comparison_bars(compare, intervals=bars), compare, "comparison")

@@ -30,10 +30,12 @@ class Kind:
     fix: str                    # how to remake it; {folder}: the file's folder, {tables}: the probe verbs' arguments
     needs: tuple[str, ...] = ()  # JSON keys ("a.b" nested) or table columns every readable copy has
     needs_rows: bool = False     # a table that is never written empty
+    renamed: tuple[tuple[str, str], ...] = ()  # (old, new) column names renamed in this kind only
 
 
 # columns renamed since tables were first written (old name -> new): every table read through
-# `io.read_parquet` / `read_csv` gets the new names, so folders written before still read
+# `io.read_parquet` / `read_csv` gets the new names, so folders written before still read; a name
+# that means another thing in other tables (compare's `strategy`, now `row`) is renamed in its kind only
 RENAMED = {"gain_retained": "share", "gain_retained_low": "share_low", "gain_retained_high": "share_high",
            "layer": "block"}
 
@@ -67,7 +69,8 @@ KINDS: list[tuple[str, Kind]] = [
     (r"baseline\.csv", Kind("the base model's scores", "delete it and rerun the same `cogprobe run` to recompute it",
                             ("perception_nll", "production_nll", "chrf_perception", "chrf_production"), True)),
     (r"compare\.parquet", Kind("the comparison table", "it is derived from the tuned runs: delete it and rerun "
-                               "the same `cogprobe run` to rebuild it", ("strategy",))),
+                               "the same `cogprobe run` to rebuild it", ("row",),
+                               renamed=(("strategy", "row"),))),
 ]
 _COMPILED = [(re.compile(rf"(^|/){pattern}$"), kind) for pattern, kind in KINDS]
 
@@ -76,6 +79,12 @@ def kind_of(path: str | Path) -> Kind | None:
     """The kind of artifact `path` is, from its last two path parts; None for a file cogprobe does not own."""
     tail = "/".join(Path(path).parts[-2:])
     return next((kind for pattern, kind in _COMPILED if pattern.search(tail)), None)
+
+
+def renamed_columns(path: str | Path) -> dict[str, str]:
+    """Old column name -> new for the table at `path`: the renames of every table and its kind's own."""
+    kind = kind_of(path)
+    return {**RENAMED, **dict(kind.renamed if kind else ())}
 
 
 def damaged(path: str | Path, problem: str) -> CogprobeError:

@@ -184,7 +184,7 @@ def _read_table(path, reader, errors: tuple, kind: str) -> pd.DataFrame:
     except errors as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise artifacts.damaged(path, f"is not a readable {kind} table ({first.split(': ', 1)[-1]})") from None
-    table = table.rename(columns={old: new for old, new in artifacts.RENAMED.items()
+    table = table.rename(columns={old: new for old, new in artifacts.renamed_columns(path).items()
                                   if old in table.columns and new not in table.columns})
     artifacts.check_columns(path, table.columns, len(table))
     return table

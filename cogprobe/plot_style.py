@@ -41,7 +41,7 @@ from cogprobe.layout import ACTIVATIONS, ALIGNMENT, COMPARE, SCORES, SWEEPS, TRA
 
 TASK_ORDER = ("perception", "production")
 DIRECTION_ORDER = ("input", "output", "both")
-STRATEGY_ORDER = ("full", "lora", "cogsym", "cogsym-lora", "budget", "middle", "bottom", "top", "random")
+ROW_ORDER = ("full", "lora", "cogsym", "cogsym-lora", "budget", "middle", "bottom", "top", "random")
 NAN_GREY = "0.85"
 MAX_LEGEND_STEPS = 10     # more checkpoints than this get a colourbar instead of a legend
 TASK_FREE = ("", "all")   # task values that mean "not task-specific"

@@ -18,7 +18,7 @@ from cogprobe import io
 from cogprobe.alignment_plots import figures as alignment_figures
 from cogprobe.errors import CogprobeError
 from cogprobe.layout import ACTIVATIONS, COMPARE, SCORES, SWEEPS, TRAIN_LOG
-from cogprobe.plot_style import (ACT_COLUMNS, STAT_LABELS, STRATEGY_ORDER, TABLES, TASK_FREE, TASK_ORDER, _grid, _heat,
+from cogprobe.plot_style import (ACT_COLUMNS, ROW_ORDER, STAT_LABELS, TABLES, TASK_FREE, TASK_ORDER, _grid, _heat,
                                  _nan_note, _ordered, _require, _styled, save)
 from cogprobe.sweep_plots import conditional_gain_curves, specialization_curves, specialization_heatmaps
 from cogprobe.tasks import CONTROLS
@@ -141,26 +141,26 @@ def _human(n: float) -> str:
 
 @_styled
 def comparison_bars(compare: pd.DataFrame, metric: str = "nll", intervals: pd.DataFrame | None = None) -> Figure:
-    """Share of the full fine-tuning gain each strategy retains, perception and production.
+    """Share of the full fine-tuning gain each comparison row retains, perception and production.
 
     `metric="nll"` uses `{task}_share`, `metric="chrf"` uses `chrf_{task}_share`.
-    Several rows per strategy (seeds) give mean bars with ±1 std error bars; one seed
+    Several lines per row (seeds) give mean bars with ±1 std error bars; one seed
     and `intervals` (`verdicts.comparison_table`) give 95% bootstrap error bars. Dashed
     lines mark full fine-tuning (1.0) and 97 % of it; tick labels carry each
-    strategy's trainable parameter count.
+    row's trainable parameter count.
     """
     if metric not in ("nll", "chrf"):
         raise CogprobeError(f"metric={metric!r} is not a comparison metric; use nll or chrf")
     cols = {t: (f"{t}_share" if metric == "nll" else f"chrf_{t}_share") for t in TASK_ORDER}
-    _require(compare, ("strategy", *cols.values()), "compare", "run the study with `cogprobe run`")
-    long = compare.melt(id_vars=["strategy"], value_vars=list(cols.values()), var_name="task", value_name="share")
+    _require(compare, ("row", *cols.values()), "compare", "run the study with `cogprobe run`")
+    long = compare.melt(id_vars=["row"], value_vars=list(cols.values()), var_name="task", value_name="share")
     long["task"] = long["task"].map({v: k for k, v in cols.items()})
-    order = _ordered(compare["strategy"], STRATEGY_ORDER)
-    seeds = compare.groupby("strategy").size().max() > 1
+    order = _ordered(compare["row"], ROW_ORDER)
+    seeds = compare.groupby("row").size().max() > 1
     fig = Figure(figsize=(1.0 * len(order) + 3.5, 4.2), layout="constrained")
     ax = fig.subplots()
     palette = dict(zip(TASK_ORDER, sns.color_palette("colorblind", 2)))
-    sns.barplot(long, x="strategy", y="share", hue="task", order=order, hue_order=list(TASK_ORDER), ax=ax,
+    sns.barplot(long, x="row", y="share", hue="task", order=order, hue_order=list(TASK_ORDER), ax=ax,
                 palette=palette, errorbar="sd" if seeds else None, capsize=0.15 if seeds else 0)
     for container in ax.containers:   # values inside the bars, clear of the error bars
         ax.bar_label(container, fmt="%.2f", label_type="center", fontsize="x-small", color="white")
@@ -171,25 +171,25 @@ def comparison_bars(compare: pd.DataFrame, metric: str = "nll", intervals: pd.Da
     ax.axhline(0.0, color="0.2", lw=0.8)
     ax.set_xticks(range(len(order)), labels=_param_labels(compare, order))
     what = "NLL" if metric == "nll" else "chrF"
-    ax.set(xlabel="strategy (trainable parameters)", ylabel=f"share of full-FT {what} gain retained")
+    ax.set(xlabel="comparison row (trainable parameters)", ylabel=f"share of full-FT {what} gain retained")
     handles, labels = ax.get_legend_handles_labels()
     ax.get_legend().remove()
     fig.legend(handles, labels, loc="outside lower center", ncols=4, fontsize="small")
-    n = int(compare.groupby("strategy").size().max())
+    n = int(compare.groupby("row").size().max())
     spread = f"; mean ± sd of {n} seeds" if seeds else (
         "; 95% bootstrap intervals" if intervals is not None and metric == "nll" else "")
-    fig.suptitle(f"How much of full fine-tuning each strategy buys ({what} on the test split{spread})")
+    fig.suptitle(f"How much of full fine-tuning each row buys ({what} on the test split{spread})")
     return fig
 
 
 def _interval_bars(ax, intervals: pd.DataFrame, order: list[str]) -> None:
     """Error bars from the share intervals, on the bars seaborn drew (one container per task)."""
-    shares = intervals[intervals["quantity"] == "share"].set_index(["strategy", "task"])
+    shares = intervals[intervals["quantity"] == "share"].set_index(["row", "task"])
     for container, task in zip(ax.containers, TASK_ORDER):
-        for patch, strategy in zip(container, order):
-            if (strategy, task) not in shares.index:
+        for patch, row in zip(container, order):
+            if (row, task) not in shares.index:
                 continue
-            r = shares.loc[(strategy, task)]
+            r = shares.loc[(row, task)]
             x = patch.get_x() + patch.get_width() / 2
             ax.errorbar(x, r["estimate"], yerr=[[r["estimate"] - r["low"]], [r["high"] - r["estimate"]]],
                         fmt="none", ecolor="0.15", capsize=3, lw=1)
@@ -198,7 +198,7 @@ def _interval_bars(ax, intervals: pd.DataFrame, order: list[str]) -> None:
 def _param_labels(compare: pd.DataFrame, order: list[str]) -> list[str]:
     if "trainable_params" not in compare.columns:
         return order
-    params = compare.groupby("strategy")["trainable_params"].first()
+    params = compare.groupby("row")["trainable_params"].first()
     return [f"{s}\n{_human(float(params[s]))}" if pd.notna(params.get(s)) else s for s in order]
 
 
@@ -253,7 +253,7 @@ def _figures_for(tables: dict[str, pd.DataFrame]):
         cmp = tables[COMPARE]
         bars = None
         if SCORES in tables and "seed" in cmp.columns:
-            bars = comparison_table(tables[SCORES], list(cmp[["strategy", "seed"]].itertuples(
+            bars = comparison_table(tables[SCORES], list(cmp[["row", "seed"]].itertuples(
                 index=False, name=None)))
         yield "comparison_nll", functools.partial(comparison_bars, cmp, "nll", bars)
         chrf = [c for c in ("chrf_perception_share", "chrf_production_share") if c in cmp.columns]

@@ -219,22 +219,22 @@ def _selections(out: Path) -> list[tuple]:
     return blocks
 
 
-COMPARE_COLUMNS = ["strategy", "blocks", "trainable_params", "optimizer_bytes", "sec_per_step", "peak_mem_mb",
+COMPARE_COLUMNS = ["row", "blocks", "trainable_params", "optimizer_bytes", "sec_per_step", "peak_mem_mb",
                    "perception_nll", "production_nll", "perception_conditional_gain", "production_conditional_gain",
                    "perception_share", "production_share",
                    "chrf_perception", "chrf_production", "chrf_perception_share", "chrf_production_share"]
 
 
 def _compare_table(compare: pd.DataFrame) -> pd.DataFrame:
-    """One row per strategy; with several seeds, numbers are 'mean ± std'."""
-    rows = []
-    for strategy, g in compare.groupby("strategy", sort=False):
-        row = {"strategy": strategy, "blocks": g["blocks"].iloc[0]}
+    """One line per row; with several seeds, numbers are 'mean ± std'."""
+    lines = []
+    for row, g in compare.groupby("row", sort=False):
+        line = {"row": row, "blocks": g["blocks"].iloc[0]}
         for col in COMPARE_COLUMNS[2:]:
             v = g[col].astype(float)
-            row[col] = _fmt(v.mean(), col) + (f" ± {_fmt(v.std(), col)}" if len(v) > 1 else "")
-        rows.append(row)
-    return pd.DataFrame(rows)
+            line[col] = _fmt(v.mean(), col) + (f" ± {_fmt(v.std(), col)}" if len(v) > 1 else "")
+        lines.append(line)
+    return pd.DataFrame(lines)
 
 
 def _fmt(x: float, col: str) -> str:
@@ -250,7 +250,7 @@ def _fmt(x: float, col: str) -> str:
 
 
 def _compare_findings(compare: pd.DataFrame, base: pd.Series, out: Path) -> list[str]:
-    mean = compare.groupby("strategy").mean(numeric_only=True)
+    mean = compare.groupby("row").mean(numeric_only=True)
     if "full" not in mean.index:
         return ["Full fine-tuning has no row, so no shares can be computed."]
     full = mean.loc["full"]
@@ -266,16 +266,16 @@ def _compare_findings(compare: pd.DataFrame, base: pd.Series, out: Path) -> list
     if table is None:
         return lines + ["No per-example scores (scores.parquet), so no intervals and no findings; rerun the "
                         "comparison stage."]
-    for strategy in [s for s in ("cogsym", "cogsym-lora", "budget", "lora") if s in mean.index and tasks]:
-        r = mean.loc[strategy]
+    for row in [s for s in ("cogsym", "cogsym-lora", "budget", "lora") if s in mean.index and tasks]:
+        r = mean.loc[row]
         parts = []
         for task in tasks:
-            got = _pick(table, strategy, task)
+            got = _pick(table, row, task)
             if "share" in got and "rel_deviation" in got:
                 parts.append(f"{task}: share of the gain {verdicts.fmt(got['share'], True)}, NLL relative "
                              f"deviation {verdicts.fmt(got['rel_deviation'], True)}, "
                              f"{verdicts.within_bar(got['rel_deviation'])}")
-        lines.append(f"**{strategy}** ({r['trainable_params'] / full['trainable_params']:.1%} of full fine-tuning's "
+        lines.append(f"**{row}** ({r['trainable_params'] / full['trainable_params']:.1%} of full fine-tuning's "
                      f"trainable parameters, {r['sec_per_step'] / full['sec_per_step']:.2f}x its step time): "
                      + "; ".join(parts) + ".")
     for control in [c for c in verdicts.CONTROLS if c in mean.index and "cogsym" in mean.index and tasks]:
@@ -293,13 +293,13 @@ def _intervals(out: Path, compare: pd.DataFrame) -> pd.DataFrame | None:
     path = out / SCORES
     if not path.is_file():
         return None
-    rows = list(compare[["strategy", "seed"]].itertuples(index=False, name=None))
+    rows = list(compare[["row", "seed"]].itertuples(index=False, name=None))
     return verdicts.comparison_table(pd.read_parquet(path), rows)
 
 
-def _pick(table: pd.DataFrame, strategy: str, task: str) -> dict:
-    """{quantity: row} of the first seed of a strategy and task."""
-    rows = table[(table["strategy"] == strategy) & (table["task"] == task)]
+def _pick(table: pd.DataFrame, row: str, task: str) -> dict:
+    """{quantity: line of `table`} of the first seed of a comparison row and task."""
+    rows = table[(table["row"] == row) & (table["task"] == task)]
     rows = rows[rows["seed"] == rows["seed"].min()] if len(rows) else rows
     return {r["quantity"]: r for _, r in rows.iterrows()}
 
@@ -316,8 +316,8 @@ def _chrf(out: Path, full: str) -> dict:
 
 
 def interval_table(out: Path) -> pd.DataFrame | None:
-    """One row per strategy and task: NLL, share and relative deviation with 95% intervals (first seed)."""
-    compare = pd.read_parquet(out / COMPARE)
+    """One line per row and task: NLL, share and relative deviation with 95% intervals (first seed)."""
+    compare = io.read_parquet(out / COMPARE)
     table = _intervals(out, compare)
     if table is None or table.empty:
         return None
@@ -327,14 +327,14 @@ def interval_table(out: Path) -> pd.DataFrame | None:
     change = table_cg[table_cg["quantity"] == "conditional_gain_change"].set_index(["arm", "task"])
     seed = table["seed"].min()
     chrf = _chrf(out, arm("full", seed))
-    rows = [dict(strategy="base model", task=task, n_pairs=int(cond.loc[("base", task), "n_pairs"]), nll="",
+    rows = [dict(row="base model", task=task, n_pairs=int(cond.loc[("base", task), "n_pairs"]), nll="",
                  conditional_gain=verdicts.fmt(cond.loc[("base", task)]), conditional_gain_change="", share="",
                  rel_deviation="", chrf=chrf.get(("base", task), "n/a"))
             for task in TASKS if ("base", task) in cond.index]
-    for (strategy, task), g in table[table["seed"] == seed].groupby(["strategy", "task"], sort=False):
+    for (row, task), g in table[table["seed"] == seed].groupby(["row", "task"], sort=False):
         got = {r["quantity"]: r for _, r in g.iterrows()}
-        arm_task = (arm(strategy, seed), task)
-        rows.append(dict(strategy=strategy, task=task, n_pairs=int(g["n_pairs"].iloc[0]),
+        arm_task = (arm(row, seed), task)
+        rows.append(dict(row=row, task=task, n_pairs=int(g["n_pairs"].iloc[0]),
                          nll=verdicts.fmt(got["nll"]),
                          conditional_gain=verdicts.fmt(cond.loc[arm_task]) if arm_task in cond.index else "n/a",
                          conditional_gain_change=(verdicts.fmt(change.loc[arm_task]) if arm_task in change.index

@@ -396,32 +396,32 @@ def select_sets(config: StudyConfig, out: Path, log, checkpoints=lambda: None) -
 # --- comparison --------------------------------------------------------------------------
 
 
-def compare_one(config: StudyConfig, out: Path, strategy: str, seed: int) -> None:
+def compare_one(config: StudyConfig, out: Path, row: str, seed: int) -> None:
     path = out / COMPARE
     table = io.read_parquet(path) if path.exists() else pd.DataFrame()
-    if len(table) and ((table["strategy"] == strategy) & (table["seed"] == seed)).any():
+    if len(table) and ((table["row"] == row) & (table["seed"] == seed)).any():
         return
-    run = row_run(out, strategy, seed)
+    run = row_run(out, row, seed)
     if not (run / COST).is_file():
         return  # a skipped row (e.g. no budget set): the report says why
     ckpts = Checkpoints.open(run).to(default_device())
     model, tok = ckpts.load(ckpts.steps[-1])
     cost = io.read_json(run / COST)
     manifest = io.read_json(run / MANIFEST)
-    if strategy == "full":  # every row's share is a fraction of this run's gain
+    if row == "full":  # every row's share is a fraction of this run's gain
         check_healthy(run, manifest, "shares of its gain")
-    row = dict(strategy=strategy, seed=seed, blocks=manifest.get("layers_string") or "all",
-               trainable_params=cost["trainable_params"], optimizer_bytes=cost["optimizer_state_bytes"],
-               sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,
-               **_scores(model, tok, config, arm(strategy, seed), out))
-    table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+    record = dict(row=row, seed=seed, blocks=manifest.get("layers_string") or "all",
+                  trainable_params=cost["trainable_params"], optimizer_bytes=cost["optimizer_state_bytes"],
+                  sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,
+                  **_scores(model, tok, config, arm(row, seed), out))
+    table = pd.concat([table, pd.DataFrame([record])], ignore_index=True)
     io.write_parquet(path, with_shares(table, io.read_csv(out / BASELINE).iloc[0]))
 
 
 def with_shares(table: pd.DataFrame, base: pd.Series) -> pd.DataFrame:
     """Share of full fine-tuning's gain each run keeps (per seed): run gain / full gain."""
     table = table.copy()
-    full = table[table["strategy"] == "full"].set_index("seed")
+    full = table[table["row"] == "full"].set_index("seed")
     for task in TASKS:
         nll, share = f"{task}_nll", f"{task}_share"
         full_gain = table["seed"].map(base[nll] - full[nll])

@@ -28,12 +28,12 @@ CONTROLS = ("middle", "bottom", "top", "random")
 
 
 def comparison_table(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) -> pd.DataFrame:
-    """Every (row, seed, task, quantity) with estimate, low, high; `rows` are (strategy, seed). With
+    """Every (row, seed, task, quantity) with estimate, low, high; `rows` are (row, seed). With
     several seeds, `across_seeds` adds the mean over seeds (seed -1) with its hierarchical interval."""
     out = []
     for task in TASKS:
-        for strategy, seed in rows:
-            arm, full = layout.arm(strategy, seed), layout.arm("full", seed)
+        for row, seed in rows:
+            arm, full = layout.arm(row, seed), layout.arm("full", seed)
             names = list(dict.fromkeys([arm, "base", full]))
             data = intervals.arms(scores, [n for n in names if n in set(scores["arm"])], task=task)
             if arm not in data:
@@ -43,7 +43,7 @@ def comparison_table(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) ->
                 found["share"] = intervals.share(data, arm, "base", full, **kw)
                 found["rel_deviation"] = intervals.paired(lambda m: (m[arm] - m[full]) / m[full],
                                                           {k: data[k] for k in dict.fromkeys((arm, full))}, **kw)
-            if strategy == "cogsym" and full in data:
+            if row == "cogsym" and full in data:
                 for control in CONTROLS:
                     other = layout.arm(control, seed)
                     both = intervals.arms(scores, [arm, other, "base", full], task=task) \
@@ -52,7 +52,7 @@ def comparison_table(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) ->
                         found[f"share_minus_{control}"] = intervals.share_difference(both, arm, other, "base", full,
                                                                                      **kw)
             n_pairs = len(data[arm][0])
-            out += [dict(strategy=strategy, seed=seed, task=task, quantity=q, estimate=i.estimate, low=i.low,
+            out += [dict(row=row, seed=seed, task=task, quantity=q, estimate=i.estimate, low=i.low,
                          high=i.high, n_pairs=n_pairs) for q, i in found.items()]
     return pd.concat([pd.DataFrame(out), across_seeds(scores, rows, **kw)], ignore_index=True)
 
@@ -84,23 +84,23 @@ def across_seeds(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) -> pd.
     """Rows with several seeds: nll, share and rel_deviation as the mean over seeds, with a hierarchical
     interval (seeds, then pairs) and the seed spread (sd of the per-seed estimates) beside it."""
     out, present = [], set(scores["arm"])
-    by_strategy: dict[str, list[int]] = {}
-    for strategy, seed in rows:
-        by_strategy.setdefault(strategy, []).append(seed)
+    by_row: dict[str, list[int]] = {}
+    for row, seed in rows:
+        by_row.setdefault(row, []).append(seed)
     statistics = {"nll": lambda m: m["row"], "share": lambda m: (m["base"] - m["row"]) / (m["base"] - m["full"]),
                   "rel_deviation": lambda m: (m["row"] - m["full"]) / m["full"]}
-    for strategy, seeds in by_strategy.items():
-        seeds = [s for s in seeds if {layout.arm(strategy, s), layout.arm("full", s)} <= present]
+    for row, seeds in by_row.items():
+        seeds = [s for s in seeds if {layout.arm(row, s), layout.arm("full", s)} <= present]
         if len(seeds) < 2 or "base" not in present:
             continue
         for task in TASKS:
             data = [dict(zip(("row", "base", "full"), intervals.arms(
-                scores, [layout.arm(strategy, s), "base", layout.arm("full", s)], task=task).values())) for s in seeds]
-            if strategy == "full":
+                scores, [layout.arm(row, s), "base", layout.arm("full", s)], task=task).values())) for s in seeds]
+            if row == "full":
                 data = [dict(d, full=d["row"]) for d in data]
             for quantity, f in statistics.items():
                 i = intervals.hierarchical(f, data, **kw)
-                out.append(dict(strategy=strategy, seed=-1, task=task, quantity=quantity, estimate=i.estimate,
+                out.append(dict(row=row, seed=-1, task=task, quantity=quantity, estimate=i.estimate,
                                 low=i.low, high=i.high, n_pairs=len(data[0]["row"][0]), n_seeds=len(seeds),
                                 seed_sd=intervals.seed_spread(f, data)))
     return pd.DataFrame(out)

@@ -195,8 +195,8 @@ def verify_study(study: Path) -> Problems:
         found += verify_run(run)
     if compare is not None and "seed" in compare:
         names = {p.name for p in runs}
-        for strategy, seed in zip(compare["strategy"], compare["seed"]):
-            if arm(strategy, seed) not in names:
-                found.append(str(damaged(study / COMPARE, f"has a row for {arm(strategy, seed)}, whose run "
+        for row, seed in zip(compare["row"], compare["seed"]):
+            if arm(row, seed) not in names:
+                found.append(str(damaged(study / COMPARE, f"has a row for {arm(row, seed)}, whose run "
                                                           "folder is missing")))
     return found

@@ -92,7 +92,7 @@ def _study(inputs) -> None:
     (study / "study.json").write_text(json.dumps(StudyConfig(out=str(study), **settings).to_dict()))
     pd.DataFrame([dict(perception_nll=5.0, production_nll=6.0, chrf_perception=1.0, chrf_production=1.0)]).to_csv(
         study / "baseline.csv", index=False)
-    pd.DataFrame([dict(strategy="full", seed=0, perception_nll=4.0, production_nll=5.0)]).to_parquet(
+    pd.DataFrame([dict(row="full", seed=0, perception_nll=4.0, production_nll=5.0)]).to_parquet(
         study / "compare.parquet")
 
 

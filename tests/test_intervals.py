@@ -56,7 +56,7 @@ def test_findings_state_a_clear_difference_and_not_a_null_one():
     means = {"base": 5.0, "full-s0": 4.0, "cogsym-s0": 4.1, "middle-s0": 4.6, "bottom-s0": 4.1}
     scores = _scores(rng, 64, {"perception": means, "production": means})
     table = verdicts.comparison_table(scores, [("full", 0), ("cogsym", 0), ("middle", 0), ("bottom", 0)])
-    row = lambda q: table[(table["strategy"] == "cogsym") & (table["task"] == "perception")  # noqa: E731
+    row = lambda q: table[(table["row"] == "cogsym") & (table["task"] == "perception")  # noqa: E731
                           & (table["quantity"] == q)].iloc[0]
     assert verdicts.difference_words(row("share_minus_middle"), "better", "worse") == "better"
     null = verdicts.difference_words(row("share_minus_bottom"), "better", "worse")
@@ -141,8 +141,8 @@ def test_comparison_table_pools_seeds_hierarchically():
     scores = pd.concat(frames).drop_duplicates(["arm", "task", "pair_id"])
     rows = [(s, seed) for seed in (0, 1, 2) for s in ("full", "cogsym")]
     table = verdicts.comparison_table(scores, rows)
-    pooled = table[(table["seed"] == -1) & (table["strategy"] == "cogsym") & (table["quantity"] == "share")]
+    pooled = table[(table["seed"] == -1) & (table["row"] == "cogsym") & (table["quantity"] == "share")]
     assert len(pooled) == 2 and (pooled["n_seeds"] == 3).all() and (pooled["seed_sd"] > 0).all()
-    one = table[(table["seed"] == 0) & (table["strategy"] == "cogsym") & (table["quantity"] == "share")]
+    one = table[(table["seed"] == 0) & (table["row"] == "cogsym") & (table["quantity"] == "share")]
     assert (pooled["low"].to_numpy() < pooled["estimate"].to_numpy()).all()
     assert len(one) == 2

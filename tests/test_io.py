@@ -55,3 +55,20 @@ def test_tables_written_before_a_column_was_renamed_read_with_the_new_names(tmp_
                                  value=[1.0]))
     old_acts.to_parquet(tmp_path / "activations.parquet")
     assert io.read_parquet(tmp_path / "activations.parquet")["block"].tolist() == [3]
+
+
+def test_compare_tables_written_with_strategy_read_with_row_and_only_they(tmp_path):
+    """compare.parquet's `strategy` held comparison rows (now `row`); elsewhere `strategy` is a training
+    strategy (full, layers, lora, lora-layers) and keeps its name."""
+    old_compare = pd.DataFrame(dict(strategy=["full", "cogsym"], seed=[0, 0], perception_nll=[4.0, 4.1]))
+    old_compare.to_parquet(tmp_path / "compare.parquet")
+    got = io.read_parquet(tmp_path / "compare.parquet")
+    assert "strategy" not in got.columns and got["row"].tolist() == ["full", "cogsym"]
+    tuning = pd.DataFrame(dict(name=["cogsym layers"], strategy=["layers"], sec_per_step=[1.0]))
+    tuning.to_csv(tmp_path / "tuning.csv", index=False)
+    got = io.read_csv(tmp_path / "tuning.csv")
+    assert got["strategy"].tolist() == ["layers"] and "row" not in got.columns
+    log = pd.DataFrame(dict(step=[1], loss=[2.0], lr=[1e-3], grad_norm=[1.0], tokens=[64], seconds=[0.1],
+                            strategy=["lora"]))
+    log.to_parquet(tmp_path / "train_log.parquet")
+    assert io.read_parquet(tmp_path / "train_log.parquet")["strategy"].tolist() == ["lora"]

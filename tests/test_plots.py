@@ -50,7 +50,7 @@ def synthetic_compare(seeds=1) -> pd.DataFrame:
     for seed in range(seeds):
         for s, (p, q, params) in shares.items():
             jit = 0.02 * seed
-            rows.append(dict(strategy=s, blocks="", trainable_params=params, optimizer_bytes=8 * params,
+            rows.append(dict(row=s, blocks="", trainable_params=params, optimizer_bytes=8 * params,
                              sec_per_step=5.0, peak_mem_mb=4000.0, perception_nll=5.0, production_nll=4.0,
                              perception_share=p - jit, production_share=q + jit, chrf_perception=30.0,
                              chrf_production=25.0, chrf_perception_share=p - 0.05, chrf_production_share=q - 0.1))
@@ -253,7 +253,7 @@ def test_comparison_bars_lines_and_param_labels():
 def test_comparison_bars_average_seeds_with_error_bars():
     fig = plots.comparison_bars(synthetic_compare(seeds=3), metric="chrf")
     ax = fig.axes[0]
-    assert sum(len(c) for c in ax.containers) == 2 * 6     # one bar per strategy and task
+    assert sum(len(c) for c in ax.containers) == 2 * 6     # one bar per row and task
     assert len(ax.get_lines()) > 3                           # error bars beyond the three level lines
 
 

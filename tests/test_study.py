@@ -43,20 +43,20 @@ def test_whole_study_on_a_tiny_model(setup):
     root, model, corpus = setup
     out = run(tiny_config(root, model, corpus), log=lambda m: None)
     compare = pd.read_parquet(out / COMPARE)
-    assert set(compare["strategy"]) >= set(ROWS) - {"budget"}   # budget may honestly find no set
-    for col in ["strategy", "blocks", "trainable_params", "optimizer_bytes", "sec_per_step", "peak_mem_mb",
+    assert set(compare["row"]) >= set(ROWS) - {"budget"}   # budget may honestly find no set
+    for col in ["row", "blocks", "trainable_params", "optimizer_bytes", "sec_per_step", "peak_mem_mb",
                 "perception_nll", "production_nll", "perception_share", "production_share", "chrf_perception",
                 "chrf_production", "chrf_perception_share", "chrf_production_share"]:
         assert col in compare.columns, col
     # a row's share is its NLL gain over full fine-tuning's, on the same test pairs (by hand here)
     base = pd.read_csv(out / "baseline.csv").iloc[0]
-    full = compare[compare["strategy"] == "full"].iloc[0]
+    full = compare[compare["row"] == "full"].iloc[0]
     for _, row in compare.iterrows():
         for task in ("perception", "production"):
             gain = base[f"{task}_nll"] - full[f"{task}_nll"]
             want = (base[f"{task}_nll"] - row[f"{task}_nll"]) / gain if gain > 0 else None
             assert (pd.isna(row[f"{task}_share"]) if want is None
-                    else row[f"{task}_share"] == pytest.approx(want)), (row["strategy"], task)
+                    else row[f"{task}_share"] == pytest.approx(want)), (row["row"], task)
     sweeps = pd.read_parquet(out / "sweeps.parquet")
     assert set(sweeps["checkpoint_step"]) == {0, 2, 4}
     assert {"activations.parquet", "baseline.csv", "selection-fixed.json", "selection-budget.json",
