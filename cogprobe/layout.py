@@ -80,14 +80,20 @@ def claim(folder: Path, record: str, want: dict, have: dict | None, *, what: str
     if overwrite:
         return False
     if have is not None:
-        if have == want:
-            return True
-        raise CogprobeError(f"{folder} holds a different {what} (differs in {', '.join(differing(want, have))}); "
-                            "choose another --out or pass --overwrite to replace it")
+        return same(want, have, f"{folder} holds a different {what}", "choose another --out or pass --overwrite to "
+                    "replace it")
     if folder.is_dir() and any(p.name not in ignore for p in folder.iterdir()):
         raise CogprobeError(f"{folder} is not empty and holds no cogprobe {what} (no {record}); choose an empty or "
                             "new --out folder, or pass --overwrite")
     return False
+
+
+def same(want: dict, have: dict, what: str, fix: str) -> bool:
+    """True if two identity records are equal; else one line: `what (differs in KEYS); fix`. Every
+    claim on a folder or a table says it this way."""
+    if have == want:
+        return True
+    raise CogprobeError(f"{what} (differs in {', '.join(differing(want, have))}); {fix}")
 
 
 def differing(want: dict, have: dict) -> list[str]:

@@ -35,7 +35,7 @@ from cogprobe.distributed import World, default_device, world
 from cogprobe.errors import CogprobeError
 from cogprobe.evalset import EvalSet
 from cogprobe.layersets import check_fraction
-from cogprobe.layout import ACTIVATIONS, ALIGNMENT, MANIFEST, SELECTION, SWEEPS, differing, metadata
+from cogprobe.layout import ACTIVATIONS, ALIGNMENT, MANIFEST, SELECTION, SWEEPS, metadata, same
 from cogprobe.progress import bar
 from cogprobe.select import (Selection, budget_decider, curves_decider, select_budget, select_curves,
                              select_fixed, sweep_candidates)
@@ -94,10 +94,8 @@ def _check_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrit
     want = _want(evalset, source)
     if (out / table).exists() and not overwrite:
         have = io.read_json(meta_path)  # a table without its metadata is refused too: where are its rows from?
-        if have != want:
-            raise CogprobeError(f"{out / table} holds rows of other checkpoints or another evaluation set (differs "
-                                f"in {', '.join(differing(want, have))}); pass the same run and options, another "
-                                "--out, or --overwrite to start the table again")
+        same(want, have, f"{out / table} holds rows of other checkpoints or another evaluation set",
+             "pass the same run and options, another --out, or --overwrite to start the table again")
 
 
 def _start_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite: bool) -> None:

@@ -30,9 +30,13 @@ import torch
 
 from cogprobe import io
 from cogprobe.blocks import find_blocks
+from cogprobe.distributed import world
 from cogprobe.errors import CogprobeError
+from cogprobe.evalset import EvalSet
 from cogprobe.layersets import DEFAULT_FRACTION, check_fraction, cogsym
+from cogprobe.probe import _out_dir, _say_set, _source_id, _want, open_checkpoints
 from cogprobe.select import EPS, Selection
+from cogprobe.sweep import _iter_checkpoints
 from cogprobe.tasks import Example, batches, score
 from cogprobe.taylor import block_terms
 
@@ -146,7 +150,6 @@ def rank(checkpoints, examples: dict[str, list[Example]], *, rankings: Sequence[
 
     `checkpoints` is a `Checkpoints` or a sequence of (step, model) with the reference first.
     """
-    from cogprobe.sweep import _iter_checkpoints
     rankings = check_rankings(rankings)
     n_examples = sum(len(e) for e in examples.values())
     items = _iter_checkpoints(checkpoints, steps)
@@ -177,9 +180,6 @@ def rank_run(source, *, rankings: Sequence[str] = RANKINGS, batch_size: int = 8,
              device=None, log=print) -> pd.DataFrame:
     """`rank` of a run folder's checkpoints on its evaluation set, written to `rankings.parquet` (whole,
     atomically: a rerun recomputes it) with the evaluation set beside it."""
-    from cogprobe.evalset import EvalSet
-    from cogprobe.probe import _out_dir, _say_set, _source_id, _want, open_checkpoints
-    from cogprobe.distributed import world
     rankings = check_rankings(rankings)
     ckpts = open_checkpoints(source, base, device)
     out = _out_dir(source, out)
@@ -236,7 +236,6 @@ def select_ranking(rankings: pd.DataFrame, rule: str, *, n_layers: int, step: in
 
 def select_ranking_run(source, rule: str, *, out=None, **kw) -> Selection:
     """`select_ranking` on the `rankings.parquet` of a run folder (the `cogprobe select --rule RANKING` path)."""
-    from cogprobe.probe import _out_dir
     out = _out_dir(source, out)
     path = Path(out) / RANKINGS_TABLE
     if not path.exists():

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from cogprobe.blocks import find_blocks
 from cogprobe.errors import CogprobeError
+from cogprobe.sweep import Counter, n_batches
 from cogprobe.tasks import Example, collate, score, scored_positions
 
 
@@ -88,7 +89,6 @@ class TaylorEngine:
     """First-order estimates of revert configurations; the `evaluate` interface of `sweep.FastEngine`."""
 
     def __init__(self, reference, **_):
-        from cogprobe.sweep import Counter
         self.reference = reference
         self.counter = Counter()
         self._reference_scores: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
@@ -100,7 +100,6 @@ class TaylorEngine:
         the first-order estimate for every other configuration. `on_batch` ticks once per (task, batch)
         of `batch_size`, at the end, as the exact engines' progress does; `remember` is the fast
         engine's (nothing to remember here: one pass serves every configuration)."""
-        from cogprobe.sweep import n_batches
         configs = list(dict.fromkeys(configs))
         ref_like = [c for c in configs if c.embed == "r" or c.head == "r" or "s" in c.sources]
         bad = [c for c in ref_like if not _is_reference(c)]
