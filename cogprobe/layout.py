@@ -17,6 +17,7 @@ A study folder (`cogprobe run`) holds the probe tables of its probe run, and:
     scores.parquet      per-example NLL sums of every arm, translations.parquet every translation
     selection-fixed.json, selection-budget.json
     lr_search.parquet   the learning rates tried per row on dev, and their dev NLL (runs/lr-trials/)
+    dev_curves.parquet  every tuned run's dev NLL along its steps (with eval_steps)
     runs/{row}-s{seed}/ one run folder per comparison row and seed ("arm" names it in the tables)
     figures/, report.md, report.html
 """
@@ -42,11 +43,13 @@ SELECTION = "selection.json"
 # a study folder
 STUDY = "study.json"
 STAGE_SECONDS = "stage_seconds"        # in study.json: wall seconds per stage, summed over resumed invocations
+RUN_LENGTH = "run_length"              # in study.json (converge): the steps every run trains, where full stopped
 EVALSETS = "evalsets.json"
 BASELINE = "baseline.csv"
 COMPARE = "compare.parquet"
 SCORES = "scores.parquet"              # per example: arm, task, pair_id, nll_sum, n_tokens
 TRANSLATIONS = "translations.parquet"  # per sentence: arm, task, pair_id, hypothesis, reference
+DEV_CURVES = "dev_curves.parquet"      # every tuned run's dev curve (DEV_CURVE rows + arm, row, seed)
 SELECTION_FIXED = "selection-fixed.json"
 SELECTION_BUDGET = "selection-budget.json"
 LR_SEARCH = "lr_search.parquet"        # one row per (row, lr) tried on dev: the learning-rate choice

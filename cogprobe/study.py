@@ -41,9 +41,9 @@ from cogprobe.errors import CogprobeError
 from cogprobe.evalset import EvalSet
 from cogprobe.health import check_healthy
 from cogprobe.layersets import cogsym, parse_range_list
-from cogprobe.layout import (BASELINE, COMPARE, COST, DEV_CURVE, EVALSETS, LR_SEARCH, LR_TRIALS, MANIFEST, RUNS, SCORES,
-                             SELECTION_BUDGET, SELECTION_FIXED, STAGE_SECONDS, STUDY, TRAIN_CONFIG, TRANSLATIONS, arm,
-                             claim, row_run)
+from cogprobe.layout import (BASELINE, COMPARE, COST, DEV_CURVE, DEV_CURVES, EVALSETS, LR_SEARCH, LR_TRIALS, MANIFEST,
+                             RUN_LENGTH, RUNS, SCORES, SELECTION_BUDGET, SELECTION_FIXED, STAGE_SECONDS, STUDY,
+                             TRAIN_CONFIG, TRANSLATIONS, arm, claim, row_run)
 from cogprobe.models import block_count, load_model
 from cogprobe.probe import capture_run, select_run, sweep_run
 from cogprobe.report import write_report
@@ -75,6 +75,10 @@ class Progress:
     def finished(self, name: str) -> None:
         self.done += self.weights.get(name, 0.0)
 
+    def skipped(self, name: str) -> None:
+        """A stage done in an earlier invocation: no part of this one's time or ETA."""
+        self.total -= self.weights.get(name, 0.0)
+
 
 def _mmss(seconds: float) -> str:
     return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
@@ -91,12 +95,14 @@ def run(config: StudyConfig, log=print) -> Path:
     weights.update({f"compare {arm(s, seed)}": 1 for s, seed in rows})
     progress = Progress(weights, log)
     stage = functools.partial(_stage, progress, out)
+    compared = lambda row, seed: _finished(out, f"compare {arm(row, seed)}")  # noqa: E731  (its weights no longer needed)
     stage("baseline", lambda: baseline(config, out))
     names, seed0 = config.row_list(), config.seed_list()[0]
     stage("choose lr", lambda: choose_lrs(config, out, [r for r in names if r != "budget"]))
     first = list(dict.fromkeys([("full", seed0), (config.probe_row, seed0)]))  # the length, then the probe
     for row, seed in first:
-        stage(f"tune {arm(row, seed)}", lambda: tune(config, out, row, seed))
+        if not (compared(row, seed) and _finished(out, "select")):
+            stage(f"tune {arm(row, seed)}", lambda: tune(config, out, row, seed), again=True)
     # the probe run, opened on first use and shared by the probe and select stages (its base read once)
     probe_run = functools.cache(lambda: Checkpoints.open(_probe_run(config, out)).to(default_device()))
     stage("probe", lambda: probe(config, out, probe_run()))
@@ -104,17 +110,25 @@ def run(config: StudyConfig, log=print) -> Path:
     if "budget" in names:
         stage("choose lr budget", lambda: choose_lrs(config, out, ["budget"]))
     for row, seed in rows:
-        if (row, seed) not in first:
-            stage(f"tune {arm(row, seed)}", lambda: tune(config, out, row, seed))
+        if (row, seed) not in first and not compared(row, seed):
+            stage(f"tune {arm(row, seed)}", lambda: tune(config, out, row, seed), again=True)
         stage(f"compare {arm(row, seed)}", lambda: compare_one(config, out, row, seed))
-    stage("report", lambda: write_report(out))
+    stage("report", lambda: write_report(out), again=True)
     progress.stage("done", str(out / "report.md"))
     return out
 
 
-def _stage(progress: Progress, out: Path, name: str, fn) -> None:
+def _stage(progress: Progress, out: Path, name: str, fn, again: bool = False) -> None:
     """Run one stage and add its wall time to study.json's `stage_seconds` (summed over the
-    invocations of a resumed study, so an interrupted stage counts all the work it took)."""
+    invocations of a resumed study, so an interrupted stage counts all the work it took).
+
+    A stage recorded there has finished, and is not run again (`again`: it is, because it is cheap
+    when done, like the report, or because its own files say whether it is done, like a training
+    run). So a study folder whose tables are kept without its runs/ (the weights, never committed)
+    continues on another machine where it stopped, recomputing nothing that finished."""
+    if _finished(out, name) and not again:
+        progress.skipped(name)
+        return
     progress.stage(name)
     start = time.perf_counter()
     fn()
@@ -123,6 +137,10 @@ def _stage(progress: Progress, out: Path, name: str, fn) -> None:
     seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 1)
     io.write_json(out / STUDY, record)
     progress.finished(name)
+
+
+def _finished(out: Path, name: str) -> bool:
+    return name in io.read_json(out / STUDY).get(STAGE_SECONDS, {})
 
 
 def _check_inputs(config: StudyConfig) -> None:
@@ -135,16 +153,20 @@ def _check_inputs(config: StudyConfig) -> None:
         check_ks(parse_range_list(config.sweep_ks, 10**6), n)
 
 
+RECORDS = (STAGE_SECONDS, RUN_LENGTH)   # what study.json records of a study's progress, beside its config
+
+
 def _claim(out: Path, config: StudyConfig) -> None:
     """Refuse a folder holding a different study (unless overwrite); record this one."""
     path = out / STUDY
     old = renamed(io.read_json(path)) if path.is_file() and not config.overwrite else None
-    have = None if old is None else {k: v for k, v in old.items() if k not in (*EXECUTION_ONLY, STAGE_SECONDS)}
+    have = None if old is None else {k: v for k, v in old.items() if k not in (*EXECUTION_ONLY, *RECORDS)}
     claim(out, STUDY, config.identity(), have, what="study", overwrite=config.overwrite)
     if config.overwrite and out.is_dir():
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-    io.write_json(path, {**config.to_dict(), STAGE_SECONDS: (old or {}).get(STAGE_SECONDS, {})})
+    io.write_json(path, {**config.to_dict(), STAGE_SECONDS: {},
+                         **{k: v for k, v in (old or {}).items() if k in RECORDS}})
 
 
 # --- data --------------------------------------------------------------------------
@@ -233,7 +255,7 @@ def train_config(config: StudyConfig, out: Path, row: str, seed: int, *, lr: flo
     return TrainConfig(
         model=config.model, corpus=config.corpus, pivot_col=config.pivot_col, target_col=config.target_col,
         out=folder or row_run(out, row, seed), strategy=p.strategy, layers=p.layers, steps=steps,
-        batch_size=config.batch_size, seq_len=config.seq_len, lr=lr, schedule=config.schedule,
+        batch_size=config.batch_size, seq_len=config.seq_len, lr=lr, schedule=config.schedule, warmup=config.warmup,
         lora_r=p.lora_r or config.lora_r, train_embeddings=p.train_ends, train_head=p.train_ends,
         bf16=config.bf16, threads=config.threads, seed=seed,
         save_steps=config.save_steps if probed else str(steps),
@@ -273,7 +295,11 @@ def run_length(config: StudyConfig, out: Path, row: str, seed: int) -> int:
     itself gets `steps` as its cap). Every other run then trains exactly as long: matched rows."""
     if not config.converge or (row, seed) == ("full", config.seed_list()[0]):
         return config.steps
-    return stopped_at(_full_run(config, out))
+    record = io.read_json(out / STUDY)
+    if RUN_LENGTH not in record:   # kept in study.json: the full run's weights may be gone later
+        record[RUN_LENGTH] = stopped_at(_full_run(config, out))
+        io.write_json(out / STUDY, record)
+    return int(record[RUN_LENGTH])
 
 
 def stopped_at(run: Path) -> int:
@@ -414,6 +440,8 @@ def compare_one(config: StudyConfig, out: Path, row: str, seed: int) -> None:
                   trainable_params=cost["trainable_params"], optimizer_bytes=cost["optimizer_state_bytes"],
                   sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,
                   **_scores(model, tok, config, arm(row, seed), out))
+    if (run / DEV_CURVE).is_file():   # kept beside the scores: the run's weights need not stay
+        _append_unique(out / DEV_CURVES, io.read_parquet(run / DEV_CURVE).assign(arm=arm(row, seed), row=row, seed=seed))
     table = pd.concat([table, pd.DataFrame([record])], ignore_index=True)
     io.write_parquet(path, with_shares(table, io.read_csv(out / BASELINE).iloc[0]))
 

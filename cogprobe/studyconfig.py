@@ -47,6 +47,8 @@ class StudyConfig:
     random_draws: int = knob(1, "sets drawn for the random row (several: rows random-1 ... random-N)")
     probe_row: str = knob("full", "the row whose first-seed run is probed (checkpoints swept, budget derived)")
     schedule: str = knob("cosine", "lr schedule after warm-up of every run: cosine | linear | constant")
+    warmup: float = knob(0.05, "warm-up of every run: below 1 a fraction of its steps, else steps (the same "
+                         "for runs of different lengths)")
     converge: bool = knob(False, "full fine-tuning (first seed) runs until its dev NLL plateaus, `steps` "
                           "being the cap; every other run then trains as many steps (needs eval_steps)")
     plateau_window: float = knob(0.2, "converge: the window, a fraction of the steps done so far")

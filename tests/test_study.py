@@ -12,7 +12,7 @@ from cogprobe.cli import main
 from cogprobe.errors import CogprobeError
 from cogprobe.layout import COMPARE
 from cogprobe.study import run
-from cogprobe.studyconfig import ROWS, build_config
+from cogprobe.studyconfig import build_config
 from tiny import save_tiny
 
 WORDS = ["in calli huei", "in atl itztic", "in tlacatl quichiua in tlaxcalli", "canin", "quemah", "amo",
@@ -41,9 +41,10 @@ def tiny_config(root, model, corpus, **kw):
 
 def test_whole_study_on_a_tiny_model(setup):
     root, model, corpus = setup
-    out = run(tiny_config(root, model, corpus), log=lambda m: None)
+    config = tiny_config(root, model, corpus)
+    out = run(config, log=lambda m: None)
     compare = pd.read_parquet(out / COMPARE)
-    assert set(compare["row"]) >= set(ROWS) - {"budget"}   # budget may honestly find no set
+    assert set(compare["row"]) >= set(config.row_list()) - {"budget"}   # budget may honestly find no set
     for col in ["row", "blocks", "trainable_params", "optimizer_bytes", "sec_per_step", "peak_mem_mb",
                 "perception_nll", "production_nll", "perception_share", "production_share", "chrf_perception",
                 "chrf_production", "chrf_perception_share", "chrf_production_share"]:
