@@ -238,6 +238,7 @@ class _Pass:
     logit_lens: bool = True
     sentences: Sentences | None = None
     align_steps: set[int] | None = None   # None: every checkpoint
+    task_steps: set[int] | None = None    # the checkpoints whose task rows are wanted (None: every one)
     aligned: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=lambda: {"tasks": 0.0, "alignment": 0.0})
     ref_cache_bytes: int = 1 << 30   # the reference's activations kept for the next checkpoints, up to this
@@ -276,7 +277,8 @@ class _Pass:
     def tasks(self, step, blocks, run, run_ref) -> list[dict]:
         """Every task's rows, then (if asked) the alignment rows into `self.aligned`; both timed."""
         start = time.perf_counter()
-        rows = [r for task, b in self.batches_by_task.items() for r in self.task(step, task, b, blocks, run, run_ref)]
+        wanted = self.batches_by_task if self.task_steps is None or step in self.task_steps else {}
+        rows = [r for task, b in wanted.items() for r in self.task(step, task, b, blocks, run, run_ref)]
         self.seconds["tasks"] += time.perf_counter() - start
         if self.sentences is not None and (self.align_steps is None or step in self.align_steps):
             start = time.perf_counter()
@@ -332,7 +334,7 @@ def capture(checkpoints, batches_by_task: Mapping[str, Sequence[dict]], *, sites
     `logit_lens=False` leaves out the `logit_lens_nll` rows (and most of the cost).
     `ref_cache_bytes`: memory for the reference's activations, kept across checkpoints (0: rerun it).
     """
-    return _capture(checkpoints, batches_by_task, None, sites=sites, layers=layers, backend=backend,
+    return capture_tables(checkpoints, batches_by_task, None, sites=sites, layers=layers, backend=backend,
                     tokenizer=tokenizer, raw_dir=raw_dir, raw_layers=raw_layers, raw_positions=raw_positions,
                     raw_budget_bytes=raw_budget_bytes, logit_lens=logit_lens, log=log,
                     ref_cache_bytes=ref_cache_bytes)[0]
@@ -346,15 +348,17 @@ def capture_with_alignment(checkpoints, batches_by_task: Mapping[str, Sequence[d
     `resid` (the default)."""
     if not isinstance(sentences, Sentences):
         raise CogprobeError("sentences must come from cogprobe.alignment.sentence_batches(tokenizer, pairs)")
-    acts, aligned, _ = _capture(checkpoints, batches_by_task, sentences, align_steps=align_steps, **kw)
+    acts, aligned, _ = capture_tables(checkpoints, batches_by_task, sentences, align_steps=align_steps, **kw)
     return acts, aligned
 
 
-def _capture(checkpoints, batches_by_task, sentences, *, sites=("resid",), layers=None, backend="torch",
+def capture_tables(checkpoints, batches_by_task, sentences, *, sites=("resid",), layers=None, backend="torch",
              tokenizer=None, raw_dir=None, raw_layers=(), raw_positions="scored", raw_budget_bytes=1 << 30,
-             logit_lens=True, log=None, align_steps=None,
-             ref_cache_bytes=1 << 30) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Both tables and the seconds spent on the tasks and on the alignment."""
+             logit_lens=True, log=None, align_steps=None, task_steps=None, ref_cache_bytes=1 << 30,
+             on_checkpoint=None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Both tables and the seconds spent on the tasks and on the alignment. `task_steps`: the
+    checkpoints whose task rows are wanted (default all); `on_checkpoint(step, rows, aligned)`: each
+    checkpoint's rows as it finishes (a caller that writes them as it goes)."""
     sites = check_sites(sites)
     if sentences is not None and "resid" not in sites:
         raise CogprobeError("alignment pools the residual stream: add 'resid' to the sites, or leave alignment out")
@@ -372,13 +376,17 @@ def _capture(checkpoints, batches_by_task, sentences, *, sites=("resid",), layer
     with open_backend(backend, ref_model, layers=layers, sites=sites, tokenizer=ref_tok) as run_ref:
         plan = _Pass(batches_by_task, backend, layers, sites, ref_step, ref_model, run_ref, raw, logit_lens,
                      sentences, None if align_steps is None else {int(s) for s in align_steps},
-                     ref_cache_bytes=ref_cache_bytes)
+                     None if task_steps is None else {int(s) for s in task_steps}, ref_cache_bytes=ref_cache_bytes)
         for step, model, tok in _chain((ref_step, ref_model, ref_tok), items):
             if step in seen:
                 raise CogprobeError(f"checkpoint step {step} appears twice; give each step once")
             seen.add(step)
-            before = dict(plan.seconds)
-            rows += plan.checkpoint(step, model, tok)
+            before, n_aligned = dict(plan.seconds), len(plan.aligned)
+            mine = plan.checkpoint(step, model, tok)
+            rows += mine
+            if on_checkpoint is not None:
+                on_checkpoint(step, pd.DataFrame(mine, columns=COLUMNS),
+                              pd.DataFrame(plan.aligned[n_aligned:], columns=ALIGNMENT_COLUMNS))
             if log:
                 spent = {k: v - before[k] for k, v in plan.seconds.items()}
                 log(f"capture: step {step} ({backend} backend): tasks {spent['tasks']:.1f} s"
