@@ -52,7 +52,8 @@ class TrainConfig:
     eval_max_sentence_tokens: int = knob(64, "dev-curve pairs with a side longer than this are left out, never cut")
     eval_sample_seed: int = knob(0, "seed of the dev-curve sample (a study passes its sample_seed)")
     stop_on_plateau: bool = knob(False,
-        "stop when the dev NLL stops improving (see cogprobe/plateau.py); `steps` is the cap; "
+        "stop at the first evaluation step where the best dev NLL fell by less than plateau_min_improvement "
+        "(relative) over the last plateau_window of the steps done (cogprobe/plateau.py); `steps` is the cap; "
         "needs eval_steps and schedule constant")
     plateau_window: float = knob(0.2, "plateau rule: the window, a fraction of the steps done so far")
     plateau_min_improvement: float = knob(0.01,
