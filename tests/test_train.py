@@ -208,6 +208,18 @@ def test_out_folder_rules(inputs, tmp_path):
         train(config(inputs, other, "full"))
 
 
+def test_a_manifest_older_than_a_knob_reads_it_as_its_default(inputs, tmp_path):
+    out = train(config(inputs, tmp_path / "run", "full"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("eval_steps", "stop_on_plateau", "plateau_window"):
+        del manifest["config"][key]
+    del manifest["stop"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert train(config(inputs, out, "full")) == out  # the same run, finished
+    with pytest.raises(CogprobeError, match="different run.*eval_steps"):
+        train(config(inputs, out, "full", eval_steps="2", eval_pairs=3))
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(inputs, tmp_path):
     model = tiny_model("llama")
     with torch.no_grad():
