@@ -14,9 +14,9 @@ identical batches and reduces, per (checkpoint, layer, site, task):
 Streaming: one batch at a time, reference and checkpoint on the same inputs; CKA
 keeps sufficient statistics (XᵀX, YᵀY, YᵀX, column sums, n) in float64, so memory
 grows with hidden² per (layer, site), never with the number of inputs. The
-reference is re-run for every batch of every checkpoint rather than cached (two
-forwards per batch, nothing kept beyond one batch). One checkpoint is loaded at a
-time; the reference stays loaded. The reference's own rows (drift 0, CKA 1) are
+reference's activations of each batch are computed once and kept for the later
+checkpoints while they fit in `ref_cache_bytes` (1 GiB; beyond it the reference
+runs again per batch). One checkpoint is loaded at a time; the reference stays loaded. The reference's own rows (drift 0, CKA 1) are
 included: identical inputs give exactly those values. Cost: on the embedded
 model the logit lens (a 49k-vocabulary head at every layer, scored positions
 only) takes about two thirds of the time; `logit_lens=False` skips it.
@@ -238,8 +238,25 @@ class _Pass:
     logit_lens: bool = True
     sentences: Sentences | None = None
     align_steps: set[int] | None = None   # None: every checkpoint
+    task_steps: set[int] | None = None    # the checkpoints whose task rows are wanted (None: every one)
     aligned: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=lambda: {"tasks": 0.0, "alignment": 0.0})
+    ref_cache_bytes: int = 1 << 30   # the reference's activations kept for the next checkpoints, up to this
+    _ref_acts: dict = field(default_factory=dict)
+    _ref_bytes: int = 0
+
+    def reference_acts(self, task: str, index: int, batch: dict, acts: Acts | None = None) -> Acts:
+        """The reference's activations on one batch: computed once (or given, on the reference's own
+        pass) and kept while they fit in `ref_cache_bytes`, so later checkpoints do not run the
+        reference again. The same forward on the same batch: the same numbers."""
+        key = (task, index)
+        if key in self._ref_acts:
+            return self._ref_acts[key]
+        acts = self.run_ref(batch) if acts is None else acts
+        size = sum(t.numel() * t.element_size() for t in acts.values() if isinstance(t, torch.Tensor))
+        if self._ref_bytes + size <= self.ref_cache_bytes:
+            self._ref_acts[key], self._ref_bytes = acts, self._ref_bytes + size
+        return acts
 
     @property
     def keys(self) -> list[tuple[int, str]]:
@@ -260,7 +277,8 @@ class _Pass:
     def tasks(self, step, blocks, run, run_ref) -> list[dict]:
         """Every task's rows, then (if asked) the alignment rows into `self.aligned`; both timed."""
         start = time.perf_counter()
-        rows = [r for task, b in self.batches_by_task.items() for r in self.task(step, task, b, blocks, run, run_ref)]
+        wanted = self.batches_by_task if self.task_steps is None or step in self.task_steps else {}
+        rows = [r for task, b in wanted.items() for r in self.task(step, task, b, blocks, run, run_ref)]
         self.seconds["tasks"] += time.perf_counter() - start
         if self.sentences is not None and (self.align_steps is None or step in self.align_steps):
             start = time.perf_counter()
@@ -276,8 +294,11 @@ class _Pass:
         sims = {key: Similarity() for key in self.keys}
         lens = {layer: [0.0, 0] for layer in self.layers if "resid" in self.sites and self.logit_lens}
         for index, batch in enumerate(batches):
-            acts = run(batch)
-            ref = run_ref(batch) if run_ref is not None else None
+            if run_ref is None and step == self.ref_step:   # the reference itself: keep what it computes
+                acts, ref = self.reference_acts(task, index, batch), None
+            else:
+                acts = run(batch)
+                ref = self.reference_acts(task, index, batch) if run_ref is not None else None
             real = batch["attention_mask"].bool()
             for key, sim in sims.items():
                 if ref is None:
@@ -301,7 +322,8 @@ def capture(checkpoints, batches_by_task: Mapping[str, Sequence[dict]], *, sites
             layers: Sequence[int] | None = None, backend: str = "torch", tokenizer=None,
             raw_dir: str | Path | None = None, raw_layers: Sequence[int] = (),
             raw_positions: str | Sequence[int] = "scored", raw_budget_bytes: int = 1 << 30,
-            logit_lens: bool = True, log: Callable[[str], None] | None = None) -> pd.DataFrame:
+            logit_lens: bool = True, log: Callable[[str], None] | None = None,
+            ref_cache_bytes: int = 1 << 30) -> pd.DataFrame:
     """Tidy table (checkpoint_step, layer, site, stat, task, value) over every checkpoint.
 
     `checkpoints`: a `Checkpoints`, or (step, model) / (step, model, tokenizer) tuples with
@@ -310,10 +332,12 @@ def capture(checkpoints, batches_by_task: Mapping[str, Sequence[dict]], *, sites
     last two need the tokenizer: from `Checkpoints.load`, the tuples, or `tokenizer=`).
     Raw activations are written only when `raw_dir` and `raw_layers` are given.
     `logit_lens=False` leaves out the `logit_lens_nll` rows (and most of the cost).
+    `ref_cache_bytes`: memory for the reference's activations, kept across checkpoints (0: rerun it).
     """
-    return _capture(checkpoints, batches_by_task, None, sites=sites, layers=layers, backend=backend,
+    return capture_tables(checkpoints, batches_by_task, None, sites=sites, layers=layers, backend=backend,
                     tokenizer=tokenizer, raw_dir=raw_dir, raw_layers=raw_layers, raw_positions=raw_positions,
-                    raw_budget_bytes=raw_budget_bytes, logit_lens=logit_lens, log=log)[0]
+                    raw_budget_bytes=raw_budget_bytes, logit_lens=logit_lens, log=log,
+                    ref_cache_bytes=ref_cache_bytes)[0]
 
 
 def capture_with_alignment(checkpoints, batches_by_task: Mapping[str, Sequence[dict]], sentences: Sentences, *,
@@ -324,14 +348,17 @@ def capture_with_alignment(checkpoints, batches_by_task: Mapping[str, Sequence[d
     `resid` (the default)."""
     if not isinstance(sentences, Sentences):
         raise CogprobeError("sentences must come from cogprobe.alignment.sentence_batches(tokenizer, pairs)")
-    acts, aligned, _ = _capture(checkpoints, batches_by_task, sentences, align_steps=align_steps, **kw)
+    acts, aligned, _ = capture_tables(checkpoints, batches_by_task, sentences, align_steps=align_steps, **kw)
     return acts, aligned
 
 
-def _capture(checkpoints, batches_by_task, sentences, *, sites=("resid",), layers=None, backend="torch",
+def capture_tables(checkpoints, batches_by_task, sentences, *, sites=("resid",), layers=None, backend="torch",
              tokenizer=None, raw_dir=None, raw_layers=(), raw_positions="scored", raw_budget_bytes=1 << 30,
-             logit_lens=True, log=None, align_steps=None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Both tables and the seconds spent on the tasks and on the alignment."""
+             logit_lens=True, log=None, align_steps=None, task_steps=None, ref_cache_bytes=1 << 30,
+             on_checkpoint=None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Both tables and the seconds spent on the tasks and on the alignment. `task_steps`: the
+    checkpoints whose task rows are wanted (default all); `on_checkpoint(step, rows, aligned)`: each
+    checkpoint's rows as it finishes (a caller that writes them as it goes)."""
     sites = check_sites(sites)
     if sentences is not None and "resid" not in sites:
         raise CogprobeError("alignment pools the residual stream: add 'resid' to the sites, or leave alignment out")
@@ -348,13 +375,18 @@ def _capture(checkpoints, batches_by_task, sentences, *, sites=("resid",), layer
     seen: set[int] = set()
     with open_backend(backend, ref_model, layers=layers, sites=sites, tokenizer=ref_tok) as run_ref:
         plan = _Pass(batches_by_task, backend, layers, sites, ref_step, ref_model, run_ref, raw, logit_lens,
-                     sentences, None if align_steps is None else {int(s) for s in align_steps})
+                     sentences, None if align_steps is None else {int(s) for s in align_steps},
+                     None if task_steps is None else {int(s) for s in task_steps}, ref_cache_bytes=ref_cache_bytes)
         for step, model, tok in _chain((ref_step, ref_model, ref_tok), items):
             if step in seen:
                 raise CogprobeError(f"checkpoint step {step} appears twice; give each step once")
             seen.add(step)
-            before = dict(plan.seconds)
-            rows += plan.checkpoint(step, model, tok)
+            before, n_aligned = dict(plan.seconds), len(plan.aligned)
+            mine = plan.checkpoint(step, model, tok)
+            rows += mine
+            if on_checkpoint is not None:
+                on_checkpoint(step, pd.DataFrame(mine, columns=COLUMNS),
+                              pd.DataFrame(plan.aligned[n_aligned:], columns=ALIGNMENT_COLUMNS))
             if log:
                 spent = {k: v - before[k] for k, v in plan.seconds.items()}
                 log(f"capture: step {step} ({backend} backend): tasks {spent['tasks']:.1f} s"

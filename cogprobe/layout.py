@@ -3,6 +3,8 @@
 A run folder (`cogprobe train`), and the probe tables written into it or into `--out`:
 
     manifest.json  train_log.parquet  cost.json  train-config.json (a study's handoff)
+    dev_curve.parquet (+ .json)   dev NLL at the evaluation steps, and its dev set (`train --eval-steps`,
+                                  see `devcurve`)
     checkpoints/step-N/           (see `checkpoints`)
     sweeps.parquet (+ .json)      sweeps of its checkpoints, and the evaluation set they scored
     activations.parquet (+ .json) capture of its checkpoints
@@ -32,7 +34,8 @@ MANIFEST = "manifest.json"
 TRAIN_LOG = "train_log.parquet"
 COST = "cost.json"
 TRAIN_CONFIG = "train-config.json"   # the TrainConfig a study hands its training child (`train --config`)
-DEV_CURVE = "dev_curve.parquet"      # dev NLL per (step, task) during training (`eval_steps`)
+DEV_CURVE = "dev_curve.parquet"      # per (step, task): dev NLL and per-example sums, see `devcurve`
+STOP = "stop"                        # in manifest.json: stopped_at, stop_reason, the plateau rule's checks
 
 # probe tables (in a run folder or --out; in a study folder for its probe run)
 SWEEPS = "sweeps.parquet"

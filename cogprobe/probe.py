@@ -29,7 +29,7 @@ from cogprobe import io
 from cogprobe.alignment import MIN_PAIRS, sentence_batches
 from cogprobe.backends import check_sites
 from cogprobe.blocks import find_blocks
-from cogprobe.capture import capture, capture_with_alignment
+from cogprobe.capture import capture_tables
 from cogprobe.checkpoints import Checkpoints
 from cogprobe.distributed import World, default_device, world
 from cogprobe.errors import CogprobeError
@@ -264,26 +264,34 @@ def capture_run(source, *, sites: Sequence[str] = ("resid",), backend: str = "to
 
 def _capture_steps(ckpts: Checkpoints, steps, examples, parts: dict, need: dict, sentences, *, sites, backend,
                    batch_size, log, on_step=lambda: None) -> None:
-    """Capture each of `steps` against the reference, appending its rows to the tables' part files
-    (`parts[table]`) that still `need` it, as each step finishes."""
+    """Capture each of `steps` against the reference in one pass (the reference's activations
+    computed once for all of them), appending each step's rows to the part files (`parts[table]`)
+    of the tables that still `need` it, as the step finishes."""
     ref_step = ckpts.reference_step
     ref, tok = ckpts.load(ref_step)
     batched = {t: list(batches(sorted(ex, key=lambda e: -len(e.input_ids)), batch_size, pad_id=0))
                for t, ex in examples.items()}
-    for step in steps:
-        model = ref if step == ref_step else ckpts.load(step)[0]
-        pair = [(ref_step, ref, tok), (step, model, tok)] if step != ref_step else [(ref_step, ref, tok)]
-        tasks = batched if step in need[ACTIVATIONS] else {}
+
+    def models():
+        yield ref_step, ref, tok
+        for step in steps:
+            if step != ref_step:
+                yield step, ckpts.load(step)[0], tok
+
+    def write(step, rows, aligned):
+        if step not in steps:
+            return   # the reference, passed through first but not wanted here
+        if step in need[ACTIVATIONS]:
+            io.append_parquet(parts[ACTIVATIONS], rows)
         if step in need.get(ALIGNMENT, ()):
-            rows, aligned = capture_with_alignment(pair, tasks, sentences, align_steps=[step], sites=sites,
-                                                   backend=backend, log=log)
             io.append_parquet(parts[ALIGNMENT], aligned)
-        else:
-            rows = capture(pair, tasks, sites=sites, backend=backend, log=log)
-        if tasks:
-            io.append_parquet(parts[ACTIVATIONS], rows[rows["checkpoint_step"] == step])
         log(f"capture: step {step} done")
         on_step()
+
+    with_alignment = sentences is not None and bool(need.get(ALIGNMENT))
+    capture_tables(models(), batched, sentences if with_alignment else None, sites=sites, backend=backend, log=log,
+             task_steps=need[ACTIVATIONS], align_steps=need.get(ALIGNMENT, []) if with_alignment else None,
+             on_checkpoint=write)
 
 
 def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: float = 0.25, step: int | None = None,

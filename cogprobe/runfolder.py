@@ -1,14 +1,17 @@
 """Bookkeeping of a training run folder: claiming it, the manifest, costs.
 
 A folder belongs to one run, identified by its config (less execution-only
-fields such as `threads`) and the base model's fingerprint. `claim` refuses a
-folder that holds another run unless `overwrite`, returns the step to resume
-from, or None when the run there is already finished. What a resume reads back
-(the optimizer state) is `resume`'s.
+fields such as `threads`; a knob an older manifest lacks reads as its default)
+and the base model's fingerprint. `claim` refuses a folder that holds another
+run unless `overwrite`, returns the step to resume from, or None when the run
+there is already finished: its final checkpoint is written, at the step the
+manifest's "stop" record names (a run stopped on a plateau) or else at `steps`.
+What a resume reads back (the optimizer state) is `resume`'s.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import platform
 import shutil
@@ -23,11 +26,12 @@ from cogprobe import io, resume
 from cogprobe.checkpoints import CHECKPOINTS, META, check, own_steps, step_dir
 from cogprobe.errors import CogprobeError
 from cogprobe.layersets import to_string
-from cogprobe.layout import COST, MANIFEST, TRAIN_CONFIG, TRAIN_LOG
+from cogprobe.layout import COST, DEV_CURVE, MANIFEST, STOP, TRAIN_CONFIG, TRAIN_LOG
+from cogprobe.layout import metadata as beside
 from cogprobe.layout import claim as claim_folder
 from cogprobe.trainconfig import EXECUTION_ONLY
 
-OWN = (MANIFEST, TRAIN_LOG, COST, CHECKPOINTS, "tracking")
+OWN = (MANIFEST, TRAIN_LOG, COST, DEV_CURVE, beside(Path(DEV_CURVE)).name, CHECKPOINTS, "tracking")
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy", "pandas")
 
 
@@ -65,13 +69,14 @@ def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
     """Decide what to do with `out`: the step to start from, or None if this run is finished."""
     out = Path(out)
     identity = io.jsonable(dict(cfg.identity(), base_fingerprint=fingerprint))
-    have = None
+    have, old = None, {}
     if (out / MANIFEST).is_file() and not cfg.overwrite:  # --overwrite replaces even a damaged manifest
         old = io.read_json(out / MANIFEST)
-        have = {k: v for k, v in old.get("config", {}).items() if k not in EXECUTION_ONLY}
+        have = {k: v for k, v in {**_defaults(cfg), **old.get("config", {})}.items() if k not in EXECUTION_ONLY}
         have["base_fingerprint"] = old.get("base", {}).get("fingerprint")
     if claim_folder(out, MANIFEST, identity, have, what="run", overwrite=cfg.overwrite, ignore=(TRAIN_CONFIG,)):
-        if (step_dir(out, cfg.steps) / "meta.json").is_file():
+        final = old.get(STOP, {}).get("stopped_at", cfg.steps)
+        if (step_dir(out, final) / "meta.json").is_file():
             if main:  # killed between the last checkpoint and dropping the optimizer state: finish that
                 resume.drop(own_steps(out), keep=None)
             return None
@@ -87,23 +92,35 @@ def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
     return 0
 
 
-def _resume_from(out: Path, main: bool) -> int:
-    """The last checkpoint with resume state (0 if none); later log rows and leftovers removed.
+def _defaults(cfg) -> dict:
+    """Every knob's default: what a manifest written before the knob existed ran with."""
+    return io.jsonable({f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING})
 
-    What the rerun reads is checked first (that checkpoint, its optimizer state, the log), so a damaged
-    file fails in one line before anything in the folder is changed."""
+
+def _resume_from(out: Path, main: bool) -> int:
+    """The last checkpoint with resume state (0 if none); what the run recorded after it removed: log
+    and dev-curve rows, a stop record (written just before a final checkpoint that was never finished),
+    leftovers. The resumed run records them again.
+
+    What the rerun reads is checked first (that checkpoint, its optimizer state, the log and the dev
+    curve), so a damaged file fails in one line before anything in the folder is changed."""
     start = max((s for s, p in own_steps(out) if resume.present(p)), default=0)
     if start:
         path = step_dir(out, start)
         check(path, io.read_json(path / META))
         io.read_json(path / resume.STATE)
-    log = out / TRAIN_LOG
-    table = io.read_parquet(log) if start or log.is_file() else None  # a run with checkpoints has its log
+    log, curve = out / TRAIN_LOG, out / DEV_CURVE
+    tables = {log: io.read_parquet(log) if start or log.is_file() else None,  # a run with checkpoints has its log
+              curve: io.read_parquet(curve) if curve.is_file() else None}
     if main:
         for leftover in (out / CHECKPOINTS).glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
-        if table is not None:
-            io.write_parquet(log, table[table["step"] <= start])
+        for path, table in tables.items():
+            if table is not None:
+                io.write_parquet(path, table[table["step"] <= start])
+        manifest = io.read_json(out / MANIFEST)
+        if manifest.pop(STOP, None) is not None:
+            io.write_json(out / MANIFEST, manifest)
     return start
 
 

@@ -42,7 +42,7 @@ from cogprobe.evalset import EvalSet
 from cogprobe.health import check_healthy
 from cogprobe.layersets import cogsym, parse_range_list
 from cogprobe.layout import (BASELINE, COMPARE, COST, DEV_CURVE, DEV_CURVES, EVALSETS, LR_SEARCH, LR_TRIALS, MANIFEST,
-                             RUN_LENGTH, RUNS, SCORES, SELECTION_BUDGET, SELECTION_FIXED, STAGE_SECONDS, STUDY,
+                             RUN_LENGTH, RUNS, SCORES, SELECTION_BUDGET, SELECTION_FIXED, STAGE_SECONDS, STOP, STUDY,
                              TRAIN_CONFIG, TRANSLATIONS, arm, claim, row_run)
 from cogprobe.models import block_count, load_model
 from cogprobe.probe import capture_run, select_run, sweep_run
@@ -260,6 +260,7 @@ def train_config(config: StudyConfig, out: Path, row: str, seed: int, *, lr: flo
         bf16=config.bf16, threads=config.threads, seed=seed,
         save_steps=config.save_steps if probed else str(steps),
         eval_steps=config.eval_steps if folder is None else str(steps), eval_pairs=config.dev_pairs,
+        eval_max_sentence_tokens=config.max_sentence_tokens, eval_sample_seed=config.sample_seed,
         stop_on_plateau=config.converge and (row, seed) == ("full", seed0) and folder is None,
         plateau_window=config.plateau_window, plateau_min_improvement=config.plateau_min_improvement,
         max_sentence_tokens=config.train_max_sentence_tokens, loss_on=config.loss_on,
@@ -303,11 +304,11 @@ def run_length(config: StudyConfig, out: Path, row: str, seed: int) -> int:
 
 
 def stopped_at(run: Path) -> int:
-    """The step a finished run stopped at (a plateau, or its cap)."""
-    cost = io.read_json(run / COST) if (run / COST).is_file() else {}
-    if "stopped_at" not in cost:
-        raise CogprobeError(f"{run} has not finished (no stopped_at in {COST}); rerun the study to finish it")
-    return int(cost["stopped_at"])
+    """The step a finished run stopped at (a plateau, or its cap): its manifest's stop record."""
+    stop = io.read_json(run / MANIFEST).get(STOP) if (run / MANIFEST).is_file() else None
+    if not stop:
+        raise CogprobeError(f"{run} has not finished (no stop record in its {MANIFEST}); rerun the study to finish it")
+    return int(stop["stopped_at"])
 
 
 def final_dev_nll(run: Path) -> float:

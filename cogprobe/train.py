@@ -16,7 +16,16 @@ The run folder:
                      tokens seen so far), step_tokens and loss_tokens (of that step),
                      seconds (of that step); rewritten atomically as it grows
   cost.json          trainable params, optimizer-state bytes, peak memory, s/step, tok/s
+  dev_curve.parquet  with --eval-steps: dev NLL per (step, task) with per-example sums, and
+                     dev_curve.parquet.json, its dev set (see `devcurve`)
   checkpoints/step-N/   see `checkpoints` (and `resume` for the optimizer state)
+
+The run ends at `steps`, or with --stop-on-plateau at the first evaluation step where the
+dev NLL has stopped improving (see `plateau`); either way its last step gets the final
+checkpoint, and manifest.json's "stop" record says where and why: stopped_at, stop_reason
+("plateau" or "cap") and, with --stop-on-plateau, the rule's settings and its check at every
+evaluation step. A resumed run keeps the curve up to its checkpoint and meets the same
+decisions, since the rule reads only the curve.
 
 Read top to bottom: `train` calls `_setup`, which does everything before the first
 step once and returns one frozen `_Run` (accelerator, prepared model and optimizer,
@@ -37,14 +46,14 @@ import pandas as pd
 import psutil
 import torch
 
-from cogprobe import health, io, resume, tracking
+from cogprobe import devcurve, health, io, plateau, resume, tracking
 from cogprobe.blocks import find_blocks
 from cogprobe.checkpoints import ADAPTER, META, TENSORS, own_steps, step_dir, write_checkpoint
 from cogprobe.corpora import load_corpus, split_corpus, split_overlap
 from cogprobe.data import KINDS, PackedStream, check_isolation, tokenize
 from cogprobe.distributed import on_cpu
 from cogprobe.errors import CogprobeError
-from cogprobe.layout import MANIFEST, TRAIN_LOG
+from cogprobe.layout import DEV_CURVE, MANIFEST, STOP, TRAIN_LOG
 from cogprobe.models import load_model, model_fingerprint, model_source
 from cogprobe.params import load_tensors, n_trainable, trainable, trainable_tensors
 from cogprobe.runfolder import claim, lock, manifest, write_cost
@@ -103,6 +112,7 @@ class _Run:
     param_names: tuple[str, ...]      # the trainable parameters, in the optimizer's order
     is_lora: bool
     n_trainable: int
+    dev: devcurve.DevSet | None       # the dev curve's set (None: no --eval-steps)
 
     @property
     def out(self) -> Path:
@@ -125,6 +135,7 @@ def _setup(cfg: TrainConfig, held: contextlib.ExitStack) -> _Run | None:
     blocks = find_blocks(model)
     layers = cfg.resolved_layers(blocks.n)
     stream, corpus_info = _data(cfg, tok)  # before claiming `out`: bad data leaves no folder behind
+    dev = devcurve.prepare(cfg, tok)       # so does a dev split too small for the dev curve
     start = _claim(cfg, acc, fingerprint, held)
     if start is None:
         return None
@@ -138,9 +149,11 @@ def _setup(cfg: TrainConfig, held: contextlib.ExitStack) -> _Run | None:
         out = Path(cfg.out)
         io.write_json(out / MANIFEST, manifest(cfg, model, blocks, layers, fingerprint, corpus_info))
         write_checkpoint(out, 0, None, "base", _meta(cfg, fingerprint, 0, None, 0))
+    if dev is not None and acc.is_main_process:
+        devcurve.write_record(Path(cfg.out), dev)
     model, optimizer = acc.prepare(model, optimizer)
     return _Run(cfg, acc, model, optimizer, stream, micro, start, tokens_seen, fingerprint, tuple(names),
-                is_lora=cfg.strategy in LORA, n_trainable=trained)
+                is_lora=cfg.strategy in LORA, n_trainable=trained, dev=dev)
 
 
 def _accelerator(cfg: TrainConfig) -> Accelerator:
@@ -248,6 +261,7 @@ class _Progress:
     rows: list[dict] = field(default_factory=list)  # train_log rows not written yet
     flushed_at: float = field(default_factory=time.perf_counter)
     peak_memory: int = 0             # bytes, see `_Loop._sample_memory`
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, dev NLL), what `plateau` reads
 
 
 class _Loop:
@@ -257,7 +271,9 @@ class _Loop:
         self.run, self.cfg, self.acc = run, run.cfg, run.acc
         self.on_step = on_step
         self.saves = set(run.cfg.save_step_list())
-        self.progress = _Progress(tokens=run.tokens_seen, last_saved=run.start)
+        self.evals = set(run.cfg.eval_step_list())
+        self.progress = _Progress(tokens=run.tokens_seen, last_saved=run.start,
+                                  curve=devcurve.mean_nll(devcurve.read(run.out, upto=run.start)) if run.dev else [])
         self.process = psutil.Process()
         self.monitor = _monitor(run)
 
@@ -269,6 +285,7 @@ class _Loop:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         try:
+            self._evaluate_start()
             for step in range(self.run.start + 1, cfg.steps + 1):
                 t0 = time.perf_counter()
                 try:
@@ -284,20 +301,74 @@ class _Loop:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{n_tokens / seconds:.0f}",
                                 **({"health": "DIVERGED"} if self.monitor.warned else {}))
-                self._after(step, loss, grad_norm)
+                if self._after(step, loss, grad_norm):
+                    break
         finally:
             bar.close()
             self._flush()
 
-    def _after(self, step: int, loss: float, grad_norm: float) -> None:
-        """After a step is logged: the health watch, the caller's hook, then a checkpoint or a flush."""
+    def _after(self, step: int, loss: float, grad_norm: float) -> bool:
+        """After a step is logged: the health watch, the caller's hook, the dev curve, then a checkpoint
+        or a flush. True when the run ends here: at its last step, or on a plateau."""
         self._watch(step, loss, grad_norm)
         if self.on_step is not None:
             self.on_step(step, self.acc.unwrap_model(self.run.model), loss)
-        if step in self.saves:
-            self._save(step, loss, final=step == self.cfg.steps)
+        stop = None
+        if step in self.evals:
+            self._evaluate(step)
+            stop = "plateau" if self._plateau() else None
+        if stop is None and step == self.cfg.steps:
+            stop = "cap"
+        if stop is not None:
+            self._finish(step, loss, stop)
+        elif step in self.saves:
+            self._save(step, loss, final=False)
         elif len(self.progress.rows) >= 50 or time.perf_counter() - self.progress.flushed_at > 30:
             self._flush()
+        return stop is not None
+
+    # ---- the dev curve (see `devcurve`) and the plateau rule (see `plateau`)
+    def _evaluate_start(self) -> None:
+        """The curve's point at the step this session starts from (step 0: the base model), unless the
+        curve has it (a resumed run scored its checkpoint's step before saving it)."""
+        start = self.run.start
+        if start in self.evals and start not in {s for s, _ in self.progress.curve}:
+            self._evaluate(start)
+
+    def _evaluate(self, step: int) -> None:
+        """Score the dev set at `step` (every process); the main one appends the rows to the table."""
+        rows = devcurve.evaluate(self.run.model, self.run.dev, step)
+        self.progress.curve.extend(devcurve.mean_nll(rows))
+        if self.acc.is_main_process:
+            io.append_parquet(self.run.out / DEV_CURVE, pd.DataFrame(rows, columns=devcurve.COLUMNS))
+
+    def _plateau(self) -> bool:
+        """Whether the plateau rule stops the run at the curve's latest step; the main process's answer
+        on every process (their scores may differ in the last bits; the processes must stop together)."""
+        if not self.cfg.stop_on_plateau:
+            return False
+        from accelerate.utils import broadcast
+        converged = plateau.check(self.progress.curve, **self._rule()).converged
+        return bool(broadcast(torch.tensor([int(converged)], device=self.acc.device), from_process=0).item())
+
+    def _rule(self) -> dict:
+        """The plateau rule's settings; it judges nothing during warm-up (a rising lr is slow by design)."""
+        cfg = self.cfg
+        return dict(window=cfg.plateau_window, min_improvement=cfg.plateau_min_improvement,
+                    min_step=max(cfg.plateau_min_steps, cfg.warmup_steps()))
+
+    def _finish(self, step: int, loss: float, reason: str) -> None:
+        """The run's last step: the stop record, then the final checkpoint (in that order, so a run killed
+        between the two has no final checkpoint, and its resume redoes both)."""
+        if self.acc.is_main_process:
+            rule = None
+            if self.cfg.stop_on_plateau:
+                checks = plateau.checks(self.progress.curve, **self._rule())
+                rule = dict(self._rule(), checks=[c.to_dict() for c in checks])
+            manifest = io.read_json(self.run.out / MANIFEST)
+            manifest[STOP] = dict(stopped_at=step, stop_reason=reason, plateau=rule)
+            io.write_json(self.run.out / MANIFEST, manifest)
+        self._save(step, loss, final=True)
 
     # ---- health (see `health`)
     def _watch(self, step: int, loss: float, grad_norm: float) -> None:

@@ -43,7 +43,22 @@ class TrainConfig:
     weight_decay: float = knob(0.0, "AdamW decay on weight matrices (never biases or norms)")
     max_grad_norm: float | None = knob(1.0, "gradient clipping; None or 0: off")
     save_steps: str | list[int] = knob("log:8",
-        '"0,10,20,40", a list, or "log:N" (N log-spaced); 0 and the last step always')
+        '"0,10,20,40", a list, "log:N" (N log-spaced) or "every:N"; 0 and the last step always')
+    eval_steps: str | list[int] = knob("",
+        'score the dev set at these steps into dev_curve.parquet, written like save_steps ("every:50", '
+        '"log:8", "0,10,20"); 0 and the last step always; "" (the default): no dev curve')
+    eval_pairs: int = knob(64, "dev pairs of the dev curve: a stratified sample of the run's dev split "
+                               "(0: every dev pair that fits)")
+    eval_max_sentence_tokens: int = knob(64, "dev-curve pairs with a side longer than this are left out, never cut")
+    eval_sample_seed: int = knob(0, "seed of the dev-curve sample (a study passes its sample_seed)")
+    stop_on_plateau: bool = knob(False,
+        "stop at the first evaluation step where the best dev NLL fell by less than plateau_min_improvement "
+        "(relative) over the last plateau_window of the steps done (cogprobe/plateau.py); `steps` is the cap; "
+        "needs eval_steps and schedule constant")
+    plateau_window: float = knob(0.2, "plateau rule: the window, a fraction of the steps done so far")
+    plateau_min_improvement: float = knob(0.01,
+        "plateau rule: stop when the best dev NLL improved by less than this fraction over the window")
+    plateau_min_steps: int = knob(0, "plateau rule: never stop before this step (nor during warm-up)")
     seed: int = knob(0, "data order, LoRA init and dropout")
     bf16: bool = knob(False, "bf16 autocast (weights and optimizer stay fp32)")
     threads: int | None = knob(None, "torch.set_num_threads for the run")
@@ -107,6 +122,7 @@ class TrainConfig:
         if isinstance(self.lora_targets, str):
             self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
         self.save_step_list()  # validates
+        self._check_dev_curve()
 
     def _check_strategy(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -119,6 +135,29 @@ class TrainConfig:
                                 f"drop it or use strategy {'lora-layers' if self.strategy in LORA else 'layers'}")
         if self.strategy != "layers" and (self.train_embeddings or self.train_head):
             raise CogprobeError("train_embeddings / train_head only apply to strategy layers; drop them")
+
+    def _check_dev_curve(self) -> None:
+        """The dev curve's sizes and the plateau rule's settings; the rule needs a curve to read and a
+        learning rate that the cap does not shape."""
+        self.eval_step_list()  # validates
+        if isinstance(self.eval_pairs, bool) or not isinstance(self.eval_pairs, int) or self.eval_pairs < 0:
+            raise CogprobeError(f"eval_pairs={self.eval_pairs!r}: give a number of dev pairs >= 1 (0: all)")
+        _positive_int(self, "eval_max_sentence_tokens")
+        if not 0 < self.plateau_window < 1:
+            raise CogprobeError(f"plateau_window={self.plateau_window}: give a fraction of the steps in (0, 1), "
+                                "e.g. 0.2")
+        if not 0 < self.plateau_min_improvement < 1:
+            raise CogprobeError(f"plateau_min_improvement={self.plateau_min_improvement}: give a relative "
+                                "improvement in (0, 1), e.g. 0.01")
+        if isinstance(self.plateau_min_steps, bool) or not isinstance(self.plateau_min_steps, int) \
+                or self.plateau_min_steps < 0:
+            raise CogprobeError(f"plateau_min_steps={self.plateau_min_steps!r}: give a step >= 0")
+        if self.stop_on_plateau and not self.eval_step_list():
+            raise CogprobeError("stop_on_plateau needs a dev curve to read; pass eval_steps too "
+                                "(e.g. --eval-steps every:50)")
+        if self.stop_on_plateau and self.schedule != "constant":
+            raise CogprobeError(f"stop_on_plateau needs schedule constant (a {self.schedule} schedule is shaped "
+                                "by the steps cap); pass --schedule constant")
 
     # ---- derived values
     def mixture(self) -> dict[str, float]:
@@ -133,21 +172,14 @@ class TrainConfig:
 
     def save_step_list(self) -> list[int]:
         """The steps to checkpoint, sorted; always with 0 (the base) and the last step."""
-        spec = self.save_steps
-        if isinstance(spec, str) and spec.startswith("log:"):
-            n = int(spec[4:]) if spec[4:].strip().isdigit() else 0
-            if n < 1:
-                raise CogprobeError(f"save_steps={spec!r}: write log:N with N >= 1 (e.g. log:8)")
-            steps = {int(round(x)) for x in np.geomspace(1, self.steps, n)}
-        else:
-            try:
-                steps = {int(s) for s in (spec.split(",") if isinstance(spec, str) else spec) if str(s).strip()}
-            except (TypeError, ValueError):
-                raise CogprobeError(f"save_steps={spec!r}: give steps like '0,10,20,40' or log:N") from None
-        bad = sorted(s for s in steps if not 0 <= s <= self.steps)
-        if bad:
-            raise CogprobeError(f"save_steps {bad} are outside 0..{self.steps}; give steps within the run")
-        return sorted(steps | {0, self.steps})
+        return sorted(step_list(self.save_steps, self.steps, "save_steps") | {0, self.steps})
+
+    def eval_step_list(self) -> list[int]:
+        """The steps to score the dev set at, sorted, with 0 and the last step; [] when eval_steps is off."""
+        spec = self.eval_steps.strip() if isinstance(self.eval_steps, str) else self.eval_steps
+        if not spec:
+            return []
+        return sorted(step_list(spec, self.steps, "eval_steps") | {0, self.steps})
 
     # ---- serialisation
     def to_dict(self) -> dict:
@@ -165,6 +197,27 @@ class TrainConfig:
         if unknown:
             warnings.warn(f"ignoring unknown TrainConfig keys {unknown}", stacklevel=2)
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def step_list(spec, steps: int, name: str) -> set[int]:
+    """The steps a `save_steps`-like spec names within 0..steps: "0,10,20", a list, "log:N" (N steps
+    log-spaced from 1 to `steps`) or "every:N" (every N-th step)."""
+    kind, _, arg = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if kind in ("log", "every"):
+        n = int(arg) if arg.strip().isdigit() else 0
+        if n < 1:
+            raise CogprobeError(f"{name}={spec!r}: write {kind}:N with N >= 1 (e.g. {kind}:8)")
+        found = ({int(round(x)) for x in np.geomspace(1, steps, n)} if kind == "log"
+                 else set(range(n, steps + 1, n)))
+    else:
+        try:
+            found = {int(s) for s in (spec.split(",") if isinstance(spec, str) else spec) if str(s).strip()}
+        except (TypeError, ValueError):
+            raise CogprobeError(f"{name}={spec!r}: give steps like '0,10,20,40', log:N or every:N") from None
+    bad = sorted(s for s in found if not 0 <= s <= steps)
+    if bad:
+        raise CogprobeError(f"{name} {bad} are outside 0..{steps}; give steps within the run")
+    return found
 
 
 def _positive_int(cfg: TrainConfig, name: str) -> None:

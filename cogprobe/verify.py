@@ -7,7 +7,9 @@ one call lists everything that needs fixing:
   - each checkpoint's files against the SHA-256s its meta.json recorded when they
     were written, and its base model fingerprint against the manifest's;
   - the training log (every step once, in order; each checkpoint's loss is the
-    log's) and cost.json (as many steps as the log);
+    log's) and cost.json (as many steps as the log); a run stopped on a plateau is
+    finished at the step its manifest's stop record names;
+  - the dev curve, if any: readable, with its set's record, each (step, task) once;
   - every table and its metadata: readable, no duplicate rows, rows only from
     checkpoints of this run, computed from this run's config;
   - the training health the manifest recorded (a stopped or diverged run);
@@ -24,8 +26,8 @@ from cogprobe import io
 from cogprobe.artifacts import damaged
 from cogprobe.checkpoints import CHECKPOINTS, META, problems, step_dir, step_folders
 from cogprobe.errors import CogprobeError
-from cogprobe.layout import (ACTIVATIONS, BASELINE, COMPARE, COST, MANIFEST, RUNS, STUDY, SWEEPS, TRAIN_LOG, arm,
-                             metadata)
+from cogprobe.layout import (ACTIVATIONS, BASELINE, COMPARE, COST, DEV_CURVE, MANIFEST, RUNS, STOP, STUDY, SWEEPS,
+                             TRAIN_LOG, arm, metadata)
 from cogprobe.trainconfig import EXECUTION_ONLY
 
 TABLES = {SWEEPS: ["checkpoint_step", "task", "direction", "mode", "k", "ends"],
@@ -63,6 +65,7 @@ def verify_run(run: Path) -> Problems:
     manifest = _read(found, io.read_json, run / MANIFEST)
     metas = _checkpoints(run, manifest, found)
     found += _log_and_cost(run, metas, manifest)
+    found += _dev_curve(run)
     if manifest is not None:
         found += _health_problems(run, manifest)
     found += _selections(run)
@@ -78,7 +81,7 @@ def _log_and_cost(run: Path, metas: dict[int, dict], manifest: dict | None) -> P
     cost = _read(found, io.read_json, run / COST) if trained or (run / COST).exists() else None
     if log is not None:
         found += _log_problems(run, log, metas)
-    finished = manifest is not None and max(metas, default=0) == manifest["config"]["steps"]
+    finished = manifest is not None and max(metas, default=0) == _final_step(manifest)
     if finished and cost is not None and log is not None and cost.get("steps_logged") != len(log):
         found.append(str(damaged(run / COST, f"counts {cost.get('steps_logged')} steps, the log has {len(log)}")))
     return found
@@ -99,7 +102,7 @@ def _checkpoints(run: Path, manifest: dict | None, found: Problems) -> dict[int,
             found.append(str(damaged(path / META, "names another base model than the manifest")))
     if manifest is None:
         return metas
-    last, total = max(metas, default=0), manifest["config"]["steps"]
+    last, total = max(metas, default=0), _final_step(manifest)
     for step in manifest["save_steps"]:
         if step <= last and not step_dir(run, step).is_dir():
             found.append(f"{step_dir(run, step)} is missing (manifest.json lists it); retrain with "
@@ -108,6 +111,25 @@ def _checkpoints(run: Path, manifest: dict | None, found: Problems) -> dict[int,
         found.append(f"{run} is an unfinished run (last checkpoint step-{last} of {total} steps); rerun the same "
                      "`cogprobe train` with --resume to finish it")
     return metas
+
+
+def _final_step(manifest: dict) -> int:
+    """The step of a run's final checkpoint: where it stopped (a plateau), else its `steps`."""
+    return manifest.get(STOP, {}).get("stopped_at", manifest["config"]["steps"])
+
+
+def _dev_curve(run: Path) -> Problems:
+    """The dev curve (when there is one) and its set's record read back; each (step, task) once."""
+    path, found = run / DEV_CURVE, []
+    if not path.exists():
+        return found
+    table = _read(found, io.read_parquet, path)
+    _read(found, io.read_json, metadata(path))
+    if table is None:
+        return found
+    if table.duplicated(["step", "task"]).any():
+        found.append(str(damaged(path, "holds some rows twice")))
+    return found
 
 
 def _log_problems(run: Path, log, metas: dict[int, dict]) -> Problems:

@@ -177,6 +177,38 @@ def test_drift_starts_at_the_perturbed_block(task_batches):
         assert (lens.loc[PERTURBED:] != ref_lens.loc[PERTURBED:]).all()
 
 
+def test_the_reference_runs_once_per_batch_and_the_table_is_the_same_as_rerunning_it(task_batches, monkeypatch):
+    """The reference's activations are kept across checkpoints (within a memory budget): it runs once
+    per batch, not once per checkpoint, and every value equals the run that recomputes them."""
+    import cogprobe.capture as cap
+    model = tiny_model("llama")
+    ckpts = [(0, model), (10, perturbed(model)), (20, perturbed(model, scale=0.1))]
+    calls = []
+    real = cap.open_backend
+
+    def counting(backend, m, **kw):
+        opened = real(backend, m, **kw)
+        if m is not model:
+            return opened
+
+        class Counted:
+            def __enter__(self):
+                run = opened.__enter__()
+                return lambda batch: calls.append(1) or run(batch)
+
+            def __exit__(self, *exc):
+                return opened.__exit__(*exc)
+        return Counted()
+    monkeypatch.setattr(cap, "open_backend", counting)
+    kept = capture(ckpts, task_batches, sites=SITES)
+    n_batches = sum(len(b) for b in task_batches.values())
+    assert len(calls) == n_batches
+    calls.clear()
+    rerun = capture(ckpts, task_batches, sites=SITES, ref_cache_bytes=0)
+    assert len(calls) == 3 * n_batches
+    pd.testing.assert_frame_equal(kept, rerun, atol=0, rtol=0)
+
+
 def direct_stats(x, y):
     """CKA, drift and norm from the full (tokens x hidden) matrices, the textbook way."""
     x, y = x.double(), y.double()

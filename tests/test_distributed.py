@@ -97,6 +97,24 @@ def test_two_process_lora_layers_training_follows_the_single_process_run(inputs)
     assert files(out) == files(one)
 
 
+def test_two_processes_score_the_same_dev_curve_and_stop_at_the_same_step(inputs):
+    """Every process scores the dev set (DDP's forward collectives stay in step) and the main process's
+    plateau decision is everyone's: the curve and the stop are the single-process run's."""
+    import json
+    cfg = dict(TRAIN_FLAGS, steps=200, save_steps="6", eval_steps="every:2", eval_pairs=3, schedule="constant",
+               stop_on_plateau=True)
+    one = train(TrainConfig(model=inputs["model"], corpus=inputs["corpus"], out=inputs["root"] / "curve1", **cfg))
+    out = inputs["root"] / "curve2"
+    done = torchrun("train", *flags(model=inputs["model"], corpus=inputs["corpus"], out=out, **cfg))
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (pd.read_parquet(r / "dev_curve.parquet") for r in (one, out))
+    assert list(zip(a["step"], a["task"])) == list(zip(b["step"], b["task"]))
+    assert b["nll"].to_numpy() == pytest.approx(a["nll"].to_numpy(), rel=1e-4)
+    stops = [json.loads((r / "manifest.json").read_text())["stop"] for r in (one, out)]
+    assert stops[0]["stop_reason"] == "plateau" and stops[1]["stopped_at"] == stops[0]["stopped_at"]
+    assert files(out) == files(one)
+
+
 def test_a_global_batch_that_does_not_split_fails_in_one_line(inputs):
     out = inputs["root"] / "odd"
     done = torchrun("train", *flags(model=inputs["model"], corpus=inputs["corpus"], out=out,

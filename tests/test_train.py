@@ -52,6 +52,12 @@ def final_state(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     (dict(mix_perception=0, mix_production=0, mix_plain=0), "mixture"),
     (dict(resume=True, overwrite=True), "contradict"),
     (dict(lora_dropout=1.0), "lora_dropout"),
+    (dict(eval_steps="every:0"), "every:N"),
+    (dict(eval_steps="0,9"), "eval_steps.*outside 0..4"),
+    (dict(eval_pairs=-1), "eval_pairs"),
+    (dict(plateau_window=1.0), "plateau_window"),
+    (dict(stop_on_plateau=True, schedule="constant"), "needs a dev curve.*--eval-steps"),
+    (dict(stop_on_plateau=True, eval_steps="every:1"), "needs schedule constant.*--schedule constant"),
 ])
 def test_config_rejects_with_named_field(inputs, tmp_path, kw, words):
     with pytest.raises(CogprobeError, match=words):
@@ -62,6 +68,13 @@ def test_save_steps_always_hold_base_and_last(inputs, tmp_path):
     assert config(inputs, tmp_path, "full", steps=100, save_steps="log:4").save_step_list() == [0, 1, 5, 22, 100]
     assert config(inputs, tmp_path, "full", steps=10, save_steps=[5, 3]).save_step_list() == [0, 3, 5, 10]
     assert config(inputs, tmp_path, "full", steps=10, save_steps="4").save_step_list() == [0, 4, 10]
+
+
+def test_eval_steps_are_off_by_default_and_else_hold_base_and_last(inputs, tmp_path):
+    assert config(inputs, tmp_path, "full").eval_step_list() == []
+    assert config(inputs, tmp_path, "full", steps=10, eval_steps="every:4").eval_step_list() == [0, 4, 8, 10]
+    assert config(inputs, tmp_path, "full", steps=100, eval_steps="log:4").eval_step_list() == [0, 1, 5, 22, 100]
+    assert config(inputs, tmp_path, "full", steps=10, save_steps="every:5").save_step_list() == [0, 5, 10]
 
 
 def test_config_round_trips_through_dict(inputs, tmp_path):
@@ -195,6 +208,18 @@ def test_out_folder_rules(inputs, tmp_path):
         train(config(inputs, other, "full"))
 
 
+def test_a_manifest_older_than_a_knob_reads_it_as_its_default(inputs, tmp_path):
+    out = train(config(inputs, tmp_path / "run", "full"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("eval_steps", "stop_on_plateau", "plateau_window"):
+        del manifest["config"][key]
+    del manifest["stop"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert train(config(inputs, out, "full")) == out  # the same run, finished
+    with pytest.raises(CogprobeError, match="different run.*eval_steps"):
+        train(config(inputs, out, "full", eval_steps="2", eval_pairs=3))
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(inputs, tmp_path):
     model = tiny_model("llama")
     with torch.no_grad():
@@ -278,6 +303,141 @@ def test_killed_run_leaves_no_complete_looking_checkpoint(inputs, tmp_path):
     assert Checkpoints.open(out).steps == [0]
     train(config(inputs, out, "full", resume=True))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0", "step-2", "step-4"]
+
+
+# ------------------------------------------------------------------ the dev curve and the plateau stop
+
+CURVE = dict(eval_pairs=3, schedule="constant")  # the tiny corpus's dev split holds 3 pairs
+
+
+def curve_of(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "dev_curve.parquet")
+
+
+@pytest.mark.parametrize("strategy, kw", [("full", dict(bf16=True)), ("lora", dict(lora_dropout=0.1))])
+def test_dev_curve_rows_and_their_base_point(inputs, tmp_path, strategy, kw):
+    from cogprobe import devcurve
+    from cogprobe.models import load_model
+    from cogprobe.tasks import score
+    modes = []
+    cfg = config(inputs, tmp_path / "run", strategy, eval_steps="2", **CURVE, **kw)
+    out = train(cfg, on_step=lambda step, model, loss: modes.append(model.training))
+    assert modes == [True] * 4  # evaluated in eval mode, and train mode restored
+    curve = curve_of(out)
+    assert list(zip(curve["step"], curve["task"])) == [(s, t) for s in (0, 2, 4) for t in ("perception", "production")]
+    for row in curve.itertuples():
+        assert row.n_pairs == len(row.example_nll) == len(row.example_tokens) == 3
+        assert sum(row.example_tokens) == row.n_tokens
+        assert row.nll == pytest.approx(sum(row.example_nll) / row.n_tokens, rel=1e-12)
+    assert curve.groupby("step")["nll"].mean().is_monotonic_decreasing  # lr 1e-2 on 4 steps: it learns
+    base, tok = load_model(inputs["llama"])
+    evalset = devcurve.evalset(cfg)
+    for task, examples in evalset.examples(tok).items():  # step 0 is the base model, scored in fp32
+        assert curve.query("step == 0 and task == @task")["nll"].item() == score(base, examples).nll
+    record = json.loads((out / "dev_curve.parquet.json").read_text())
+    assert {k: record[k] for k in evalset.to_dict()} == evalset.to_dict() and record["split"] == "dev"
+    assert record["pair_ids"] == list(evalset.pairs(tok).pairs["pair_id"]) and record["sampled"] == 3
+    stop = json.loads((out / "manifest.json").read_text())["stop"]
+    assert stop == dict(stopped_at=4, stop_reason="cap", plateau=None)
+
+
+PLATEAU = dict(steps=1000, eval_steps="every:2", stop_on_plateau=True, save_steps="6,12", **CURVE)
+
+
+def test_stops_on_a_plateau_with_its_final_checkpoint_there(inputs, tmp_path):
+    from cogprobe.plateau import first_plateau
+    out = train(config(inputs, tmp_path / "run", "full", **PLATEAU))  # lr 1e-2: the tiny dev NLL flattens early
+    manifest = json.loads((out / "manifest.json").read_text())
+    stop = manifest["stop"]
+    curve = curve_of(out).groupby("step")["nll"].mean()
+    assert stop["stop_reason"] == "plateau" and 2 < stop["stopped_at"] < 100
+    assert stop["stopped_at"] == first_plateau(list(curve.items()), 0.2, 0.01) == curve.index.max()
+    assert [c["step"] for c in stop["plateau"]["checks"]] == list(curve.index)
+    assert [c["converged"] for c in stop["plateau"]["checks"]] == [False] * (len(curve) - 1) + [True]
+    assert Checkpoints.open(out).steps == [0, 6, 12, stop["stopped_at"]]
+    assert len(pd.read_parquet(out / "train_log.parquet")) == stop["stopped_at"]
+    assert not any((out / "checkpoints").glob("*/resume"))  # finished: no optimizer state kept
+    from cogprobe.verify import verify
+    assert verify(out) == []
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert train(config(inputs, tmp_path / "run", "full", resume=True, **PLATEAU)) == out  # stopped: nothing more
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp and Checkpoints.open(out).steps[-1] == stop["stopped_at"]
+
+
+def test_the_flags_reach_the_run(inputs, tmp_path):
+    from helpers import cli, train_argv
+    argv = train_argv(inputs["llama"], inputs["corpus"], tmp_path / "run", steps=50, lr=1e-12, eval_steps="every:3",
+                      eval_pairs=3, schedule="constant", plateau_window=0.5, plateau_min_steps=4)
+    assert cli(argv + ["--stop-on-plateau"]) == 0
+    stop = json.loads((tmp_path / "run" / "manifest.json").read_text())["stop"]
+    assert stop["stopped_at"] == 6 and stop["plateau"]["window"] == 0.5  # 3 is not judged (r = 0, 3 < 4); 6 is
+
+
+def test_a_flat_curve_stops_at_the_first_step_the_rule_may_judge(inputs, tmp_path):
+    out = train(config(inputs, tmp_path / "flat", "full", lr=1e-12, **{**PLATEAU, "eval_steps": "every:1"}))
+    assert json.loads((out / "manifest.json").read_text())["stop"]["stopped_at"] == 2  # r(1) = 0: not judged
+    out = train(config(inputs, tmp_path / "later", "full", lr=1e-12, plateau_min_steps=5, warmup=8,
+                       **{**PLATEAU, "eval_steps": "every:1"}))
+    assert json.loads((out / "manifest.json").read_text())["stop"]["stopped_at"] == 8  # not during warm-up
+
+
+def test_a_curve_that_keeps_improving_runs_to_the_cap(inputs, tmp_path):
+    out = train(config(inputs, tmp_path / "run", "full", lr=3e-3, **{**PLATEAU, "steps": 20}))
+    stop = json.loads((out / "manifest.json").read_text())["stop"]
+    assert (stop["stopped_at"], stop["stop_reason"]) == (20, "cap")
+    assert not any(c["converged"] for c in stop["plateau"]["checks"])
+    assert Checkpoints.open(out).steps == [0, 6, 12, 20]
+
+
+def test_resume_meets_the_same_curve_and_the_same_stop(inputs, tmp_path):
+    straight = train(config(inputs, tmp_path / "a", "full", **PLATEAU))
+    stopped_at = json.loads((straight / "manifest.json").read_text())["stop"]["stopped_at"]
+    assert stopped_at > 12 + 1  # so the interruptions below fall between checkpoints
+    with pytest.raises(Stop):
+        train(config(inputs, tmp_path / "b", "full", **PLATEAU), on_step=stop_at(9))
+    assert curve_of(tmp_path / "b")["step"].max() == 8
+    resumed = train(config(inputs, tmp_path / "b", "full", resume=True, **PLATEAU))  # from step 6
+    a, b = curve_of(straight), curve_of(resumed)
+    assert list(b["step"]) == list(a["step"]) and np.array_equal(a["nll"], b["nll"])  # bit for bit
+    assert all(np.array_equal(x, y) for x, y in zip(a["example_nll"], b["example_nll"]))
+    manifests = [json.loads((p / "manifest.json").read_text()) for p in (straight, resumed)]
+    assert manifests[0]["stop"] == manifests[1]["stop"]
+    assert Checkpoints.open(resumed).steps == Checkpoints.open(straight).steps
+
+
+def test_killed_between_the_stop_record_and_the_final_checkpoint_resumes_to_the_same_stop(inputs, tmp_path,
+                                                                                           monkeypatch):
+    import cogprobe.checkpoints as ck
+    straight = train(config(inputs, tmp_path / "a", "full", **PLATEAU))
+    stop = json.loads((straight / "manifest.json").read_text())["stop"]
+    real = ck.save_file
+
+    def failing(tensors, path, **kw):
+        if f"step-{stop['stopped_at']}" in path:
+            raise OSError("disk full")
+        return real(tensors, path, **kw)
+
+    monkeypatch.setattr(ck, "save_file", failing)
+    with pytest.raises(OSError):
+        train(config(inputs, tmp_path / "b", "full", **PLATEAU))
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["stop"] == stop  # recorded, not saved
+    monkeypatch.setattr(ck, "save_file", real)
+    with pytest.raises(CogprobeError, match="unfinished run"):
+        train(config(inputs, tmp_path / "b", "full", **PLATEAU))
+    resumed = train(config(inputs, tmp_path / "b", "full", resume=True, **PLATEAU))  # from step 12
+    assert json.loads((resumed / "manifest.json").read_text())["stop"] == stop
+    assert curve_of(resumed).equals(curve_of(straight).assign(seconds=curve_of(resumed)["seconds"]))
+
+
+def test_a_damaged_dev_curve_stops_the_resume_before_anything_changes(inputs, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Stop):
+        train(config(inputs, out, "full", **PLATEAU), on_step=stop_at(9))
+    (out / "dev_curve.parquet").write_bytes(b"PAR1 not a table")
+    log = (out / "train_log.parquet").read_bytes()
+    with pytest.raises(CogprobeError, match="dev_curve.parquet .the dev curve. is not a readable Parquet"):
+        train(config(inputs, out, "full", resume=True, **PLATEAU))
+    assert (out / "train_log.parquet").read_bytes() == log
 
 
 def test_threads_are_restored(inputs, tmp_path):
