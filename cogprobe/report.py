@@ -120,9 +120,12 @@ def _what_was_run(out: Path, cfg: StudyConfig) -> str:
     versions = io.read_json(manifest).get("versions", {}) if manifest.is_file() else {}
     vers = ", ".join(f"{k} {v}" for k, v in versions.items())
     machine = f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores), Python {platform.python_version()}"
+    steps = f"at most {cfg.steps} steps (the length below)" if cfg.converge else f"{cfg.steps} steps"
+    rates = ("lr chosen per row on dev (below)" if len(cfg.lrs("full")) > 1 or len(cfg.lrs("lora")) > 1
+             else f"lr {cfg.lr} (LoRA {cfg.lora_lr})")
     return (f"Model `{cfg.model}`, corpus `{cfg.corpus}`; seeds {cfg.seeds}; every tuning run: "
-            f"{cfg.steps} steps of batch {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr} "
-            f"(LoRA {cfg.lora_lr}, r={cfg.lora_r}), bf16 autocast {cfg.bf16}, training loss on "
+            f"{steps} of batch {cfg.batch_size} x {cfg.seq_len} tokens, {rates}, {cfg.schedule} schedule, "
+            f"LoRA r={cfg.lora_r}, bf16 autocast {cfg.bf16}, training loss on "
             f"{cfg.loss_on} tokens, whole examples per row, training pairs cut as wholes to "
             f"{cfg.train_max_sentence_tokens} tokens a side. {_evalsets_text(out)} "
             f"Report written on: {machine}. Versions: {vers}. "

@@ -259,12 +259,20 @@ def train_config(config: StudyConfig, out: Path, row: str, seed: int, *, lr: flo
         lora_r=p.lora_r or config.lora_r, train_embeddings=p.train_ends, train_head=p.train_ends,
         bf16=config.bf16, threads=config.threads, seed=seed,
         save_steps=config.save_steps if probed else str(steps),
-        eval_steps=config.eval_steps if folder is None else str(steps), eval_pairs=config.dev_pairs,
-        eval_max_sentence_tokens=config.max_sentence_tokens, eval_sample_seed=config.sample_seed,
         stop_on_plateau=config.converge and (row, seed) == ("full", seed0) and folder is None,
         plateau_window=config.plateau_window, plateau_min_improvement=config.plateau_min_improvement,
+        **_dev_curve(config, str(steps) if folder is not None else config.eval_steps),
         max_sentence_tokens=config.train_max_sentence_tokens, loss_on=config.loss_on,
         split_seed=config.split_seed, resume=True, progress=False, report_to=config.report_to)
+
+
+def _dev_curve(config: StudyConfig, eval_steps: str) -> dict:
+    """TrainConfig's dev-curve knobs (none when there is no curve: a run's identity stays as before
+    the knobs existed): the study's dev pairs, sentence cap and sample seed."""
+    if not eval_steps:
+        return {}
+    return dict(eval_steps=eval_steps, eval_pairs=config.dev_pairs, eval_max_sentence_tokens=config.max_sentence_tokens,
+                eval_sample_seed=config.sample_seed)
 
 
 def tune(config: StudyConfig, out: Path, row: str, seed: int) -> None:

@@ -203,8 +203,8 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     trials = pd.read_parquet(out / "lr_search.parquet")
     assert set(trials["row"]) == set(ROWS) and len(trials) == 2 * len(ROWS)   # every kind, both rates
     length = json.loads((out / "study.json").read_text())["run_length"]
-    full_cost = json.loads((out / "runs" / "full-s0" / "cost.json").read_text())
-    assert full_cost["stop_reason"] == "plateau" and length == full_cost["stopped_at"] < 12
+    stop = json.loads((out / "runs" / "full-s0" / "manifest.json").read_text())["stop"]
+    assert stop["stop_reason"] == "plateau" and length == stop["stopped_at"] < 12
     compare = pd.read_parquet(out / "compare.parquet")
     arms = {f"{r}-s{s}" for r, s in zip(compare["row"], compare["seed"])}
     kinds = set(ROWS) - {"budget"} if "budget" not in set(compare["row"]) else set(ROWS)
