@@ -50,11 +50,11 @@ def study_config():
 
 def probe_run(config) -> Path:
     """The study's probe run, trained once by the study's own code (resumed if interrupted)."""
-    from cogprobe.study import _full_run, tune
+    from cogprobe.study import _probe_run, tune
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     tune(config, out, "full", config.seed_list()[0])
-    return _full_run(config, out)
+    return _probe_run(config, out)
 
 
 def run_path(name: str, config, run: Path, work: Path) -> dict:

@@ -18,6 +18,8 @@ A study folder (`cogprobe run`) holds the probe tables of its probe run, and:
     baseline.csv        the base model's scores          compare.parquet   one row per tuned run
     scores.parquet      per-example NLL sums of every arm, translations.parquet every translation
     selection-fixed.json, selection-budget.json
+    lr_search.parquet   the learning rates tried per row on dev, and their dev NLL (runs/lr-trials/)
+    dev_curves.parquet  every tuned run's dev NLL along its steps (with eval_steps)
     runs/{row}-s{seed}/ one run folder per comparison row and seed ("arm" names it in the tables)
     figures/, report.md, report.html
 """
@@ -44,13 +46,17 @@ SELECTION = "selection.json"
 # a study folder
 STUDY = "study.json"
 STAGE_SECONDS = "stage_seconds"        # in study.json: wall seconds per stage, summed over resumed invocations
+RUN_LENGTH = "run_length"              # in study.json (converge): the steps every run trains, where full stopped
 EVALSETS = "evalsets.json"
 BASELINE = "baseline.csv"
 COMPARE = "compare.parquet"
 SCORES = "scores.parquet"              # per example: arm, task, pair_id, nll_sum, n_tokens
 TRANSLATIONS = "translations.parquet"  # per sentence: arm, task, pair_id, hypothesis, reference
+DEV_CURVES = "dev_curves.parquet"      # every tuned run's dev curve (DEV_CURVE rows + arm, row, seed)
 SELECTION_FIXED = "selection-fixed.json"
 SELECTION_BUDGET = "selection-budget.json"
+LR_SEARCH = "lr_search.parquet"        # one row per (row, lr) tried on dev: the learning-rate choice
+LR_TRIALS = "lr-trials"                # runs/lr-trials/{row}-lr{lr}/: the short trial runs
 RUNS = "runs"
 FIGURES = "figures"
 

@@ -36,12 +36,13 @@ from matplotlib.figure import Figure
 
 from cogprobe.errors import CogprobeError
 from cogprobe.io import atomic_path
-from cogprobe.layout import ACTIVATIONS, ALIGNMENT, COMPARE, SCORES, SWEEPS, TRAIN_LOG
+from cogprobe.layout import ACTIVATIONS, ALIGNMENT, COMPARE, DEV_CURVES, SCORES, SWEEPS, TRAIN_LOG
+from cogprobe.rows import ROWS
 
 
 TASK_ORDER = ("perception", "production")
 DIRECTION_ORDER = ("input", "output", "both")
-ROW_ORDER = ("full", "lora", "cogsym", "cogsym-lora", "budget", "middle", "bottom", "top", "random")
+ROW_ORDER = ROWS   # the comparison rows in the order `rows` lists them (random draws after them)
 NAN_GREY = "0.85"
 MAX_LEGEND_STEPS = 10     # more checkpoints than this get a colourbar instead of a legend
 TASK_FREE = ("", "all")   # task values that mean "not task-specific"
@@ -54,7 +55,7 @@ STAT_LABELS = {   # colourbar labels: short, since a row of panels may be short;
     "norm": "L2 norm per token",
     "logit_lens_nll": "NLL (nats/token)",
 }
-TABLES = (SWEEPS, ACTIVATIONS, TRAIN_LOG, COMPARE, SCORES, ALIGNMENT)
+TABLES = (SWEEPS, ACTIVATIONS, TRAIN_LOG, COMPARE, SCORES, ALIGNMENT, DEV_CURVES)
 
 
 # ------------------------------------------------------------------ shared helpers

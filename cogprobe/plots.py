@@ -17,11 +17,12 @@ from matplotlib.figure import Figure
 from cogprobe import io
 from cogprobe.alignment_plots import figures as alignment_figures
 from cogprobe.errors import CogprobeError
-from cogprobe.layout import ACTIVATIONS, COMPARE, SCORES, SWEEPS, TRAIN_LOG
+from cogprobe.layout import ACTIVATIONS, COMPARE, DEV_CURVES, SCORES, SWEEPS, TRAIN_LOG
 from cogprobe.plot_style import (ACT_COLUMNS, ROW_ORDER, STAT_LABELS, TABLES, TASK_FREE, TASK_ORDER, _grid, _heat,
                                  _nan_note, _ordered, _require, _styled, save)
 from cogprobe.sweep_plots import conditional_gain_curves, specialization_curves, specialization_heatmaps
-from cogprobe.tasks import CONTROLS
+from cogprobe.rows import kind
+from cogprobe.tasks import CONTROLS, TASKS
 from cogprobe.verdicts import comparison_table
 
 
@@ -202,6 +203,42 @@ def _param_labels(compare: pd.DataFrame, order: list[str]) -> list[str]:
     return [f"{s}\n{_human(float(params[s]))}" if pd.notna(params.get(s)) else s for s in order]
 
 
+def dev_shares(curves: pd.DataFrame) -> pd.DataFrame:
+    """The dev curves as shares: per (seed, task), (NLL at step 0 - NLL at a step) / (NLL at step 0 -
+    full fine-tuning's NLL at its last step). Every run starts from the base model, so step 0 is
+    the same for all; 1 is where full fine-tuning ended."""
+    _require(curves, ("row", "seed", "step", "task", "nll"), "dev_curves", "run a study with eval_steps")
+    curves = curves[curves["task"].isin(TASKS)].copy()
+    start = curves[curves["step"] == 0].groupby(["seed", "task"])["nll"].mean()
+    full = curves[curves["row"] == "full"]
+    end = full[full["step"] == full.groupby("seed")["step"].transform("max")].groupby(["seed", "task"])["nll"].mean()
+    key = pd.MultiIndex.from_frame(curves[["seed", "task"]])
+    gain = (start - end).reindex(key).to_numpy()
+    curves["share"] = (start.reindex(key).to_numpy() - curves["nll"].to_numpy()) / np.where(gain > 0, gain, np.nan)
+    return curves
+
+
+@_styled
+def share_curves(curves: pd.DataFrame) -> Figure:
+    """Share of full fine-tuning's final dev gain against step, one line per row (the mean over
+    seeds; random draws thin and grey): learning speed and end point, apart."""
+    shares = dev_shares(curves)
+    fig, axes = _grid(1, len(TASKS), w=4.8, h=3.6, sharey=True)
+    rows = _ordered(shares["row"], ROW_ORDER)
+    colours = dict(zip([r for r in rows if kind(r) != "random"], sns.color_palette("tab10", 10) * 2))
+    for ax, task in zip(axes[0], TASKS):
+        for row in rows:
+            line = shares[(shares["task"] == task) & (shares["row"] == row)].groupby("step")["share"].mean()
+            style = dict(color="0.6", lw=0.8) if kind(row) == "random" else dict(color=colours[row], lw=1.8)
+            ax.plot(line.index, line.to_numpy(), label=row, **style)
+        ax.axhline(1, color="0.3", lw=0.6, ls=":")
+        ax.set(xlabel="step", title=task)
+    axes[0, 0].set(ylabel="share of full fine-tuning's final dev gain")
+    axes[0, -1].legend(fontsize="x-small", ncol=2)
+    fig.suptitle("Learning curves on dev (mean over seeds)")
+    return fig
+
+
 # ------------------------------------------------------------------ a whole run folder
 
 def plot_run(run_dir: str | os.PathLike, *, dpi: int = 150) -> list[Path]:
@@ -249,6 +286,8 @@ def _figures_for(tables: dict[str, pd.DataFrame]):
         log = tables[TRAIN_LOG]
         if not log.empty:
             yield "training_curve", functools.partial(training_curve, log)
+    if DEV_CURVES in tables and not tables[DEV_CURVES].empty:
+        yield "share_curves", functools.partial(share_curves, tables[DEV_CURVES])
     if COMPARE in tables:
         cmp = tables[COMPARE]
         bars = None

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from cogprobe import alignment, io, verdicts
-from cogprobe.layout import (ALIGNMENT, BASELINE, COMPARE, EVALSETS, MANIFEST, RUNS, SCORES, STAGE_SECONDS, STUDY,
-                             SWEEPS, TRAIN_LOG, TRANSLATIONS, arm)
+from cogprobe.layout import (ALIGNMENT, BASELINE, COMPARE, EVALSETS, LR_SEARCH, MANIFEST, RUN_LENGTH, RUNS, SCORES,
+                             STAGE_SECONDS, STUDY, SWEEPS, TRAIN_LOG, TRANSLATIONS, arm)
 from cogprobe.models import EMBEDDED
 from cogprobe.studyconfig import StudyConfig
 from cogprobe.plots import plot_run, save, training_curve
@@ -50,7 +50,7 @@ def _full_name(out: Path) -> str:
 def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
     cfg = StudyConfig.read(out)
     b: list[tuple] = [("h1", f"cogprobe study: {cfg.model} on {cfg.corpus}")]
-    b += [("p", _what_was_run(out, cfg))]
+    b += [("p", _what_was_run(out, cfg))] + _tuning_choices(out, cfg)
     base = io.read_csv(out / BASELINE)
     b += [("h2", "Baseline (base model, test split)"), ("table", base.round(3)),
           ("p", "conditional_gain = NLL with each source replaced by another pair's (a fixed derangement) minus NLL "
@@ -71,7 +71,7 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
                         "rel_deviation = (NLL row - NLL full) / NLL full, the paper's yardstick, where the bar is "
                         "3%; chrF over its own sample, pairs in brackets):"), ("table", intervals_table)]
         b += [("p", s) for s in _compare_findings(compare, base.iloc[0], out)]
-        b += [("figure", f) for f in figures if f.stem.startswith("comparison")]
+        b += [("figure", f) for f in figures if f.stem.startswith(("comparison", "share_curves"))]
     b += _stage_times(io.read_json(out / STUDY).get(STAGE_SECONDS) or {})
     b += [("h2", "Reading these numbers"), ("p", _caveats(cfg))]
     return b
@@ -92,14 +92,40 @@ def _stage_times(seconds: dict[str, float]) -> list[tuple]:
                   "report that is being written and present in study.json."), ("table", table)]
 
 
+def _tuning_choices(out: Path, cfg: StudyConfig) -> list[tuple]:
+    """How long every run trained (with `converge`) and each row's learning rate (with lr grids)."""
+    b: list[tuple] = []
+    length = io.read_json(out / STUDY).get(RUN_LENGTH)
+    if cfg.converge:
+        b += [("h2", "Length and learning rates, chosen on dev")]
+        b += [("p", f"Full fine-tuning (first seed) trained until its dev NLL (mean of the two translation tasks, "
+                    f"{cfg.dev_pairs} dev pairs, at steps {cfg.eval_steps}) improved by less than "
+                    f"{cfg.plateau_min_improvement:.0%} over the last {cfg.plateau_window:.0%} of its steps, with a cap "
+                    f"of {cfg.steps}: " + (f"it stopped at step {length}, and every run trained {length} steps."
+                                            if length is not None else "it has not finished yet."))]
+    if (out / LR_SEARCH).is_file():
+        trials = io.read_parquet(out / LR_SEARCH)
+        best = trials.loc[trials.groupby("row")["dev_nll"].idxmin()].set_index("row")["lr"]
+        trials = trials.assign(chosen=[lr == best[row] for row, lr in zip(trials["row"], trials["lr"])])
+        if not b:
+            b += [("h2", "Learning rates, chosen on dev")]
+        b += [("p", f"Each row trained {cfg.lr_steps} steps at every rate of its grid (first seed; the random draws "
+                    "share the first draw's rate); the lowest dev NLL was kept for all of its runs."),
+              ("table", trials.round(4))]
+    return b
+
+
 def _what_was_run(out: Path, cfg: StudyConfig) -> str:
     manifest = out / RUNS / _full_name(out) / MANIFEST
     versions = io.read_json(manifest).get("versions", {}) if manifest.is_file() else {}
     vers = ", ".join(f"{k} {v}" for k, v in versions.items())
     machine = f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores), Python {platform.python_version()}"
+    steps = f"at most {cfg.steps} steps (the length below)" if cfg.converge else f"{cfg.steps} steps"
+    rates = ("lr chosen per row on dev (below)" if len(cfg.lrs("full")) > 1 or len(cfg.lrs("lora")) > 1
+             else f"lr {cfg.lr} (LoRA {cfg.lora_lr})")
     return (f"Model `{cfg.model}`, corpus `{cfg.corpus}`; seeds {cfg.seeds}; every tuning run: "
-            f"{cfg.steps} steps of batch {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr} "
-            f"(LoRA {cfg.lora_lr}, r={cfg.lora_r}), bf16 autocast {cfg.bf16}, training loss on "
+            f"{steps} of batch {cfg.batch_size} x {cfg.seq_len} tokens, {rates}, {cfg.schedule} schedule, "
+            f"LoRA r={cfg.lora_r}, bf16 autocast {cfg.bf16}, training loss on "
             f"{cfg.loss_on} tokens, whole examples per row, training pairs cut as wholes to "
             f"{cfg.train_max_sentence_tokens} tokens a side. {_evalsets_text(out)} "
             f"Report written on: {machine}. Versions: {vers}. "

@@ -5,12 +5,16 @@ folder and skipped when they are already there, so rerunning the same command
 continues an interrupted study and redoes nothing that finished:
 
   1. baseline     base model's NLL, control and chrF on test      baseline.csv
-  2. tune full    full fine-tuning with checkpoints (first seed)  runs/full-s{seed}/
-  3. probe        revert sweeps and capture on its checkpoints    sweeps.parquet, activations.parquet
-  4. select       the fixed CogSym set and the derived budget set selection-fixed.json, selection-budget.json
-  5. tune         every comparison row, same base/data/steps/seed runs/{row}-s{seed}/
-  6. compare      NLL, control and chrF of each run on test       compare.parquet
-  7. report       figures and the plain-language report           figures/, report.md, report.html
+  2. choose lr    short dev trials per row (a grid in the config) lr_search.parquet, runs/lr-trials/
+  3. tune full    full fine-tuning (first seed); with `converge`  runs/full-s{seed}/
+                  it stops on a dev plateau and sets every run's length
+     tune probe   the probe row's run with checkpoints (full, or blocks: ends frozen like CogSym's)
+  4. probe        revert sweeps and capture on its checkpoints    sweeps.parquet, activations.parquet
+  5. select       the fixed CogSym set and the derived budget set selection-fixed.json, selection-budget.json
+  6. tune         every comparison row (see `rows`), same data,   runs/{row}-s{seed}/
+                  steps and seed, each at its own lr
+  7. compare      NLL, control and chrF of each run on test       compare.parquet
+  8. report       figures and the plain-language report           figures/, report.md, report.html
 
 Dev for decisions, test once: the probe and the budget selection score a sample
 of the dev split; only the baseline and the final comparison rows score test.
@@ -36,12 +40,14 @@ from cogprobe.distributed import default_device
 from cogprobe.errors import CogprobeError
 from cogprobe.evalset import EvalSet
 from cogprobe.health import check_healthy
-from cogprobe.layersets import cogsym, parse_range_list, to_string
-from cogprobe.layout import (BASELINE, COMPARE, COST, EVALSETS, MANIFEST, SCORES, SELECTION_BUDGET, SELECTION_FIXED,
-                             STAGE_SECONDS, STUDY, TRAIN_CONFIG, TRANSLATIONS, arm, claim, row_run)
+from cogprobe.layersets import cogsym, parse_range_list
+from cogprobe.layout import (BASELINE, COMPARE, COST, DEV_CURVE, DEV_CURVES, EVALSETS, LR_SEARCH, LR_TRIALS, MANIFEST,
+                             RUN_LENGTH, RUNS, SCORES, SELECTION_BUDGET, SELECTION_FIXED, STAGE_SECONDS, STOP, STUDY,
+                             TRAIN_CONFIG, TRANSLATIONS, arm, claim, row_run)
 from cogprobe.models import block_count, load_model
 from cogprobe.probe import capture_run, select_run, sweep_run
 from cogprobe.report import write_report
+from cogprobe.rows import Plan, Skip, kind, plan
 from cogprobe.select import select_fixed
 from cogprobe.studyconfig import EXECUTION_ONLY, StudyConfig, renamed
 from cogprobe.sweep import check_ks
@@ -69,6 +75,10 @@ class Progress:
     def finished(self, name: str) -> None:
         self.done += self.weights.get(name, 0.0)
 
+    def skipped(self, name: str) -> None:
+        """A stage done in an earlier invocation: no part of this one's time or ETA."""
+        self.total -= self.weights.get(name, 0.0)
+
 
 def _mmss(seconds: float) -> str:
     return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
@@ -80,30 +90,45 @@ def run(config: StudyConfig, log=print) -> Path:
     _check_inputs(config)
     _claim(out, config)
     rows = [(s, seed) for seed in config.seed_list() for s in config.row_list()]
-    weights = {"baseline": 1, "probe": 4, "select": 2, "report": 0.5}
+    weights = {"baseline": 1, "choose lr": 0.5, "probe": 4, "select": 2, "choose lr budget": 0.2, "report": 0.5}
     weights.update({f"tune {arm(s, seed)}": 3 for s, seed in rows})
     weights.update({f"compare {arm(s, seed)}": 1 for s, seed in rows})
     progress = Progress(weights, log)
     stage = functools.partial(_stage, progress, out)
+    compared = lambda row, seed: _finished(out, f"compare {arm(row, seed)}")  # noqa: E731  (its weights no longer needed)
     stage("baseline", lambda: baseline(config, out))
-    seed0 = config.seed_list()[0]
-    stage(f"tune {arm('full', seed0)}", lambda: tune(config, out, "full", seed0))
+    names, seed0 = config.row_list(), config.seed_list()[0]
+    stage("choose lr", lambda: choose_lrs(config, out, [r for r in names if r != "budget"]))
+    first = list(dict.fromkeys([("full", seed0), (config.probe_row, seed0)]))  # the length, then the probe
+    for row, seed in first:
+        if not (compared(row, seed) and _finished(out, "select")):
+            stage(f"tune {arm(row, seed)}", lambda: tune(config, out, row, seed), again=True)
     # the probe run, opened on first use and shared by the probe and select stages (its base read once)
-    probe_run = functools.cache(lambda: Checkpoints.open(_full_run(config, out)).to(default_device()))
+    probe_run = functools.cache(lambda: Checkpoints.open(_probe_run(config, out)).to(default_device()))
     stage("probe", lambda: probe(config, out, probe_run()))
     stage("select", lambda: select_sets(config, out, log, probe_run))
+    if "budget" in names:
+        stage("choose lr budget", lambda: choose_lrs(config, out, ["budget"]))
     for row, seed in rows:
-        if (row, seed) != ("full", seed0):  # the first full run is the probe run, tuned above
-            stage(f"tune {arm(row, seed)}", lambda: tune(config, out, row, seed))
+        if (row, seed) not in first and not compared(row, seed):
+            stage(f"tune {arm(row, seed)}", lambda: tune(config, out, row, seed), again=True)
         stage(f"compare {arm(row, seed)}", lambda: compare_one(config, out, row, seed))
-    stage("report", lambda: write_report(out))
+    stage("report", lambda: write_report(out), again=True)
     progress.stage("done", str(out / "report.md"))
     return out
 
 
-def _stage(progress: Progress, out: Path, name: str, fn) -> None:
+def _stage(progress: Progress, out: Path, name: str, fn, again: bool = False) -> None:
     """Run one stage and add its wall time to study.json's `stage_seconds` (summed over the
-    invocations of a resumed study, so an interrupted stage counts all the work it took)."""
+    invocations of a resumed study, so an interrupted stage counts all the work it took).
+
+    A stage recorded there has finished, and is not run again (`again`: it is, because it is cheap
+    when done, like the report, or because its own files say whether it is done, like a training
+    run). So a study folder whose tables are kept without its runs/ (the weights, never committed)
+    continues on another machine where it stopped, recomputing nothing that finished."""
+    if _finished(out, name) and not again:
+        progress.skipped(name)
+        return
     progress.stage(name)
     start = time.perf_counter()
     fn()
@@ -112,6 +137,10 @@ def _stage(progress: Progress, out: Path, name: str, fn) -> None:
     seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 1)
     io.write_json(out / STUDY, record)
     progress.finished(name)
+
+
+def _finished(out: Path, name: str) -> bool:
+    return name in io.read_json(out / STUDY).get(STAGE_SECONDS, {})
 
 
 def _check_inputs(config: StudyConfig) -> None:
@@ -124,16 +153,20 @@ def _check_inputs(config: StudyConfig) -> None:
         check_ks(parse_range_list(config.sweep_ks, 10**6), n)
 
 
+RECORDS = (STAGE_SECONDS, RUN_LENGTH)   # what study.json records of a study's progress, beside its config
+
+
 def _claim(out: Path, config: StudyConfig) -> None:
     """Refuse a folder holding a different study (unless overwrite); record this one."""
     path = out / STUDY
     old = renamed(io.read_json(path)) if path.is_file() and not config.overwrite else None
-    have = None if old is None else {k: v for k, v in old.items() if k not in (*EXECUTION_ONLY, STAGE_SECONDS)}
+    have = None if old is None else {k: v for k, v in old.items() if k not in (*EXECUTION_ONLY, *RECORDS)}
     claim(out, STUDY, config.identity(), have, what="study", overwrite=config.overwrite)
     if config.overwrite and out.is_dir():
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-    io.write_json(path, {**config.to_dict(), STAGE_SECONDS: (old or {}).get(STAGE_SECONDS, {})})
+    io.write_json(path, {**config.to_dict(), STAGE_SECONDS: {},
+                         **{k: v for k, v in (old or {}).items() if k in RECORDS}})
 
 
 # --- data --------------------------------------------------------------------------
@@ -205,47 +238,56 @@ def _block_count(model_spec: str) -> int:
     return block_count(model_spec)
 
 
-def layer_set(config: StudyConfig, out: Path, row: str, seed: int) -> tuple[str, str | None]:
-    """(train strategy, --layers) of a comparison row; the controls have CogSym's size."""
-    n = _block_count(str(config.model))
-    k = len(cogsym(n, config.fraction))
-    if row in ("full", "lora"):  # the rows named after the strategy they train with
-        return row, None
-    if row in ("cogsym", "cogsym-lora"):
-        return ("layers" if row == "cogsym" else "lora-layers"), f"cogsym:{config.fraction}"
-    if row == "budget":
-        sel = io.read_json(out / SELECTION_BUDGET)
-        if "error" in sel:
-            raise _Skip(f"budget selection failed: {sel['error']}")
-        return "layers", sel["layers_arg"]
-    start = (n - k) // 2
-    blocks = {"middle": range(start, start + k), "bottom": range(k), "top": range(n - k, n),
-              "random": np.random.default_rng(seed).choice(n, size=k, replace=False)}[row]
-    return "layers", to_string(sorted(int(b) for b in blocks))
+def row_plan(config: StudyConfig, out: Path, row: str, seed: int) -> Plan:
+    """What `row` trains (see `rows`); raises `Skip` for a row that cannot run yet or at all."""
+    return plan(row, n_layers=_block_count(str(config.model)), fraction=config.fraction, lora_r=config.lora_r,
+                seed=seed, study=out)
 
 
-class _Skip(Exception):
-    """A comparison row that cannot run, with the reason the report gives."""
+def train_config(config: StudyConfig, out: Path, row: str, seed: int, *, lr: float, steps: int,
+                 folder: Path | None = None) -> TrainConfig:
+    """The TrainConfig of one run of `row`: the study's data, schedule and curve points, the row's
+    plan and learning rate. Only the first seed's probe row keeps checkpoints along the way (the
+    probe sweeps them); only the first seed's full run may stop on a plateau (it sets the length)."""
+    p = row_plan(config, out, row, seed)
+    seed0 = config.seed_list()[0]
+    probed = (row, seed) == (config.probe_row, seed0) and folder is None
+    return TrainConfig(
+        model=config.model, corpus=config.corpus, pivot_col=config.pivot_col, target_col=config.target_col,
+        out=folder or row_run(out, row, seed), strategy=p.strategy, layers=p.layers, steps=steps,
+        batch_size=config.batch_size, seq_len=config.seq_len, lr=lr, schedule=config.schedule, warmup=config.warmup,
+        lora_r=p.lora_r or config.lora_r, train_embeddings=p.train_ends, train_head=p.train_ends,
+        bf16=config.bf16, threads=config.threads, seed=seed,
+        save_steps=config.save_steps if probed else str(steps),
+        stop_on_plateau=config.converge and (row, seed) == ("full", seed0) and folder is None,
+        plateau_window=config.plateau_window, plateau_min_improvement=config.plateau_min_improvement,
+        **_dev_curve(config, str(steps) if folder is not None else config.eval_steps),
+        max_sentence_tokens=config.train_max_sentence_tokens, loss_on=config.loss_on,
+        split_seed=config.split_seed, resume=True, progress=False, report_to=config.report_to)
+
+
+def _dev_curve(config: StudyConfig, eval_steps: str) -> dict:
+    """TrainConfig's dev-curve knobs (none when there is no curve: a run's identity stays as before
+    the knobs existed): the study's dev pairs, sentence cap and sample seed."""
+    if not eval_steps:
+        return {}
+    return dict(eval_steps=eval_steps, eval_pairs=config.dev_pairs, eval_max_sentence_tokens=config.max_sentence_tokens,
+                eval_sample_seed=config.sample_seed)
 
 
 def tune(config: StudyConfig, out: Path, row: str, seed: int) -> None:
-    """Train one comparison row in its own process, so its peak memory is its own."""
+    """Train one comparison row, at its learning rate (chosen on dev) and the study's length."""
     try:
-        strategy, layers = layer_set(config, out, row, seed)
-    except _Skip:
-        return
-    lora = strategy.startswith("lora")
-    first_full = row == "full" and seed == config.seed_list()[0]
-    cfg = TrainConfig(
-        model=config.model, corpus=config.corpus, pivot_col=config.pivot_col, target_col=config.target_col,
-        out=row_run(out, row, seed), strategy=strategy, layers=layers, steps=config.steps,
-        batch_size=config.batch_size, seq_len=config.seq_len, lr=config.lora_lr if lora else config.lr,
-        lora_r=config.lora_r, bf16=config.bf16, threads=config.threads, seed=seed,
-        save_steps=config.save_steps if first_full else str(config.steps),
-        max_sentence_tokens=config.train_max_sentence_tokens, loss_on=config.loss_on,
-        split_seed=config.split_seed, resume=True, progress=False,
-        report_to=config.report_to)
-    if not config.isolate_runs:
+        row_plan(config, out, row, seed)
+    except Skip:
+        return   # a row that cannot run (no budget set): the report says why
+    cfg = train_config(config, out, row, seed, lr=chosen_lr(config, out, row), steps=run_length(config, out, row, seed))
+    _train(cfg, config.isolate_runs, arm(row, seed))
+
+
+def _train(cfg: TrainConfig, isolate: bool, name: str) -> None:
+    """Train in this process, or in a child of its own, so its peak memory is its own."""
+    if not isolate:
         train(cfg)
         return
     handoff = Path(cfg.out) / TRAIN_CONFIG   # the config itself, not flags that could drift from it
@@ -254,7 +296,83 @@ def tune(config: StudyConfig, out: Path, row: str, seed: int) -> None:
                           capture_output=True, text=True, preexec_fn=_die_with_parent)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise CogprobeError(f"training {arm(row, seed)} failed: {last}")
+        raise CogprobeError(f"training {name} failed: {last}")
+
+
+def run_length(config: StudyConfig, out: Path, row: str, seed: int) -> int:
+    """Steps of a run: `steps`, or with `converge` where the first seed's full run stopped (that run
+    itself gets `steps` as its cap). Every other run then trains exactly as long: matched rows."""
+    if not config.converge or (row, seed) == ("full", config.seed_list()[0]):
+        return config.steps
+    record = io.read_json(out / STUDY)
+    if RUN_LENGTH not in record:   # kept in study.json: the full run's weights may be gone later
+        record[RUN_LENGTH] = stopped_at(_full_run(config, out))
+        io.write_json(out / STUDY, record)
+    return int(record[RUN_LENGTH])
+
+
+def stopped_at(run: Path) -> int:
+    """The step a finished run stopped at (a plateau, or its cap): its manifest's stop record."""
+    stop = io.read_json(run / MANIFEST).get(STOP) if (run / MANIFEST).is_file() else None
+    if not stop:
+        raise CogprobeError(f"{run} has not finished (no stop record in its {MANIFEST}); rerun the study to finish it")
+    return int(stop["stopped_at"])
+
+
+def final_dev_nll(run: Path) -> float:
+    """The mean over the translation tasks of the dev NLL at the run's last curve point."""
+    curve = io.read_parquet(run / DEV_CURVE)
+    last = curve[curve["step"] == curve["step"].max()]
+    return float(last[last["task"].isin(TASKS)]["nll"].mean())
+
+
+# --- learning rates, chosen on dev ------------------------------------------------------------
+
+LR_COLUMNS = ["row", "lr", "steps", "dev_nll"]
+
+
+
+def lr_trial(out: Path, row: str, lr: float) -> Path:
+    return out / RUNS / LR_TRIALS / f"{row}-lr{lr:g}"
+
+
+def choose_lrs(config: StudyConfig, out: Path, rows: list[str]) -> None:
+    """For each row with several candidate learning rates, a short run (`lr_steps`) at each on the
+    first seed, scored on the dev curve's last point (mean NLL of the two translation tasks); the
+    lowest wins. Rows of one kind share the choice of the first (the random draws). Recorded in
+    lr_search.parquet, one row per (row, lr); a rerun skips the trials already recorded."""
+    path = out / LR_SEARCH
+    table = io.read_parquet(path) if path.exists() else pd.DataFrame(columns=LR_COLUMNS)
+    seed0 = config.seed_list()[0]
+    for row in dict.fromkeys(kind(r) for r in rows):
+        for lr in config.lrs(row) if len(config.lrs(row)) > 1 else ():
+            if ((table["row"] == row) & (table["lr"] == lr)).any():
+                continue
+            first = row if row != "random" else next(r for r in rows if kind(r) == "random")
+            try:
+                cfg = train_config(config, out, first, seed0, lr=lr, steps=config.lr_steps,
+                                   folder=lr_trial(out, row, lr))
+            except Skip:
+                break
+            _train(cfg, config.isolate_runs, f"{row} at lr {lr:g}")
+            nll = final_dev_nll(Path(cfg.out))
+            table = pd.concat([table, pd.DataFrame([dict(row=row, lr=lr, steps=config.lr_steps, dev_nll=nll)])],
+                              ignore_index=True)
+            io.write_parquet(path, table)
+
+
+def chosen_lr(config: StudyConfig, out: Path, row: str) -> float:
+    """The row's learning rate: its only candidate, or the one with the lowest dev NLL in lr_search."""
+    grid = config.lrs(kind(row))
+    if len(grid) == 1:
+        return grid[0]
+    path = out / LR_SEARCH
+    trials = io.read_parquet(path) if path.exists() else pd.DataFrame(columns=LR_COLUMNS)
+    trials = trials[trials["row"] == kind(row)]
+    if set(trials["lr"]) != set(grid):
+        raise CogprobeError(f"{row}: no dev trial at lr {sorted(set(grid) - set(trials['lr']))} in {path}; "
+                            "rerun the study (its lr stage runs them)")
+    return float(trials.sort_values(["dev_nll", "lr"]).iloc[0]["lr"])
 
 
 def _die_with_parent() -> None:
@@ -273,7 +391,13 @@ def _probe_set(config: StudyConfig) -> EvalSet:
 
 
 def _full_run(config: StudyConfig, out: Path) -> Path:
+    """The first seed's full fine-tuning run: every share is a fraction of its gain; it sets the length."""
     return row_run(out, "full", config.seed_list()[0])
+
+
+def _probe_run(config: StudyConfig, out: Path) -> Path:
+    """The run whose checkpoints are swept and captured, and the budget derived from (`probe_row`)."""
+    return row_run(out, config.probe_row, config.seed_list()[0])
 
 
 def probe(config: StudyConfig, out: Path, checkpoints: Checkpoints | None = None) -> None:
@@ -281,7 +405,7 @@ def probe(config: StudyConfig, out: Path, checkpoints: Checkpoints | None = None
     ks = None
     if config.sweep_ks:
         ks = parse_range_list(config.sweep_ks, 10**6)
-    run = _full_run(config, out)
+    run = _probe_run(config, out)
     tasks = (*TASKS, *CONTROLS) if config.sweep_controls else TASKS
     quiet = dict(evalset=_probe_set(config), out=out, log=lambda m: None, progress=False, checkpoints=checkpoints)
     sweep_run(run, ks=ks, tasks=tasks, **quiet)
@@ -296,7 +420,7 @@ def select_sets(config: StudyConfig, out: Path, log, checkpoints=lambda: None) -
     if (out / SELECTION_BUDGET).is_file():
         return
     try:
-        select_run(_full_run(config, out), rule="budget", tau=config.tau, max_total=config.budget_max_total,
+        select_run(_probe_run(config, out), rule="budget", tau=config.tau, max_total=config.budget_max_total,
                    evalset=_probe_set(config), out=out, name=SELECTION_BUDGET, log=lambda m: None,
                    progress=False, checkpoints=checkpoints())
     except CogprobeError as e:  # an honest "no set": recorded, reported, and its tuning row skipped
@@ -325,6 +449,8 @@ def compare_one(config: StudyConfig, out: Path, row: str, seed: int) -> None:
                   trainable_params=cost["trainable_params"], optimizer_bytes=cost["optimizer_state_bytes"],
                   sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,
                   **_scores(model, tok, config, arm(row, seed), out))
+    if (run / DEV_CURVE).is_file():   # kept beside the scores: the run's weights need not stay
+        _append_unique(out / DEV_CURVES, io.read_parquet(run / DEV_CURVE).assign(arm=arm(row, seed), row=row, seed=seed))
     table = pd.concat([table, pd.DataFrame([record])], ignore_index=True)
     io.write_parquet(path, with_shares(table, io.read_csv(out / BASELINE).iloc[0]))
 

@@ -16,10 +16,10 @@ from cogprobe.errors import CogprobeError
 from cogprobe.knob import knob
 from cogprobe.layersets import check_fraction
 from cogprobe.layout import STUDY
+from cogprobe.rows import LORA_ROWS, ROWS, expand, kind
 
 PRESETS = Path(__file__).parent / "presets"
 EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "report_to")  # how a study runs, not what it computes
-ROWS = ("full", "lora", "cogsym", "cogsym-lora", "budget", "middle", "bottom", "top", "random")
 
 
 @dataclass
@@ -42,7 +42,23 @@ class StudyConfig:
     fraction: float = knob(0.25, "CogSym fraction of blocks (the paper's 25%)")
     tau: float = knob(0.8, "share of the gain the budget set must keep")
     budget_max_total: int | None = knob(None, "largest k_in + k_out the budget search tries (default: L)")
-    rows: str = knob(",".join(ROWS), "comparison rows to run (full is always run)")
+    rows: str = knob("full,lora,cogsym,cogsym-lora,budget,middle,bottom,top,random",
+                     "comparison rows to run (full is always run; every kind: cogprobe/rows.py)")
+    random_draws: int = knob(1, "sets drawn for the random row (several: rows random-1 ... random-N)")
+    probe_row: str = knob("full", "the row whose first-seed run is probed (checkpoints swept, budget derived)")
+    schedule: str = knob("cosine", "lr schedule after warm-up of every run: cosine | linear | constant")
+    warmup: float = knob(0.05, "warm-up of every run: below 1 a fraction of its steps, else steps (the same "
+                         "for runs of different lengths)")
+    converge: bool = knob(False, "full fine-tuning (first seed) runs until its dev NLL plateaus, `steps` "
+                          "being the cap; every other run then trains as many steps (needs eval_steps)")
+    plateau_window: float = knob(0.2, "converge: the window, a fraction of the steps done so far")
+    plateau_min_improvement: float = knob(0.01, "converge: relative dev-NLL improvement over the window "
+                                          "below which the run has converged")
+    eval_steps: str = knob("", "dev-NLL curve points of every tuning run (save_steps syntax; empty: none)")
+    dev_pairs: int = knob(64, "dev pairs of the training curves and the learning-rate choice")
+    lr_grid: str = knob("", "peak lrs tried per full-parameter row on dev, e.g. '1e-4,3e-4,1e-3' (empty: lr)")
+    lora_lr_grid: str = knob("", "peak lrs tried per LoRA row on dev (empty: lora_lr)")
+    lr_steps: int = knob(20, "steps of each learning-rate trial run")
     sweep_ks: str | None = knob(None, "k grid of the sweeps, e.g. '0-30' or '0,2,4,8' (default every k)")
     eval_pairs: int = knob(64, "test pairs sampled for the NLL scores (baseline and comparison rows)")
     probe_pairs: int = knob(16, "dev pairs sampled for sweeps, capture and budget selection")
@@ -62,20 +78,41 @@ class StudyConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_pairs", "probe_pairs", "chrf_pairs",
-                     "max_new_tokens", "max_sentence_tokens", "train_max_sentence_tokens", "lora_r"):
+                     "max_new_tokens", "max_sentence_tokens", "train_max_sentence_tokens", "lora_r",
+                     "random_draws", "dev_pairs", "lr_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise CogprobeError(f"{name}={value!r}: give a whole number >= 1")
         check_fraction(self.fraction, "fraction")
         check_fraction(self.tau, "tau")
-        bad = [s for s in self.row_list() if s not in ROWS]
+        bad = [s for s in self.row_list() if kind(s) not in ROWS]
         if bad:
             raise CogprobeError(f"rows {bad} are unknown; choose from {', '.join(ROWS)}")
+        if self.probe_row not in ("full", "blocks"):
+            raise CogprobeError(f"probe_row={self.probe_row!r}: the probe run is full or blocks (a run of every block)")
+        if self.converge and not self.eval_steps:
+            raise CogprobeError("converge needs a dev-NLL curve: set eval_steps, e.g. 'log:8'")
         self.seed_list()
+        self.lrs("full"), self.lrs("lora")
 
     def row_list(self) -> list[str]:
+        """The rows in run order: full first, the probe row next, the random row as its draws."""
         rows = [s.strip() for s in str(self.rows).split(",") if s.strip()]
-        return ["full"] + [s for s in rows if s != "full"]
+        first = ["full"] + ([self.probe_row] if self.probe_row != "full" else [])
+        return expand(first + [s for s in rows if s not in first], self.random_draws)
+
+    def lrs(self, row: str) -> list[float]:
+        """The learning rates tried for `row` on dev (one: no choice to make)."""
+        lora = row in LORA_ROWS
+        grid, default = (self.lora_lr_grid, self.lora_lr) if lora else (self.lr_grid, self.lr)
+        try:
+            values = [float(v) for v in str(grid or "").split(",") if v.strip()]
+        except ValueError:
+            raise CogprobeError(f"{'lora_lr_grid' if lora else 'lr_grid'}={grid!r}: give numbers like "
+                                "'1e-4,3e-4,1e-3'") from None
+        if any(not v > 0 for v in values):
+            raise CogprobeError(f"learning rates must be > 0, got {grid!r}")
+        return sorted(set(values)) or [default]
 
     def seed_list(self) -> list[int]:
         try:
@@ -104,8 +141,12 @@ RENAMED = {"strategies": "rows"}   # keys renamed since studies were first writt
 
 
 def renamed(recorded: dict) -> dict:
-    """A study.json written before a key was renamed, with the new names (so old studies resume)."""
-    return {RENAMED.get(k, k) if RENAMED.get(k, k) not in recorded else k: v for k, v in recorded.items()}
+    """A study.json written before a key was renamed or added, with the new names, and the defaults of
+    keys added since (each default does what studies did before the key existed), so old studies resume."""
+    recorded = {RENAMED.get(k, k) if RENAMED.get(k, k) not in recorded else k: v for k, v in recorded.items()}
+    added = {f.name: f.default for f in dataclasses.fields(StudyConfig)
+             if f.name not in recorded and f.name not in EXECUTION_ONLY and f.default is not dataclasses.MISSING}
+    return {**added, **recorded}
 
 
 def _check_types(values: dict, where: str) -> dict:

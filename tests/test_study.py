@@ -12,7 +12,7 @@ from cogprobe.cli import main
 from cogprobe.errors import CogprobeError
 from cogprobe.layout import COMPARE
 from cogprobe.study import run
-from cogprobe.studyconfig import ROWS, build_config
+from cogprobe.studyconfig import build_config
 from tiny import save_tiny
 
 WORDS = ["in calli huei", "in atl itztic", "in tlacatl quichiua in tlaxcalli", "canin", "quemah", "amo",
@@ -41,9 +41,10 @@ def tiny_config(root, model, corpus, **kw):
 
 def test_whole_study_on_a_tiny_model(setup):
     root, model, corpus = setup
-    out = run(tiny_config(root, model, corpus), log=lambda m: None)
+    config = tiny_config(root, model, corpus)
+    out = run(config, log=lambda m: None)
     compare = pd.read_parquet(out / COMPARE)
-    assert set(compare["row"]) >= set(ROWS) - {"budget"}   # budget may honestly find no set
+    assert set(compare["row"]) >= set(config.row_list()) - {"budget"}   # budget may honestly find no set
     for col in ["row", "blocks", "trainable_params", "optimizer_bytes", "sec_per_step", "peak_mem_mb",
                 "perception_nll", "production_nll", "perception_share", "production_share", "chrf_perception",
                 "chrf_production", "chrf_perception_share", "chrf_production_share"]:
@@ -178,3 +179,57 @@ def test_training_child_dies_with_the_study_process():
             break
         time.sleep(0.1)
     assert state in ("", "Z")   # gone, or dead and waiting to be reaped
+
+
+STANDARD_TINY = dict(steps=12, eval_steps="every:2", plateau_min_improvement=0.5, warmup=0, lr_grid="1e-3,3e-3",
+                     lora_lr_grid="1e-3,3e-3", lr_steps=2, random_draws=2, dev_pairs=3, save_steps="log:3",
+                     sweep_ks="0-6", budget_max_total=6, tau=0.5, eval_pairs=3, probe_pairs=3, chrf_pairs=2,
+                     max_new_tokens=4, max_sentence_tokens=32, train_max_sentence_tokens=32, batch_size=2,
+                     seq_len=32, bf16=False, threads=1, isolate_runs=False)
+
+
+def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
+    """The standard preset's code path at tiny sizes: learning rates chosen on dev for every row kind,
+    full fine-tuning stopped on a dev plateau, every other run as long, every row kind compared, the
+    dev curves collected; then the study folder without its runs/ continues without recomputing."""
+    import shutil
+    from cogprobe.rows import ROWS, kind
+    root, model, corpus = setup
+    config = build_config(tmp_path / "std", preset_name="standard", model=str(model), corpus=str(corpus),
+                          **STANDARD_TINY)
+    assert config.converge and config.probe_row == "blocks" and config.seed_list() == [0, 1]
+    out = run(config, log=lambda m: None)
+
+    trials = pd.read_parquet(out / "lr_search.parquet")
+    assert set(trials["row"]) == set(ROWS) and len(trials) == 2 * len(ROWS)   # every kind, both rates
+    length = json.loads((out / "study.json").read_text())["run_length"]
+    stop = json.loads((out / "runs" / "full-s0" / "manifest.json").read_text())["stop"]
+    assert stop["stop_reason"] == "plateau" and length == stop["stopped_at"] < 12
+    compare = pd.read_parquet(out / "compare.parquet")
+    arms = {f"{r}-s{s}" for r, s in zip(compare["row"], compare["seed"])}
+    kinds = set(ROWS) - {"budget"} if "budget" not in set(compare["row"]) else set(ROWS)
+    assert {kind(r) for r in compare["row"]} >= kinds and {"random-1", "random-2"} <= set(compare["row"])
+    for name in arms:
+        cfg = json.loads((out / "runs" / name / "manifest.json").read_text())["config"]
+        row = name.rsplit("-s", 1)[0]
+        chosen = trials[trials["row"] == kind(row)].sort_values(["dev_nll", "lr"]).iloc[0]["lr"]
+        assert cfg["lr"] == pytest.approx(chosen), name
+        if name != "full-s0":
+            assert cfg["steps"] == length and not cfg["stop_on_plateau"], name
+    params = compare[compare["seed"] == 0].set_index("row")["trainable_params"]
+    assert params["cogsym-lora-matched"] == pytest.approx(params["lora"], rel=0.01)
+    assert params["cogsym-ends"] > params["cogsym"] and params["blocks"] < params["full"]
+    curves = pd.read_parquet(out / "dev_curves.parquet")
+    assert set(curves["arm"]) == arms and {0, length} <= set(curves[curves["arm"] == "cogsym-s1"]["step"])
+    assert (out / "figures" / "share_curves.png").is_file()
+    assert "Length and learning rates" in (out / "report.md").read_text()
+    assert set(pd.read_parquet(out / "sweeps.parquet")["checkpoint_step"]) <= set(range(length + 1))
+
+    # the tables alone (no runs/: weights are never committed) continue where they stopped
+    kept = tmp_path / "kept"
+    shutil.copytree(out, kept, ignore=shutil.ignore_patterns("runs"))
+    before = {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*.parquet")}
+    run(build_config(kept, preset_name="standard", model=str(model), corpus=str(corpus), **STANDARD_TINY),
+        log=lambda m: None)
+    assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*.parquet")} == before
+    assert not (kept / "runs").exists()
