@@ -98,7 +98,9 @@ def run(config: StudyConfig, log=print) -> Path:
     compared = lambda row, seed: _finished(out, f"compare {arm(row, seed)}")  # noqa: E731  (its weights no longer needed)
     stage("baseline", lambda: baseline(config, out))
     names, seed0 = config.row_list(), config.seed_list()[0]
-    stage("choose lr", lambda: choose_lrs(config, out, [r for r in names if r != "budget"]))
+    searched = [r for r in names if len(config.lrs(kind(r))) > 1]   # rows whose learning rate is chosen on dev
+    if [r for r in searched if r != "budget"]:
+        stage("choose lr", lambda: choose_lrs(config, out, [r for r in searched if r != "budget"]))
     first = list(dict.fromkeys([("full", seed0), (config.probe_row, seed0)]))  # the length, then the probe
     for row, seed in first:
         if not (compared(row, seed) and _finished(out, "select")):
@@ -107,7 +109,7 @@ def run(config: StudyConfig, log=print) -> Path:
     probe_run = functools.cache(lambda: Checkpoints.open(_probe_run(config, out)).to(default_device()))
     stage("probe", lambda: probe(config, out, probe_run()))
     stage("select", lambda: select_sets(config, out, log, probe_run))
-    if "budget" in names:
+    if "budget" in searched:
         stage("choose lr budget", lambda: choose_lrs(config, out, ["budget"]))
     for row, seed in rows:
         if (row, seed) not in first and not compared(row, seed):
