@@ -7,7 +7,9 @@ quantity), with a paired-bootstrap interval (see `intervals`):
   nll                 the row's test NLL
   share               (NLL base - NLL row) / (NLL base - NLL full): its share of full FT's gain
   rel_deviation       (NLL row - NLL full) / NLL full: the paper's "within x%" yardstick on NLL
-  share_minus_<ctrl>  share(row) - share(control) for CogSym against each same-size control
+  share_minus_<other> share(row) - share(other), paired (DIFFERENCES: CogSym against each same-size
+                      control and `blocks`, the budget and cogsym-ends against CogSym)
+  rel_deviation_vs_lora  (NLL row - NLL lora) / NLL lora for the CogSym-LoRA rows
 
 and words a finding only where the interval allows it: a difference is stated when
 its interval excludes 0 ("within 3%" when the whole interval of the relative deviation
@@ -20,11 +22,18 @@ import numpy as np
 import pandas as pd
 
 from cogprobe import intervals, layout
+from cogprobe.rows import kind
 from cogprobe.tasks import TASKS
 
 BAR = 0.03        # the paper's "within 2-3% of full fine-tuning", as a relative deviation
 MIN_PAIRS = 20    # below this, percentile bootstrap intervals cover too rarely to state a finding from
 CONTROLS = ("middle", "bottom", "top", "random")
+# share(row) - share(other), paired, for the comparisons the study exists for: CogSym against its
+# same-size controls (every random draw) and against every block with the ends frozen (its matched
+# full fine-tuning); the derived budget against the fixed rule; what training the ends adds to CogSym
+DIFFERENCES = {"cogsym": (*CONTROLS, "blocks"), "budget": ("cogsym",), "cogsym-ends": ("cogsym",)}
+# the paper's yardstick against another row than full: CogSym-LoRA against LoRA on every block
+RELATIVE_TO = {"cogsym-lora": "lora", "cogsym-lora-matched": "lora"}
 
 
 def comparison_table(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) -> pd.DataFrame:
@@ -43,18 +52,33 @@ def comparison_table(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) ->
                 found["share"] = intervals.share(data, arm, "base", full, **kw)
                 found["rel_deviation"] = intervals.paired(lambda m: (m[arm] - m[full]) / m[full],
                                                           {k: data[k] for k in dict.fromkeys((arm, full))}, **kw)
-            if row == "cogsym" and full in data:
-                for control in CONTROLS:
-                    other = layout.arm(control, seed)
-                    both = intervals.arms(scores, [arm, other, "base", full], task=task) \
-                        if other in set(scores["arm"]) else None
-                    if both:
-                        found[f"share_minus_{control}"] = intervals.share_difference(both, arm, other, "base", full,
-                                                                                     **kw)
+            if full in data:
+                found.update(_differences(scores, row, seed, task, **kw))
+            if row in RELATIVE_TO and layout.arm(RELATIVE_TO[row], seed) in set(scores["arm"]):
+                other = layout.arm(RELATIVE_TO[row], seed)
+                both = intervals.arms(scores, [arm, other], task=task)
+                found[f"rel_deviation_vs_{RELATIVE_TO[row]}"] = intervals.paired(
+                    lambda m, o=other: (m[arm] - m[o]) / m[o], both, **kw)
             n_pairs = len(data[arm][0])
             out += [dict(row=row, seed=seed, task=task, quantity=q, estimate=i.estimate, low=i.low,
                          high=i.high, n_pairs=n_pairs) for q, i in found.items()]
     return pd.concat([pd.DataFrame(out), across_seeds(scores, rows, **kw)], ignore_index=True)
+
+
+def _differences(scores: pd.DataFrame, row: str, seed: int, task: str, **kw) -> dict:
+    """{share_minus_<other>: interval} of `row` against each row DIFFERENCES names that this study ran
+    (a random control: every draw, random or random-1 ... random-N)."""
+    present = set(scores["arm"])
+    found = {}
+    for control in DIFFERENCES.get(row, ()):
+        others = [control] if control != "random" else sorted(
+            {a.rsplit("-s", 1)[0] for a in present if kind(a.rsplit("-s", 1)[0]) == "random"})
+        for other in others:
+            arm, full, theirs = layout.arm(row, seed), layout.arm("full", seed), layout.arm(other, seed)
+            if theirs in present:
+                both = intervals.arms(scores, [arm, theirs, "base", full], task=task)
+                found[f"share_minus_{other}"] = intervals.share_difference(both, arm, theirs, "base", full, **kw)
+    return found
 
 
 def conditional_gain_table(scores: pd.DataFrame, **kw) -> pd.DataFrame:

@@ -65,6 +65,25 @@ def test_findings_state_a_clear_difference_and_not_a_null_one():
     assert verdicts.within_bar(row("rel_deviation")).startswith(("not resolved", "within"))
 
 
+def test_the_standard_rows_get_their_comparisons_every_random_draw_and_lora_as_yardstick():
+    rng = np.random.default_rng(3)
+    means = {"base": 5.0, "full-s0": 4.0, "blocks-s0": 4.05, "cogsym-s0": 4.1, "random-1-s0": 4.6,
+             "random-2-s0": 4.1, "budget-s0": 4.5, "lora-s0": 4.2, "cogsym-lora-s0": 4.8}
+    scores = _scores(rng, 64, {"perception": means, "production": means})
+    rows = [(a.rsplit("-s", 1)[0], 0) for a in means if a != "base"]
+    table = verdicts.comparison_table(scores, rows)
+    got = lambda row, q: table[(table["row"] == row) & (table["task"] == "perception")  # noqa: E731
+                               & (table["quantity"] == q)].iloc[0]
+    words = lambda row, q: verdicts.difference_words(got(row, q), "better", "worse")  # noqa: E731
+    assert words("cogsym", "share_minus_random-1") == "better"        # every draw, by its own name
+    assert words("cogsym", "share_minus_random-2").startswith("not resolved")
+    assert words("budget", "share_minus_cogsym") == "worse"           # the derived set against the fixed rule
+    assert "share_minus_blocks" in set(table[table["row"] == "cogsym"]["quantity"])
+    lora = got("cogsym-lora", "rel_deviation_vs_lora")               # the paper's yardstick, LoRA against LoRA
+    assert lora["low"] > 0.1 and lora["estimate"] == pytest.approx(0.6 / 4.2, abs=0.02)
+    assert not {"share_minus_cogsym", "rel_deviation_vs_lora"} & set(table[table["row"] == "cogsym"]["quantity"])
+
+
 def test_within_bar_reads_the_whole_interval():
     inside = dict(estimate=0.01, low=0.0, high=0.02, n_pairs=50)
     outside = dict(estimate=0.10, low=0.06, high=0.14, n_pairs=50)
