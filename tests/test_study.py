@@ -76,7 +76,7 @@ def test_whole_study_on_a_tiny_model(setup):
     # every published-figure script runs on the study folder
     studies = [s for s in sorted((Path(__file__).parent.parent / "analyses").glob("[a-z]*.py"))
                if not s.name.startswith(("before_tuning", "measurement", "same_results", "cheap_rankings",
-                                             "taylor_line_check"))]  # other inputs
+                                             "taylor_line_check", "evidence"))]  # other inputs
     for script in studies:
         done = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True,
                               env={**os.environ, "COGPROBE_FIGURES": str(root / "figures")})
@@ -224,6 +224,20 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     assert (out / "figures" / "share_curves.png").is_file()
     assert "Length and learning rates" in (out / "report.md").read_text()
     assert set(pd.read_parquet(out / "sweeps.parquet")["checkpoint_step"]) <= set(range(length + 1))
+
+    # analyses/evidence.py: the headline comparisons over both seeds, worded as far as 3 pairs allow
+    script = Path(__file__).parent.parent / "analyses" / "evidence.py"
+    done = subprocess.run([sys.executable, str(script), f"tiny={out}"], capture_output=True, text=True,
+                          env={**os.environ, "COGPROBE_FIGURES": str(tmp_path / "figures")})
+    assert done.returncode == 0, done.stderr
+    headline = pd.read_csv(tmp_path / "figures" / "evidence.csv")
+    assert set(headline["n_seeds"]) == {2} and (headline["low"] <= headline["high"]).all()
+    asked = set(zip(headline["row"], headline["other"], headline["quantity"]))
+    assert {("cogsym", "full", "rel_deviation"), ("cogsym-lora", "lora", "rel_deviation"),
+            ("cogsym", "middle", "share_minus"), ("cogsym", "random-1", "share_minus"),
+            ("cogsym", "random-2", "share_minus"), ("cogsym", "blocks", "share_minus")} <= asked
+    words = (tmp_path / "figures" / "evidence.md").read_text()
+    assert "**tiny, perception**" in words and "3 pairs are too few" in words and " keeps more" not in words
 
     # the tables alone (no runs/: weights are never committed) continue where they stopped
     kept = tmp_path / "kept"
