@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cogprobe import alignment, io, verdicts
+from cogprobe import alignment, io, lr_choice, verdicts
 from cogprobe.layout import (ALIGNMENT, BASELINE, COMPARE, EVALSETS, LR_SEARCH, MANIFEST, RUN_LENGTH, RUNS, SCORES,
                              STAGE_SECONDS, STUDY, SWEEPS, TRAIN_LOG, TRANSLATIONS, arm)
 from cogprobe.models import EMBEDDED
+from cogprobe.rows import kind
 from cogprobe.studyconfig import StudyConfig
 from cogprobe.plots import plot_run, save, training_curve
 from cogprobe.tasks import TASKS
@@ -109,9 +110,14 @@ def _tuning_choices(out: Path, cfg: StudyConfig) -> list[tuple]:
         trials = trials.assign(chosen=[lr == best[row] for row, lr in zip(trials["row"], trials["lr"])])
         if not b:
             b += [("h2", "Learning rates, chosen on dev")]
+        edge = [row for row, g in trials.groupby("row", sort=False)
+                if lr_choice.at_edge(dict(zip(g["lr"], g["dev_nll"])))]
         b += [("p", f"Each row trained {cfg.lr_steps} steps at every rate of its grid (first seed; the random draws "
-                    "share the first draw's rate); the lowest dev NLL was kept for all of its runs."),
-              ("table", trials.round(4))]
+                    "share the first draw's rate), and past the grid's edge while the best rate sat there (up to "
+                    f"{lr_choice.MAX_BEYOND} rates beyond it); the lowest dev NLL was kept for all of its runs."
+                    + (f" For {', '.join(edge)} the best rate is still the edge of what was tried: the optimum may "
+                       "lie further out." if edge else "")),
+              ("table", trials.round(6))]
     return b
 
 
@@ -304,15 +310,31 @@ def _compare_findings(compare: pd.DataFrame, base: pd.Series, out: Path) -> list
         lines.append(f"**{row}** ({r['trainable_params'] / full['trainable_params']:.1%} of full fine-tuning's "
                      f"trainable parameters, {r['sec_per_step'] / full['sec_per_step']:.2f}x its step time): "
                      + "; ".join(parts) + ".")
-    for control in [c for c in verdicts.CONTROLS if c in mean.index and "cogsym" in mean.index and tasks]:
-        parts = []
-        for task in tasks:
-            got = _pick(table, "cogsym", task).get(f"share_minus_{control}")
-            if got is not None:
-                parts.append(f"{task} {verdicts.fmt(got, True)}: " + verdicts.difference_words(
-                    got, "the outer blocks do better", f"the {control} blocks do better"))
-        lines.append(f"CogSym's share minus the same-size **{control}** control's: " + "; ".join(parts) + ".")
+    for row, others in verdicts.DIFFERENCES.items():
+        for other in [o for c in others for o in (_draws(mean.index) if c == "random" else [c])]:
+            if {row, other} <= set(mean.index) and tasks:
+                lines.append(_difference_line(table, row, other, tasks))
+    for row, other in verdicts.RELATIVE_TO.items():
+        if {row, other} <= set(mean.index) and tasks:
+            parts = [f"{task} {verdicts.fmt(got, True)}: {verdicts.within_bar(got).replace('full fine-tuning', other)}"
+                     for task in tasks if (got := _pick(table, row, task).get(f"rel_deviation_vs_{other}")) is not None]
+            lines.append(f"**{row}** against **{other}** (NLL relative deviation): " + "; ".join(parts) + ".")
     return lines
+
+
+def _draws(rows) -> list[str]:
+    return sorted(r for r in rows if kind(r) == "random")
+
+
+def _difference_line(table: pd.DataFrame, row: str, other: str, tasks: list[str]) -> str:
+    """share(row) - share(other), per task, worded as far as its interval allows."""
+    parts = []
+    for task in tasks:
+        got = _pick(table, row, task).get(f"share_minus_{other}")
+        if got is not None:
+            parts.append(f"{task} {verdicts.fmt(got, True)}: " + verdicts.difference_words(
+                got, f"{row} does better", f"{other} does better"))
+    return f"{row}'s share minus **{other}**'s: " + "; ".join(parts) + "."
 
 
 def _intervals(out: Path, compare: pd.DataFrame) -> pd.DataFrame | None:
@@ -324,10 +346,11 @@ def _intervals(out: Path, compare: pd.DataFrame) -> pd.DataFrame | None:
 
 
 def _pick(table: pd.DataFrame, row: str, task: str) -> dict:
-    """{quantity: line of `table`} of the first seed of a comparison row and task."""
+    """{quantity: line of `table`} of a comparison row and task: the mean over seeds (seed -1) where the
+    table has it, else the first seed's (the paired differences are per seed)."""
     rows = table[(table["row"] == row) & (table["task"] == task)]
-    rows = rows[rows["seed"] == rows["seed"].min()] if len(rows) else rows
-    return {r["quantity"]: r for _, r in rows.iterrows()}
+    first = rows[rows["seed"] == rows.loc[rows["seed"] >= 0, "seed"].min()]
+    return {r["quantity"]: r for _, r in pd.concat([first, rows[rows["seed"] == -1]]).iterrows()}
 
 
 def _chrf(out: Path, full: str) -> dict:

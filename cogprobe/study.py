@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cogprobe import io
+from cogprobe import io, lr_choice
 from cogprobe.checkpoints import Checkpoints
 from cogprobe.corpora import load_corpus
 from cogprobe.distributed import default_device
@@ -330,8 +330,6 @@ def final_dev_nll(run: Path) -> float:
 
 # --- learning rates, chosen on dev ------------------------------------------------------------
 
-LR_COLUMNS = ["row", "lr", "steps", "dev_nll"]
-
 
 
 def lr_trial(out: Path, row: str, lr: float) -> Path:
@@ -340,27 +338,28 @@ def lr_trial(out: Path, row: str, lr: float) -> Path:
 
 def choose_lrs(config: StudyConfig, out: Path, rows: list[str]) -> None:
     """For each row with several candidate learning rates, a short run (`lr_steps`) at each on the
-    first seed, scored on the dev curve's last point (mean NLL of the two translation tasks); the
-    lowest wins. Rows of one kind share the choice of the first (the random draws). Recorded in
-    lr_search.parquet, one row per (row, lr); a rerun skips the trials already recorded."""
+    first seed (and past the grid's edge while the best sits there: `lr_choice`), scored on the dev
+    curve's last point (mean NLL of the two translation tasks); the lowest wins. Rows of one kind
+    share the choice of the first (the random draws). Recorded in lr_search.parquet, one row per
+    (row, lr); a rerun skips the trials already recorded."""
     path = out / LR_SEARCH
-    table = io.read_parquet(path) if path.exists() else pd.DataFrame(columns=LR_COLUMNS)
+    table = io.read_parquet(path) if path.exists() else pd.DataFrame(columns=lr_choice.COLUMNS)
     seed0 = config.seed_list()[0]
     for row in dict.fromkeys(kind(r) for r in rows):
-        for lr in config.lrs(row) if len(config.lrs(row)) > 1 else ():
-            if ((table["row"] == row) & (table["lr"] == lr)).any():
-                continue
-            first = row if row != "random" else next(r for r in rows if kind(r) == "random")
-            try:
-                cfg = train_config(config, out, first, seed0, lr=lr, steps=config.lr_steps,
-                                   folder=lr_trial(out, row, lr))
-            except Skip:
-                break
+        if len(config.lrs(row)) < 2:
+            continue
+        first = row if row != "random" else next(r for r in rows if kind(r) == "random")
+        try:
+            row_plan(config, out, first, seed0)
+        except Skip:
+            continue   # no budget set: no row to choose for
+
+        def trial(lr: float, row=row, first=first) -> float:
+            cfg = train_config(config, out, first, seed0, lr=lr, steps=config.lr_steps, folder=lr_trial(out, row, lr))
             _train(cfg, config.isolate_runs, f"{row} at lr {lr:g}")
-            nll = final_dev_nll(Path(cfg.out))
-            table = pd.concat([table, pd.DataFrame([dict(row=row, lr=lr, steps=config.lr_steps, dev_nll=nll)])],
-                              ignore_index=True)
-            io.write_parquet(path, table)
+            return final_dev_nll(Path(cfg.out))
+        table = lr_choice.search(row, config.lrs(row), table, trial, config.lr_steps,
+                                 lambda t: io.write_parquet(path, t))
 
 
 def chosen_lr(config: StudyConfig, out: Path, row: str) -> float:
@@ -369,12 +368,11 @@ def chosen_lr(config: StudyConfig, out: Path, row: str) -> float:
     if len(grid) == 1:
         return grid[0]
     path = out / LR_SEARCH
-    trials = io.read_parquet(path) if path.exists() else pd.DataFrame(columns=LR_COLUMNS)
-    trials = trials[trials["row"] == kind(row)]
-    if set(trials["lr"]) != set(grid):
-        raise CogprobeError(f"{row}: no dev trial at lr {sorted(set(grid) - set(trials['lr']))} in {path}; "
-                            "rerun the study (its lr stage runs them)")
-    return float(trials.sort_values(["dev_nll", "lr"]).iloc[0]["lr"])
+    lr = lr_choice.chosen(io.read_parquet(path), kind(row), grid) if path.exists() else None
+    if lr is None:
+        raise CogprobeError(f"{row}: its learning-rate trials are missing from {path}; rerun the study (its lr "
+                            "stage runs them)")
+    return lr
 
 
 def _die_with_parent() -> None:
