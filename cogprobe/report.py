@@ -106,12 +106,11 @@ def _tuning_choices(out: Path, cfg: StudyConfig) -> list[tuple]:
                                             if length is not None else "it has not finished yet."))]
     if (out / LR_SEARCH).is_file():
         trials = io.read_parquet(out / LR_SEARCH)
-        best = trials.loc[trials.groupby("row")["dev_nll"].idxmin()].set_index("row")["lr"]
-        trials = trials.assign(chosen=[lr == best[row] for row, lr in zip(trials["row"], trials["lr"])])
+        tried = {row: dict(zip(g["lr"], g["dev_nll"])) for row, g in trials.groupby("row", sort=False)}
+        trials = trials.assign(chosen=[lr == lr_choice.best(tried[row]) for row, lr in zip(trials["row"], trials["lr"])])
         if not b:
             b += [("h2", "Learning rates, chosen on dev")]
-        edge = [row for row, g in trials.groupby("row", sort=False)
-                if lr_choice.at_edge(dict(zip(g["lr"], g["dev_nll"])))]
+        edge = [row for row, rates in tried.items() if lr_choice.at_edge(rates)]
         b += [("p", f"Each row trained {cfg.lr_steps} steps at every rate of its grid (first seed; the random draws "
                     "share the first draw's rate), and past the grid's edge while the best rate sat there (up to "
                     f"{lr_choice.MAX_BEYOND} rates beyond it); the lowest dev NLL was kept for all of its runs."
