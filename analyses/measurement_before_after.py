@@ -73,7 +73,7 @@ def new_whole_source_fraction(tok, rows=16 * 4, seq=128) -> float:
             at = r.example[i] == j
             n = int((r.labels[i][at] != IGNORE).sum())
             if kind != "plain":
-                whole = r.position_ids[i][at][0] == 0 and (r.input_ids[i][at] == texts.ids[kind][pair]).all()
+                whole = r.position_ids[i][at][0] == 0 and (r.input_ids[i][at] == texts.get([(kind, pair)])[0][0]).all()
                 seen, total = seen + whole * n, total + n
     return seen / total
 

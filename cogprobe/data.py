@@ -44,40 +44,71 @@ OPEN_ROWS = 32    # first-fit looks back this many rows: near-optimal filling at
 IGNORE = -100     # the label transformers' loss skips
 
 
-@dataclass(frozen=True)
 class TrainingTexts:
-    """Token ids of every pair in every kind: `ids[kind][i]` ends with EOS and fits one row;
-    `loss_from[kind][i]` is the first position whose token is a label."""
+    """Token ids of every pair in every kind, tokenized when first asked for: `get` gives
+    (ids, loss_from) of each (kind, pair), where `ids` ends with EOS and fits one row and
+    `loss_from` is the first position whose token is a label.
 
-    ids: dict[str, list[np.ndarray]]
-    loss_from: dict[str, list[int]]
+    Why lazy: a run reads only the pairs its steps reach, each as the one kind drawn for it;
+    tokenizing the whole train split in every kind cost ~15 s at the start of every run on
+    axolotl, longer than a quick study's row trains. A pair's tokens do not depend on which
+    other pairs are tokenized with it, so the order of asking changes nothing."""
+
+    def __init__(self, tokenizer, corpus: Corpus, *, seq_len: int, max_sentence_tokens: int = 64,
+                 kinds: tuple[str, ...] = KINDS, loss_on: str = "continuation"):
+        if loss_on not in LOSS_ON:
+            raise CogprobeError(f"loss_on={loss_on!r}: use one of {', '.join(LOSS_ON)}")
+        if tokenizer.eos_token_id is None:
+            raise CogprobeError("the tokenizer has no EOS token; training examples end with EOS, "
+                                "so set tokenizer.eos_token in the model folder")
+        self.tokenizer, self.corpus, self.kinds, self.loss_on = tokenizer, corpus, tuple(kinds), loss_on
+        self.seq_len, self.cap = seq_len, max_sentence_tokens
+        self._memo: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
+        if len(corpus):
+            self.get([(kind, 0) for kind in self.kinds])  # a seq_len too short fails here, not mid-run
 
     @property
     def n_pairs(self) -> int:
-        return len(self.ids[KINDS[0]])
+        return len(self.corpus)
+
+    def get(self, wanted: list[tuple[str, int]]) -> list[tuple[np.ndarray, int]]:
+        """(ids, loss_from) of each (kind, pair index); what is missing is tokenized in one call per kind."""
+        for kind in KINDS:
+            todo = sorted({i for k, i in wanted if k == kind and (k, i) not in self._memo})
+            if todo:
+                self._memo.update(zip(((kind, i) for i in todo), self._tokenize(kind, todo)))
+        return [self._memo[w] for w in wanted]
+
+    @property
+    def ids(self) -> dict[str, list[np.ndarray]]:
+        """Every pair's ids in every kind (tokenizes them all; an unasked kind gets empty arrays)."""
+        return {k: [ids for ids, _ in self._all(k)] for k in KINDS}
+
+    @property
+    def loss_from(self) -> dict[str, list[int]]:
+        return {k: [lf for _, lf in self._all(k)] for k in KINDS}
+
+    def _all(self, kind: str) -> list[tuple[np.ndarray, int]]:
+        return self.get([(kind, i) for i in range(self.n_pairs)])
+
+    def _tokenize(self, kind: str, idx: list[int]) -> list[tuple[np.ndarray, int]]:
+        if kind not in self.kinds:  # never drawn (weight 0)
+            return [(np.zeros(0, dtype=np.int64), 1)] * len(idx)
+        eos = self.tokenizer.eos_token_id
+        part = Corpus(self.corpus.name, self.corpus.pairs.iloc[idx], self.corpus.pivot_name, self.corpus.target_name)
+        if kind == "plain":
+            ids = _plain(self.tokenizer, list(part.pairs["target"]), self.cap, self.seq_len, eos)
+            return [(a, 1) for a in ids]
+        examples = _fitted(self.tokenizer, part, kind, self.cap, self.seq_len)
+        return [(np.array(e.input_ids + (eos,), dtype=np.int64),
+                 max(1, e.n_prompt) if self.loss_on == "continuation" else 1) for e in examples]
 
 
 def tokenize(tokenizer, corpus: Corpus, *, seq_len: int, max_sentence_tokens: int = 64,
              kinds: tuple[str, ...] = KINDS, loss_on: str = "continuation") -> TrainingTexts:
-    """Tokenize each pair as each asked kind (a kind not asked gets empty placeholders)."""
-    if loss_on not in LOSS_ON:
-        raise CogprobeError(f"loss_on={loss_on!r}: use one of {', '.join(LOSS_ON)}")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise CogprobeError("the tokenizer has no EOS token; training examples end with EOS, "
-                            "so set tokenizer.eos_token in the model folder")
-    n = len(corpus)
-    ids = {k: [np.zeros(0, dtype=np.int64)] * n for k in KINDS}  # unasked kinds: never drawn (weight 0)
-    loss_from = {k: [1] * n for k in KINDS}
-    for kind in kinds:
-        if kind == "plain":
-            ids[kind] = _plain(tokenizer, list(corpus.pairs["target"]), max_sentence_tokens, seq_len, eos)
-        else:
-            examples = _fitted(tokenizer, corpus, kind, max_sentence_tokens, seq_len)
-            ids[kind] = [np.array(e.input_ids + (eos,), dtype=np.int64) for e in examples]
-            if loss_on == "continuation":
-                loss_from[kind] = [max(1, e.n_prompt) for e in examples]
-    return TrainingTexts(ids, loss_from)
+    """The corpus' training texts in the asked kinds, tokenized as they are read (see `TrainingTexts`)."""
+    return TrainingTexts(tokenizer, corpus, seq_len=seq_len, max_sentence_tokens=max_sentence_tokens,
+                         kinds=kinds, loss_on=loss_on)
 
 
 def _fitted(tokenizer, corpus: Corpus, kind: str, cap: int, seq_len: int) -> list:
@@ -146,8 +177,8 @@ class PackedStream:
         total = sum(weights.get(k, 0.0) for k in KINDS)
         self.p = np.array([weights.get(k, 0.0) / total for k in KINDS])
         self.texts, self.seq_len, self.seed, self.pad_id = texts, seq_len, seed, pad_id
-        self._starts = [0]          # first row index of each epoch built so far
-        self._cache: tuple[int, Rows] | None = None
+        self._sizes: list[int] = []     # rows of each epoch packed to its end, in order
+        self._cache: _Epoch | None = None
 
     def epoch_examples(self, e: int) -> list[tuple[str, int]]:
         """(kind, pair index) of each example of epoch e, in packing order."""
@@ -157,29 +188,73 @@ class PackedStream:
         kinds = rng.choice(len(KINDS), size=n, p=self.p)
         return [(KINDS[k], int(i)) for i, k in zip(order, kinds)]
 
-    def _epoch(self, e: int) -> Rows:
-        """The rows of epoch e (built once, the last one cached)."""
-        if self._cache is not None and self._cache[0] == e:
-            return self._cache[1]
-        examples = [(self.texts.ids[k][i], self.texts.loss_from[k][i]) for k, i in self.epoch_examples(e)]
-        rows = pack(examples, self.seq_len, self.pad_id)
-        self._cache = (e, rows)
-        return rows
+    def epoch_rows(self, e: int) -> Rows:
+        """Every row of epoch e (packs and tokenizes the whole epoch)."""
+        epoch = self._epoch(e)
+        epoch.reach(None)
+        return epoch.rows
+
+    def _epoch(self, e: int) -> _Epoch:
+        """Epoch e's packer (the last one asked for is kept)."""
+        if self._cache is None or self._cache.index != e:
+            self._cache = _Epoch(e, self.epoch_examples(e), self.texts, self.seq_len, self.pad_id)
+        return self._cache
 
     def _locate(self, row: int) -> tuple[int, int]:
-        """(epoch, row within it) of a global row index; builds epochs up to it once."""
-        while len(self._starts) < 2 or self._starts[-1] <= row:
-            e = len(self._starts) - 1
-            self._starts.append(self._starts[-1] + len(self._epoch(e).input_ids))
-        e = int(np.searchsorted(self._starts, row, side="right")) - 1
-        return e, row - self._starts[e]
+        """(epoch, row within it) of a global row index, packing only as far as the row."""
+        e = first = 0
+        while True:
+            if e == len(self._sizes):
+                epoch = self._epoch(e)
+                epoch.reach(row - first)
+                if not epoch.finished:
+                    return e, row - first
+                self._sizes.append(len(epoch.rows.input_ids))
+            if row < first + self._sizes[e]:
+                return e, row - first
+            first, e = first + self._sizes[e], e + 1
 
     def rows(self, start: int, count: int) -> Rows:
         """Rows [start, start + count) of the stream."""
-        located = [self._locate(row) for row in range(start, start + count)]
-        parts = [(self._epoch(e), i) for e, i in located]
+        parts = []
+        for row in range(start, start + count):
+            e, i = self._locate(row)
+            epoch = self._epoch(e)
+            epoch.reach(i)
+            parts.append((epoch.rows, i))
         return Rows(*(np.stack([getattr(r, f)[i] for r, i in parts])
                       for f in ("input_ids", "position_ids", "labels", "example")))
+
+
+class _Epoch:
+    """One epoch's rows, packed as far as asked for.
+
+    First-fit is online (an example's place depends only on the examples before it), so
+    packing a prefix of the epoch gives a row its final contents once it has left the
+    window of open rows; the prefix grows geometrically, so packing all of it costs O(n),
+    and only the examples packed so far are tokenized."""
+
+    FIRST = 512   # examples packed first: a quick run's rows, with room to spare
+
+    def __init__(self, index: int, order: list[tuple[str, int]], texts: TrainingTexts, seq_len: int, pad_id: int):
+        self.index, self.order, self.texts, self.seq_len, self.pad_id = index, order, texts, seq_len, pad_id
+        self.packed = 0
+        self.rows = pack([], seq_len, pad_id)
+
+    @property
+    def finished(self) -> bool:
+        return self.packed == len(self.order)
+
+    def final_rows(self) -> int:
+        """Rows whose contents no later example can change."""
+        n = len(self.rows.input_ids)
+        return n if self.finished else n - min(OPEN_ROWS, n)
+
+    def reach(self, row: int | None) -> None:
+        """Pack until `row` is final or the epoch is packed (None: to the end)."""
+        while not self.finished and (row is None or self.final_rows() <= row):
+            self.packed = min(len(self.order), max(self.FIRST, 2 * self.packed))
+            self.rows = pack(self.texts.get(self.order[:self.packed]), self.seq_len, self.pad_id)
 
 
 def pack(examples: list[tuple[np.ndarray, int]], seq_len: int, pad_id: int) -> Rows:

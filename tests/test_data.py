@@ -84,16 +84,38 @@ def test_packed_rows_are_a_function_of_seed_and_index(corpus):
     assert fresh.rows(0, 3).input_ids.shape == (3, 16)
 
 
+def test_rows_are_packed_and_tokenized_only_as_far_as_asked(corpus, monkeypatch):
+    """Lazy packing gives the rows of packing whole epochs at once, and reads only the pairs it packs."""
+    from cogprobe import data
+    monkeypatch.setattr(data._Epoch, "FIRST", 4)
+    monkeypatch.setattr(data, "OPEN_ROWS", 2)   # a window this small corpus can close rows in
+    tok = tiny_tokenizer()
+    eager = tokenize(tok, corpus, seq_len=48)
+    eager.ids  # every pair, every kind, tokenized in one go
+    stream = PackedStream(eager, WEIGHTS, 48, seed=1, pad_id=0)
+    whole = [pack(eager.get(stream.epoch_examples(e)), 48, 0) for e in range(3)]
+    want = {f: np.concatenate([getattr(w, f) for w in whole]) for f in ("input_ids", "labels", "position_ids")}
+    lazy = tokenize(tok, corpus, seq_len=48)
+    got = PackedStream(lazy, WEIGHTS, 48, seed=1, pad_id=0)
+    first = got.rows(0, 2)
+    assert len(lazy._memo) < len(corpus)   # two rows did not need every pair
+    for f in want:
+        assert (getattr(first, f) == want[f][:2]).all()
+        assert (getattr(got.rows(0, len(want[f])), f) == want[f]).all()   # across epochs, too
+    for k in ("perception", "production", "plain"):   # a pair's tokens do not depend on its batch
+        assert all((a == b).all() for a, b in zip(lazy.ids[k], eager.ids[k]))
+
+
 def test_every_example_of_an_epoch_is_packed_once(corpus):
     texts = tokenize(tiny_tokenizer(), corpus, seq_len=48)
     stream = PackedStream(texts, WEIGHTS, 48, seed=1, pad_id=0)
-    rows = stream._epoch(0)
+    rows = stream.epoch_rows(0)
     kinds = stream.epoch_examples(0)
     assert sorted(set(rows.example[rows.example >= 0].tolist())) == list(range(len(kinds)))
     for i in range(len(rows.input_ids)):
         for j, ids, _, _ in _examples(rows, i):
             kind, pair = kinds[j]
-            assert (ids == texts.ids[kind][pair]).all()
+            assert (ids == texts.get([(kind, pair)])[0][0]).all()
     assert rows.n_tokens / rows.input_ids.size > 0.8  # first-fit fills rows well
 
 
@@ -151,7 +173,7 @@ def test_real_corpus_every_continuation_token_sees_its_whole_source():
     sub = Corpus("axolotl:train", train.pairs.iloc[:2000], train.pivot_name, train.target_name)
     texts = tokenize(tok, sub, seq_len=128, max_sentence_tokens=64)
     stream = PackedStream(texts, WEIGHTS, 128, seed=0, pad_id=tok.eos_token_id)
-    rows, kinds = stream._epoch(0), stream.epoch_examples(0)
+    rows, kinds = stream.epoch_rows(0), stream.epoch_examples(0)
     seen = total = 0
     for i in range(len(rows.input_ids)):
         for j, ids, pos, labels in _examples(rows, i):
@@ -159,7 +181,7 @@ def test_real_corpus_every_continuation_token_sees_its_whole_source():
             if kind == "plain":
                 continue
             n_labels = int((labels != IGNORE).sum())
-            whole = pos[0] == 0 and (ids == texts.ids[kind][pair]).all() and \
-                (labels[:texts.loss_from[kind][pair]] == IGNORE).all()
+            want, loss_from = texts.get([(kind, pair)])[0]
+            whole = pos[0] == 0 and (ids == want).all() and (labels[:loss_from] == IGNORE).all()
             seen, total = seen + whole * n_labels, total + n_labels
     assert total > 10_000 and seen == total
