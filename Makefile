@@ -38,5 +38,5 @@ clean:
 
 # Re-draw the published figures (figures/) from the default study folder.
 figures:
-	for s in specialization_heatmaps specialization_curves conditional_gain logit_lens comparison comparison_intervals; do \
+	for s in specialization_heatmaps specialization_curves logit_lens comparison comparison_intervals; do \
 		$(BIN)/python analyses/$$s.py $(OUT) || exit 1; done

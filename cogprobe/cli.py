@@ -395,7 +395,8 @@ _export.flags = _export_flags
 def _run_flags(p):
     from cogprobe.studyconfig import StudyConfig
     p.add_argument("--config", type=Path, help="TOML file with StudyConfig keys")
-    p.add_argument("--preset", default="quick", help="quick (default, ~14 min on 2 CPU cores) or paper")
+    p.add_argument("--preset", default="quick", help="quick (default: the smoke test, minutes on 2 CPU "
+                   "cores), standard (the evidence study: hours per language) or paper")
     dataclass_flags(p, StudyConfig)
     p.set_defaults(**{f.name: None for f in dataclasses.fields(StudyConfig) if f.name != "out"})
 
