@@ -4,10 +4,15 @@ controls, and does the derived budget beat the fixed rule? On every language giv
     python analyses/evidence.py nahuatl=analyses/evidence/axolotl otomi=analyses/evidence/tsunkua
 
 Reads each study folder of `cogprobe run --preset standard` (its tables; no weights needed) and writes
-figures/evidence.csv (tidy: language, row, other, task, quantity, estimate, low, high, n_pairs,
-n_seeds) and figures/evidence.md (the sentences the intervals allow, and the table behind them).
+  figures/evidence.csv       the comparisons (tidy: language, row, other, task, quantity, estimate,
+                             low, high, n_pairs, n_seeds, n_draws),
+  figures/evidence_rows.csv  every row's own numbers (test NLL, share of full fine-tuning's gain,
+                             relative deviation, chrF and its relative deviation), same columns,
+  figures/evidence.md        the sentences the intervals allow, and a table per language.
 Every quantity is the mean over the study's seeds with a two-stage bootstrap interval (seeds, then
-the shared test pairs: `intervals.hierarchical`); with one seed, the paired bootstrap over pairs.
+the shared test pairs: `intervals.hierarchical`, `translate.chrf_over_seeds` for chrF); with one
+seed, the paired bootstrap over pairs. The random same-size sets are read as a distribution: CogSym
+against each draw, and against all draws pooled (every (seed, draw) a unit of the outer resample).
 A finding is worded only as far as its interval goes (`verdicts`): a difference whose interval
 holds 0 is "not resolved", with the number of pairs that would resolve it.
 """
@@ -16,58 +21,98 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from _common import FIGURES, table
 
 from cogprobe import intervals, io, layout, verdicts
+from cogprobe.intervals import Interval
 from cogprobe.rows import kind
 from cogprobe.tasks import TASKS
+from cogprobe.translate import chrf_over_seeds, sentence_stats
 
+RANDOM = "random"   # `other` of the pooled comparison against every random draw
 # (row, other, quantity): what the headline compares. share_minus: share(row) - share(other) of full
-# fine-tuning's gain, paired; rel_deviation: (NLL row - NLL other) / NLL other, the paper's yardstick
-QUESTIONS = [("cogsym", "full", "rel_deviation"), ("cogsym-lora", "lora", "rel_deviation"),
+# fine-tuning's gain, paired; rel_deviation: (NLL row - NLL other) / NLL other, the paper's yardstick;
+# chrf_rel_deviation: (chrF other - chrF row) / chrF other (positive: the row is worse, as for NLL)
+QUESTIONS = [("cogsym", "full", "rel_deviation"), ("cogsym", "full", "chrf_rel_deviation"),
+             ("cogsym-lora", "lora", "rel_deviation"), ("cogsym-lora", "lora", "chrf_rel_deviation"),
+             ("cogsym-lora-matched", "lora", "rel_deviation"),
              ("cogsym", "blocks", "share_minus"), ("cogsym", "middle", "share_minus"),
              ("cogsym", "bottom", "share_minus"), ("cogsym", "top", "share_minus"),
-             ("cogsym", "random", "share_minus"), ("budget", "cogsym", "share_minus"),
+             ("cogsym", RANDOM, "share_minus"), ("budget", "cogsym", "share_minus"),
              ("cogsym-ends", "cogsym", "share_minus")]
-COLUMNS = ["language", "row", "other", "task", "quantity", "estimate", "low", "high", "n_pairs", "n_seeds"]
+OWN = ["nll", "share", "rel_deviation", "chrf", "chrf_rel_deviation"]   # each row's own numbers, vs full
+COLUMNS = ["language", "row", "other", "task", "quantity", "estimate", "low", "high", "n_pairs", "n_seeds",
+           "n_draws"]
+CHRF = ("chrf", "chrf_rel_deviation")
 
 
 def statistic(quantity: str):
-    if quantity == "rel_deviation":
-        return lambda m: (m["row"] - m["other"]) / m["other"]
-    return lambda m: ((m["base"] - m["row"]) - (m["base"] - m["other"])) / (m["base"] - m["full"])
+    """The quantity as a function of {name: mean NLL or chrF} with names row, other, base, full."""
+    return {"nll": lambda m: m["row"], "chrf": lambda m: m["row"],
+            "share": lambda m: (m["base"] - m["row"]) / (m["base"] - m["full"]),
+            "rel_deviation": lambda m: (m["row"] - m["other"]) / m["other"],
+            "chrf_rel_deviation": lambda m: (m["other"] - m["row"]) / np.where(m["other"] > 0, m["other"], np.nan),
+            "share_minus": lambda m: ((m["base"] - m["row"]) - (m["base"] - m["other"])) / (m["base"] - m["full"]),
+            }[quantity]
 
 
-def one(scores: pd.DataFrame, seeds: list[int], row: str, other: str, quantity: str, task: str) -> dict | None:
-    """The mean over seeds of one comparison, with its interval (None if a seed lacks an arm)."""
-    present = set(scores["arm"])
-    data = []
-    for seed in seeds:
-        names = {"row": layout.arm(row, seed), "other": layout.arm(other, seed), "base": "base",
-                 "full": layout.arm("full", seed)}
-        if not set(names.values()) <= present:
-            return None
-        got = intervals.arms(scores, list(dict.fromkeys(names.values())), task=task)
-        data.append({k: got[v] for k, v in names.items()})
+def units(seeds: list[int], row: str, other: str, draws: list[str]) -> list[dict]:
+    """One {name: arm} per unit of the outer resample: per seed, and per (seed, draw) against `random`."""
+    return [{"row": layout.arm(row, s), "other": layout.arm(o, s), "base": "base", "full": layout.arm("full", s)}
+            for s in seeds for o in (draws if other == RANDOM else [other])]
+
+
+def interval(study: dict, quantity: str, task: str, names: list[dict]) -> tuple[Interval, int] | None:
+    """The mean over units of one quantity with its interval, and the pairs it rests on (None if
+    an arm is missing). NLL quantities read scores.parquet, chrF ones translations.parquet."""
     f = statistic(quantity)
-    i = intervals.hierarchical(f, data) if len(data) > 1 else intervals.paired(f, data[0])
-    return dict(row=row, other=other, task=task, quantity=quantity, estimate=i.estimate, low=i.low, high=i.high,
-                n_pairs=len(data[0]["row"][0]), n_seeds=len(data))
+    if quantity in CHRF:
+        data = []
+        for unit in names:
+            stats = sentence_stats(study["translations"], list(dict.fromkeys(unit.values())), task)
+            if not set(unit.values()) <= set(stats):
+                return None
+            data.append({k: stats[v] for k, v in unit.items()})
+        return chrf_over_seeds(f, data), len(data[0]["row"])
+    if not {a for unit in names for a in unit.values()} <= set(study["scores"]["arm"]):
+        return None
+    data = []
+    for unit in names:
+        got = intervals.arms(study["scores"], list(dict.fromkeys(unit.values())), task=task)
+        data.append({k: got[v] for k, v in unit.items()})
+    found = intervals.hierarchical(f, data) if len(data) > 1 else intervals.paired(f, data[0])
+    return found, len(data[0]["row"][0])
 
 
-def rows_of(language: str, study: Path) -> list[dict]:
-    scores, compare = table(study, layout.SCORES), table(study, layout.COMPARE)
-    seeds = sorted(int(s) for s in compare["seed"].unique())
-    draws = sorted({r for r in compare["row"] if kind(r) == "random"})
+def read(study: Path) -> dict:
+    compare = table(study, layout.COMPARE)
+    return dict(scores=table(study, layout.SCORES), translations=table(study, layout.TRANSLATIONS),
+                compare=compare, seeds=sorted(int(s) for s in compare["seed"].unique()),
+                draws=sorted({r for r in compare["row"] if kind(r) == "random"}))
+
+
+def rows_of(language: str, study: dict, asked: list[tuple[str, str, str]]) -> list[dict]:
+    """One record per (row, other, quantity, task) of `asked` that the study has every arm of."""
     out = []
-    for row, other, quantity in QUESTIONS:
-        for theirs in (draws if other == "random" else [other]):
+    for row, other, quantity in asked:
+        theirs = ([RANDOM] + study["draws"]) if other == RANDOM else [other]
+        for o in theirs:
+            n_draws = len(study["draws"]) if o == RANDOM else 1
             for task in TASKS:
-                found = one(scores, seeds, row, theirs, quantity, task)
+                found = interval(study, quantity, task, units(study["seeds"], row, o, study["draws"]))
                 if found is not None:
-                    out.append(dict(language=language, **found))
+                    i, n = found
+                    out.append(dict(language=language, row=row, other=o, task=task, quantity=quantity,
+                                    estimate=i.estimate, low=i.low, high=i.high, n_pairs=n,
+                                    n_seeds=len(study["seeds"]), n_draws=n_draws))
     return out
+
+
+def own_rows(language: str, study: dict) -> list[dict]:
+    names = list(dict.fromkeys(study["compare"]["row"]))
+    return rows_of(language, study, [(r, "full", q) for r in names for q in OWN if not (r == "full" and "dev" in q)])
 
 
 def sentences(rows: pd.DataFrame) -> list[str]:
@@ -75,33 +120,68 @@ def sentences(rows: pd.DataFrame) -> list[str]:
     lines = []
     for language, g in rows.groupby("language", sort=False):
         for task in TASKS:
-            t = g[g["task"] == task].set_index(["row", "other", "quantity"])
+            t = g[g["task"] == task]
             said = []
-            for (row, other, quantity), r in t.iterrows():
-                if quantity == "rel_deviation":
+            for _, r in t.iterrows():
+                other = f"{r['other']} sets ({int(r['n_draws'])} draws pooled)" if r["other"] == RANDOM else r["other"]
+                if np.isnan(r["estimate"]):
+                    words = f"not defined ({other}'s chrF is 0 on these sentences)"
+                elif r["quantity"] in ("rel_deviation", "chrf_rel_deviation"):
                     words = verdicts.within_bar(r).replace("full fine-tuning", other)
                 else:
-                    words = verdicts.difference_words(r, f"{row} keeps more of the gain than {other}",
-                                                      f"{row} keeps less of the gain than {other}")
-                said.append(f"{row} vs {other} ({quantity.replace('_', ' ')} {verdicts.fmt(r)}): {words}")
-            lines.append(f"**{language}, {task}** (n = {int(g['n_pairs'].iloc[0])} test pairs, "
-                         f"{int(g['n_seeds'].iloc[0])} seed(s)):\n" + "\n".join(f"- {s}" for s in said))
+                    words = verdicts.difference_words(r, f"{r['row']} keeps more of the gain than {other}",
+                                                      f"{r['row']} keeps less of the gain than {other}")
+                said.append(f"{r['row']} vs {other} ({r['quantity'].replace('_', ' ')} {verdicts.fmt(r)}): {words}")
+            if said:
+                lines.append(f"**{language}, {task}** (n = {int(t['n_pairs'].max())} test pairs, chrF on "
+                             f"{_chrf_pairs(t)}, {int(t['n_seeds'].iloc[0])} seed(s)):\n"
+                             + "\n".join(f"- {s}" for s in said))
     return lines
+
+
+def _chrf_pairs(t: pd.DataFrame) -> str:
+    chrf = t[t["quantity"].isin(CHRF)]
+    return f"{int(chrf['n_pairs'].iloc[0])} sentences" if len(chrf) else "no sentences"
+
+
+def row_table(own: pd.DataFrame, compare: pd.DataFrame) -> str:
+    """Markdown: one line per row with its blocks, trainable parameters and numbers (mean over seeds)."""
+    cells = own.set_index(["row", "task", "quantity"])
+    first = compare.drop_duplicates("row").set_index("row")
+    heads = [(q, t) for q in OWN for t in TASKS]
+    lines = ["| row | blocks | trainable | " + " | ".join(f"{t} {q.replace('_', ' ')}" for q, t in heads) + " |",
+             "|---|---|---|" + "---|" * len(heads)]
+    for row in dict.fromkeys(own["row"]):
+        vals = []
+        for q, t in heads:
+            r = cells.loc[(row, t, q)] if (row, t, q) in cells.index else None
+            pct = q in ("share", "rel_deviation", "chrf_rel_deviation")
+            vals.append("" if r is None else verdicts.fmt(r, percent=pct) if q != "chrf" else
+                        f"{r['estimate']:.1f} [{r['low']:.1f}, {r['high']:.1f}]")
+        lines.append(f"| {row} | {first.loc[row, 'blocks']} | {first.loc[row, 'trainable_params'] / 1e6:.2f}M | "
+                     + " | ".join(vals) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("studies", nargs="+", help="LANGUAGE=STUDY_DIR, a folder of `cogprobe run --preset standard`")
     a = p.parse_args()
-    rows = []
+    found, own, tables = [], [], []
     for spec in a.studies:
         language, _, folder = spec.partition("=")
         if not folder:
             p.error(f"{spec!r}: write LANGUAGE=STUDY_DIR, e.g. nahuatl=analyses/evidence/axolotl")
-        rows += rows_of(language, Path(folder))
-    rows = pd.DataFrame(rows, columns=COLUMNS)
-    io.write_text(FIGURES / "evidence.csv", rows.to_csv(index=False))
-    io.write_text(FIGURES / "evidence.md", "\n\n".join(sentences(rows)) + "\n")
+        study = read(Path(folder))
+        found += rows_of(language, study, QUESTIONS)
+        mine = pd.DataFrame(own_rows(language, study), columns=COLUMNS)
+        own.append(mine)
+        tables.append(f"**{language}** ({len(study['seeds'])} seed(s), mean over seeds):\n\n"
+                      + row_table(mine, study["compare"]))
+    found = pd.DataFrame(found, columns=COLUMNS)
+    io.write_text(FIGURES / "evidence.csv", found.to_csv(index=False))
+    io.write_text(FIGURES / "evidence_rows.csv", pd.concat(own, ignore_index=True).to_csv(index=False))
+    io.write_text(FIGURES / "evidence.md", "\n\n".join(tables + sentences(found)) + "\n")
     print(FIGURES / "evidence.csv")
 
 

@@ -71,16 +71,20 @@ def paired(statistic: Callable[[dict], np.ndarray], data: Arms, *, level: float 
 def hierarchical(statistic: Callable[[dict], np.ndarray], seeds: list[Arms], *, level: float = LEVEL,
                  n_resamples: int = RESAMPLES, seed: int = SEED) -> Interval:
     """Interval of the mean over seeds of `statistic`, resampling seeds, then examples (the same
-    examples for every arm and seed: the evaluation set is shared).
-
-    scipy's bootstrap has no nested design, so this is the two-stage percentile bootstrap written
-    out: seeds drawn with replacement, then one draw of examples applied to every drawn seed."""
+    examples for every arm and seed: the evaluation set is shared); see `two_stage`."""
     names = list(seeds[0])
     sums = {a: np.stack([s[a][0] for s in seeds]) for a in names}     # [n_seeds, n_examples]
     tokens = {a: np.stack([s[a][1] for s in seeds]) for a in names}
     per_seed = lambda s_ix, e_ix: statistic({a: sums[a][s_ix][:, e_ix].sum(-1) / tokens[a][s_ix][:, e_ix].sum(-1)
                                              for a in names})  # noqa: E731
-    n_seeds, n = sums[names[0]].shape
+    return two_stage(per_seed, *sums[names[0]].shape, level=level, n_resamples=n_resamples, seed=seed)
+
+
+def two_stage(per_seed: Callable[[np.ndarray, np.ndarray], np.ndarray], n_seeds: int, n: int, *,
+              level: float = LEVEL, n_resamples: int = RESAMPLES, seed: int = SEED) -> Interval:
+    """Percentile interval of the mean over seeds of `per_seed(seed indices, example indices)` (one
+    value per given seed): seeds drawn with replacement, then one draw of examples applied to every
+    drawn seed. scipy's bootstrap has no nested design, so it is written out here."""
     estimate = float(np.mean(per_seed(np.arange(n_seeds), np.arange(n))))
     rng = np.random.default_rng(seed)
     draws = [float(np.mean(per_seed(rng.integers(0, n_seeds, n_seeds), rng.integers(0, n, n))))

@@ -76,21 +76,48 @@ def chrf_intervals(translations: pd.DataFrame, full: str, *, level: float = 0.95
     `translations`: arm, task, pair_id, hypothesis, reference (the study's translations.parquet).
     Each resample sums sacrebleu's own per-sentence chrF statistics, so a resampled score is exactly
     the corpus chrF of the resampled sentences; every arm is resampled on the same sentences."""
-    metric, out = sacrebleu.CHRF(), []
+    out = []
     for task, rows in translations.groupby("task", sort=False):
-        wide = rows.pivot_table(index="pair_id", columns="arm", values="hypothesis", aggfunc="first").dropna()
-        refs = rows.drop_duplicates("pair_id").set_index("pair_id").loc[wide.index, "reference"].tolist()
-        stats = {a: np.array(metric._extract_corpus_statistics(wide[a].tolist(), [refs])) for a in wide.columns}
-        score = lambda a, idx: metric._compute_score_from_stats(stats[a][idx].sum(0).tolist()).score  # noqa: E731
-        for arm in wide.columns:
+        stats = sentence_stats(rows, sorted(rows["arm"].unique()), task)
+        n = len(next(iter(stats.values())))
+        score = lambda a, idx: chrf_of(stats[a][idx])  # noqa: E731
+        for arm in stats:
             found = {"chrf": lambda idx, arm=arm: score(arm, idx)}
-            if full in stats and arm != full and score(full, np.arange(len(refs))) > 0:
+            if full in stats and arm != full and score(full, np.arange(n)) > 0:
                 found["chrf_rel_deviation"] = lambda idx, arm=arm: _relative(score(full, idx), score(arm, idx))
             for quantity, f in found.items():
-                res = stats_bootstrap(f, len(refs), level, n_resamples, seed)
-                out.append(dict(arm=arm, task=task, quantity=quantity, estimate=f(np.arange(len(refs))),
-                                low=res[0], high=res[1], n_pairs=len(refs)))
+                res = stats_bootstrap(f, n, level, n_resamples, seed)
+                out.append(dict(arm=arm, task=task, quantity=quantity, estimate=f(np.arange(n)),
+                                low=res[0], high=res[1], n_pairs=n))
     return pd.DataFrame(out)
+
+
+def sentence_stats(translations: pd.DataFrame, arms: list[str], task: str) -> dict[str, np.ndarray]:
+    """{arm: sacrebleu's chrF statistics of each sentence, [n, k]}, aligned on pair_id: only the
+    sentences every arm translated (a corpus chrF is `chrf_of` their sum)."""
+    rows = translations[(translations["task"] == task) & translations["arm"].isin(arms)]
+    wide = rows.pivot_table(index="pair_id", columns="arm", values="hypothesis", aggfunc="first").dropna()
+    refs = rows.drop_duplicates("pair_id").set_index("pair_id").loc[wide.index, "reference"].tolist()
+    return {a: np.array(_CHRF._extract_corpus_statistics(wide[a].tolist(), [refs])) for a in arms if a in wide}
+
+
+def chrf_of(stats: np.ndarray) -> float:
+    """Corpus chrF of sentences given by their statistics (rows of `sentence_stats`)."""
+    return _CHRF._compute_score_from_stats(stats.sum(0).tolist()).score
+
+
+def chrf_over_seeds(statistic, seeds: list[dict[str, np.ndarray]], **kw):
+    """Interval of the mean over seeds of `statistic({name: chrF})`, each seed's names mapped to its
+    arms' `sentence_stats` on the same sentences: seeds resampled, then sentences
+    (`intervals.two_stage`)."""
+    from cogprobe.intervals import two_stage
+    n = len(next(iter(seeds[0].values())))
+    per_seed = lambda s_ix, e_ix: np.array([statistic({a: chrf_of(seeds[s][a][e_ix]) for a in seeds[s]})  # noqa: E731
+                                            for s in s_ix])
+    return two_stage(per_seed, len(seeds), n, **kw)
+
+
+_CHRF = sacrebleu.CHRF()
 
 
 def _relative(full: float, row: float) -> float:

@@ -235,13 +235,25 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
                           env={**os.environ, "COGPROBE_FIGURES": str(tmp_path / "figures")})
     assert done.returncode == 0, done.stderr
     headline = pd.read_csv(tmp_path / "figures" / "evidence.csv")
-    assert set(headline["n_seeds"]) == {2} and (headline["low"] <= headline["high"]).all()
+    defined = headline.dropna(subset=["estimate"])   # chrF deviations from a chrF of 0 are undefined
+    assert set(headline["n_seeds"]) == {2} and (defined["low"] <= defined["high"]).all()
+    assert set(headline["quantity"][headline["estimate"].isna()]) <= {"chrf_rel_deviation"}
     asked = set(zip(headline["row"], headline["other"], headline["quantity"]))
     assert {("cogsym", "full", "rel_deviation"), ("cogsym-lora", "lora", "rel_deviation"),
             ("cogsym", "middle", "share_minus"), ("cogsym", "random-1", "share_minus"),
-            ("cogsym", "random-2", "share_minus"), ("cogsym", "blocks", "share_minus")} <= asked
+            ("cogsym", "random-2", "share_minus"), ("cogsym", "blocks", "share_minus"),
+            ("cogsym", "random", "share_minus"), ("cogsym", "full", "chrf_rel_deviation")} <= asked
+    pooled = headline[headline["other"] == "random"]
+    assert set(pooled["n_draws"]) == {2} and set(headline[headline["other"] != "random"]["n_draws"]) == {1}
+    own = pd.read_csv(tmp_path / "figures" / "evidence_rows.csv")
+    assert set(own["quantity"]) == {"nll", "share", "rel_deviation", "chrf", "chrf_rel_deviation"}
+    cogsym_nll = own[(own["row"] == "cogsym") & (own["quantity"] == "nll")].set_index("task")["estimate"]
+    by_seed = compare[compare["row"] == "cogsym"]
+    for task in ("perception", "production"):   # the mean over seeds of what compare.parquet holds
+        assert cogsym_nll[task] == pytest.approx(by_seed[f"{task}_nll"].mean(), rel=1e-9)
     words = (tmp_path / "figures" / "evidence.md").read_text()
     assert "**tiny, perception**" in words and "3 pairs are too few" in words and " keeps more" not in words
+    assert "| row | blocks | trainable |" in words and "(2 draws pooled)" in words
 
     # the tables alone (no runs/: weights are never committed) continue where they stopped
     kept = tmp_path / "kept"

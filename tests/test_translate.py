@@ -36,3 +36,20 @@ def test_chrf_intervals_are_paired_and_exact_at_the_estimate():
     same = t.loc[("same-s0", "chrf_rel_deviation")]
     assert same["estimate"] == same["low"] == same["high"] == 0  # the same sentences in every resample
     assert t.loc[("bad-s0", "chrf_rel_deviation"), "low"] > 0.5
+
+
+def test_chrf_over_seeds_is_the_mean_of_each_seeds_corpus_chrf():
+    from cogprobe.translate import chrf_over_seeds, sentence_stats
+    refs = ["in calli huei", "in atl itztic", "ce tlacatl", "in tlaxcalli", "in cihuatl"] * 4
+    hyps = {"a-s0": ["in calli", "in atl", "ce tlacatl", "tlaxcalli", "cihuatl"] * 4,
+            "a-s1": ["in calli huei", "atl", "tlacatl", "in tlax", "x"] * 4, "base": ["x"] * 20}
+    t = pd.concat([pd.DataFrame(dict(arm=arm, task="production", pair_id=range(20), hypothesis=h, reference=refs))
+                   for arm, h in hyps.items()])
+    seeds = [{k: v for k, v in zip(("row", "base"), sentence_stats(t, [arm, "base"], "production").values())}
+             for arm in ("a-s0", "a-s1")]
+    got = chrf_over_seeds(lambda m: m["row"] - m["base"], seeds, n_resamples=300)
+    want = [chrf(hyps[a], refs) - chrf(hyps["base"], refs) for a in ("a-s0", "a-s1")]
+    assert got.estimate == pytest.approx(sum(want) / 2)
+    assert got.low < min(want) < max(want) < got.high   # the seeds' spread is inside the interval
+    one = chrf_over_seeds(lambda m: m["row"], seeds[:1], n_resamples=300)
+    assert one.estimate == pytest.approx(chrf(hyps["a-s0"], refs)) and one.low < one.estimate < one.high
