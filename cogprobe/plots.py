@@ -221,19 +221,25 @@ def dev_shares(curves: pd.DataFrame) -> pd.DataFrame:
 @_styled
 def share_curves(curves: pd.DataFrame) -> Figure:
     """Share of full fine-tuning's final dev gain against step, one line per row (the mean over
-    seeds; random draws thin and grey): learning speed and end point, apart."""
-    shares = dev_shares(curves)
-    fig, axes = _grid(1, len(TASKS), w=4.8, h=3.6, sharey=True)
+    seeds; random draws thin and grey): learning speed and end point, apart. With a `language`
+    column (several studies), one row of panels per language, each language's shares its own."""
+    if "language" not in curves:
+        curves = curves.assign(language="")
+    languages = list(dict.fromkeys(curves["language"]))
+    shares = pd.concat([dev_shares(g) for _, g in curves.groupby("language", sort=False)])
+    fig, axes = _grid(len(languages), len(TASKS), w=4.8, h=3.6, sharey=True)
     rows = _ordered(shares["row"], ROW_ORDER)
     colours = dict(zip([r for r in rows if kind(r) != "random"], sns.color_palette("tab10", 10) * 2))
-    for ax, task in zip(axes[0], TASKS):
-        for row in rows:
-            line = shares[(shares["task"] == task) & (shares["row"] == row)].groupby("step")["share"].mean()
-            style = dict(color="0.6", lw=0.8) if kind(row) == "random" else dict(color=colours[row], lw=1.8)
-            ax.plot(line.index, line.to_numpy(), label=row, **style)
-        ax.axhline(1, color="0.3", lw=0.6, ls=":")
-        ax.set(xlabel="step", title=task)
-    axes[0, 0].set(ylabel="share of full fine-tuning's final dev gain")
+    for i, language in enumerate(languages):
+        for ax, task in zip(axes[i], TASKS):
+            mine = shares[(shares["language"] == language) & (shares["task"] == task)]
+            for row in rows:
+                line = mine[mine["row"] == row].groupby("step")["share"].mean()
+                style = dict(color="0.6", lw=0.8) if kind(row) == "random" else dict(color=colours[row], lw=1.8)
+                ax.plot(line.index, line.to_numpy(), label=row, **style)
+            ax.axhline(1, color="0.3", lw=0.6, ls=":")
+            ax.set(xlabel="step", title=f"{language} · {task}" if language else task)
+        axes[i, 0].set(ylabel="share of full fine-tuning's final dev gain")
     axes[0, -1].legend(fontsize="x-small", ncol=2)
     fig.suptitle("Learning curves on dev (mean over seeds)")
     return fig

@@ -254,6 +254,13 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     words = (tmp_path / "figures" / "evidence.md").read_text()
     assert "**tiny, perception**" in words and "3 pairs are too few" in words and " keeps more" not in words
     assert "| row | blocks | trainable |" in words and "(2 draws pooled)" in words
+    figures = Path(__file__).parent.parent / "analyses" / "evidence_figures.py"
+    done = subprocess.run([sys.executable, str(figures), f"tiny={out}", f"again={out}"], capture_output=True,
+                          text=True, env={**os.environ, "COGPROBE_FIGURES": str(tmp_path / "figures")})
+    assert done.returncode == 0, done.stderr
+    drawn = pd.read_csv(tmp_path / "figures" / "evidence_share_curves.csv")
+    assert set(drawn["language"]) == {"tiny", "again"} and set(drawn["row"]) == set(compare["row"])
+    assert (tmp_path / "figures" / "evidence_specialization_tiny.png").is_file()
 
     # the tables alone (no runs/: weights are never committed) continue where they stopped
     kept = tmp_path / "kept"

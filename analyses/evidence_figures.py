@@ -1,0 +1,47 @@
+"""The evidence study's figures, every language side by side:
+
+    python analyses/evidence_figures.py nahuatl=analyses/evidence/axolotl otomi=analyses/evidence/tsunkua
+
+figures/evidence_share_curves.png: each row's dev NLL gain as a share of full fine-tuning's final
+one, against step (mean over seeds; one panel row per language): learning speed and end point apart.
+figures/evidence_specialization_<language>.png: the specialization curves of the study's probe run
+(the `blocks` run of the first seed, the run the budget set is derived from) at its last checkpoint,
+with 95% paired-bootstrap bands over its dev pairs. The CSV beside each PNG holds its numbers.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+from _common import publish, table
+
+from cogprobe import layout
+from cogprobe.plots import share_curves
+from cogprobe.sweep_plots import specialization_curves
+
+
+def last_checkpoint_reverts(sweeps: pd.DataFrame) -> pd.DataFrame:
+    """Revert rows of the last swept checkpoint (the probe run's end point)."""
+    revert = sweeps[(sweeps["mode"] == "revert") & ~sweeps["ends"].astype(bool)]
+    return revert[revert["checkpoint_step"] == revert["checkpoint_step"].max()]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("studies", nargs="+", help="LANGUAGE=STUDY_DIR, a folder of `cogprobe run --preset standard`")
+    a = p.parse_args()
+    curves = []
+    for spec in a.studies:
+        language, _, folder = spec.partition("=")
+        if not folder:
+            p.error(f"{spec!r}: write LANGUAGE=STUDY_DIR, e.g. nahuatl=analyses/evidence/axolotl")
+        curves.append(table(Path(folder), layout.DEV_CURVES).assign(language=language))
+        sweeps = last_checkpoint_reverts(table(Path(folder), layout.SWEEPS))
+        publish(specialization_curves(sweeps), sweeps, f"evidence_specialization_{language}")
+    curves = pd.concat(curves, ignore_index=True)
+    publish(share_curves(curves), curves, "evidence_share_curves")
+
+
+if __name__ == "__main__":
+    main()
