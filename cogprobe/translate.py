@@ -17,6 +17,7 @@ from scipy import stats as scipy_stats
 from typing import Sequence
 
 from cogprobe.blocks import unwrap
+from cogprobe.intervals import Interval, two_stage
 from cogprobe.tasks import Example
 
 
@@ -106,11 +107,10 @@ def chrf_of(stats: np.ndarray) -> float:
     return _CHRF._compute_score_from_stats(stats.sum(0).tolist()).score
 
 
-def chrf_over_seeds(statistic, seeds: list[dict[str, np.ndarray]], **kw):
+def chrf_over_seeds(statistic, seeds: list[dict[str, np.ndarray]], **kw) -> Interval:
     """Interval of the mean over seeds of `statistic({name: chrF})`, each seed's names mapped to its
     arms' `sentence_stats` on the same sentences: seeds resampled, then sentences
     (`intervals.two_stage`)."""
-    from cogprobe.intervals import two_stage
     n = len(next(iter(seeds[0].values())))
     per_seed = lambda s_ix, e_ix: np.array([statistic({a: chrf_of(seeds[s][a][e_ix]) for a in seeds[s]})  # noqa: E731
                                             for s in s_ix])
