@@ -8,7 +8,8 @@ Reads each study folder of `cogprobe run --preset standard` (its tables; no weig
                              low, high, n_pairs, n_seeds, n_draws),
   figures/evidence_rows.csv  every row's own numbers (test NLL, share of full fine-tuning's gain,
                              relative deviation, chrF and its relative deviation), same columns,
-  figures/evidence.md        the sentences the intervals allow, and a table per language.
+  figures/evidence_cost.csv  the wall time of each part of each language's study on this machine,
+  figures/evidence.md        a table per language, the sentences the intervals allow, the wall times.
 Every quantity is the mean over the study's seeds with a two-stage bootstrap interval (seeds, then
 the shared test pairs: `intervals.hierarchical`, `translate.chrf_over_seeds` for chrF); with one
 seed, the paired bootstrap over pairs. The random same-size sets are read as a distribution: CogSym
@@ -163,16 +164,49 @@ def row_table(own: pd.DataFrame, compare: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def cost(language: str, folder: Path, seeds: list[int]) -> list[dict]:
+    """Wall hours per part of one language's study on this machine: the learning-rate trials (each
+    trial's own time, `lr_search.parquet`), what is done once (baseline, probe, select, report), and
+    each seed's runs (its tune and compare stages). A stage's time is that of the invocation that
+    finished it (work lost to an interruption is not counted); trials recorded before their times
+    were kept are counted at the mean of those that were, and said so."""
+    seconds = io.read_json(folder / layout.STUDY).get("stage_seconds", {})
+    out = []
+    trials = table(folder, layout.LR_SEARCH) if (folder / layout.LR_SEARCH).is_file() else pd.DataFrame()
+    if len(trials):
+        timed = trials["seconds"].dropna() if "seconds" in trials else pd.Series(dtype=float)
+        hours = timed.mean() * len(trials) / 3600 if len(timed) else float("nan")
+        out.append(dict(language=language, part="learning-rate trials", hours=hours, runs=len(trials),
+                        note="" if len(timed) == len(trials) else
+                        f"{len(trials) - len(timed)} of {len(trials)} trials untimed, counted at the mean of the rest"))
+    once = [k for k in seconds if k in ("baseline", "probe", "select", "report")]
+    out.append(dict(language=language, part="once (baseline, probe, select, report)",
+                    hours=sum(seconds[k] for k in once) / 3600, runs=0, note=""))
+    for seed in seeds:
+        mine = [k for k in seconds if k.startswith(("tune ", "compare ")) and k.endswith(f"-s{seed}")]
+        out.append(dict(language=language, part=f"seed {seed}", hours=sum(seconds[k] for k in mine) / 3600,
+                        runs=sum(k.startswith("tune ") for k in mine), note=""))
+    return out
+
+
+def cost_table(costs: pd.DataFrame) -> str:
+    lines = ["Wall time on this machine (hours; `figures/evidence_cost.csv`):", "",
+             "| language | part | hours | runs | note |", "|---|---|---|---|---|"]
+    lines += [f"| {r.language} | {r.part} | {r.hours:.2f} | {r.runs} | {r.note} |" for r in costs.itertuples()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("studies", nargs="+", help="LANGUAGE=STUDY_DIR, a folder of `cogprobe run --preset standard`")
     a = p.parse_args()
-    found, own, tables = [], [], []
+    found, own, tables, costs = [], [], [], []
     for spec in a.studies:
         language, _, folder = spec.partition("=")
         if not folder:
             p.error(f"{spec!r}: write LANGUAGE=STUDY_DIR, e.g. nahuatl=analyses/evidence/axolotl")
         study = read(Path(folder))
+        costs += cost(language, Path(folder), study["seeds"])
         found += rows_of(language, study, QUESTIONS)
         mine = pd.DataFrame(own_rows(language, study), columns=COLUMNS)
         own.append(mine)
@@ -181,7 +215,9 @@ def main() -> None:
     found = pd.DataFrame(found, columns=COLUMNS)
     io.write_text(FIGURES / "evidence.csv", found.to_csv(index=False))
     io.write_text(FIGURES / "evidence_rows.csv", pd.concat(own, ignore_index=True).to_csv(index=False))
-    io.write_text(FIGURES / "evidence.md", "\n\n".join(tables + sentences(found)) + "\n")
+    costs = pd.DataFrame(costs)
+    io.write_text(FIGURES / "evidence_cost.csv", costs.to_csv(index=False))
+    io.write_text(FIGURES / "evidence.md", "\n\n".join(tables + sentences(found) + [cost_table(costs)]) + "\n")
     print(FIGURES / "evidence.csv")
 
 

@@ -8,12 +8,13 @@ or the study says it stopped at the limit (`at_edge`). Pure functions: the study
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Sequence
 
 import pandas as pd
 
 MAX_BEYOND = 2
-COLUMNS = ["row", "lr", "steps", "dev_nll"]
+COLUMNS = ["row", "lr", "steps", "dev_nll", "seconds"]   # seconds: the trial's wall time (its cost)
 
 
 def best(trials: dict[float, float]) -> float:
@@ -51,8 +52,10 @@ def search(row: str, grid: Sequence[float], table: pd.DataFrame, trial: Callable
     todo = [lr for lr in grid if lr not in tried()]
     while todo or (todo := [lr for lr in [next_rate(tried(), grid)] if lr is not None]):
         lr = todo.pop(0)
-        table = pd.concat([table, pd.DataFrame([dict(row=row, lr=lr, steps=steps, dev_nll=trial(lr))])],
-                          ignore_index=True)
+        start = time.perf_counter()
+        dev_nll = trial(lr)
+        found = dict(row=row, lr=lr, steps=steps, dev_nll=dev_nll, seconds=round(time.perf_counter() - start, 1))
+        table = pd.concat([table, pd.DataFrame([found])], ignore_index=True)
         record(table)
     return table
 

@@ -22,6 +22,13 @@ def run_search(curve, table=None):
 def test_an_interior_best_needs_only_the_grid():
     table, ran = run_search(lambda lr: abs(lr - 3e-4))
     assert ran == GRID and chosen(table, "full", GRID) == 3e-4 and not at_edge(dict(zip(table.lr, table.dev_nll)))
+    assert (table["seconds"] >= 0).all()   # each trial's wall time: what the search cost
+
+
+def test_a_table_recorded_before_trial_times_were_kept_still_chooses():
+    old = pd.DataFrame(dict(row="full", lr=GRID, steps=30, dev_nll=[2.0, 1.0, 3.0]))   # no seconds column
+    table, ran = run_search(lambda lr: 0.0, old)
+    assert ran == [] and chosen(table, "full", GRID) == 3e-4
 
 
 def test_a_best_at_the_low_edge_is_followed_until_the_minimum_is_inside():

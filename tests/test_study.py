@@ -254,6 +254,10 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     words = (tmp_path / "figures" / "evidence.md").read_text()
     assert "**tiny, perception**" in words and "3 pairs are too few" in words and " keeps more" not in words
     assert "| row | blocks | trainable |" in words and "(2 draws pooled)" in words
+    spent = pd.read_csv(tmp_path / "figures" / "evidence_cost.csv").set_index("part")
+    assert spent.loc["learning-rate trials", "runs"] == len(pd.read_parquet(out / "lr_search.parquet"))
+    assert spent["note"].isna().all() and (spent["hours"] > 0).all()   # every trial timed
+    assert spent.loc["seed 0", "runs"] == spent.loc["seed 1", "runs"] == len(compare) // 2
     figures = Path(__file__).parent.parent / "analyses" / "evidence_figures.py"
     done = subprocess.run([sys.executable, str(figures), f"tiny={out}", f"again={out}"], capture_output=True,
                           text=True, env={**os.environ, "COGPROBE_FIGURES": str(tmp_path / "figures")})
