@@ -29,7 +29,7 @@ def _write(path, rows: list[dict], sep: str | None = None):
 
 def test_axolotl(axolotl):
     assert list(axolotl.pairs.columns) == ["pair_id", "pivot", "target", "document"]
-    assert (axolotl.pairs["pair_id"] == range(len(axolotl))).all()
+    assert axolotl.pairs["pair_id"].tolist() == list(range(len(axolotl)))
     assert (axolotl.pivot_name, axolotl.target_name) == ("Spanish", "Nahuatl")
     assert 14_500 < len(axolotl) < 15_500
     assert axolotl.dropped["duplicate"] > 500
