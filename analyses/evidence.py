@@ -47,6 +47,7 @@ OWN = ["nll", "share", "rel_deviation", "chrf", "chrf_rel_deviation"]   # each r
 COLUMNS = ["language", "row", "other", "task", "quantity", "estimate", "low", "high", "n_pairs", "n_seeds",
            "n_draws"]
 CHRF = ("chrf", "chrf_rel_deviation")
+PERCENT = ("share", "rel_deviation", "chrf_rel_deviation", "share_minus")
 
 
 def statistic(quantity: str):
@@ -132,7 +133,8 @@ def sentences(rows: pd.DataFrame) -> list[str]:
                 else:
                     words = verdicts.difference_words(r, f"{r['row']} keeps more of the gain than {other}",
                                                       f"{r['row']} keeps less of the gain than {other}")
-                said.append(f"{r['row']} vs {other} ({r['quantity'].replace('_', ' ')} {verdicts.fmt(r)}): {words}")
+                said.append(f"{r['row']} vs {other} ({r['quantity'].replace('_', ' ')} {_cell(r, r['quantity'])}): "
+                            f"{words}")
             if said:
                 lines.append(f"**{language}, {task}** (n = {int(t['n_pairs'].max())} test pairs, chrF on "
                              f"{_chrf_pairs(t)}, {int(t['n_seeds'].iloc[0])} seed(s)):\n"
@@ -145,23 +147,27 @@ def _chrf_pairs(t: pd.DataFrame) -> str:
     return f"{int(chrf['n_pairs'].iloc[0])} sentences" if len(chrf) else "no sentences"
 
 
-def row_table(own: pd.DataFrame, compare: pd.DataFrame) -> str:
-    """Markdown: one line per row with its blocks, trainable parameters and numbers (mean over seeds)."""
+def row_table(own: pd.DataFrame, compare: pd.DataFrame, quantities: list[str]) -> str:
+    """Markdown: one line per row with its blocks, trainable parameters and `quantities` per task
+    (mean over seeds, interval in brackets; n/a where undefined, e.g. a deviation from a chrF of 0)."""
     cells = own.set_index(["row", "task", "quantity"])
     first = compare.drop_duplicates("row").set_index("row")
-    heads = [(q, t) for q in OWN for t in TASKS]
+    heads = [(q, t) for q in quantities for t in TASKS]
     lines = ["| row | blocks | trainable | " + " | ".join(f"{t} {q.replace('_', ' ')}" for q, t in heads) + " |",
              "|---|---|---|" + "---|" * len(heads)]
     for row in dict.fromkeys(own["row"]):
-        vals = []
-        for q, t in heads:
-            r = cells.loc[(row, t, q)] if (row, t, q) in cells.index else None
-            pct = q in ("share", "rel_deviation", "chrf_rel_deviation")
-            vals.append("" if r is None else verdicts.fmt(r, percent=pct) if q != "chrf" else
-                        f"{r['estimate']:.1f} [{r['low']:.1f}, {r['high']:.1f}]")
+        vals = [_cell(cells.loc[(row, t, q)], q) if (row, t, q) in cells.index else "" for q, t in heads]
         lines.append(f"| {row} | {first.loc[row, 'blocks']} | {first.loc[row, 'trainable_params'] / 1e6:.2f}M | "
                      + " | ".join(vals) + " |")
     return "\n".join(lines)
+
+
+def _cell(r, quantity: str) -> str:
+    if np.isnan(r["estimate"]):
+        return "n/a"
+    if quantity == "chrf":
+        return f"{r['estimate']:.1f} [{r['low']:.1f}, {r['high']:.1f}]"
+    return verdicts.fmt(r, percent=quantity in PERCENT)
 
 
 def cost(language: str, folder: Path, seeds: list[int]) -> list[dict]:
@@ -210,8 +216,10 @@ def main() -> None:
         found += rows_of(language, study, QUESTIONS)
         mine = pd.DataFrame(own_rows(language, study), columns=COLUMNS)
         own.append(mine)
-        tables.append(f"**{language}** ({len(study['seeds'])} seed(s), mean over seeds):\n\n"
-                      + row_table(mine, study["compare"]))
+        tables.append(f"**{language}**, test NLL ({len(study['seeds'])} seed(s), mean over seeds):\n\n"
+                      + row_table(mine, study["compare"], ["nll", "share", "rel_deviation"]))
+        tables.append(f"**{language}**, chrF on test (same seeds):\n\n"
+                      + row_table(mine, study["compare"], ["chrf", "chrf_rel_deviation"]))
     found = pd.DataFrame(found, columns=COLUMNS)
     io.write_text(FIGURES / "evidence.csv", found.to_csv(index=False))
     io.write_text(FIGURES / "evidence_rows.csv", pd.concat(own, ignore_index=True).to_csv(index=False))
