@@ -17,6 +17,12 @@ MAX_BEYOND = 2
 COLUMNS = ["row", "lr", "steps", "dev_nll", "seconds"]   # seconds: the trial's wall time (its cost)
 
 
+def trials_of(table: pd.DataFrame, row: str) -> dict[float, float]:
+    """{rate: dev NLL} of one row kind's recorded trials."""
+    mine = table[table["row"] == row]
+    return dict(zip(mine["lr"].astype(float), mine["dev_nll"].astype(float)))
+
+
 def best(trials: dict[float, float]) -> float:
     """The rate with the lowest dev NLL (ties to the lower rate)."""
     return min(trials, key=lambda lr: (trials[lr], lr))
@@ -45,12 +51,8 @@ def search(row: str, grid: Sequence[float], table: pd.DataFrame, trial: Callable
            record: Callable[[pd.DataFrame], None]) -> pd.DataFrame:
     """Run the trials of `row` that `table` lacks (the grid, then the edge extensions), recording
     the table after each; returns it. `trial(lr)` trains and returns the dev NLL."""
-    def tried() -> dict[float, float]:
-        mine = table[table["row"] == row]
-        return dict(zip(mine["lr"].astype(float), mine["dev_nll"].astype(float)))
-
-    todo = [lr for lr in grid if lr not in tried()]
-    while todo or (todo := [lr for lr in [next_rate(tried(), grid)] if lr is not None]):
+    todo = [lr for lr in grid if lr not in trials_of(table, row)]
+    while todo or (todo := [lr for lr in [next_rate(trials_of(table, row), grid)] if lr is not None]):
         lr = todo.pop(0)
         start = time.perf_counter()
         dev_nll = trial(lr)
@@ -62,8 +64,7 @@ def search(row: str, grid: Sequence[float], table: pd.DataFrame, trial: Callable
 
 def chosen(table: pd.DataFrame, row: str, grid: Sequence[float]) -> float | None:
     """The winning rate of `row`, or None if its grid's trials are not all recorded yet."""
-    mine = table[table["row"] == row]
-    trials = dict(zip(mine["lr"].astype(float), mine["dev_nll"].astype(float)))
+    trials = trials_of(table, row)
     if not set(grid) <= set(trials):
         return None
     return best(trials)

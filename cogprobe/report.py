@@ -106,7 +106,7 @@ def _tuning_choices(out: Path, cfg: StudyConfig) -> list[tuple]:
                                             if length is not None else "it has not finished yet."))]
     if (out / LR_SEARCH).is_file():
         trials = io.read_parquet(out / LR_SEARCH)
-        tried = {row: dict(zip(g["lr"], g["dev_nll"])) for row, g in trials.groupby("row", sort=False)}
+        tried = {row: lr_choice.trials_of(trials, row) for row in dict.fromkeys(trials["row"])}
         trials = trials.assign(chosen=[lr == lr_choice.best(tried[row]) for row, lr in zip(trials["row"], trials["lr"])])
         if not b:
             b += [("h2", "Learning rates, chosen on dev")]

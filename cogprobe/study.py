@@ -331,7 +331,6 @@ def final_dev_nll(run: Path) -> float:
 # --- learning rates, chosen on dev ------------------------------------------------------------
 
 
-
 def lr_trial(out: Path, row: str, lr: float) -> Path:
     return out / RUNS / LR_TRIALS / f"{row}-lr{lr:g}"
 
