@@ -60,24 +60,39 @@ MIN_CHRF_GAIN = 1.0  # chrF points: a share of a smaller full-FT gain is noise, 
 
 
 class Progress:
-    """One line per event: stage, elapsed time and a rough ETA from the stages' expected weights."""
+    """One line per event: stage, elapsed time and an ETA from the stage times this study measured.
 
-    def __init__(self, weights: dict[str, float], log=print):
-        self.weights, self.done, self.start, self.log = weights, 0.0, time.perf_counter(), log
-        self.total = sum(weights.values())
+    A stage still to run is expected to take what the finished stages of its verb took on average
+    ("tune", "compare": study.json's `stage_seconds`, over every invocation), else its weight times
+    the measured seconds per unit of weight (the median over finished stages). Fixed weights alone
+    misled: a learning-rate search weighed as half a baseline took two hours in the standard
+    preset, and the ETA read 107 hours."""
+
+    def __init__(self, weights: dict[str, float], measured: dict[str, float] | None = None, log=print):
+        self.weights, self.measured, self.log = weights, dict(measured or {}), log
+        self.start = time.perf_counter()
 
     def stage(self, name: str, detail: str = "") -> None:
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
-        eta_s = f", ETA ~{_mmss(eta)}" if np.isfinite(eta) else ""
-        self.log(f"[{_mmss(elapsed)}{eta_s}] {name}{': ' + detail if detail else ''}")
+        eta = self.eta()
+        eta_s = f", ETA ~{_mmss(eta)}" if eta is not None else ""
+        self.log(f"[{_mmss(time.perf_counter() - self.start)}{eta_s}] {name}{': ' + detail if detail else ''}")
 
-    def finished(self, name: str) -> None:
-        self.done += self.weights.get(name, 0.0)
+    def finished(self, name: str, seconds: float) -> None:
+        self.measured[name] = seconds
 
-    def skipped(self, name: str) -> None:
-        """A stage done in an earlier invocation: no part of this one's time or ETA."""
-        self.total -= self.weights.get(name, 0.0)
+    def eta(self) -> float | None:
+        """Seconds the stages not yet finished should take; None before any stage is measured."""
+        weighed = [s for s in self.measured if self.weights.get(s)]
+        if not weighed:
+            return None
+        per_weight = float(np.median([self.measured[s] / self.weights[s] for s in weighed]))  # one odd stage moves it little
+        left = [s for s in self.weights if s not in self.measured]
+        return sum(self._expected(s, per_weight) for s in left)
+
+    def _expected(self, name: str, per_weight: float) -> float:
+        verb = name.split()[0]
+        alike = [t for s, t in self.measured.items() if s.split()[0] == verb and verb in ("tune", "compare")]
+        return sum(alike) / len(alike) if alike else self.weights[name] * per_weight
 
 
 def _mmss(seconds: float) -> str:
@@ -90,15 +105,12 @@ def run(config: StudyConfig, log=print) -> Path:
     _check_inputs(config)
     _claim(out, config)
     rows = [(s, seed) for seed in config.seed_list() for s in config.row_list()]
-    weights = {"baseline": 1, "choose lr": 0.5, "probe": 4, "select": 2, "choose lr budget": 0.2, "report": 0.5}
-    weights.update({f"tune {arm(s, seed)}": 3 for s, seed in rows})
-    weights.update({f"compare {arm(s, seed)}": 1 for s, seed in rows})
-    progress = Progress(weights, log)
+    names, seed0 = config.row_list(), config.seed_list()[0]
+    searched = [r for r in names if len(config.lrs(kind(r))) > 1]   # rows whose learning rate is chosen on dev
+    progress = Progress(_weights(rows, searched), io.read_json(out / STUDY).get(STAGE_SECONDS, {}), log)
     stage = functools.partial(_stage, progress, out)
     compared = lambda row, seed: _finished(out, f"compare {arm(row, seed)}")  # noqa: E731  (its weights no longer needed)
     stage("baseline", lambda: baseline(config, out))
-    names, seed0 = config.row_list(), config.seed_list()[0]
-    searched = [r for r in names if len(config.lrs(kind(r))) > 1]   # rows whose learning rate is chosen on dev
     if [r for r in searched if r != "budget"]:
         stage("choose lr", lambda: choose_lrs(config, out, [r for r in searched if r != "budget"]))
     first = list(dict.fromkeys([("full", seed0), (config.probe_row, seed0)]))  # the length, then the probe
@@ -120,6 +132,18 @@ def run(config: StudyConfig, log=print) -> Path:
     return out
 
 
+def _weights(rows: list[tuple[str, int]], searched: list[str]) -> dict[str, float]:
+    """Every stage this study runs, with a rough relative cost (the ETA's guess until one is measured)."""
+    weights = {"baseline": 1, "probe": 4, "select": 2, "report": 0.5}
+    if [r for r in searched if r != "budget"]:
+        weights["choose lr"] = 0.5
+    if "budget" in searched:
+        weights["choose lr budget"] = 0.2
+    weights.update({f"tune {arm(s, seed)}": 3 for s, seed in rows})
+    weights.update({f"compare {arm(s, seed)}": 1 for s, seed in rows})
+    return weights
+
+
 def _stage(progress: Progress, out: Path, name: str, fn, again: bool = False) -> None:
     """Run one stage and add its wall time to study.json's `stage_seconds` (summed over the
     invocations of a resumed study, so an interrupted stage counts all the work it took).
@@ -129,7 +153,6 @@ def _stage(progress: Progress, out: Path, name: str, fn, again: bool = False) ->
     run). So a study folder whose tables are kept without its runs/ (the weights, never committed)
     continues on another machine where it stopped, recomputing nothing that finished."""
     if _finished(out, name) and not again:
-        progress.skipped(name)
         return
     progress.stage(name)
     start = time.perf_counter()
@@ -138,7 +161,7 @@ def _stage(progress: Progress, out: Path, name: str, fn, again: bool = False) ->
     seconds = record.setdefault(STAGE_SECONDS, {})
     seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 1)
     io.write_json(out / STUDY, record)
-    progress.finished(name)
+    progress.finished(name, seconds[name])
 
 
 def _finished(out: Path, name: str) -> bool:

@@ -274,3 +274,19 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
         log=lambda m: None)
     assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*.parquet")} == before
     assert not (kept / "runs").exists()
+
+
+def test_eta_comes_from_the_stage_times_the_study_measured():
+    from cogprobe.study import Progress
+    weights = {"baseline": 1, "choose lr": 0.5, "tune full-s0": 3, "tune cogsym-s0": 3,
+               "compare full-s0": 1, "compare cogsym-s0": 1}
+    assert Progress(weights, {}).eta() is None                          # nothing measured: no guess printed
+    progress = Progress(weights, {"baseline": 100.0, "choose lr": 7200.0})
+    # no tune or compare measured yet: weight x the median seconds per weight (100 and 14400 -> 7250)
+    assert progress.eta() == pytest.approx(8 * 7250.0)
+    progress.finished("tune full-s0", 2800.0)
+    progress.finished("compare full-s0", 600.0)
+    assert progress.eta() == pytest.approx(2800.0 + 600.0)               # the left stages take what theirs took
+    lines = []
+    Progress(weights, {"baseline": 60.0}, log=lines.append).stage("choose lr")
+    assert lines == ["[00:00, ETA ~08:30] choose lr"]                   # 8.5 weights left x 60 s
