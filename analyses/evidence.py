@@ -29,6 +29,7 @@ from _common import FIGURES, table
 from cogprobe import intervals, io, layout, verdicts
 from cogprobe.intervals import Interval
 from cogprobe.rows import kind
+from cogprobe.studyconfig import StudyConfig
 from cogprobe.tasks import TASKS
 from cogprobe.translate import chrf_over_seeds, sentence_stats
 
@@ -88,27 +89,51 @@ def interval(study: dict, quantity: str, task: str, names: list[dict]) -> tuple[
     return found, len(data[0]["row"][0])
 
 
-def read(study: Path) -> dict:
+def read(study: Path) -> dict | None:
+    """The study's tables, or None while no run of it is compared yet."""
+    if not (study / layout.COMPARE).is_file():
+        return None
     compare = table(study, layout.COMPARE)
     return dict(scores=table(study, layout.SCORES), translations=table(study, layout.TRANSLATIONS),
                 compare=compare, seeds=sorted(int(s) for s in compare["seed"].unique()),
                 draws=sorted({r for r in compare["row"] if kind(r) == "random"}))
 
 
+def status(language: str, folder: Path, study: dict | None) -> str:
+    """How far the study has got (runs compared of those its config plans), and whether it is done:
+    a study still running is published with this line first, so no reader takes it for the whole."""
+    config = StudyConfig.read(folder)
+    planned = [layout.arm(r, s) for s in config.seed_list() for r in config.row_list()]
+    compared = set() if study is None else {layout.arm(r, s) for r, s in zip(study["compare"]["row"],
+                                                                                   study["compare"]["seed"])}
+    done = [a for a in planned if a in compared]
+    line = (f"**{language}**: {len(done)} of {len(planned)} runs compared ({len(config.row_list())} rows x "
+            f"seeds {config.seeds})" + ("." if len(done) == len(planned) else
+                                       "; **in progress**: every number below rests on the runs compared so far "
+                                       "(a comparison on the seeds that have both of its rows)."))
+    return line
+
+
 def rows_of(language: str, study: dict, asked: list[tuple[str, str, str]]) -> list[dict]:
-    """One record per (row, other, quantity, task) of `asked` that the study has every arm of."""
+    """One record per (row, other, quantity, task) of `asked`, over the seeds that have every arm of it
+    (all seeds once the study is done; fewer while it runs, and `n_seeds` says how many)."""
     out = []
+    have = set(study["scores"]["arm"])
     for row, other, quantity in asked:
         theirs = ([RANDOM] + study["draws"]) if other == RANDOM else [other]
         for o in theirs:
             n_draws = len(study["draws"]) if o == RANDOM else 1
+            seeds = [s for s in study["seeds"]
+                     if {a for u in units([s], row, o, study["draws"]) for a in u.values()} <= have]
+            if not seeds:
+                continue
             for task in TASKS:
-                found = interval(study, quantity, task, units(study["seeds"], row, o, study["draws"]))
+                found = interval(study, quantity, task, units(seeds, row, o, study["draws"]))
                 if found is not None:
                     i, n = found
                     out.append(dict(language=language, row=row, other=o, task=task, quantity=quantity,
                                     estimate=i.estimate, low=i.low, high=i.high, n_pairs=n,
-                                    n_seeds=len(study["seeds"]), n_draws=n_draws))
+                                    n_seeds=len(seeds), n_draws=n_draws))
     return out
 
 
@@ -133,11 +158,12 @@ def sentences(rows: pd.DataFrame) -> list[str]:
                 else:
                     words = verdicts.difference_words(r, f"{r['row']} keeps more of the gain than {other}",
                                                       f"{r['row']} keeps less of the gain than {other}")
-                said.append(f"{r['row']} vs {other} ({r['quantity'].replace('_', ' ')} {_cell(r, r['quantity'])}): "
-                            f"{words}")
+                fewer = f", on {int(r['n_seeds'])} seed(s)" if r["n_seeds"] < t["n_seeds"].max() else ""
+                said.append(f"{r['row']} vs {other} ({r['quantity'].replace('_', ' ')} {_cell(r, r['quantity'])}"
+                            f"{fewer}): {words}")
             if said:
                 lines.append(f"**{language}, {task}** (n = {int(t['n_pairs'].max())} test pairs, chrF on "
-                             f"{_chrf_pairs(t)}, {int(t['n_seeds'].iloc[0])} seed(s)):\n"
+                             f"{_chrf_pairs(t)}, {int(t['n_seeds'].max())} seed(s)):\n"
                              + "\n".join(f"- {s}" for s in said))
     return lines
 
@@ -206,26 +232,33 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("studies", nargs="+", help="LANGUAGE=STUDY_DIR, a folder of `cogprobe run --preset standard`")
     a = p.parse_args()
-    found, own, tables, costs = [], [], [], []
+    found, own, tables, costs, head = [], [], [], [], []
     for spec in a.studies:
         language, _, folder = spec.partition("=")
         if not folder:
             p.error(f"{spec!r}: write LANGUAGE=STUDY_DIR, e.g. nahuatl=analyses/evidence/axolotl")
+        if not (Path(folder) / layout.STUDY).is_file():
+            p.error(f"{folder}: no study.json there; start it with `cogprobe run --preset standard --out {folder}`")
         study = read(Path(folder))
-        costs += cost(language, Path(folder), study["seeds"])
+        head.append(status(language, Path(folder), study))
+        costs += cost(language, Path(folder), StudyConfig.read(folder).seed_list())
+        if study is None:
+            continue
         found += rows_of(language, study, QUESTIONS)
         mine = pd.DataFrame(own_rows(language, study), columns=COLUMNS)
         own.append(mine)
-        tables.append(f"**{language}**, test NLL ({len(study['seeds'])} seed(s), mean over seeds):\n\n"
+        tables.append(f"**{language}**, test NLL (mean over the seeds that have the row and full fine-tuning; "
+                      f"`n_seeds` in figures/evidence_rows.csv):\n\n"
                       + row_table(mine, study["compare"], ["nll", "share", "rel_deviation"]))
         tables.append(f"**{language}**, chrF on test (same seeds):\n\n"
                       + row_table(mine, study["compare"], ["chrf", "chrf_rel_deviation"]))
     found = pd.DataFrame(found, columns=COLUMNS)
     io.write_text(FIGURES / "evidence.csv", found.to_csv(index=False))
-    io.write_text(FIGURES / "evidence_rows.csv", pd.concat(own, ignore_index=True).to_csv(index=False))
+    own = pd.concat(own, ignore_index=True) if own else pd.DataFrame(columns=COLUMNS)
+    io.write_text(FIGURES / "evidence_rows.csv", own.to_csv(index=False))
     costs = pd.DataFrame(costs)
     io.write_text(FIGURES / "evidence_cost.csv", costs.to_csv(index=False))
-    io.write_text(FIGURES / "evidence.md", "\n\n".join(tables + sentences(found) + [cost_table(costs)]) + "\n")
+    io.write_text(FIGURES / "evidence.md", "\n\n".join(head + tables + sentences(found) + [cost_table(costs)]) + "\n")
     print(FIGURES / "evidence.csv")
 
 

@@ -7,6 +7,7 @@ one, against step (mean over seeds; one panel row per language): learning speed 
 figures/evidence_specialization_<language>.png: the specialization curves of the study's probe run
 (the `blocks` run of the first seed, the run the budget set is derived from) at its last checkpoint,
 with 95% paired-bootstrap bands over its dev pairs. The CSV beside each PNG holds its numbers.
+A study still running gives the figures of what it has (a line says what is not there yet).
 """
 from __future__ import annotations
 
@@ -36,11 +37,18 @@ def main() -> None:
         language, _, folder = spec.partition("=")
         if not folder:
             p.error(f"{spec!r}: write LANGUAGE=STUDY_DIR, e.g. nahuatl=analyses/evidence/axolotl")
-        curves.append(table(Path(folder), layout.DEV_CURVES).assign(language=language))
-        sweeps = last_checkpoint_reverts(table(Path(folder), layout.SWEEPS))
-        publish(specialization_curves(sweeps), sweeps, f"evidence_specialization_{language}")
-    curves = pd.concat(curves, ignore_index=True)
-    publish(share_curves(curves), curves, "evidence_share_curves")
+        if (Path(folder) / layout.DEV_CURVES).is_file():
+            curves.append(table(Path(folder), layout.DEV_CURVES).assign(language=language))
+        else:
+            print(f"{language}: no run compared yet, so no share curves (the study is still running)")
+        if (Path(folder) / layout.SWEEPS).is_file():
+            sweeps = last_checkpoint_reverts(table(Path(folder), layout.SWEEPS))
+            publish(specialization_curves(sweeps), sweeps, f"evidence_specialization_{language}")
+        else:
+            print(f"{language}: not probed yet, so no specialization curves (the study is still running)")
+    if curves:
+        curves = pd.concat(curves, ignore_index=True)
+        publish(share_curves(curves), curves, "evidence_share_curves")
 
 
 if __name__ == "__main__":

@@ -266,6 +266,26 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     assert set(drawn["language"]) == {"tiny", "again"} and set(drawn["row"]) == set(compare["row"])
     assert (tmp_path / "figures" / "evidence_specialization_tiny.png").is_file()
 
+    # a study still running is published as far as it got, and says so
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial, ignore=shutil.ignore_patterns("runs", "figures"))
+    for name in ("compare.parquet", "scores.parquet", "translations.parquet"):
+        t = pd.read_parquet(partial / name)
+        arm = t["arm"] if "arm" in t else t["row"] + "-s" + t["seed"].astype(str)
+        t[arm != "cogsym-s1"].to_parquet(partial / name)
+    done = subprocess.run([sys.executable, str(script), f"tiny={partial}"], capture_output=True, text=True,
+                          env={**os.environ, "COGPROBE_FIGURES": str(tmp_path / "partial-figures")})
+    assert done.returncode == 0, done.stderr
+    seeds = pd.read_csv(tmp_path / "partial-figures" / "evidence.csv").groupby("row")["n_seeds"].max()
+    assert seeds["cogsym"] == 1 and seeds["cogsym-lora"] == 2
+    words = (tmp_path / "partial-figures" / "evidence.md").read_text()
+    assert f"{len(compare) - 1} of {len(compare)} runs compared" in words and "**in progress**" in words
+    (partial / "compare.parquet").unlink()
+    done = subprocess.run([sys.executable, str(script), f"tiny={partial}"], capture_output=True, text=True,
+                          env={**os.environ, "COGPROBE_FIGURES": str(tmp_path / "partial-figures")})
+    assert done.returncode == 0, done.stderr
+    assert f"0 of {len(compare)} runs" in (tmp_path / "partial-figures" / "evidence.md").read_text()
+
     # the tables alone (no runs/: weights are never committed) continue where they stopped
     kept = tmp_path / "kept"
     shutil.copytree(out, kept, ignore=shutil.ignore_patterns("runs"))
