@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from cogprobe import io, lr_choice
-from cogprobe.checkpoints import Checkpoints
+from cogprobe.checkpoints import CHECKPOINTS, Checkpoints
 from cogprobe.corpora import load_corpus
 from cogprobe.distributed import default_device
 from cogprobe.errors import CogprobeError
@@ -381,7 +381,16 @@ def choose_lrs(config: StudyConfig, out: Path, rows: list[str]) -> None:
             _train(cfg, config.isolate_runs, f"{row} at lr {lr:g}")
             return final_dev_nll(Path(cfg.out))
         table = lr_choice.search(row, config.lrs(row), table, trial, config.lr_steps,
-                                 lambda t: io.write_parquet(path, t))
+                                 lambda t: _record_trials(out, path, t))
+
+
+def _record_trials(out: Path, path: Path, table: pd.DataFrame) -> None:
+    """Write lr_search.parquet, then drop the weights of every trial it holds: a recorded trial is
+    never read or run again, and ~400 MB a full-parameter trial over ~40 trials per language would
+    fill a disk (its logs and dev curve stay)."""
+    io.write_parquet(path, table)
+    for row, lr in zip(table["row"], table["lr"]):
+        shutil.rmtree(lr_trial(out, row, lr) / CHECKPOINTS, ignore_errors=True)
 
 
 def chosen_lr(config: StudyConfig, out: Path, row: str) -> float:

@@ -203,6 +203,9 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     trials = pd.read_parquet(out / "lr_search.parquet")
     assert set(trials["row"]) == set(ROWS)   # every kind, both rates of its grid (and past its edge, if best there)
     assert all({1e-3, 3e-3} <= set(g["lr"]) and len(g) <= 2 + 2 for _, g in trials.groupby("row"))
+    kept = list((out / "runs" / "lr-trials").iterdir())   # a recorded trial keeps its logs, not its weights
+    assert len(kept) == len(trials) and all((t / "dev_curve.parquet").is_file() for t in kept)
+    assert not list((out / "runs" / "lr-trials").rglob("*.safetensors"))
     length = json.loads((out / "study.json").read_text())["run_length"]
     stop = json.loads((out / "runs" / "full-s0" / "manifest.json").read_text())["stop"]
     assert stop["stop_reason"] == "plateau" and length == stop["stopped_at"] < 12
