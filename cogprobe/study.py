@@ -85,7 +85,8 @@ class Progress:
         weighed = [s for s in self.measured if self.weights.get(s)]
         if not weighed:
             return None
-        per_weight = float(np.median([self.measured[s] / self.weights[s] for s in weighed]))  # one odd stage moves it little
+        # the median, so one odd stage (a two-hour learning-rate search) moves it little
+        per_weight = float(np.median([self.measured[s] / self.weights[s] for s in weighed]))
         left = [s for s in self.weights if s not in self.measured]
         return sum(self._expected(s, per_weight) for s in left)
 
@@ -288,7 +289,8 @@ def train_config(config: StudyConfig, out: Path, row: str, seed: int, *, lr: flo
         plateau_window=config.plateau_window, plateau_min_improvement=config.plateau_min_improvement,
         **_dev_curve(config, str(steps) if folder is not None else config.eval_steps),
         max_sentence_tokens=config.train_max_sentence_tokens, loss_on=config.loss_on,
-        split_seed=config.split_seed, resume=True, progress=False, report_to=config.report_to)
+        split_seed=config.split_seed, resume=True, resume_every=config.resume_every, progress=False,
+        report_to=config.report_to)
 
 
 def _dev_curve(config: StudyConfig, eval_steps: str) -> dict:

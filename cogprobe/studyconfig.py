@@ -19,7 +19,8 @@ from cogprobe.layout import STUDY
 from cogprobe.rows import LORA_ROWS, ROWS, expand, kind
 
 PRESETS = Path(__file__).parent / "presets"
-EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "report_to")  # how a study runs, not what it computes
+# how a study runs, not what it computes
+EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "report_to", "resume_every")
 
 
 @dataclass
@@ -72,6 +73,8 @@ class StudyConfig:
     sweep_controls: bool = knob(True, "sweep the shuffled-source controls too (conditional gain per k)")
     capture_backend: str = knob("torch", "torch | nnsight | transformerlens")
     isolate_runs: bool = knob(True, "train each row in its own process, so its peak memory is its own")
+    resume_every: int = knob(50, "each run also checkpoints every N steps, deleted once it finishes: an "
+                                 "interrupted study loses at most N steps of the run it was in (0: off)")
     overwrite: bool = knob(False, "replace a different study in `out`")
     report_to: str = knob("none",
         "experiment trackers of every tuning run (accelerate): none, tensorboard, wandb, mlflow, ...")

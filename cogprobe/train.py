@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -321,7 +322,7 @@ class _Loop:
             stop = "cap"
         if stop is not None:
             self._finish(step, loss, stop)
-        elif step in self.saves:
+        elif step in self.saves or (self.cfg.resume_every and step % self.cfg.resume_every == 0):
             self._save(step, loss, final=False)
         elif len(self.progress.rows) >= 50 or time.perf_counter() - self.progress.flushed_at > 30:
             self._flush()
@@ -369,6 +370,16 @@ class _Loop:
             manifest[STOP] = dict(stopped_at=step, stop_reason=reason, plateau=rule)
             io.write_json(self.run.out / MANIFEST, manifest)
         self._save(step, loss, final=True)
+
+    def _drop_resume_points(self, keep: int) -> None:
+        """Delete the checkpoints that only `resume_every` asked for, but `keep` (the one just written):
+        a finished run holds exactly its save steps. Renamed out of the step names first, so no
+        `step-N` folder is ever half deleted."""
+        for step, folder in own_steps(self.run.out):
+            if step not in self.saves and step != keep:
+                gone = folder.with_name(f".tmp-dropped-{folder.name}")
+                folder.rename(gone)
+                shutil.rmtree(gone, ignore_errors=True)
 
     # ---- health (see `health`)
     def _watch(self, step: int, loss: float, grad_norm: float) -> None:
@@ -455,6 +466,7 @@ class _Loop:
                 tensors = trainable_tensors(model) if state is None else state
                 write_checkpoint(run.out, step, None, "tensors", meta, resume_state=saved, tensors=tensors)
             resume.drop(own_steps(run.out), keep=None if final or state is not None else step)
+            self._drop_resume_points(keep=step)
         acc.wait_for_everyone()
         self.progress.last_saved = step
 

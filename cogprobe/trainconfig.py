@@ -22,7 +22,7 @@ from cogprobe.strategies import LAYERED, LORA, STRATEGIES
 SCHEDULES = ("cosine", "linear", "constant")
 ON_DIVERGENCE = ("warn", "stop")  # what a diverging loss does: see cogprobe/health.py
 # Fields that change how a run executes but not what it computes.
-EXECUTION_ONLY = ("out", "resume", "overwrite", "threads", "progress", "report_to", "on_divergence")
+EXECUTION_ONLY = ("out", "resume", "overwrite", "threads", "progress", "report_to", "on_divergence", "resume_every")
 
 
 @dataclass
@@ -44,6 +44,9 @@ class TrainConfig:
     max_grad_norm: float | None = knob(1.0, "gradient clipping; None or 0: off")
     save_steps: str | list[int] = knob("log:8",
         '"0,10,20,40", a list, "log:N" (N log-spaced) or "every:N"; 0 and the last step always')
+    resume_every: int = knob(0,
+        "also checkpoint every N steps, so an interrupted run loses at most N steps; each of these resume "
+        "points is deleted once a later checkpoint is written (0: off; results are the same either way)")
     eval_steps: str | list[int] = knob("",
         'score the dev set at these steps into dev_curve.parquet, written like save_steps ("every:50", '
         '"log:8", "0,10,20"); 0 and the last step always; "" (the default): no dev curve')
@@ -109,6 +112,8 @@ class TrainConfig:
                                 f"lora_alpha={self.lora_alpha} positive")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise CogprobeError(f"threads={self.threads!r}: give a positive number of threads or None")
+        if not (isinstance(self.resume_every, int) and self.resume_every >= 0):
+            raise CogprobeError(f"resume_every={self.resume_every!r}: give a whole number of steps >= 0 (0: off)")
         weights = self.mixture()
         if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
             raise CogprobeError(f"mixture weights {weights} must be >= 0 with a positive sum; "

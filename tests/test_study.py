@@ -218,6 +218,7 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
         row = name.rsplit("-s", 1)[0]
         chosen = trials[trials["row"] == kind(row)].sort_values(["dev_nll", "lr"]).iloc[0]["lr"]
         assert cfg["lr"] == pytest.approx(chosen), name
+        assert cfg["resume_every"] == config.resume_every == 50, name   # an interrupted row redoes <= 50 steps
         if name != "full-s0":
             assert cfg["steps"] == length and not cfg["stop_on_plateau"], name
     params = compare[compare["seed"] == 0].set_index("row")["trainable_params"]

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import cogprobe  # noqa: F401  (offline environment before transformers)
-from cogprobe.checkpoints import Checkpoints, step_dir
+from cogprobe.checkpoints import Checkpoints, own_steps, step_dir
 from cogprobe.errors import CogprobeError
 from cogprobe.train import TrainConfig, lr_factor, train
 from helpers import config, write_corpus
@@ -465,3 +465,21 @@ def test_training_state_is_only_assigned_in_constructors():
                 outside += [f"{cls.name}.{fn.name}: self.{t.attr}" for t in targets if isinstance(t, ast.Attribute)
                             and isinstance(t.value, ast.Name) and t.value.id == "self"]
     assert outside == []
+
+
+def test_resume_points_bound_the_lost_steps_and_leave_no_trace(inputs, tmp_path):
+    """`resume_every` checkpoints an interrupted run often (it resumes from the latest), the results
+    equal a run without them, and a finished run holds only its save steps."""
+    kw = dict(steps=6, save_steps="6", warmup=2, weight_decay=0.01)
+    straight = train(config(inputs, tmp_path / "a", "full", **kw))
+    with pytest.raises(Stop):
+        train(config(inputs, tmp_path / "b", "full", resume_every=2, **kw), on_step=stop_at(5))
+    assert [s for s, _ in own_steps(tmp_path / "b")] == [0, 4]       # step 2 went when step 4 landed
+    resumed = train(config(inputs, tmp_path / "b", "full", resume_every=2, resume=True, **kw))
+    log = pd.read_parquet(resumed / "train_log.parquet")
+    assert list(log["step"]) == list(range(1, 7))                      # steps 5 and 6 redone, 1-4 not
+    a = pd.read_parquet(straight / "train_log.parquet")
+    assert np.array_equal(a["loss"].to_numpy(), log["loss"].to_numpy())
+    assert [s for s, _ in own_steps(resumed)] == [0, 6] and not list((resumed / "checkpoints").glob(".tmp-*"))
+    with pytest.raises(CogprobeError, match="resume_every"):
+        config(inputs, tmp_path / "c", "full", resume_every=-1, **kw)
