@@ -100,8 +100,8 @@ def read(study: Path) -> dict | None:
 
 
 def status(language: str, folder: Path, study: dict | None) -> str:
-    """How far the study has got (runs compared of those its config plans), and whether it is done:
-    a study still running is published with this line first, so no reader takes it for the whole."""
+    """How far the study has got: the runs compared of those its config plans. A study still running
+    is published with this line first, so no reader takes what it has for the whole."""
     config = StudyConfig.read(folder)
     planned = [layout.arm(r, s) for s in config.seed_list() for r in config.row_list()]
     compared = set() if study is None else {layout.arm(r, s) for r, s in zip(study["compare"]["row"],
