@@ -8,7 +8,7 @@ OUT    ?= runs/default
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: install prepare run test bench clean figures
+.PHONY: install prepare run test bench clean figures evidence evidence-tables
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,17 @@ clean:
 figures:
 	for s in specialization_heatmaps specialization_curves logit_lens comparison comparison_intervals; do \
 		$(BIN)/python analyses/$$s.py $(OUT) || exit 1; done
+
+# The evidence study (README "The evidence study"): tens of hours on a 2-core CPU, so it resumes:
+# rerun `make evidence` to continue. Both languages side by side, one thread each; fails if either
+# fails. Then its tables and figures (also alone: `make evidence-tables`, on a study still running).
+EVIDENCE = analyses/evidence
+evidence: prepare
+	$(BIN)/cogprobe run --preset standard --corpus axolotl --out $(EVIDENCE)/axolotl --threads 1 & a=$$!; \
+	$(BIN)/cogprobe run --preset standard --corpus tsunkua --out $(EVIDENCE)/tsunkua --threads 1 --eval-pairs 213 & b=$$!; \
+	wait $$a; ra=$$?; wait $$b; rb=$$?; [ $$ra -eq 0 ] && [ $$rb -eq 0 ]
+	$(MAKE) evidence-tables
+
+evidence-tables:
+	$(BIN)/python analyses/evidence.py nahuatl=$(EVIDENCE)/axolotl otomi=$(EVIDENCE)/tsunkua
+	$(BIN)/python analyses/evidence_figures.py nahuatl=$(EVIDENCE)/axolotl otomi=$(EVIDENCE)/tsunkua

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from _common import publish, table
 
-from cogprobe import layout
+from cogprobe import io, layout
 from cogprobe.plots import share_curves
 from cogprobe.sweep_plots import specialization_curves
 
@@ -41,7 +41,7 @@ def main() -> None:
             curves.append(table(Path(folder), layout.DEV_CURVES).assign(language=language))
         else:
             print(f"{language}: no run compared yet, so no share curves (the study is still running)")
-        if (Path(folder) / layout.SWEEPS).is_file():
+        if "probe" in io.read_json(Path(folder) / layout.STUDY).get(layout.STAGE_SECONDS, {}):   # sweeps whole
             sweeps = last_checkpoint_reverts(table(Path(folder), layout.SWEEPS))
             publish(specialization_curves(sweeps), sweeps, f"evidence_specialization_{language}")
         else:
