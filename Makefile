@@ -43,7 +43,8 @@ figures:
 
 # The evidence study (README "The evidence study"): tens of hours on a 2-core CPU, so it resumes:
 # rerun `make evidence` to continue. Both languages side by side, one thread each; fails if either
-# fails. Then its tables and figures (also alone: `make evidence-tables`, on a study still running).
+# fails. Then its tables, figures and README block (also alone: `make evidence-tables`, on a study
+# still running: the README then gets its status only).
 EVIDENCE = analyses/evidence
 evidence: prepare
 	$(BIN)/cogprobe run --preset standard --corpus axolotl --out $(EVIDENCE)/axolotl --threads 1 & a=$$!; \
@@ -54,3 +55,4 @@ evidence: prepare
 evidence-tables:
 	$(BIN)/python analyses/evidence.py nahuatl=$(EVIDENCE)/axolotl otomi=$(EVIDENCE)/tsunkua
 	$(BIN)/python analyses/evidence_figures.py nahuatl=$(EVIDENCE)/axolotl otomi=$(EVIDENCE)/tsunkua
+	$(BIN)/python analyses/evidence_readme.py

@@ -9,6 +9,8 @@ Reads each study folder of `cogprobe run --preset standard` (its tables; no weig
   figures/evidence_rows.csv  every row's own numbers (test NLL, share of full fine-tuning's gain,
                              relative deviation, chrF and its relative deviation), same columns,
   figures/evidence_cost.csv  the wall time of each part of each language's study on this machine,
+  figures/evidence_status.csv  per language, the runs compared of those planned (a study still
+                             running is published as far as it got, and says so first),
   figures/evidence.md        a table per language, the sentences the intervals allow, the wall times.
 Every quantity is the mean over the study's seeds with a two-stage bootstrap interval (seeds, then
 the shared test pairs: `intervals.hierarchical`, `translate.chrf_over_seeds` for chrF); with one
@@ -99,19 +101,24 @@ def read(study: Path) -> dict | None:
                 draws=sorted({r for r in compare["row"] if kind(r) == "random"}))
 
 
-def status(language: str, folder: Path, study: dict | None) -> str:
-    """How far the study has got: the runs compared of those its config plans. A study still running
-    is published with this line first, so no reader takes what it has for the whole."""
+def status(language: str, folder: Path, study: dict | None) -> dict:
+    """How far the study has got: the runs compared of those its config plans."""
     config = StudyConfig.read(folder)
     planned = [layout.arm(r, s) for s in config.seed_list() for r in config.row_list()]
     compared = set() if study is None else {layout.arm(r, s) for r, s in zip(study["compare"]["row"],
                                                                                    study["compare"]["seed"])}
-    done = [a for a in planned if a in compared]
-    line = (f"**{language}**: {len(done)} of {len(planned)} runs compared ({len(config.row_list())} rows x "
-            f"seeds {config.seeds})" + ("." if len(done) == len(planned) else
-                                       "; **in progress**: every number below rests on the runs compared so far "
-                                       "(a comparison on the seeds that have both of its rows)."))
-    return line
+    return dict(language=language, compared=sum(a in compared for a in planned), planned=len(planned),
+                rows=len(config.row_list()), seeds=config.seeds)
+
+
+def status_line(s) -> str:
+    """The status in words; a study still running is published with this line first, so no reader
+    takes what it has for the whole."""
+    line = f"**{s['language']}**: {s['compared']} of {s['planned']} runs compared ({s['rows']} rows x seeds {s['seeds']})"
+    if s["compared"] == s["planned"]:
+        return line + "."
+    return line + ("; **in progress**: every number below rests on the runs compared so far (a comparison "
+                   "on the seeds that have both of its rows).")
 
 
 def rows_of(language: str, study: dict, asked: list[tuple[str, str, str]]) -> list[dict]:
@@ -258,7 +265,9 @@ def main() -> None:
     io.write_text(FIGURES / "evidence_rows.csv", own.to_csv(index=False))
     costs = pd.DataFrame(costs)
     io.write_text(FIGURES / "evidence_cost.csv", costs.to_csv(index=False))
-    io.write_text(FIGURES / "evidence.md", "\n\n".join(head + tables + sentences(found) + [cost_table(costs)]) + "\n")
+    io.write_text(FIGURES / "evidence_status.csv", pd.DataFrame(head).to_csv(index=False))
+    lines = [status_line(s) for s in head] + tables + sentences(found) + [cost_table(costs)]
+    io.write_text(FIGURES / "evidence.md", "\n\n".join(lines) + "\n")
     print(FIGURES / "evidence.csv")
 
 

@@ -269,6 +269,10 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     drawn = pd.read_csv(tmp_path / "figures" / "evidence_share_curves.csv")
     assert set(drawn["language"]) == {"tiny", "again"} and set(drawn["row"]) == set(compare["row"])
     assert (tmp_path / "figures" / "evidence_specialization_tiny.png").is_file()
+    sys.path.insert(0, str(script.parent))
+    from evidence_readme import block      # the README's block of a finished study: tables and figures
+    readme = block(tmp_path / "figures")
+    assert "| row | blocks | trainable |" in readme and "(figures/evidence_specialization_tiny.png)" in readme
 
     # a study still running is published as far as it got, and says so
     partial = tmp_path / "partial"
