@@ -45,7 +45,7 @@ SELECTION = "selection.json"
 
 # a study folder
 STUDY = "study.json"
-STAGE_SECONDS = "stage_seconds"        # in study.json: wall seconds per stage, summed over resumed invocations
+STAGE_SECONDS = "stage_seconds"        # in study.json: wall seconds per stage, of the invocation that finished it
 RUN_LENGTH = "run_length"              # in study.json (converge): the steps every run trains, where full stopped
 EVALSETS = "evalsets.json"
 BASELINE = "baseline.csv"

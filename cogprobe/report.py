@@ -79,7 +79,7 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
 
 
 def _stage_times(seconds: dict[str, float]) -> list[tuple]:
-    """Where the study's wall time went, per stage (summed over resumed invocations)."""
+    """Where the study's wall time went, per stage (the invocation that finished each)."""
     if not seconds:
         return []
     total = sum(seconds.values())
@@ -88,9 +88,10 @@ def _stage_times(seconds: dict[str, float]) -> list[tuple]:
                           "share": [f"{v / total:.0%}" for v in seconds.values()]})
     table.loc[len(table)] = ["total", round(total), f"{int(total // 60)}:{int(total % 60):02d}", "100%"]
     return [("h2", "Where the time went"),
-            ("p", f"Wall time per stage on this machine ({os.cpu_count()} cores), summed over every invocation "
-                  "of a resumed study; the report stage itself is timed when it ends, so it is missing from the "
-                  "report that is being written and present in study.json."), ("table", table)]
+            ("p", f"Wall time per stage on this machine ({os.cpu_count()} cores), as measured by the invocation "
+                  "that finished it (a run retrained after its weights were lost counts once; work cut off by an "
+                  "interruption is not counted); the report stage itself is timed when it ends, so it is missing "
+                  "from the report that is being written and present in study.json."), ("table", table)]
 
 
 def _tuning_choices(out: Path, cfg: StudyConfig) -> list[tuple]:

@@ -118,6 +118,8 @@ def run(config: StudyConfig, log=print) -> Path:
     for row, seed in first:
         if not (compared(row, seed) and _finished(out, "select")):
             stage(f"tune {arm(row, seed)}", lambda: tune(config, out, row, seed), again=True)
+        # scored at once, not after the probe: a machine lost before then loses no finished row
+        stage(f"compare {arm(row, seed)}", lambda: compare_one(config, out, row, seed))
     # the probe run, opened on first use and shared by the probe and select stages (its base read once)
     probe_run = functools.cache(lambda: Checkpoints.open(_probe_run(config, out)).to(default_device()))
     stage("probe", lambda: probe(config, out, probe_run()))
@@ -146,8 +148,11 @@ def _weights(rows: list[tuple[str, int]], searched: list[str]) -> dict[str, floa
 
 
 def _stage(progress: Progress, out: Path, name: str, fn, again: bool = False) -> None:
-    """Run one stage and add its wall time to study.json's `stage_seconds` (summed over the
-    invocations of a resumed study, so an interrupted stage counts all the work it took).
+    """Run one stage and record its wall time in study.json's `stage_seconds`.
+
+    A stage run `again` after it finished keeps the longer of its two times: a no-op rerun (its
+    run is complete) adds nothing, and a run retrained because its weights were lost with the
+    machine counts once, not twice, so the cost of one (language, seed) stays what one run costs.
 
     A stage recorded there has finished, and is not run again (`again`: it is, because it is cheap
     when done, like the report, or because its own files say whether it is done, like a training
@@ -160,7 +165,7 @@ def _stage(progress: Progress, out: Path, name: str, fn, again: bool = False) ->
     fn()
     record = io.read_json(out / STUDY)
     seconds = record.setdefault(STAGE_SECONDS, {})
-    seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 1)
+    seconds[name] = round(max(seconds.get(name, 0.0), time.perf_counter() - start), 1)
     io.write_json(out / STUDY, record)
     progress.finished(name, seconds[name])
 

@@ -97,7 +97,7 @@ def test_whole_study_on_a_tiny_model(setup):
     changed = subprocess.run(script, capture_output=True, text=True)
     assert changed.returncode == 1 and "scores.parquet: DIFFERENT" in changed.stdout
 
-    # rerunning the same command redoes nothing: the tables stay byte-identical, the stage times add up
+    # rerunning the same command redoes nothing: the tables stay byte-identical, no stage time shrinks
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
     run(tiny_config(root, model, corpus), log=lambda m: None)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == before
@@ -318,3 +318,17 @@ def test_eta_comes_from_the_stage_times_the_study_measured():
     lines = []
     Progress(weights, {"baseline": 60.0}, log=lines.append).stage("choose lr")
     assert lines == ["[00:00, ETA ~08:30] choose lr"]                   # 8.5 weights left x 60 s
+
+
+def test_a_stage_run_again_keeps_its_longer_time_not_the_sum(tmp_path):
+    """A run retrained because its weights were lost with the machine counts once, and a no-op rerun
+    of a finished stage adds nothing: a (language, seed) costs what one run costs."""
+    import time
+    from cogprobe.study import Progress, _stage
+    record = {"model": "m", "corpus": "c", "steps": 4, "stage_seconds": {"tune full-s0": 100.0, "tune x-s0": 0.01}}
+    (tmp_path / "study.json").write_text(json.dumps(record))
+    progress = Progress({"tune full-s0": 1, "tune x-s0": 1}, log=lambda m: None)
+    _stage(progress, tmp_path, "tune full-s0", lambda: None, again=True)       # its run was complete
+    _stage(progress, tmp_path, "tune x-s0", lambda: time.sleep(0.2), again=True)  # retrained
+    seconds = json.loads((tmp_path / "study.json").read_text())["stage_seconds"]
+    assert seconds["tune full-s0"] == 100.0 and seconds["tune x-s0"] >= 0.2
