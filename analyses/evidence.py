@@ -130,8 +130,8 @@ def rows_of(language: str, study: dict, asked: list[tuple[str, str, str]]) -> li
         theirs = ([RANDOM] + study["draws"]) if other == RANDOM else [other]
         for o in theirs:
             n_draws = len(study["draws"]) if o == RANDOM else 1
-            seeds = [s for s in study["seeds"]
-                     if {a for u in units([s], row, o, study["draws"]) for a in u.values()} <= have]
+            seeds = [s for s in study["seeds"] if (us := units([s], row, o, study["draws"]))   # no draw yet: none
+                     and {a for u in us for a in u.values()} <= have]
             if not seeds:
                 continue
             for task in TASKS:

@@ -116,7 +116,7 @@ def run(config: StudyConfig, log=print) -> Path:
         stage("choose lr", lambda: choose_lrs(config, out, [r for r in searched if r != "budget"]))
     first = list(dict.fromkeys([("full", seed0), (config.probe_row, seed0)]))  # the length, then the probe
     for row, seed in first:
-        if not (compared(row, seed) and _finished(out, "select")):
+        if not compared(row, seed) or _weights_needed(config, out, row, seed):
             stage(f"tune {arm(row, seed)}", lambda: tune(config, out, row, seed), again=True)
         # scored at once, not after the probe: a machine lost before then loses no finished row
         stage(f"compare {arm(row, seed)}", lambda: compare_one(config, out, row, seed))
@@ -307,6 +307,15 @@ def _dev_curve(config: StudyConfig, eval_steps: str) -> dict:
                 eval_sample_seed=config.sample_seed)
 
 
+def _weights_needed(config: StudyConfig, out: Path, row: str, seed: int) -> bool:
+    """Whether a compared run must still be trained (again, if its weights went with the machine):
+    the probe run until the sets are selected from it, the length-setting full run until its
+    length is recorded."""
+    if (row, seed) == (config.probe_row, config.seed_list()[0]) and not _finished(out, "select"):
+        return True
+    return (row, seed) == ("full", config.seed_list()[0]) and config.converge and RUN_LENGTH not in io.read_json(out / STUDY)
+
+
 def tune(config: StudyConfig, out: Path, row: str, seed: int) -> None:
     """Train one comparison row, at its learning rate (chosen on dev) and the study's length."""
     try:
@@ -315,6 +324,14 @@ def tune(config: StudyConfig, out: Path, row: str, seed: int) -> None:
         return   # a row that cannot run (no budget set): the report says why
     cfg = train_config(config, out, row, seed, lr=chosen_lr(config, out, row), steps=run_length(config, out, row, seed))
     _train(cfg, config.isolate_runs, arm(row, seed))
+    if config.converge and (row, seed) == ("full", config.seed_list()[0]):
+        _record_length(out, stopped_at(Path(cfg.out)))
+
+
+def _record_length(out: Path, steps: int) -> None:
+    record = io.read_json(out / STUDY)
+    record[RUN_LENGTH] = steps
+    io.write_json(out / STUDY, record)
 
 
 def _train(cfg: TrainConfig, isolate: bool, name: str) -> None:
@@ -336,11 +353,9 @@ def run_length(config: StudyConfig, out: Path, row: str, seed: int) -> int:
     itself gets `steps` as its cap). Every other run then trains exactly as long: matched rows."""
     if not config.converge or (row, seed) == ("full", config.seed_list()[0]):
         return config.steps
-    record = io.read_json(out / STUDY)
-    if RUN_LENGTH not in record:   # kept in study.json: the full run's weights may be gone later
-        record[RUN_LENGTH] = stopped_at(_full_run(config, out))
-        io.write_json(out / STUDY, record)
-    return int(record[RUN_LENGTH])
+    if RUN_LENGTH not in io.read_json(out / STUDY):   # recorded when it finished; a study begun before then
+        _record_length(out, stopped_at(_full_run(config, out)))
+    return int(io.read_json(out / STUDY)[RUN_LENGTH])
 
 
 def stopped_at(run: Path) -> int:

@@ -303,6 +303,22 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*.parquet")} == before
     assert not (kept / "runs").exists()
 
+    # a machine lost after the first rows were compared, before the probe finished: only the probe
+    # run is trained again (its checkpoints are swept); full fine-tuning's length is already recorded
+    lost = tmp_path / "lost"
+    shutil.copytree(out, lost, ignore=shutil.ignore_patterns("runs"))
+    record = json.loads((lost / "study.json").read_text())
+    for name in ("probe", "select"):
+        del record["stage_seconds"][name]
+    (lost / "study.json").write_text(json.dumps(record))
+    for name in ("sweeps.parquet", "sweeps.parquet.json", "selection-budget.json"):
+        (lost / name).unlink()
+    run(build_config(lost, preset_name="standard", model=str(model), corpus=str(corpus), **STANDARD_TINY),
+        log=lambda m: None)
+    assert [p.name for p in (lost / "runs").iterdir()] == ["blocks-s0"]
+    assert (lost / "sweeps.parquet").is_file()
+    assert json.loads((lost / "selection-budget.json").read_text()) == json.loads((out / "selection-budget.json").read_text())
+
 
 def test_eta_comes_from_the_stage_times_the_study_measured():
     from cogprobe.study import Progress
@@ -332,3 +348,4 @@ def test_a_stage_run_again_keeps_its_longer_time_not_the_sum(tmp_path):
     _stage(progress, tmp_path, "tune x-s0", lambda: time.sleep(0.2), again=True)  # retrained
     seconds = json.loads((tmp_path / "study.json").read_text())["stage_seconds"]
     assert seconds["tune full-s0"] == 100.0 and seconds["tune x-s0"] >= 0.2
+

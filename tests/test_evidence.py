@@ -1,0 +1,35 @@
+"""analyses/evidence.py on a study that has only begun: what it can compare, and nothing it cannot."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analyses"))
+
+from evidence import QUESTIONS, own_rows, rows_of  # noqa: E402
+
+
+def _study(arms: list[str]) -> dict:
+    rng = np.random.default_rng(0)
+    scores = pd.DataFrame([dict(arm=a, task=t, pair_id=i, nll_sum=float(rng.uniform(20, 40)) - 5 * (a != "base"),
+                                n_tokens=10) for a in arms for t in ("perception", "production") for i in range(8)])
+    compare = pd.DataFrame([dict(row=a.rsplit("-s", 1)[0], seed=int(a.rsplit("-s", 1)[1])) for a in arms if a != "base"])
+    return dict(scores=scores, translations=pd.DataFrame(columns=["arm", "task", "pair_id", "hypothesis", "reference"]),
+                compare=compare, seeds=sorted(set(compare["seed"])), draws=[])
+
+
+def test_a_study_with_full_fine_tuning_alone_compares_nothing_and_does_not_fail():
+    study = _study(["base", "full-s0"])
+    assert rows_of("x", study, QUESTIONS) == []          # no second row, no random draw yet
+    own = pd.DataFrame(own_rows("x", study))
+    assert set(own["quantity"]) == {"nll", "share"} and set(own["row"]) == {"full"}
+
+
+def test_a_row_is_compared_once_it_and_its_other_are_there():
+    study = _study(["base", "full-s0", "cogsym-s0"])
+    found = pd.DataFrame(rows_of("x", study, QUESTIONS))
+    assert set(zip(found["row"], found["other"])) == {("cogsym", "full")}
+    assert (found["n_seeds"] == 1).all() and (found["low"] <= found["high"]).all()
