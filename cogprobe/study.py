@@ -313,7 +313,8 @@ def _weights_needed(config: StudyConfig, out: Path, row: str, seed: int) -> bool
     length is recorded."""
     if (row, seed) == (config.probe_row, config.seed_list()[0]) and not _finished(out, "select"):
         return True
-    return (row, seed) == ("full", config.seed_list()[0]) and config.converge and RUN_LENGTH not in io.read_json(out / STUDY)
+    length_setter = (row, seed) == ("full", config.seed_list()[0]) and config.converge
+    return length_setter and RUN_LENGTH not in io.read_json(out / STUDY)
 
 
 def tune(config: StudyConfig, out: Path, row: str, seed: int) -> None:

@@ -16,7 +16,8 @@ def _study(arms: list[str]) -> dict:
     rng = np.random.default_rng(0)
     scores = pd.DataFrame([dict(arm=a, task=t, pair_id=i, nll_sum=float(rng.uniform(20, 40)) - 5 * (a != "base"),
                                 n_tokens=10) for a in arms for t in ("perception", "production") for i in range(8)])
-    compare = pd.DataFrame([dict(row=a.rsplit("-s", 1)[0], seed=int(a.rsplit("-s", 1)[1])) for a in arms if a != "base"])
+    runs = [a.rsplit("-s", 1) for a in arms if a != "base"]
+    compare = pd.DataFrame([dict(row=row, seed=int(seed)) for row, seed in runs])
     return dict(scores=scores, translations=pd.DataFrame(columns=["arm", "task", "pair_id", "hypothesis", "reference"]),
                 compare=compare, seeds=sorted(set(compare["seed"])), draws=[])
 
