@@ -313,8 +313,12 @@ def _weights_needed(config: StudyConfig, out: Path, row: str, seed: int) -> bool
     length is recorded."""
     if (row, seed) == (config.probe_row, config.seed_list()[0]) and not _finished(out, "select"):
         return True
-    length_setter = (row, seed) == ("full", config.seed_list()[0]) and config.converge
-    return length_setter and RUN_LENGTH not in io.read_json(out / STUDY)
+    return _sets_length(config, row, seed) and RUN_LENGTH not in io.read_json(out / STUDY)
+
+
+def _sets_length(config: StudyConfig, row: str, seed: int) -> bool:
+    """The first seed's full run, with `converge`: it stops on its own plateau, every other run trains as long."""
+    return config.converge and (row, seed) == ("full", config.seed_list()[0])
 
 
 def tune(config: StudyConfig, out: Path, row: str, seed: int) -> None:
@@ -325,7 +329,7 @@ def tune(config: StudyConfig, out: Path, row: str, seed: int) -> None:
         return   # a row that cannot run (no budget set): the report says why
     cfg = train_config(config, out, row, seed, lr=chosen_lr(config, out, row), steps=run_length(config, out, row, seed))
     _train(cfg, config.isolate_runs, arm(row, seed))
-    if config.converge and (row, seed) == ("full", config.seed_list()[0]):
+    if _sets_length(config, row, seed):
         _record_length(out, stopped_at(Path(cfg.out)))
 
 
@@ -352,7 +356,7 @@ def _train(cfg: TrainConfig, isolate: bool, name: str) -> None:
 def run_length(config: StudyConfig, out: Path, row: str, seed: int) -> int:
     """Steps of a run: `steps`, or with `converge` where the first seed's full run stopped (that run
     itself gets `steps` as its cap). Every other run then trains exactly as long: matched rows."""
-    if not config.converge or (row, seed) == ("full", config.seed_list()[0]):
+    if not config.converge or _sets_length(config, row, seed):
         return config.steps
     if RUN_LENGTH not in io.read_json(out / STUDY):   # recorded when it finished; a study begun before then
         _record_length(out, stopped_at(_full_run(config, out)))
