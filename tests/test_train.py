@@ -245,9 +245,15 @@ def stop_at(n):
     return hook
 
 
-@pytest.mark.parametrize("strategy, layers", [("full", None), ("lora-layers", "1,4")])
-def test_resume_equals_uninterrupted(inputs, tmp_path, strategy, layers):
-    kw = dict(layers=layers, steps=6, save_steps="3", warmup=2, lora_dropout=0.1, weight_decay=0.01)
+# the third: a study row as the standard preset trains it (bf16 autocast, embeddings and head
+# frozen, dev evaluations between steps), whose interruptions must not change what it learns
+STUDY_ROW = dict(bf16=True, train_embeddings=False, train_head=False, eval_steps="every:2", eval_pairs=3)
+
+
+@pytest.mark.parametrize("strategy, layers, extra", [("full", None, {}), ("lora-layers", "1,4", {}),
+                                                     ("full", None, STUDY_ROW)])
+def test_resume_equals_uninterrupted(inputs, tmp_path, strategy, layers, extra):
+    kw = dict(layers=layers, steps=6, save_steps="3", warmup=2, lora_dropout=0.1, weight_decay=0.01, **extra)
     straight = train(config(inputs, tmp_path / "a", strategy, **kw))
     with pytest.raises(Stop):
         train(config(inputs, tmp_path / "b", strategy, **kw), on_step=stop_at(5))
