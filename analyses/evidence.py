@@ -8,7 +8,7 @@ Reads each study folder of `cogprobe run --preset standard` (its tables; no weig
                              low, high, n_pairs, n_seeds, n_draws),
   figures/evidence_rows.csv  every row's own numbers (test NLL, share of full fine-tuning's gain,
                              relative deviation, chrF and its relative deviation), same columns,
-  figures/evidence_cost.csv  the wall time of each part of each language's study on this machine,
+  figures/evidence_cost.csv  the wall time of each part of each language's study, and its machines,
   figures/evidence_status.csv  per language, the runs compared of those planned (a study still
                              running is published as far as it got, and says so first),
   figures/evidence.md        a table per language, the sentences the intervals allow, the wall times.
@@ -204,34 +204,59 @@ def _cell(r, quantity: str) -> str:
 
 
 def cost(language: str, folder: Path, seeds: list[int]) -> list[dict]:
-    """Wall hours per part of one language's study on this machine: the learning-rate trials (each
-    trial's own time, `lr_search.parquet`), what is done once (baseline, probe, select, report), and
-    each seed's runs (its tune and compare stages). A stage's time is that of the invocation that
+    """Wall hours per part of one language's study: the learning-rate trials (each trial's own time,
+    `lr_search.parquet`), what is done once (baseline, probe, select, report), and each seed's runs
+    (its tune and compare stages), with the machines they ran on (`runfolder.machine`, recorded per
+    stage since 2026-11-29; "not recorded" before). A stage's time is that of the invocation that
     finished it (work lost to an interruption is not counted); trials recorded before their times
     were kept are counted at the mean of those that were, and said so."""
-    seconds = io.read_json(folder / layout.STUDY).get("stage_seconds", {})
+    record = io.read_json(folder / layout.STUDY)
+    seconds, machines = record.get("stage_seconds", {}), record.get(layout.STAGE_MACHINES, {})
+    where = lambda stages: "; ".join(sorted({machines.get(k, "not recorded") for k in stages}))  # noqa: E731
     out = []
     trials = table(folder, layout.LR_SEARCH) if (folder / layout.LR_SEARCH).is_file() else pd.DataFrame()
     if len(trials):
         timed = trials["seconds"].dropna() if "seconds" in trials else pd.Series(dtype=float)
         hours = timed.mean() * len(trials) / 3600 if len(timed) else float("nan")
         out.append(dict(language=language, part="learning-rate trials", hours=hours, runs=len(trials),
+                        machines=where([k for k in seconds if k.startswith("choose lr")]),
                         note="" if len(timed) == len(trials) else
                         f"{len(trials) - len(timed)} of {len(trials)} trials untimed, counted at the mean of the rest"))
     once = [k for k in seconds if k in ("baseline", "probe", "select", "report")]
     out.append(dict(language=language, part="once (baseline, probe, select, report)",
-                    hours=sum(seconds[k] for k in once) / 3600, runs=0, note=""))
+                    hours=sum(seconds[k] for k in once) / 3600, runs=0, machines=where(once), note=""))
+    logged = logged_training(folder)
     for seed in seeds:
         mine = [k for k in seconds if k.startswith(("tune ", "compare ")) and k.endswith(f"-s{seed}")]
-        out.append(dict(language=language, part=f"seed {seed}", hours=sum(seconds[k] for k in mine) / 3600,
-                        runs=sum(k.startswith("tune ") for k in mine), note=""))
+        took = {k: max(seconds[k], logged.get(k.removeprefix("tune "), 0.0)) for k in mine}
+        resumed = sum(took[k] > seconds[k] for k in mine)
+        out.append(dict(language=language, part=f"seed {seed}", hours=sum(took.values()) / 3600,
+                        runs=sum(k.startswith("tune ") for k in mine), machines=where(mine),
+                        note=f"{resumed} resumed runs counted from their logs" if resumed else ""))
     return out
 
 
+def logged_training(folder: Path) -> dict[str, float]:
+    """Seconds each compared run spent on its steps and dev evaluations, over every session it ran in
+    (`sec_per_step` x steps, from its log, plus its dev curve's `seconds`): a run resumed after an
+    interruption has a tune stage that timed only its last part, and this is what it cost."""
+    if not (folder / layout.COMPARE).is_file():
+        return {}
+    record = io.read_json(folder / layout.STUDY)
+    compare, steps = table(folder, layout.COMPARE), record.get(layout.RUN_LENGTH, record.get("steps"))
+    if steps is None or "sec_per_step" not in compare:
+        return {}
+    dev = table(folder, layout.DEV_CURVES) if (folder / layout.DEV_CURVES).is_file() else pd.DataFrame()
+    evals = dev.groupby("arm")["seconds"].sum() if {"arm", "seconds"} <= set(dev.columns) else pd.Series(dtype=float)
+    return {layout.arm(r.row, r.seed): r.sec_per_step * steps + float(evals.get(layout.arm(r.row, r.seed), 0.0))
+            for r in compare.itertuples()}
+
+
 def cost_table(costs: pd.DataFrame) -> str:
-    lines = ["Wall time on this machine (hours; `figures/evidence_cost.csv`):", "",
-             "| language | part | hours | runs | note |", "|---|---|---|---|---|"]
-    lines += [f"| {r.language} | {r.part} | {r.hours:.2f} | {r.runs} | {r.note} |" for r in costs.itertuples()]
+    lines = ["Wall time (hours; `figures/evidence_cost.csv`), and the machines each part ran on:", "",
+             "| language | part | hours | runs | machines | note |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.language} | {r.part} | {r.hours:.2f} | {r.runs} | {r.machines} | {r.note} |"
+              for r in costs.itertuples()]
     return "\n".join(lines)
 
 

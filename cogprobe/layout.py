@@ -46,6 +46,7 @@ SELECTION = "selection.json"
 # a study folder
 STUDY = "study.json"
 STAGE_SECONDS = "stage_seconds"        # in study.json: wall seconds per stage, of the invocation that finished it
+STAGE_MACHINES = "stage_machines"      # in study.json: the machine of each stage's recorded time (runfolder.machine)
 RUN_LENGTH = "run_length"              # in study.json (converge): the steps every run trains, where full stopped
 EVALSETS = "evalsets.json"
 BASELINE = "baseline.csv"

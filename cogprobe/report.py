@@ -7,7 +7,6 @@ the numbers in the tables; nothing is written from expectation.
 from __future__ import annotations
 
 import html
-import os
 import platform
 import time
 from pathlib import Path
@@ -17,9 +16,10 @@ import pandas as pd
 
 from cogprobe import alignment, io, lr_choice, verdicts
 from cogprobe.layout import (ALIGNMENT, BASELINE, COMPARE, EVALSETS, LR_SEARCH, MANIFEST, RUN_LENGTH, RUNS, SCORES,
-                             STAGE_SECONDS, STUDY, SWEEPS, TRAIN_LOG, TRANSLATIONS, arm)
+                             STAGE_MACHINES, STAGE_SECONDS, STUDY, SWEEPS, TRAIN_LOG, TRANSLATIONS, arm)
 from cogprobe.models import EMBEDDED
 from cogprobe.rows import kind
+from cogprobe.runfolder import machine
 from cogprobe.studyconfig import StudyConfig
 from cogprobe.plots import plot_run, save, training_curve
 from cogprobe.tasks import TASKS
@@ -73,22 +73,24 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
                         "3%; chrF over its own sample, pairs in brackets):"), ("table", intervals_table)]
         b += [("p", s) for s in _compare_findings(compare, base.iloc[0], out)]
         b += [("figure", f) for f in figures if f.stem.startswith(("comparison", "share_curves"))]
-    b += _stage_times(io.read_json(out / STUDY).get(STAGE_SECONDS) or {})
+    record = io.read_json(out / STUDY)
+    b += _stage_times(record.get(STAGE_SECONDS) or {}, record.get(STAGE_MACHINES) or {})
     b += [("h2", "Reading these numbers"), ("p", _caveats(cfg))]
     return b
 
 
-def _stage_times(seconds: dict[str, float]) -> list[tuple]:
-    """Where the study's wall time went, per stage (the invocation that finished each)."""
+def _stage_times(seconds: dict[str, float], machines: dict[str, str]) -> list[tuple]:
+    """Where the study's wall time went, per stage (the invocation that finished each, and its machine)."""
     if not seconds:
         return []
     total = sum(seconds.values())
     table = pd.DataFrame({"stage": list(seconds), "seconds": [round(v) for v in seconds.values()],
                           "minutes": [f"{int(v // 60)}:{int(v % 60):02d}" for v in seconds.values()],
-                          "share": [f"{v / total:.0%}" for v in seconds.values()]})
-    table.loc[len(table)] = ["total", round(total), f"{int(total // 60)}:{int(total % 60):02d}", "100%"]
+                          "share": [f"{v / total:.0%}" for v in seconds.values()],
+                          "machine": [machines.get(k, "not recorded") for k in seconds]})
+    table.loc[len(table)] = ["total", round(total), f"{int(total // 60)}:{int(total % 60):02d}", "100%", ""]
     return [("h2", "Where the time went"),
-            ("p", f"Wall time per stage on this machine ({os.cpu_count()} cores), as measured by the invocation "
+            ("p", "Wall time per stage, as measured by the invocation "
                   "that finished it (a run retrained after its weights were lost counts once; work cut off by an "
                   "interruption is not counted); the report stage itself is timed when it ends, so it is missing "
                   "from the report that is being written and present in study.json."), ("table", table)]
@@ -125,7 +127,7 @@ def _what_was_run(out: Path, cfg: StudyConfig) -> str:
     manifest = out / RUNS / _full_name(out) / MANIFEST
     versions = io.read_json(manifest).get("versions", {}) if manifest.is_file() else {}
     vers = ", ".join(f"{k} {v}" for k, v in versions.items())
-    machine = f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores), Python {platform.python_version()}"
+    where = f"{machine()}, Python {platform.python_version()}"
     steps = f"at most {cfg.steps} steps (the length below)" if cfg.converge else f"{cfg.steps} steps"
     rates = ("lr chosen per row on dev (below)" if len(cfg.lrs("full")) > 1 or len(cfg.lrs("lora")) > 1
              else f"lr {cfg.lr} (LoRA {cfg.lora_lr})")
@@ -134,7 +136,7 @@ def _what_was_run(out: Path, cfg: StudyConfig) -> str:
             f"LoRA r={cfg.lora_r}, bf16 autocast {cfg.bf16}, training loss on "
             f"{cfg.loss_on} tokens, whole examples per row, training pairs cut as wholes to "
             f"{cfg.train_max_sentence_tokens} tokens a side. {_evalsets_text(out)} "
-            f"Report written on: {machine}. Versions: {vers}. "
+            f"Report written on: {where}. Versions: {vers}. "
             f"Report written {time.strftime('%Y-%m-%d %H:%M')}.")
 
 

@@ -134,6 +134,20 @@ def versions() -> dict[str, str]:
     return found
 
 
+def machine() -> str:
+    """Where this process runs, e.g. "Intel(R) Xeon(R) Processor (avx512_bf16), 2 cores": wall times
+    depend on it, and so do bf16 results (the kernels differ with the processor's instructions), so
+    a run retrained on another machine is a sibling of the first, not a copy."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+        flags = set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
+    bf16 = ", ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags)
+    text = f"{cpu} ({bf16}), {os.cpu_count()} cores" if bf16 else f"{cpu}, {os.cpu_count()} cores"
+    return text + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "")
+
+
 def manifest(cfg, model, blocks, layers, fingerprint: str, corpus: dict) -> dict:
     from cogprobe.models import model_source
     from cogprobe.params import n_trainable
@@ -146,7 +160,7 @@ def manifest(cfg, model, blocks, layers, fingerprint: str, corpus: dict) -> dict
                   architecture=type(blocks.model).__name__, n_layers=blocks.n),
         trainable_params=n_trainable(model),
         total_params=sum(p.numel() for p in blocks.model.parameters()),
-        save_steps=cfg.save_step_list(), corpus=corpus, versions=versions(),
+        save_steps=cfg.save_step_list(), corpus=corpus, versions=versions(), machine=machine(),
     ))
 
 

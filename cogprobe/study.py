@@ -42,12 +42,13 @@ from cogprobe.evalset import EvalSet
 from cogprobe.health import check_healthy
 from cogprobe.layersets import cogsym, parse_range_list
 from cogprobe.layout import (BASELINE, COMPARE, COST, DEV_CURVE, DEV_CURVES, EVALSETS, LR_SEARCH, LR_TRIALS, MANIFEST,
-                             RUN_LENGTH, RUNS, SCORES, SELECTION_BUDGET, SELECTION_FIXED, STAGE_SECONDS, STOP, STUDY,
-                             TRAIN_CONFIG, TRANSLATIONS, arm, claim, row_run)
+                             RUN_LENGTH, RUNS, SCORES, SELECTION_BUDGET, SELECTION_FIXED, STAGE_MACHINES, STAGE_SECONDS,
+                             STOP, STUDY, TRAIN_CONFIG, TRANSLATIONS, arm, claim, row_run)
 from cogprobe.models import block_count, load_model
 from cogprobe.probe import capture_run, select_run, sweep_run
 from cogprobe.report import write_report
 from cogprobe.rows import Plan, Skip, kind, plan
+from cogprobe.runfolder import machine
 from cogprobe.select import select_fixed
 from cogprobe.studyconfig import EXECUTION_ONLY, StudyConfig, renamed
 from cogprobe.sweep import check_ks
@@ -165,7 +166,10 @@ def _stage(progress: Progress, out: Path, name: str, fn, again: bool = False) ->
     fn()
     record = io.read_json(out / STUDY)
     seconds = record.setdefault(STAGE_SECONDS, {})
-    seconds[name] = round(max(seconds.get(name, 0.0), time.perf_counter() - start), 1)
+    took = time.perf_counter() - start
+    if took >= seconds.get(name, 0.0):  # the machine of the time kept: costs differ between machines
+        record.setdefault(STAGE_MACHINES, {})[name] = machine()
+    seconds[name] = round(max(seconds.get(name, 0.0), took), 1)
     io.write_json(out / STUDY, record)
     progress.finished(name, seconds[name])
 
@@ -184,7 +188,7 @@ def _check_inputs(config: StudyConfig) -> None:
         check_ks(parse_range_list(config.sweep_ks, 10**6), n)
 
 
-RECORDS = (STAGE_SECONDS, RUN_LENGTH)   # what study.json records of a study's progress, beside its config
+RECORDS = (STAGE_SECONDS, STAGE_MACHINES, RUN_LENGTH)   # what study.json records of a study's progress, beside its config
 
 
 def _claim(out: Path, config: StudyConfig) -> None:

@@ -34,3 +34,20 @@ def test_a_row_is_compared_once_it_and_its_other_are_there():
     found = pd.DataFrame(rows_of("x", study, QUESTIONS))
     assert set(zip(found["row"], found["other"])) == {("cogsym", "full")}
     assert (found["n_seeds"] == 1).all() and (found["low"] <= found["high"]).all()
+
+
+def test_a_resumed_run_costs_what_its_log_says_not_its_last_invocation(tmp_path):
+    """Each session's end interrupts a run; its tune stage then times only the part after the resume,
+    while its log (sec_per_step over every session) and its dev curve hold what it cost."""
+    from cogprobe import io
+    from evidence import cost
+    io.write_json(tmp_path / "study.json", {"model": "m", "corpus": "c", "steps": 100, "run_length": 50, "stage_machines": {"tune full-s0": "cpu"},
+                                            "stage_seconds": {"tune full-s0": 40.0, "compare full-s0": 30.0,
+                                                              "tune blocks-s0": 500.0, "compare blocks-s0": 30.0}})
+    io.write_parquet(tmp_path / "compare.parquet", pd.DataFrame(dict(row=["full", "blocks"], seed=0,
+                                                                     sec_per_step=[2.0, 2.0])))
+    io.write_parquet(tmp_path / "dev_curves.parquet", pd.DataFrame(dict(arm=["full-s0"] * 2, seconds=[3.0, 2.0])))
+    seed0 = cost("x", tmp_path, [0])[-1]
+    assert seed0["hours"] * 3600 == (2.0 * 50 + 5.0) + 30.0 + 500.0 + 30.0   # blocks' own stage time stands
+    assert seed0["note"] == "1 resumed runs counted from their logs" and seed0["runs"] == 2
+    assert seed0["machines"] == "cpu; not recorded"

@@ -11,6 +11,7 @@ import pytest
 from cogprobe.cli import main
 from cogprobe.errors import CogprobeError
 from cogprobe.layout import COMPARE
+from cogprobe.runfolder import machine
 from cogprobe.study import run
 from cogprobe.studyconfig import build_config
 from tiny import save_tiny
@@ -261,6 +262,7 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     spent = pd.read_csv(tmp_path / "figures" / "evidence_cost.csv").set_index("part")
     assert spent.loc["learning-rate trials", "runs"] == len(pd.read_parquet(out / "lr_search.parquet"))
     assert spent["note"].isna().all() and (spent["hours"] > 0).all()   # every trial timed
+    assert set(spent["machines"]) == {machine()}                        # every stage's machine recorded
     assert spent.loc["seed 0", "runs"] == spent.loc["seed 1", "runs"] == len(compare) // 2
     figures = Path(__file__).parent.parent / "analyses" / "evidence_figures.py"
     done = subprocess.run([sys.executable, str(figures), f"tiny={out}", f"again={out}"], capture_output=True,
@@ -347,5 +349,7 @@ def test_a_stage_run_again_keeps_its_longer_time_not_the_sum(tmp_path):
     progress = Progress({"tune full-s0": 1, "tune x-s0": 1}, log=lambda m: None)
     _stage(progress, tmp_path, "tune full-s0", lambda: None, again=True)       # its run was complete
     _stage(progress, tmp_path, "tune x-s0", lambda: time.sleep(0.2), again=True)  # retrained
-    seconds = json.loads((tmp_path / "study.json").read_text())["stage_seconds"]
-    assert seconds["tune full-s0"] == 100.0 and seconds["tune x-s0"] >= 0.2
+    record = json.loads((tmp_path / "study.json").read_text())
+    assert record["stage_seconds"]["tune full-s0"] == 100.0 and record["stage_seconds"]["tune x-s0"] >= 0.2
+    # the machine of the time kept: none for the stage whose older time stands, this one's for the other
+    assert record["stage_machines"] == {"tune x-s0": machine()}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -172,6 +173,7 @@ def test_run_folder_manifest_log_and_cost(inputs, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["layers"] == [0, 5] and manifest["strategy"] == "layers"  # round(0.25*6)=2 -> 1+1
     assert manifest["base"]["fingerprint"] and manifest["versions"]["torch"].startswith("2.")
+    assert manifest["machine"].endswith(f"{os.cpu_count()} cores")    # bf16 results and times depend on it
     log = pd.read_parquet(out / "train_log.parquet")
     assert list(log["step"]) == [1, 2, 3, 4]
     assert list(log["tokens"]) == list(log["step_tokens"].cumsum())  # real tokens, padding not counted
