@@ -208,7 +208,8 @@ def cost(language: str, folder: Path, seeds: list[int]) -> list[dict]:
     `lr_search.parquet`), what is done once (baseline, probe, select, report), and each seed's runs
     (its tune and compare stages), with the machines they ran on (`runfolder.machine`, recorded per
     stage since 2026-11-29; "not recorded" before). A stage's time is that of the invocation that
-    finished it (work lost to an interruption is not counted); trials recorded before their times
+    finished it (work lost to an interruption is not counted), or for a run resumed after one, the
+    time its log holds (`logged_training`); trials recorded before their times
     were kept are counted at the mean of those that were, and said so."""
     record = io.read_json(folder / layout.STUDY)
     seconds, machines = record.get("stage_seconds", {}), record.get(layout.STAGE_MACHINES, {})
