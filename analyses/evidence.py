@@ -226,7 +226,7 @@ def cost(language: str, folder: Path, seeds: list[int]) -> list[dict]:
     once = [k for k in seconds if k in ("baseline", "probe", "select", "report")]
     out.append(dict(language=language, part="once (baseline, probe, select, report)",
                     hours=sum(seconds[k] for k in once) / 3600, runs=0, machines=where(once), note=""))
-    logged = logged_training(folder)
+    logged = logged_training(folder, record.get(layout.RUN_LENGTH, record.get("steps")))
     for seed in seeds:
         mine = [k for k in seconds if k.startswith(("tune ", "compare ")) and k.endswith(f"-s{seed}")]
         took = {k: max(seconds[k], logged.get(k.removeprefix("tune "), 0.0)) for k in mine}
@@ -237,15 +237,14 @@ def cost(language: str, folder: Path, seeds: list[int]) -> list[dict]:
     return out
 
 
-def logged_training(folder: Path) -> dict[str, float]:
-    """Seconds each compared run spent on its steps and dev evaluations, over every session it ran in
-    (`sec_per_step` x steps, from its log, plus its dev curve's `seconds`): a run resumed after an
+def logged_training(folder: Path, steps: int | None) -> dict[str, float]:
+    """Seconds each compared run spent on its `steps` and dev evaluations, over every session it ran
+    in (`sec_per_step` x steps, from its log, plus its dev curve's `seconds`): a run resumed after an
     interruption has a tune stage that timed only its last part, and this is what it cost."""
-    if not (folder / layout.COMPARE).is_file():
+    if steps is None or not (folder / layout.COMPARE).is_file():
         return {}
-    record = io.read_json(folder / layout.STUDY)
-    compare, steps = table(folder, layout.COMPARE), record.get(layout.RUN_LENGTH, record.get("steps"))
-    if steps is None or "sec_per_step" not in compare:
+    compare = table(folder, layout.COMPARE)
+    if "sec_per_step" not in compare:
         return {}
     dev = table(folder, layout.DEV_CURVES) if (folder / layout.DEV_CURVES).is_file() else pd.DataFrame()
     evals = dev.groupby("arm")["seconds"].sum() if {"arm", "seconds"} <= set(dev.columns) else pd.Series(dtype=float)

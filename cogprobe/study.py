@@ -166,10 +166,9 @@ def _stage(progress: Progress, out: Path, name: str, fn, again: bool = False) ->
     fn()
     record = io.read_json(out / STUDY)
     seconds = record.setdefault(STAGE_SECONDS, {})
-    took = time.perf_counter() - start
-    if took >= seconds.get(name, 0.0):  # the machine of the time kept: costs differ between machines
-        record.setdefault(STAGE_MACHINES, {})[name] = machine()
-    seconds[name] = round(max(seconds.get(name, 0.0), took), 1)
+    took = round(time.perf_counter() - start, 1)
+    if took >= seconds.get(name, 0.0):  # kept with its machine: costs differ between machines
+        seconds[name], record.setdefault(STAGE_MACHINES, {})[name] = took, machine()
     io.write_json(out / STUDY, record)
     progress.finished(name, seconds[name])
 

@@ -41,7 +41,8 @@ def test_a_resumed_run_costs_what_its_log_says_not_its_last_invocation(tmp_path)
     while its log (sec_per_step over every session) and its dev curve hold what it cost."""
     from cogprobe import io
     from evidence import cost
-    io.write_json(tmp_path / "study.json", {"model": "m", "corpus": "c", "steps": 100, "run_length": 50, "stage_machines": {"tune full-s0": "cpu"},
+    io.write_json(tmp_path / "study.json", {"model": "m", "corpus": "c", "steps": 100, "run_length": 50,
+                                            "stage_machines": {"tune full-s0": "cpu"},
                                             "stage_seconds": {"tune full-s0": 40.0, "compare full-s0": 30.0,
                                                               "tune blocks-s0": 500.0, "compare blocks-s0": 30.0}})
     io.write_parquet(tmp_path / "compare.parquet", pd.DataFrame(dict(row=["full", "blocks"], seed=0,
