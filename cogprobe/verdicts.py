@@ -139,29 +139,49 @@ def fmt(row, percent: bool = False) -> str:
     return f"{f(row['estimate'])} [{f(row['low'])}, {f(row['high'])}]"
 
 
-def within_bar(row) -> str:
-    """The paper's yardstick on one relative deviation: within the bar, not within it, or unresolved."""
+# what an interval allows, in one word: the long sentences below and the headline table's cells
+# (analyses/evidence.py) are both worded from these, so they cannot disagree
+WITHIN, BEYOND, ABOVE, BELOW, UNRESOLVED, TOO_FEW = "within", "beyond", "above", "below", "not resolved", "too few pairs"
+
+
+def bar_call(row) -> str:
+    """The paper's yardstick on one relative deviation: WITHIN the bar (the whole interval at most
+    BAR worse), BEYOND it (the whole interval worse), UNRESOLVED, or TOO_FEW pairs to say."""
     i = _interval(row)
     if row["n_pairs"] < MIN_PAIRS:
+        return TOO_FEW
+    return WITHIN if i.high <= BAR else BEYOND if i.low > BAR else UNRESOLVED
+
+
+def difference_call(row) -> str:
+    """A paired difference: ABOVE 0 or BELOW 0 when its interval excludes 0, else UNRESOLVED (or TOO_FEW)."""
+    i = _interval(row)
+    if row["n_pairs"] < MIN_PAIRS:
+        return TOO_FEW
+    return ABOVE if i.low > 0 else BELOW if i.high < 0 else UNRESOLVED
+
+
+def within_bar(row) -> str:
+    """`bar_call` in a sentence; unresolved ones say how many pairs would resolve them."""
+    call = bar_call(row)
+    if call == TOO_FEW:
         return _too_few(row)
-    if i.high <= BAR:
+    if call == WITHIN:
         return f"within {BAR:.0%} of full fine-tuning (at most {BAR:.0%} worse)"
-    if i.low > BAR:
+    if call == BEYOND:
         return f"more than {BAR:.0%} worse than full fine-tuning"
-    need = intervals.pairs_to_resolve(i, int(row["n_pairs"]), BAR)
+    need = intervals.pairs_to_resolve(_interval(row), int(row["n_pairs"]), BAR)
     return f"not resolved against the {BAR:.0%} bar at {int(row['n_pairs'])} pairs" + _resolving(need, int(row["n_pairs"]))
 
 
 def difference_words(row, better: str, worse: str) -> str:
     """A paired difference stated only when its interval excludes 0 (and rests on enough pairs)."""
-    i = _interval(row)
-    if row["n_pairs"] < MIN_PAIRS:
+    call = difference_call(row)
+    if call == TOO_FEW:
         return _too_few(row)
-    if i.low > 0:
-        return better
-    if i.high < 0:
-        return worse
-    need = intervals.pairs_to_resolve(i, int(row["n_pairs"]))
+    if call in (ABOVE, BELOW):
+        return better if call == ABOVE else worse
+    need = intervals.pairs_to_resolve(_interval(row), int(row["n_pairs"]))
     return f"not resolved at {int(row['n_pairs'])} pairs" + _resolving(need, int(row["n_pairs"]))
 
 

@@ -52,3 +52,21 @@ def test_a_resumed_run_costs_what_its_log_says_not_its_last_invocation(tmp_path)
     assert seed0["hours"] * 3600 == (2.0 * 50 + 5.0) + 30.0 + 500.0 + 30.0   # blocks' own stage time stands
     assert seed0["note"] == "1 resumed runs counted from their logs" and seed0["runs"] == 2
     assert seed0["machines"] == "cpu; not recorded"
+
+
+def test_the_headline_answers_only_what_each_interval_allows():
+    from evidence import COLUMNS, headline_table
+    base = dict(language="nahuatl", task="perception", n_pairs=256, n_seeds=2, n_draws=1)
+    found = pd.DataFrame([
+        dict(base, row="cogsym", other="full", quantity="rel_deviation", estimate=0.01, low=0.0, high=0.025),
+        dict(base, row="cogsym", other="full", quantity="chrf_rel_deviation", estimate=0.02, low=-0.1, high=0.12),
+        dict(base, row="cogsym", other="middle", quantity="share_minus", estimate=-0.2, low=-0.3, high=-0.1),
+        dict(base, row="budget", other="cogsym", quantity="share_minus", estimate=0.05, low=0.01, high=0.09,
+             n_seeds=1)], columns=COLUMNS)
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in headline_table(found).splitlines()}
+    assert "| yes: 1.0% [0.0%, 2.5%] |" in lines["CogSym within 3% of full fine-tuning, test NLL"]
+    assert "| not resolved: 2.0% [-10.0%, 12.0%] |" in lines["CogSym within 3% of full fine-tuning, chrF"]
+    assert "| no: -20.0%" in lines["CogSym keeps more of the gain than the middle set of its size"]
+    assert "yes: 5.0% [1.0%, 9.0%], 1 of 2 seeds |" in lines["The derived budget keeps more of the gain than CogSym"]
+    assert lines["CogSym keeps more of the gain than the top set of its size"].endswith("|  |")   # not compared yet
+    assert headline_table(pd.DataFrame(columns=COLUMNS)) == ""

@@ -257,7 +257,8 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     for task in ("perception", "production"):   # the mean over seeds of what compare.parquet holds
         assert cogsym_nll[task] == pytest.approx(by_seed[f"{task}_nll"].mean(), rel=1e-9)
     words = (tmp_path / "figures" / "evidence.md").read_text()
-    assert "**tiny, perception**" in words and "3 pairs are too few" in words and " keeps more" not in words
+    assert "**tiny, perception**" in words and "3 pairs are too few" in words and "cogsym keeps more" not in words
+    assert "| too few pairs: " in words and not any(f"| {a}: " in words for a in ("yes", "no", "not resolved"))
     assert "| row | blocks | trainable |" in words and "(2 draws pooled)" in words
     spent = pd.read_csv(tmp_path / "figures" / "evidence_cost.csv").set_index("part")
     assert spent.loc["learning-rate trials", "runs"] == len(pd.read_parquet(out / "lr_search.parquet"))
