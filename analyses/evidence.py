@@ -7,7 +7,8 @@ Reads each study folder of `cogprobe run --preset standard` (its tables; no weig
   figures/evidence.csv       the comparisons (tidy: language, row, other, task, quantity, estimate,
                              low, high, n_pairs, n_seeds, n_draws),
   figures/evidence_rows.csv  every row's own numbers (test NLL, share of full fine-tuning's gain,
-                             relative deviation, chrF and its relative deviation), same columns,
+                             relative deviation, chrF and its relative deviation, conditional gain;
+                             the base model's conditional gain too, with n_seeds 0), same columns,
   figures/evidence_cost.csv  the wall time of each part of each language's study, and its machines,
   figures/evidence_status.csv  per language, the runs compared of those planned (a study still
                              running is published as far as it got, and says so first),
@@ -156,7 +157,31 @@ def rows_of(language: str, study: dict, asked: list[tuple[str, str, str]]) -> li
 
 def own_rows(language: str, study: dict) -> list[dict]:
     names = list(dict.fromkeys(study["compare"]["row"]))
-    return rows_of(language, study, [(r, "full", q) for r in names for q in OWN if not (r == "full" and "dev" in q)])
+    return (rows_of(language, study, [(r, "full", q) for r in names for q in OWN if not (r == "full" and "dev" in q)])
+            + conditional_gains(language, study))
+
+
+def conditional_gains(language: str, study: dict) -> list[dict]:
+    """Per row (and the base model) and task: test NLL with a shuffled source minus with the true one
+    (same pairs), i.e. how much the model reads the source it translates; mean over the row's seeds."""
+    scores = study["scores"]
+    keyed = scores.assign(arm=scores["arm"] + "|" + scores["task"])   # one arm per (run, task or control)
+    present = set(keyed["arm"])
+    out = []
+    for row in ["base", *dict.fromkeys(study["compare"]["row"])]:
+        for task in TASKS:
+            runs = ["base"] if row == "base" else [layout.arm(row, s) for s in study["seeds"]]
+            runs = [a for a in runs if {f"{a}|{task}", f"{a}|{task}-shuffled"} <= present]
+            if not runs:
+                continue
+            data = [dict(zip(("true", "shuffled"), intervals.arms(
+                keyed, [f"{a}|{task}", f"{a}|{task}-shuffled"]).values())) for a in runs]
+            gain = lambda m: m["shuffled"] - m["true"]  # noqa: E731
+            i = intervals.hierarchical(gain, data) if len(data) > 1 else intervals.paired(gain, data[0])
+            out.append(dict(language=language, row=row, other="", task=task, quantity="conditional_gain",
+                            estimate=i.estimate, low=i.low, high=i.high, n_pairs=len(data[0]["true"][0]),
+                            n_seeds=len(runs) if row != "base" else 0, n_draws=1))
+    return out
 
 
 def sentences(rows: pd.DataFrame) -> list[str]:
@@ -229,11 +254,16 @@ def row_table(own: pd.DataFrame, compare: pd.DataFrame, quantities: list[str]) -
     heads = [(q, t) for q in quantities for t in TASKS]
     lines = ["| row | blocks | trainable | " + " | ".join(f"{t} {q.replace('_', ' ')}" for q, t in heads) + " |",
              "|---|---|---|" + "---|" * len(heads)]
-    for row in dict.fromkeys(own["row"]):
+    for row in [r for r in dict.fromkeys(own["row"]) if r in first.index]:   # the base model has its own line
         vals = [_cell(cells.loc[(row, t, q)], q) if (row, t, q) in cells.index else "" for q, t in heads]
         lines.append(f"| {row} | {first.loc[row, 'blocks']} | {first.loc[row, 'trainable_params'] / 1e6:.2f}M | "
                      + " | ".join(vals) + " |")
     return "\n".join(lines)
+
+
+def _base_gain(own: pd.DataFrame) -> str:
+    base = own[(own["row"] == "base") & (own["quantity"] == "conditional_gain")]
+    return ", ".join(f"{r['task']} {verdicts.fmt(r)}" for _, r in base.iterrows()) or "not scored"
 
 
 def _cell(r, quantity: str) -> str:
@@ -321,8 +351,10 @@ def main() -> None:
         mine = pd.DataFrame(own_rows(language, study), columns=COLUMNS)
         own.append(mine)
         tables.append(f"**{language}**, test NLL (mean over the seeds that have the row and full fine-tuning; "
-                      f"`n_seeds` in figures/evidence_rows.csv):\n\n"
-                      + row_table(mine, study["compare"], ["nll", "share", "rel_deviation"]))
+                      f"`n_seeds` in figures/evidence_rows.csv). Conditional gain: NLL with a shuffled source "
+                      f"minus NLL with the true one, in nats (how much a model reads the source; the base "
+                      f"model's: {_base_gain(mine)}):\n\n"
+                      + row_table(mine, study["compare"], ["nll", "share", "rel_deviation", "conditional_gain"]))
         tables.append(f"**{language}**, chrF on test (same seeds):\n\n"
                       + row_table(mine, study["compare"], ["chrf", "chrf_rel_deviation"]))
     found = pd.DataFrame(found, columns=COLUMNS)

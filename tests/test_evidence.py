@@ -70,3 +70,16 @@ def test_the_headline_answers_only_what_each_interval_allows():
     assert "yes: 5.0% [1.0%, 9.0%], 1 of 2 seeds |" in lines["The derived budget keeps more of the gain than CogSym"]
     assert lines["CogSym keeps more of the gain than the top set of its size"].endswith("|  |")   # not compared yet
     assert headline_table(pd.DataFrame(columns=COLUMNS)) == ""
+
+
+def test_conditional_gain_is_shuffled_minus_true_source_nll_per_row_and_the_base():
+    from evidence import conditional_gains
+    study = _study(["base", "full-s0", "full-s1"])
+    s = study["scores"]
+    shuffled = s.assign(task=s["task"] + "-shuffled", nll_sum=s["nll_sum"] + 4.0)   # 0.4 nats a token worse
+    study["scores"] = pd.concat([s, shuffled], ignore_index=True)
+    study["compare"], study["seeds"] = pd.DataFrame(dict(row=["full", "full"], seed=[0, 1])), [0, 1]
+    got = pd.DataFrame(conditional_gains("x", study)).set_index(["row", "task"])
+    assert set(got.index) == {(r, t) for r in ("base", "full") for t in ("perception", "production")}
+    assert np.allclose(got["estimate"], 0.4) and (got["low"] <= got["high"]).all()
+    assert got.loc[("full", "perception"), "n_seeds"] == 2 and got.loc[("base", "perception"), "n_seeds"] == 0
