@@ -179,8 +179,10 @@ def difference_words(row, better: str, worse: str) -> str:
     call = difference_call(row)
     if call == TOO_FEW:
         return _too_few(row)
-    if call in (ABOVE, BELOW):
-        return better if call == ABOVE else worse
+    if call == ABOVE:
+        return better
+    if call == BELOW:
+        return worse
     need = intervals.pairs_to_resolve(_interval(row), int(row["n_pairs"]))
     return f"not resolved at {int(row['n_pairs'])} pairs" + _resolving(need, int(row["n_pairs"]))
 
