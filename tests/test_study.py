@@ -251,7 +251,12 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     pooled = headline[headline["other"] == "random"]
     assert set(pooled["n_draws"]) == {2} and set(headline[headline["other"] != "random"]["n_draws"]) == {1}
     own = pd.read_csv(tmp_path / "figures" / "evidence_rows.csv")
-    assert set(own["quantity"]) == {"nll", "share", "rel_deviation", "chrf", "chrf_rel_deviation"}
+    assert set(own["quantity"]) == {"nll", "share", "rel_deviation", "chrf", "chrf_rel_deviation",
+                                    "conditional_gain"}
+    gains = own[own["quantity"] == "conditional_gain"]   # every row and the base, per task
+    assert set(gains["row"]) == set(compare["row"]) | {"base"} and len(gains) == 2 * len(set(gains["row"]))
+    base = gains["row"] == "base"
+    assert set(gains[base]["n_seeds"]) == {0} and set(gains[~base]["n_seeds"]) == {2}
     cogsym_nll = own[(own["row"] == "cogsym") & (own["quantity"] == "nll")].set_index("task")["estimate"]
     by_seed = compare[compare["row"] == "cogsym"]
     for task in ("perception", "production"):   # the mean over seeds of what compare.parquet holds
