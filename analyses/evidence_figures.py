@@ -6,7 +6,11 @@ figures/evidence_share_curves.png: each row's dev NLL gain as a share of full fi
 one, against step (mean over seeds; one panel row per language): learning speed and end point apart.
 figures/evidence_specialization_<language>.png: the specialization curves of the study's probe run
 (the `blocks` run of the first seed, the run the budget set is derived from) at its last checkpoint,
-with 95% paired-bootstrap bands over its dev pairs. The CSV beside each PNG holds its numbers.
+with 95% paired-bootstrap bands over its dev pairs.
+figures/evidence_same_size.png: CogSym against the sets of its size (middle, bottom, top, each
+random draw), each one's share of full fine-tuning's test-NLL gain with its interval, from
+figures/evidence_rows.csv (so `analyses/evidence.py` runs first, as `make evidence-tables` does).
+The CSV beside each PNG holds its numbers.
 A study still running gives the figures of what it has (a line says what is not there yet).
 """
 from __future__ import annotations
@@ -15,10 +19,11 @@ import argparse
 from pathlib import Path
 
 import pandas as pd
-from _common import publish, table
+from _common import FIGURES, publish, table
 
 from cogprobe import io, layout
-from cogprobe.plots import share_curves
+from cogprobe.plots import SAME_SIZE, same_size_shares, share_curves
+from cogprobe.rows import kind
 from cogprobe.sweep_plots import specialization_curves
 
 
@@ -32,9 +37,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("studies", nargs="+", help="LANGUAGE=STUDY_DIR, a folder of `cogprobe run --preset standard`")
     a = p.parse_args()
-    curves = []
+    curves, languages = [], []
     for spec in a.studies:
         language, _, folder = spec.partition("=")
+        languages.append(language)
         if not folder:
             p.error(f"{spec!r}: write LANGUAGE=STUDY_DIR, e.g. nahuatl=analyses/evidence/axolotl")
         if (Path(folder) / layout.DEV_CURVES).is_file():
@@ -49,6 +55,15 @@ def main() -> None:
     if curves:
         curves = pd.concat(curves, ignore_index=True)
         publish(share_curves(curves), curves, "evidence_share_curves")
+    rows = FIGURES / "evidence_rows.csv"
+    if rows.is_file():
+        rows = pd.read_csv(rows)
+        sets = rows[rows["language"].isin(languages) & (rows["quantity"] == "share")
+                    & rows["row"].map(kind).isin(SAME_SIZE)]
+        if not sets.empty:
+            publish(same_size_shares(sets), sets, "evidence_same_size")
+    else:
+        print(f"no {rows}, so no same-size figure: run analyses/evidence.py first")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 START = "<!-- evidence results: written by analyses/evidence_readme.py from figures/, do not edit by hand -->"
 END = "<!-- end of evidence results -->"
 FIGURE_NAMES = {"evidence_share_curves.png": "Share of full fine-tuning's dev gain against step, per row",
+                "evidence_same_size.png": "CogSym against the sets of its size, random draws one by one",
                 "evidence_specialization_{}.png": "Specialization curves of the probe run, {}"}
 
 

@@ -245,6 +245,49 @@ def share_curves(curves: pd.DataFrame) -> Figure:
     return fig
 
 
+SAME_SIZE = ("cogsym", "middle", "bottom", "top", "random")   # the row kinds with CogSym's number of blocks
+
+
+@_styled
+def same_size_shares(rows: pd.DataFrame) -> Figure:
+    """CogSym against the sets of its size: each set's share of full fine-tuning's test-NLL gain with
+    its 95% interval, one panel per (language, task). The random draws get a column of their own,
+    one dot per draw, so they read as the distribution they are and not as one set. Takes the tidy
+    table `analyses/evidence.py` writes (figures/evidence_rows.csv) as it is."""
+    _require(rows, ("row", "task", "quantity", "estimate", "low", "high"), "evidence_rows",
+             "write it with `python analyses/evidence.py LANGUAGE=STUDY_DIR`")
+    rows = rows if "language" in rows else rows.assign(language="")
+    shares = rows[(rows["quantity"] == "share") & rows["row"].map(kind).isin(SAME_SIZE) & rows["task"].isin(TASKS)]
+    if shares.empty:
+        raise CogprobeError("the table has no share of a CogSym-sized row (cogsym, middle, bottom, top, random); "
+                            "compare those rows first (`cogprobe run --preset standard`)")
+    kinds = shares["row"].map(kind)
+    columns = [k for k in SAME_SIZE if (kinds == k).any()]
+    draws = shares.loc[kinds == "random", "row"].nunique()
+    labels = [f"random\n({draws} draws)" if k == "random" else k for k in columns]
+    languages = list(dict.fromkeys(shares["language"]))
+    fig, axes = _grid(len(languages), len(TASKS), w=0.9 * len(columns) + 1.2, h=3.4, sharey=True)
+    for i, language in enumerate(languages):
+        for ax, task in zip(axes[i], TASKS):
+            mine = shares[(shares["language"] == language) & (shares["task"] == task)]
+            for x, k in enumerate(columns):
+                sets = mine[mine["row"].map(kind) == k].sort_values("row")
+                offsets = np.linspace(-0.25, 0.25, len(sets)) if len(sets) > 1 else [0.0]
+                colour = "C3" if k == "cogsym" else ("0.5" if k == "random" else "C0")
+                for dx, r in zip(offsets, sets.itertuples()):
+                    ax.errorbar(x + dx, r.estimate, yerr=[[r.estimate - r.low], [r.high - r.estimate]], fmt="o",
+                                color=colour, capsize=3, lw=1, ms=4)
+                if k == "cogsym" and len(sets):
+                    ax.axhline(sets["estimate"].iloc[0], color="C3", lw=0.6, ls="--")
+            ax.axhline(1, color="0.3", lw=0.6, ls=":")
+            ax.set_xticks(range(len(columns)), labels=labels, fontsize="small")
+            ax.set_xlim(-0.6, len(columns) - 0.4)
+            ax.set(title=f"{language} · {task}" if language else task)
+        axes[i, 0].set(ylabel="share of full fine-tuning's test NLL gain")
+    fig.suptitle("CogSym against the sets of its size (95% intervals; dotted: full fine-tuning)")
+    return fig
+
+
 # ------------------------------------------------------------------ a whole run folder
 
 def plot_run(run_dir: str | os.PathLike, *, dpi: int = 150) -> list[Path]:

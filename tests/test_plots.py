@@ -257,6 +257,35 @@ def test_comparison_bars_average_seeds_with_error_bars():
     assert len(ax.get_lines()) > 3                           # error bars beyond the three level lines
 
 
+def synthetic_rows() -> pd.DataFrame:
+    """figures/evidence_rows.csv's shape: shares of full's gain for two languages and every row kind."""
+    rows = []
+    for language in ("nahuatl", "otomi"):
+        for row, share in [("full", 1.0), ("cogsym", 0.9), ("middle", 0.7), ("bottom", 0.6), ("top", 0.8),
+                           ("random-1", 0.5), ("random-2", 0.65), ("random-3", 0.75), ("budget", 0.95)]:
+            for task in ("perception", "production"):
+                rows += [dict(language=language, row=row, other="full", task=task, quantity=q, estimate=v,
+                              low=v - 0.05, high=v + 0.05) for q, v in (("share", share), ("nll", 3.0))]
+    return pd.DataFrame(rows)
+
+
+def test_same_size_shares_one_dot_per_set_and_draw():
+    fig = plots.same_size_shares(synthetic_rows())
+    assert len(fig.axes) == 4                                   # 2 languages x 2 tasks
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["cogsym", "middle", "bottom", "top", "random\n(3 draws)"]
+    dots = sorted(float(c.lines[0].get_ydata()[0]) for c in ax.containers)
+    assert dots == pytest.approx([0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9])   # full, budget and nll rows left out
+    assert 0.9 in {round(float(ln.get_ydata()[0]), 3) for ln in ax.get_lines()}   # CogSym's level drawn across
+
+
+def test_same_size_shares_needs_a_same_size_row():
+    rows = synthetic_rows()
+    with pytest.raises(CogprobeError, match="CogSym-sized row"):
+        plots.same_size_shares(rows[rows["row"].isin(["full", "budget"])])
+
+
 # ------------------------------------------------------------------ run folders
 
 def test_plot_run_writes_every_figure(tmp_path):

@@ -277,6 +277,9 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     drawn = pd.read_csv(tmp_path / "figures" / "evidence_share_curves.csv")
     assert set(drawn["language"]) == {"tiny", "again"} and set(drawn["row"]) == set(compare["row"])
     assert (tmp_path / "figures" / "evidence_specialization_tiny.png").is_file()
+    sets = pd.read_csv(tmp_path / "figures" / "evidence_same_size.csv")   # CogSym and its same-size controls
+    assert set(sets["row"]) == {r for r in compare["row"] if kind(r) in ("cogsym", "middle", "bottom", "top", "random")}
+    assert {"random-1", "random-2"} <= set(sets["row"]) and set(sets["quantity"]) == {"share"}
     sys.path.insert(0, str(script.parent))
     from evidence_readme import block      # the README's block of a finished study: tables and figures
     readme = block(tmp_path / "figures")
