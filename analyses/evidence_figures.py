@@ -22,8 +22,7 @@ import pandas as pd
 from _common import FIGURES, publish, table
 
 from cogprobe import io, layout
-from cogprobe.plots import SAME_SIZE, same_size_shares, share_curves
-from cogprobe.rows import kind
+from cogprobe.plots import same_size_rows, same_size_shares, share_curves
 from cogprobe.sweep_plots import specialization_curves
 
 
@@ -58,8 +57,7 @@ def main() -> None:
     rows = FIGURES / "evidence_rows.csv"
     if rows.is_file():
         rows = pd.read_csv(rows)
-        sets = rows[rows["language"].isin(languages) & (rows["quantity"] == "share")
-                    & rows["row"].map(kind).isin(SAME_SIZE)]
+        sets = same_size_rows(rows[rows["language"].isin(languages)])
         if not sets.empty:
             publish(same_size_shares(sets), sets, "evidence_same_size")
     else:

@@ -248,6 +248,12 @@ def share_curves(curves: pd.DataFrame) -> Figure:
 SAME_SIZE = ("cogsym", "middle", "bottom", "top", "random")   # the row kinds with CogSym's number of blocks
 
 
+def same_size_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The share rows of the sets with CogSym's number of blocks, per task: what `same_size_shares`
+    draws, so the CSV published beside its figure holds exactly the figure's numbers."""
+    return rows[(rows["quantity"] == "share") & rows["row"].map(kind).isin(SAME_SIZE) & rows["task"].isin(TASKS)]
+
+
 @_styled
 def same_size_shares(rows: pd.DataFrame) -> Figure:
     """CogSym against the sets of its size: each set's share of full fine-tuning's test-NLL gain with
@@ -257,7 +263,7 @@ def same_size_shares(rows: pd.DataFrame) -> Figure:
     _require(rows, ("row", "task", "quantity", "estimate", "low", "high"), "evidence_rows",
              "write it with `python analyses/evidence.py LANGUAGE=STUDY_DIR`")
     rows = rows if "language" in rows else rows.assign(language="")
-    shares = rows[(rows["quantity"] == "share") & rows["row"].map(kind).isin(SAME_SIZE) & rows["task"].isin(TASKS)]
+    shares = same_size_rows(rows)
     if shares.empty:
         raise CogprobeError("the table has no share of a CogSym-sized row (cogsym, middle, bottom, top, random); "
                             "compare those rows first (`cogprobe run --preset standard`)")
