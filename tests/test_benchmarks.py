@@ -214,3 +214,15 @@ def test_gpu_smoke_refuses_without_cuda_and_runs_with_allow_cpu(tmp_path):
     assert table["stage"].str.startswith("train full").sum() == 1
     assert table["stage"].str.startswith("sweep revert").sum() == 1
     assert (table["seconds"] > 0).all() and (table["peak_memory_mib"] > 0).all()
+
+
+def test_translate_batch_gives_the_same_hypotheses_at_every_batch_size(trained_run):
+    done = subprocess.run([sys.executable, str(BENCH / "translate_batch.py"), str(trained_run["run"]),
+                           "--corpus", str(trained_run["corpus"]), "--pairs", "0", "--batch-sizes", "1,2,4",
+                           "--max-new-tokens", "6"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("batch ")]
+    assert [line.split(":")[0] for line in lines] == ["batch 1", "batch 2", "batch 4"]
+    for line in lines:
+        same, total = line.split("; ")[1].split(" identical")[0].split(" of ")
+        assert int(same) == int(total) > 0, line
