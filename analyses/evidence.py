@@ -277,7 +277,8 @@ def _cell(r, quantity: str) -> str:
 def cost(language: str, folder: Path, seeds: list[int]) -> list[dict]:
     """Wall hours per part of one language's study: the learning-rate trials (each trial's own time,
     `lr_search.parquet`), what is done once (baseline, probe, select, report), and each seed's runs
-    (its tune and compare stages), with the machines they ran on (`runfolder.machine`, recorded per
+    (its tune and compare stages), the one-off re-scoring of chrF when its set changed mid-study
+    (`chrf` stages), with the machines they ran on (`runfolder.machine`, recorded per
     stage since 2026-11-29; "not recorded" before). A stage's time is that of the invocation that
     finished it (work lost to an interruption is not counted), or for a run resumed after one, the
     time its log holds (`logged_training`); trials recorded before their times
@@ -297,6 +298,11 @@ def cost(language: str, folder: Path, seeds: list[int]) -> list[dict]:
     once = [k for k in seconds if k in ("baseline", "probe", "select", "report")]
     out.append(dict(language=language, part="once (baseline, probe, select, report)",
                     hours=sum(seconds[k] for k in once) / 3600, runs=0, machines=where(once), note=""))
+    rescored = [k for k in seconds if k.startswith("chrf ")]
+    if rescored:
+        out.append(dict(language=language, part="chrF scored again on the NLL pairs (once)",
+                        hours=sum(seconds[k] for k in rescored) / 3600, runs=len(rescored) - ("chrf base" in seconds),
+                        machines=where(rescored), note="the runs compared before chrf_pairs changed, and the base model"))
     logged = logged_training(folder, record.get(layout.RUN_LENGTH, record.get("steps")))
     for seed in seeds:
         mine = [k for k in seconds if k.startswith(("tune ", "compare ")) and k.endswith(f"-s{seed}")]

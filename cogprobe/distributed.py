@@ -9,6 +9,7 @@ the multi-CPU path when asked for the CPU, hence `cpu=` below.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, TypeVar
@@ -76,3 +77,18 @@ def world() -> World:
 def default_device() -> torch.device:
     """Where models go: this process's CUDA device when there is one, else the CPU."""
     return world().device if not on_cpu() else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to `n` (None: left as they are) for the block, restored after.
+
+    Two processes side by side on a 2-core CPU, each at torch's default of one thread per core,
+    oversubscribe it: every parallel region waits on a thread the other process has descheduled."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

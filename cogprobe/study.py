@@ -36,7 +36,7 @@ import pandas as pd
 from cogprobe import io, lr_choice
 from cogprobe.checkpoints import CHECKPOINTS, Checkpoints
 from cogprobe.corpora import load_corpus
-from cogprobe.distributed import default_device
+from cogprobe.distributed import default_device, torch_threads
 from cogprobe.errors import CogprobeError
 from cogprobe.evalset import EvalSet
 from cogprobe.health import check_healthy
@@ -50,7 +50,7 @@ from cogprobe.report import write_report
 from cogprobe.rows import Plan, Skip, kind, plan
 from cogprobe.runfolder import machine
 from cogprobe.select import select_fixed
-from cogprobe.studyconfig import EXECUTION_ONLY, StudyConfig, renamed
+from cogprobe.studyconfig import EXECUTION_ONLY, RESCORED, StudyConfig, renamed
 from cogprobe.sweep import check_ks
 from cogprobe.tasks import CONTROLS, TASKS, score
 from cogprobe.train import train
@@ -93,7 +93,7 @@ class Progress:
 
     def _expected(self, name: str, per_weight: float) -> float:
         verb = name.split()[0]
-        alike = [t for s, t in self.measured.items() if s.split()[0] == verb and verb in ("tune", "compare")]
+        alike = [t for s, t in self.measured.items() if s.split()[0] == verb and verb in ("tune", "compare", "chrf")]
         return sum(alike) / len(alike) if alike else self.weights[name] * per_weight
 
 
@@ -102,7 +102,13 @@ def _mmss(seconds: float) -> str:
 
 
 def run(config: StudyConfig, log=print) -> Path:
-    """Run (or continue) the whole study; returns the study folder."""
+    """Run (or continue) the whole study; returns the study folder. `threads` holds for the scoring
+    done in this process as for each run's training (before 2026-11-29 it held for the training only)."""
+    with torch_threads(config.threads):
+        return _run(config, log)
+
+
+def _run(config: StudyConfig, log) -> Path:
     out = Path(config.out)
     _check_inputs(config)
     _claim(out, config)
@@ -113,6 +119,8 @@ def run(config: StudyConfig, log=print) -> Path:
     stage = functools.partial(_stage, progress, out)
     compared = lambda row, seed: _finished(out, f"compare {arm(row, seed)}")  # noqa: E731  (its weights no longer needed)
     stage("baseline", lambda: baseline(config, out))
+    for name, (row, seed) in stale_chrf(config, out).items():   # chrf_pairs changed since they were scored
+        stage(f"chrf {name}", lambda: rescore_chrf(config, out, row, seed), again=True)
     if [r for r in searched if r != "budget"]:
         stage("choose lr", lambda: choose_lrs(config, out, [r for r in searched if r != "budget"]))
     first = list(dict.fromkeys([("full", seed0), (config.probe_row, seed0)]))  # the length, then the probe
@@ -191,11 +199,15 @@ RECORDS = (STAGE_SECONDS, STAGE_MACHINES, RUN_LENGTH)   # what study.json record
 
 
 def _claim(out: Path, config: StudyConfig) -> None:
-    """Refuse a folder holding a different study (unless overwrite); record this one."""
+    """Refuse a folder holding a different study (unless overwrite); record this one. A changed
+    `RESCORED` knob is no different study: the runs already scored are scored again (`rescore_chrf`)."""
     path = out / STUDY
     old = renamed(io.read_json(path)) if path.is_file() and not config.overwrite else None
-    have = None if old is None else {k: v for k, v in old.items() if k not in (*EXECUTION_ONLY, *RECORDS)}
-    claim(out, STUDY, config.identity(), have, what="study", overwrite=config.overwrite)
+    have = None if old is None else {k: v for k, v in old.items() if k not in (*EXECUTION_ONLY, *RECORDS, *RESCORED)}
+    want = {k: v for k, v in config.identity().items() if k not in RESCORED}
+    claim(out, STUDY, want, have, what="study", overwrite=config.overwrite)
+    if old is not None:   # the same study: refused before anything changes if a scored run cannot follow
+        _check_weights_kept(out, stale_chrf(config, out))
     if config.overwrite and out.is_dir():
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -207,12 +219,14 @@ def _claim(out: Path, config: StudyConfig) -> None:
 
 
 def evaluation_sets(config: StudyConfig) -> dict[str, EvalSet]:
-    """The study's three evaluation sets: NLL and chrF on test (final rows), probe on dev (decisions)."""
+    """The study's three evaluation sets: NLL and chrF on test (final rows), probe on dev (decisions).
+    With `chrf_pairs` 0, chrF scores the NLL pairs themselves: one test set for every metric."""
     common = dict(corpus=str(config.corpus), pivot_col=config.pivot_col, target_col=config.target_col,
                   split_seed=config.split_seed, sample_seed=config.sample_seed,
                   max_sentence_tokens=config.max_sentence_tokens)
-    return {"nll": EvalSet(split="test", n=config.eval_pairs, **common),
-            "chrf": EvalSet(split="test", n=config.chrf_pairs, **common),
+    nll = EvalSet(split="test", n=config.eval_pairs, **common)
+    return {"nll": nll,
+            "chrf": EvalSet(split="test", n=config.chrf_pairs, **common) if config.chrf_pairs else nll,
             "probe": EvalSet(split="dev", n=config.probe_pairs, **common)}
 
 
@@ -222,6 +236,13 @@ def _scores(model, tokenizer, config: StudyConfig, arm: str, out: Path) -> dict:
     Each example's NLL sum and token count go to `scores.parquet`, and each translation to
     `translations.parquet`, under `arm` (base, or the row's run name), so every interval
     can be recomputed without scoring again."""
+    summary = _nll_scores(model, tokenizer, config, arm, out)
+    chrfs, translations = _translations(model, tokenizer, config, arm)
+    _append_unique(out / TRANSLATIONS, translations)
+    return {**summary, **chrfs}
+
+
+def _nll_scores(model, tokenizer, config: StudyConfig, arm: str, out: Path) -> dict:
     sets = evaluation_sets(config)
     pairs = list(sets["nll"].pairs(tokenizer).pairs["pair_id"])
     examples = sets["nll"].examples(tokenizer, (*TASKS, *CONTROLS))
@@ -233,16 +254,23 @@ def _scores(model, tokenizer, config: StudyConfig, arm: str, out: Path) -> dict:
                                              n_tokens=s.example_tokens)))
     for task in TASKS:
         summary[f"{task}_conditional_gain"] = summary[f"{task}_shuffled_nll"] - summary[f"{task}_nll"]
-    translations = []
+    _append_unique(out / SCORES, pd.concat(per_example, ignore_index=True))
+    return summary
+
+
+def _translations(model, tokenizer, config: StudyConfig, arm: str) -> tuple[dict, pd.DataFrame]:
+    """chrF per direction on the study's chrF set, and each translation under `arm` (the rows of
+    `translations.parquet`: the caller writes them)."""
+    chrf_set = evaluation_sets(config)["chrf"]
+    pair_ids = list(chrf_set.pairs(tokenizer).pairs["pair_id"])
+    summary, translations = {}, []
     for task in TASKS:
-        hyps, refs = translate(model, tokenizer, sets["chrf"].examples(tokenizer, [task])[task],
+        hyps, refs = translate(model, tokenizer, chrf_set.examples(tokenizer, [task])[task],
                                max_new_tokens=config.max_new_tokens)
         summary[f"chrf_{task}"] = chrf(hyps, refs)
-        translations.append(pd.DataFrame(dict(arm=arm, task=task, pair_id=list(
-            sets["chrf"].pairs(tokenizer).pairs["pair_id"]), hypothesis=hyps, reference=refs)))
-    _append_unique(out / SCORES, pd.concat(per_example, ignore_index=True))
-    _append_unique(out / TRANSLATIONS, pd.concat(translations, ignore_index=True))
-    return summary
+        translations.append(pd.DataFrame(dict(arm=arm, task=task, pair_id=pair_ids, hypothesis=hyps,
+                                              reference=refs)))
+    return summary, pd.concat(translations, ignore_index=True)
 
 
 def _append_unique(path: Path, rows: pd.DataFrame) -> None:
@@ -258,9 +286,13 @@ def baseline(config: StudyConfig, out: Path) -> None:
         return
     model, tok = load_model(config.model)
     model.to(default_device())
-    sets = evaluation_sets(config)
-    io.write_json(out / EVALSETS, {name: dict(e.to_dict(), **e.report(tok)) for name, e in sets.items()})
+    _record_evalsets(config, out, tok)
     io.write_text(out / BASELINE, pd.DataFrame([_scores(model, tok, config, "base", out)]).to_csv(index=False))
+
+
+def _record_evalsets(config: StudyConfig, out: Path, tokenizer) -> None:
+    io.write_json(out / EVALSETS, {name: dict(e.to_dict(), **e.report(tokenizer))
+                                   for name, e in evaluation_sets(config).items()})
 
 
 # --- tuning -------------------------------------------------------------------------
@@ -500,8 +532,7 @@ def compare_one(config: StudyConfig, out: Path, row: str, seed: int) -> None:
     run = row_run(out, row, seed)
     if not (run / COST).is_file():
         return  # a skipped row (e.g. no budget set): the report says why
-    ckpts = Checkpoints.open(run).to(default_device())
-    model, tok = ckpts.load(ckpts.steps[-1])
+    model, tok = _final_model(run)
     cost = io.read_json(run / COST)
     manifest = io.read_json(run / MANIFEST)
     if row == "full":  # every row's share is a fraction of this run's gain
@@ -528,3 +559,63 @@ def with_shares(table: pd.DataFrame, base: pd.Series) -> pd.DataFrame:
         full_c = table["seed"].map(full[c] - base[c])
         table[cshare] = (table[c] - base[c]) / full_c.where(full_c >= MIN_CHRF_GAIN)
     return table
+
+
+def _final_model(run: Path):
+    ckpts = Checkpoints.open(run).to(default_device())
+    return ckpts.load(ckpts.steps[-1])
+
+
+# --- chrF scored again, after `chrf_pairs` changed ---------------------------------------------
+
+
+def stale_chrf(config: StudyConfig, out: Path) -> dict[str, tuple[str | None, int | None]]:
+    """{arm: (row, seed)} of every scored arm whose translations are not of the study's chrF set
+    (`chrf_pairs` changed since it was scored): the base model first (row None), then each compared run."""
+    path = out / TRANSLATIONS
+    if not path.is_file():
+        return {}
+    _, tok = load_model(config.model)
+    want = frozenset(evaluation_sets(config)["chrf"].pairs(tok).pairs["pair_id"])
+    have = io.read_parquet(path).groupby("arm")["pair_id"].agg(frozenset)
+    scored = {"base": (None, None)}
+    if (out / COMPARE).is_file():
+        table = io.read_parquet(out / COMPARE)
+        scored.update({arm(r, int(s)): (r, int(s)) for r, s in zip(table["row"], table["seed"])})
+    return {a: rs for a, rs in scored.items() if have.get(a) != want}
+
+
+def _check_weights_kept(out: Path, stale: dict[str, tuple[str | None, int | None]]) -> None:
+    """Refuse, before any arm is scored again, a change no run can follow: one whose weights are gone."""
+    gone = [a for a, (row, seed) in stale.items() if row and not (row_run(out, row, seed) / CHECKPOINTS).is_dir()]
+    if gone:
+        t = io.read_parquet(out / TRANSLATIONS)
+        n = t[(t["arm"] == gone[0]) & (t["task"] == TASKS[0])]["pair_id"].nunique()
+        raise CogprobeError(f"{', '.join(gone)} scored chrF on other sentences than chrf_pairs now asks for, and "
+                            f"their weights are gone, so they cannot be scored again; rerun with --chrf-pairs {n} "
+                            "(the pairs they were scored on)")
+
+
+def rescore_chrf(config: StudyConfig, out: Path, row: str | None, seed: int | None) -> None:
+    """Translate the study's chrF set again with an arm's own weights and replace its chrF: the base
+    model's in baseline.csv, a run's in compare.parquet (every share with it). The translations are
+    written last, so an interruption leaves the arm stale and a rerun scores it again."""
+    if row is None:
+        model, tok = load_model(config.model)
+        model.to(default_device())
+    else:
+        model, tok = _final_model(row_run(out, row, seed))
+    chrfs, translations = _translations(model, tok, config, arm(row, seed) if row else "base")
+    base = io.read_csv(out / BASELINE)
+    if row is None:
+        base = base.assign(**chrfs)
+        io.write_text(out / BASELINE, base.to_csv(index=False))
+        _record_evalsets(config, out, tok)
+    if (out / COMPARE).is_file():
+        table = io.read_parquet(out / COMPARE)
+        if row is not None:
+            at = (table["row"] == row) & (table["seed"] == seed)
+            for name, value in chrfs.items():
+                table.loc[at, name] = value
+        io.write_parquet(out / COMPARE, with_shares(table, base.iloc[0]))
+    _append_unique(out / TRANSLATIONS, translations)

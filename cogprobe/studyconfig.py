@@ -21,6 +21,9 @@ from cogprobe.rows import LORA_ROWS, ROWS, expand, kind
 PRESETS = Path(__file__).parent / "presets"
 # how a study runs, not what it computes
 EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "report_to", "resume_every")
+# what a study accepts a change of on a rerun: the compare stage scores every finished run again from
+# its kept weights, so no row is scored on other sentences than the rest (`study.rescore_chrf`)
+RESCORED = ("chrf_pairs",)
 
 
 @dataclass
@@ -63,7 +66,7 @@ class StudyConfig:
     sweep_ks: str | None = knob(None, "k grid of the sweeps, e.g. '0-30' or '0,2,4,8' (default every k)")
     eval_pairs: int = knob(64, "test pairs sampled for the NLL scores (baseline and comparison rows)")
     probe_pairs: int = knob(16, "dev pairs sampled for sweeps, capture and budget selection")
-    chrf_pairs: int = knob(16, "test pairs sampled per direction for chrF")
+    chrf_pairs: int = knob(16, "test pairs sampled per direction for chrF (0: the NLL pairs themselves)")
     max_new_tokens: int = knob(40, "greedy translation length cap")
     max_sentence_tokens: int = knob(64, "evaluated pairs with a longer side are left out (never cut)")
     train_max_sentence_tokens: int = knob(64, "a training pair longer than this on a side is cut as a whole")
@@ -84,8 +87,9 @@ class StudyConfig:
                      "max_new_tokens", "max_sentence_tokens", "train_max_sentence_tokens", "lora_r",
                      "random_draws", "dev_pairs", "lr_steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise CogprobeError(f"{name}={value!r}: give a whole number >= 1")
+            least = 0 if name == "chrf_pairs" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise CogprobeError(f"{name}={value!r}: give a whole number >= {least}")
         check_fraction(self.fraction, "fraction")
         check_fraction(self.tau, "tau")
         bad = [s for s in self.row_list() if kind(s) not in ROWS]

@@ -52,7 +52,7 @@ from cogprobe.blocks import find_blocks
 from cogprobe.checkpoints import ADAPTER, META, TENSORS, own_steps, step_dir, write_checkpoint
 from cogprobe.corpora import load_corpus, split_corpus, split_overlap
 from cogprobe.data import KINDS, PackedStream, check_isolation, tokenize
-from cogprobe.distributed import on_cpu
+from cogprobe.distributed import on_cpu, torch_threads
 from cogprobe.errors import CogprobeError
 from cogprobe.layout import DEV_CURVE, MANIFEST, STOP, TRAIN_LOG
 from cogprobe.models import load_model, model_fingerprint, model_source
@@ -77,22 +77,16 @@ def train(config: TrainConfig, *, on_step: OnStep | None = None) -> Path:
     like an interruption). A folder that already holds this finished run is
     returned as it is.
     """
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
-        with contextlib.ExitStack() as held:  # the run folder's lock, released however the run ends
-            run = _setup(config, held)
-            if run is None:
-                return Path(config.out)
-            tracking.start(run.acc, asdict(config))
-            try:
-                _Loop(run, on_step).execute()
-            finally:
-                run.acc.end_training()
-            return run.out
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(config.threads), contextlib.ExitStack() as held:  # held: the run folder's lock
+        run = _setup(config, held)
+        if run is None:
+            return Path(config.out)
+        tracking.start(run.acc, asdict(config))
+        try:
+            _Loop(run, on_step).execute()
+        finally:
+            run.acc.end_training()
+        return run.out
 
 
 # ---------------------------------------------------------------- setup

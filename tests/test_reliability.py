@@ -455,6 +455,11 @@ def test_train_flag_with_a_wrong_type(inputs, tmp_path, capsys, flags, pattern):
 def test_run_flag_with_a_wrong_type(tmp_path, capsys):
     out = tmp_path / "study"
     assert_refused(capsys, ["run", "--out", out, "--steps", "many"], r"argument --steps: invalid int value", out=out)
+    # chrf_pairs alone may be 0 (the NLL pairs); below that it is refused like any count
+    assert_refused(capsys, ["run", "--out", out, "--chrf-pairs", "-1"], r"chrf_pairs=-1: give a whole number >= 0",
+                   out=out)
+    assert_refused(capsys, ["run", "--out", out, "--eval-pairs", "0"], r"eval_pairs=0: give a whole number >= 1",
+                   out=out)
 
 
 # ------------------------------------------------------------------ safe by default

@@ -112,6 +112,45 @@ def test_study_refuses_a_different_study_in_out(setup):
         run(tiny_config(root, model, corpus, steps=5), log=lambda m: None)
 
 
+def test_a_changed_chrf_set_scores_every_scored_arm_again_from_its_weights(setup, tmp_path):
+    """chrf_pairs may change on a rerun (0: the NLL pairs): the base model and every compared run are
+    translated again from their kept weights, their chrF and chrF shares replaced, nothing else
+    recomputed; a run whose weights are gone stops the change before anything is scored again."""
+    import shutil
+    from cogprobe.study import stale_chrf, with_shares
+    from cogprobe.translate import chrf
+    root, model, corpus = setup
+    out = run(tiny_config(root, model, corpus), log=lambda m: None)   # the module's study (done: nothing rerun)
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    values = {k: v for k, v in tiny_config(root, model, corpus).to_dict().items() if k != "out"}
+    before = pd.read_parquet(moved / COMPARE)
+    scores = pd.read_parquet(moved / "scores.parquet")
+    config = build_config(moved, preset_name=None, **{**values, "chrf_pairs": 0})
+    assert set(stale_chrf(config, moved)) == {"base", *(f"{r}-s{s}" for r, s in zip(before["row"], before["seed"]))}
+    run(config, log=lambda m: None)
+
+    translations = pd.read_parquet(moved / "translations.parquet")
+    assert translations.groupby(["arm", "task"])["pair_id"].agg(frozenset).eq(frozenset(scores["pair_id"])).all()
+    compare, base = pd.read_parquet(moved / COMPARE), pd.read_csv(moved / "baseline.csv").iloc[0]
+    for (name, task), t in translations.groupby(["arm", "task"]):
+        got = base if name == "base" else compare[compare["row"] + "-s" + compare["seed"].astype(str) == name].iloc[0]
+        assert got[f"chrf_{task}"] == pytest.approx(chrf(list(t["hypothesis"]), list(t["reference"]))), (name, task)
+    pd.testing.assert_frame_equal(compare, with_shares(compare, base))
+    nll = [c for c in before.columns if not c.startswith("chrf")]
+    pd.testing.assert_frame_equal(compare[nll], before[nll])
+    pd.testing.assert_frame_equal(pd.read_parquet(moved / "scores.parquet"), scores)
+    assert {"chrf base", "chrf full-s0"} <= set(json.loads((moved / "study.json").read_text())["stage_seconds"])
+    assert stale_chrf(config, moved) == {}
+
+    shutil.rmtree(moved / "runs" / "cogsym-s0" / "checkpoints")
+    kept = pd.read_parquet(moved / "translations.parquet")
+    with pytest.raises(CogprobeError, match="cogsym-s0 .*weights are gone.*--chrf-pairs 3"):
+        run(build_config(moved, preset_name=None, **values), log=lambda m: None)
+    pd.testing.assert_frame_equal(pd.read_parquet(moved / "translations.parquet"), kept)
+    assert json.loads((moved / "study.json").read_text())["chrf_pairs"] == 0   # the refused change left no trace
+
+
 def test_a_study_written_before_rows_were_called_rows_still_resumes(setup, tmp_path):
     """study.json once said `strategies`; such a study continues (nothing recomputed), a config file
     that still says it is told the new name."""
@@ -362,3 +401,15 @@ def test_a_stage_run_again_keeps_its_longer_time_not_the_sum(tmp_path):
     assert record["stage_seconds"]["tune full-s0"] == 100.0 and record["stage_seconds"]["tune x-s0"] >= 0.2
     # the machine of the time kept: none for the stage whose older time stands, this one's for the other
     assert record["stage_machines"] == {"tune x-s0": machine()}
+
+
+def test_the_study_process_scores_at_the_threads_it_was_given(monkeypatch, tmp_path):
+    """`threads` holds for the baseline, compare and probe scoring in the study's own process, not
+    only in its training children (two studies side by side at the default oversubscribed 2 cores)."""
+    import torch
+    from cogprobe import study
+    seen = []
+    monkeypatch.setattr(study, "_run", lambda config, log: seen.append(torch.get_num_threads()) or tmp_path)
+    before = torch.get_num_threads()
+    study.run(build_config(tmp_path, preset_name=None, threads=before + 1), log=lambda m: None)
+    assert seen == [before + 1] and torch.get_num_threads() == before
