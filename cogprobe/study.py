@@ -111,7 +111,7 @@ def run(config: StudyConfig, log=print) -> Path:
 def _run(config: StudyConfig, log) -> Path:
     out = Path(config.out)
     _check_inputs(config)
-    _claim(out, config)
+    stale = _claim(out, config)
     rows = [(s, seed) for seed in config.seed_list() for s in config.row_list()]
     names, seed0 = config.row_list(), config.seed_list()[0]
     searched = [r for r in names if len(config.lrs(kind(r))) > 1]   # rows whose learning rate is chosen on dev
@@ -119,7 +119,7 @@ def _run(config: StudyConfig, log) -> Path:
     stage = functools.partial(_stage, progress, out)
     compared = lambda row, seed: _finished(out, f"compare {arm(row, seed)}")  # noqa: E731  (its weights no longer needed)
     stage("baseline", lambda: baseline(config, out))
-    for name, (row, seed) in stale_chrf(config, out).items():   # chrf_pairs changed since they were scored
+    for name, (row, seed) in stale.items():   # chrf_pairs changed since they were scored
         stage(f"chrf {name}", lambda: rescore_chrf(config, out, row, seed), again=True)
     if [r for r in searched if r != "budget"]:
         stage("choose lr", lambda: choose_lrs(config, out, [r for r in searched if r != "budget"]))
@@ -198,21 +198,23 @@ def _check_inputs(config: StudyConfig) -> None:
 RECORDS = (STAGE_SECONDS, STAGE_MACHINES, RUN_LENGTH)   # what study.json records of a study's progress, beside its config
 
 
-def _claim(out: Path, config: StudyConfig) -> None:
+def _claim(out: Path, config: StudyConfig) -> dict[str, tuple[str | None, int | None]]:
     """Refuse a folder holding a different study (unless overwrite); record this one. A changed
-    `RESCORED` knob is no different study: the runs already scored are scored again (`rescore_chrf`)."""
+    `RESCORED` knob is no different study: returns the arms to score again (`stale_chrf`), after
+    checking that each can be (refused here, before anything is written, if not)."""
     path = out / STUDY
     old = renamed(io.read_json(path)) if path.is_file() and not config.overwrite else None
     have = None if old is None else {k: v for k, v in old.items() if k not in (*EXECUTION_ONLY, *RECORDS, *RESCORED)}
     want = {k: v for k, v in config.identity().items() if k not in RESCORED}
     claim(out, STUDY, want, have, what="study", overwrite=config.overwrite)
-    if old is not None:   # the same study: refused before anything changes if a scored run cannot follow
-        _check_weights_kept(out, stale_chrf(config, out))
+    stale = stale_chrf(config, out) if old is not None else {}
+    _check_weights_kept(out, stale)
     if config.overwrite and out.is_dir():
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     io.write_json(path, {**config.to_dict(), STAGE_SECONDS: {},
                          **{k: v for k, v in (old or {}).items() if k in RECORDS}})
+    return stale
 
 
 # --- data --------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from cogprobe.rows import LORA_ROWS, ROWS, expand, kind
 PRESETS = Path(__file__).parent / "presets"
 # how a study runs, not what it computes
 EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "report_to", "resume_every")
-# what a study accepts a change of on a rerun: the compare stage scores every finished run again from
+# what a study accepts a change of on a rerun: its `chrf` stages score every compared run again from
 # its kept weights, so no row is scored on other sentences than the rest (`study.rescore_chrf`)
 RESCORED = ("chrf_pairs",)
 
