@@ -29,11 +29,12 @@ import numpy as np
 import pandas as pd
 from _common import FIGURES, table
 
-from cogprobe import intervals, io, layout, verdicts
+from cogprobe import devcurve, intervals, io, layout, plateau, verdicts
 from cogprobe.intervals import Interval
 from cogprobe.rows import kind
 from cogprobe.studyconfig import StudyConfig
 from cogprobe.tasks import TASKS
+from cogprobe.trainconfig import warmup_steps
 from cogprobe.translate import chrf_over_seeds, sentence_stats
 
 RANDOM = "random"   # `other` of the pooled comparison against every random draw
@@ -120,6 +121,29 @@ def status(language: str, folder: Path, study: dict | None) -> dict:
                                                                                    study["compare"]["seed"])}
     return dict(language=language, compared=sum(a in compared for a in planned), planned=len(planned),
                 rows=len(config.row_list()), seeds=config.seeds)
+
+
+def setting(language: str, folder: Path) -> str:
+    """What one language's study ran, in words: its model, the steps of every run and why that many
+    (with `converge`: where full fine-tuning's dev NLL met the plateau rule, or the cap it had not)."""
+    config = StudyConfig.read(folder)
+    steps = io.read_json(folder / layout.STUDY).get(layout.RUN_LENGTH, config.steps)
+    words = f"{language}: {config.model}, {steps} steps per run"
+    curves = folder / layout.DEV_CURVES
+    if not config.converge or not curves.is_file():
+        return words
+    full = table(folder, layout.DEV_CURVES)
+    curve = devcurve.mean_nll(full[full["arm"] == layout.arm("full", config.seed_list()[0])])
+    if not curve or curve[-1][0] != steps:
+        return words
+    last = plateau.check(curve, config.plateau_window, config.plateau_min_improvement,   # as `train` judged it
+                         warmup_steps(config.warmup, config.steps))
+    if last.converged or last.reference_step is None:
+        return f"{words}, where full fine-tuning's dev NLL plateaued"
+    return (f"{words}, the cap: full fine-tuning's best dev NLL still fell {last.improvement:.1%} over the last "
+            f"{config.plateau_window:.0%} of its steps ({plateau.best(curve, last.reference_step):.3f} at step "
+            f"{last.reference_step}, {last.best_nll:.3f} at {steps}), above the {config.plateau_min_improvement:.0%} "
+            "plateau bar")
 
 
 def status_line(s) -> str:
@@ -241,6 +265,38 @@ def headline_table(found: pd.DataFrame) -> str:
         "in words, with the pairs that would resolve it, follows the tables.", ""] + lines)
 
 
+# the paper's two claims the headline can test, as (row, other): what it says; each is read off the
+# relative-deviation cells of `found` with the same calls as the headline table, so the two agree
+PAPER = {("cogsym", "full"): "tuning only the outermost 25% of blocks (CogSym) lands within 2-3% of full fine-tuning",
+         ("cogsym-lora", "lora"): "CogSym yields consistent performance with LoRA (read here: CogSym-LoRA "
+                                   "within 3% of LoRA on every block)"}
+METRIC = {"rel_deviation": "NLL", "chrf_rel_deviation": "chrF"}
+SIDE = {verdicts.WITHIN: "agrees (within 3%)", verdicts.BEYOND: "goes against it (more than 3% worse)",
+        verdicts.UNRESOLVED: "does not decide (the interval straddles 3%)", verdicts.TOO_FEW: "too few pairs"}
+
+
+def against_the_paper(found: pd.DataFrame, settings: list[str]) -> str:
+    """Markdown: per claim of the paper, which (language, task, metric) cells of this study agree with
+    it, go against it, or do not decide, by their intervals; `settings` says what was run (model,
+    steps), since the paper's own setting is not known to us and a disagreement holds for this one."""
+    claims = []
+    for (row, other), claim in PAPER.items():
+        mine = found[(found["row"] == row) & (found["other"] == other) & found["quantity"].isin(METRIC)]
+        if mine.empty:
+            continue
+        cells: dict[str, list[str]] = {}
+        for _, r in mine.iterrows():
+            cells.setdefault(verdicts.bar_call(r), []).append(f"{r['language']} {r['task']} {METRIC[r['quantity']]}")
+        said = "; ".join(f"{SIDE[call]} in {len(where)} of {len(mine)}: {', '.join(where)}"
+                         for call, where in sorted(cells.items(), key=lambda kv: list(SIDE).index(kv[0])))
+        claims.append(f"- The paper: {claim}. This study {said}.")
+    if not claims:
+        return ""
+    return "\n".join([f"**Against the paper** ({'; '.join(settings)}; the paper's models, languages, steps and "
+                      "metrics are not known to us, so a cell that goes against it says the claim does not carry "
+                      "to this setting, not that its own numbers are wrong):", *claims])
+
+
 def _chrf_pairs(t: pd.DataFrame) -> str:
     chrf = t[t["quantity"].isin(CHRF)]
     return f"{int(chrf['n_pairs'].iloc[0])} sentences" if len(chrf) else "no sentences"
@@ -341,7 +397,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("studies", nargs="+", help="LANGUAGE=STUDY_DIR, a folder of `cogprobe run --preset standard`")
     a = p.parse_args()
-    found, own, tables, costs, head = [], [], [], [], []
+    found, own, tables, costs, head, settings = [], [], [], [], [], []
     for spec in a.studies:
         language, _, folder = spec.partition("=")
         if not folder:
@@ -350,6 +406,7 @@ def main() -> None:
             p.error(f"{folder}: no study.json there; start it with `cogprobe run --preset standard --out {folder}`")
         study = read(Path(folder))
         head.append(status(language, Path(folder), study))
+        settings.append(setting(language, Path(folder)))
         costs += cost(language, Path(folder), StudyConfig.read(folder).seed_list())
         if study is None:
             continue
@@ -370,7 +427,7 @@ def main() -> None:
     costs = pd.DataFrame(costs)
     io.write_text(FIGURES / "evidence_cost.csv", costs.to_csv(index=False))
     io.write_text(FIGURES / "evidence_status.csv", pd.DataFrame(head).to_csv(index=False))
-    headline = [t for t in [headline_table(found)] if t]
+    headline = [t for t in [headline_table(found), against_the_paper(found, settings)] if t]
     lines = [status_line(s) for s in head] + headline + tables + sentences(found) + [cost_table(costs)]
     io.write_text(FIGURES / "evidence.md", "\n\n".join(lines) + "\n")
     print(FIGURES / "evidence.csv")

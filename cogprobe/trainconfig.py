@@ -170,7 +170,7 @@ class TrainConfig:
                 "plain": float(self.mix_plain)}
 
     def warmup_steps(self) -> int:
-        return int(self.warmup) if self.warmup >= 1 else round(self.warmup * self.steps)
+        return warmup_steps(self.warmup, self.steps)
 
     def resolved_layers(self, n_layers: int) -> list[int] | None:
         return resolve(self.layers, n_layers) if self.strategy in LAYERED else None
@@ -246,3 +246,9 @@ def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
     if schedule == "linear":
         return max(0.0, 1.0 - progress)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps(warmup: float, steps: int) -> int:
+    """Steps of warm-up: `warmup` below 1 is a fraction of `steps`, else a count (also what a study's
+    analysis needs to replay the plateau rule, which judges nothing during warm-up)."""
+    return int(warmup) if warmup >= 1 else round(warmup * steps)

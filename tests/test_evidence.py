@@ -83,3 +83,43 @@ def test_conditional_gain_is_shuffled_minus_true_source_nll_per_row_and_the_base
     assert set(got.index) == {(r, t) for r in ("base", "full") for t in ("perception", "production")}
     assert np.allclose(got["estimate"], 0.4) and (got["low"] <= got["high"]).all()
     assert got.loc[("full", "perception"), "n_seeds"] == 2 and got.loc[("base", "perception"), "n_seeds"] == 0
+
+
+def test_the_papers_claims_are_read_off_the_same_calls_as_the_headline():
+    from evidence import COLUMNS, against_the_paper
+    base = dict(task="perception", n_pairs=256, n_seeds=2, n_draws=1, row="cogsym", other="full")
+    found = pd.DataFrame([
+        dict(base, language="a", quantity="rel_deviation", estimate=0.01, low=0.0, high=0.025),      # within
+        dict(base, language="a", quantity="chrf_rel_deviation", estimate=0.02, low=-0.1, high=0.12),  # straddles
+        dict(base, language="b", quantity="rel_deviation", estimate=0.07, low=0.05, high=0.09),      # beyond
+        dict(base, language="b", quantity="share_minus", estimate=0.3, low=0.2, high=0.4)],         # not a claim
+        columns=COLUMNS)
+    text = against_the_paper(found, ["a: m, 10 steps per run"])
+    claim = [line for line in text.splitlines() if line.startswith("- The paper: tuning only")]
+    assert claim == ["- The paper: tuning only the outermost 25% of blocks (CogSym) lands within 2-3% of full "
+                     "fine-tuning. This study agrees (within 3%) in 1 of 3: a perception NLL; goes against it "
+                     "(more than 3% worse) in 1 of 3: b perception NLL; does not decide (the interval straddles "
+                     "3%) in 1 of 3: a perception chrF."]
+    assert "(a: m, 10 steps per run;" in text and "LoRA" not in text   # no cogsym-lora cell: no claim
+    assert against_the_paper(pd.DataFrame(columns=COLUMNS), []) == ""
+
+
+def test_the_setting_says_whether_full_fine_tuning_plateaued_or_hit_the_cap(tmp_path):
+    from cogprobe import io
+    from evidence import setting
+    record = {"out": str(tmp_path), "model": "m", "corpus": "c", "steps": 100, "converge": True, "eval_steps": "every:25",
+              "warmup": 0, "plateau_window": 0.2, "plateau_min_improvement": 0.01, "run_length": 100}
+    io.write_json(tmp_path / "study.json", record)
+
+    def curve(nlls):
+        io.write_parquet(tmp_path / "dev_curves.parquet", pd.DataFrame(
+            [dict(arm="full-s0", step=s, task=t, nll=n) for s, n in zip(range(0, 101, 25), nlls)
+             for t in ("perception", "production")]))
+    curve([4.0, 3.5, 3.2, 3.0, 2.9])   # the window starts at 75 (the last evaluation <= 0.8 * 100): 3.0 -> 2.9
+    assert setting("x", tmp_path) == ("x: m, 100 steps per run, the cap: full fine-tuning's best dev NLL still "
+                                      "fell 3.3% over the last 20% of its steps (3.000 at step 75, 2.900 at 100), "
+                                      "above the 1% plateau bar")
+    curve([4.0, 3.5, 3.2, 3.0, 2.99])
+    assert setting("x", tmp_path) == "x: m, 100 steps per run, where full fine-tuning's dev NLL plateaued"
+    io.write_json(tmp_path / "study.json", dict(record, converge=False))
+    assert setting("x", tmp_path) == "x: m, 100 steps per run"
