@@ -138,8 +138,10 @@ def setting(language: str, folder: Path) -> str:
         return words
     last = plateau.check(curve, config.plateau_window, config.plateau_min_improvement,   # as `train` judged it
                          warmup_steps(config.warmup, config.steps))
-    if last.converged or last.reference_step is None:
+    if last.converged:
         return f"{words}, where full fine-tuning's dev NLL plateaued"
+    if last.reference_step is None:   # too few evaluations for the rule to judge
+        return words
     return (f"{words}, the cap: full fine-tuning's best dev NLL still fell {last.improvement:.1%} over the last "
             f"{config.plateau_window:.0%} of its steps ({plateau.best(curve, last.reference_step):.3f} at step "
             f"{last.reference_step}, {last.best_nll:.3f} at {steps}), above the {config.plateau_min_improvement:.0%} "
