@@ -273,8 +273,10 @@ PAPER = {("cogsym", "full"): "tuning only the outermost 25% of blocks (CogSym) l
          ("cogsym-lora", "lora"): "CogSym yields consistent performance with LoRA (read here: CogSym-LoRA "
                                    "within 3% of LoRA on every block)"}
 METRIC = {"rel_deviation": "NLL", "chrf_rel_deviation": "chrF"}
-SIDE = {verdicts.WITHIN: "agrees (within 3%)", verdicts.BEYOND: "goes against it (more than 3% worse)",
-        verdicts.UNRESOLVED: "does not decide (the interval straddles 3%)", verdicts.TOO_FEW: "too few pairs"}
+SIDE = {verdicts.WITHIN: f"agrees (within {verdicts.BAR:.0%})",
+        verdicts.BEYOND: f"goes against it (more than {verdicts.BAR:.0%} worse)",
+        verdicts.UNRESOLVED: f"does not decide (the interval straddles {verdicts.BAR:.0%})",
+        verdicts.TOO_FEW: "has too few pairs to say"}
 
 
 def against_the_paper(found: pd.DataFrame, settings: list[str]) -> str:
