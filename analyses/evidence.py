@@ -395,6 +395,9 @@ def cost_table(costs: pd.DataFrame) -> str:
              "| language | part | hours | runs | machines | note |", "|---|---|---|---|---|---|"]
     lines += [f"| {r.language} | {r.part} | {r.hours:.2f} | {r.runs} | {r.machines} | {r.note} |"
               for r in costs.itertuples()]
+    totals = costs.groupby("language", sort=False)["hours"].sum()
+    lines += ["", "In all (every part above; work lost to an interruption is not counted): "
+              + "; ".join(f"{language} {hours:.1f} h" for language, hours in totals.items()) + "."]
     return "\n".join(lines)
 
 

@@ -54,6 +54,14 @@ def test_a_resumed_run_costs_what_its_log_says_not_its_last_invocation(tmp_path)
     assert seed0["machines"] == "cpu; not recorded"
 
 
+def test_the_cost_table_ends_with_each_languages_total():
+    from evidence import cost_table
+    costs = pd.DataFrame([dict(language=lang, part=part, hours=hours, runs=1, machines="cpu", note="")
+                          for lang, part, hours in [("otomi", "seed 0", 2.0), ("otomi", "seed 1", 1.5),
+                                                    ("nahuatl", "seed 0", 4.0)]])
+    assert cost_table(costs).endswith("otomi 3.5 h; nahuatl 4.0 h.")
+
+
 def test_the_headline_answers_only_what_each_interval_allows():
     from evidence import COLUMNS, headline_table
     base = dict(language="nahuatl", task="perception", n_pairs=256, n_seeds=2, n_draws=1)
