@@ -302,6 +302,26 @@ def against_the_paper(found: pd.DataFrame, settings: list[str]) -> str:
                       "to this setting, not that its own numbers are wrong):", *claims])
 
 
+def budget_sizes(language: str, compare: pd.DataFrame) -> str:
+    """The budget set and CogSym's, each with its trainable parameters: the budget rule picks its own
+    size, and a bigger set can keep more of the gain by its size alone."""
+    first = compare.drop_duplicates("row").set_index("row")
+    if not {"budget", "cogsym"} <= set(first.index):
+        return ""
+    return f"{language} " + " against ".join(
+        f"{row} {first.loc[row, 'blocks']} ({first.loc[row, 'trainable_params'] / 1e6:.2f}M trainable)"
+        for row in ("budget", "cogsym"))
+
+
+def budget_note(sizes: list[str]) -> str:
+    sizes = [s for s in sizes if s]
+    if not sizes:
+        return ""
+    return ("**The budget line compares two rules, each at the size it picks**: " + "; ".join(sizes)
+            + ". No control of the budget's size was run, so whether its blocks are better chosen than other "
+            "blocks of that count is not tested here.")
+
+
 def _chrf_pairs(t: pd.DataFrame) -> str:
     chrf = t[t["quantity"].isin(CHRF)]
     return f"{int(chrf['n_pairs'].iloc[0])} sentences" if len(chrf) else "no sentences"
@@ -405,7 +425,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("studies", nargs="+", help="LANGUAGE=STUDY_DIR, a folder of `cogprobe run --preset standard`")
     a = p.parse_args()
-    found, own, tables, costs, head, settings = [], [], [], [], [], []
+    found, own, tables, costs, head, settings, sizes = [], [], [], [], [], [], []
     for spec in a.studies:
         language, _, folder = spec.partition("=")
         if not folder:
@@ -421,6 +441,7 @@ def main() -> None:
         found += rows_of(language, study, QUESTIONS)
         mine = pd.DataFrame(own_rows(language, study), columns=COLUMNS)
         own.append(mine)
+        sizes.append(budget_sizes(language, study["compare"]))
         tables.append(f"**{language}**, test NLL (mean over the seeds that have the row and full fine-tuning; "
                       f"`n_seeds` in figures/evidence_rows.csv). Conditional gain: NLL with a shuffled source "
                       f"minus NLL with the true one, in nats (how much a model reads the source; the base "
@@ -435,7 +456,7 @@ def main() -> None:
     costs = pd.DataFrame(costs)
     io.write_text(FIGURES / "evidence_cost.csv", costs.to_csv(index=False))
     io.write_text(FIGURES / "evidence_status.csv", pd.DataFrame(head).to_csv(index=False))
-    headline = [t for t in [headline_table(found), against_the_paper(found, settings)] if t]
+    headline = [t for t in [headline_table(found), budget_note(sizes), against_the_paper(found, settings)] if t]
     lines = [status_line(s) for s in head] + headline + tables + sentences(found) + [cost_table(costs)]
     io.write_text(FIGURES / "evidence.md", "\n\n".join(lines) + "\n")
     print(FIGURES / "evidence.csv")

@@ -131,3 +131,14 @@ def test_the_setting_says_whether_full_fine_tuning_plateaued_or_hit_the_cap(tmp_
     assert setting("x", tmp_path) == "x: m, 100 steps per run, where full fine-tuning's dev NLL plateaued"
     io.write_json(tmp_path / "study.json", dict(record, converge=False))
     assert setting("x", tmp_path) == "x: m, 100 steps per run"
+
+
+def test_the_budget_line_names_both_sets_and_their_sizes():
+    from evidence import budget_note, budget_sizes
+    compare = pd.DataFrame(dict(row=["cogsym", "budget", "budget"], seed=[0, 0, 1],
+                                blocks=["0-3,26-29", "0-3,18-29", "0-3,18-29"],
+                                trainable_params=[28.32e6, 56.64e6, 56.64e6]))
+    size = budget_sizes("nahuatl", compare)
+    assert size == "nahuatl budget 0-3,18-29 (56.64M trainable) against cogsym 0-3,26-29 (28.32M trainable)"
+    assert size in budget_note([size, ""]) and "not tested" in budget_note([size])
+    assert budget_sizes("otomi", compare[compare["row"] == "cogsym"]) == "" and budget_note([""]) == ""
