@@ -229,13 +229,16 @@ def share_curves(curves: pd.DataFrame) -> Figure:
     shares = pd.concat([dev_shares(g) for _, g in curves.groupby("language", sort=False)])
     fig, axes = _grid(len(languages), len(TASKS), w=4.8, h=3.6, sharey=True)
     rows = _ordered(shares["row"], ROW_ORDER)
-    colours = dict(zip([r for r in rows if kind(r) != "random"], sns.color_palette("tab10", 10) * 2))
+    # tab10 without its grey (the random draws' colour); past nine rows the colours repeat, dashed
+    palette = [c for i, c in enumerate(sns.color_palette("tab10", 10)) if i != 7]
+    styles = {row: dict(color=palette[i % len(palette)], ls="-" if i < len(palette) else "--", lw=1.8)
+              for i, row in enumerate(r for r in rows if kind(r) != "random")}
     for i, language in enumerate(languages):
         for ax, task in zip(axes[i], TASKS):
             mine = shares[(shares["language"] == language) & (shares["task"] == task)]
             for row in rows:
                 line = mine[mine["row"] == row].groupby("step")["share"].mean()
-                style = dict(color="0.6", lw=0.8) if kind(row) == "random" else dict(color=colours[row], lw=1.8)
+                style = dict(color="0.6", lw=0.8) if kind(row) == "random" else styles[row]
                 ax.plot(line.index, line.to_numpy(), label=row, **style)
             ax.axhline(1, color="0.3", lw=0.6, ls=":")
             ax.set(xlabel="step", title=f"{language} · {task}" if language else task)
