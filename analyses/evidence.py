@@ -308,6 +308,8 @@ def budget_sizes(language: str, compare: pd.DataFrame) -> str:
     first = compare.drop_duplicates("row").set_index("row")
     if not {"budget", "cogsym"} <= set(first.index):
         return ""
+    if first.loc["budget", "trainable_params"] == first.loc["cogsym", "trainable_params"]:
+        return ""   # a set of CogSym's size: the same-size controls are its controls too
     return f"{language} " + " against ".join(
         f"{row} {first.loc[row, 'blocks']} ({first.loc[row, 'trainable_params'] / 1e6:.2f}M trainable)"
         for row in ("budget", "cogsym"))

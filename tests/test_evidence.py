@@ -142,3 +142,4 @@ def test_the_budget_line_names_both_sets_and_their_sizes():
     assert size == "nahuatl budget 0-3,18-29 (56.64M trainable) against cogsym 0-3,26-29 (28.32M trainable)"
     assert size in budget_note([size, ""]) and "not tested" in budget_note([size])
     assert budget_sizes("otomi", compare[compare["row"] == "cogsym"]) == "" and budget_note([""]) == ""
+    assert budget_sizes("otomi", compare.assign(trainable_params=28.32e6)) == ""   # a budget of CogSym's size
