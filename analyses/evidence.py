@@ -302,16 +302,25 @@ def against_the_paper(found: pd.DataFrame, settings: list[str]) -> str:
                       "to this setting, not that its own numbers are wrong):", *claims])
 
 
+def _by_row(compare: pd.DataFrame) -> pd.DataFrame:
+    """One line per row (its first seed's): a row's blocks and trainable parameters are the same on every seed."""
+    return compare.drop_duplicates("row").set_index("row")
+
+
+def _millions(n: float) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
 def budget_sizes(language: str, compare: pd.DataFrame) -> str:
     """The budget set and CogSym's, each with its trainable parameters: the budget rule picks its own
     size, and a bigger set can keep more of the gain by its size alone."""
-    first = compare.drop_duplicates("row").set_index("row")
+    first = _by_row(compare)
     if not {"budget", "cogsym"} <= set(first.index):
         return ""
     if first.loc["budget", "trainable_params"] == first.loc["cogsym", "trainable_params"]:
         return ""   # a set of CogSym's size: the same-size controls are its controls too
     return f"{language} " + " against ".join(
-        f"{row} {first.loc[row, 'blocks']} ({first.loc[row, 'trainable_params'] / 1e6:.2f}M trainable)"
+        f"{row} {first.loc[row, 'blocks']} ({_millions(first.loc[row, 'trainable_params'])} trainable)"
         for row in ("budget", "cogsym"))
 
 
@@ -333,13 +342,13 @@ def row_table(own: pd.DataFrame, compare: pd.DataFrame, quantities: list[str]) -
     """Markdown: one line per row with its blocks, trainable parameters and `quantities` per task
     (mean over seeds, interval in brackets; n/a where undefined, e.g. a deviation from a chrF of 0)."""
     cells = own.set_index(["row", "task", "quantity"])
-    first = compare.drop_duplicates("row").set_index("row")
+    first = _by_row(compare)
     heads = [(q, t) for q in quantities for t in TASKS]
     lines = ["| row | blocks | trainable | " + " | ".join(f"{t} {q.replace('_', ' ')}" for q, t in heads) + " |",
              "|---|---|---|" + "---|" * len(heads)]
     for row in [r for r in dict.fromkeys(own["row"]) if r in first.index]:   # the base model has its own line
         vals = [_cell(cells.loc[(row, t, q)], q) if (row, t, q) in cells.index else "" for q, t in heads]
-        lines.append(f"| {row} | {first.loc[row, 'blocks']} | {first.loc[row, 'trainable_params'] / 1e6:.2f}M | "
+        lines.append(f"| {row} | {first.loc[row, 'blocks']} | {_millions(first.loc[row, 'trainable_params'])} | "
                      + " | ".join(vals) + " |")
     return "\n".join(lines)
 
