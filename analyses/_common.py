@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from cogprobe import io
-from cogprobe.errors import CogprobeError
-from cogprobe.plot_style import save
+from cogprobe.core import io
+from cogprobe.core.errors import CogprobeError
+from cogprobe.plots.style import save
 
 FIGURES = Path(os.environ.get("COGPROBE_FIGURES", Path(__file__).resolve().parent.parent / "figures"))
 

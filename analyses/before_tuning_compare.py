@@ -20,12 +20,13 @@ from pathlib import Path
 import pandas as pd
 from _common import FIGURES
 
-from cogprobe import intervals, io
-from cogprobe.checkpoints import Checkpoints
-from cogprobe.layersets import resolve, to_string
-from cogprobe.evalset import EvalSet
-from cogprobe.tasks import CONTROLS, TASKS, score
-from cogprobe.train import TrainConfig, train
+from cogprobe.core import intervals
+from cogprobe.core import io
+from cogprobe.tuning.checkpoints import Checkpoints
+from cogprobe.models.layersets import resolve, to_string
+from cogprobe.data.evalset import EvalSet
+from cogprobe.data.tasks import CONTROLS, TASKS, score
+from cogprobe.tuning.loop import TrainConfig, train
 
 ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ARGS.add_argument("root", nargs="?", type=Path, default=Path("runs/before-tuning"))

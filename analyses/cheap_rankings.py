@@ -25,13 +25,14 @@ import pandas as pd
 import torch
 from _common import FIGURES, publish
 
-from cogprobe import agreement, io
-from cogprobe.errors import CogprobeError
-from cogprobe.evalset import EvalSet
-from cogprobe.layersets import cogsym, to_string
-from cogprobe.probe import sweep_run
-from cogprobe.rank import RANKINGS, _rows, rank_run, select_ranking
-from cogprobe.select import select_curves
+from cogprobe.selection import agreement
+from cogprobe.core import io
+from cogprobe.core.errors import CogprobeError
+from cogprobe.data.evalset import EvalSet
+from cogprobe.models.layersets import cogsym, to_string
+from cogprobe.probe.folders import sweep_run
+from cogprobe.selection.rankings import RANKINGS, ranking_rows, rank_run, select_ranking
+from cogprobe.selection.rules import select_curves
 
 TAU = 0.8
 
@@ -67,7 +68,7 @@ def measure(run: Path, out: Path, steps: list[int]) -> tuple[pd.DataFrame, pd.Da
     rows = []
     for step in steps:
         means = {k: v[0].sum() / v[1].sum() for k, v in agreement.arms(taylor, step).items()}
-        rows += _rows(step, "taylor", agreement.importance(means, L), taylor_examples(taylor, step),
+        rows += ranking_rows(step, "taylor", agreement.importance(means, L), taylor_examples(taylor, step),
                       taylor_examples(taylor, step), seconds / len(steps))
     return pd.concat([ranks, pd.DataFrame(rows, columns=ranks.columns)], ignore_index=True), taylor, seconds
 

@@ -2,8 +2,8 @@
 intervals, cost)."""
 from _common import publish, study_dir, table
 
-from cogprobe.plots import comparison_bars
-from cogprobe.verdicts import comparison_table
+from cogprobe.study.figures import comparison_bars
+from cogprobe.study.verdicts import comparison_table
 
 study = study_dir()
 compare = table(study, "compare.parquet")

@@ -3,11 +3,11 @@ conditional gain (the base model's too) and chrF, with 95% paired-bootstrap inte
 (figures/comparison_intervals.csv)."""
 from _common import FIGURES, study_dir, table
 
-from cogprobe import io
+from cogprobe.core import io
 import pandas as pd
 
-from cogprobe.translate import chrf_intervals
-from cogprobe.verdicts import comparison_table, conditional_gain_table
+from cogprobe.data.translate import chrf_intervals
+from cogprobe.study.verdicts import comparison_table, conditional_gain_table
 
 study = study_dir()
 compare = table(study, "compare.parquet")

@@ -1,7 +1,7 @@
 """Figure: how much of the source the model uses (shuffled-source NLL - true-source NLL) as blocks are reverted."""
 from _common import publish, study_dir, table
 
-from cogprobe.sweep_plots import conditional_gain_curves
+from cogprobe.plots.sweeps import conditional_gain_curves
 
 study = study_dir()
 sweeps = table(study, "sweeps.parquet")

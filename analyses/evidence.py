@@ -29,13 +29,18 @@ import numpy as np
 import pandas as pd
 from _common import FIGURES, table
 
-from cogprobe import devcurve, intervals, io, layout, plateau, verdicts
-from cogprobe.intervals import Interval
-from cogprobe.rows import kind
-from cogprobe.studyconfig import StudyConfig
-from cogprobe.tasks import TASKS
-from cogprobe.trainconfig import warmup_steps
-from cogprobe.translate import chrf_over_seeds, sentence_stats
+from cogprobe.tuning import devcurve
+from cogprobe.core import intervals
+from cogprobe.core import io
+from cogprobe.core import layout
+from cogprobe.tuning import plateau
+from cogprobe.study import verdicts
+from cogprobe.core.intervals import Interval
+from cogprobe.study.rows import kind
+from cogprobe.study.config import StudyConfig
+from cogprobe.data.tasks import TASKS
+from cogprobe.tuning.config import warmup_steps
+from cogprobe.data.translate import chrf_over_seeds, sentence_stats
 
 RANDOM = "random"   # `other` of the pooled comparison against every random draw
 # (row, other, quantity): what the headline compares. share_minus: share(row) - share(other) of full

@@ -21,9 +21,10 @@ from pathlib import Path
 import pandas as pd
 from _common import FIGURES, publish, table
 
-from cogprobe import io, layout
-from cogprobe.plots import same_size_rows, same_size_shares, share_curves
-from cogprobe.sweep_plots import specialization_curves
+from cogprobe.core import io
+from cogprobe.core import layout
+from cogprobe.study.figures import same_size_rows, same_size_shares, share_curves
+from cogprobe.plots.sweeps import specialization_curves
 
 
 def last_checkpoint_reverts(sweeps: pd.DataFrame) -> pd.DataFrame:

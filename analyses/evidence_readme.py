@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 from _common import FIGURES
 
-from cogprobe import io
-from cogprobe.errors import CogprobeError
+from cogprobe.core import io
+from cogprobe.core.errors import CogprobeError
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START = "<!-- evidence results: written by analyses/evidence_readme.py from figures/, do not edit by hand -->"

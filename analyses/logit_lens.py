@@ -1,7 +1,7 @@
 """Figure: logit-lens NLL of each block's output, per checkpoint (block x checkpoint)."""
 from _common import publish, study_dir, table
 
-from cogprobe.plots import logit_lens_heatmap
+from cogprobe.plots.runs import logit_lens_heatmap
 
 study = study_dir()
 acts = table(study, "activations.parquet")

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 import cogprobe  # noqa: F401  (offline environment first)
-from cogprobe.corpora import load_corpus, normalise, split_corpus, split_overlap
-from cogprobe.data import IGNORE, PackedStream, tokenize
-from cogprobe.models import embedded_dir
+from cogprobe.data.corpora import load_corpus, normalise, split_corpus, split_overlap
+from cogprobe.tuning.text import IGNORE, PackedStream, tokenize
+from cogprobe.models.loading import embedded_dir
 
 OLD = "9c3275b"
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cogprobe import io
-from cogprobe.checkpoints import Checkpoints
-from cogprobe.evaluate import score
-from cogprobe.layout import SWEEPS, arm, row_run
-from cogprobe.study import evaluation_sets
-from cogprobe.studyconfig import StudyConfig
-from cogprobe.tasks import TASKS
+from cogprobe.core import io
+from cogprobe.tuning.checkpoints import Checkpoints
+from cogprobe.data.evaluate import score
+from cogprobe.core.layout import SWEEPS, arm, row_run
+from cogprobe.study.pipeline import evaluation_sets
+from cogprobe.study.config import StudyConfig
+from cogprobe.data.tasks import TASKS
 
 
 def drift(out: Path) -> pd.DataFrame:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from cogprobe import io
-from cogprobe.layout import (ACTIVATIONS, BASELINE, COMPARE, SCORES, SELECTION_BUDGET, SELECTION_FIXED, SWEEPS,
+from cogprobe.core import io
+from cogprobe.core.layout import (ACTIVATIONS, BASELINE, COMPARE, SCORES, SELECTION_BUDGET, SELECTION_FIXED, SWEEPS,
                              TRANSLATIONS)
 
 TIMING = ("sec_per_step", "peak_mem_mb")   # measured, not computed: they differ between any two runs

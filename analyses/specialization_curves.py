@@ -2,7 +2,7 @@
 with 95% paired-bootstrap bands over the pairs."""
 from _common import publish, study_dir, table
 
-from cogprobe.sweep_plots import specialization_curves
+from cogprobe.plots.sweeps import specialization_curves
 
 study = study_dir()
 sweeps = table(study, "sweeps.parquet")

@@ -1,7 +1,7 @@
 """Figure: the share of the gain kept after reverting k blocks from each end, per checkpoint (k x checkpoint)."""
 from _common import publish, study_dir, table
 
-from cogprobe.sweep_plots import specialization_heatmaps
+from cogprobe.plots.sweeps import specialization_heatmaps
 
 study = study_dir()
 sweeps = table(study, "sweeps.parquet")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from cogprobe.blocks import find_blocks
-from cogprobe.checkpoints import Checkpoints
-from cogprobe.evalset import EvalSet
-from cogprobe.tasks import score
-from cogprobe.taylor import block_terms
+from cogprobe.models.blocks import find_blocks
+from cogprobe.tuning.checkpoints import Checkpoints
+from cogprobe.data.evalset import EvalSet
+from cogprobe.data.tasks import score
+from cogprobe.probe.taylor import block_terms
 
 ALPHAS = (0.02, 0.1, 0.3, 1.0)
 

@@ -91,7 +91,7 @@ class NormMeans:
 @contextlib.contextmanager
 def _way(name: str, model, tok, layers: list[int]):
     """Yield `capture(batch) -> {layer: [B, T, H]} or None` for one way."""
-    from cogprobe.blocks import find_blocks
+    from cogprobe.models.blocks import find_blocks
     blocks = find_blocks(model)
     inputs = lambda b: dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"])  # noqa: E731
     if name == "plain forward":
@@ -99,7 +99,7 @@ def _way(name: str, model, tok, layers: list[int]):
     elif name == "plain decoder":
         yield lambda b: (blocks.decoder(**inputs(b), use_cache=False), None)[1]
     elif name == "cogprobe":
-        from cogprobe.backends import open_backend
+        from cogprobe.probe.backends import open_backend
         with open_backend("torch", model, layers=layers, sites=("resid",)) as run:
             yield lambda b: {i: t for (i, _), t in run(b).items()}
     elif name == "transformerlens":
@@ -155,8 +155,8 @@ TIMING = "timing"  # the worker that times every way, interleaved
 
 def _inputs():
     """(model, tokenizer, batch, layers): the model's weights paged in, the batch collated."""
-    from cogprobe.blocks import find_blocks
-    from cogprobe.tasks import collate
+    from cogprobe.models.blocks import find_blocks
+    from cogprobe.data.tasks import collate
     s = sizes()
     model, tok = common.load_bench_model("eager")
     common.touch_weights(model)

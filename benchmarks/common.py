@@ -43,7 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks read local models onl
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import cogprobe  # noqa: E402,F401
-from cogprobe import io  # noqa: E402
+from cogprobe.core import io  # noqa: E402
 
 ENV_TINY, ENV_OUT, ENV_CACHE, ENV_THREADS, ENV_COMMAND = (
     "COGPROBE_BENCH_TINY", "COGPROBE_BENCH_OUT", "COGPROBE_BENCH_CACHE", "COGPROBE_BENCH_THREADS",
@@ -301,7 +301,7 @@ def model_spec() -> str:
 
 def n_layers() -> int:
     """The model's block count, from its config.json (no weights loaded)."""
-    from cogprobe.models import embedded_dir, load_model
+    from cogprobe.models.loading import embedded_dir, load_model
     spec = model_spec()
     folder = embedded_dir() if spec == EMBEDDED else Path(spec)
     if not (folder / "config.json").is_file():
@@ -311,7 +311,7 @@ def n_layers() -> int:
 
 def load_bench_model(attn_implementation: str = "eager"):
     """(model, tokenizer) in eval mode: the embedded SmolLM2-135M, or the tiny llama."""
-    from cogprobe.models import load_model
+    from cogprobe.models.loading import load_model
     return load_model(model_spec(), attn_implementation=attn_implementation)
 
 
@@ -333,7 +333,7 @@ def train_corpus(n_pairs: int = 2000) -> Path:
         path = cache_dir() / "tiny-corpus.csv"
         table = pd.DataFrame(tiny_corpus_rows())
     else:
-        from cogprobe.corpora import load_corpus
+        from cogprobe.data.corpora import load_corpus
         path = cache_dir() / f"axolotl-{n_pairs}.csv"
         pairs = load_corpus("axolotl").pairs.head(n_pairs)
         table = pd.DataFrame({"es": pairs["pivot"], "nah": pairs["target"], "document": pairs["document"]})
@@ -345,8 +345,8 @@ def train_corpus(n_pairs: int = 2000) -> Path:
 def heldout_examples(tokenizer, n_pairs: int, max_sentence_tokens: int) -> dict:
     """{task: examples} from the first `n_pairs` test pairs of the training corpus (split seed 0,
     as `train` splits it), so the checkpoints never saw them."""
-    from cogprobe.corpora import load_corpus, split_corpus
-    from cogprobe.tasks import TASKS, build_examples
+    from cogprobe.data.corpora import load_corpus, split_corpus
+    from cogprobe.data.tasks import TASKS, build_examples
     test = split_corpus(load_corpus(train_corpus()), seed=0).test
     return {t: build_examples(tokenizer, test, t, max_sentence_tokens=max_sentence_tokens, limit=n_pairs)
             for t in TASKS}

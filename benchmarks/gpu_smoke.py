@@ -34,11 +34,11 @@ def main() -> None:
     if not torch.cuda.is_available() and not args.allow_cpu:
         sys.exit("gpu_smoke: no CUDA device here; run it on a GPU machine (or pass --allow-cpu to test the script)")
     common.set_threads()
-    from cogprobe import io
-    from cogprobe.distributed import default_device
-    from cogprobe.evalset import EvalSet
-    from cogprobe.probe import sweep_run
-    from cogprobe.train import TrainConfig, train
+    from cogprobe.core import io
+    from cogprobe.core.distributed import default_device
+    from cogprobe.data.evalset import EvalSet
+    from cogprobe.probe.folders import sweep_run
+    from cogprobe.tuning.loop import TrainConfig, train
     size = SIZES["tiny" if common.tiny() else "full"]
     device = default_device()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -55,7 +55,7 @@ def main() -> None:
         rows.append(dict(stage="train full", device=str(device), device_name=name, seconds=time.perf_counter() - t0,
                          sec_per_step=cost["sec_per_step"], peak_memory_mib=cost["peak_memory_bytes"] / common.MiB,
                          peak_memory_kind=cost["peak_memory_kind"]))
-        from cogprobe.layersets import parse_range_list
+        from cogprobe.models.layersets import parse_range_list
         ks = parse_range_list(size["ks"], 10**6) if size["ks"] else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("study", help="a study folder written by `cogprobe run`")
     parser.add_argument("--study-seconds", type=float, help="the study's wall time, for the share")
     args = parser.parse_args()
-    from cogprobe.report import write_report
+    from cogprobe.study.report import write_report
     profile, start = cProfile.Profile(), time.perf_counter()
     profile.enable()
     write_report(args.study)

@@ -40,7 +40,7 @@ TINY = dict(steps=4, batch_size=2, seq_len=32, save_steps="0,2,4", probe_pairs=2
 def study_config():
     """The quick preset (or a tiny one) on the benchmark's model and corpus, in the cache (a folder
     named by the settings, so changed settings train a new probe run)."""
-    from cogprobe.studyconfig import build_config
+    from cogprobe.study.config import build_config
     values = dict(preset_name="quick", model=common.model_spec(), corpus=str(common.train_corpus()), pivot_col="es",
                   target_col="nah", isolate_runs=False, threads=common.threads(), **(TINY if common.tiny() else {}))
     config = build_config("unused", **values)
@@ -50,21 +50,22 @@ def study_config():
 
 def probe_run(config) -> Path:
     """The study's probe run, trained once by the study's own code (resumed if interrupted)."""
-    from cogprobe.study import _probe_run, tune
+    from cogprobe.study.pipeline import probe_run_dir, tune
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     tune(config, out, "full", config.seed_list()[0])
-    return _probe_run(config, out)
+    return probe_run_dir(config, out)
 
 
 def run_path(name: str, config, run: Path, work: Path) -> dict:
     """One path's sweeps and budget selection, timed; its tables in work/name."""
-    from cogprobe.checkpoints import Checkpoints
-    from cogprobe.distributed import default_device
-    from cogprobe.layersets import parse_range_list
-    from cogprobe.probe import select_run, sweep_run
-    from cogprobe.study import evaluation_sets
-    from cogprobe.tasks import CONTROLS, TASKS
+    from cogprobe.tuning.checkpoints import Checkpoints
+    from cogprobe.core.distributed import default_device
+    from cogprobe.models.layersets import parse_range_list
+    from cogprobe.probe.folders import sweep_run
+    from cogprobe.selection.folders import select_run
+    from cogprobe.study.pipeline import evaluation_sets
+    from cogprobe.data.tasks import CONTROLS, TASKS
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     evalset = evaluation_sets(config)["probe"]

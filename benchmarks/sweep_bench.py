@@ -58,7 +58,7 @@ def training_run() -> Path:
     The folder is named by a hash of the config, so a changed config trains a new run;
     an interrupted one resumes.
     """
-    from cogprobe.train import TrainConfig, train
+    from cogprobe.tuning.loop import TrainConfig, train
     t = sizes()["train"]
     spec = dict(model=common.model_spec(), corpus=str(common.train_corpus()), strategy="full",
                 warmup=0, seed=0, **t)
@@ -69,7 +69,7 @@ def training_run() -> Path:
 
 def changes(ckpts, step: int) -> tuple[set[int], bool]:
     """(blocks the checkpoint changed, whether it changed the input embeddings)."""
-    from cogprobe.blocks import find_blocks
+    from cogprobe.models.blocks import find_blocks
     blocks = find_blocks(ckpts.reference()[0])
     names = ckpts.changed_tensors(step)
     changed = {i for n in names if (i := blocks.block_of(n)) is not None}
@@ -80,7 +80,7 @@ def changes(ckpts, step: int) -> tuple[set[int], bool]:
 
 def all_configs(n_layers: int) -> list:
     """What `sweep(mode="revert")` evaluates for one checkpoint."""
-    from cogprobe.sweep import checkpoint_config, reference_config, sweep_configs
+    from cogprobe.probe.sweep import checkpoint_config, reference_config, sweep_configs
     return [reference_config(n_layers), checkpoint_config(n_layers)] + sweep_configs(n_layers, mode="revert")
 
 
@@ -122,8 +122,8 @@ def max_abs_dnll(a, b) -> float:
 
 
 def run_scenario(name: str, ckpts, steps: list[int], examples: dict, source: str) -> list[dict]:
-    from cogprobe.blocks import find_blocks
-    from cogprobe.sweep import sweep
+    from cogprobe.models.blocks import find_blocks
+    from cogprobe.probe.sweep import sweep
     s = sizes()
     n_layers = find_blocks(ckpts.reference()[0]).n
     tables, walls = {}, {}
@@ -172,7 +172,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     common.parse_args(__doc__.splitlines()[0])
-    from cogprobe.checkpoints import Checkpoints
+    from cogprobe.tuning.checkpoints import Checkpoints
     info = common.machine_info()
     s = sizes()
     print("sweeps: training the checkpoints (cached after the first run) ...", flush=True)

@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from cogprobe.checkpoints import Checkpoints
-from cogprobe.evalset import EvalSet
-from cogprobe.tasks import TASKS
-from cogprobe.translate import translate
+from cogprobe.tuning.checkpoints import Checkpoints
+from cogprobe.data.evalset import EvalSet
+from cogprobe.data.tasks import TASKS
+from cogprobe.data.translate import translate
 
 
 def main() -> None:

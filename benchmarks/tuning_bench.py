@@ -54,7 +54,7 @@ def sizes() -> dict:
 
 def last_quarter(n_layers: int) -> str:
     """The last blocks, as many as the CogSym rule picks (round(L/4), half to even)."""
-    from cogprobe.layersets import cogsym, to_string
+    from cogprobe.models.layersets import cogsym, to_string
     n = len(cogsym(n_layers))
     return to_string(list(range(n_layers - n, n_layers)))
 
@@ -64,8 +64,8 @@ class _Done(Exception):
 
 
 def measure(name: str) -> dict:
-    from cogprobe import io
-    from cogprobe.train import TrainConfig, train
+    from cogprobe.core import io
+    from cogprobe.tuning.loop import TrainConfig, train
     import pandas as pd
     s = sizes()
     strategy, layers = STRATEGIES[name]

@@ -8,32 +8,30 @@ cogprobe leaves the process environment alone: models and corpora are read with
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
-from cogprobe.errors import CogprobeError
+from cogprobe.core.errors import CogprobeError
 
 __version__ = "0.1.0"
 
 # public name -> the module that defines it (one dict: the whole public face)
 _LAZY = {
-    "load_model": "cogprobe.models",
-    "load_corpus": "cogprobe.corpora",
-    "split_corpus": "cogprobe.corpora",
-    "train": "cogprobe.train",
-    "TrainConfig": "cogprobe.trainconfig",
-    "sweep_run": "cogprobe.probe",
-    "capture_run": "cogprobe.probe",
-    "select_run": "cogprobe.probe",
-    "rank": "cogprobe.rank",
-    "rank_run": "cogprobe.rank",
-    "specialization_curves": "cogprobe.sweep_plots",
-    "specialization_heatmaps": "cogprobe.sweep_plots",
-    "logit_lens_heatmap": "cogprobe.plots",
-    "plot_run": "cogprobe.plots",
-    "apply_layer_set": "cogprobe.export",
-    "export_layer_set": "cogprobe.export",
-    "export_merged": "cogprobe.export",
+    "load_model": "cogprobe.models.loading",
+    "load_corpus": "cogprobe.data.corpora",
+    "split_corpus": "cogprobe.data.corpora",
+    "train": "cogprobe.tuning.loop",
+    "TrainConfig": "cogprobe.tuning.config",
+    "sweep_run": "cogprobe.probe.folders",
+    "capture_run": "cogprobe.probe.folders",
+    "select_run": "cogprobe.selection.folders",
+    "rank": "cogprobe.selection.rankings",
+    "rank_run": "cogprobe.selection.rankings",
+    "specialization_curves": "cogprobe.plots.sweeps",
+    "specialization_heatmaps": "cogprobe.plots.sweeps",
+    "logit_lens_heatmap": "cogprobe.plots.runs",
+    "plot_run": "cogprobe.study.figures",
+    "apply_layer_set": "cogprobe.exports",
+    "export_layer_set": "cogprobe.exports",
+    "export_merged": "cogprobe.exports",
 }
 
 __all__ = ["CogprobeError", "__version__", *_LAZY]
@@ -49,17 +47,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(__all__)
-
-
-class _PublicFace(types.ModuleType):
-    """The first import of submodule `cogprobe.train` would set the package attribute `train` to
-    that module; the public `cogprobe.train` is the function, so that assignment is skipped
-    (the module stays importable as `cogprobe.train` through sys.modules)."""
-
-    def __setattr__(self, name, value):
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _PublicFace

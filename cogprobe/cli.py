@@ -17,7 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
-from cogprobe.errors import CogprobeError
+from cogprobe.core.errors import CogprobeError
 
 COMMANDS = {}
 
@@ -68,7 +68,7 @@ def dataclass_from_args(cls, a, **extra):
 
 def _say(text) -> None:
     """Print once: on the main process of a torchrun / accelerate launch."""
-    from cogprobe.distributed import world
+    from cogprobe.core.distributed import world
     if world().is_main:
         print(text)
 
@@ -82,7 +82,7 @@ def _prepare_flags(p):
 
 @command("prepare", "download and convert the embedded model (SmolLM2-135M-Instruct) once")
 def _prepare(a):
-    from cogprobe.models import prepare
+    from cogprobe.models.loading import prepare
     _say(prepare(a.home))
 
 
@@ -123,8 +123,8 @@ def _eval_flags(p):
 
 @command("eval", "perception and production NLL (and their shuffled-source controls) of a model")
 def _eval(a):
-    from cogprobe.evalset import EvalSet
-    from cogprobe.evaluate import evaluate
+    from cogprobe.data.evalset import EvalSet
+    from cogprobe.data.evaluate import evaluate
     args = {k: v for k, v in _evalset_args(a).items() if v is not None}
     evalset = EvalSet(corpus=str(a.corpus), **_corpus_kwargs(a), **args)
     table = evaluate(a.model, evalset, batch_size=a.batch_size, out=a.out)
@@ -144,7 +144,7 @@ _eval.flags = _eval_flags
 
 
 def _train_flags(p):
-    from cogprobe.trainconfig import TrainConfig
+    from cogprobe.tuning.config import TrainConfig
     p.add_argument("--config", type=Path, help="a TrainConfig as JSON (what `cogprobe run` hands each row's "
                                               "training); flags given as well override its values")
     dataclass_flags(p, TrainConfig, unset=True)
@@ -152,14 +152,14 @@ def _train_flags(p):
 
 @command("train", "fine-tune with a strategy (full, layers, lora, lora-layers), saving checkpoints")
 def _train(a):
-    from cogprobe.train import train
+    from cogprobe.tuning.loop import train
     _say(train(train_config(a)))
 
 
 def train_config(a):
     """The TrainConfig of `cogprobe train`: --config's values, then the flags given."""
-    from cogprobe import io
-    from cogprobe.trainconfig import TrainConfig
+    from cogprobe.core import io
+    from cogprobe.tuning.config import TrainConfig
     values = io.read_json(a.config) if a.config else {}
     fields = [f for f in dataclasses.fields(TrainConfig) if f.init]
     values.update({f.name: getattr(a, f.name) for f in fields if hasattr(a, f.name)})
@@ -179,7 +179,7 @@ _train.flags = _train_flags
 def _ints(text: str | None) -> list[int] | None:
     if not text:
         return None
-    from cogprobe.layersets import parse_range_list
+    from cogprobe.models.layersets import parse_range_list
     return parse_range_list(text, 10**6)
 
 
@@ -205,15 +205,15 @@ def _one_writer(a):
     """The folder a probe verb writes its tables into, locked (main process only): a second sweep,
     capture or select on it waits for the first, as a second `train` does."""
     import contextlib
-    from cogprobe.distributed import world
-    from cogprobe.runfolder import locked
+    from cogprobe.core.distributed import world
+    from cogprobe.tuning.runfolder import locked
     if not world().is_main:
         return contextlib.nullcontext()
     return locked(a.out or Path(a.run), log=lambda m: print(m, file=sys.stderr))
 
 
 def _evalset(a):
-    from cogprobe.evalset import EvalSet
+    from cogprobe.data.evalset import EvalSet
     return EvalSet.for_run(a.run, corpus=a.corpus, pivot_col=a.pivot_col, target_col=a.target_col,
                            **_evalset_args(a))
 
@@ -222,8 +222,8 @@ def _source(a):
     """The run as given, or opened here when --tokenizer names one for checkpoints saved without."""
     if not a.tokenizer:
         return a.run
-    from cogprobe.checkpoints import Checkpoints
-    from cogprobe.distributed import default_device
+    from cogprobe.tuning.checkpoints import Checkpoints
+    from cogprobe.core.distributed import default_device
     return Checkpoints.open(a.run, base=a.base, tokenizer=a.tokenizer).to(default_device())
 
 
@@ -243,7 +243,7 @@ def _sweep_flags(p):
 
 @command("sweep", "perception/production ablation sweeps from each end, per checkpoint")
 def _sweep(a):
-    from cogprobe.probe import sweep_run
+    from cogprobe.probe.folders import sweep_run
     with _one_writer(a):
         table = sweep_run(_source(a), mode=a.mode, directions=_words(a.directions), tasks=_words(a.tasks), ks=_ints(a.ks),
                           ends=a.ends, engine=a.engine, batch_size=a.batch_size, evalset=_evalset(a), out=a.out,
@@ -265,7 +265,7 @@ def _capture_flags(p):
 
 @command("capture", "per-block drift, CKA, norms, logit lens and cross-lingual alignment of every checkpoint")
 def _capture(a):
-    from cogprobe.probe import capture_run
+    from cogprobe.probe.folders import capture_run
     with _one_writer(a):
         table = capture_run(_source(a), sites=_words(a.sites), backend=a.backend, batch_size=a.batch_size,
                             evalset=_evalset(a), out=a.out, base=a.base, overwrite=a.overwrite,
@@ -302,7 +302,7 @@ def _select_flags(p):
 
 @command("select", "derive a CogSym layer set (fixed rule, or from the model's own curves)")
 def _select(a):
-    from cogprobe.probe import select_run
+    from cogprobe.selection.folders import select_run
     with _one_writer(a):
         sel = select_run(_source(a), rule=a.rule, tau=a.tau, fraction=a.fraction, step=a.step, input_task=a.input_task,
                          output_task=a.output_task, max_total=a.max_total, criterion=a.criterion,
@@ -311,7 +311,7 @@ def _select(a):
     path = (a.out or Path(a.run)) / a.name
     _say(sel.table())
     if sel.stability:
-        from cogprobe.stability import table
+        from cogprobe.selection.stability import table
         _say(table(sel.stability))
     _say(f"wrote {path}; train it with --layers {path}")
 
@@ -327,7 +327,7 @@ def _rank_flags(p):
 
 @command("rank", "cheap per-block rankings of a run (no sweep), with their cost, into rankings.parquet")
 def _rank(a):
-    from cogprobe.rank import rank_run
+    from cogprobe.selection.rankings import rank_run
     with _one_writer(a):
         rank_run(_source(a), rankings=_words(a.rankings), batch_size=a.batch_size, evalset=_evalset(a), out=a.out,
                  base=a.base, log=_say)
@@ -342,7 +342,7 @@ def _plot_flags(p):
 
 @command("plot", "draw the figures of a run folder from its tables")
 def _plot(a):
-    from cogprobe.plots import plot_run
+    from cogprobe.study.figures import plot_run
     for path in plot_run(a.run):
         _say(path)
 
@@ -369,17 +369,17 @@ def _export_flags(p):
 
 @command("export", "a layer set for peft / axolotl / LLaMA-Factory / HF Trainer, or a checkpoint as an HF model")
 def _export(a):
-    from cogprobe import export
+    from cogprobe import exports as export
     if a.merged:
         if a.step is None:
             raise CogprobeError("--merged needs --step N (the checkpoint to write)")
         print(f"wrote {export.export_merged(a.source, a.step, a.merged, base=a.base)}")
         return
-    from cogprobe.models import load_model
+    from cogprobe.models.loading import load_model
     text = export.export_layer_set(load_model(a.model)[0], a.source, a.to, lora=a.lora,
                                    train_embeddings=a.train_embeddings, train_head=a.train_head)
     if a.out:
-        from cogprobe.io import write_text
+        from cogprobe.core.io import write_text
         write_text(a.out, text)
         print(f"wrote {a.out}")
     else:
@@ -393,7 +393,7 @@ _export.flags = _export_flags
 
 
 def _run_flags(p):
-    from cogprobe.studyconfig import StudyConfig
+    from cogprobe.study.config import StudyConfig
     p.add_argument("--config", type=Path, help="TOML file with StudyConfig keys")
     p.add_argument("--preset", default="quick", help="quick (default: the smoke test, minutes on 2 CPU "
                    "cores), standard (the evidence study: hours per language) or paper")
@@ -403,8 +403,8 @@ def _run_flags(p):
 
 @command("run", "the whole study: adaptation, sweeps, layer sets, CogSym vs full fine-tuning, report")
 def _run(a):
-    from cogprobe.study import run
-    from cogprobe.studyconfig import StudyConfig, build_config
+    from cogprobe.study.pipeline import run
+    from cogprobe.study.config import StudyConfig, build_config
     overrides = {f.name: getattr(a, f.name) for f in dataclasses.fields(StudyConfig) if f.name != "out"}
     config = build_config(a.out, preset_name=a.preset, config_file=a.config, **overrides)
     _say(run(config) / "report.md")
@@ -422,7 +422,7 @@ def _verify_flags(p):
 
 @command("verify", "check every checkpoint, checksum and table of a run or study folder (exit 1 on a problem)")
 def _verify(a):
-    from cogprobe.verify import verify
+    from cogprobe.checks import verify
     found = verify(a.folder)
     for line in found:
         print(line)
@@ -467,7 +467,7 @@ def _terminate(signum, frame):
 
 def _fault(err: BaseException) -> str | None:
     """One line for a fault of the machine rather than of cogprobe's input; None for a bug."""
-    from cogprobe.io import write_failure
+    from cogprobe.core.io import write_failure
     if isinstance(err, PermissionError):
         return (f"permission denied: {err.filename or 'a file or folder cogprobe needs'}; give the user running "
                 "cogprobe access to it (or choose another output folder) and rerun the same command")

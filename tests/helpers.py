@@ -15,14 +15,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-import cogprobe.probe as probe
-from cogprobe.blocks import find_blocks
-from cogprobe.corpora import Corpus
+import cogprobe.probe.folders as probe
+from cogprobe.models.blocks import find_blocks
+from cogprobe.data.corpora import Corpus
 from cogprobe.cli import main
-from cogprobe.distributed import World
-from cogprobe.layersets import to_string
-from cogprobe.sweep import COLUMNS
-from cogprobe.tasks import TASKS, build_examples, collate, scored_positions
+from cogprobe.core.distributed import World
+from cogprobe.models.layersets import to_string
+from cogprobe.probe.sweep import COLUMNS
+from cogprobe.data.tasks import TASKS, build_examples, collate, scored_positions
 from tiny import tiny_tokenizer
 
 # ------------------------------------------------------------------ a tiny corpus
@@ -48,7 +48,7 @@ def write_corpus(path: Path) -> Path:
 
 def config(inputs, out, strategy, family="llama", **kw):
     """A small TrainConfig on the session's tiny inputs (conftest's `inputs`)."""
-    from cogprobe.trainconfig import TrainConfig
+    from cogprobe.tuning.config import TrainConfig
     base = dict(model=inputs[family], corpus=inputs["corpus"], out=out, strategy=strategy, steps=4,
                 batch_size=2, seq_len=24, lr=1e-2, warmup=0, save_steps="0,2", threads=1, progress=False)
     return TrainConfig(**{**base, **kw})
@@ -215,10 +215,10 @@ PERTURBED = 3  # the block changed in the "fine-tuned" checkpoint
 
 def text_examples(tok, n=5, offset=0):
     """`n` Examples cut from the tiny texts (half prompt, half continuation): capture's test inputs."""
-    from cogprobe.tasks import Example
-    from tiny import _TEXT
+    from cogprobe.data.tasks import Example
+    from tiny import TEXT
     out = []
-    for text in (_TEXT * 2)[offset:offset + n]:
+    for text in (TEXT * 2)[offset:offset + n]:
         ids = tok(text).input_ids[:36]
         out.append(Example(tuple(ids), len(ids) // 2))
     return out

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 import cogprobe  # noqa: F401  (offline env before transformers)
-from cogprobe import alignment as al
-from cogprobe.capture import capture, capture_with_alignment
-from cogprobe.corpora import Corpus
-from cogprobe.errors import CogprobeError
-from cogprobe.tasks import batches
+from cogprobe.probe import alignment as al
+from cogprobe.probe.capture import capture, capture_with_alignment
+from cogprobe.data.corpora import Corpus
+from cogprobe.core.errors import CogprobeError
+from cogprobe.data.tasks import batches
 from helpers import perturbed_block as perturbed, text_examples as examples
-from tiny import _TEXT, tiny_model, tiny_tokenizer
+from tiny import TEXT, tiny_model, tiny_tokenizer
 
 N, HIDDEN, BLOCKS, MEET = 64, 24, 5, 2
 
@@ -101,7 +101,7 @@ def tok():
 
 
 def tiny_pairs(n=8):
-    lines = (_TEXT * 3)[:2 * n]
+    lines = (TEXT * 3)[:2 * n]
     return Corpus("tiny", pd.DataFrame({"pair_id": range(n), "target": lines[:n], "pivot": lines[n:2 * n],
                                         "document": ["d"] * n}), "Spanish", "Nahuatl")
 
@@ -113,7 +113,7 @@ def test_sentences_are_read_alone_and_pooled_over_their_own_tokens(tok):
     _, table = capture_with_alignment([(0, model)], {}, sents, layers=[1, 4])
     assert sorted(table.block.unique()) == [1, 4] and (table.n_pairs == 8).all()
     # the pooled vector of the first target sentence equals the mean of its block output run alone
-    from cogprobe.backends import run_with_sites
+    from cogprobe.probe.backends import run_with_sites
     ids = tok(tiny_pairs().pairs["target"][0]).input_ids
     one = run_with_sites(model, {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids))},
                          [1], ["resid"])[(1, "resid")][0].double().mean(0)
@@ -152,7 +152,7 @@ def test_alignment_does_not_depend_on_the_backend(family, backend, tok):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from cogprobe.train import TrainConfig, train
+    from cogprobe.tuning.loop import TrainConfig, train
     from helpers import write_corpus
     from tiny import save_tiny
     root = tmp_path_factory.mktemp("align")
@@ -162,8 +162,8 @@ def tiny_run(tmp_path_factory):
 
 
 def test_capture_run_writes_alignment_and_fills_in_a_missing_table(tiny_run, tmp_path):
-    from cogprobe.evalset import EvalSet
-    from cogprobe.probe import capture_run
+    from cogprobe.data.evalset import EvalSet
+    from cogprobe.probe.folders import capture_run
     evalset = EvalSet.for_run(tiny_run, n=6, split_dev=0.2)
     said = []
     acts = capture_run(tiny_run, evalset=evalset, out=tmp_path, batch_size=4, alignment=False, log=said.append)
@@ -185,7 +185,8 @@ def planted_table(steps=(0, 16)) -> pd.DataFrame:
 
 
 def test_figures_draw_from_the_tables(tmp_path):
-    from cogprobe import alignment_plots, plots
+    from cogprobe.plots import alignment as alignment_plots
+    from cogprobe.study import figures
     from helpers import synthetic_sweeps
     table = planted_table()
     fig = alignment_plots.alignment_heatmaps(table)
@@ -197,23 +198,23 @@ def test_figures_draw_from_the_tables(tmp_path):
     assert "step 16" in fig.get_suptitle()
     with pytest.raises(CogprobeError, match="no checkpoint is in both"):
         alignment_plots.alignment_vs_specialization(table, synthetic_sweeps(steps=(4, 20), n=BLOCKS))
-    from cogprobe.io import write_parquet
+    from cogprobe.core.io import write_parquet
     write_parquet(tmp_path / "alignment.parquet", table)
     write_parquet(tmp_path / "sweeps.parquet", sweeps)
-    names = {p.name for p in plots.plot_run(tmp_path, dpi=30)}
+    names = {p.name for p in figures.plot_run(tmp_path, dpi=30)}
     assert {"alignment_heatmaps.png", "alignment_curves.png", "alignment_vs_specialization.png"} <= names
 
 
 def test_report_section_words_the_move_by_its_interval(tmp_path):
-    from cogprobe.io import write_parquet
-    from cogprobe.report import _where_languages_meet
+    from cogprobe.core.io import write_parquet
+    from cogprobe.study.report import where_languages_meet
     write_parquet(tmp_path / "alignment.parquet", planted_table())
-    blocks = _where_languages_meet(tmp_path, [])
+    blocks = where_languages_meet(tmp_path, [])
     assert blocks[0] == ("h2", "Where the languages meet")
     peaks = blocks[2][1]
     assert peaks["peak block"].tolist() == [MEET, MEET + 1] and peaks["95% interval"].iloc[0] == f"[{MEET}, {MEET}]"
     assert blocks[3][1].startswith("Fine-tuning moved the meeting point: peak block at step 16 minus at step 0: +1")
     write_parquet(tmp_path / "alignment.parquet", pd.DataFrame(
         al.alignment_rows(0, planted(0), N) + al.alignment_rows(16, planted(1), N)))
-    assert _where_languages_meet(tmp_path, [])[3][1].startswith("These pairs do not show")
-    assert _where_languages_meet(tmp_path / "none", []) == []
+    assert where_languages_meet(tmp_path, [])[3][1].startswith("These pairs do not show")
+    assert where_languages_meet(tmp_path / "none", []) == []

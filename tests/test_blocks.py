@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import cogprobe  # noqa: F401  (offline env before transformers)
-from cogprobe.blocks import SkipBlock, check_indices, find_blocks, swapped
-from cogprobe.errors import CogprobeError
+from cogprobe.models.blocks import SkipBlock, check_indices, find_blocks, swapped
+from cogprobe.core.errors import CogprobeError
 from tiny import FAMILIES, LAYERS, tiny_model
 
 IDS = torch.tensor([[5, 17, 33, 120, 7, 9, 250, 3]])

@@ -8,13 +8,13 @@ import torch
 from safetensors.torch import load_file
 
 import cogprobe  # noqa: F401  (offline env before transformers)
-from cogprobe.backends import SITES, open_backend, run_with_sites, site_child
-from cogprobe.blocks import find_blocks
-from cogprobe.capture import COLUMNS, Similarity, capture, write_activations
-from cogprobe.errors import CogprobeError
-from cogprobe.tasks import Example, batches, score
+from cogprobe.probe.backends import SITES, open_backend, run_with_sites, site_child
+from cogprobe.models.blocks import find_blocks
+from cogprobe.probe.capture import COLUMNS, Similarity, capture, write_activations
+from cogprobe.core.errors import CogprobeError
+from cogprobe.data.tasks import Example, batches, score
 from helpers import PERTURBED, perturbed_block as perturbed, text_examples as examples
-from tiny import _TEXT, LAYERS, save_tiny, tiny_model, tiny_tokenizer
+from tiny import TEXT, LAYERS, save_tiny, tiny_model, tiny_tokenizer
 
 
 
@@ -180,7 +180,7 @@ def test_drift_starts_at_the_perturbed_block(task_batches):
 def test_the_reference_runs_once_per_batch_and_the_table_is_the_same_as_rerunning_it(task_batches, monkeypatch):
     """The reference's activations are kept across checkpoints (within a memory budget): it runs once
     per batch, not once per checkpoint, and every value equals the run that recomputes them."""
-    import cogprobe.capture as cap
+    import cogprobe.probe.capture as cap
     model = tiny_model("llama")
     ckpts = [(0, model), (10, perturbed(model)), (20, perturbed(model, scale=0.1))]
     calls = []
@@ -269,7 +269,7 @@ def test_capture_table_does_not_depend_on_the_backend(backend, tok, task_batches
 
 
 def test_checkpoints_object_is_loaded_one_at_a_time(tmp_path, monkeypatch, tok, task_batches):
-    from cogprobe.checkpoints import Checkpoints
+    from cogprobe.tuning.checkpoints import Checkpoints
     base = save_tiny(tmp_path / "base", "llama")
     model, _ = Checkpoints.open([base]).load(0)
     tuned = [perturbed(model, seed=s) for s in (1, 2)]
@@ -366,7 +366,7 @@ def test_raw_budget_stops_before_the_shard_that_would_exceed_it(tmp_path, task_b
 
 @pytest.mark.slow
 def test_backends_agree_on_the_embedded_model():
-    from cogprobe.models import EMBEDDED, embedded_dir, load_model
+    from cogprobe.models.loading import EMBEDDED, embedded_dir, load_model
     if not (embedded_dir() / "cogprobe-model.json").is_file():
         pytest.skip("the embedded model is not prepared (run `cogprobe prepare`)")
     # eager attention: TransformerBridge forces eager on its copy, so the original must match

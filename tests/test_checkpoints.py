@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import cogprobe  # noqa: F401  (offline environment before transformers)
-import cogprobe.checkpoints as ck
-from cogprobe.checkpoints import Checkpoints
-from cogprobe.errors import CogprobeError
-from cogprobe.models import load_model, model_fingerprint
-from cogprobe.train import train
+import cogprobe.tuning.checkpoints as ck
+from cogprobe.tuning.checkpoints import Checkpoints
+from cogprobe.core.errors import CogprobeError
+from cogprobe.models.loading import load_model, model_fingerprint
+from cogprobe.tuning.loop import train
 from helpers import config
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
@@ -187,8 +187,9 @@ def test_unknown_sources_are_refused(tmp_path):
 
 def test_reading_checkpoints_does_not_import_the_training_code():
     """Sweeps, captures and `verify` read checkpoints; how a run was trained must not come with that."""
-    training = ("cogprobe.strategies", "cogprobe.trainconfig", "cogprobe.train", "cogprobe.runfolder")
-    code = f"import sys, cogprobe.checkpoints; print([m for m in {training!r} if m in sys.modules])"
+    training = ("cogprobe.tuning.strategies", "cogprobe.tuning.config", "cogprobe.tuning.loop",
+                "cogprobe.tuning.runfolder")
+    code = f"import sys, cogprobe.tuning.checkpoints; print([m for m in {training!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 
-from cogprobe.corpora import Corpus, load_corpus, normalise, split_corpus, split_overlap
-from cogprobe.errors import CogprobeError
+from cogprobe.data.corpora import Corpus, load_corpus, normalise, split_corpus, split_overlap
+from cogprobe.core.errors import CogprobeError
 
 PAIRS = [("el agua", "in atl"), ("la casa", "in calli"), ("el hombre", "in tlacatl"),
          ("la tortilla", "in tlaxcalli")]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from cogprobe.corpora import load_corpus
-from cogprobe.errors import CogprobeError
+from cogprobe.data.corpora import load_corpus
+from cogprobe.core.errors import CogprobeError
 
 ROWS = [dict(es=f"la casa {i}", nah=f"in calli {i}") for i in range(12)]
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import cogprobe  # noqa: F401  (offline environment before transformers)
-from cogprobe.corpora import Corpus, load_corpus, split_corpus
-from cogprobe.data import IGNORE, PackedStream, check_isolation, pack, tokenize
-from cogprobe.errors import CogprobeError
-from cogprobe.tasks import build_examples
+from cogprobe.data.corpora import Corpus, load_corpus, split_corpus
+from cogprobe.tuning.text import IGNORE, PackedStream, check_isolation, pack, tokenize
+from cogprobe.core.errors import CogprobeError
+from cogprobe.data.tasks import build_examples
 from helpers import write_corpus
 from tiny import FAMILIES, tiny_model, tiny_tokenizer
 
@@ -86,7 +86,7 @@ def test_packed_rows_are_a_function_of_seed_and_index(corpus):
 
 def test_rows_are_packed_and_tokenized_only_as_far_as_asked(corpus, monkeypatch):
     """Lazy packing gives the rows of packing whole epochs at once, and reads only the pairs it packs."""
-    from cogprobe import data
+    from cogprobe.tuning import text as data
     monkeypatch.setattr(data._Epoch, "FIRST", 4)
     monkeypatch.setattr(data, "OPEN_ROWS", 2)   # a window this small corpus can close rows in
     tok = tiny_tokenizer()
@@ -167,7 +167,7 @@ def test_real_corpus_every_continuation_token_sees_its_whole_source():
     """On the embedded tokenizer and axolotl: 100% of loss tokens of translation examples share a row
     with their example's whole prompt (the source sentence, as the example holds it)."""
     from transformers import AutoTokenizer
-    from cogprobe.models import embedded_dir
+    from cogprobe.models.loading import embedded_dir
     tok = AutoTokenizer.from_pretrained(embedded_dir())
     train = split_corpus(load_corpus("axolotl")).train
     sub = Corpus("axolotl:train", train.pairs.iloc[:2000], train.pivot_name, train.target_name)

@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import cogprobe.probe as probe
-from cogprobe.distributed import World
-from cogprobe.evalset import EvalSet
-from cogprobe.probe import capture_run, sweep_run
-from cogprobe.train import TrainConfig, train
+import cogprobe.probe.folders as probe
+from cogprobe.core.distributed import World
+from cogprobe.data.evalset import EvalSet
+from cogprobe.probe.folders import capture_run, sweep_run
+from cogprobe.tuning.loop import TrainConfig, train
 from helpers import write_corpus
 from helpers import ThreadWorld, run_as_ranks
 from tiny import save_tiny

@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 
 import cogprobe  # noqa: F401  (offline environment before transformers)
-from cogprobe.errors import CogprobeError
-from cogprobe.evalset import EvalSet, stratified_sample
-from cogprobe.evaluate import evaluate
-from cogprobe.models import load_model
-from cogprobe.probe import sweep_run
-from cogprobe.tasks import CONTROLS, TASKS, derangement, score, sentence_lengths, with_conditional_gain
-from cogprobe.train import TrainConfig, train
+from cogprobe.core.errors import CogprobeError
+from cogprobe.data.evalset import EvalSet, stratified_sample
+from cogprobe.data.evaluate import evaluate
+from cogprobe.models.loading import load_model
+from cogprobe.probe.folders import sweep_run
+from cogprobe.data.tasks import CONTROLS, TASKS, derangement, score, sentence_lengths, with_conditional_gain
+from cogprobe.tuning.loop import TrainConfig, train
 from helpers import write_corpus
 from tiny import save_tiny, tiny_tokenizer
 
@@ -43,7 +43,7 @@ def test_stratified_sample_gives_each_document_its_share():
 @pytest.mark.slow
 def test_axolotl_sample_is_stratified_whole_and_not_a_prefix():
     from transformers import AutoTokenizer
-    from cogprobe.models import embedded_dir
+    from cogprobe.models.loading import embedded_dir
     tok = AutoTokenizer.from_pretrained(embedded_dir())
     e = EvalSet(corpus="axolotl", split="test", n=64, max_sentence_tokens=32)
     pairs, report = e.pairs(tok).pairs, e.report(tok)

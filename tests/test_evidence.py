@@ -39,7 +39,7 @@ def test_a_row_is_compared_once_it_and_its_other_are_there():
 def test_a_resumed_run_costs_what_its_log_says_not_its_last_invocation(tmp_path):
     """Each session's end interrupts a run; its tune stage then times only the part after the resume,
     while its log (sec_per_step over every session) and its dev curve hold what it cost."""
-    from cogprobe import io
+    from cogprobe.core import io
     from evidence import cost
     io.write_json(tmp_path / "study.json", {"model": "m", "corpus": "c", "steps": 100, "run_length": 50,
                                             "stage_machines": {"tune full-s0": "cpu"},
@@ -113,7 +113,7 @@ def test_the_papers_claims_are_read_off_the_same_calls_as_the_headline():
 
 
 def test_the_setting_says_whether_full_fine_tuning_plateaued_or_hit_the_cap(tmp_path):
-    from cogprobe import io
+    from cogprobe.core import io
     from evidence import setting
     record = {"out": str(tmp_path), "model": "m", "corpus": "c", "steps": 100, "converge": True,
               "eval_steps": "every:25", "warmup": 0, "plateau_window": 0.2, "plateau_min_improvement": 0.01, "run_length": 100}

@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT / "analyses"))
 
 from evidence_readme import END, README, START, block, spliced  # noqa: E402
 
-from cogprobe.errors import CogprobeError  # noqa: E402
+from cogprobe.core.errors import CogprobeError  # noqa: E402
 
 
 def test_the_readme_holds_what_the_committed_tables_give():

@@ -9,13 +9,13 @@ import pytest
 import torch
 import yaml
 
-from cogprobe.blocks import find_blocks
-from cogprobe.checkpoints import Checkpoints
+from cogprobe.models.blocks import find_blocks
+from cogprobe.tuning.checkpoints import Checkpoints
 from cogprobe.cli import main
-from cogprobe.errors import CogprobeError
-from cogprobe.export import (apply_layer_set, axolotl_matches, export_layer_set, export_merged,
+from cogprobe.core.errors import CogprobeError
+from cogprobe.exports import (apply_layer_set, axolotl_matches, export_layer_set, export_merged,
                              llamafactory_yaml, peft_config)
-from cogprobe.train import TrainConfig, train
+from cogprobe.tuning.loop import TrainConfig, train
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 

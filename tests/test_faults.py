@@ -33,9 +33,9 @@ from safetensors.torch import save_file
 
 import cogprobe  # noqa: F401  (offline environment before transformers)
 from cogprobe.cli import main
-from cogprobe.studyconfig import StudyConfig
-from cogprobe.train import train
-from cogprobe.trainconfig import TrainConfig
+from cogprobe.study.config import StudyConfig
+from cogprobe.tuning.loop import train
+from cogprobe.tuning.config import TrainConfig
 from helpers import SWEEP, Stop, cli, corpus_rows, train_argv
 from tiny import save_tiny
 
@@ -235,7 +235,7 @@ def _no_leftovers_under_final_names(folder: Path) -> None:
 
 
 def _verify_lines(folder: Path) -> list[str]:
-    from cogprobe.verify import verify
+    from cogprobe.checks import verify
     return verify(folder)
 
 
@@ -274,7 +274,7 @@ def test_full_disk_tmpfs(inputs, small_disk, capsys):
 
 def test_full_disk_patched_writer(inputs, tmp_path, capsys, monkeypatch):
     """The disk fills while step 4's tensors are written (half a file, then ENOSPC); the rerun continues."""
-    import cogprobe.checkpoints as checkpoints
+    import cogprobe.tuning.checkpoints as checkpoints
     real = checkpoints.save_file
 
     def fills_up(tensors, path, **kw):
@@ -337,7 +337,7 @@ def test_permission_denied_while_writing(inputs, tmp_path, capsys, monkeypatch):
      r"out of GPU memory; lower --batch-size .*--limit"),
 ])
 def test_out_of_memory(inputs, tmp_path, capsys, monkeypatch, error, pattern):
-    import cogprobe.probe as probe
+    import cogprobe.probe.folders as probe
     folder = shutil.copytree(inputs["folders"]["run"], tmp_path / "run")
     (folder / "sweeps.parquet").unlink()
     before = snapshot(folder)
@@ -352,7 +352,7 @@ def test_out_of_memory(inputs, tmp_path, capsys, monkeypatch, error, pattern):
 
 def test_a_bug_keeps_its_traceback(inputs, tmp_path, monkeypatch):
     """Only the machine's faults are mapped to one line: any other error is a bug and must stay visible."""
-    import cogprobe.probe as probe
+    import cogprobe.probe.folders as probe
 
     def bug(*a, **kw):
         raise RuntimeError("a bug")
@@ -366,7 +366,7 @@ def test_a_bug_keeps_its_traceback(inputs, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_stops_cleanly_and_the_rerun_continues(inputs, tmp_path, capsys, monkeypatch, sig, code):
-    import cogprobe.health as health
+    import cogprobe.tuning.health as health
     real = health.Monitor.update
 
     def signalled_at_step_3(self, step, loss, grad_norm):
@@ -433,8 +433,8 @@ def test_the_promised_rebuild_works(inputs, tmp_path, capsys, table, verb):
 def test_a_damaged_part_file_stops_a_sharded_sweep_in_one_line(inputs, tmp_path, monkeypatch):
     """Ranks played by threads (as in test_distributed): every rank finds rank 0's part of an interrupted
     2-process sweep truncated and stops with the one-line error before it writes any row."""
-    import cogprobe.probe as probe
-    from cogprobe.errors import CogprobeError
+    import cogprobe.probe.folders as probe
+    from cogprobe.core.errors import CogprobeError
     from helpers import run_as_ranks
     folder = shutil.copytree(inputs["folders"]["run"], tmp_path / "run")
     (folder / "sweeps.parquet").unlink()

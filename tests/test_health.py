@@ -1,6 +1,6 @@
 """Training health: the divergence rule, what a diverging or non-finite run records, and who refuses it.
 
-The rule (cogprobe/health.py): the loss stays above FACTOR x the first logged loss
+The rule (cogprobe/tuning/health.py): the loss stays above FACTOR x the first logged loss
 for PATIENCE steps in a row. The tests build a diverging run from a learning
 rate that is far too high (the loss climbs from ~6 to ~24 on the tiny model) and
 check the event against the rule applied to the run's own log.
@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 
 import cogprobe  # noqa: F401  (offline environment before transformers)
-from cogprobe.checkpoints import Checkpoints
-from cogprobe.errors import CogprobeError
-from cogprobe.health import FACTOR, PATIENCE, Monitor, check_healthy
+from cogprobe.tuning.checkpoints import Checkpoints
+from cogprobe.core.errors import CogprobeError
+from cogprobe.tuning.health import FACTOR, PATIENCE, Monitor, check_healthy
 from helpers import cli, corpus_rows, train_argv
 from tiny import save_tiny
 
@@ -86,7 +86,7 @@ def test_a_non_finite_loss_is_recorded(inputs, tmp_path, capsys):
     assert [(e["kind"], e["step"]) for e in events] == [("non-finite", 2)]
     assert re.fullmatch(r"training stopped at step 2 on a non-finite value \((loss|gradient norm) (nan|inf)\)",
                         events[0]["message"])
-    from cogprobe.verify import verify
+    from cogprobe.checks import verify
     assert verify(out) == [f"{out}: {events[0]['message']}"]  # stopped on purpose: no "unfinished" nagging
 
 
@@ -97,8 +97,8 @@ def test_a_healthy_run_records_nothing(inputs, tmp_path):
 
 
 def test_the_study_refuses_shares_of_a_diverged_full_run(inputs, tmp_path):
-    from cogprobe.study import compare_one
-    from cogprobe.studyconfig import StudyConfig
+    from cogprobe.study.pipeline import compare_one
+    from cogprobe.study.config import StudyConfig
     study = tmp_path / "study"
     run = study / "runs" / "full-s0"
     assert cli(train_argv(inputs["model"], inputs["corpus"], run, **DIVERGING)) == 0

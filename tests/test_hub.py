@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cogprobe.checkpoints import Checkpoints
-from cogprobe.errors import CogprobeError
-from cogprobe.models import embedded_dir, load_model
+from cogprobe.tuning.checkpoints import Checkpoints
+from cogprobe.core.errors import CogprobeError
+from cogprobe.models.loading import embedded_dir, load_model
 from tiny import save_tiny
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cogprobe import intervals, verdicts
+from cogprobe.core import intervals
+from cogprobe.study import verdicts
 
 
 def _synthetic(rng, n: int, means: dict[str, float], shared: float = 1.0, own: float = 0.3) -> dict:

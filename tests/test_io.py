@@ -3,7 +3,7 @@ import os
 import pandas as pd
 import pytest
 
-from cogprobe import io
+from cogprobe.core import io
 
 
 def test_atomic_path_keeps_old_file_on_error(tmp_path):

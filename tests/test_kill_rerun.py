@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 import cogprobe  # noqa: F401  (offline environment before transformers)
-from cogprobe.checkpoints import Checkpoints, step_dir
+from cogprobe.tuning.checkpoints import Checkpoints, step_dir
 from cogprobe.cli import main
 from tiny import save_tiny
 from helpers import corpus_rows

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from cogprobe.errors import CogprobeError
-from cogprobe.layersets import cogsym, outer, parse_range_list, resolve, to_string
+from cogprobe.core.errors import CogprobeError
+from cogprobe.models.layersets import cogsym, outer, parse_range_list, resolve, to_string
 
 
 def test_cogsym_smollm2():

@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from cogprobe.lr_choice import COLUMNS, at_edge, chosen, next_rate, search
+from cogprobe.study.lr_choice import COLUMNS, at_edge, chosen, next_rate, search
 
 GRID = [1e-4, 3e-4, 1e-3]
 

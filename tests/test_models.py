@@ -15,9 +15,9 @@ import pytest
 import torch
 import transformers as tf
 
-from cogprobe import models
-from cogprobe.errors import CogprobeError
-from cogprobe.models import (EMBEDDED, cogprobe_home, load_model, model_fingerprint,
+from cogprobe.models import loading as models
+from cogprobe.core.errors import CogprobeError
+from cogprobe.models.loading import (EMBEDDED, cogprobe_home, load_model, model_fingerprint,
                              model_source, prepare)
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from cogprobe.plateau import check, checks, first_plateau
+from cogprobe.tuning.plateau import check, checks, first_plateau
 
 RULE = dict(window=0.2, min_improvement=0.01)
 

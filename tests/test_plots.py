@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from cogprobe import plots
-from cogprobe.errors import CogprobeError
-from cogprobe.io import write_parquet
-from cogprobe.plot_style import MAX_LEGEND_STEPS
+from cogprobe.plots import runs, style, sweeps
+from cogprobe.study import figures
+from cogprobe.core.errors import CogprobeError
+from cogprobe.core.io import write_parquet
+from cogprobe.plots.style import MAX_LEGEND_STEPS
 from helpers import L, REF_NLL, STEPS, synthetic_sweeps
 
 def synthetic_acts(steps=STEPS, n=L, sites=("resid", "attn", "mlp"), task_free=False) -> pd.DataFrame:
@@ -68,7 +69,7 @@ def heat_axes(fig: Figure) -> list:
 # ------------------------------------------------------------------ sweeps
 
 def test_curves_gain_one_line_per_improved_checkpoint():
-    fig = plots.specialization_curves(synthetic_sweeps())
+    fig = sweeps.specialization_curves(synthetic_sweeps())
     assert isinstance(fig, Figure) and len(fig.axes) == 4
     for ax in fig.axes:
         lines = data_lines(ax)
@@ -79,7 +80,7 @@ def test_curves_gain_one_line_per_improved_checkpoint():
 
 
 def test_curves_nll_includes_reference_and_its_dashed_level():
-    fig = plots.specialization_curves(synthetic_sweeps(), y="nll")
+    fig = sweeps.specialization_curves(synthetic_sweeps(), y="nll")
     ax = fig.axes[0]   # perception, input end
     assert len(data_lines(ax)) == len(STEPS)
     ref = [ln for ln in ax.get_lines() if ln.get_label() == "_reference"]
@@ -89,7 +90,7 @@ def test_curves_nll_includes_reference_and_its_dashed_level():
 def test_curves_leave_gaps_at_nan():
     sw = synthetic_sweeps()
     sw.loc[(sw["checkpoint_step"] == 40) & (sw["k"] == 3), "share"] = float("nan")
-    fig = plots.specialization_curves(sw)
+    fig = sweeps.specialization_curves(sw)
     line = next(ln for ln in data_lines(fig.axes[0]) if ln.get_label() == "step 40")
     assert np.isnan(line.get_ydata()[3]) and np.isfinite(line.get_ydata()[4])
 
@@ -97,7 +98,7 @@ def test_curves_leave_gaps_at_nan():
 def test_curves_panel_without_gain_says_so():
     sw = synthetic_sweeps()
     sw.loc[sw["task"] == "production", "share"] = float("nan")
-    fig = plots.specialization_curves(sw)
+    fig = sweeps.specialization_curves(sw)
     production = [ax for ax in fig.axes if ax.get_title().startswith("production")]
     assert all(not data_lines(ax) and "no gain" in ax.texts[0].get_text() for ax in production)
     assert all(len(data_lines(ax)) == len(STEPS) - 1 for ax in fig.axes if ax not in production)
@@ -107,14 +108,14 @@ def test_curves_panel_without_gain_says_so():
 def test_curves_keep_tiny_gains_from_flattening_the_chart():
     sw = synthetic_sweeps()
     sw.loc[(sw["checkpoint_step"] == 20) & (sw["k"] == 2), "share"] = 50.0   # gain ~ 0: noise
-    fig = plots.specialization_curves(sw)
+    fig = sweeps.specialization_curves(sw)
     assert all(ax.get_ylim()[1] <= 2.1 for ax in fig.axes)
     assert "run off the chart" in fig.axes[0].texts[0].get_text()
 
 
 def test_curves_many_checkpoints_get_a_colorbar():
     steps = tuple(range(0, 10 * (MAX_LEGEND_STEPS + 3), 10))
-    fig = plots.specialization_curves(synthetic_sweeps(steps=steps))
+    fig = sweeps.specialization_curves(synthetic_sweeps(steps=steps))
     assert len(fig.axes) == 5 and not fig.legends   # 4 panels + the step colourbar
 
 
@@ -122,7 +123,7 @@ def test_curves_ignore_other_modes_and_keep_the_latest_duplicate():
     sw = synthetic_sweeps()
     keep_outer = sw.head(3).assign(mode="keep-outer", direction="both", k_in=1, k_out=1)
     rerun = sw[sw["checkpoint_step"] == 80].assign(nll=1.0)
-    fig = plots.specialization_curves(pd.concat([sw, keep_outer, rerun]), y="nll")
+    fig = sweeps.specialization_curves(pd.concat([sw, keep_outer, rerun]), y="nll")
     assert len(fig.axes) == 4
     last = next(ln for ln in data_lines(fig.axes[0]) if ln.get_label() == "step 80")
     assert set(last.get_ydata()) == {1.0}
@@ -131,14 +132,14 @@ def test_curves_ignore_other_modes_and_keep_the_latest_duplicate():
 def test_ends_default_to_blocks_only_and_can_be_chosen():
     plain, ends = synthetic_sweeps(), synthetic_sweeps().assign(ends=True, nll=1.0)
     both = pd.concat([plain, ends])
-    fig = plots.specialization_curves(both, y="nll")
+    fig = sweeps.specialization_curves(both, y="nll")
     assert 1.0 not in data_lines(fig.axes[0])[1].get_ydata() and "embeddings" not in fig.get_suptitle()
-    fig = plots.specialization_curves(both, y="nll", ends=True)
+    fig = sweeps.specialization_curves(both, y="nll", ends=True)
     assert set(data_lines(fig.axes[0])[1].get_ydata()) == {1.0} and "embeddings" in fig.get_suptitle()
 
 
 def test_heatmaps_grid_shapes_and_shared_colorbar():
-    fig = plots.specialization_heatmaps(synthetic_sweeps())
+    fig = sweeps.specialization_heatmaps(synthetic_sweeps())
     heats = heat_axes(fig)
     assert len(heats) == 4 and len(fig.axes) == 5
     for ax in heats:
@@ -149,7 +150,7 @@ def test_heatmaps_grid_shapes_and_shared_colorbar():
 def test_heatmap_nll_is_centred_on_the_reference_and_masks_nan():
     sw = synthetic_sweeps()
     sw.loc[(sw["checkpoint_step"] == 20) & (sw["k"] == 2), "nll"] = float("nan")
-    fig = plots.specialization_heatmaps(sw, value="nll")
+    fig = sweeps.specialization_heatmaps(sw, value="nll")
     mesh = heat_axes(fig)[0].collections[0]
     assert mesh.get_array().shape == (len(STEPS), L + 1)
     assert mesh.norm.vmin == pytest.approx(-mesh.norm.vmax)
@@ -160,11 +161,11 @@ def test_heatmap_nll_is_centred_on_the_reference_and_masks_nan():
 def test_sweep_errors_name_the_fix():
     sw = synthetic_sweeps()
     with pytest.raises(CogprobeError, match="--mode skip"):
-        plots.specialization_curves(sw, mode="skip")
+        sweeps.specialization_curves(sw, mode="skip")
     with pytest.raises(CogprobeError, match="lacks column"):
-        plots.specialization_heatmaps(sw.drop(columns="nll"))
+        sweeps.specialization_heatmaps(sw.drop(columns="nll"))
     with pytest.raises(CogprobeError, match="share or nll"):
-        plots.specialization_heatmaps(sw, value="loss")
+        sweeps.specialization_heatmaps(sw, value="loss")
 
 
 def test_a_real_sweep_table_plots():
@@ -173,9 +174,9 @@ def test_a_real_sweep_table_plots():
 
     import torch
 
-    from cogprobe.corpora import Corpus
-    from cogprobe.sweep import sweep
-    from cogprobe.tasks import TASKS, build_examples
+    from cogprobe.data.corpora import Corpus
+    from cogprobe.probe.sweep import sweep
+    from cogprobe.data.tasks import TASKS, build_examples
     from tiny import tiny_model, tiny_tokenizer
 
     pairs = pd.DataFrame({"pivot": ["la casa es grande", "el agua está fría"],
@@ -187,7 +188,7 @@ def test_a_real_sweep_table_plots():
         for p in moved.parameters():
             p.mul_(1.01)
     table = sweep([(0, ref), (10, moved)], ex, batch_size=2)
-    fig = plots.specialization_heatmaps(table, value="nll")
+    fig = sweeps.specialization_heatmaps(table, value="nll")
     assert len(heat_axes(fig)) == 4
     assert heat_axes(fig)[0].collections[0].get_array().shape[0] == 2
 
@@ -195,7 +196,7 @@ def test_a_real_sweep_table_plots():
 # ------------------------------------------------------------------ activations
 
 def test_logit_lens_one_panel_per_task():
-    fig = plots.logit_lens_heatmap(synthetic_acts())
+    fig = runs.logit_lens_heatmap(synthetic_acts())
     heats = heat_axes(fig)
     assert [ax.get_title() for ax in heats] == ["perception", "production"]
     assert all(ax.collections[0].get_array().shape == (len(STEPS), L) for ax in heats)
@@ -205,32 +206,32 @@ def test_logit_lens_one_panel_per_task():
 @pytest.mark.parametrize("task_free", [False, True])
 def test_drift_panels_per_site_and_task(task_free):
     acts = synthetic_acts(task_free=task_free)
-    fig = plots.drift_heatmap(acts, "cka")
+    fig = runs.drift_heatmap(acts, "cka")
     expected = 3 if task_free else 6
     assert len(heat_axes(fig)) == expected
     if task_free:
         assert heat_axes(fig)[0].get_title() == "all tasks · resid"
-    one = plots.drift_heatmap(acts, "drift_cos", site="mlp")
+    one = runs.drift_heatmap(acts, "drift_cos", site="mlp")
     assert len(heat_axes(one)) == (1 if task_free else 2)
 
 
 def test_drift_task_may_be_missing():
     acts = synthetic_acts(sites=("resid",), task_free=True)
     acts.loc[acts["stat"] != "logit_lens_nll", "task"] = None
-    assert len(heat_axes(plots.drift_heatmap(acts))) == 1
+    assert len(heat_axes(runs.drift_heatmap(acts))) == 1
 
 
 def test_activation_errors():
     with pytest.raises(CogprobeError, match="drift statistic"):
-        plots.drift_heatmap(synthetic_acts(), "logit_lens_nll")
+        runs.drift_heatmap(synthetic_acts(), "logit_lens_nll")
     with pytest.raises(CogprobeError, match="no 'drift_cos' rows at site 'attn'"):
-        plots.drift_heatmap(synthetic_acts(sites=("resid",)), site="attn")
+        runs.drift_heatmap(synthetic_acts(sites=("resid",)), site="attn")
 
 
 # ------------------------------------------------------------------ training, comparison
 
 def test_training_curve():
-    fig = plots.training_curve(synthetic_log())
+    fig = runs.training_curve(synthetic_log())
     assert len(fig.axes) == 2
     assert len(data_lines(fig.axes[0])) == 2 and len(fig.axes[1].get_lines()) == 1
     assert "120 steps" in fig.get_suptitle() and "61k tokens" in fig.get_suptitle()
@@ -238,7 +239,7 @@ def test_training_curve():
 
 def test_comparison_bars_lines_and_param_labels():
     cmp = synthetic_compare()
-    fig = plots.comparison_bars(cmp)
+    fig = figures.comparison_bars(cmp)
     ax = fig.axes[0]
     assert len(fig.axes) == 1
     assert sum(len(c) for c in ax.containers) == 2 * len(cmp)
@@ -251,7 +252,7 @@ def test_comparison_bars_lines_and_param_labels():
 
 
 def test_comparison_bars_average_seeds_with_error_bars():
-    fig = plots.comparison_bars(synthetic_compare(seeds=3), metric="chrf")
+    fig = figures.comparison_bars(synthetic_compare(seeds=3), metric="chrf")
     ax = fig.axes[0]
     assert sum(len(c) for c in ax.containers) == 2 * 6     # one bar per row and task
     assert len(ax.get_lines()) > 3                           # error bars beyond the three level lines
@@ -270,7 +271,7 @@ def synthetic_rows() -> pd.DataFrame:
 
 
 def test_same_size_shares_one_dot_per_set_and_draw():
-    fig = plots.same_size_shares(synthetic_rows())
+    fig = figures.same_size_shares(synthetic_rows())
     assert len(fig.axes) == 4                                   # 2 languages x 2 tasks
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]
@@ -283,7 +284,7 @@ def test_same_size_shares_one_dot_per_set_and_draw():
 def test_same_size_shares_needs_a_same_size_row():
     rows = synthetic_rows()
     with pytest.raises(CogprobeError, match="CogSym-sized row"):
-        plots.same_size_shares(rows[rows["row"].isin(["full", "budget"])])
+        figures.same_size_shares(rows[rows["row"].isin(["full", "budget"])])
 
 
 # ------------------------------------------------------------------ run folders
@@ -293,7 +294,7 @@ def test_plot_run_writes_every_figure(tmp_path):
     write_parquet(tmp_path / "activations.parquet", synthetic_acts())
     write_parquet(tmp_path / "train_log.parquet", synthetic_log())
     write_parquet(tmp_path / "compare.parquet", synthetic_compare())
-    paths = plots.plot_run(tmp_path, dpi=40)   # low resolution: this test checks files, not looks
+    paths = figures.plot_run(tmp_path, dpi=40)   # low resolution: this test checks files, not looks
     names = sorted(p.name for p in paths)
     assert names == sorted([
         "specialization_curves_revert_share.png", "specialization_heatmap_revert_share.png",
@@ -309,20 +310,20 @@ def test_plot_run_writes_every_figure(tmp_path):
 
 def test_plot_run_skips_missing_tables(tmp_path):
     write_parquet(tmp_path / "train_log.parquet", synthetic_log())
-    assert [p.name for p in plots.plot_run(tmp_path)] == ["training_curve.png"]
+    assert [p.name for p in figures.plot_run(tmp_path)] == ["training_curve.png"]
 
 
 def test_plot_run_needs_a_table(tmp_path):
     with pytest.raises(CogprobeError, match="no tables to plot in .*cogprobe sweep"):
-        plots.plot_run(tmp_path)
+        figures.plot_run(tmp_path)
     with pytest.raises(CogprobeError, match="no run folder"):
-        plots.plot_run(tmp_path / "missing")
+        figures.plot_run(tmp_path / "missing")
 
 
 def test_no_global_state(tmp_path):
     import matplotlib.pyplot as plt
     before = dict(matplotlib.rcParams)
-    plots.save(plots.comparison_bars(synthetic_compare()), tmp_path / "bars.png")
-    plots.specialization_heatmaps(synthetic_sweeps())
+    style.save(figures.comparison_bars(synthetic_compare()), tmp_path / "bars.png")
+    sweeps.specialization_heatmaps(synthetic_sweeps())
     assert plt.get_fignums() == []
     assert dict(matplotlib.rcParams) == before

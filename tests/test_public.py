@@ -31,7 +31,8 @@ def test_import_is_lazy_and_leaves_the_environment_alone():
 
 
 def test_every_public_name_resolves_to_its_function():
-    from cogprobe import models, export
+    from cogprobe.models import loading as models
+    from cogprobe import exports as export
     assert cogprobe.load_model is models.load_model
     assert cogprobe.apply_layer_set is export.apply_layer_set
     for name in cogprobe.__all__:
@@ -42,11 +43,11 @@ def test_every_public_name_resolves_to_its_function():
 
 def test_train_is_the_function_even_after_its_module_is_imported():
     out = _python("""
-        import cogprobe.train, cogprobe.study, cogprobe
-        from cogprobe.train import train
-        print(cogprobe.train is train, sys.modules['cogprobe.train'].__name__)
-    """.replace("import cogprobe.train,", "import sys, cogprobe.train,"))
-    assert out == "True cogprobe.train"
+        import sys, cogprobe.tuning.loop, cogprobe.study.pipeline, cogprobe
+        from cogprobe.tuning.loop import train
+        print(cogprobe.train is train, sys.modules['cogprobe.tuning.loop'].__name__)
+    """)
+    assert out == "True cogprobe.tuning.loop"
 
 
 def test_debug_before_or_after_the_verb():
@@ -66,14 +67,14 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_every_config_flag_has_its_help(verb, cls):
     """Help comes from each field's metadata (`knob`), so a knob without help cannot be declared."""
     import dataclasses
-    import cogprobe.studyconfig
-    import cogprobe.trainconfig
+    import cogprobe.study.config
+    import cogprobe.tuning.config
     from cogprobe.cli import build_parser
-    config = getattr(cogprobe.trainconfig if verb == "train" else cogprobe.studyconfig, cls)
+    config = getattr(cogprobe.tuning.config if verb == "train" else cogprobe.study.config, cls)
     sub = build_parser()._subparsers._group_actions[0].choices[verb]
     helps = {a.dest: a.help for a in sub._actions}
     for f in dataclasses.fields(config):
         assert f.metadata.get("help") and helps[f.name] == f.metadata["help"].replace("%", "%%"), f.name
-    from cogprobe.knob import knob
+    from cogprobe.core.knob import knob
     with pytest.raises(ValueError, match="help text"):
         knob(3)

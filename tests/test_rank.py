@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from cogprobe import agreement
-from cogprobe.blocks import find_blocks
-from cogprobe.errors import CogprobeError
-from cogprobe.rank import angular_distance, block_influence, rank, select_ranking, weight_delta
-from cogprobe.select import select_curves
-from cogprobe.sweep import engines_in, sweep
-from cogprobe.tasks import TASKS, batches
+from cogprobe.selection import agreement
+from cogprobe.models.blocks import find_blocks
+from cogprobe.core.errors import CogprobeError
+from cogprobe.selection.rankings import angular_distance, block_influence, rank, select_ranking, weight_delta
+from cogprobe.selection.rules import select_curves
+from cogprobe.probe.sweep import engines_in, sweep
+from cogprobe.data.tasks import TASKS, batches
 from helpers import examples, perturbed, train_blocks
 from tiny import LAYERS, tiny_model
 

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import cogprobe  # noqa: F401  (offline environment before transformers)
-from cogprobe.checkpoints import Checkpoints, step_dir
+from cogprobe.tuning.checkpoints import Checkpoints, step_dir
 from cogprobe.cli import main
 from helpers import cli, corpus_rows, train_argv
 from tiny import save_tiny, tiny_model, tiny_tokenizer
@@ -171,7 +171,7 @@ def test_bad_model(inputs, tmp_path, capsys, case):
 
 def test_the_intact_gguf_loads(tmp_path):
     """The truncation cases above are damaged copies of a file that does load."""
-    from cogprobe.models import load_model
+    from cogprobe.models.loading import load_model
     model, _ = load_model(write_gguf(tmp_path / "whole.gguf"))
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 6
 
@@ -522,9 +522,9 @@ def test_remote_code_is_never_run(inputs, tmp_path, capsys, monkeypatch):
 
 
 def test_raw_activation_budget_stops_with_a_clear_message(tmp_path):
-    from cogprobe.capture import capture
-    from cogprobe.errors import CogprobeError
-    from cogprobe.tasks import Example, batches
+    from cogprobe.probe.capture import capture
+    from cogprobe.core.errors import CogprobeError
+    from cogprobe.data.tasks import Example, batches
     tok, model = tiny_tokenizer(), tiny_model("llama")
     ids = [tuple(tok(f"Spanish: la casa {i}\nNahuatl: in calli {i}").input_ids) for i in range(8)]
     task = {"production": list(batches([Example(x, len(x) // 2) for x in ids], 2, pad_id=0))}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cogprobe import io, resume
-from cogprobe.errors import CogprobeError
+from cogprobe.core import io
+from cogprobe.tuning import resume
+from cogprobe.core.errors import CogprobeError
 
 
 def stepped_optimizer(seed: int = 0) -> tuple[torch.optim.AdamW, list[torch.nn.Parameter]]:

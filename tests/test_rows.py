@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from cogprobe.errors import CogprobeError
-from cogprobe.layersets import cogsym, resolve
-from cogprobe.rows import ROWS, Skip, expand, kind, matched_rank, plan
-from cogprobe.studyconfig import StudyConfig
+from cogprobe.core.errors import CogprobeError
+from cogprobe.models.layersets import cogsym, resolve
+from cogprobe.study.rows import ROWS, Skip, expand, kind, matched_rank, plan
+from cogprobe.study.config import StudyConfig
 
 L, F = 30, 0.25
 

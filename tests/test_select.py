@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cogprobe.blocks import find_blocks
-from cogprobe.errors import CogprobeError
-from cogprobe.layersets import cogsym, resolve, to_string
-from cogprobe.select import Selection, select_budget, select_curves, select_fixed, sweep_candidates
-from cogprobe.sweep import COLUMNS, sweep
-from cogprobe.tasks import TASKS, build_examples, score
+from cogprobe.models.blocks import find_blocks
+from cogprobe.core.errors import CogprobeError
+from cogprobe.models.layersets import cogsym, resolve, to_string
+from cogprobe.selection.rules import Selection, select_budget, select_curves, select_fixed, sweep_candidates
+from cogprobe.probe.sweep import COLUMNS, sweep
+from cogprobe.data.tasks import TASKS, build_examples, score
 from helpers import PLANT_8, PLANT_12, TOY_CORPUS, KeepOuterModel, revert_table, train_blocks
 from tiny import LAYERS, tiny_model, tiny_tokenizer
 
@@ -399,7 +399,7 @@ def test_before_tuning_workflow_through_the_cli(tmp_path, capsys):
     """The documented path: a short probe run, its sweeps, `select --rule budget`, then a
     layer-restricted run (and a lora-layers run) that trains exactly the selected blocks."""
     from safetensors.torch import load_file
-    from cogprobe.checkpoints import Checkpoints
+    from cogprobe.tuning.checkpoints import Checkpoints
     from cogprobe.cli import main
     from helpers import write_corpus
     from tiny import save_tiny

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cogprobe.select import budget_decider, curves_decider, select_curves
-from cogprobe.stability import resampled, stability, table
+from cogprobe.selection.rules import budget_decider, curves_decider, select_curves
+from cogprobe.selection.stability import resampled, stability, table
 from helpers import PLANT_12, KeepOuterModel, revert_table
 
 

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 
 from cogprobe.cli import main
-from cogprobe.errors import CogprobeError
-from cogprobe.layout import COMPARE
-from cogprobe.runfolder import machine
-from cogprobe.study import run
-from cogprobe.studyconfig import build_config
+from cogprobe.core.errors import CogprobeError
+from cogprobe.core.layout import COMPARE
+from cogprobe.tuning.runfolder import machine
+from cogprobe.study.pipeline import run
+from cogprobe.study.config import build_config
 from tiny import save_tiny
 
 WORDS = ["in calli huei", "in atl itztic", "in tlacatl quichiua in tlaxcalli", "canin", "quemah", "amo",
@@ -117,8 +117,8 @@ def test_a_changed_chrf_set_scores_every_scored_arm_again_from_its_weights(setup
     translated again from their kept weights, their chrF and chrF shares replaced, nothing else
     recomputed; a run whose weights are gone stops the change before anything is scored again."""
     import shutil
-    from cogprobe.study import stale_chrf, with_shares
-    from cogprobe.translate import chrf
+    from cogprobe.study.pipeline import stale_chrf, with_shares
+    from cogprobe.data.translate import chrf
     root, model, corpus = setup
     out = run(tiny_config(root, model, corpus), log=lambda m: None)   # the module's study (done: nothing rerun)
     moved = tmp_path / "moved"
@@ -187,8 +187,8 @@ def test_isolated_training_gets_the_config_itself(setup, tmp_path):
     """The study trains each row in a subprocess from a JSON of its TrainConfig (`train --config`): the
     child's run has exactly that config, and flags given as well override the file."""
     from cogprobe.cli import build_parser, train_config
-    from cogprobe.study import tune
-    from cogprobe.trainconfig import TrainConfig
+    from cogprobe.study.pipeline import tune
+    from cogprobe.tuning.config import TrainConfig
     root, model, corpus = setup
     config = tiny_config(root, model, corpus, isolate_runs=True, rows="full,cogsym-lora", steps=2)
     out = Path(config.out).parent / "isolated"
@@ -207,8 +207,8 @@ def test_training_child_dies_with_the_study_process():
     """kill -9 of `cogprobe run` must not leave its training child running on the folder."""
     import signal
     import time
-    code = ("import subprocess; from cogprobe.study import _die_with_parent; "
-            "c = subprocess.Popen(['sleep', '60'], preexec_fn=_die_with_parent); print(c.pid, flush=True); c.wait()")
+    code = ("import subprocess; from cogprobe.study.pipeline import die_with_parent; "
+            "c = subprocess.Popen(['sleep', '60'], preexec_fn=die_with_parent); print(c.pid, flush=True); c.wait()")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     os.kill(parent.pid, signal.SIGKILL)
@@ -233,7 +233,7 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     full fine-tuning stopped on a dev plateau, every other run as long, every row kind compared, the
     dev curves collected; then the study folder without its runs/ continues without recomputing."""
     import shutil
-    from cogprobe.rows import ROWS, kind
+    from cogprobe.study.rows import ROWS, kind
     root, model, corpus = setup
     config = build_config(tmp_path / "std", preset_name="standard", model=str(model), corpus=str(corpus),
                           **STANDARD_TINY)
@@ -372,7 +372,7 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
 
 
 def test_eta_comes_from_the_stage_times_the_study_measured():
-    from cogprobe.study import Progress
+    from cogprobe.study.pipeline import Progress
     weights = {"baseline": 1, "choose lr": 0.5, "tune full-s0": 3, "tune cogsym-s0": 3,
                "compare full-s0": 1, "compare cogsym-s0": 1}
     assert Progress(weights, {}).eta() is None                          # nothing measured: no guess printed
@@ -391,12 +391,12 @@ def test_a_stage_run_again_keeps_its_longer_time_not_the_sum(tmp_path):
     """A run retrained because its weights were lost with the machine counts once, and a no-op rerun
     of a finished stage adds nothing: a (language, seed) costs what one run costs."""
     import time
-    from cogprobe.study import Progress, _stage
+    from cogprobe.study.pipeline import Progress, run_stage
     record = {"model": "m", "corpus": "c", "steps": 4, "stage_seconds": {"tune full-s0": 100.0, "tune x-s0": 0.01}}
     (tmp_path / "study.json").write_text(json.dumps(record))
     progress = Progress({"tune full-s0": 1, "tune x-s0": 1}, log=lambda m: None)
-    _stage(progress, tmp_path, "tune full-s0", lambda: None, again=True)       # its run was complete
-    _stage(progress, tmp_path, "tune x-s0", lambda: time.sleep(0.2), again=True)  # retrained
+    run_stage(progress, tmp_path, "tune full-s0", lambda: None, again=True)       # its run was complete
+    run_stage(progress, tmp_path, "tune x-s0", lambda: time.sleep(0.2), again=True)  # retrained
     record = json.loads((tmp_path / "study.json").read_text())
     assert record["stage_seconds"]["tune full-s0"] == 100.0 and record["stage_seconds"]["tune x-s0"] >= 0.2
     # the machine of the time kept: none for the stage whose older time stands, this one's for the other
@@ -407,7 +407,7 @@ def test_the_study_process_scores_at_the_threads_it_was_given(monkeypatch, tmp_p
     """`threads` holds for the baseline, compare and probe scoring in the study's own process, not
     only in its training children (two studies side by side at the default oversubscribed 2 cores)."""
     import torch
-    from cogprobe import study
+    from cogprobe.study import pipeline as study
     seen = []
     monkeypatch.setattr(study, "_run", lambda config, log: seen.append(torch.get_num_threads()) or tmp_path)
     before = torch.get_num_threads()

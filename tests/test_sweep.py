@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
-from cogprobe.blocks import find_blocks
-from cogprobe.errors import CogprobeError
-from cogprobe.sweep import keep_outer_configs, sweep, sweep_configs
-from cogprobe.tasks import TASKS, score
+from cogprobe.models.blocks import find_blocks
+from cogprobe.core.errors import CogprobeError
+from cogprobe.probe.sweep import keep_outer_configs, sweep, sweep_configs
+from cogprobe.data.tasks import TASKS, score
 from helpers import examples, perturbed
 from tiny import LAYERS, tiny_model
 
@@ -75,7 +75,7 @@ def test_keep_outer_matches_naive():
 def test_remembered_prefixes_give_the_same_numbers_for_fewer_block_evaluations():
     """The budget search scores one checkpoint in many small calls: with `remember` the engine keeps the
     checkpoint's prefix states between calls, and every number is bit for bit what a fresh engine gives."""
-    from cogprobe.sweep import FastEngine
+    from cogprobe.probe.sweep import FastEngine
     ref = tiny_model("llama")
     ckpts = [(0, ref), (5, perturbed(ref))]
     calls = [[(2, 1), (2, 2)], [(2, 0)], [(1, 3), (1, 2)], [(2, 3)]]

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from tokenizers import processors
 
-from cogprobe.corpora import Corpus
-from cogprobe.errors import CogprobeError
-from cogprobe.tasks import (TASKS, Template, batches, build_examples, collate,
+from cogprobe.data.corpora import Corpus
+from cogprobe.core.errors import CogprobeError
+from cogprobe.data.tasks import (TASKS, Template, batches, build_examples, collate,
                             nll_at_scored, score, scored_positions)
 from tiny import tiny_model, tiny_tokenizer
 

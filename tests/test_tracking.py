@@ -4,9 +4,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from cogprobe.errors import CogprobeError
-from cogprobe.tracking import trackers
-from cogprobe.train import TrainConfig, train
+from cogprobe.core.errors import CogprobeError
+from cogprobe.tuning.tracking import trackers
+from cogprobe.tuning.loop import TrainConfig, train
 from tiny import save_tiny
 
 

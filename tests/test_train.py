@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 import cogprobe  # noqa: F401  (offline environment before transformers)
-from cogprobe.checkpoints import Checkpoints, own_steps, step_dir
-from cogprobe.errors import CogprobeError
-from cogprobe.train import TrainConfig, lr_factor, train
+from cogprobe.tuning.checkpoints import Checkpoints, own_steps, step_dir
+from cogprobe.core.errors import CogprobeError
+from cogprobe.tuning.loop import TrainConfig, lr_factor, train
 from helpers import config, write_corpus
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
@@ -271,7 +271,7 @@ def test_resume_equals_uninterrupted(inputs, tmp_path, strategy, layers, extra):
 
 
 def test_failed_save_leaves_no_checkpoint_and_resume_recovers(inputs, tmp_path, monkeypatch):
-    import cogprobe.checkpoints as ck
+    import cogprobe.tuning.checkpoints as ck
     real = ck.save_file
 
     def failing(tensors, path, **kw):
@@ -294,8 +294,8 @@ def test_killed_run_leaves_no_complete_looking_checkpoint(inputs, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        import cogprobe.checkpoints as ck
-        from cogprobe.train import TrainConfig, train
+        import cogprobe.tuning.checkpoints as ck
+        from cogprobe.tuning.loop import TrainConfig, train
         real = ck.io.write_json
         def die(path, obj):
             if "step-2" in str(path) and str(path).endswith("meta.json"):
@@ -324,9 +324,9 @@ def curve_of(out: Path) -> pd.DataFrame:
 
 @pytest.mark.parametrize("strategy, kw", [("full", dict(bf16=True)), ("lora", dict(lora_dropout=0.1))])
 def test_dev_curve_rows_and_their_base_point(inputs, tmp_path, strategy, kw):
-    from cogprobe import devcurve
-    from cogprobe.models import load_model
-    from cogprobe.tasks import score
+    from cogprobe.tuning import devcurve
+    from cogprobe.models.loading import load_model
+    from cogprobe.data.tasks import score
     modes = []
     cfg = config(inputs, tmp_path / "run", strategy, eval_steps="2", **CURVE, **kw)
     out = train(cfg, on_step=lambda step, model, loss: modes.append(model.training))
@@ -353,7 +353,7 @@ PLATEAU = dict(steps=1000, eval_steps="every:2", stop_on_plateau=True, save_step
 
 
 def test_stops_on_a_plateau_with_its_final_checkpoint_there(inputs, tmp_path):
-    from cogprobe.plateau import first_plateau
+    from cogprobe.tuning.plateau import first_plateau
     out = train(config(inputs, tmp_path / "run", "full", **PLATEAU))  # lr 1e-2: the tiny dev NLL flattens early
     manifest = json.loads((out / "manifest.json").read_text())
     stop = manifest["stop"]
@@ -365,7 +365,7 @@ def test_stops_on_a_plateau_with_its_final_checkpoint_there(inputs, tmp_path):
     assert Checkpoints.open(out).steps == [0, 6, 12, stop["stopped_at"]]
     assert len(pd.read_parquet(out / "train_log.parquet")) == stop["stopped_at"]
     assert not any((out / "checkpoints").glob("*/resume"))  # finished: no optimizer state kept
-    from cogprobe.verify import verify
+    from cogprobe.checks import verify
     assert verify(out) == []
     stamp = (out / "manifest.json").stat().st_mtime_ns
     assert train(config(inputs, tmp_path / "run", "full", resume=True, **PLATEAU)) == out  # stopped: nothing more
@@ -415,7 +415,7 @@ def test_resume_meets_the_same_curve_and_the_same_stop(inputs, tmp_path):
 
 def test_killed_between_the_stop_record_and_the_final_checkpoint_resumes_to_the_same_stop(inputs, tmp_path,
                                                                                            monkeypatch):
-    import cogprobe.checkpoints as ck
+    import cogprobe.tuning.checkpoints as ck
     straight = train(config(inputs, tmp_path / "a", "full", **PLATEAU))
     stop = json.loads((straight / "manifest.json").read_text())["stop"]
     real = ck.save_file
@@ -462,7 +462,7 @@ def test_training_state_is_only_assigned_in_constructors():
     import ast
     import importlib
     import inspect
-    module = importlib.import_module("cogprobe.train")  # the module (`cogprobe.train` is the function)
+    module = importlib.import_module("cogprobe.tuning.loop")
     tree = ast.parse(inspect.getsource(module))
     outside = []
     for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):

@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
-from cogprobe.checkpoints import Checkpoints
+from cogprobe.tuning.checkpoints import Checkpoints
 from cogprobe.cli import main
-from cogprobe.errors import CogprobeError
+from cogprobe.core.errors import CogprobeError
 from tiny import save_tiny, tiny_model
 
 

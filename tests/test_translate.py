@@ -1,9 +1,9 @@
 import pytest
 import pandas as pd
 
-from cogprobe.corpora import Corpus
-from cogprobe.tasks import build_examples
-from cogprobe.translate import chrf, translate
+from cogprobe.data.corpora import Corpus
+from cogprobe.data.tasks import build_examples
+from cogprobe.data.translate import chrf, translate
 from tiny import tiny_model, tiny_tokenizer
 
 CORPUS = Corpus("toy", pd.DataFrame({"pivot": ["la casa es grande", "el agua"], "target": ["in calli huei", "in atl"],
@@ -26,7 +26,7 @@ def test_chrf_bounds():
 
 def test_chrf_intervals_are_paired_and_exact_at_the_estimate():
     import pandas as pd
-    from cogprobe.translate import chrf_intervals
+    from cogprobe.data.translate import chrf_intervals
     refs = ["in calli huei", "in atl itztic", "ce tlacatl", "in tlaxcalli", "in cihuatl"] * 4
     good = ["in calli", "in atl", "ce tlacatl", "tlaxcalli", "cihuatl"] * 4
     rows = [pd.DataFrame(dict(arm=arm, task="production", pair_id=range(20), hypothesis=hyps, reference=refs))
@@ -39,7 +39,7 @@ def test_chrf_intervals_are_paired_and_exact_at_the_estimate():
 
 
 def test_chrf_over_seeds_is_the_mean_of_each_seeds_corpus_chrf():
-    from cogprobe.translate import chrf_over_seeds, sentence_stats
+    from cogprobe.data.translate import chrf_over_seeds, sentence_stats
     refs = ["in calli huei", "in atl itztic", "ce tlacatl", "in tlaxcalli", "in cihuatl"] * 4
     hyps = {"a-s0": ["in calli", "in atl", "ce tlacatl", "tlaxcalli", "cihuatl"] * 4,
             "a-s1": ["in calli huei", "atl", "tlacatl", "in tlax", "x"] * 4, "base": ["x"] * 20}

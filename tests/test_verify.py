@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 import cogprobe  # noqa: F401  (offline environment before transformers)
-from cogprobe.checkpoints import step_dir
-from cogprobe.verify import verify
+from cogprobe.tuning.checkpoints import step_dir
+from cogprobe.checks import verify
 from helpers import SWEEP, Stop, cli, corpus_rows, train_argv
 from tiny import save_tiny
 
@@ -101,8 +101,8 @@ def test_several_problems_one_line_each(run, capsys):
 
 
 def test_an_unfinished_run(pristine, tmp_path):
-    from cogprobe.train import train
-    from cogprobe.trainconfig import TrainConfig
+    from cogprobe.tuning.loop import train
+    from cogprobe.tuning.config import TrainConfig
 
     def stop(step, model, loss):
         if step == 3:

@@ -15,7 +15,7 @@ VOCAB = 384
 HIDDEN = 32
 LAYERS = 6
 
-_TEXT = [
+TEXT = [
     "Auh in ye yuhqui in on tlenamacac niman ye ic teixpan on motlalia ce tlacatl.",
     "Y así, cuando hizo su ofrenda de fuego, se sienta delante de los demás.",
     "Nahuatl: in tlacatl quichiua in tlaxcalli\nSpanish: el hombre hace las tortillas",
@@ -34,7 +34,7 @@ def tiny_tokenizer() -> tf.PreTrainedTokenizerFast:
         vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(_TEXT * 4, trainer=trainer)
+    tok.train_from_iterator(TEXT * 4, trainer=trainer)
     fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
                                       pad_token="<|endoftext|>")
     return fast

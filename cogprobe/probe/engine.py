@@ -1,0 +1,62 @@
+"""What every sweep engine shares: a configuration (`Ablation`), the cost counter, the batching of
+examples, and the walk over checkpoints with the reference first. Kept apart from `sweep` so that
+the engines built on it (`taylor`) import it without importing the sweep."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from cogprobe.core.errors import CogprobeError
+from cogprobe.data.tasks import Example, collate
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """Which weights run each block, the embeddings and the head; plus its labels."""
+    sources: tuple[str, ...]   # per block: "c", "r" or "s"
+    embed: str = "c"           # "c" or "r"
+    head: str = "c"            # "c" or "r" (final norm + LM head)
+    labels: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def ablated(self) -> list[int]:
+        return [i for i, s in enumerate(self.sources) if s != "c"]
+
+
+@dataclass
+class Counter:
+    """Block evaluations performed, summed over batches (the benchmark's cost measure)."""
+    block_evals: int = 0
+    backward_passes: int = 0   # the taylor engine's (one per example)
+
+
+def batches(examples: Sequence[Example], batch_size: int):
+    """(example indices, collated batch), longest first: batches of similar lengths waste less on padding."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield idx, collate([examples[i] for i in idx], pad_id=0)
+
+
+def n_batches(examples: dict[str, list[Example]], batch_size: int) -> int:
+    """(task, batch) units one checkpoint's evaluation goes through: a progress bar's total."""
+    return sum(-(-len(exs) // batch_size) for exs in examples.values())
+
+
+def iter_checkpoints(checkpoints, steps):
+    """(step, model) pairs, the reference first, loading one checkpoint at a time."""
+    if hasattr(checkpoints, "load"):
+        wanted = list(checkpoints.steps) if steps is None else [s for s in checkpoints.steps if s in set(steps)]
+        ref = checkpoints.reference_step
+        if not checkpoints.steps:
+            raise CogprobeError("this run has no checkpoints; train with --save-steps first")
+        yield ref, checkpoints.load(ref)[0]
+        for s in wanted:
+            if s != ref:
+                yield s, checkpoints.load(s)[0]
+        return
+    pairs = list(checkpoints)
+    if not pairs:
+        raise CogprobeError("no checkpoints given; pass [(step, model), ...] with the reference first")
+    for s, m in pairs:
+        if steps is None or s in set(steps) or s == pairs[0][0]:
+            yield s, m

@@ -1,0 +1,127 @@
+"""Selecting a layer set from a run folder: the function behind `cogprobe select RUN`.
+
+The fixed rule needs only the block count; the curves rule reads the sweeps table; the budget rule
+scores keep-outer candidates (reusing those the sweeps table already holds); a cheap ranking reads
+rankings.parquet. The set is written to `selection.json` with the evaluation set it was chosen on.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from cogprobe.core import io
+from cogprobe.core.errors import CogprobeError
+from cogprobe.core.layout import SELECTION, SWEEPS, metadata
+from cogprobe.core.progress import bar
+from cogprobe.data.evalset import EvalSet
+from cogprobe.data.tasks import TASKS
+from cogprobe.models.layersets import check_fraction
+from cogprobe.probe.sweep import FastEngine, sweep
+from cogprobe.probe.tables import open_checkpoints, out_dir, source_id, wanted
+from cogprobe.selection.rankings import RANKINGS, select_ranking_run
+from cogprobe.selection.rules import (Selection, budget_decider, curves_decider, select_budget, select_curves,
+                                      select_fixed, sweep_candidates)
+from cogprobe.selection.stability import stability
+from cogprobe.tuning.checkpoints import Checkpoints
+
+
+def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: float = 0.25, step: int | None = None,
+               input_task: str = "perception", output_task: str = "production", max_total: int | None = None,
+               criterion: str = "remove", batch_size: int = 8, evalset: EvalSet | None = None, out=None, base=None,
+               name: str = SELECTION, device=None, log=print, search: str = "frontier", progress: bool = True,
+               checkpoints: Checkpoints | None = None, by_tau: bool = False) -> Selection:
+    """A CogSym layer set by `rule` (fixed | curves | budget, or a cheap ranking of `rank`: the top
+    blocks of rankings.parquet, CogSym's size unless `by_tau`), written to `selection.json`.
+
+    The budget rule reads the candidates that `sweeps.parquet` in `out` already scored (a revert
+    sweep without --ends of the same checkpoint, tasks and evaluation set), instead of scoring them
+    again, and searches the rest by `search` (frontier | exhaustive, see `select_budget`)."""
+    check_fraction(tau, "tau")
+    if not str(name).endswith(".json"):
+        raise CogprobeError(f"selection name {name!r} must end in .json (that is how --layers recognises it)")
+    if rule in RANKINGS:
+        selection = select_ranking_run(source, rule, out=out, step=step, fraction=fraction,
+                                       tau=tau if by_tau else None)
+        io.write_json(out_dir(source, out) / name, selection.to_json())
+        return selection
+    if rule not in ("fixed", "curves", "budget"):
+        raise CogprobeError(f"unknown rule {rule!r}; use fixed, curves, budget or a ranking ({', '.join(RANKINGS)})")
+    ckpts = checkpoints or open_checkpoints(source, base, device)
+    out = out_dir(source, out)
+    n_layers = ckpts.reference()[0].config.get_text_config().num_hidden_layers
+    record: dict = {}
+    if rule == "fixed":
+        selection = select_fixed(n_layers, fraction)
+    elif rule == "curves":
+        if not (out / SWEEPS).exists():
+            raise CogprobeError(f"no {SWEEPS} in {out}; run `cogprobe sweep {source}` first, or use --rule fixed")
+        sweeps = io.read_parquet(out / SWEEPS)
+        selection = select_curves(sweeps, tau=tau, step=step, input_task=input_task, output_task=output_task,
+                                  n_layers=n_layers, criterion=criterion)
+        meta = metadata(out / SWEEPS)
+        record["evalset"] = {k: v for k, v in io.read_json(meta).items() if k != "source"} if meta.is_file() else None
+        rows = sweeps[(sweeps["mode"] == "revert") & (sweeps["checkpoint_step"] == selection.params["step"])]
+        selection.stability = _stability(curves_decider(tau, input_task=input_task, output_task=output_task,
+                                                        n_layers=n_layers, criterion=criterion), selection, rows)
+    else:
+        evalset = evalset or EvalSet.for_run(source)
+        step = ckpts.steps[-1] if step is None else step
+        known = _swept_candidates(out, evalset, source_id(source, ckpts), step, n_layers)
+        with bar("select budget", total=None, unit="candidate", enabled=progress) as ticks:
+            selection, rows = _budget(ckpts, n_layers, tau=tau, step=step, max_total=max_total,
+                                      batch_size=batch_size, evalset=evalset, known=known, search=search,
+                                      log=log, on_scored=ticks.update)
+        record["evalset"] = evalset.to_dict()
+        pairs = [(c["k_in"], c["k_out"]) for c in selection.candidates]
+        selection.stability = _stability(budget_decider(tau, selection.params["tasks"], pairs), selection, rows)
+    io.write_json(out / name, {**selection.to_json(), **record})
+    return selection
+
+
+def _stability(decide, selection: Selection, rows: pd.DataFrame) -> dict | None:
+    """The rule rerun on resamples of the probe pairs (None for tables written before per-example scores)."""
+    if "example_nll" not in rows.columns or rows["example_nll"].isna().any():
+        return None
+    return stability(decide, rows.reset_index(drop=True), (selection.k_in, selection.k_out))
+
+
+def _swept_candidates(out: Path, evalset: EvalSet, source: dict, step: int, n_layers: int) -> pd.DataFrame | None:
+    """The budget candidates the sweep table in `out` holds for `step` (None if it holds none of
+    this evaluation set and these checkpoints, or lacks a task or a per-example column)."""
+    path = out / SWEEPS
+    if not path.exists() or not metadata(path).is_file():
+        return None
+    if io.read_json(metadata(path)) != wanted(evalset, source):
+        return None
+    rows = sweep_candidates(io.read_parquet(path), step, n_layers)
+    rows = rows[rows["task"].isin(TASKS)]
+    if set(rows["task"]) != set(TASKS) or rows["example_nll"].isna().any():
+        return None
+    return rows
+
+
+def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_size, evalset, known, search,
+            log, on_scored) -> tuple[Selection, pd.DataFrame]:
+    """The budget set and every keep-outer row it read or scored (their per-example scores feed the
+    stability check)."""
+    if step == ckpts.reference_step:
+        raise CogprobeError("the budget rule needs a trained checkpoint besides the reference; train longer "
+                            "or pass --step")
+    ref, tok = ckpts.load(ckpts.reference_step)
+    model = ckpts.load(step)[0]
+    examples = evalset.examples(tok)
+    runner = FastEngine(ref)  # one engine for the whole search: reference prefixes are scored once
+
+    scored = [] if known is None else [known]
+
+    def evaluate(pairs):
+        log(f"select: scoring {len(pairs)} candidate(s): {pairs}")
+        t = sweep([(ckpts.reference_step, ref), (step, model)], examples, mode="keep-outer", keep_outer=pairs,
+                  batch_size=batch_size, steps=[step], runner=runner, remember=True)
+        scored.append(t[t["checkpoint_step"] == step])
+        on_scored(len(pairs))
+        return scored[-1]
+
+    selection = select_budget(evaluate, n_layers, tau=tau, max_total=max_total, search=search, known=known)
+    return selection, pd.concat(scored, ignore_index=True)

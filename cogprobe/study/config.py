@@ -1,0 +1,205 @@
+"""`StudyConfig`: every knob of `cogprobe run`, with presets as data (TOML).
+
+Precedence: the dataclass defaults < the preset (`cogprobe/study/presets/NAME.toml`) <
+a `--config` TOML file < flags given on the command line. Unknown keys and
+wrong types fail with a message that names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cogprobe.core import io
+from cogprobe.core.errors import CogprobeError
+from cogprobe.core.knob import knob
+from cogprobe.models.layersets import check_fraction
+from cogprobe.core.layout import STUDY
+from cogprobe.study.rows import LORA_ROWS, ROWS, expand, kind
+
+PRESETS = Path(__file__).parent / "presets"
+# how a study runs, not what it computes
+EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "report_to", "resume_every")
+# what a study accepts a change of on a rerun: its `chrf` stages score every compared run again from
+# its kept weights, so no row is scored on other sentences than the rest (`study.rescore_chrf`)
+RESCORED = ("chrf_pairs",)
+
+
+@dataclass
+class StudyConfig:
+    out: str = knob(help="the study folder (rerun the same command to continue it)")
+    model: str = knob("smollm2-135m", '"smollm2-135m", an HF model folder or a .gguf file')
+    corpus: str = knob("axolotl", "elotl name (axolotl, tsunkua) or a CSV/TSV/JSONL path")
+    pivot_col: str | None = knob(None, "corpus files: column of the pivot language")
+    target_col: str | None = knob(None, "corpus files: column of the new language")
+    seeds: str = knob("0", "comma list of tuning seeds (every run of a seed shares data order)")
+    steps: int = knob(24, "optimizer steps of every tuning run")
+    batch_size: int = knob(8, "sequences per step")
+    seq_len: int = knob(64, "tokens per packed sequence")
+    lr: float = knob(3e-4, "peak lr of full and layer-restricted tuning")
+    lora_lr: float = knob(1e-3, "peak lr of the LoRA runs (adapters start at zero and need a larger step)")
+    lora_r: int = knob(8, "LoRA rank")
+    bf16: bool = knob(False, "bf16 autocast in training")
+    threads: int | None = knob(None, "torch threads (default: torch's)")
+    save_steps: str = knob("0,6,12,24", "checkpoints of the first full fine-tuning run, probed by the sweeps")
+    fraction: float = knob(0.25, "CogSym fraction of blocks (the paper's 25%)")
+    tau: float = knob(0.8, "share of the gain the budget set must keep")
+    budget_max_total: int | None = knob(None, "largest k_in + k_out the budget search tries (default: L)")
+    rows: str = knob("full,lora,cogsym,cogsym-lora,budget,middle,bottom,top,random",
+                     "comparison rows to run (full is always run; every kind: cogprobe/study/rows.py)")
+    random_draws: int = knob(1, "sets drawn for the random row (several: rows random-1 ... random-N)")
+    probe_row: str = knob("full", "the row whose first-seed run is probed (checkpoints swept, budget derived)")
+    schedule: str = knob("cosine", "lr schedule after warm-up of every run: cosine | linear | constant")
+    warmup: float = knob(0.05, "warm-up of every run: below 1 a fraction of its steps, else steps (the same "
+                         "for runs of different lengths)")
+    converge: bool = knob(False, "full fine-tuning (first seed) runs until its dev NLL plateaus, `steps` "
+                          "being the cap; every other run then trains as many steps (needs eval_steps)")
+    plateau_window: float = knob(0.2, "converge: the window, a fraction of the steps done so far")
+    plateau_min_improvement: float = knob(0.01, "converge: relative dev-NLL improvement over the window "
+                                          "below which the run has converged")
+    eval_steps: str = knob("", "dev-NLL curve points of every tuning run (save_steps syntax; empty: none)")
+    dev_pairs: int = knob(64, "dev pairs of the training curves and the learning-rate choice")
+    lr_grid: str = knob("", "peak lrs tried per full-parameter row on dev, e.g. '1e-4,3e-4,1e-3' (empty: lr)")
+    lora_lr_grid: str = knob("", "peak lrs tried per LoRA row on dev (empty: lora_lr)")
+    lr_steps: int = knob(20, "steps of each learning-rate trial run")
+    sweep_ks: str | None = knob(None, "k grid of the sweeps, e.g. '0-30' or '0,2,4,8' (default every k)")
+    eval_pairs: int = knob(64, "test pairs sampled for the NLL scores (baseline and comparison rows)")
+    probe_pairs: int = knob(16, "dev pairs sampled for sweeps, capture and budget selection")
+    chrf_pairs: int = knob(16, "test pairs sampled per direction for chrF (0: the NLL pairs themselves)")
+    max_new_tokens: int = knob(40, "greedy translation length cap")
+    max_sentence_tokens: int = knob(64, "evaluated pairs with a longer side are left out (never cut)")
+    train_max_sentence_tokens: int = knob(64, "a training pair longer than this on a side is cut as a whole")
+    loss_on: str = knob("continuation", "training loss on the translated side (+ plain text), or on all tokens")
+    split_seed: int = knob(0, "seed of the leak-free train/dev/test split")
+    sample_seed: int = knob(0, "seed of the evaluation samples (stratified by document)")
+    sweep_controls: bool = knob(True, "sweep the shuffled-source controls too (conditional gain per k)")
+    capture_backend: str = knob("torch", "torch | nnsight | transformerlens")
+    isolate_runs: bool = knob(True, "train each row in its own process, so its peak memory is its own")
+    resume_every: int = knob(50, "each run also checkpoints every N steps, deleted once it finishes: an "
+                                 "interrupted study loses at most N steps of the run it was in (0: off)")
+    overwrite: bool = knob(False, "replace a different study in `out`")
+    report_to: str = knob("none",
+        "experiment trackers of every tuning run (accelerate): none, tensorboard, wandb, mlflow, ...")
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "eval_pairs", "probe_pairs", "chrf_pairs",
+                     "max_new_tokens", "max_sentence_tokens", "train_max_sentence_tokens", "lora_r",
+                     "random_draws", "dev_pairs", "lr_steps"):
+            value = getattr(self, name)
+            least = 0 if name == "chrf_pairs" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise CogprobeError(f"{name}={value!r}: give a whole number >= {least}")
+        check_fraction(self.fraction, "fraction")
+        check_fraction(self.tau, "tau")
+        bad = [s for s in self.row_list() if kind(s) not in ROWS]
+        if bad:
+            raise CogprobeError(f"rows {bad} are unknown; choose from {', '.join(ROWS)}")
+        if self.probe_row not in ("full", "blocks"):
+            raise CogprobeError(f"probe_row={self.probe_row!r}: the probe run is full or blocks (a run of every block)")
+        if self.converge and not self.eval_steps:
+            raise CogprobeError("converge needs a dev-NLL curve: set eval_steps, e.g. 'log:8'")
+        self.seed_list()
+        self.lrs("full"), self.lrs("lora")
+
+    def row_list(self) -> list[str]:
+        """The rows in run order: full first, the probe row next, the random row as its draws."""
+        rows = [s.strip() for s in str(self.rows).split(",") if s.strip()]
+        first = ["full"] + ([self.probe_row] if self.probe_row != "full" else [])
+        return expand(first + [s for s in rows if s not in first], self.random_draws)
+
+    def lrs(self, row: str) -> list[float]:
+        """The learning rates tried for `row` on dev (one: no choice to make)."""
+        lora = row in LORA_ROWS
+        grid, default = (self.lora_lr_grid, self.lora_lr) if lora else (self.lr_grid, self.lr)
+        try:
+            values = [float(v) for v in str(grid or "").split(",") if v.strip()]
+        except ValueError:
+            raise CogprobeError(f"{'lora_lr_grid' if lora else 'lr_grid'}={grid!r}: give numbers like "
+                                "'1e-4,3e-4,1e-3'") from None
+        if any(not v > 0 for v in values):
+            raise CogprobeError(f"learning rates must be > 0, got {grid!r}")
+        return sorted(set(values)) or [default]
+
+    def seed_list(self) -> list[int]:
+        try:
+            seeds = [int(s) for s in str(self.seeds).split(",") if s.strip()]
+        except ValueError:
+            raise CogprobeError(f"seeds={self.seeds!r}: give whole numbers like '0,1,2'") from None
+        if not seeds:
+            raise CogprobeError("seeds is empty; give at least one seed, e.g. '0'")
+        return seeds
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict:
+        """What makes two studies the same (execution-only fields left out)."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_ONLY}
+
+    @classmethod
+    def read(cls, study: str | Path) -> "StudyConfig":
+        """The config recorded in a study folder's study.json (keys it no longer has are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in renamed(io.read_json(Path(study) / STUDY)).items() if k in names})
+
+
+RENAMED = {"strategies": "rows"}   # keys renamed since studies were first written (old -> new)
+
+
+def renamed(recorded: dict) -> dict:
+    """A study.json written before a key was renamed or added, with the new names, and the defaults of
+    keys added since (each default does what studies did before the key existed), so old studies resume."""
+    recorded = {RENAMED.get(k, k) if RENAMED.get(k, k) not in recorded else k: v for k, v in recorded.items()}
+    added = {f.name: f.default for f in dataclasses.fields(StudyConfig)
+             if f.name not in recorded and f.name not in EXECUTION_ONLY and f.default is not dataclasses.MISSING}
+    return {**added, **recorded}
+
+
+def _check_types(values: dict, where: str) -> dict:
+    fields = {f.name: str(f.type) for f in dataclasses.fields(StudyConfig)}
+    for key, value in values.items():
+        if key in RENAMED:
+            raise CogprobeError(f"{where}: key {key!r} is now called {RENAMED[key]!r}; rename it")
+        if key not in fields:
+            raise CogprobeError(f"{where}: unknown key {key!r}; known keys: {', '.join(fields)}")
+        kind = fields[key].replace(" | None", "")
+        ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "bool": lambda v: isinstance(v, bool),
+              "str": lambda v: isinstance(v, (str, int))}[kind]
+        if not (ok(value) or (value is None and "None" in fields[key])):
+            raise CogprobeError(f"{where}: key {key!r} should be {kind}, got {type(value).__name__} {value!r}")
+    return {k: str(v) if fields[k].startswith("str") and v is not None else v for k, v in values.items()}
+
+
+def read_toml(path: str | Path, where: str | None = None) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CogprobeError(f"config file {path} does not exist; give a TOML file with StudyConfig keys")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise CogprobeError(f"{path} is not valid TOML ({e}); fix the file") from None
+    return _check_types(data, where or str(path))
+
+
+def preset(name: str) -> dict:
+    path = PRESETS / f"{name}.toml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
+        raise CogprobeError(f"unknown preset {name!r}; presets: {names}")
+    return read_toml(path, f"preset {name}")
+
+
+def build_config(out: str | Path, *, preset_name: str | None = "quick", config_file: str | Path | None = None,
+                 **overrides) -> StudyConfig:
+    """Defaults < preset < config file < overrides (None values in overrides are ignored)."""
+    values: dict = {}
+    if preset_name:
+        values.update(preset(preset_name))
+    if config_file:
+        values.update(read_toml(config_file))
+    values.update(_check_types({k: v for k, v in overrides.items() if v is not None}, "flags"))
+    values["out"] = str(out)
+    return StudyConfig(**values)

@@ -1,0 +1,117 @@
+"""What each comparison row of a study trains: its strategy, blocks, ends and LoRA rank.
+
+A row is one line of the comparison (see the README's glossary). The rows come in matched groups,
+so that a difference between two of them has one cause:
+
+  full                 every parameter, the embeddings and the tied head included
+  blocks               every block, the embeddings and head frozen: full fine-tuning matched to
+                       CogSym (which freezes them too)
+  cogsym               the outer `fraction` of the blocks (the paper's rule), ends frozen
+  cogsym-ends          the same blocks with the embeddings and head trained (what full has and
+                       CogSym lacks)
+  lora                 LoRA adapters on every block
+  cogsym-lora          LoRA adapters on CogSym's blocks, the same rank
+  cogsym-lora-matched  LoRA on CogSym's blocks with the rank that gives it all-block LoRA's
+                       parameter count (rank x L / k, rounded): the set, not the size, differs
+  budget               the set the budget rule derives from the probe run on dev
+  middle, bottom, top  same-size controls: the middle blocks, the first k, the last k
+  random               a same-size set drawn at random; with `random_draws` > 1 the draws are the
+                       rows random-1 ... random-N, reported as a distribution, never as one draw
+
+Every layer-restricted row has CogSym's size k = round(fraction * L), so they differ by which
+blocks, not by how many.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cogprobe.core import io
+from cogprobe.core.errors import CogprobeError
+from cogprobe.models.layersets import cogsym, to_string
+from cogprobe.core.layout import SELECTION_BUDGET
+
+ROWS = ("full", "blocks", "lora", "cogsym", "cogsym-ends", "cogsym-lora", "cogsym-lora-matched", "budget",
+        "middle", "bottom", "top", "random")
+LORA_ROWS = ("lora", "cogsym-lora", "cogsym-lora-matched")
+DRAW = re.compile(r"random-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one row trains: TrainConfig's strategy, --layers, whether the ends train, the LoRA rank."""
+    strategy: str
+    layers: str | None = None
+    train_ends: bool = False
+    lora_r: int | None = None       # None: the study's lora_r
+
+    @property
+    def lora(self) -> bool:
+        return self.strategy.startswith("lora")
+
+
+class Skip(Exception):
+    """A row that cannot run (e.g. no budget set), with the reason the report gives."""
+
+
+def kind(row: str) -> str:
+    """The row's kind: a random draw `random-3` is of kind `random`."""
+    return "random" if DRAW.match(row) else row
+
+
+def expand(rows: list[str], draws: int) -> list[str]:
+    """The rows with `random` replaced by its draws (random-1 ... random-N) when there are several."""
+    if draws < 1:
+        raise CogprobeError(f"random_draws={draws}: give a whole number >= 1")
+    out = []
+    for row in rows:
+        out += [f"random-{d}" for d in range(1, draws + 1)] if row == "random" and draws > 1 else [row]
+    return out
+
+
+def matched_rank(r: int, n_layers: int, k: int) -> int:
+    """The LoRA rank on k blocks that gives r on all n_layers blocks' parameter count (every block
+    has the same linear modules, so the count is proportional to rank x blocks)."""
+    return max(1, round(r * n_layers / k))
+
+
+def plan(row: str, *, n_layers: int, fraction: float, lora_r: int, seed: int, study: Path | None = None) -> Plan:
+    """The Plan of `row` for a model of n_layers blocks (`study`: the folder holding the budget selection)."""
+    k = len(cogsym(n_layers, fraction))
+    fixed = f"cogsym:{fraction}"
+    simple = {"full": Plan("full"), "lora": Plan("lora"),
+              "blocks": Plan("layers", to_string(range(n_layers))),
+              "cogsym": Plan("layers", fixed), "cogsym-ends": Plan("layers", fixed, train_ends=True),
+              "cogsym-lora": Plan("lora-layers", fixed),
+              "cogsym-lora-matched": Plan("lora-layers", fixed, lora_r=matched_rank(lora_r, n_layers, k))}
+    if row in simple:
+        return simple[row]
+    if row == "budget":
+        return Plan("layers", _budget_layers(study))
+    start = (n_layers - k) // 2
+    fixed_sets = {"middle": range(start, start + k), "bottom": range(k), "top": range(n_layers - k, n_layers)}
+    if row in fixed_sets:
+        return Plan("layers", to_string(fixed_sets[row]))
+    if kind(row) == "random":
+        return Plan("layers", to_string(sorted(int(b) for b in random_set(row, seed, n_layers, k))))
+    raise CogprobeError(f"unknown row {row!r}; choose from {', '.join(ROWS)}")
+
+
+def random_set(row: str, seed: int, n_layers: int, k: int) -> np.ndarray:
+    """k distinct blocks drawn for a random row: `random` from the seed alone (as before draws
+    existed, so earlier studies keep their sets), draw d of `random-d` from (seed, d)."""
+    draw = DRAW.match(row)
+    rng = np.random.default_rng(seed if draw is None else (seed, int(draw.group(1))))
+    return rng.choice(n_layers, size=k, replace=False)
+
+
+def _budget_layers(study: Path | None) -> str:
+    if study is None or not (Path(study) / SELECTION_BUDGET).is_file():
+        raise Skip("no budget selection yet (the select stage writes it)")
+    selection = io.read_json(Path(study) / SELECTION_BUDGET)
+    if "error" in selection:
+        raise Skip(f"budget selection failed: {selection['error']}")
+    return selection["layers_arg"]
