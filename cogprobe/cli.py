@@ -1,11 +1,12 @@
-"""`cogprobe <verb>`: a thin argparse layer over the Python API, one verb per function.
+"""`cogprobe <verb>`: a router over the Python API, one verb per function.
 
-Each verb parses flags into the same arguments (or config dataclass) that a
-notebook would pass, and calls the public function. A `CogprobeError` prints as
-one line and exits 2; so do the faults of the machine a user fixes outside
-cogprobe (a full disk, a permission, memory), see `_fault`. SIGINT and SIGTERM
-stop with the conventional status (130, 143) after the finished work is saved;
-the same command continues. `--debug` shows the traceback instead.
+Each verb's flags are generated from the dataclasses its function takes (`dataclass_flags`: the
+verb's options, `Sample` for the pairs a probe verb scores, `TrainConfig`, `StudyConfig`), so a
+flag's type, default, choices and help are written once, on the field; only the arguments that
+name places (a run, `--out`, `--base`) and switches are written here. A `CogprobeError` prints as
+one line and exits 2; so do the faults of the machine a user fixes outside cogprobe (a full disk,
+a permission, memory), see `_fault`. SIGINT and SIGTERM stop with the conventional status (130,
+143) after the finished work is saved; the same command continues. `--debug` shows the traceback.
 """
 from __future__ import annotations
 
@@ -30,18 +31,10 @@ def command(name: str, help: str):
     return wrap
 
 
-def _corpus_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", default="axolotl", help="elotl name (axolotl, tsunkua) or a CSV/TSV/JSONL path")
-    p.add_argument("--pivot-col", help="column of the pivot language (files only)")
-    p.add_argument("--target-col", help="column of the new language (files only)")
-
-
-def _corpus_kwargs(a) -> dict:
-    return dict(pivot_col=a.pivot_col, target_col=a.target_col)
-
-
 def dataclass_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), *, unset: bool = False) -> None:
-    """One --flag per field of a config dataclass, typed from its annotation, help from its metadata.
+    """One --flag per field of a config or options dataclass: typed from its annotation (a tuple is a
+    comma list; of ints, a range list such as '0-30' or '0,2,4'), default, choices and help from the
+    field (`knob`).
 
     `unset`: no flag is required and a flag not given is absent from the namespace, so the values
     can come from a config file with the given flags on top (`train --config`)."""
@@ -52,18 +45,33 @@ def dataclass_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
         default = None if required or f.default is dataclasses.MISSING else f.default
         kind = str(f.type).replace(" | None", "")
         kw = dict(default=argparse.SUPPRESS if unset else default, required=required and not unset,
-                  help=f.metadata.get("help", "").replace("%", "%%"))
+                  help=f.metadata.get("help", "").replace("%", "%%"), dest=f.name)
         if kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["type"] = {"int": int, "float": float}.get(kind, str)
-            kw["metavar"] = f.name.upper()
-        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+            kw["type"] = {"int": int, "float": float, "tuple[str, ...]": _words,
+                          "tuple[int, ...]": _ints}.get(kind, str)
+            if f.metadata.get("choices") and not kind.startswith("tuple"):
+                kw["choices"] = f.metadata["choices"]   # argparse shows them as the metavar
+            else:
+                kw["metavar"] = f.name.upper()
+        p.add_argument("--" + f.name.replace("_", "-"), *f.metadata.get("flags", ()), **kw)
 
 
-def dataclass_from_args(cls, a, **extra):
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    return cls(**{n: getattr(a, n) for n in names if hasattr(a, n)}, **extra)
+def options(cls, a):
+    """The `cls` options the flags of `dataclass_flags(p, cls)` parsed into."""
+    return cls(**{f.name: getattr(a, f.name) for f in dataclasses.fields(cls) if f.init})
+
+
+def _ints(text: str) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    from cogprobe.models.layersets import parse_range_list
+    return tuple(parse_range_list(text, 10**6))
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(w.strip() for w in text.split(",") if w.strip())
 
 
 def _say(text) -> None:
@@ -92,41 +100,16 @@ _prepare.flags = _prepare_flags
 # --- eval ---------------------------------------------------------------------------
 
 
-def _evalset_flags(p, split: str, pairs: int) -> None:
-    """The flags of an `EvalSet`: which split, how many pairs, which sample, which sentence length."""
-    p.add_argument("--split", default=split, choices=["train", "dev", "test"],
-                   help=f"split scored (default {split}: dev for decisions, test for final numbers)")
-    p.add_argument("--pairs", "--limit", dest="pairs", type=int, default=pairs,
-                   help="pairs sampled (stratified by document; 0 = every pair that fits)")
-    p.add_argument("--sample-seed", type=int, default=0, help="seed of the sample")
-    p.add_argument("--max-sentence-tokens", type=int, default=32,
-                   help="pairs with a longer side are left out (never cut)")
-    p.add_argument("--split-seed", dest="split_seed", type=int,
-                   help="seed of the train/dev/test split (default: the run's, else 0)")
-    p.add_argument("--by-document", action="store_true", default=None,
-                   help="split keeping each document inside one split")
-
-
-def _evalset_args(a) -> dict:
-    return dict(split=a.split, n=a.pairs, sample_seed=a.sample_seed,
-                max_sentence_tokens=a.max_sentence_tokens, split_seed=a.split_seed,
-                split_by_document=a.by_document)
-
-
 def _eval_flags(p):
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, an HF model folder or a .gguf file")
-    _corpus_flags(p)
-    _evalset_flags(p, split="test", pairs=128)
-    p.add_argument("--batch-size", type=int, default=8)
+    from cogprobe.data.evaluate import EvalOptions
+    dataclass_flags(p, EvalOptions)
     p.add_argument("--out", type=Path, help="run folder to write scores.csv into")
 
 
 @command("eval", "perception and production NLL (and their shuffled-source controls) of a model")
 def _eval(a):
-    from cogprobe.data.evalset import EvalSet
-    from cogprobe.data.evaluate import evaluate
-    args = {k: v for k, v in _evalset_args(a).items() if v is not None}
-    evalset = EvalSet(corpus=str(a.corpus), **_corpus_kwargs(a), **args)
+    from cogprobe.data.evaluate import EvalOptions, evaluate
+    evalset = options(EvalOptions, a).evalset()
     table = evaluate(a.model, evalset, batch_size=a.batch_size, out=a.out)
     info = table.attrs["evalset"]
     _say(table.to_string(index=False))
@@ -176,28 +159,16 @@ _train.flags = _train_flags
 # --- probing a run: sweep, capture, select ----------------------------------------------
 
 
-def _ints(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    from cogprobe.models.layersets import parse_range_list
-    return parse_range_list(text, 10**6)
-
-
-def _words(text: str) -> list[str]:
-    return [w.strip() for w in text.split(",") if w.strip()]
-
-
-def _probe_flags(p):
+def _probe_flags(p, cls):
+    """The flags every probe verb shares (the checkpoints, the pairs, where tables go), then `cls`'s."""
+    from cogprobe.data.evalset import Sample
     p.add_argument("run", help="a cogprobe run folder, an HF Trainer folder or a model folder")
     p.add_argument("--base", help="base model for adapter-only or listed checkpoints")
     p.add_argument("--tokenizer", help="folder whose tokenizer serves checkpoints saved without one "
                                       "(default: the base's)")
     p.add_argument("--out", type=Path, help="folder for the tables (default: the run folder)")
-    p.add_argument("--corpus", help="default: the run's own corpus")
-    p.add_argument("--pivot-col")
-    p.add_argument("--target-col")
-    _evalset_flags(p, split="dev", pairs=32)
-    p.add_argument("--batch-size", type=int, default=8)
+    dataclass_flags(p, Sample)
+    dataclass_flags(p, cls)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -213,9 +184,8 @@ def _one_writer(a):
 
 
 def _evalset(a):
-    from cogprobe.data.evalset import EvalSet
-    return EvalSet.for_run(a.run, corpus=a.corpus, pivot_col=a.pivot_col, target_col=a.target_col,
-                           **_evalset_args(a))
+    from cogprobe.data.evalset import Sample
+    return options(Sample, a).evalset(a.run)
 
 
 def _source(a):
@@ -228,26 +198,18 @@ def _source(a):
 
 
 def _sweep_flags(p):
-    _probe_flags(p)
-    p.add_argument("--mode", default="revert", choices=["revert", "skip"])
-    p.add_argument("--directions", default="input,output")
-    p.add_argument("--tasks", default="perception,production")
-    p.add_argument("--ks", help="k grid, e.g. '0-30' or '0,2,4,8' (default: every k from 0 to L)")
-    p.add_argument("--ends", action="store_true",
-                   help="revert the embedding with the input end and final norm + head with the output end")
-    p.add_argument("--engine", default="fast", choices=["fast", "naive", "taylor"],
-                   help="fast, naive: exact (the same numbers); taylor: first-order estimates of a revert sweep "
-                        "from one backward pass per pair (its own table: use --out)")
+    from cogprobe.probe.options import SweepOptions
+    _probe_flags(p, SweepOptions)
     p.add_argument("--overwrite", action="store_true", help="start the table again")
 
 
 @command("sweep", "perception/production ablation sweeps from each end, per checkpoint")
 def _sweep(a):
     from cogprobe.probe.folders import sweep_run
+    from cogprobe.probe.options import SweepOptions
     with _one_writer(a):
-        table = sweep_run(_source(a), mode=a.mode, directions=_words(a.directions), tasks=_words(a.tasks), ks=_ints(a.ks),
-                          ends=a.ends, engine=a.engine, batch_size=a.batch_size, evalset=_evalset(a), out=a.out,
-                          base=a.base, overwrite=a.overwrite, progress=not a.quiet)
+        table = sweep_run(_source(a), options(SweepOptions, a), evalset=_evalset(a), out=a.out, base=a.base,
+                          overwrite=a.overwrite, progress=not a.quiet)
     _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'sweeps.parquet'}")
 
 
@@ -255,21 +217,18 @@ _sweep.flags = _sweep_flags
 
 
 def _capture_flags(p):
-    _probe_flags(p)
-    p.add_argument("--sites", default="resid", help="comma list of resid, attn, mlp")
-    p.add_argument("--backend", default="torch", choices=["torch", "nnsight", "transformerlens"])
+    from cogprobe.probe.options import CaptureOptions
+    _probe_flags(p, CaptureOptions)
     p.add_argument("--overwrite", action="store_true", help="start the table again")
-    p.add_argument("--no-alignment", dest="alignment", action="store_false",
-                   help="leave out the cross-lingual alignment (alignment.parquet)")
 
 
 @command("capture", "per-block drift, CKA, norms, logit lens and cross-lingual alignment of every checkpoint")
 def _capture(a):
     from cogprobe.probe.folders import capture_run
+    from cogprobe.probe.options import CaptureOptions
     with _one_writer(a):
-        table = capture_run(_source(a), sites=_words(a.sites), backend=a.backend, batch_size=a.batch_size,
-                            evalset=_evalset(a), out=a.out, base=a.base, overwrite=a.overwrite,
-                            alignment=a.alignment, progress=not a.quiet)
+        table = capture_run(_source(a), options(CaptureOptions, a), evalset=_evalset(a), out=a.out, base=a.base,
+                            overwrite=a.overwrite, progress=not a.quiet)
     _say(f"{len(table)} rows in {(a.out or Path(a.run)) / 'activations.parquet'}"
          + (" (and alignment.parquet beside it)" if a.alignment else ""))
 
@@ -278,36 +237,17 @@ _capture.flags = _capture_flags
 
 
 def _select_flags(p):
-    _probe_flags(p)
-    p.add_argument("--rule", default="budget", choices=["fixed", "curves", "budget", "block-influence", "angular",
-                                                        "weight-delta", "taylor"],
-                   help="fixed, curves, budget; or the top blocks of a ranking of `cogprobe rank`")
-    p.add_argument("--tau", type=float, default=0.8, help="share of the gain the set must account for / keep")
-    p.add_argument("--fraction", type=float, default=0.25, help="rule fixed: the CogSym fraction")
-    p.add_argument("--step", type=int, help="checkpoint to read (default: the last)")
-    p.add_argument("--input-task", default="perception", help="rule curves: task read at the input end")
-    p.add_argument("--output-task", default="production", help="rule curves: task read at the output end")
-    p.add_argument("--criterion", default="remove", choices=["remove", "keep"],
-                   help="rule curves: an end's k blocks must remove tau of the gain when reverted (remove), "
-                        "or keep it alone when every other block is reverted (keep)")
-    p.add_argument("--max-total", type=int, help="rule budget: largest k_in + k_out to try")
-    p.add_argument("--search", default="frontier", choices=["frontier", "exhaustive"],
-                   help="rule budget: walk the pass/fail frontier (assumes a superset of a passing set passes; "
-                        "checked, with a fallback) or score every candidate of each size")
-    p.add_argument("--by-tau", action="store_true",
-                   help="rule taylor: the fewest top blocks whose estimated shares reach --tau (default: CogSym's size)")
-    p.add_argument("--name", default="selection.json",
-                   help="file written in the tables folder (keep several rules side by side)")
+    from cogprobe.selection.options import SelectOptions
+    _probe_flags(p, SelectOptions)
 
 
 @command("select", "derive a CogSym layer set (fixed rule, or from the model's own curves)")
 def _select(a):
     from cogprobe.selection.folders import select_run
+    from cogprobe.selection.options import SelectOptions
     with _one_writer(a):
-        sel = select_run(_source(a), rule=a.rule, tau=a.tau, fraction=a.fraction, step=a.step, input_task=a.input_task,
-                         output_task=a.output_task, max_total=a.max_total, criterion=a.criterion,
-                         batch_size=a.batch_size, evalset=_evalset(a), out=a.out, base=a.base, name=a.name,
-                         search=a.search, progress=not a.quiet, by_tau=a.by_tau)
+        sel = select_run(_source(a), options(SelectOptions, a), evalset=_evalset(a), out=a.out, base=a.base,
+                         progress=not a.quiet)
     path = (a.out or Path(a.run)) / a.name
     _say(sel.table())
     if sel.stability:
@@ -320,17 +260,16 @@ _select.flags = _select_flags
 
 
 def _rank_flags(p):
-    _probe_flags(p)
-    p.add_argument("--rankings", default="block-influence,angular,weight-delta,taylor",
-                   help="comma list of block-influence, angular (base model), weight-delta, taylor (per checkpoint)")
+    from cogprobe.selection.options import RankOptions
+    _probe_flags(p, RankOptions)
 
 
 @command("rank", "cheap per-block rankings of a run (no sweep), with their cost, into rankings.parquet")
 def _rank(a):
+    from cogprobe.selection.options import RankOptions
     from cogprobe.selection.rankings import rank_run
     with _one_writer(a):
-        rank_run(_source(a), rankings=_words(a.rankings), batch_size=a.batch_size, evalset=_evalset(a), out=a.out,
-                 base=a.base, log=_say)
+        rank_run(_source(a), options(RankOptions, a), evalset=_evalset(a), out=a.out, base=a.base, log=_say)
 
 
 _rank.flags = _rank_flags
@@ -354,15 +293,12 @@ _plot.flags = _plot_flags
 
 
 def _export_flags(p):
+    from cogprobe.exports import ExportOptions
     p.add_argument("source", help="a layer set (selection.json, cogsym, '0-3,26-29'), or with --merged a run folder")
-    p.add_argument("--to", default="peft", choices=["peft", "axolotl", "llamafactory", "trainer"],
-                   help="format of the layer set")
-    p.add_argument("--model", default="smollm2-135m", help="the model the set is for (its real module names)")
+    dataclass_flags(p, ExportOptions)
     p.add_argument("--out", type=Path, help="file to write (default: print)")
-    p.add_argument("--lora", action="store_true", help="axolotl: a LoRA config instead of unfrozen_parameters")
-    p.add_argument("--train-embeddings", action="store_true", help="axolotl: also unfreeze the input embeddings")
-    p.add_argument("--train-head", action="store_true", help="axolotl: also unfreeze the final norm and LM head")
-    p.add_argument("--merged", type=Path, metavar="OUT", help="write checkpoint --step of run SOURCE as an HF model folder")
+    p.add_argument("--merged", type=Path, metavar="OUT",
+                   help="write checkpoint --step of run SOURCE as an HF model folder")
     p.add_argument("--step", type=int, help="with --merged: the checkpoint step")
     p.add_argument("--base", help="with --merged: base model for adapter-only or listed checkpoints")
 
@@ -376,8 +312,9 @@ def _export(a):
         print(f"wrote {export.export_merged(a.source, a.step, a.merged, base=a.base)}")
         return
     from cogprobe.models.loading import load_model
-    text = export.export_layer_set(load_model(a.model)[0], a.source, a.to, lora=a.lora,
-                                   train_embeddings=a.train_embeddings, train_head=a.train_head)
+    o = options(export.ExportOptions, a)
+    text = export.export_layer_set(load_model(o.model)[0], a.source, o.to, lora=o.lora,
+                                   train_embeddings=o.train_embeddings, train_head=o.train_head)
     if a.out:
         from cogprobe.core.io import write_text
         write_text(a.out, text)
@@ -393,9 +330,9 @@ _export.flags = _export_flags
 
 
 def _run_flags(p):
-    from cogprobe.study.config import StudyConfig
+    from cogprobe.study.config import DEFAULT_PRESET, StudyConfig
     p.add_argument("--config", type=Path, help="TOML file with StudyConfig keys")
-    p.add_argument("--preset", default="quick", help="quick (default: the smoke test, minutes on 2 CPU "
+    p.add_argument("--preset", default=DEFAULT_PRESET, help="quick (default: the smoke test, minutes on 2 CPU "
                    "cores), standard (the evidence study: hours per language) or paper")
     dataclass_flags(p, StudyConfig)
     p.set_defaults(**{f.name: None for f in dataclasses.fields(StudyConfig) if f.name != "out"})

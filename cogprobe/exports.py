@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -25,11 +26,23 @@ from cogprobe.core import io
 from cogprobe.models.blocks import find_blocks
 from cogprobe.tuning.checkpoints import Checkpoints
 from cogprobe.core.errors import CogprobeError
+from cogprobe.core.knob import knob
 from cogprobe.models.layersets import resolve, to_string
+from cogprobe.models.loading import EMBEDDED
 from cogprobe.models.params import trainable
 from cogprobe.tuning.strategies import LoraSpec, apply, lora_kwargs
 
 FORMATS = ("peft", "axolotl", "llamafactory", "trainer")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How a layer set is written for a trainer (`cogprobe export`, `export_layer_set`)."""
+    to: str = knob("peft", "format of the layer set", choices=FORMATS)
+    model: str = knob(EMBEDDED, "the model the set is for (its real module names)")
+    lora: bool = knob(False, "axolotl: a LoRA config instead of unfrozen_parameters")
+    train_embeddings: bool = knob(False, "axolotl: also unfreeze the input embeddings")
+    train_head: bool = knob(False, "axolotl: also unfreeze the final norm and LM head")
 
 
 def layer_set(model: nn.Module, selection) -> list[int]:

@@ -328,7 +328,7 @@ def test_raw_shards_hold_the_activations(tmp_path, task_batches):
     assert torch.equal(shard["token"], batch["input_ids"][rows, pos])
     for layer in (1, 4):
         for site in ("resid", "mlp"):
-            assert torch.equal(shard[f"{site}.{layer}"], acts[(layer, site)][rows, pos])
+            assert torch.equal(shard[f"blocks.{layer}.{site}"], acts[(layer, site)][rows, pos])
 
 
 def test_raw_positions_all_and_explicit(tmp_path, task_batches):
@@ -338,7 +338,7 @@ def test_raw_positions_all_and_explicit(tmp_path, task_batches):
     lengths = batch["attention_mask"].sum(1)
     capture([(0, model)], one, raw_dir=tmp_path / "all", raw_layers=[0], raw_positions="all")
     shard = load_file(tmp_path / "all" / "step-0" / "perception" / "batch-00000.safetensors")
-    assert shard["resid.0"].shape == (int(lengths.sum()), 32)
+    assert shard["blocks.0.resid"].shape == (int(lengths.sum()), 32)
     capture([(0, model)], one, raw_dir=tmp_path / "ends", raw_layers=[0], raw_positions=[0, -1])
     shard = load_file(tmp_path / "ends" / "step-0" / "perception" / "batch-00000.safetensors")
     assert shard["position"].tolist() == [p for n in lengths.tolist() for p in (0, n - 1)]

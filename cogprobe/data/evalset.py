@@ -29,8 +29,9 @@ import numpy as np
 import pandas as pd
 
 from cogprobe.core import io
-from cogprobe.data.corpora import Corpus, load_corpus, split_corpus, split_overlap
+from cogprobe.data.corpora import SPLIT_FRACTION, Corpus, load_corpus, split_corpus, split_overlap
 from cogprobe.core.errors import CogprobeError
+from cogprobe.core.knob import knob
 from cogprobe.data.tasks import TASKS, Template, build_examples, sentence_lengths
 
 SPLITS = ("train", "dev", "test")
@@ -45,8 +46,8 @@ class EvalSet:
     sample_seed: int = 0
     max_sentence_tokens: int = 32   # pairs with a longer side are left out, never cut
     split_seed: int = 0
-    split_dev: float = 0.05
-    split_test: float = 0.05
+    split_dev: float = SPLIT_FRACTION
+    split_test: float = SPLIT_FRACTION
     split_by_document: bool = False
     pivot_col: str | None = None
     target_col: str | None = None
@@ -71,7 +72,7 @@ class EvalSet:
         if manifest is not None and manifest.is_file():
             cfg = io.read_json(manifest)["config"]
             base = dict(corpus=str(cfg["corpus"]), split_seed=cfg.get("split_seed", 0),
-                        split_dev=cfg.get("dev", 0.05), split_test=cfg.get("test", 0.05),
+                        split_dev=cfg.get("dev", SPLIT_FRACTION), split_test=cfg.get("test", SPLIT_FRACTION),
                         split_by_document=cfg.get("split_by_document", False),
                         pivot_col=cfg.get("pivot_col"), target_col=cfg.get("target_col"),
                         document_col=cfg.get("document_col"))
@@ -104,6 +105,29 @@ class EvalSet:
 
     def _drawn(self, tokenizer) -> tuple[Corpus, dict]:
         return _draw(self, tokenizer)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Which pairs a probe verb scores, as the command line gives them: an `EvalSet` without its
+    corpus-split details, which come from the run (`EvalSet.for_run`). Defaults of the probe verbs
+    (sweep, capture, select, rank): a small dev sample, since what they find drives decisions."""
+    corpus: str | None = knob(None, "elotl name (axolotl, tsunkua) or a CSV/TSV/JSONL path (default: the run's)")
+    pivot_col: str | None = knob(None, "column of the pivot language (files only)")
+    target_col: str | None = knob(None, "column of the new language (files only)")
+    split: str = knob(EvalSet.split, "split scored (dev for decisions, test for final numbers)", choices=SPLITS)
+    pairs: int = knob(32, "pairs sampled (stratified by document; 0 = every pair that fits)", flags=("--limit",))
+    sample_seed: int = knob(0, "seed of the sample")
+    max_sentence_tokens: int = knob(EvalSet.max_sentence_tokens, "pairs with a longer side are left out (never cut)")
+    split_seed: int | None = knob(None, "seed of the train/dev/test split (default: the run's, else 0)")
+    by_document: bool | None = knob(None, "split keeping each document inside one split (default: the run's)")
+
+    def evalset(self, run=None) -> EvalSet:
+        """The `EvalSet` these flags describe, on `run`'s corpus and split settings where not given."""
+        return EvalSet.for_run(run, corpus=self.corpus, pivot_col=self.pivot_col, target_col=self.target_col,
+                               split=self.split, n=self.pairs, sample_seed=self.sample_seed,
+                               max_sentence_tokens=self.max_sentence_tokens, split_seed=self.split_seed,
+                               split_by_document=self.by_document)
 
 
 @functools.lru_cache(maxsize=4)

@@ -6,6 +6,7 @@ conditional gain (how much of the model's prediction uses the source sentence).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +15,27 @@ import pandas as pd
 from cogprobe.core import intervals
 from cogprobe.core import io
 from cogprobe.core.distributed import default_device
-from cogprobe.data.evalset import EvalSet
-from cogprobe.models.loading import load_model
-from cogprobe.data.tasks import CONTROLS, TASKS, score, with_conditional_gain
+from cogprobe.core.knob import knob
+from cogprobe.data.evalset import SPLITS, EvalSet, Sample
+from cogprobe.models.loading import EMBEDDED, load_model
+from cogprobe.data.tasks import BATCH_SIZE, CONTROLS, TASKS, score, with_conditional_gain
 
 SCORED = (*TASKS, *CONTROLS)
 
 
-def evaluate(model: str | Path, evalset: EvalSet, *, batch_size: int = 8, out: Path | None = None) -> pd.DataFrame:
+@dataclass(frozen=True)
+class EvalOptions(Sample):
+    """`cogprobe eval`'s options: a model, and a larger test sample of a corpus (there is no run to
+    take the corpus from)."""
+    model: str = knob(EMBEDDED, f"{EMBEDDED}, an HF model folder or a .gguf file")
+    corpus: str = knob(EvalSet.corpus, "elotl name (axolotl, tsunkua) or a CSV/TSV/JSONL path")
+    split: str = knob("test", "split scored (dev for decisions, test for final numbers)", choices=SPLITS)
+    pairs: int = knob(128, "pairs sampled (stratified by document; 0 = every pair that fits)", flags=("--limit",))
+    batch_size: int = knob(BATCH_SIZE, "pairs per forward pass")
+
+
+def evaluate(model: str | Path, evalset: EvalSet, *, batch_size: int = BATCH_SIZE,
+             out: Path | None = None) -> pd.DataFrame:
     """Score every task and control; one row per task (tidy) with 95% bootstrap intervals (the
     conditional gain's paired over the same pairs), the evaluation set in `attrs`.
 

@@ -51,6 +51,7 @@ TEMPLATES = {
     "production": Template("{pivot_name}: {pivot}\n{target_name}:", " {target}"),
 }
 TASKS = ("perception", "production")
+BATCH_SIZE = 8   # pairs per forward pass of every scoring path: small enough for a CPU, any model
 CONTROLS = {"perception-shuffled": "perception", "production-shuffled": "production"}
 SOURCE_SIDE = {"perception": "target", "production": "pivot"}  # the sentence a task reads
 CONTROL_SEED = 0  # the derangement is part of the measurement: fixed, not an option
@@ -220,7 +221,7 @@ def nll_at_scored(head_logits: torch.Tensor, targets: torch.Tensor) -> tuple[flo
 
 
 @torch.no_grad()
-def score(model, examples: Sequence[Example], *, batch_size: int = 8) -> Score:
+def score(model, examples: Sequence[Example], *, batch_size: int = BATCH_SIZE) -> Score:
     """Mean NLL per continuation token, and each example's sum; padding and batch size don't change it."""
     if not examples:
         raise CogprobeError("no examples to score; check the corpus split and `limit`")

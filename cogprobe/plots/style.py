@@ -42,6 +42,7 @@ from cogprobe.core.layout import ACTIVATIONS, ALIGNMENT, COMPARE, DEV_CURVES, SC
 TASK_ORDER = ("perception", "production")
 DIRECTION_ORDER = ("input", "output", "both")
 NAN_GREY = "0.85"
+DPI = 150                 # saved figures: sharp on a screen, small in a repository
 MAX_LEGEND_STEPS = 10     # more checkpoints than this get a colourbar instead of a legend
 TASK_FREE = ("", "all")   # task values that mean "not task-specific"
 
@@ -67,7 +68,7 @@ def styled(fn: Callable[..., Figure]) -> Callable[..., Figure]:
     return wrapper
 
 
-def save(fig: Figure, path: str | os.PathLike, *, dpi: int = 150) -> Path:
+def save(fig: Figure, path: str | os.PathLike, *, dpi: int = DPI) -> Path:
     """Write `fig` as a PNG atomically (a reader never sees half a file) and free it."""
     path = Path(path)
     try:

@@ -16,6 +16,7 @@ from cogprobe.core.intervals import sweep_intervals
 from cogprobe.plots.style import (DIRECTION_ORDER, MAX_LEGEND_STEPS, NAN_GREY, SWEEP_COLUMNS, TASK_ORDER, empty_panel, panel_grid,
                                  heat, nan_note, ordered, require, step_colors, styled)
 from cogprobe.data.tasks import CONTROLS, TASKS, with_conditional_gain
+from cogprobe.probe.options import SweepOptions
 
 
 # ------------------------------------------------------------------ sweeps
@@ -56,7 +57,7 @@ def _k_label(mode: str, direction: str) -> str:
 
 
 @styled
-def specialization_curves(sweeps: pd.DataFrame, mode: str = "revert", y: str = "share",
+def specialization_curves(sweeps: pd.DataFrame, mode: str = SweepOptions.mode, y: str = "share",
                           ends: bool | None = None) -> Figure:
     """Score against k, one line per checkpoint; rows = task, columns = direction.
 
@@ -145,7 +146,7 @@ def step_key(fig: Figure, axes: np.ndarray, colors: dict) -> None:
 
 
 @styled
-def conditional_gain_curves(sweeps: pd.DataFrame, mode: str = "revert", ends: bool | None = None) -> Figure:
+def conditional_gain_curves(sweeps: pd.DataFrame, mode: str = SweepOptions.mode, ends: bool | None = None) -> Figure:
     """Conditional gain (NLL with shuffled sources - NLL with the true ones) against k, one line per
     checkpoint; rows = task, columns = direction. How much of the model's use of the source survives
     ablating k blocks; needs a sweep of the `-shuffled` control tasks."""
@@ -170,7 +171,7 @@ def conditional_gain_curves(sweeps: pd.DataFrame, mode: str = "revert", ends: bo
 
 
 @styled
-def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = "revert", value: str = "share",
+def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = SweepOptions.mode, value: str = "share",
                             ends: bool | None = None) -> Figure:
     """A task × direction grid of checkpoint × k heatmaps with one shared colourbar.
 

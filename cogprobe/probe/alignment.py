@@ -41,7 +41,7 @@ from cogprobe.core import intervals
 from cogprobe.data.corpora import Corpus
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.layout import ALIGNMENT
-from cogprobe.data.tasks import Example, prompt_ids_all, collate
+from cogprobe.data.tasks import BATCH_SIZE, Example, collate, prompt_ids_all
 
 COLUMNS = ["checkpoint_step", "block", "measure", "direction", "value", "low", "high", "n_pairs", "example_scores"]
 MEASURES = ("retrieval_top1", "retrieval_mrr", "paired_minus_unpaired_cos", "language_probe_acc")
@@ -61,7 +61,7 @@ class Sentences:
     pair_ids: list = field(default_factory=list)
 
 
-def sentence_batches(tokenizer, pairs: Corpus, batch_size: int = 8) -> Sentences:
+def sentence_batches(tokenizer, pairs: Corpus, batch_size: int = BATCH_SIZE) -> Sentences:
     """Every target and pivot sentence of `pairs` alone, batched; `score_mask` marks the
     sentence's own tokens (the ones pooled), not the leading special tokens."""
     frame = pairs.pairs

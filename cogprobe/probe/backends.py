@@ -7,6 +7,9 @@
 - `attn`: the output of the block's attention submodule (before any post-norm);
 - `mlp`: the output of the block's MLP submodule.
 
+Each captured activation has one name, `blocks.{i}.{site}` (`site_name`), in the raw dumps and the
+docs; the tables hold the same two parts as their `block` and `site` columns.
+
 Backends (they give the same numbers; tests hold them to 1e-4):
 
 - `torch` (default, no extra dependency): `register_forward_hook` on each block and
@@ -37,11 +40,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from cogprobe.probe.options import BACKENDS, SITES
 from cogprobe.models.blocks import Blocks, check_indices, find_blocks, unwrap
 from cogprobe.core.errors import CogprobeError
 
-SITES = ("resid", "attn", "mlp")
-BACKENDS = ("torch", "nnsight", "transformerlens")
 Acts = dict[tuple[int, str], torch.Tensor]
 Runner = Callable[[dict], Acts]
 
@@ -49,6 +51,12 @@ _CHILD_KEYS = {"attn": ("attn", "attention"), "mlp": ("mlp", "feed_forward", "ff
 _NOT_SUBLAYER = ("norm", "drop", "ln_")
 _TL_HOOKS = {"resid": "hook_resid_post", "attn": "attn.hook_out", "mlp": "mlp.hook_out"}
 _EXTRA = "pip install cogprobe[backends]"
+
+
+def site_name(block: int, site: str) -> str:
+    """The one name of an activation site: `blocks.{i}.{resid|attn|mlp}` (as TransformerLens names
+    its hooks, without their `hook_` prefix)."""
+    return f"blocks.{block}.{site}"
 
 
 def check_sites(sites: Sequence[str]) -> tuple[str, ...]:
@@ -252,7 +260,7 @@ def _tl_backend(model, tokenizer, layers, sites) -> Iterator[Runner]:
 _BACKENDS = {"torch": _torch_backend, "nnsight": _nnsight_backend, "transformerlens": _tl_backend}
 
 
-def open_backend(name: str, model: nn.Module, *, layers: Sequence[int], sites: Sequence[str] = ("resid",),
+def open_backend(name: str, model: nn.Module, *, layers: Sequence[int], sites: Sequence[str] = SITES[:1],
                  tokenizer=None):
     """Context manager yielding `run(batch) -> {(layer, site): [B, T, H] tensor}`.
 

@@ -31,7 +31,7 @@ checkpoint, none of the reference's), logged with their time beside the rest's.
 
 Optionally, raw activations of chosen layers and positions go to safetensors
 shards `raw_dir/step-{step}/{task}/batch-{i:05d}.safetensors`, one per batch, each
-written atomically, holding `{site}.{layer}` [n, hidden] plus the `row`,
+written atomically, holding `blocks.{i}.{site}` [n, hidden] (`backends.site_name`) plus the `row`,
 `position` and `token` of each kept position. Capture stops with a CogprobeError
 *before* writing a shard that would take the bytes written past `raw_budget_bytes`.
 """
@@ -49,15 +49,17 @@ import torch
 
 from cogprobe.probe.alignment import ALIGNMENT, Pooler, Sentences, alignment_rows
 from cogprobe.probe.alignment import COLUMNS as ALIGNMENT_COLUMNS
-from cogprobe.probe.backends import SITES, Acts, check_sites, open_backend
+from cogprobe.probe.backends import SITES, Acts, check_sites, open_backend, site_name
 from cogprobe.models.blocks import check_indices, find_blocks
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.io import atomic_path, write_parquet
 from cogprobe.core.layout import ACTIVATIONS
-from cogprobe.data.tasks import nll_at_scored, scored_positions
+from cogprobe.data.tasks import batches, nll_at_scored, scored_positions
+from cogprobe.probe.options import CaptureOptions
 
 STATS = ("drift_cos", "cka", "norm", "logit_lens_nll")
 COLUMNS = ["checkpoint_step", "block", "site", "stat", "task", "value"]
+RAW_POSITIONS = "scored"   # raw dumps keep the positions the tasks score (or a list of positions)
 
 
 # ------------------------------------------------------------------ streaming reducers
@@ -159,8 +161,8 @@ class RawWriter:
     def write(self, step: int, task: str, index: int, acts: Acts, batch: dict) -> Path:
         from safetensors.torch import save
         rows, pos = self.where(batch)
-        tensors = {f"{site}.{layer}": acts[(layer, site)][rows.to(acts[(layer, site)].device),
-                                                        pos.to(acts[(layer, site)].device)].cpu().contiguous()
+        tensors = {site_name(layer, site): acts[(layer, site)][rows.to(acts[(layer, site)].device),
+                                                               pos.to(acts[(layer, site)].device)].cpu().contiguous()
                    for layer in self.layers for site in self.sites}
         tensors.update(row=rows.contiguous(), position=pos.contiguous(),
                        token=batch["input_ids"][rows, pos].contiguous())
@@ -192,19 +194,25 @@ def _iter_checkpoints(checkpoints, tokenizer) -> Iterator[tuple[int, object, obj
         yield int(item[0]), item[1], item[2] if len(item) == 3 else tokenizer
 
 
+def task_batches(examples: Mapping[str, Sequence], batch_size: int) -> dict[str, list[dict]]:
+    """{task: collated batches}, longest examples first (less padding per batch)."""
+    return {t: list(batches(sorted(ex, key=lambda e: -len(e.input_ids)), batch_size, pad_id=0))
+            for t, ex in examples.items()}
+
+
 def _check_batches(batches_by_task: Mapping[str, Sequence[dict]], alignment: bool = False) -> dict[str, list[dict]]:
     if not batches_by_task and not alignment:
         raise CogprobeError("no tasks to capture; give batches_by_task={'perception': [...], ...}")
     out = {}
-    for task, batches in batches_by_task.items():
-        batches = list(batches)  # re-iterated for every checkpoint
-        if not batches:
-            raise CogprobeError(f"task {task!r} has no batches; build them with cogprobe.tasks.batches")
-        missing = {"input_ids", "attention_mask", "score_mask"} - set(batches[0])
+    for task, given in batches_by_task.items():
+        listed = list(given)  # re-iterated for every checkpoint
+        if not listed:
+            raise CogprobeError(f"task {task!r} has no batches; build them with cogprobe.data.tasks.batches")
+        missing = {"input_ids", "attention_mask", "score_mask"} - set(listed[0])
         if missing:
             raise CogprobeError(f"task {task!r}: batches lack {sorted(missing)}; build them with "
-                                "cogprobe.tasks.collate / batches")
-        out[task] = batches
+                                "cogprobe.data.tasks.collate / batches")
+        out[task] = listed
     return out
 
 
@@ -318,10 +326,10 @@ class _Pass:
         return rows
 
 
-def capture(checkpoints, batches_by_task: Mapping[str, Sequence[dict]], *, sites: Sequence[str] = ("resid",),
-            layers: Sequence[int] | None = None, backend: str = "torch", tokenizer=None,
+def capture(checkpoints, batches_by_task: Mapping[str, Sequence[dict]], *, sites: Sequence[str] = CaptureOptions.sites,
+            layers: Sequence[int] | None = None, backend: str = CaptureOptions.backend, tokenizer=None,
             raw_dir: str | Path | None = None, raw_layers: Sequence[int] = (),
-            raw_positions: str | Sequence[int] = "scored", raw_budget_bytes: int = 1 << 30,
+            raw_positions: str | Sequence[int] = RAW_POSITIONS, raw_budget_bytes: int = 1 << 30,
             logit_lens: bool = True, log: Callable[[str], None] | None = None,
             ref_cache_bytes: int = 1 << 30) -> pd.DataFrame:
     """Tidy table (checkpoint_step, layer, site, stat, task, value) over every checkpoint.
@@ -347,14 +355,14 @@ def capture_with_alignment(checkpoints, batches_by_task: Mapping[str, Sequence[d
     only the alignment is computed. `align_steps`: the checkpoints to align (default all). Needs site
     `resid` (the default)."""
     if not isinstance(sentences, Sentences):
-        raise CogprobeError("sentences must come from cogprobe.alignment.sentence_batches(tokenizer, pairs)")
+        raise CogprobeError("sentences must come from cogprobe.probe.alignment.sentence_batches(tokenizer, pairs)")
     acts, aligned, _ = capture_tables(checkpoints, batches_by_task, sentences, align_steps=align_steps, **kw)
     return acts, aligned
 
 
-def capture_tables(checkpoints, batches_by_task, sentences, *, sites=("resid",), layers=None, backend="torch",
-             tokenizer=None, raw_dir=None, raw_layers=(), raw_positions="scored", raw_budget_bytes=1 << 30,
-             logit_lens=True, log=None, align_steps=None, task_steps=None, ref_cache_bytes=1 << 30,
+def capture_tables(checkpoints, batches_by_task, sentences, *, sites=CaptureOptions.sites, layers=None,
+             backend=CaptureOptions.backend, tokenizer=None, raw_dir=None, raw_layers=(), raw_positions=RAW_POSITIONS,
+             raw_budget_bytes=1 << 30, logit_lens=True, log=None, align_steps=None, task_steps=None, ref_cache_bytes=1 << 30,
              on_checkpoint=None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Both tables and the seconds spent on the tasks and on the alignment. `task_steps`: the
     checkpoints whose task rows are wanted (default all); `on_checkpoint(step, rows, aligned)`: each

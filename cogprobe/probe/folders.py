@@ -27,38 +27,40 @@ import pandas as pd
 from cogprobe.core import io
 from cogprobe.core.distributed import world
 from cogprobe.core.errors import CogprobeError
+from cogprobe.core.knob import with_changes
 from cogprobe.core.layout import ACTIVATIONS, ALIGNMENT, SWEEPS
 from cogprobe.core.progress import bar
 from cogprobe.data.evalset import EvalSet
-from cogprobe.data.tasks import TASKS, batches
 from cogprobe.models.blocks import find_blocks
 from cogprobe.probe.alignment import MIN_PAIRS, sentence_batches
 from cogprobe.probe.backends import check_sites
-from cogprobe.probe.capture import capture_tables
+from cogprobe.probe.capture import capture_tables, task_batches
 from cogprobe.probe.engine import n_batches
-from cogprobe.probe.sweep import DIRECTIONS, engine_label, engines_in, sweep, sweep_configs
+from cogprobe.probe.options import CaptureOptions, SweepOptions
+from cogprobe.probe.sweep import engine_label, engines_in, sweep, sweep_configs
 from cogprobe.probe.tables import claim_table, merge_parts, open_checkpoints, out_dir, say_set, source_id, steps_in
 from cogprobe.tuning.checkpoints import Checkpoints
 
 
-def sweep_run(source, *, mode: str = "revert", directions: Sequence[str] = DIRECTIONS, tasks: Sequence[str] = TASKS,
-              ks: Sequence[int] | None = None, ends: bool = False, engine: str = "fast", batch_size: int = 8,
-              evalset: EvalSet | None = None, out=None, base=None, overwrite: bool = False, device=None,
-              log=print, progress: bool = True, checkpoints: Checkpoints | None = None,
-              steps: Sequence[int] | None = None) -> pd.DataFrame:
+def sweep_run(source, options: SweepOptions | None = None, *, evalset: EvalSet | None = None, out=None, base=None,
+              overwrite: bool = False, device=None, log=print, progress: bool = True,
+              checkpoints: Checkpoints | None = None, steps: Sequence[int] | None = None, **changes) -> pd.DataFrame:
     """Revert/skip sweeps of every checkpoint (or of `steps`) into `sweeps.parquet`; returns the whole table.
 
     Launched on N processes (torchrun, accelerate launch), each sweeps a contiguous share of the
     configurations of every checkpoint into its own part file and the main process merges them:
     the table equals a single-process one row for row. `checkpoints`: `source` already opened
-    (the study opens its probe run once for the sweep, capture and selection).
+    (the study opens its probe run once for the sweep, capture and selection). `changes`: fields of
+    `SweepOptions` given as keywords (`sweep_run(run, mode="skip")`), on top of `options`.
     """
+    o = with_changes(SweepOptions, options, changes)
+    mode, tasks, ends, engine, batch_size = o.mode, o.tasks, o.ends, o.engine, o.batch_size
     w = world()
     ckpts = checkpoints or open_checkpoints(source, base, device)
     out = out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
     reference, tok = ckpts.reference()
-    configs = sweep_configs(find_blocks(reference).n, mode=mode, directions=directions, ks=ks, ends=ends)
+    configs = sweep_configs(find_blocks(reference).n, mode=mode, directions=o.directions, ks=o.ks, ends=ends)
     examples = evalset.examples(tok, tasks)
     say_set(evalset, tok, w, log)
     _check_engine(out / SWEEPS, engine, overwrite)
@@ -113,17 +115,19 @@ def _done_steps(path: Path, mode: str, ends: bool, want: set[tuple]) -> set[int]
     return set(t["checkpoint_step"].unique())
 
 
-def capture_run(source, *, sites: Sequence[str] = ("resid",), backend: str = "torch", batch_size: int = 8,
-                evalset: EvalSet | None = None, out=None, base=None, overwrite: bool = False,
-                alignment: bool = True, device=None, log=print, progress: bool = True,
-                checkpoints: Checkpoints | None = None) -> pd.DataFrame:
+def capture_run(source, options: CaptureOptions | None = None, *, evalset: EvalSet | None = None, out=None,
+                base=None, overwrite: bool = False, device=None, log=print, progress: bool = True,
+                checkpoints: Checkpoints | None = None, **changes) -> pd.DataFrame:
     """Drift, CKA, norms and logit lens of every checkpoint into `activations.parquet`, and (unless
     `alignment=False`) the cross-lingual alignment of its blocks into `alignment.parquet`.
 
     A checkpoint already in one table but not the other is captured for the missing one only. On N
     processes each captures every N-th checkpoint into its own part files; the main process merges
     them in checkpoint order (the same tables as one process writes). Returns the activations table.
+    `changes`: fields of `CaptureOptions` given as keywords, on top of `options`.
     """
+    o = with_changes(CaptureOptions, options, changes)
+    sites, backend, alignment, batch_size = o.sites, o.backend, o.alignment, o.batch_size
     w = world()
     ckpts = checkpoints or open_checkpoints(source, base, device)
     out = out_dir(source, out)
@@ -166,8 +170,7 @@ def _capture_steps(ckpts: Checkpoints, steps, examples, parts: dict, need: dict,
     of the tables that still `need` it, as the step finishes."""
     ref_step = ckpts.reference_step
     ref, tok = ckpts.load(ref_step)
-    batched = {t: list(batches(sorted(ex, key=lambda e: -len(e.input_ids)), batch_size, pad_id=0))
-               for t, ex in examples.items()}
+    batched = task_batches(examples, batch_size)
 
     def models():
         yield ref_step, ref, tok

@@ -45,11 +45,11 @@ from torch import nn
 from cogprobe.models.blocks import Blocks, SkipBlock, find_blocks, swapped
 from cogprobe.core.errors import CogprobeError
 from cogprobe.models.layersets import to_string
+from cogprobe.probe.options import DIRECTIONS, SweepOptions
 from cogprobe.probe.engine import Ablation, Counter, batches, iter_checkpoints, n_batches
 from cogprobe.probe.taylor import TaylorEngine
-from cogprobe.data.tasks import Example, nll_per_example, scored_positions
+from cogprobe.data.tasks import BATCH_SIZE, Example, nll_per_example, scored_positions
 
-DIRECTIONS = ("input", "output")
 COLUMNS = ["checkpoint_step", "task", "direction", "mode", "k", "k_in", "k_out", "blocks", "ends",
            "nll", "n_tokens", "nll_reference", "nll_checkpoint", "share", "example_nll", "example_tokens",
            "reference_example_nll", "checkpoint_example_nll", "engine"]
@@ -60,7 +60,7 @@ COLUMNS = ["checkpoint_step", "task", "direction", "mode", "k", "k_in", "k_out",
 # `taylor`); a table written before the column existed holds exact rows (`engines_in`).
 
 
-def sweep_configs(n_layers: int, *, mode: str = "revert", directions: Sequence[str] = DIRECTIONS,
+def sweep_configs(n_layers: int, *, mode: str = SweepOptions.mode, directions: Sequence[str] = DIRECTIONS,
                   ks: Iterable[int] | None = None, ends: bool = False) -> list[Ablation]:
     """The configurations of a one-end sweep (modes revert and skip)."""
     if mode not in ("revert", "skip"):
@@ -170,7 +170,8 @@ class FastEngine:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, configs: Sequence[Ablation], examples: dict[str, list[Example]],
-                 *, batch_size: int = 8, on_batch=None, remember=None) -> dict[tuple[str, Ablation], tuple[float, int]]:
+                 *, batch_size: int = BATCH_SIZE, on_batch=None,
+                 remember=None) -> dict[tuple[str, Ablation], tuple[float, int]]:
         """{(task, config): (nll sums, token counts)}, arrays over the task's examples in their order.
         `on_batch()` is called after each (task, batch) (a progress bar's tick). `remember`: a name
         for `model` (its step): the states of its prefixes are kept across calls (the least recently
@@ -273,7 +274,7 @@ class NaiveEngine:
         self.counter = Counter()
 
     @torch.no_grad()
-    def evaluate(self, model, configs, examples, *, batch_size: int = 8, on_batch=None):
+    def evaluate(self, model, configs, examples, *, batch_size: int = BATCH_SIZE, on_batch=None):
         totals = {}
         configs = list(dict.fromkeys(configs))
         for n, config in enumerate(configs):
@@ -350,9 +351,9 @@ def checkpoint_config(n_layers: int) -> Ablation:
     return Ablation(("c",) * n_layers, "c", "c", dict(direction="none", mode="checkpoint", k=0))
 
 
-def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = "revert",
+def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = SweepOptions.mode,
           directions: Sequence[str] = DIRECTIONS, ks: Iterable[int] | None = None, ends: bool = False,
-          keep_outer: Iterable[tuple[int, int]] = (), engine: str = "fast", batch_size: int = 8,
+          keep_outer: Iterable[tuple[int, int]] = (), engine: str = SweepOptions.engine, batch_size: int = BATCH_SIZE,
           steps: Iterable[int] | None = None, on_checkpoint=None, runner=None,
           configs: Sequence[Ablation] | None = None, on_batch=None, remember: bool = False) -> pd.DataFrame:
     """Sweep every checkpoint; a tidy table with one row per (checkpoint, task, configuration).

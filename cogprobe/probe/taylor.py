@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from cogprobe.models.blocks import find_blocks
 from cogprobe.core.errors import CogprobeError
 from cogprobe.probe.engine import Counter, n_batches
-from cogprobe.data.tasks import Example, collate, score, scored_positions
+from cogprobe.data.tasks import BATCH_SIZE, Example, collate, score, scored_positions
 
 
 def block_deltas(model, reference) -> list[dict[str, torch.Tensor]]:
@@ -94,8 +94,8 @@ class TaylorEngine:
         self._reference_scores: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     @torch.no_grad()
-    def evaluate(self, model, configs, examples: dict[str, list[Example]], *, batch_size: int = 8, on_batch=None,
-                 remember=None) -> dict:
+    def evaluate(self, model, configs, examples: dict[str, list[Example]], *, batch_size: int = BATCH_SIZE,
+                 on_batch=None, remember=None) -> dict:
         """{(task, config): (nll sums, token counts)}: exact for the reference and the checkpoint,
         the first-order estimate for every other configuration. `on_batch` ticks once per (task, batch)
         of `batch_size`, at the end, as the exact engines' progress does; `remember` is the fast

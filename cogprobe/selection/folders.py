@@ -12,37 +12,40 @@ import pandas as pd
 
 from cogprobe.core import io
 from cogprobe.core.errors import CogprobeError
-from cogprobe.core.layout import SELECTION, SWEEPS, metadata
+from cogprobe.core.knob import with_changes
+from cogprobe.core.layout import SWEEPS, metadata
 from cogprobe.core.progress import bar
 from cogprobe.data.evalset import EvalSet
 from cogprobe.data.tasks import TASKS
 from cogprobe.models.layersets import check_fraction
 from cogprobe.probe.sweep import FastEngine, sweep
 from cogprobe.probe.tables import open_checkpoints, out_dir, source_id, wanted
-from cogprobe.selection.rankings import RANKINGS, select_ranking_run
+from cogprobe.selection.options import RANKINGS, SelectOptions
+from cogprobe.selection.rankings import select_ranking_run
 from cogprobe.selection.rules import (Selection, budget_decider, curves_decider, select_budget, select_curves,
                                       select_fixed, sweep_candidates)
 from cogprobe.selection.stability import stability
 from cogprobe.tuning.checkpoints import Checkpoints
 
 
-def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: float = 0.25, step: int | None = None,
-               input_task: str = "perception", output_task: str = "production", max_total: int | None = None,
-               criterion: str = "remove", batch_size: int = 8, evalset: EvalSet | None = None, out=None, base=None,
-               name: str = SELECTION, device=None, log=print, search: str = "frontier", progress: bool = True,
-               checkpoints: Checkpoints | None = None, by_tau: bool = False) -> Selection:
+def select_run(source, options: SelectOptions | None = None, *, evalset: EvalSet | None = None, out=None, base=None,
+               device=None, log=print, progress: bool = True, checkpoints: Checkpoints | None = None,
+               **changes) -> Selection:
     """A CogSym layer set by `rule` (fixed | curves | budget, or a cheap ranking of `rank`: the top
     blocks of rankings.parquet, CogSym's size unless `by_tau`), written to `selection.json`.
 
     The budget rule reads the candidates that `sweeps.parquet` in `out` already scored (a revert
     sweep without --ends of the same checkpoint, tasks and evaluation set), instead of scoring them
-    again, and searches the rest by `search` (frontier | exhaustive, see `select_budget`)."""
+    again, and searches the rest by `search` (frontier | exhaustive, see `select_budget`). `changes`:
+    fields of `SelectOptions` given as keywords, on top of `options`."""
+    o = with_changes(SelectOptions, options, changes)
+    rule, tau, fraction, step, name = o.rule, o.tau, o.fraction, o.step, o.name
     check_fraction(tau, "tau")
     if not str(name).endswith(".json"):
         raise CogprobeError(f"selection name {name!r} must end in .json (that is how --layers recognises it)")
     if rule in RANKINGS:
         selection = select_ranking_run(source, rule, out=out, step=step, fraction=fraction,
-                                       tau=tau if by_tau else None)
+                                       tau=tau if o.by_tau else None)
         io.write_json(out_dir(source, out) / name, selection.to_json())
         return selection
     if rule not in ("fixed", "curves", "budget"):
@@ -57,20 +60,20 @@ def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: floa
         if not (out / SWEEPS).exists():
             raise CogprobeError(f"no {SWEEPS} in {out}; run `cogprobe sweep {source}` first, or use --rule fixed")
         sweeps = io.read_parquet(out / SWEEPS)
-        selection = select_curves(sweeps, tau=tau, step=step, input_task=input_task, output_task=output_task,
-                                  n_layers=n_layers, criterion=criterion)
+        selection = select_curves(sweeps, tau=tau, step=step, input_task=o.input_task, output_task=o.output_task,
+                                  n_layers=n_layers, criterion=o.criterion)
         meta = metadata(out / SWEEPS)
         record["evalset"] = {k: v for k, v in io.read_json(meta).items() if k != "source"} if meta.is_file() else None
         rows = sweeps[(sweeps["mode"] == "revert") & (sweeps["checkpoint_step"] == selection.params["step"])]
-        selection.stability = _stability(curves_decider(tau, input_task=input_task, output_task=output_task,
-                                                        n_layers=n_layers, criterion=criterion), selection, rows)
+        selection.stability = _stability(curves_decider(tau, input_task=o.input_task, output_task=o.output_task,
+                                                        n_layers=n_layers, criterion=o.criterion), selection, rows)
     else:
         evalset = evalset or EvalSet.for_run(source)
         step = ckpts.steps[-1] if step is None else step
         known = _swept_candidates(out, evalset, source_id(source, ckpts), step, n_layers)
         with bar("select budget", total=None, unit="candidate", enabled=progress) as ticks:
-            selection, rows = _budget(ckpts, n_layers, tau=tau, step=step, max_total=max_total,
-                                      batch_size=batch_size, evalset=evalset, known=known, search=search,
+            selection, rows = _budget(ckpts, n_layers, tau=tau, step=step, max_total=o.max_total,
+                                      batch_size=o.batch_size, evalset=evalset, known=known, search=o.search,
                                       log=log, on_scored=ticks.update)
         record["evalset"] = evalset.to_dict()
         pairs = [(c["k_in"], c["k_out"]) for c in selection.candidates]

@@ -32,15 +32,16 @@ from cogprobe.core import io
 from cogprobe.models.blocks import find_blocks
 from cogprobe.core.distributed import world
 from cogprobe.core.errors import CogprobeError
+from cogprobe.core.knob import with_changes
 from cogprobe.data.evalset import EvalSet
 from cogprobe.models.layersets import DEFAULT_FRACTION, check_fraction, cogsym
 from cogprobe.probe.tables import open_checkpoints, out_dir, say_set, source_id, wanted
+from cogprobe.selection.options import RANKINGS, RankOptions
 from cogprobe.selection.rules import EPS, Selection
 from cogprobe.probe.engine import iter_checkpoints
-from cogprobe.data.tasks import Example, batches, score
+from cogprobe.data.tasks import BATCH_SIZE, Example, batches, score
 from cogprobe.probe.taylor import block_terms
 
-RANKINGS = ("block-influence", "angular", "weight-delta", "taylor")
 ON_BASE = ("block-influence", "angular")       # computed once, on the reference
 COLUMNS = ["checkpoint_step", "ranking", "block", "score", "rank", "forward_passes", "backward_passes", "seconds"]
 RANKINGS_TABLE = "rankings.parquet"
@@ -102,12 +103,12 @@ def _last_token_angle(x, y, mask) -> tuple[float, int]:
     return float((torch.arccos(cos) / math.pi).double().sum()), mask.shape[0]
 
 
-def block_influence(model, examples: dict[str, list[Example]], *, batch_size: int = 8) -> np.ndarray:
+def block_influence(model, examples: dict[str, list[Example]], *, batch_size: int = BATCH_SIZE) -> np.ndarray:
     """ShortGPT's Block Influence of every block: 1 - cos(input, output), the mean over every real token."""
     return _block_states(model, examples, batch_size, _one_minus_cos)
 
 
-def angular_distance(model, examples: dict[str, list[Example]], *, batch_size: int = 8) -> np.ndarray:
+def angular_distance(model, examples: dict[str, list[Example]], *, batch_size: int = BATCH_SIZE) -> np.ndarray:
     """Gromov et al.'s angular distance between each block's input and output at the last token (n = 1)."""
     return _block_states(model, examples, batch_size, _last_token_angle)
 
@@ -145,7 +146,7 @@ def ranking_rows(step, ranking, scores, forward, backward, seconds) -> list[dict
 
 
 def rank(checkpoints, examples: dict[str, list[Example]], *, rankings: Sequence[str] = RANKINGS,
-         batch_size: int = 8, steps: Sequence[int] | None = None) -> pd.DataFrame:
+         batch_size: int = BATCH_SIZE, steps: Sequence[int] | None = None) -> pd.DataFrame:
     """Every ranking of `rankings` (base-model ones once, the others per trained checkpoint) as a tidy table.
 
     `checkpoints` is a `Checkpoints` or a sequence of (step, model) with the reference first.
@@ -176,18 +177,20 @@ def rank(checkpoints, examples: dict[str, list[Example]], *, rankings: Sequence[
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def rank_run(source, *, rankings: Sequence[str] = RANKINGS, batch_size: int = 8, evalset=None, out=None, base=None,
-             device=None, log=print) -> pd.DataFrame:
+def rank_run(source, options: RankOptions | None = None, *, evalset: EvalSet | None = None, out=None, base=None,
+             device=None, log=print, **changes) -> pd.DataFrame:
     """`rank` of a run folder's checkpoints on its evaluation set, written to `rankings.parquet` (whole,
-    atomically: a rerun recomputes it) with the evaluation set beside it."""
-    rankings = check_rankings(rankings)
+    atomically: a rerun recomputes it) with the evaluation set beside it. `changes`: fields of
+    `RankOptions` given as keywords, on top of `options`."""
+    o = with_changes(RankOptions, options, changes)
+    rankings = check_rankings(o.rankings)
     ckpts = open_checkpoints(source, base, device)
     out = out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
     tok = ckpts.reference()[1]
     examples = evalset.examples(tok)
     say_set(evalset, tok, world(), log)
-    table = rank(ckpts, examples, rankings=rankings, batch_size=batch_size)
+    table = rank(ckpts, examples, rankings=rankings, batch_size=o.batch_size)
     io.write_parquet(out / RANKINGS_TABLE, table)
     io.write_json(out / f"{RANKINGS_TABLE}.json", wanted(evalset, source_id(source, ckpts)))
     log(f"rank: {len(table)} rows in {out / RANKINGS_TABLE}")

@@ -43,12 +43,12 @@ import pandas as pd
 from cogprobe.core.errors import CogprobeError
 from cogprobe.models.layersets import DEFAULT_FRACTION, check_fraction, cogsym, outer, to_string
 from cogprobe.probe.sweep import check_one_engine
+from cogprobe.data.tasks import TASKS
+from cogprobe.selection.options import CRITERIA, SEARCHES, TAU, SelectOptions
 
 EPS = 1e-9
-CRITERIA = ("remove", "keep")
 OTHER_END = {"input": "output", "output": "input"}
 FULL_GRID = "rerun the sweep with the full grid (omit --ks)"
-SEARCHES = ("frontier", "exhaustive")
 MAX_REPORTED = 20  # monotonicity violations listed in selection.json (all are counted)
 
 
@@ -119,9 +119,10 @@ def _check_gain(task: str, nll_ref: float, nll_ck: float, where: str) -> None:
                             "train longer or choose a later checkpoint")
 
 
-def select_curves(sweeps: pd.DataFrame, *, tau: float = 0.8, step: int | None = None,
-                  input_task: str = "perception", output_task: str = "production",
-                  n_layers: int | None = None, ends: bool | None = None, criterion: str = "remove") -> Selection:
+def select_curves(sweeps: pd.DataFrame, *, tau: float = TAU, step: int | None = None,
+                  input_task: str = SelectOptions.input_task, output_task: str = SelectOptions.output_task,
+                  n_layers: int | None = None, ends: bool | None = None,
+                  criterion: str = SelectOptions.criterion) -> Selection:
     """k_in, k_out from the revert curves at `step` (default: the last step in the table)."""
     tau = _check_tau(tau)
     if criterion not in CRITERIA:
@@ -206,8 +207,8 @@ def _end_k(rows: pd.DataFrame, end: str, task: str, tau: float, L: int, where: s
 
 
 def select_budget(evaluate: Callable[[list[tuple[int, int]]], pd.DataFrame], n_layers: int, *,
-                  tau: float = 0.8, tasks: Sequence[str] = ("perception", "production"),
-                  max_total: int | None = None, search: str = "frontier",
+                  tau: float = TAU, tasks: Sequence[str] = TASKS,
+                  max_total: int | None = None, search: str = SelectOptions.search,
                   known: pd.DataFrame | None = None) -> Selection:
     """The smallest (k_in, k_out) whose middle-reverted model keeps >= tau of every task's gain.
 

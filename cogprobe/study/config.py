@@ -14,11 +14,17 @@ from pathlib import Path
 from cogprobe.core import io
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.knob import knob
-from cogprobe.models.layersets import check_fraction
+from cogprobe.models.layersets import DEFAULT_FRACTION, check_fraction
+from cogprobe.models.loading import EMBEDDED
+from cogprobe.probe.options import CaptureOptions
+from cogprobe.selection.options import TAU
+from cogprobe.tuning.config import TrainConfig
 from cogprobe.core.layout import STUDY
+from cogprobe.data.evalset import EvalSet
 from cogprobe.study.rows import LORA_ROWS, ROWS, expand, kind
 
 PRESETS = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "quick"   # `make run`: the smoke test of the whole chain, minutes on a CPU
 # how a study runs, not what it computes
 EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "report_to", "resume_every")
 # what a study accepts a change of on a rerun: its `chrf` stages score every compared run again from
@@ -29,37 +35,39 @@ RESCORED = ("chrf_pairs",)
 @dataclass
 class StudyConfig:
     out: str = knob(help="the study folder (rerun the same command to continue it)")
-    model: str = knob("smollm2-135m", '"smollm2-135m", an HF model folder or a .gguf file')
-    corpus: str = knob("axolotl", "elotl name (axolotl, tsunkua) or a CSV/TSV/JSONL path")
-    pivot_col: str | None = knob(None, "corpus files: column of the pivot language")
-    target_col: str | None = knob(None, "corpus files: column of the new language")
+    model: str = knob(EMBEDDED, '"smollm2-135m", an HF model folder or a .gguf file')
+    corpus: str = knob(EvalSet.corpus, "elotl name (axolotl, tsunkua) or a CSV/TSV/JSONL path")
+    pivot_col: str | None = knob(TrainConfig.pivot_col, "corpus files: column of the pivot language")
+    target_col: str | None = knob(TrainConfig.target_col, "corpus files: column of the new language")
     seeds: str = knob("0", "comma list of tuning seeds (every run of a seed shares data order)")
     steps: int = knob(24, "optimizer steps of every tuning run")
-    batch_size: int = knob(8, "sequences per step")
+    batch_size: int = knob(TrainConfig.batch_size, "sequences per step")
     seq_len: int = knob(64, "tokens per packed sequence")
-    lr: float = knob(3e-4, "peak lr of full and layer-restricted tuning")
+    lr: float = knob(TrainConfig.lr, "peak lr of full and layer-restricted tuning")
     lora_lr: float = knob(1e-3, "peak lr of the LoRA runs (adapters start at zero and need a larger step)")
-    lora_r: int = knob(8, "LoRA rank")
-    bf16: bool = knob(False, "bf16 autocast in training")
-    threads: int | None = knob(None, "torch threads (default: torch's)")
+    lora_r: int = knob(TrainConfig.lora_r, "LoRA rank")
+    bf16: bool = knob(TrainConfig.bf16, "bf16 autocast in training")
+    threads: int | None = knob(TrainConfig.threads, "torch threads (default: torch's)")
     save_steps: str = knob("0,6,12,24", "checkpoints of the first full fine-tuning run, probed by the sweeps")
-    fraction: float = knob(0.25, "CogSym fraction of blocks (the paper's 25%)")
-    tau: float = knob(0.8, "share of the gain the budget set must keep")
+    fraction: float = knob(DEFAULT_FRACTION, "CogSym fraction of blocks (the paper's 25%)")
+    tau: float = knob(TAU, "share of the gain the budget set must keep")
     budget_max_total: int | None = knob(None, "largest k_in + k_out the budget search tries (default: L)")
     rows: str = knob("full,lora,cogsym,cogsym-lora,budget,middle,bottom,top,random",
                      "comparison rows to run (full is always run; every kind: cogprobe/study/rows.py)")
     random_draws: int = knob(1, "sets drawn for the random row (several: rows random-1 ... random-N)")
     probe_row: str = knob("full", "the row whose first-seed run is probed (checkpoints swept, budget derived)")
-    schedule: str = knob("cosine", "lr schedule after warm-up of every run: cosine | linear | constant")
-    warmup: float = knob(0.05, "warm-up of every run: below 1 a fraction of its steps, else steps (the same "
-                         "for runs of different lengths)")
+    schedule: str = knob(TrainConfig.schedule, "lr schedule after warm-up of every run: cosine | linear | constant")
+    warmup: float = knob(TrainConfig.warmup, "warm-up of every run: below 1 a fraction of its steps, else steps "
+                         "(the same for runs of different lengths)")
     converge: bool = knob(False, "full fine-tuning (first seed) runs until its dev NLL plateaus, `steps` "
                           "being the cap; every other run then trains as many steps (needs eval_steps)")
-    plateau_window: float = knob(0.2, "converge: the window, a fraction of the steps done so far")
-    plateau_min_improvement: float = knob(0.01, "converge: relative dev-NLL improvement over the window "
-                                          "below which the run has converged")
-    eval_steps: str = knob("", "dev-NLL curve points of every tuning run (save_steps syntax; empty: none)")
-    dev_pairs: int = knob(64, "dev pairs of the training curves and the learning-rate choice")
+    plateau_window: float = knob(TrainConfig.plateau_window,
+                                 "converge: the window, a fraction of the steps done so far")
+    plateau_min_improvement: float = knob(TrainConfig.plateau_min_improvement, "converge: relative dev-NLL "
+                                          "improvement over the window below which the run has converged")
+    eval_steps: str = knob(TrainConfig.eval_steps,
+                           "dev-NLL curve points of every tuning run (save_steps syntax; empty: none)")
+    dev_pairs: int = knob(TrainConfig.eval_pairs, "dev pairs of the training curves and the learning-rate choice")
     lr_grid: str = knob("", "peak lrs tried per full-parameter row on dev, e.g. '1e-4,3e-4,1e-3' (empty: lr)")
     lora_lr_grid: str = knob("", "peak lrs tried per LoRA row on dev (empty: lora_lr)")
     lr_steps: int = knob(20, "steps of each learning-rate trial run")
@@ -68,18 +76,20 @@ class StudyConfig:
     probe_pairs: int = knob(16, "dev pairs sampled for sweeps, capture and budget selection")
     chrf_pairs: int = knob(16, "test pairs sampled per direction for chrF (0: the NLL pairs themselves)")
     max_new_tokens: int = knob(40, "greedy translation length cap")
-    max_sentence_tokens: int = knob(64, "evaluated pairs with a longer side are left out (never cut)")
-    train_max_sentence_tokens: int = knob(64, "a training pair longer than this on a side is cut as a whole")
-    loss_on: str = knob("continuation", "training loss on the translated side (+ plain text), or on all tokens")
-    split_seed: int = knob(0, "seed of the leak-free train/dev/test split")
+    max_sentence_tokens: int = knob(TrainConfig.eval_max_sentence_tokens,
+                                    "evaluated pairs with a longer side are left out (never cut)")
+    train_max_sentence_tokens: int = knob(TrainConfig.max_sentence_tokens,
+                                          "a training pair longer than this on a side is cut as a whole")
+    loss_on: str = knob(TrainConfig.loss_on, "training loss on the translated side (+ plain text), or on all tokens")
+    split_seed: int = knob(TrainConfig.split_seed, "seed of the leak-free train/dev/test split")
     sample_seed: int = knob(0, "seed of the evaluation samples (stratified by document)")
     sweep_controls: bool = knob(True, "sweep the shuffled-source controls too (conditional gain per k)")
-    capture_backend: str = knob("torch", "torch | nnsight | transformerlens")
+    capture_backend: str = knob(CaptureOptions.backend, "torch | nnsight | transformerlens")
     isolate_runs: bool = knob(True, "train each row in its own process, so its peak memory is its own")
     resume_every: int = knob(50, "each run also checkpoints every N steps, deleted once it finishes: an "
                                  "interrupted study loses at most N steps of the run it was in (0: off)")
     overwrite: bool = knob(False, "replace a different study in `out`")
-    report_to: str = knob("none",
+    report_to: str = knob(TrainConfig.report_to,
         "experiment trackers of every tuning run (accelerate): none, tensorboard, wandb, mlflow, ...")
 
     def __post_init__(self):
@@ -173,6 +183,40 @@ def _check_types(values: dict, where: str) -> dict:
     return {k: str(v) if fields[k].startswith("str") and v is not None else v for k, v in values.items()}
 
 
+# The tables of a preset or `--config` file, one per stage, and the StudyConfig keys each holds. A
+# file may also give the keys flat, without tables (as files written before the tables did).
+TABLES = {
+    "data": ("model", "corpus", "pivot_col", "target_col", "split_seed", "sample_seed"),
+    "train": ("seeds", "steps", "batch_size", "seq_len", "lr", "lora_lr", "lora_r", "bf16", "schedule", "warmup",
+              "loss_on", "train_max_sentence_tokens", "save_steps", "eval_steps", "dev_pairs", "converge",
+              "plateau_window", "plateau_min_improvement", "resume_every", "report_to"),
+    "lr": ("lr_grid", "lora_lr_grid", "lr_steps"),
+    "rows": ("rows", "random_draws", "probe_row", "fraction"),
+    "sweep": ("probe_pairs", "sweep_ks", "sweep_controls", "capture_backend"),
+    "select": ("tau", "budget_max_total"),
+    "compare": ("eval_pairs", "chrf_pairs", "max_new_tokens", "max_sentence_tokens"),
+    "run": ("out", "threads", "isolate_runs", "overwrite"),
+}
+
+
+def flattened(data: dict, where: str) -> dict:
+    """The keys of a TOML file's tables (and its flat keys) as one flat dict; a key in the wrong table
+    or an unknown table is one line naming the right one."""
+    home = {key: table for table, keys in TABLES.items() for key in keys}
+    flat = {}
+    for name, value in data.items():
+        if not isinstance(value, dict):
+            flat[name] = value
+            continue
+        if name not in TABLES:
+            raise CogprobeError(f"{where}: unknown table [{name}]; tables: {', '.join(TABLES)}")
+        for key, item in value.items():
+            if home.get(key, name) != name:
+                raise CogprobeError(f"{where}: key {key!r} belongs in table [{home[key]}], not [{name}]")
+            flat[key] = item
+    return flat
+
+
 def read_toml(path: str | Path, where: str | None = None) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -181,7 +225,7 @@ def read_toml(path: str | Path, where: str | None = None) -> dict:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise CogprobeError(f"{path} is not valid TOML ({e}); fix the file") from None
-    return _check_types(data, where or str(path))
+    return _check_types(flattened(data, where or str(path)), where or str(path))
 
 
 def preset(name: str) -> dict:
@@ -192,7 +236,7 @@ def preset(name: str) -> dict:
     return read_toml(path, f"preset {name}")
 
 
-def build_config(out: str | Path, *, preset_name: str | None = "quick", config_file: str | Path | None = None,
+def build_config(out: str | Path, *, preset_name: str | None = DEFAULT_PRESET, config_file: str | Path | None = None,
                  **overrides) -> StudyConfig:
     """Defaults < preset < config file < overrides (None values in overrides are ignored)."""
     values: dict = {}

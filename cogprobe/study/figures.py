@@ -18,7 +18,7 @@ from cogprobe.core.errors import CogprobeError
 from cogprobe.core.layout import COMPARE, DEV_CURVES, SCORES
 from cogprobe.data.tasks import TASKS
 from cogprobe.plots.runs import figures_for
-from cogprobe.plots.style import TABLES, TASK_ORDER, human_count, ordered, panel_grid, require, save, styled
+from cogprobe.plots.style import DPI, TABLES, TASK_ORDER, human_count, ordered, panel_grid, require, save, styled
 from cogprobe.study.rows import ROWS, kind
 from cogprobe.study.verdicts import comparison_table
 
@@ -184,7 +184,7 @@ def same_size_shares(rows: pd.DataFrame) -> Figure:
 
 # ------------------------------------------------------------------ a whole run folder
 
-def plot_run(run_dir: str | os.PathLike, *, dpi: int = 150) -> list[Path]:
+def plot_run(run_dir: str | os.PathLike, *, dpi: int = DPI) -> list[Path]:
     """Draw every figure whose table exists in `run_dir` into `run_dir/figures/`.
 
     Missing tables are skipped; so are figures whose rows are absent (e.g. no skip

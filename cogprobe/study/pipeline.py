@@ -47,7 +47,9 @@ from cogprobe.core.layout import (BASELINE, COMPARE, COST, DEV_CURVE, DEV_CURVES
                              STOP, STUDY, TRAIN_CONFIG, TRANSLATIONS, arm, claim, row_run)
 from cogprobe.models.loading import block_count, load_model
 from cogprobe.probe.folders import capture_run, sweep_run
+from cogprobe.probe.options import CaptureOptions, SweepOptions
 from cogprobe.selection.folders import select_run
+from cogprobe.selection.options import SelectOptions
 from cogprobe.study.report import write_report
 from cogprobe.study.rows import Plan, Skip, kind, plan
 from cogprobe.tuning.runfolder import machine
@@ -505,8 +507,8 @@ def probe(config: StudyConfig, out: Path, checkpoints: Checkpoints | None = None
     run = probe_run_dir(config, out)
     tasks = (*TASKS, *CONTROLS) if config.sweep_controls else TASKS
     quiet = dict(evalset=_probe_set(config), out=out, log=lambda m: None, progress=False, checkpoints=checkpoints)
-    sweep_run(run, ks=ks, tasks=tasks, **quiet)
-    capture_run(run, backend=config.capture_backend, **quiet)
+    sweep_run(run, SweepOptions(ks=ks, tasks=tasks), **quiet)
+    capture_run(run, CaptureOptions(backend=config.capture_backend), **quiet)
 
 
 def select_sets(config: StudyConfig, out: Path, log, checkpoints=lambda: None) -> None:
@@ -517,8 +519,8 @@ def select_sets(config: StudyConfig, out: Path, log, checkpoints=lambda: None) -
     if (out / SELECTION_BUDGET).is_file():
         return
     try:
-        select_run(probe_run_dir(config, out), rule="budget", tau=config.tau, max_total=config.budget_max_total,
-                   evalset=_probe_set(config), out=out, name=SELECTION_BUDGET, log=lambda m: None,
+        budget = SelectOptions(rule="budget", tau=config.tau, max_total=config.budget_max_total, name=SELECTION_BUDGET)
+        select_run(probe_run_dir(config, out), budget, evalset=_probe_set(config), out=out, log=lambda m: None,
                    progress=False, checkpoints=checkpoints())
     except CogprobeError as e:  # an honest "no set": recorded, reported, and its tuning row skipped
         io.write_json(out / SELECTION_BUDGET, {"rule": "budget", "error": str(e)})

@@ -16,8 +16,10 @@ import numpy as np
 
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.knob import knob
+from cogprobe.data.corpora import SPLIT_FRACTION
 from cogprobe.models.layersets import resolve
 from cogprobe.tuning.strategies import LAYERED, LORA, STRATEGIES
+from cogprobe.tuning.text import LOSS_ON, MAX_SENTENCE_TOKENS
 
 SCHEDULES = ("cosine", "linear", "constant")
 ON_DIVERGENCE = ("warn", "stop")  # what a diverging loss does: see cogprobe/tuning/health.py
@@ -74,8 +76,9 @@ class TrainConfig:
     mix_perception: float = knob(1.0, "mixture weight of translation examples target -> pivot")
     mix_production: float = knob(1.0, "mixture weight of translation examples pivot -> target")
     mix_plain: float = knob(1.0, "mixture weight of the target sentence alone")
-    max_sentence_tokens: int = knob(64, "a pair longer than this on a side is cut as a whole (both sides alike)")
-    loss_on: str = knob("continuation", "continuation (translated side of translation examples + plain text) | all")
+    max_sentence_tokens: int = knob(MAX_SENTENCE_TOKENS, "a pair longer than this on a side is cut as a whole (both "
+                                    "sides alike)")
+    loss_on: str = knob(LOSS_ON[0], "continuation (translated side of translation examples + plain text) | all")
     pivot_col: str | None = knob(None, "corpus files: column of the pivot language")
     target_col: str | None = knob(None, "corpus files: column of the new language")
     document_col: str | None = knob(None,
@@ -83,8 +86,8 @@ class TrainConfig:
     pivot_name: str | None = knob(None, "name of the pivot language in the prompts (default: the corpus's)")
     target_name: str | None = knob(None, "name of the new language in the prompts (default: the corpus's)")
     split_seed: int = knob(0, "seed of the train/dev/test split")
-    dev: float = knob(0.05, "dev split: a fraction or a pair count")
-    test: float = knob(0.05, "test split: a fraction or a pair count")
+    dev: float = knob(SPLIT_FRACTION, "dev split: a fraction or a pair count")
+    test: float = knob(SPLIT_FRACTION, "test split: a fraction or a pair count")
     split_by_document: bool = knob(False, "keep each document inside one split")
     resume: bool = knob(False, "continue an interrupted run from its last checkpoint")
     overwrite: bool = knob(False, "replace a different run in `out`")

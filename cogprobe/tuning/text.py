@@ -39,7 +39,8 @@ from cogprobe.core.errors import CogprobeError
 from cogprobe.data.tasks import build_examples, cut_texts
 
 KINDS = ("perception", "production", "plain")
-LOSS_ON = ("continuation", "all")
+LOSS_ON = ("continuation", "all")   # the first is the default
+MAX_SENTENCE_TOKENS = 64   # a training pair longer than this on a side is cut as a whole
 OPEN_ROWS = 32    # first-fit looks back this many rows: near-optimal filling at linear cost
 IGNORE = -100     # the label transformers' loss skips
 
@@ -54,8 +55,8 @@ class TrainingTexts:
     axolotl, longer than a quick study's row trains. A pair's tokens do not depend on which
     other pairs are tokenized with it, so the order of asking changes nothing."""
 
-    def __init__(self, tokenizer, corpus: Corpus, *, seq_len: int, max_sentence_tokens: int = 64,
-                 kinds: tuple[str, ...] = KINDS, loss_on: str = "continuation"):
+    def __init__(self, tokenizer, corpus: Corpus, *, seq_len: int, max_sentence_tokens: int = MAX_SENTENCE_TOKENS,
+                 kinds: tuple[str, ...] = KINDS, loss_on: str = LOSS_ON[0]):
         if loss_on not in LOSS_ON:
             raise CogprobeError(f"loss_on={loss_on!r}: use one of {', '.join(LOSS_ON)}")
         if tokenizer.eos_token_id is None:
@@ -104,8 +105,8 @@ class TrainingTexts:
                  max(1, e.n_prompt) if self.loss_on == "continuation" else 1) for e in examples]
 
 
-def tokenize(tokenizer, corpus: Corpus, *, seq_len: int, max_sentence_tokens: int = 64,
-             kinds: tuple[str, ...] = KINDS, loss_on: str = "continuation") -> TrainingTexts:
+def tokenize(tokenizer, corpus: Corpus, *, seq_len: int, max_sentence_tokens: int = MAX_SENTENCE_TOKENS,
+             kinds: tuple[str, ...] = KINDS, loss_on: str = LOSS_ON[0]) -> TrainingTexts:
     """The corpus' training texts in the asked kinds, tokenized as they are read (see `TrainingTexts`)."""
     return TrainingTexts(tokenizer, corpus, seq_len=seq_len, max_sentence_tokens=max_sentence_tokens,
                          kinds=kinds, loss_on=loss_on)

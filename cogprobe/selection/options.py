@@ -1,0 +1,49 @@
+"""The options of the selection verbs, `select` and `rank`: one frozen dataclass each, every field
+with its default and help (`knob`), read by the CLI, the folder verbs and the study alike.
+
+`SelectOptions` is one flat record for every rule; each field's help says which rule reads it, and
+`Selection.params` records the ones the chosen rule used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cogprobe.core.knob import knob
+from cogprobe.core.layout import SELECTION
+from cogprobe.models.layersets import DEFAULT_FRACTION
+from cogprobe.probe.options import BATCH_SIZE
+
+RANKINGS = ("block-influence", "angular", "weight-delta", "taylor")
+RULES = ("fixed", "curves", "budget", *RANKINGS)
+CRITERIA = ("remove", "keep")
+SEARCHES = ("frontier", "exhaustive")
+TAU = 0.8   # share of the gain a derived set must account for: the study's default too
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    """How a layer set is derived (`cogprobe select`, `cogprobe.select_run`)."""
+    rule: str = knob("budget", "fixed, curves, budget; or the top blocks of a ranking of `cogprobe rank`",
+                     choices=RULES)
+    tau: float = knob(TAU, "share of the gain the set must account for / keep")
+    fraction: float = knob(DEFAULT_FRACTION, "rule fixed (and rankings): the CogSym fraction of blocks")
+    step: int | None = knob(None, "checkpoint to read (default: the last)")
+    input_task: str = knob("perception", "rule curves: task read at the input end")
+    output_task: str = knob("production", "rule curves: task read at the output end")
+    criterion: str = knob("remove", "rule curves: an end's k blocks must remove tau of the gain when reverted "
+                          "(remove), or keep it alone when every other block is reverted (keep)", choices=CRITERIA)
+    max_total: int | None = knob(None, "rule budget: largest k_in + k_out to try")
+    search: str = knob("frontier", "rule budget: walk the pass/fail frontier (assumes a superset of a passing set "
+                       "passes; checked, with a fallback) or score every candidate of each size", choices=SEARCHES)
+    by_tau: bool = knob(False, "rule taylor: the fewest top blocks whose estimated shares reach tau "
+                        "(default: CogSym's size)")
+    name: str = knob(SELECTION, "file written in the tables folder (keep several rules side by side)")
+    batch_size: int = knob(BATCH_SIZE, "rule budget: pairs per forward pass")
+
+
+@dataclass(frozen=True)
+class RankOptions:
+    """Which cheap per-block rankings to compute (`cogprobe rank`, `cogprobe.rank_run`)."""
+    rankings: tuple[str, ...] = knob(RANKINGS, "block-influence, angular (base model), weight-delta, taylor "
+                                     "(per checkpoint)", choices=RANKINGS)
+    batch_size: int = knob(BATCH_SIZE, "pairs per forward pass")
