@@ -101,6 +101,13 @@ def test_the_readme_imports_only_cogprobe():
             assert all(n == "cogprobe" for n in names), f"README.md:{line} imports {names}"
 
 
+def test_the_readme_links_resolve():
+    """The README is read on GitHub, outside the docs site (whose links `mkdocs build --strict` checks)."""
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text()):
+        if "://" not in target:
+            assert (ROOT / target).exists(), f"README.md links to {target}, which does not exist"
+
+
 def test_the_readme_stays_short():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200, "move detail into docs/"
 
