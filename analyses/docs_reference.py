@@ -117,7 +117,10 @@ def codes(names) -> str:
 
 def schemas() -> str:
     names = [(k, v) for k, v in vars(layout).items() if k.isupper() and isinstance(v, str)]
-    kinds = [f"| `{pattern.replace('|', chr(92) + '|')}` | {k.what} | {codes(k.needs)} |"
+    # a pipe inside a code span would end the table cell: the pattern goes in <code>, with the regex's pipes and
+    # backslashes as entities (so Markdown neither splits the cell nor eats an escape)
+    html = {chr(92): "&#92;", "|": "&#124;"}
+    kinds = [f"| <code>{''.join(html.get(c, c) for c in pattern)}</code> | {k.what} | {codes(k.needs)} |"
              for pattern, k in artifacts.KINDS]
     renamed = [f"`{a}` → `{b}`" for a, b in artifacts.RENAMED.items()]
     renamed += [f"`{a}` → `{b}` (in `{pattern.replace(chr(92), '')}` only)"
