@@ -8,7 +8,7 @@ OUT    ?= runs/default
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: install prepare run test bench clean figures evidence evidence-tables
+.PHONY: install prepare run test bench clean figures evidence evidence-tables docs docs-reference
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,19 @@ bench: prepare
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site
+
+# The docs site (docs/, mkdocs.yml) into site/; --strict: a broken link or a missing page fails the build.
+$(VENV)/.docs-installed: pyproject.toml constraints.txt | $(VENV)/.installed
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(BIN)/mkdocs build --strict
+
+# Rewrite the generated pages (docs/cli.md, docs/python.md, architecture.md's schemas) from the code.
+docs-reference: install
+	$(BIN)/python analyses/docs_reference.py
 
 # Re-draw the published figures (figures/) from the default study folder.
 figures:

@@ -1,13 +1,16 @@
-"""Write the evidence study's results into README.md, between its two markers, from figures/:
+"""Write the evidence study's results into README.md and docs/results.md, between their markers, from figures/:
 
     python analyses/evidence.py ... && python analyses/evidence_figures.py ...   # first (`make evidence-tables`)
     python analyses/evidence_readme.py
 
-So the README's headline is generated, never typed, and `tests/test_evidence_readme.py` fails when
-the README and the committed tables disagree. While any language is still running, only its status
-goes in (how many runs are compared of those planned): no finding is quoted from a partial study.
-Once every language is done: the tables, the sentences its intervals allow, the wall times and the
-figures, as `analyses/evidence.py` and `analyses/evidence_figures.py` wrote them.
+So the results are generated, never typed, and `tests/test_evidence_readme.py` fails when either
+file and the committed tables disagree. While any language is still running, only its status goes
+in (how many runs are compared of those planned): no finding is quoted from a partial study. Once
+every language is done, README.md gets the short form (`headline`: the headline table and the
+sentences against the paper, then a link), and docs/results.md the whole block (`block`: every
+table, the sentences its intervals allow, the wall times and the figures), as `analyses/evidence.py`
+and `analyses/evidence_figures.py` wrote them. The figures are linked as `figures/NAME.png`, which
+`docs/figures` (a link to the repository's `figures/`) resolves in the docs site.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ from _common import FIGURES
 from cogprobe.core import io
 from cogprobe.core.errors import CogprobeError
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+RESULTS = ROOT / "docs" / "results.md"
 START = "<!-- evidence results: written by analyses/evidence_readme.py from figures/, do not edit by hand -->"
 END = "<!-- end of evidence results -->"
 FIGURE_NAMES = {"evidence_share_curves.png": "Share of full fine-tuning's dev gain against step, per row",
@@ -28,39 +33,72 @@ FIGURE_NAMES = {"evidence_share_curves.png": "Share of full fine-tuning's dev ga
                 "evidence_specialization_{}.png": "Specialization curves of the probe run, {}"}
 
 
-def block(figures: Path) -> str:
-    """The README's evidence block, from the tables in `figures`."""
+# the paragraphs of figures/evidence.md that README.md quotes, by how they begin
+HEADLINE = ("Headline:", "| question |", "**Against the paper**")
+MORE = "Every table, each comparison in words, the cost and the figures: [docs/results.md](docs/results.md)."
+
+
+def in_progress(figures: Path) -> str | None:
+    """The status of a study still running (no finding), or None once every language is done."""
     status = pd.read_csv(figures / "evidence_status.csv")
-    if (status["compared"] < status["planned"]).any():
-        runs = [f"- **{s.language}**: {s.compared} of {s.planned} runs compared ({s.rows} rows × seeds {s.seeds})"
-                for s in status.itertuples()]
-        return "\n\n".join(["**In progress.**\n\n" + "\n".join(runs),
-                             "No finding of the study is quoted here before every language is done; what is "
-                             "compared so far is in `figures/evidence.md` (`make evidence-tables` redraws it)."])
+    if not (status["compared"] < status["planned"]).any():
+        return None
+    runs = [f"- **{s.language}**: {s.compared} of {s.planned} runs compared ({s.rows} rows × seeds {s.seeds})"
+            for s in status.itertuples()]
+    return "\n\n".join(["**In progress.**\n\n" + "\n".join(runs),
+                         "No finding of the study is quoted here before every language is done; what is "
+                         "compared so far is in `figures/evidence.md` (`make evidence-tables` redraws it)."])
+
+
+def headline(figures: Path) -> str:
+    """README.md's short form: the headline table and the sentences against the paper, then a link."""
+    if (running := in_progress(figures)) is not None:
+        return running
+    paragraphs = (figures / "evidence.md").read_text().strip().split("\n\n")
+    quoted = [next((p for p in paragraphs if p.startswith(start)), None) for start in HEADLINE]
+    if None in quoted:
+        missing = [s for s, p in zip(HEADLINE, quoted) if p is None]
+        raise CogprobeError(f"{figures / 'evidence.md'} has no paragraph beginning {missing}; the README quotes them")
+    return "\n\n".join([*quoted, MORE])
+
+
+def block(figures: Path) -> str:
+    """docs/results.md's evidence block, from the tables in `figures`."""
+    if (running := in_progress(figures)) is not None:
+        return running
+    languages = pd.read_csv(figures / "evidence_status.csv")["language"]
     lines = [(figures / "evidence.md").read_text().strip()]
     for name, caption in FIGURE_NAMES.items():
-        for language in (status["language"] if "{}" in name else [None]):
+        for language in (languages if "{}" in name else [None]):
             png = name.format(language)
             if (figures / png).is_file():
                 lines.append(f"![{caption.format(language)}](figures/{png})")
     return "\n\n".join(lines)
 
 
-def spliced(readme: str, text: str) -> str:
-    """`readme` with the text between its markers replaced by `text`."""
-    if readme.count(START) != 1 or readme.count(END) != 1 or readme.index(START) > readme.index(END):
-        raise CogprobeError(f"README.md needs the two markers once each, in order: {START!r} then {END!r}; "
+def spliced(page: str, text: str, name: str = "README.md") -> str:
+    """`page` (the text of file `name`) with the text between its markers replaced by `text`."""
+    if page.count(START) != 1 or page.count(END) != 1 or page.index(START) > page.index(END):
+        raise CogprobeError(f"{name} needs the two markers once each, in order: {START!r} then {END!r}; "
                             "put them where the evidence results go")
-    head, rest = readme.split(START)
+    head, rest = page.split(START)
     return f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}"
+
+
+def generated(figures: Path = FIGURES) -> dict[Path, str]:
+    """What README.md and docs/results.md should hold, from the committed files and the tables in `figures`."""
+    return {README: spliced(README.read_text(), headline(figures)),
+            RESULTS: spliced(RESULTS.read_text(), block(figures), "docs/results.md")}
 
 
 def main() -> None:
     try:
-        io.write_text(README, spliced(README.read_text(), block(FIGURES)))
+        pages = generated()
     except (CogprobeError, FileNotFoundError) as e:
         sys.exit(f"evidence_readme: {e} (run `make evidence-tables` first if a figures/evidence_* file is missing)")
-    print(README)
+    for path, text in pages.items():
+        io.write_text(path, text)
+        print(path)
 
 
 if __name__ == "__main__":
