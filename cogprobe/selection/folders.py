@@ -25,6 +25,13 @@ from cogprobe.selection.rules import (Selection, budget_decider, curves_decider,
 from cogprobe.selection.stability import stability
 from cogprobe.tuning.checkpoints import Checkpoints
 
+RULES = ("fixed", "curves", "budget")   # the rules of `rules`; a cheap ranking of `rank` is a rule too
+
+
+def rules() -> list[str]:
+    """Every rule `select_run` takes, the three of `rules` then each cheap ranking: `cogprobe ls rules`."""
+    return [*RULES, *RANKINGS]
+
 
 def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: float = 0.25, step: int | None = None,
                input_task: str = "perception", output_task: str = "production", max_total: int | None = None,
@@ -45,7 +52,7 @@ def select_run(source, *, rule: str = "budget", tau: float = 0.8, fraction: floa
                                        tau=tau if by_tau else None)
         io.write_json(out_dir(source, out) / name, selection.to_json())
         return selection
-    if rule not in ("fixed", "curves", "budget"):
+    if rule not in RULES:
         raise CogprobeError(f"unknown rule {rule!r}; use fixed, curves, budget or a ranking ({', '.join(RANKINGS)})")
     ckpts = checkpoints or open_checkpoints(source, base, device)
     out = out_dir(source, out)
