@@ -9,7 +9,7 @@ import pandas as pd
 
 from cogprobe.core import io
 from cogprobe.core.errors import CogprobeError
-from cogprobe.plots.style import save
+from cogprobe.plots import style
 
 FIGURES = Path(os.environ.get("COGPROBE_FIGURES", Path(__file__).resolve().parent.parent / "figures"))
 
@@ -32,7 +32,4 @@ def table(study: Path, name: str) -> pd.DataFrame:
 def publish(fig, data: pd.DataFrame, stem: str) -> None:
     """figures/STEM.png and figures/STEM.csv (the numbers the figure shows; per-example lists stay in the
     study's tables)."""
-    data = data.drop(columns=[c for c in data.columns if "example_" in c])
-    save(fig, FIGURES / f"{stem}.png")
-    io.write_text(FIGURES / f"{stem}.csv", data.to_csv(index=False))
-    print(FIGURES / f"{stem}.png")
+    print(style.publish(fig, data, FIGURES / stem))

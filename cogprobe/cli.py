@@ -350,6 +350,42 @@ def _run(a):
 _run.flags = _run_flags
 
 
+# --- ls ------------------------------------------------------------------------------
+
+LISTINGS = ("rows", "presets", "rules", "comparisons")
+
+
+def _ls_flags(p):
+    p.add_argument("what", choices=LISTINGS, help="rows: what each comparison row trains (on --model's blocks); "
+                   "presets: every preset's knobs; rules: the layer-set rules; comparisons: what the "
+                   "report and the evidence headline compare")
+    p.add_argument("--model", help="rows: the model whose blocks the sets name (default: the embedded model)")
+
+
+@command("ls", "list the registries: comparison rows, presets, layer-set rules, the comparisons that matter")
+def _ls(a):
+    import pandas as pd
+    if a.what == "rules":
+        from cogprobe.selection.folders import rules
+        table = pd.DataFrame(dict(rule=rules()))
+    elif a.what == "presets":
+        from cogprobe.study.config import presets
+        table = presets()
+    elif a.what == "comparisons":
+        from cogprobe.study.comparisons import table
+        table = table()
+    else:
+        from cogprobe.models.loading import block_count
+        from cogprobe.study.config import StudyConfig
+        from cogprobe.study.rows import table
+        table = table(block_count(a.model or StudyConfig.model), StudyConfig.lora_r)
+    with pd.option_context("display.max_colwidth", 100, "display.width", 200):
+        _say(table.to_string(index=False))
+
+
+_ls.flags = _ls_flags
+
+
 # --- verify --------------------------------------------------------------------------
 
 

@@ -1,15 +1,13 @@
-"""analyses/evidence.py on a study that has only begun: what it can compare, and nothing it cannot."""
+"""The evidence study's tables and words (`cogprobe.study.evidence`) on a study that has only begun:
+what it can compare, and nothing it cannot."""
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analyses"))
-
-from evidence import QUESTIONS, own_rows, rows_of  # noqa: E402
+from cogprobe.study.evidence import (against_the_paper, budget_note, budget_sizes, cost_table,
+                                     headline_table)
+from cogprobe.study.evidence_tables import COLUMNS, QUESTIONS, conditional_gains, cost, own_rows, rows_of, setting
 
 
 def _study(arms: list[str]) -> dict:
@@ -40,7 +38,6 @@ def test_a_resumed_run_costs_what_its_log_says_not_its_last_invocation(tmp_path)
     """Each session's end interrupts a run; its tune stage then times only the part after the resume,
     while its log (sec_per_step over every session) and its dev curve hold what it cost."""
     from cogprobe.core import io
-    from evidence import cost
     io.write_json(tmp_path / "study.json", {"model": "m", "corpus": "c", "steps": 100, "run_length": 50,
                                             "stage_machines": {"tune full-s0": "cpu"},
                                             "stage_seconds": {"tune full-s0": 40.0, "compare full-s0": 30.0,
@@ -55,7 +52,6 @@ def test_a_resumed_run_costs_what_its_log_says_not_its_last_invocation(tmp_path)
 
 
 def test_the_cost_table_ends_with_each_languages_total():
-    from evidence import cost_table
     costs = pd.DataFrame([dict(language=lang, part=part, hours=hours, runs=1, machines="cpu", note="")
                           for lang, part, hours in [("otomi", "seed 0", 2.0), ("otomi", "seed 1", 1.5),
                                                     ("nahuatl", "seed 0", 4.0)]])
@@ -63,7 +59,6 @@ def test_the_cost_table_ends_with_each_languages_total():
 
 
 def test_the_headline_answers_only_what_each_interval_allows():
-    from evidence import COLUMNS, headline_table
     base = dict(language="nahuatl", task="perception", n_pairs=256, n_seeds=2, n_draws=1)
     found = pd.DataFrame([
         dict(base, row="cogsym", other="full", quantity="rel_deviation", estimate=0.01, low=0.0, high=0.025),
@@ -81,7 +76,6 @@ def test_the_headline_answers_only_what_each_interval_allows():
 
 
 def test_conditional_gain_is_shuffled_minus_true_source_nll_per_row_and_the_base():
-    from evidence import conditional_gains
     study = _study(["base", "full-s0", "full-s1"])
     s = study["scores"]
     shuffled = s.assign(task=s["task"] + "-shuffled", nll_sum=s["nll_sum"] + 4.0)   # 0.4 nats a token worse
@@ -94,7 +88,6 @@ def test_conditional_gain_is_shuffled_minus_true_source_nll_per_row_and_the_base
 
 
 def test_the_papers_claims_are_read_off_the_same_calls_as_the_headline():
-    from evidence import COLUMNS, against_the_paper
     base = dict(task="perception", n_pairs=256, n_seeds=2, n_draws=1, row="cogsym", other="full")
     found = pd.DataFrame([
         dict(base, language="a", quantity="rel_deviation", estimate=0.01, low=0.0, high=0.025),      # within
@@ -114,7 +107,6 @@ def test_the_papers_claims_are_read_off_the_same_calls_as_the_headline():
 
 def test_the_setting_says_whether_full_fine_tuning_plateaued_or_hit_the_cap(tmp_path):
     from cogprobe.core import io
-    from evidence import setting
     record = {"out": str(tmp_path), "model": "m", "corpus": "c", "steps": 100, "converge": True,
               "eval_steps": "every:25", "warmup": 0, "plateau_window": 0.2, "plateau_min_improvement": 0.01, "run_length": 100}
     io.write_json(tmp_path / "study.json", record)
@@ -134,7 +126,6 @@ def test_the_setting_says_whether_full_fine_tuning_plateaued_or_hit_the_cap(tmp_
 
 
 def test_the_budget_line_names_both_sets_and_their_sizes():
-    from evidence import budget_note, budget_sizes
     compare = pd.DataFrame(dict(row=["cogsym", "budget", "budget"], seed=[0, 0, 1],
                                 blocks=["0-3,26-29", "0-3,18-29", "0-3,18-29"],
                                 trainable_params=[28.32e6, 56.64e6, 56.64e6]))

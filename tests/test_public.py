@@ -78,3 +78,19 @@ def test_every_config_flag_has_its_help(verb, cls):
     from cogprobe.core.knob import knob
     with pytest.raises(ValueError, match="help text"):
         knob(3)
+
+
+def test_ls_lists_the_registries(capsys, tmp_path):
+    from tiny import LAYERS, save_tiny
+    assert main(["ls", "rules"]) == 0
+    assert capsys.readouterr().out.split()[1:] == ["fixed", "curves", "budget", "block-influence", "angular",
+                                                   "weight-delta", "taylor"]
+    assert main(["ls", "comparisons"]) == 0
+    assert "CogSym within 3% of full fine-tuning, test NLL" in capsys.readouterr().out
+    assert main(["ls", "presets"]) == 0
+    assert {"quick", "standard", "paper"} <= set(capsys.readouterr().out.split())
+    assert main(["ls", "rows", "--model", str(save_tiny(tmp_path / "m", "llama"))]) == 0
+    rows = capsys.readouterr().out
+    assert f"0-{LAYERS - 1}" in rows and "cogsym-lora-matched" in rows   # blocks: every block of this model
+    with pytest.raises(SystemExit, match="2"):
+        main(["ls", "nothing"])

@@ -35,7 +35,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from cogprobe.core.errors import CogprobeError
-from cogprobe.core.io import atomic_path
+from cogprobe.core.io import atomic_path, write_text
 from cogprobe.core.layout import ACTIVATIONS, ALIGNMENT, COMPARE, DEV_CURVES, SCORES, SWEEPS, TRAIN_LOG
 
 
@@ -77,6 +77,15 @@ def save(fig: Figure, path: str | os.PathLike, *, dpi: int = DPI) -> Path:
     finally:
         fig.clear()
     return path
+
+
+def publish(fig: Figure, data: pd.DataFrame, stem: str | os.PathLike) -> Path:
+    """STEM.png and STEM.csv beside it: the figure and the numbers it shows (per-example lists stay in
+    the study's tables, so the CSV stays small enough to read). Returns the PNG's path."""
+    data = data.drop(columns=[c for c in data.columns if "example_" in c])
+    png = save(fig, f"{stem}.png")
+    write_text(f"{stem}.csv", data.to_csv(index=False))
+    return png
 
 
 def require(df: pd.DataFrame, columns: Sequence[str], table: str, fix: str) -> None:

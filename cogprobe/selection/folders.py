@@ -20,12 +20,17 @@ from cogprobe.data.tasks import TASKS
 from cogprobe.models.layersets import check_fraction
 from cogprobe.probe.sweep import FastEngine, sweep
 from cogprobe.probe.tables import open_checkpoints, out_dir, source_id, wanted
-from cogprobe.selection.options import RANKINGS, SelectOptions
+from cogprobe.selection.options import DERIVED, RANKINGS, RULES, SelectOptions
 from cogprobe.selection.rankings import select_ranking_run
 from cogprobe.selection.rules import (Selection, budget_decider, curves_decider, select_budget, select_curves,
                                       select_fixed, sweep_candidates)
 from cogprobe.selection.stability import stability
 from cogprobe.tuning.checkpoints import Checkpoints
+
+
+def rules() -> list[str]:
+    """Every rule `select_run` takes, the three of `rules` then each cheap ranking: `cogprobe ls rules`."""
+    return list(RULES)
 
 
 def select_run(source, options: SelectOptions | None = None, *, evalset: EvalSet | None = None, out=None, base=None,
@@ -48,7 +53,7 @@ def select_run(source, options: SelectOptions | None = None, *, evalset: EvalSet
                                        tau=tau if o.by_tau else None)
         io.write_json(out_dir(source, out) / name, selection.to_json())
         return selection
-    if rule not in ("fixed", "curves", "budget"):
+    if rule not in DERIVED:
         raise CogprobeError(f"unknown rule {rule!r}; use fixed, curves, budget or a ranking ({', '.join(RANKINGS)})")
     ckpts = checkpoints or open_checkpoints(source, base, device)
     out = out_dir(source, out)

@@ -14,7 +14,8 @@ from cogprobe.models.layersets import DEFAULT_FRACTION
 from cogprobe.probe.options import BATCH_SIZE
 
 RANKINGS = ("block-influence", "angular", "weight-delta", "taylor")
-RULES = ("fixed", "curves", "budget", *RANKINGS)
+DERIVED = ("fixed", "curves", "budget")   # the rules of `rules`: a set from the block count or the sweeps
+RULES = (*DERIVED, *RANKINGS)            # a cheap ranking of `rank` is a rule too
 CRITERIA = ("remove", "keep")
 SEARCHES = ("frontier", "exhaustive")
 TAU = 0.8   # share of the gain a derived set must account for: the study's default too

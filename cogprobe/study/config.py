@@ -11,6 +11,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from cogprobe.core import io
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.knob import knob
@@ -234,6 +236,12 @@ def preset(name: str) -> dict:
         names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
         raise CogprobeError(f"unknown preset {name!r}; presets: {names}")
     return read_toml(path, f"preset {name}")
+
+
+def presets() -> pd.DataFrame:
+    """Every preset's knobs, one line per (preset, knob, value), presets by name: `cogprobe ls presets`."""
+    return pd.DataFrame([dict(preset=p.stem, knob=k, value=v) for p in sorted(PRESETS.glob("*.toml"))
+                         for k, v in preset(p.stem).items()], columns=["preset", "knob", "value"])
 
 
 def build_config(out: str | Path, *, preset_name: str | None = DEFAULT_PRESET, config_file: str | Path | None = None,

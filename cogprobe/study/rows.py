@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from cogprobe.core import io
 from cogprobe.core.errors import CogprobeError
-from cogprobe.models.layersets import cogsym, to_string
+from cogprobe.models.layersets import DEFAULT_FRACTION, cogsym, to_string
 from cogprobe.core.layout import SELECTION_BUDGET
 
 ROWS = ("full", "blocks", "lora", "cogsym", "cogsym-ends", "cogsym-lora", "cogsym-lora-matched", "budget",
@@ -98,6 +99,24 @@ def plan(row: str, *, n_layers: int, fraction: float, lora_r: int, seed: int, st
     if kind(row) == "random":
         return Plan("layers", to_string(sorted(int(b) for b in random_set(row, seed, n_layers, k))))
     raise CogprobeError(f"unknown row {row!r}; choose from {', '.join(ROWS)}")
+
+
+def table(n_layers: int, lora_r: int, *, fraction: float = DEFAULT_FRACTION, seed: int = 0,
+          study: Path | None = None) -> pd.DataFrame:
+    """Every row's `Plan` on a model of n_layers blocks, one line each (row, strategy, layers, train_ends,
+    lora_r; layers "" where the strategy takes no --layers, lora_r 0 where no LoRA; train_ends as TrainConfig
+    reads it, for the layers strategies: `full` trains everything anyway): `cogprobe ls rows`.
+    The budget row's layers come from a study's select stage (`study`); without one, why it cannot run."""
+    out = []
+    for row in ROWS:
+        try:
+            p = plan(row, n_layers=n_layers, fraction=fraction, lora_r=lora_r, seed=seed, study=study)
+        except Skip as e:
+            out.append(dict(row=row, strategy="layers", layers=str(e), train_ends=False, lora_r=0))
+            continue
+        out.append(dict(row=row, strategy=p.strategy, layers=p.layers or "", train_ends=p.train_ends,
+                        lora_r=(p.lora_r or lora_r) if p.lora else 0))
+    return pd.DataFrame(out)
 
 
 def random_set(row: str, seed: int, n_layers: int, k: int) -> np.ndarray:

@@ -9,7 +9,9 @@ quantity), with a paired-bootstrap interval (see `intervals`):
   rel_deviation       (NLL row - NLL full) / NLL full: the paper's "within x%" yardstick on NLL
   share_minus_<other> share(row) - share(other), paired (DIFFERENCES: CogSym against each same-size
                       control and `blocks`, the budget and cogsym-ends against CogSym)
-  rel_deviation_vs_lora  (NLL row - NLL lora) / NLL lora for the CogSym-LoRA rows
+  rel_deviation_vs_lora  (NLL row - NLL lora) / NLL lora for the CogSym-LoRA rows (RELATIVE_TO)
+
+(both the report's comparisons of `comparisons.toml`, the one list of the comparisons that matter)
 
 and words a finding only where the interval allows it: a difference is stated when
 its interval excludes 0 ("within 3%" when the whole interval of the relative deviation
@@ -23,18 +25,18 @@ import pandas as pd
 
 from cogprobe.core import intervals
 from cogprobe.core import layout
+from cogprobe.study.comparisons import BAR, REPORT
 from cogprobe.study.rows import kind
 from cogprobe.data.tasks import TASKS
 
-BAR = 0.03        # the paper's "within 2-3% of full fine-tuning", as a relative deviation
 MIN_PAIRS = 20    # below this, percentile bootstrap intervals cover too rarely to state a finding from
-CONTROLS = ("middle", "bottom", "top", "random")
 # share(row) - share(other), paired, for the comparisons the study exists for: CogSym against its
 # same-size controls (every random draw) and against every block with the ends frozen (its matched
 # full fine-tuning); the derived budget against the fixed rule; what training the ends adds to CogSym
-DIFFERENCES = {"cogsym": (*CONTROLS, "blocks"), "budget": ("cogsym",), "cogsym-ends": ("cogsym",)}
+_SHARES = [c for c in REPORT if c.quantity == "share_minus"]
+DIFFERENCES = {row: tuple(c.other for c in _SHARES if c.row == row) for row in dict.fromkeys(c.row for c in _SHARES)}
 # the paper's yardstick against another row than full: CogSym-LoRA against LoRA on every block
-RELATIVE_TO = {"cogsym-lora": "lora", "cogsym-lora-matched": "lora"}
+RELATIVE_TO = {c.row: c.other for c in REPORT if c.quantity == "rel_deviation"}
 
 
 def comparison_table(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) -> pd.DataFrame:
@@ -141,7 +143,7 @@ def fmt(row, percent: bool = False) -> str:
 
 
 # what an interval allows, in one word: the long sentences below and the headline table's cells
-# (analyses/evidence.py) are both worded from these, so they cannot disagree
+# (`evidence`) are both worded from these, so they cannot disagree
 WITHIN, BEYOND, ABOVE, BELOW, UNRESOLVED, TOO_FEW = "within", "beyond", "above", "below", "not resolved", "too few pairs"
 
 
