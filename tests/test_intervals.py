@@ -166,3 +166,19 @@ def test_comparison_table_pools_seeds_hierarchically():
     one = table[(table["seed"] == 0) & (table["row"] == "cogsym") & (table["quantity"] == "share")]
     assert (pooled["low"].to_numpy() < pooled["estimate"].to_numpy()).all()
     assert len(one) == 2
+
+
+@pytest.mark.parametrize("n_seeds", [2, 3, 5])
+def test_hierarchical_scores_its_resamples_in_chunks_as_two_stage_does_one_by_one(n_seeds):
+    """The vectorised resamples give two_stage's per-resample numbers to the last bit (the committed
+    intervals were computed one resample at a time)."""
+    rng = np.random.default_rng(n_seeds)
+    seeds = [{a: (rng.normal(5, 1, 50) * 30, rng.integers(20, 40, 50).astype(float)) for a in ("row", "base", "full")}
+             for _ in range(n_seeds)]
+    share = lambda m: (m["base"] - m["row"]) / (m["base"] - m["full"])  # noqa: E731
+    sums = {a: np.stack([s[a][0] for s in seeds]) for a in seeds[0]}
+    tokens = {a: np.stack([s[a][1] for s in seeds]) for a in seeds[0]}
+    per_seed = lambda s, e: share({a: sums[a][s][:, e].sum(-1) / tokens[a][s][:, e].sum(-1)  # noqa: E731
+                                   for a in sums})
+    one_by_one = intervals.two_stage(per_seed, n_seeds, 50, n_resamples=600)
+    assert intervals.hierarchical(share, seeds, n_resamples=600) == one_by_one

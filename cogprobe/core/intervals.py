@@ -22,6 +22,7 @@ import pandas as pd
 from scipy import stats
 
 LEVEL, RESAMPLES, SEED = 0.95, 2000, 0
+CHUNK = 250   # resamples scored in one array operation (hierarchical): a few MB at 5 seeds x 256 pairs
 
 
 @dataclass(frozen=True)
@@ -71,13 +72,41 @@ def paired(statistic: Callable[[dict], np.ndarray], data: Arms, *, level: float 
 def hierarchical(statistic: Callable[[dict], np.ndarray], seeds: list[Arms], *, level: float = LEVEL,
                  n_resamples: int = RESAMPLES, seed: int = SEED) -> Interval:
     """Interval of the mean over seeds of `statistic`, resampling seeds, then examples (the same
-    examples for every arm and seed: the evaluation set is shared); see `two_stage`."""
+    examples for every arm and seed: the evaluation set is shared); see `two_stage`. `statistic`
+    works elementwise, so every resample of a chunk is scored in one array operation."""
     names = list(seeds[0])
     sums = {a: np.stack([s[a][0] for s in seeds]) for a in names}     # [n_seeds, n_examples]
     tokens = {a: np.stack([s[a][1] for s in seeds]) for a in names}
     per_seed = lambda s_ix, e_ix: statistic({a: sums[a][s_ix][:, e_ix].sum(-1) / tokens[a][s_ix][:, e_ix].sum(-1)
                                              for a in names})  # noqa: E731
-    return two_stage(per_seed, *sums[names[0]].shape, level=level, n_resamples=n_resamples, seed=seed)
+    n_seeds, n = sums[names[0]].shape
+    estimate = float(np.mean(per_seed(np.arange(n_seeds), np.arange(n))))
+
+    def scored(s, e):   # resamples [C, n_seeds] and [C, n] -> each one's mean over its seeds, [C]
+        at = (s[:, :, None], e[:, None, :])
+        return statistic({a: _in_order(sums[a][at]) / _in_order(tokens[a][at]) for a in names}).mean(-1)
+
+    s_ix, e_ix = two_stage_draws(n_seeds, n, n_resamples, seed)
+    draws = np.concatenate([scored(s_ix[i:i + CHUNK], e_ix[i:i + CHUNK]) for i in range(0, n_resamples, CHUNK)])
+    return _percentile(estimate, draws, level)
+
+
+def _in_order(values: np.ndarray) -> np.ndarray:
+    """Sums over the last axis, adding left to right: as numpy sums one resample's [seeds, pairs]
+    array, so the chunked resamples give the per-resample numbers to the last bit."""
+    return np.cumsum(values, axis=-1)[..., -1]
+
+
+def two_stage_draws(n_seeds: int, n: int, n_resamples: int = RESAMPLES,
+                    seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    """The resamples of the two-stage bootstrap: [R, n_seeds] seed indices and [R, n] example
+    indices, drawn seeds then examples for each resample in turn (so every caller, vectorised or
+    not, sees the same resamples for the same seed)."""
+    rng = np.random.default_rng(seed)
+    s_ix, e_ix = np.empty((n_resamples, n_seeds), dtype=np.int64), np.empty((n_resamples, n), dtype=np.int64)
+    for r in range(n_resamples):
+        s_ix[r], e_ix[r] = rng.integers(0, n_seeds, n_seeds), rng.integers(0, n, n)
+    return s_ix, e_ix
 
 
 def two_stage(per_seed: Callable[[np.ndarray, np.ndarray], np.ndarray], n_seeds: int, n: int, *,
@@ -86,9 +115,11 @@ def two_stage(per_seed: Callable[[np.ndarray, np.ndarray], np.ndarray], n_seeds:
     value per given seed): seeds drawn with replacement, then one draw of examples applied to every
     drawn seed. scipy's bootstrap has no nested design, so it is written out here."""
     estimate = float(np.mean(per_seed(np.arange(n_seeds), np.arange(n))))
-    rng = np.random.default_rng(seed)
-    draws = [float(np.mean(per_seed(rng.integers(0, n_seeds, n_seeds), rng.integers(0, n, n))))
-             for _ in range(n_resamples)]
+    draws = [float(np.mean(per_seed(s, e))) for s, e in zip(*two_stage_draws(n_seeds, n, n_resamples, seed))]
+    return _percentile(estimate, np.asarray(draws), level)
+
+
+def _percentile(estimate: float, draws: np.ndarray, level: float) -> Interval:
     low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
     return Interval(estimate, float(low), float(high))
 
