@@ -127,6 +127,24 @@ def test_checkpoints_without_recorded_checksums_are_still_checked(run):
     assert len(verify(run)) == 1 and "is damaged or truncated" in verify(run)[0]
 
 
+@pytest.mark.parametrize("step, kind, says", [
+    (4, "base", "says kind 'base' but the folder holds trainable.safetensors"),
+    (2, "lora", "says kind 'lora' but the folder holds trainable.safetensors"),
+    (0, "tensors", "says kind 'tensors' at step-0: only step 0 is the base model"),
+    (4, "model", "names kind 'model', which is none of base, tensors, lora"),
+])
+def test_a_checkpoint_kind_that_its_folder_contradicts(run, capsys, step, kind, says):
+    """`kind` decides how a checkpoint is read: step 4 read as the base would give the base's scores
+    under step 4's name (and a merged export of the base), with exit 0."""
+    _edit_json(step_dir(run, step) / "meta.json", lambda meta: meta.update(kind=kind))
+    assert any(says in line for line in verify(run)), verify(run)
+    for argv in (["sweep", run, *SWEEP, "--overwrite"], ["export", run, "--step", step, "--merged", run.parent / "m"]):
+        assert cli(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0] and "meta.json" in err[0], err
+    assert not (run.parent / "m").exists()
+
+
 def test_the_base_model_is_rehashed(pristine, tmp_path, capsys):
     """Checkpoints store only what training changed: a damaged base changes every number of the run,
     so verify rehashes it, and a reader refuses it."""

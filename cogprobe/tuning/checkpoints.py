@@ -74,26 +74,52 @@ def write_checkpoint(run: Path, step: int, model, kind: str, meta: dict,
     return step_dir(run, step)
 
 
+WEIGHTS = {"base": set(), "tensors": {TENSORS}, "lora": {ADAPTER, ADAPTER_CONFIG}}  # kind -> its weight files
+KIND_OF = {"full": "tensors", "layers": "tensors", "lora": "lora", "lora-layers": "lora"}  # a strategy's checkpoints
+
+
 def expected_files(kind: str, recorded: dict, path: Path) -> list[str]:
     """The files a complete checkpoint of `kind` holds: its weights, and whatever meta.json recorded
     (the resume state only while it is there: it is dropped from older checkpoints on purpose)."""
-    names = {"tensors": {TENSORS}, "lora": {ADAPTER, ADAPTER_CONFIG}}.get(kind, set()) | set(recorded)
+    names = WEIGHTS.get(kind, set()) | set(recorded)
     if resume.present(path):
         return sorted(names | set(resume.FILES))
     return sorted(n for n in names if not n.startswith(resume.DIR + "/"))
 
 
 def problems(path: Path, meta: dict) -> list[tuple[Path, str]]:
-    """(file, what is wrong) for each damaged file of checkpoint folder `path`; empty when it is whole."""
+    """(file, what is wrong) for each damaged file of checkpoint folder `path`; empty when it is whole.
+
+    The record must agree with the folder, not only the files with the record: a `kind` that does not
+    fit the step and the files would make a reader take the base for a trained checkpoint (or the
+    reverse)."""
     recorded = meta.get("sha256") or {}
-    found = []
+    found = _record_problems(path, meta)
     for name in expected_files(meta.get("kind"), recorded, path):
         problem = io.file_problem(path / name, recorded.get(name))
         if problem:
             found.append((path / name, problem))
+    return found
+
+
+def _record_problems(path: Path, meta: dict) -> list[tuple[Path, str]]:
+    """What meta.json says that its folder contradicts: the step, and the kind against step, files and
+    strategy (base: step 0 only, no weight file; lora: an adapter; tensors: trainable.safetensors)."""
+    found, kind, record = [], meta.get("kind"), path / META
     step = STEP_DIR.match(path.name)
     if step and meta.get("step") != int(step.group(1)):
-        found.append((path / META, f"is the record of step {meta.get('step')}, not of {path.name}"))
+        found.append((record, f"is the record of step {meta.get('step')}, not of {path.name}"))
+    if kind not in WEIGHTS:
+        return found + [(record, f"names kind {kind!r}, which is none of {', '.join(WEIGHTS)}")]
+    others = sorted(n for k, names in WEIGHTS.items() if k != kind for n in names - WEIGHTS[kind]
+                    if (path / n).exists())
+    if others:
+        found.append((record, f"says kind {kind!r} but the folder holds {', '.join(others)}"))
+    if step and (kind == "base") != (int(step.group(1)) == 0):
+        found.append((record, f"says kind {kind!r} at {path.name}: only step 0 is the base model"))
+    strategy = meta.get("strategy")
+    if kind != "base" and strategy in KIND_OF and kind != KIND_OF[strategy]:
+        found.append((record, f"says kind {kind!r} for a {strategy!r} run"))
     return found
 
 
