@@ -117,14 +117,21 @@ def test_an_unfinished_run(pristine, tmp_path):
                            "`cogprobe train` with --resume to finish it"]
 
 
-def test_checkpoints_without_recorded_checksums_are_still_checked(run):
-    """Runs written before checksums were recorded: their files are checked by their headers only."""
-    for step in (0, 2, 4):
-        _edit_json(step_dir(run, step) / "meta.json", lambda meta: meta.pop("sha256"))
-    assert verify(run) == []
+def test_a_checkpoint_without_recorded_checksums_is_a_problem(run, capsys):
+    """A weight file with no SHA-256 in its meta.json could change unseen: verify names it, and a reader
+    refuses it, even before a bit of it changes (then only the header would have been checked)."""
+    _edit_json(step_dir(run, 4) / "meta.json", lambda meta: meta.pop("sha256"))
     path = step_dir(run, 4) / "trainable.safetensors"
-    path.write_bytes(path.read_bytes()[:-10])
-    assert len(verify(run)) == 1 and "is damaged or truncated" in verify(run)[0]
+    assert verify(run) == [f"{path} (checkpoint tensors) has no SHA-256 in meta.json, so a change to its bytes "
+                           f"would go unseen; delete {path.parent} to leave that checkpoint out, or retrain with "
+                           "`cogprobe train ... --overwrite`"]
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert len(verify(run)) == 1 and "has no SHA-256 in meta.json" in verify(run)[0]
+    assert cli(["sweep", run, *SWEEP, "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no SHA-256 in meta.json" in err[0]
 
 
 @pytest.mark.parametrize("step, kind, says", [

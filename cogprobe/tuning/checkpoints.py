@@ -92,11 +92,13 @@ def problems(path: Path, meta: dict) -> list[tuple[Path, str]]:
 
     The record must agree with the folder, not only the files with the record: a `kind` that does not
     fit the step and the files would make a reader take the base for a trained checkpoint (or the
-    reverse)."""
+    reverse), and a weight file without a recorded hash could change unseen."""
     recorded = meta.get("sha256") or {}
     found = _record_problems(path, meta)
     for name in expected_files(meta.get("kind"), recorded, path):
         problem = io.file_problem(path / name, recorded.get(name))
+        if problem is None and name not in recorded and (path / name).is_file():
+            problem = "has no SHA-256 in meta.json, so a change to its bytes would go unseen"
         if problem:
             found.append((path / name, problem))
     return found
