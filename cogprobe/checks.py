@@ -5,8 +5,10 @@ instead of stopping at the first damaged one, each problem becomes one line, so
 one call lists everything that needs fixing:
   - the manifest, and every checkpoint it lists (up to the last one written);
   - each checkpoint's files against the SHA-256s its meta.json recorded when they
-    were written, and its base model fingerprint against the manifest's;
+    were written (a weight file without one is a problem), its kind against its step and
+    files, and its base model fingerprint against the manifest's;
   - the base model itself, rehashed, against the manifest's fingerprint (never a cached hash);
+  - the manifest's layer set against its config and the blocks the checkpoints store;
   - the training log (every step once, in order; each checkpoint's loss is the
     log's) and cost.json (as many steps as the log); a run stopped on a plateau is
     finished at the step its manifest's stop record names;
@@ -26,7 +28,7 @@ from typing import Callable
 from cogprobe.core import io
 from cogprobe.core.artifacts import damaged
 from cogprobe.models.loading import EMBEDDED, embedded_dir, model_fingerprint
-from cogprobe.tuning.checkpoints import CHECKPOINTS, META, problems, step_dir, step_folders
+from cogprobe.tuning.checkpoints import CHECKPOINTS, META, layer_problems, problems, step_dir, step_folders
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.layout import (ACTIVATIONS, BASELINE, COMPARE, COST, DEV_CURVE, MANIFEST, RUNS, STOP, STUDY, SWEEPS,
                              TRAIN_LOG, arm, metadata)
@@ -70,6 +72,7 @@ def verify_run(run: Path) -> Problems:
     found += _dev_curve(run)
     if manifest is not None:
         found += _health_problems(run, manifest)
+        found += [str(damaged(file, problem)) for file, problem in layer_problems(run, manifest)]
         found += _base_problems(run, manifest)
     found += _selections(run)
     return found + verify_tables(run, (set(metas), manifest))

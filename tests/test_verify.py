@@ -175,6 +175,34 @@ def test_the_base_model_is_rehashed(pristine, tmp_path, capsys):
                            "put the base model the run was trained from back at that path"]
 
 
+@pytest.fixture(scope="module")
+def layered(pristine, tmp_path_factory):
+    run = tmp_path_factory.mktemp("layered") / "run"
+    assert cli(train_argv(pristine["model"], pristine["corpus"], run, strategy="layers", layers="0,4-5",
+                          steps=2, save_steps="0,2")) == 0
+    return run
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda m: m.update(layers=list(range(8))[:4], layers_string="0-3"),
+     "lists blocks 0-3, but {ckpt} stores blocks 0,4-5"),
+    (lambda m: m.update(layers_string="0-3"), "gives the layer set as '0-3' and as [0, 4, 5]"),
+    (lambda m: (m.update(layers=[0, 1], layers_string="0-1"), m["config"].update(layers="0-1")),
+     "lists blocks 0-1, but {ckpt} stores blocks 0,4-5"),
+])
+def test_a_manifest_whose_layer_set_lies(layered, tmp_path, capsys, change, says):
+    """The manifest's layer set is what a study copies into its comparison table: where it is not
+    what the checkpoints store, verify says so and readers refuse the run."""
+    run = shutil.copytree(layered, tmp_path / "run")
+    _edit_json(run / "manifest.json", change)
+    says = says.format(ckpt=step_dir(run, 2) / "trainable.safetensors")
+    lines = verify(run)   # the config's own set may disagree too: one line each
+    assert any(says in line for line in lines) and all("manifest.json (the run's manifest)" in l for l in lines), lines
+    assert cli(["sweep", run, *SWEEP]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "manifest.json (the run's manifest)" in err[0], err
+
+
 def test_a_folder_that_is_no_run(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     assert cli(["verify", tmp_path]) == 2

@@ -23,6 +23,7 @@ memory for every checkpoint that is stored as a difference from it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from cogprobe.core.artifacts import damaged
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.layout import MANIFEST
 from cogprobe.models.loading import EMBEDDED, embedded_dir, has_tokenizer, load_model, model_fingerprint, model_source
+from cogprobe.models.layersets import resolve, to_string
 from cogprobe.models.params import aliases, load_tensors
 
 CHECKPOINTS = "checkpoints"
@@ -123,6 +125,41 @@ def _record_problems(path: Path, meta: dict) -> list[tuple[Path, str]]:
     if kind != "base" and strategy in KIND_OF and kind != KIND_OF[strategy]:
         found.append((record, f"says kind {kind!r} for a {strategy!r} run"))
     return found
+
+
+def layer_problems(run: Path, manifest: dict) -> list[tuple[Path, str]]:
+    """Where the manifest's layer set disagrees with itself, with its config, or with the blocks the
+    checkpoints of a layered run store: the manifest is what a study copies into its tables, so a
+    set that is not what was trained must not be read as if it were."""
+    layers, n = manifest.get("layers"), manifest.get("base", {}).get("n_layers")
+    path, found = Path(run) / MANIFEST, []
+    if manifest.get("layers_string") != (to_string(layers) if layers else None):
+        found.append((path, f"gives the layer set as {manifest.get('layers_string')!r} and as {layers!r}"))
+    wanted, kind = manifest.get("config", {}).get("layers"), KIND_OF.get(manifest.get("strategy"))
+    if layers is None or kind is None:  # every block trains: nothing to disagree with
+        return found
+    with contextlib.suppress(CogprobeError):  # a selection file gone since: the stored blocks still tell
+        if n is not None and wanted is not None and resolve(wanted, n) != list(layers):
+            found.append((path, f"lists blocks {to_string(layers)}, its config asked for {wanted!r}"))
+    for step, folder in step_folders(run):
+        weights = folder / (ADAPTER if kind == "lora" else TENSORS)
+        stored = stored_blocks(weights) if step and weights.is_file() else None
+        if stored is not None and stored != set(layers):
+            found.append((path, f"lists blocks {to_string(layers)}, but {weights} stores blocks "
+                                f"{to_string(sorted(stored))}"))
+            break
+    return found
+
+
+def stored_blocks(path: Path) -> set[int] | None:
+    """The block indices of the tensors in a weight file (the first number in each name, as in
+    `model.layers.3.mlp.up_proj.weight`), read from its header; None when it cannot be read."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            names = list(f.keys())
+    except Exception:  # noqa: BLE001  (a damaged file is reported by `problems`)
+        return None
+    return {int(m.group(1)) for name in names if (m := re.search(r"\.(\d+)\.", name))}
 
 
 def check(path: Path, meta: dict) -> None:
@@ -220,6 +257,8 @@ class Checkpoints:
                                     f"{str(meta.get('base_fingerprint'))[:12]}, the run's is {fingerprint[:12]}); "
                                     "remove it or open its own run folder")
             entries.append(Entry(step, None if meta["kind"] == "base" else path, meta["kind"], meta))
+        for file, problem in layer_problems(run, manifest):
+            raise damaged(file, problem)
         if base is not None:
             _check_fingerprint(Path(base), fingerprint, run)
         spec = base or (info["spec"] if info["spec"] == EMBEDDED else info["path"])
