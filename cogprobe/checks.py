@@ -9,8 +9,8 @@ one call lists everything that needs fixing:
     files, and its base model fingerprint against the manifest's;
   - the base model itself, rehashed, against the manifest's fingerprint (never a cached hash);
   - the manifest's layer set against its config and the blocks the checkpoints store;
-  - the training log (every step once, in order; each checkpoint's loss is the
-    log's) and cost.json (as many steps as the log); a run stopped on a plateau is
+  - the training log (every step once, in order; each checkpoint's loss and tokens
+    seen are the log's) and cost.json (as many steps as the log); a run stopped on a plateau is
     finished at the step its manifest's stop record names;
   - the dev curve, if any: readable, with its set's record, each (step, task) once;
   - every table and its metadata: readable, no duplicate rows, rows only from
@@ -106,6 +106,9 @@ def _checkpoints(run: Path, manifest: dict | None, found: Problems) -> dict[int,
         fingerprint = (manifest or {}).get("base", {}).get("fingerprint")
         if fingerprint and meta.get("base_fingerprint") != fingerprint:
             found.append(str(damaged(path / META, "names another base model than the manifest")))
+        strategy = (manifest or {}).get("strategy")
+        if strategy and meta.get("strategy", strategy) != strategy:
+            found.append(str(damaged(path / META, f"names strategy {meta['strategy']!r}, the manifest {strategy!r}")))
     if manifest is None:
         return metas
     last, total = max(metas, default=0), _final_step(manifest)
@@ -162,12 +165,15 @@ def _log_problems(run: Path, log, metas: dict[int, dict]) -> Problems:
     path, steps = run / TRAIN_LOG, list(log["step"])
     if steps != list(range(1, len(steps) + 1)):
         return [str(damaged(path, "does not hold every step once, in order"))]
-    losses = dict(zip(log["step"], log["loss"]))
+    losses, tokens = dict(zip(log["step"], log["loss"])), dict(zip(log["step"], log["tokens"]))
     wrong = [s for s, m in metas.items() if s and s in losses and m.get("train_loss") != losses[s]]
+    miscounted = [s for s, m in metas.items() if s and s in tokens and m.get("tokens_seen") != tokens[s]]
     short = [s for s in metas if s > len(steps)]
     found = []
     if wrong:
         found.append(str(damaged(path, f"disagrees with the checkpoints' losses at step(s) {wrong}")))
+    if miscounted:
+        found.append(str(damaged(path, f"disagrees with the checkpoints' tokens seen at step(s) {miscounted}")))
     if short:
         found.append(str(damaged(path, f"ends at step {len(steps)}, before checkpoint(s) {short}")))
     return found

@@ -89,6 +89,17 @@ def test_a_log_that_disagrees_with_the_checkpoints(run):
     assert any("does not hold every step once, in order" in line for line in verify(run))
 
 
+@pytest.mark.parametrize("change, says", [
+    (dict(tokens_seen=10**9), "train_log.parquet (the training log) disagrees with the checkpoints' tokens seen at "
+                              "step(s) [4]"),
+    (dict(strategy="layers"), "step-4/meta.json (a checkpoint's record) names strategy 'layers', the manifest 'full'"),
+])
+def test_a_checkpoint_record_that_the_run_contradicts(run, change, says):
+    _edit_json(step_dir(run, 4) / "meta.json", lambda meta: meta.update(change))
+    lines = verify(run)
+    assert len(lines) == 1 and says in lines[0], lines
+
+
 def test_several_problems_one_line_each(run, capsys):
     (run / "cost.json").write_text("{")
     (step_dir(run, 4) / "trainable.safetensors").write_bytes(b"")
