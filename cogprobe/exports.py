@@ -10,6 +10,9 @@ not there:
   - LLaMA-Factory: `freeze_trainable_layers`, which can only name the first or the last
     N blocks, so a two-ended set like CogSym is refused with the alternative;
   - trainer: `apply_layer_set` for HF Trainer / TRL, which freezes everything else.
+A tied weight (SmolLM2's LM head is its input embedding) is listed by `named_parameters()`,
+which these tools iterate, only under its first name: it is exported under that name, and
+each export is checked with the tool's own matching rule over the names it iterates.
 
 `export_merged` writes a checkpoint of any strategy as a standard HF model folder.
 """
@@ -26,7 +29,7 @@ from cogprobe.models.blocks import find_blocks
 from cogprobe.tuning.checkpoints import Checkpoints
 from cogprobe.core.errors import CogprobeError
 from cogprobe.models.layersets import resolve, to_string
-from cogprobe.models.params import trainable
+from cogprobe.models.params import aliases, trainable
 from cogprobe.tuning.strategies import LoraSpec, apply, lora_kwargs
 
 FORMATS = ("peft", "axolotl", "llamafactory", "trainer")
@@ -53,39 +56,52 @@ def peft_config(model: nn.Module, selection, lora: LoraSpec = LoraSpec()) -> dic
     return lora_kwargs(find_blocks(model), layer_set(model, selection), lora)
 
 
+def trained_names(model: nn.Module, layers: list[int], *, train_embeddings: bool = False,
+                  train_head: bool = False) -> set[str]:
+    """What cogprobe's `layers` strategy trains, as the names `model.named_parameters()` lists (a tied
+    tensor once, under its first name): the names a trainer iterating the model sees."""
+    blocks, keep = find_blocks(model), set(layers)
+    extra = (blocks.input_end_names() if train_embeddings else []) + (blocks.output_end_names() if train_head else [])
+    wanted = {id(model.get_parameter(name)) for name in extra}
+    return {n for n, p in model.named_parameters() if blocks.block_of(n) in keep or id(p) in wanted}
+
+
 def axolotl_patterns(model: nn.Module, layers: list[int], *, train_embeddings: bool = False,
                      train_head: bool = False) -> list[str]:
-    """`unfrozen_parameters` entries, one per block (plus embeddings / head when asked)."""
+    """`unfrozen_parameters` entries, one per block (plus embeddings / head when asked, under the
+    names axolotl will see: a head tied to the embedding is `...embed_tokens.weight`)."""
     blocks = find_blocks(model)
     patterns = [blocks.block_prefix(i) for i in layers]
-    extra = (blocks.input_end_names() if train_embeddings else []) + (blocks.output_end_names() if train_head else [])
-    return patterns + [f"{name}$" for name in extra]
+    outside = trained_names(model, [], train_embeddings=train_embeddings, train_head=train_head)
+    return patterns + [f"{name}$" for name, _ in model.named_parameters() if name in outside]
 
 
 def axolotl_matches(pattern: str, name: str) -> bool:
-    """axolotl's rule: periods are literal, the pattern matches from the start of the name."""
-    return re.match(pattern.replace(".", r"\."), name) is not None
+    """axolotl's rule (utils/freeze.py, LayerNamePattern): a period not followed by `+` is literal,
+    and the pattern matches from the start of the name (re.match)."""
+    return re.match(re.sub(r"\.(?!\+)", r"\\.", pattern), name) is not None
 
 
 def axolotl_yaml(model: nn.Module, selection, *, lora: bool = False, train_embeddings: bool = False,
                  train_head: bool = False) -> str:
-    """An axolotl config snippet for the set, checked against the model's parameter names."""
+    """An axolotl config snippet for the set, checked with axolotl's own matching rule over the
+    names it iterates (`model.named_parameters()`)."""
     layers = layer_set(model, selection)
     head = f"# cogprobe layer set {to_string(layers)} of {find_blocks(model).n} blocks ({type(model).__name__})\n"
     if lora:
         kw = lora_kwargs(find_blocks(model), layers)
         return head + _yaml(dict(adapter="lora", lora_target_modules=kw["target_modules"],
                                  peft_layers_to_transform=layers))
-    blocks = find_blocks(model)
     patterns = axolotl_patterns(model, layers, train_embeddings=train_embeddings, train_head=train_head)
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    want = {n for n in names if blocks.block_of(n) in set(layers)}
-    want |= set(blocks.input_end_names() if train_embeddings else []) | set(
-        blocks.output_end_names() if train_head else [])
-    got = {n for n in names if any(axolotl_matches(p, n) for p in patterns)}
-    if got != want:  # a bug here, not a user error: the patterns must name exactly the set
-        raise AssertionError(f"axolotl patterns match {sorted(got ^ want)[:3]} wrongly")
-    return head + _yaml(dict(unfrozen_parameters=patterns))
+    want = trained_names(model, layers, train_embeddings=train_embeddings, train_head=train_head)
+    got = {n for n, _ in model.named_parameters() if any(axolotl_matches(p, n) for p in patterns)}
+    if got != want:
+        raise CogprobeError(f"axolotl's unfrozen_parameters cannot name exactly this set on {type(model).__name__} "
+                            f"(it would differ in {sorted(got ^ want)[:3]}); export --to trainer or peft")
+    names = aliases(model)
+    tied = "".join(f"# {n} is also {', '.join(sorted(names[n] - {n}))} (tied: one tensor)\n"
+                   for n in sorted(want) if len(names[n]) > 1)
+    return head + tied + _yaml(dict(unfrozen_parameters=patterns))
 
 
 def llamafactory_yaml(model: nn.Module, selection) -> str:

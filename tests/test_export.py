@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -13,7 +14,7 @@ from cogprobe.models.blocks import find_blocks
 from cogprobe.tuning.checkpoints import Checkpoints
 from cogprobe.cli import main
 from cogprobe.core.errors import CogprobeError
-from cogprobe.exports import (apply_layer_set, axolotl_matches, export_layer_set, export_merged,
+from cogprobe.exports import (apply_layer_set, axolotl_matches, export_layer_set, export_merged, layer_set,
                              llamafactory_yaml, peft_config)
 from cogprobe.tuning.loop import TrainConfig, train
 from tiny import save_tiny, tiny_model, tiny_tokenizer
@@ -90,6 +91,53 @@ def test_cli_export_writes_and_refuses(tmp_path, capsys):
     assert main(["export", "cogsym", "--model", str(folder), "--to", "llamafactory"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "freeze_trainable_layers" in err
+
+
+# ---------------------------------------------------------------- each target, read by its tool's own rule
+# Each tool's rule is restated here from its source, independently of cogprobe.exports, and applied to a
+# fresh copy of the model; what it leaves trainable must be what cogprobe's own `train` trains, as the
+# names `named_parameters()` lists (a tied head is the embedding's tensor, listed once, under its first name).
+
+
+def _ours(model, layers, strategy="layers", **ends):
+    """What `cogprobe train --strategy <strategy>` trains on this model."""
+    from cogprobe.tuning.strategies import apply
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied-weights warning
+        trained = apply(copy.deepcopy(model), strategy, layer_set(model, layers), **ends)
+    return {n for n, p in trained.named_parameters() if p.requires_grad}
+
+
+def _requires_grad(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def axolotl_unfreeze(model, patterns):
+    """axolotl src/axolotl/utils/freeze.py, freeze_layers_except + LayerNamePattern (no [range] suffixes):
+    every parameter `model.named_parameters()` lists is frozen unless a pattern, with each period not
+    followed by `+` escaped, re.match-es its name."""
+    compiled = [re.compile(re.sub(r"\.(?!\+)", "\\\\.", pattern)) for pattern in patterns]
+    for name, param in model.named_parameters():
+        param.requires_grad = any(c.match(name) is not None for c in compiled)
+    return model
+
+
+ENDS = [dict(), dict(train_head=True), dict(train_embeddings=True), dict(train_embeddings=True, train_head=True)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])   # llama: tied head (as SmolLM2); qwen2: untied
+@pytest.mark.parametrize("ends", ENDS, ids=["blocks", "head", "embeddings", "both"])
+def test_axolotl_trains_what_cogprobe_trains(family, ends):
+    model = tiny_model(family)
+    assert model.config.tie_word_embeddings == (family == "llama")
+    for layers in ("cogsym", "1,3", "0-5"):
+        snippet = yaml.safe_load(export_layer_set(model, layers, "axolotl", **ends))
+        theirs = _requires_grad(axolotl_unfreeze(copy.deepcopy(model), snippet["unfrozen_parameters"]))
+        assert theirs == _ours(model, layers, **ends), (layers, ends)
+    if family == "llama" and ends.get("train_head"):
+        assert "model.embed_tokens.weight$" in snippet["unfrozen_parameters"]   # the name axolotl sees
+        assert "lm_head.weight$" not in snippet["unfrozen_parameters"]
 
 
 # ---------------------------------------------------------------- merged model folders
