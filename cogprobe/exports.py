@@ -6,13 +6,16 @@ parameter names, and checked against them, so an export never names a block that
 not there:
   - peft: `LoraConfig(**json)` keyword arguments (`target_modules` as a list, so that
     peft honours `layers_to_transform`);
-  - axolotl: `unfrozen_parameters` (full-parameter) or `peft_layers_to_transform` (LoRA);
+  - axolotl: `unfrozen_parameters` (full-parameter) or `peft_layers_to_transform` (LoRA,
+    with lora_r / lora_alpha / lora_dropout);
   - LLaMA-Factory: `freeze_trainable_layers`, which can only name the first or the last
     N blocks, so a two-ended set like CogSym is refused with the alternative;
-  - trainer: `apply_layer_set` for HF Trainer / TRL, which freezes everything else.
+  - trainer: `apply_layer_set` (or, with lora, `get_peft_model`) for HF Trainer / TRL.
 A tied weight (SmolLM2's LM head is its input embedding) is listed by `named_parameters()`,
 which these tools iterate, only under its first name: it is exported under that name, and
 each export is checked with the tool's own matching rule over the names it iterates.
+LoRA runs train no embeddings or head (cogprobe's own LoRA strategies do not), so asking
+for them with a LoRA export is refused rather than dropped.
 
 `export_merged` writes a checkpoint of any strategy as a standard HF model folder.
 """
@@ -82,6 +85,13 @@ def axolotl_matches(pattern: str, name: str) -> bool:
     return re.match(re.sub(r"\.(?!\+)", r"\\.", pattern), name) is not None
 
 
+def _refuse_lora_ends(tool: str, train_embeddings: bool, train_head: bool) -> None:
+    if train_embeddings or train_head:
+        raise CogprobeError(f"a LoRA export for {tool} cannot also train the embeddings or the head (cogprobe's "
+                            "LoRA runs do not either); drop --train-embeddings/--train-head, or export without "
+                            "--lora (--to axolotl or trainer) to train them with the blocks")
+
+
 def axolotl_yaml(model: nn.Module, selection, *, lora: bool = False, train_embeddings: bool = False,
                  train_head: bool = False) -> str:
     """An axolotl config snippet for the set, checked with axolotl's own matching rule over the
@@ -89,9 +99,12 @@ def axolotl_yaml(model: nn.Module, selection, *, lora: bool = False, train_embed
     layers = layer_set(model, selection)
     head = f"# cogprobe layer set {to_string(layers)} of {find_blocks(model).n} blocks ({type(model).__name__})\n"
     if lora:
+        _refuse_lora_ends("axolotl", train_embeddings, train_head)
         kw = lora_kwargs(find_blocks(model), layers)
-        return head + _yaml(dict(adapter="lora", lora_target_modules=kw["target_modules"],
-                                 peft_layers_to_transform=layers))
+        return head + _yaml(dict(adapter="lora", lora_r=kw["r"], lora_alpha=kw["lora_alpha"],
+                                 lora_dropout=kw["lora_dropout"], lora_target_modules=kw["target_modules"],
+                                 peft_layers_to_transform=layers, peft_layers_pattern=kw["layers_pattern"],
+                                 lora_fan_in_fan_out=kw["fan_in_fan_out"]))
     patterns = axolotl_patterns(model, layers, train_embeddings=train_embeddings, train_head=train_head)
     want = trained_names(model, layers, train_embeddings=train_embeddings, train_head=train_head)
     got = {n for n, _ in model.named_parameters() if any(axolotl_matches(p, n) for p in patterns)}
@@ -104,10 +117,13 @@ def axolotl_yaml(model: nn.Module, selection, *, lora: bool = False, train_embed
     return head + tied + _yaml(dict(unfrozen_parameters=patterns))
 
 
-def llamafactory_yaml(model: nn.Module, selection) -> str:
+def llamafactory_yaml(model: nn.Module, selection, *, lora: bool = False) -> str:
     """LLaMA-Factory's freeze options; it counts trainable blocks from one end only
     (positive: the last N, negative: the first N)."""
     layers, n = layer_set(model, selection), find_blocks(model).n
+    if lora:
+        raise CogprobeError("LLaMA-Factory's LoRA (lora_target) names modules, not blocks, so it cannot be held to a "
+                            "layer set; export --to axolotl --lora or --to peft")
     k = len(layers)
     if layers == list(range(n - k, n)):
         count = k
@@ -121,25 +137,34 @@ def llamafactory_yaml(model: nn.Module, selection) -> str:
             + _yaml(dict(finetuning_type="freeze", freeze_trainable_layers=count, freeze_trainable_modules="all")))
 
 
-def trainer_snippet(model: nn.Module, selection) -> str:
-    """Python for HF Trainer / TRL users: the set applied before `Trainer(model=model, ...)`."""
-    layers = to_string(layer_set(model, selection))
+def trainer_snippet(model: nn.Module, selection, *, lora: bool = False, train_embeddings: bool = False,
+                    train_head: bool = False) -> str:
+    """Python for HF Trainer / TRL users: the set applied before `Trainer(model=model, ...)`; with lora,
+    a peft LoraConfig carrying cogprobe's rank, alpha and dropout."""
+    layers = layer_set(model, selection)
+    if lora:
+        _refuse_lora_ends("HF Trainer", train_embeddings, train_head)
+        return ("from peft import LoraConfig, get_peft_model\n"
+                f"model = get_peft_model(model, LoraConfig(**{peft_config(model, layers)!r}))\n"
+                "# then Trainer(model=model, ...) / SFTTrainer(model=model, ...) as usual\n")
     return ("import cogprobe\n"
-            f"trainable = cogprobe.apply_layer_set(model, {layers!r})  # freezes every other parameter\n"
+            f"trainable = cogprobe.apply_layer_set(model, {to_string(layers)!r})  # freezes every other parameter\n"
             "# then Trainer(model=model, ...) / SFTTrainer(model=model, ...) as usual\n")
 
 
 def export_layer_set(model: nn.Module, selection, to: str, *, lora: bool = False,
                      train_embeddings: bool = False, train_head: bool = False) -> str:
     """The set in format `to` (one of FORMATS), as the text to save or print."""
+    ends = dict(train_embeddings=train_embeddings, train_head=train_head)
     if to == "peft":
+        _refuse_lora_ends("peft", **ends)
         return json.dumps(peft_config(model, selection), indent=2) + "\n"
     if to == "axolotl":
-        return axolotl_yaml(model, selection, lora=lora, train_embeddings=train_embeddings, train_head=train_head)
+        return axolotl_yaml(model, selection, lora=lora, **ends)
     if to == "llamafactory":
-        return llamafactory_yaml(model, selection)
+        return llamafactory_yaml(model, selection, lora=lora)
     if to == "trainer":
-        return trainer_snippet(model, selection)
+        return trainer_snippet(model, selection, lora=lora, **ends)
     raise CogprobeError(f"unknown export format {to!r}; use one of {', '.join(FORMATS)}")
 
 

@@ -123,6 +123,16 @@ def axolotl_unfreeze(model, patterns):
     return model
 
 
+def axolotl_lora(model, cfg):
+    """axolotl's load_lora: LoraConfig from the config keys it reads."""
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["lora_target_modules"],
+                        layers_to_transform=cfg["peft_layers_to_transform"], layers_pattern=cfg["peft_layers_pattern"],
+                        lora_dropout=cfg["lora_dropout"], fan_in_fan_out=cfg["lora_fan_in_fan_out"], bias="none",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config), config
+
+
 ENDS = [dict(), dict(train_head=True), dict(train_embeddings=True), dict(train_embeddings=True, train_head=True)]
 
 
@@ -138,6 +148,35 @@ def test_axolotl_trains_what_cogprobe_trains(family, ends):
     if family == "llama" and ends.get("train_head"):
         assert "model.embed_tokens.weight$" in snippet["unfrozen_parameters"]   # the name axolotl sees
         assert "lm_head.weight$" not in snippet["unfrozen_parameters"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("to", ["peft", "axolotl", "trainer"])
+def test_lora_exports_wrap_what_cogprobe_wraps_with_its_hyperparameters(family, to):
+    from peft import LoraConfig, get_peft_model
+    from cogprobe.tuning.strategies import LoraSpec
+    model, spec = tiny_model(family), LoraSpec()
+    text = export_layer_set(model, "cogsym", to, lora=True)
+    if to == "peft":
+        config = LoraConfig(**json.loads(text))
+        theirs = get_peft_model(copy.deepcopy(model), config)
+    elif to == "axolotl":
+        theirs, config = axolotl_lora(copy.deepcopy(model), yaml.safe_load(text))
+    else:
+        scope = {"model": copy.deepcopy(model)}
+        exec(text, scope)
+        theirs = scope["model"]
+        config = theirs.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (spec.r, spec.alpha, spec.dropout)
+    assert _requires_grad(theirs) == _ours(model, "cogsym", "lora-layers")
+
+
+@pytest.mark.parametrize("to", ["peft", "axolotl", "llamafactory", "trainer"])
+def test_what_a_lora_export_cannot_carry_is_refused_in_one_line(to):
+    model = tiny_model("llama")
+    with pytest.raises(CogprobeError) as e:
+        export_layer_set(model, "4-5", to, lora=to != "peft", train_head=to != "llamafactory")
+    assert "\n" not in str(e.value) and "LoRA" in str(e.value)
 
 
 # ---------------------------------------------------------------- merged model folders
