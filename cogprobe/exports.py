@@ -9,7 +9,8 @@ not there:
   - axolotl: `unfrozen_parameters` (full-parameter) or `peft_layers_to_transform` (LoRA,
     with lora_r / lora_alpha / lora_dropout);
   - LLaMA-Factory: `freeze_trainable_layers`, which can only name the first or the last
-    N blocks, so a two-ended set like CogSym is refused with the alternative;
+    N blocks, so a two-ended set like CogSym is refused with the alternative (and
+    `freeze_extra_modules` for the embeddings; the head is refused, see llamafactory_yaml);
   - trainer: `apply_layer_set` (or, with lora, `get_peft_model`) for HF Trainer / TRL.
 A tied weight (SmolLM2's LM head is its input embedding) is listed by `named_parameters()`,
 which these tools iterate, only under its first name: it is exported under that name, and
@@ -117,9 +118,11 @@ def axolotl_yaml(model: nn.Module, selection, *, lora: bool = False, train_embed
     return head + tied + _yaml(dict(unfrozen_parameters=patterns))
 
 
-def llamafactory_yaml(model: nn.Module, selection, *, lora: bool = False) -> str:
-    """LLaMA-Factory's freeze options; it counts trainable blocks from one end only
-    (positive: the last N, negative: the first N)."""
+def llamafactory_yaml(model: nn.Module, selection, *, lora: bool = False, train_embeddings: bool = False,
+                      train_head: bool = False) -> str:
+    """LLaMA-Factory's freeze options; it counts trainable blocks from one end only (positive: the last N,
+    negative: the first N), and unfreezes `freeze_extra_modules` wherever their name occurs in a parameter
+    name, so the result is checked with that rule (`norm` would also unfreeze every block's norms)."""
     layers, n = layer_set(model, selection), find_blocks(model).n
     if lora:
         raise CogprobeError("LLaMA-Factory's LoRA (lora_target) names modules, not blocks, so it cannot be held to a "
@@ -133,8 +136,19 @@ def llamafactory_yaml(model: nn.Module, selection, *, lora: bool = False) -> str
         raise CogprobeError(f"LLaMA-Factory's freeze_trainable_layers names only the first or the last N blocks, "
                             f"and blocks {to_string(layers)} are not one end of {n}; export --to axolotl or peft, "
                             "or call cogprobe.apply_layer_set(model, ...) before its trainer")
-    return (f"# cogprobe layer set {to_string(layers)} of {n} blocks\n"
-            + _yaml(dict(finetuning_type="freeze", freeze_trainable_layers=count, freeze_trainable_modules="all")))
+    options = dict(finetuning_type="freeze", freeze_trainable_layers=count, freeze_trainable_modules="all")
+    outside = sorted(trained_names(model, [], train_embeddings=train_embeddings, train_head=train_head))
+    if outside:
+        options["freeze_extra_modules"] = ",".join(dict.fromkeys(name.split(".")[-2] for name in outside))
+        extra = options["freeze_extra_modules"].split(",")
+        got = {name for name, _ in model.named_parameters()
+               if any(f".{i}." in name for i in layers) or any(m in name for m in extra)}
+        want = trained_names(model, layers, train_embeddings=train_embeddings, train_head=train_head)
+        if got != want:
+            raise CogprobeError(f"LLaMA-Factory's freeze_extra_modules {extra} would also unfreeze "
+                                f"{sorted(got - want)[:2]} (it matches module names anywhere in a parameter name); "
+                                "export --to axolotl or trainer to train the embeddings or the head")
+    return f"# cogprobe layer set {to_string(layers)} of {n} blocks\n" + _yaml(options)
 
 
 def trainer_snippet(model: nn.Module, selection, *, lora: bool = False, train_embeddings: bool = False,
@@ -147,8 +161,10 @@ def trainer_snippet(model: nn.Module, selection, *, lora: bool = False, train_em
         return ("from peft import LoraConfig, get_peft_model\n"
                 f"model = get_peft_model(model, LoraConfig(**{peft_config(model, layers)!r}))\n"
                 "# then Trainer(model=model, ...) / SFTTrainer(model=model, ...) as usual\n")
+    ends = "".join(f", {flag}=True" for flag, on in (("train_embeddings", train_embeddings),
+                                                     ("train_head", train_head)) if on)
     return ("import cogprobe\n"
-            f"trainable = cogprobe.apply_layer_set(model, {to_string(layers)!r})  # freezes every other parameter\n"
+            f"trainable = cogprobe.apply_layer_set(model, {to_string(layers)!r}{ends})  # freezes every other parameter\n"
             "# then Trainer(model=model, ...) / SFTTrainer(model=model, ...) as usual\n")
 
 
@@ -162,7 +178,7 @@ def export_layer_set(model: nn.Module, selection, to: str, *, lora: bool = False
     if to == "axolotl":
         return axolotl_yaml(model, selection, lora=lora, **ends)
     if to == "llamafactory":
-        return llamafactory_yaml(model, selection, lora=lora)
+        return llamafactory_yaml(model, selection, lora=lora, **ends)
     if to == "trainer":
         return trainer_snippet(model, selection, lora=lora, **ends)
     raise CogprobeError(f"unknown export format {to!r}; use one of {', '.join(FORMATS)}")

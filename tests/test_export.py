@@ -123,6 +123,23 @@ def axolotl_unfreeze(model, patterns):
     return model
 
 
+def llamafactory_freeze(model, options):
+    """LLaMA-Factory src/llamafactory/model/adapter.py, _setup_freeze_tuning (freeze_trainable_modules: all):
+    the last N blocks (N > 0) or the first -N, as substrings `.{i}.`, plus each freeze_extra_modules
+    name, which must be a module outside the blocks, as a substring anywhere in the parameter name."""
+    n = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layer
+    count = options["freeze_trainable_layers"]
+    ids = range(max(0, n - count), n) if count > 0 else range(min(-count, n))
+    trainable = [f".{i}." for i in ids]
+    non_hidden = {name.split(".")[-2] for name, _ in model.named_parameters() if re.search(r"\.\d+\.", name) is None}
+    for module in filter(None, str(options.get("freeze_extra_modules") or "").split(",")):
+        assert module in non_hidden, f"LLaMA-Factory raises: module {module} is not found"
+        trainable.append(module)
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(t in name for t in trainable))
+    return model
+
+
 def axolotl_lora(model, cfg):
     """axolotl's load_lora: LoraConfig from the config keys it reads."""
     from peft import LoraConfig, get_peft_model
@@ -150,6 +167,21 @@ def test_axolotl_trains_what_cogprobe_trains(family, ends):
         assert "lm_head.weight$" not in snippet["unfrozen_parameters"]
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("ends", ENDS, ids=["blocks", "head", "embeddings", "both"])
+def test_llamafactory_trains_what_cogprobe_trains_or_refuses(family, ends):
+    model = tiny_model(family)
+    for layers in ("4-5", "0-2"):
+        if ends.get("train_head"):   # the final `norm` would match every block's norms too: refused in one line
+            with pytest.raises(CogprobeError, match="freeze_extra_modules .*would also unfreeze") as e:
+                export_layer_set(model, layers, "llamafactory", **ends)
+            assert "\n" not in str(e.value)
+            continue
+        options = yaml.safe_load(export_layer_set(model, layers, "llamafactory", **ends))
+        theirs = _requires_grad(llamafactory_freeze(copy.deepcopy(model), options))
+        assert theirs == _ours(model, layers, **ends), (layers, ends, options)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("to", ["peft", "axolotl", "trainer"])
 def test_lora_exports_wrap_what_cogprobe_wraps_with_its_hyperparameters(family, to):
@@ -171,12 +203,20 @@ def test_lora_exports_wrap_what_cogprobe_wraps_with_its_hyperparameters(family, 
     assert _requires_grad(theirs) == _ours(model, "cogsym", "lora-layers")
 
 
+@pytest.mark.parametrize("ends", ENDS, ids=["blocks", "head", "embeddings", "both"])
+def test_the_trainer_snippet_trains_what_cogprobe_trains(ends):
+    model = tiny_model("llama")
+    scope = {"model": copy.deepcopy(model)}
+    exec(export_layer_set(model, "cogsym", "trainer", **ends), scope)
+    assert _requires_grad(scope["model"]) == _ours(model, "cogsym", **ends)
+
+
 @pytest.mark.parametrize("to", ["peft", "axolotl", "llamafactory", "trainer"])
 def test_what_a_lora_export_cannot_carry_is_refused_in_one_line(to):
     model = tiny_model("llama")
     with pytest.raises(CogprobeError) as e:
-        export_layer_set(model, "4-5", to, lora=to != "peft", train_head=to != "llamafactory")
-    assert "\n" not in str(e.value) and "LoRA" in str(e.value)
+        export_layer_set(model, "4-5", to, lora=to != "peft", train_head=True)
+    assert "\n" not in str(e.value) and ("LoRA" in str(e.value) or "freeze_extra_modules" in str(e.value))
 
 
 # ---------------------------------------------------------------- merged model folders
