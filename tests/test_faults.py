@@ -521,3 +521,29 @@ def test_the_hash_cache_is_invalidated_by_a_write_and_verify_rehashes(embedded_c
     os.utime(weights)                               # any write moves the mtime
     assert model_fingerprint(embedded_copy) != first
     assert "is not the one recorded" in prepared_problem(embedded_copy)
+
+
+def test_overwrite_checks_it_can_replace_everything_before_deleting_anything(inputs, tmp_path):
+    """`train --overwrite` into a run whose checkpoints/ is not writable deleted the manifest, the log,
+    the cost record and step-0/meta.json one by one, then failed naming only `step-0`. Now it finds the
+    folder first, names its full path, and deletes nothing. Root ignores mode bits, so as root the
+    command runs with the capabilities that override them dropped (as a plain user would be)."""
+    folder = shutil.copytree(inputs["folders"]["run"], tmp_path / "run")
+    before = snapshot(folder)
+    argv = [str(a) for a in train_argv(inputs["model"], inputs["corpus"], folder, **RUN)] + ["--overwrite"]
+    command = [sys.executable, "-m", "cogprobe.cli", *argv]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root without setpriv: mode bits cannot be made to count here")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    os.chmod(folder / "checkpoints", 0o555)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    finally:
+        os.chmod(folder / "checkpoints", 0o755)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0] == (f"cogprobe: error: cannot replace the run in {folder}: {folder.resolve() / 'checkpoints'} "
+                        "is not writable (or not readable), so its files cannot be deleted; nothing was deleted; make "
+                        f"it writable (chmod -R u+rwX {folder.resolve()}) or choose another --out")
+    assert snapshot(folder) == before
