@@ -286,11 +286,14 @@ def test_full_disk_patched_writer(inputs, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(checkpoints, "save_file", fills_up)
     out = tmp_path / "run"
-    argv = train_argv(inputs["model"], inputs["corpus"], out, **RUN) + ["--resume"]
-    _one_error_line(capsys, cli(argv), 2, r"no space left on the device while writing .*step-4; free some space")
+    argv = train_argv(inputs["model"], inputs["corpus"], out, **RUN)
+    _one_error_line(capsys, cli(argv), 2, r"no space left on the device while writing .*step-4; free some space .*"
+                                          r"rerun the same command \(`cogprobe train` with --resume added\)")
     _no_leftovers_under_final_names(out)
     monkeypatch.setattr(checkpoints, "save_file", real)
-    assert cli(argv) == 0 and _verify_lines(out) == []
+    assert cli(argv) == 2   # the same command alone does not continue: that is why the line names --resume
+    capsys.readouterr()
+    assert cli(argv + ["--resume"]) == 0 and _verify_lines(out) == []
     _same_log(inputs["folders"]["run"], out)
 
 
