@@ -550,3 +550,23 @@ def test_overwrite_checks_it_can_replace_everything_before_deleting_anything(inp
                         "is not writable (or not readable), so its files cannot be deleted; nothing was deleted; make "
                         f"it writable (chmod -R u+rwX {folder.resolve()}) or choose another --out")
     assert snapshot(folder) == before
+
+
+def test_dropped_duplicates_are_counted_and_said_once(inputs, tmp_path, capsys):
+    """Every pair three times: the 120 repeats were dropped without a word. Now train says so in one
+    line and records the count in the manifest's corpus record; the sweep's sample line says it too."""
+    import json
+    tripled = tmp_path / "tripled.csv"
+    pd.DataFrame(corpus_rows() * 3).to_csv(tripled, index=False)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert cli(train_argv(inputs["model"], tripled, out, steps=2, save_steps="0,2")) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "dropped" in line]
+    assert notes == [f"cogprobe: note: {tripled.stem}: 120 duplicate pair(s) dropped before the split (a repeated pair "
+                     "is kept once, an empty one not at all); counted in manifest.json (corpus.dropped)"], err
+    corpus = json.loads((out / "manifest.json").read_text())["corpus"]
+    assert corpus["dropped"] == {"empty": 0, "duplicate": 120} and corpus["n_pairs"] == 60
+    assert cli(["sweep", out, *SWEEP]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "120 duplicate pair(s) dropped" in line]
+    assert len(said) == 1 and said[0].startswith("scoring "), said
