@@ -570,3 +570,6 @@ def test_dropped_duplicates_are_counted_and_said_once(inputs, tmp_path, capsys):
     assert cli(["sweep", out, *SWEEP]) == 0
     said = [line for line in capsys.readouterr().out.splitlines() if "120 duplicate pair(s) dropped" in line]
     assert len(said) == 1 and said[0].startswith("scoring "), said
+    assert cli(["eval", "--model", inputs["model"], "--corpus", tripled, "--pairs", "2"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "pair(s) dropped" in line]
+    assert len(said) == 1 and "120 duplicate pair(s) dropped from the corpus" in said[0], said
