@@ -38,5 +38,8 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     assert any("specialization_heatmaps" in c.source for c in figures), "the heatmap cell returned no figure"
     for cell in figures:
         assert any("image/png" in o.get("data", {}) for o in cell.outputs), f"no image/png output: {cell.source}"
+    # with ipywidgets (the notebook extra) tqdm draws one widget bar, not a text line per update
+    stderr = "".join(o.get("text", "") for c in code for o in c.outputs if o.get("name") == "stderr")
+    assert "IProgress not found" not in stderr
     assert (tmp_path / "runs" / "probe" / "sweeps.parquet").is_file()
     assert (tmp_path / "runs" / "probe" / "selection.json").is_file()
