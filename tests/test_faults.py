@@ -573,3 +573,28 @@ def test_dropped_duplicates_are_counted_and_said_once(inputs, tmp_path, capsys):
     assert cli(["eval", "--model", inputs["model"], "--corpus", tripled, "--pairs", "2"]) == 0
     said = [line for line in capsys.readouterr().out.splitlines() if "pair(s) dropped" in line]
     assert len(said) == 1 and "120 duplicate pair(s) dropped from the corpus" in said[0], said
+
+
+def test_verify_rehashes_an_embedded_base(inputs, embedded_copy):
+    """A run on the embedded model: verify rehashes the prepared copy (never the cache) against the run's
+    fingerprint. The run here is the tiny full run relabelled as trained from the embedded model (only
+    its records matter to verify)."""
+    import json
+    from cogprobe.checks import verify
+    from cogprobe.models.loading import model_fingerprint
+    run = shutil.copytree(inputs["folders"]["run"], embedded_copy.parent.parent / "run")
+    for table in [*run.glob("*sweeps.parquet*"), *run.glob("activations.parquet*"), *run.glob("alignment.parquet*")]:
+        table.unlink()   # they record the tiny base's fingerprint: not what this test is about
+    sha = json.loads((embedded_copy / "cogprobe-model.json").read_text())["safetensors_sha256"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["base"].update(spec="smollm2-135m", path=str(embedded_copy), fingerprint=sha)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    for meta in run.glob("checkpoints/step-*/meta.json"):
+        meta.write_text(json.dumps(dict(json.loads(meta.read_text()), base_fingerprint=sha)))
+    assert verify(run) == []
+    model_fingerprint(embedded_copy)                       # cached now ...
+    _flip(embedded_copy / "model.safetensors", keep_mtime=True)   # ... and the change hides from the cache
+    lines = verify(run)
+    assert len(lines) == 1 and lines[0].startswith(f"{embedded_copy}, the base model of {run}, has weights whose "
+                                                   "SHA-256") and lines[0].endswith("run `cogprobe prepare` to prepare "
+                                                                                    "it again"), lines
