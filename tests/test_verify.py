@@ -219,3 +219,15 @@ def test_a_folder_that_is_no_run(tmp_path, capsys):
     assert cli(["verify", tmp_path]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is neither a cogprobe run (manifest.json), a study (study.json)" in err[0]
+
+
+def test_a_selection_file_rewritten_after_training_is_no_lie(pristine, tmp_path):
+    """A run trained from a selection.json records the file's path in its config; the file may be
+    rewritten later (select run again), so the run is held to the blocks it stores, not to the file."""
+    selection = tmp_path / "selection.json"
+    selection.write_text(json.dumps(dict(rule="fixed", layers=[0, 4, 5], n_layers=6)))
+    run = tmp_path / "run"
+    assert cli(train_argv(pristine["model"], pristine["corpus"], run, strategy="layers", layers=selection,
+                          steps=2, save_steps="0,2")) == 0
+    selection.write_text(json.dumps(dict(rule="fixed", layers=[1, 2], n_layers=6)))
+    assert verify(run) == []

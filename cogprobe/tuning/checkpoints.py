@@ -138,8 +138,9 @@ def layer_problems(run: Path, manifest: dict) -> list[tuple[Path, str]]:
     wanted, kind = manifest.get("config", {}).get("layers"), KIND_OF.get(manifest.get("strategy"))
     if layers is None or kind is None:  # every block trains: nothing to disagree with
         return found
-    with contextlib.suppress(CogprobeError):  # a selection file gone since: the stored blocks still tell
-        if n is not None and wanted is not None and resolve(wanted, n) != list(layers):
+    spelled = wanted is not None and not (str(wanted).endswith(".json") or Path(str(wanted)).is_file())
+    with contextlib.suppress(CogprobeError):  # a selection file may have changed since: the stored blocks tell
+        if n is not None and spelled and resolve(wanted, n) != list(layers):
             found.append((path, f"lists blocks {to_string(layers)}, its config asked for {wanted!r}"))
     for step, folder in step_folders(run):
         weights = folder / (ADAPTER if kind == "lora" else TENSORS)
