@@ -155,10 +155,11 @@ def layer_problems(run: Path, manifest: dict) -> list[tuple[Path, str]]:
 def stored_blocks(path: Path) -> set[int] | None:
     """The block indices of the tensors in a weight file (the first number in each name, as in
     `model.layers.3.mlp.up_proj.weight`), read from its header; None when it cannot be read."""
+    from safetensors import SafetensorError
     try:
         with safe_open(str(path), "pt") as f:
             names = list(f.keys())
-    except Exception:  # noqa: BLE001  (a damaged file is reported by `problems`)
+    except (SafetensorError, OSError):  # a damaged file: `problems` reports it
         return None
     return {int(m.group(1)) for name in names if (m := re.search(r"\.(\d+)\.", name))}
 
