@@ -80,7 +80,8 @@ def verify_run(run: Path) -> Problems:
 
 def _log_and_cost(run: Path, metas: dict[int, dict], manifest: dict | None) -> Problems:
     """A run with a checkpoint past step 0 has written its log and cost.json: the log holds every step
-    once and agrees with the checkpoints; a finished run's cost.json counts the log's steps."""
+    once and agrees with the checkpoints; a finished run's cost.json counts the log's steps, and its
+    trainable parameters are the manifest's."""
     found: Problems = []
     trained = any(metas)
     log = _read(found, io.read_parquet, run / TRAIN_LOG) if trained or (run / TRAIN_LOG).exists() else None
@@ -90,6 +91,10 @@ def _log_and_cost(run: Path, metas: dict[int, dict], manifest: dict | None) -> P
     finished = manifest is not None and max(metas, default=0) == _final_step(manifest)
     if finished and cost is not None and log is not None and cost.get("steps_logged") != len(log):
         found.append(str(damaged(run / COST, f"counts {cost.get('steps_logged')} steps, the log has {len(log)}")))
+    params = (manifest or {}).get("trainable_params")
+    if cost is not None and params is not None and cost.get("trainable_params") != params:  # a study copies it
+        found.append(str(damaged(run / COST, f"counts {cost.get('trainable_params')} trainable parameters, the "
+                                             f"manifest {params}")))
     return found
 
 

@@ -100,6 +100,14 @@ def test_a_checkpoint_record_that_the_run_contradicts(run, change, says):
     assert len(lines) == 1 and says in lines[0], lines
 
 
+def test_a_cost_record_that_the_manifest_contradicts(run):
+    """compare.parquet copies cost.json's trainable_params: it must be the count the manifest recorded."""
+    _edit_json(run / "cost.json", lambda cost: cost.update(trainable_params=1))
+    lines = verify(run)
+    assert len(lines) == 1 and "cost.json (the run's cost record) counts 1 trainable parameters, the manifest" \
+        in lines[0], lines
+
+
 def test_several_problems_one_line_each(run, capsys):
     (run / "cost.json").write_text("{")
     (step_dir(run, 4) / "trainable.safetensors").write_bytes(b"")
