@@ -5,9 +5,12 @@ instead of stopping at the first damaged one, each problem becomes one line, so
 one call lists everything that needs fixing:
   - the manifest, and every checkpoint it lists (up to the last one written);
   - each checkpoint's files against the SHA-256s its meta.json recorded when they
-    were written, and its base model fingerprint against the manifest's;
-  - the training log (every step once, in order; each checkpoint's loss is the
-    log's) and cost.json (as many steps as the log); a run stopped on a plateau is
+    were written (a weight file without one is a problem), its kind against its step and
+    files, and its base model fingerprint against the manifest's;
+  - the base model itself, rehashed, against the manifest's fingerprint (never a cached hash);
+  - the manifest's layer set against its config and the blocks the checkpoints store;
+  - the training log (every step once, in order; each checkpoint's loss and tokens
+    seen are the log's) and cost.json (as many steps as the log); a run stopped on a plateau is
     finished at the step its manifest's stop record names;
   - the dev curve, if any: readable, with its set's record, each (step, task) once;
   - every table and its metadata: readable, no duplicate rows, rows only from
@@ -24,7 +27,8 @@ from typing import Callable
 
 from cogprobe.core import io
 from cogprobe.core.artifacts import damaged
-from cogprobe.tuning.checkpoints import CHECKPOINTS, META, problems, step_dir, step_folders
+from cogprobe.models.loading import EMBEDDED, embedded_dir, model_fingerprint
+from cogprobe.tuning.checkpoints import CHECKPOINTS, META, layer_problems, problems, step_dir, step_folders
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.layout import (ACTIVATIONS, BASELINE, COMPARE, COST, DEV_CURVE, MANIFEST, RUNS, STOP, STUDY, SWEEPS,
                              TRAIN_LOG, arm, metadata)
@@ -68,13 +72,16 @@ def verify_run(run: Path) -> Problems:
     found += _dev_curve(run)
     if manifest is not None:
         found += _health_problems(run, manifest)
+        found += [str(damaged(file, problem)) for file, problem in layer_problems(run, manifest)]
+        found += _base_problems(run, manifest)
     found += _selections(run)
     return found + verify_tables(run, (set(metas), manifest))
 
 
 def _log_and_cost(run: Path, metas: dict[int, dict], manifest: dict | None) -> Problems:
     """A run with a checkpoint past step 0 has written its log and cost.json: the log holds every step
-    once and agrees with the checkpoints; a finished run's cost.json counts the log's steps."""
+    once and agrees with the checkpoints; a finished run's cost.json counts the log's steps, and its
+    trainable parameters are the manifest's."""
     found: Problems = []
     trained = any(metas)
     log = _read(found, io.read_parquet, run / TRAIN_LOG) if trained or (run / TRAIN_LOG).exists() else None
@@ -84,6 +91,10 @@ def _log_and_cost(run: Path, metas: dict[int, dict], manifest: dict | None) -> P
     finished = manifest is not None and max(metas, default=0) == _final_step(manifest)
     if finished and cost is not None and log is not None and cost.get("steps_logged") != len(log):
         found.append(str(damaged(run / COST, f"counts {cost.get('steps_logged')} steps, the log has {len(log)}")))
+    params = (manifest or {}).get("trainable_params")
+    if cost is not None and params is not None and cost.get("trainable_params") != params:  # a study copies it
+        found.append(str(damaged(run / COST, f"counts {cost.get('trainable_params')} trainable parameters, the "
+                                             f"manifest {params}")))
     return found
 
 
@@ -100,6 +111,9 @@ def _checkpoints(run: Path, manifest: dict | None, found: Problems) -> dict[int,
         fingerprint = (manifest or {}).get("base", {}).get("fingerprint")
         if fingerprint and meta.get("base_fingerprint") != fingerprint:
             found.append(str(damaged(path / META, "names another base model than the manifest")))
+        strategy = (manifest or {}).get("strategy")
+        if strategy and meta.get("strategy", strategy) != strategy:
+            found.append(str(damaged(path / META, f"names strategy {meta['strategy']!r}, the manifest {strategy!r}")))
     if manifest is None:
         return metas
     last, total = max(metas, default=0), _final_step(manifest)
@@ -111,6 +125,26 @@ def _checkpoints(run: Path, manifest: dict | None, found: Problems) -> dict[int,
         found.append(f"{run} is an unfinished run (last checkpoint step-{last} of {total} steps); rerun the same "
                      "`cogprobe train` with --resume to finish it")
     return metas
+
+
+def _base_problems(run: Path, manifest: dict) -> Problems:
+    """The base model the run was trained from, rehashed (never from a cache or a record): checkpoints
+    store only what training changed, so every number of the run is also a number of the base's bytes."""
+    info = manifest["base"]
+    embedded = info.get("spec") == EMBEDDED
+    path = embedded_dir() if embedded else Path(str(info.get("path")))
+    fix = ("run `cogprobe prepare` to prepare it again" if embedded else
+           "put the base model the run was trained from back at that path")
+    if not path.exists():
+        return [f"{path}, the base model of {run}, is missing, so the run cannot be checked or read; {fix}"]
+    try:
+        found = model_fingerprint(path, fresh=True)
+    except (OSError, CogprobeError) as e:
+        return [f"{path}, the base model of {run}, cannot be read ({e}); {fix}"]
+    if found != info["fingerprint"]:
+        return [f"{path}, the base model of {run}, has weights whose SHA-256 ({found[:12]}) is not the one the "
+                f"run was trained from ({info['fingerprint'][:12]}, in its manifest.json); {fix}"]
+    return []
 
 
 def _final_step(manifest: dict) -> int:
@@ -136,12 +170,15 @@ def _log_problems(run: Path, log, metas: dict[int, dict]) -> Problems:
     path, steps = run / TRAIN_LOG, list(log["step"])
     if steps != list(range(1, len(steps) + 1)):
         return [str(damaged(path, "does not hold every step once, in order"))]
-    losses = dict(zip(log["step"], log["loss"]))
+    losses, tokens = dict(zip(log["step"], log["loss"])), dict(zip(log["step"], log["tokens"]))
     wrong = [s for s, m in metas.items() if s and s in losses and m.get("train_loss") != losses[s]]
+    miscounted = [s for s, m in metas.items() if s and s in tokens and m.get("tokens_seen") != tokens[s]]
     short = [s for s in metas if s > len(steps)]
     found = []
     if wrong:
         found.append(str(damaged(path, f"disagrees with the checkpoints' losses at step(s) {wrong}")))
+    if miscounted:
+        found.append(str(damaged(path, f"disagrees with the checkpoints' tokens seen at step(s) {miscounted}")))
     if short:
         found.append(str(damaged(path, f"ends at step {len(steps)}, before checkpoint(s) {short}")))
     return found

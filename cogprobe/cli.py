@@ -114,7 +114,8 @@ def _eval(a):
     info = table.attrs["evalset"]
     _say(table.to_string(index=False))
     _say(f"{info['sampled']} {a.split} pairs from {info['documents']} documents; {info['dropped_long']} of "
-         f"{info['split_pairs']} left out for a side over {a.max_sentence_tokens} tokens; split overlap "
+         f"{info['split_pairs']} left out for a side over {a.max_sentence_tokens} tokens; "
+         f"{info['dropped']['duplicate']} duplicate pair(s) dropped from the corpus; split overlap "
          f"(normalised sentences in two splits): {sum(info['overlap'].values())}")
     if a.out:
         _say(f"wrote {a.out / 'scores.csv'}")
@@ -440,17 +441,17 @@ def _terminate(signum, frame):
 
 def _fault(err: BaseException) -> str | None:
     """One line for a fault of the machine rather than of cogprobe's input; None for a bug."""
-    from cogprobe.core.io import write_failure
+    from cogprobe.core.io import RERUN, write_failure
     if isinstance(err, PermissionError):
         return (f"permission denied: {err.filename or 'a file or folder cogprobe needs'}; give the user running "
-                "cogprobe access to it (or choose another output folder) and rerun the same command")
+                f"cogprobe access to it (or choose another output folder) and {RERUN}")
     if isinstance(err, OSError):
         known = write_failure(Path(err.filename) if err.filename else Path("the output folder"), err)
         return str(known) if known else None
     if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":  # torch's CUDA OOM
         where = "GPU" if type(err).__name__ == "OutOfMemoryError" else "CPU"
         return (f"out of {where} memory; lower --batch-size (training, sweeps), --limit (pairs scored) or the "
-                "model size, and rerun the same command: finished work is kept")
+                f"model size, and {RERUN}: finished work is kept")
     return None
 
 

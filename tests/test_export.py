@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -13,7 +14,7 @@ from cogprobe.models.blocks import find_blocks
 from cogprobe.tuning.checkpoints import Checkpoints
 from cogprobe.cli import main
 from cogprobe.core.errors import CogprobeError
-from cogprobe.exports import (apply_layer_set, axolotl_matches, export_layer_set, export_merged,
+from cogprobe.exports import (apply_layer_set, axolotl_matches, export_layer_set, export_merged, layer_set,
                              llamafactory_yaml, peft_config)
 from cogprobe.tuning.loop import TrainConfig, train
 from tiny import save_tiny, tiny_model, tiny_tokenizer
@@ -90,6 +91,132 @@ def test_cli_export_writes_and_refuses(tmp_path, capsys):
     assert main(["export", "cogsym", "--model", str(folder), "--to", "llamafactory"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "freeze_trainable_layers" in err
+
+
+# ---------------------------------------------------------------- each target, read by its tool's own rule
+# Each tool's rule is restated here from its source, independently of cogprobe.exports, and applied to a
+# fresh copy of the model; what it leaves trainable must be what cogprobe's own `train` trains, as the
+# names `named_parameters()` lists (a tied head is the embedding's tensor, listed once, under its first name).
+
+
+def _ours(model, layers, strategy="layers", **ends):
+    """What `cogprobe train --strategy <strategy>` trains on this model."""
+    from cogprobe.tuning.strategies import apply
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied-weights warning
+        trained = apply(copy.deepcopy(model), strategy, layer_set(model, layers), **ends)
+    return {n for n, p in trained.named_parameters() if p.requires_grad}
+
+
+def _requires_grad(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def axolotl_unfreeze(model, patterns):
+    """axolotl src/axolotl/utils/freeze.py, freeze_layers_except + LayerNamePattern (no [range] suffixes):
+    every parameter `model.named_parameters()` lists is frozen unless a pattern, with each period not
+    followed by `+` escaped, re.match-es its name."""
+    compiled = [re.compile(re.sub(r"\.(?!\+)", "\\\\.", pattern)) for pattern in patterns]
+    for name, param in model.named_parameters():
+        param.requires_grad = any(c.match(name) is not None for c in compiled)
+    return model
+
+
+def llamafactory_freeze(model, options):
+    """LLaMA-Factory src/llamafactory/model/adapter.py, _setup_freeze_tuning (freeze_trainable_modules: all):
+    the last N blocks (N > 0) or the first -N, as substrings `.{i}.`, plus each freeze_extra_modules
+    name, which must be a module outside the blocks, as a substring anywhere in the parameter name."""
+    n = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layer
+    count = options["freeze_trainable_layers"]
+    ids = range(max(0, n - count), n) if count > 0 else range(min(-count, n))
+    trainable = [f".{i}." for i in ids]
+    non_hidden = {name.split(".")[-2] for name, _ in model.named_parameters() if re.search(r"\.\d+\.", name) is None}
+    for module in filter(None, str(options.get("freeze_extra_modules") or "").split(",")):
+        assert module in non_hidden, f"LLaMA-Factory raises: module {module} is not found"
+        trainable.append(module)
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(t in name for t in trainable))
+    return model
+
+
+def axolotl_lora(model, cfg):
+    """axolotl's load_lora: LoraConfig from the config keys it reads."""
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["lora_target_modules"],
+                        layers_to_transform=cfg["peft_layers_to_transform"], layers_pattern=cfg["peft_layers_pattern"],
+                        lora_dropout=cfg["lora_dropout"], fan_in_fan_out=cfg["lora_fan_in_fan_out"], bias="none",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config), config
+
+
+ENDS = [dict(), dict(train_head=True), dict(train_embeddings=True), dict(train_embeddings=True, train_head=True)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])   # llama: tied head (as SmolLM2); qwen2: untied
+@pytest.mark.parametrize("ends", ENDS, ids=["blocks", "head", "embeddings", "both"])
+def test_axolotl_trains_what_cogprobe_trains(family, ends):
+    model = tiny_model(family)
+    assert model.config.tie_word_embeddings == (family == "llama")
+    for layers in ("cogsym", "1,3", "0-5"):
+        snippet = yaml.safe_load(export_layer_set(model, layers, "axolotl", **ends))
+        theirs = _requires_grad(axolotl_unfreeze(copy.deepcopy(model), snippet["unfrozen_parameters"]))
+        assert theirs == _ours(model, layers, **ends), (layers, ends)
+    if family == "llama" and ends.get("train_head"):
+        assert "model.embed_tokens.weight$" in snippet["unfrozen_parameters"]   # the name axolotl sees
+        assert "lm_head.weight$" not in snippet["unfrozen_parameters"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("ends", ENDS, ids=["blocks", "head", "embeddings", "both"])
+def test_llamafactory_trains_what_cogprobe_trains_or_refuses(family, ends):
+    model = tiny_model(family)
+    for layers in ("4-5", "0-2"):
+        if ends.get("train_head"):   # the final `norm` would match every block's norms too: refused in one line
+            with pytest.raises(CogprobeError, match="freeze_extra_modules .*would also unfreeze") as e:
+                export_layer_set(model, layers, "llamafactory", **ends)
+            assert "\n" not in str(e.value)
+            continue
+        options = yaml.safe_load(export_layer_set(model, layers, "llamafactory", **ends))
+        theirs = _requires_grad(llamafactory_freeze(copy.deepcopy(model), options))
+        assert theirs == _ours(model, layers, **ends), (layers, ends, options)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("to", ["peft", "axolotl", "trainer"])
+def test_lora_exports_wrap_what_cogprobe_wraps_with_its_hyperparameters(family, to):
+    from peft import LoraConfig, get_peft_model
+    from cogprobe.tuning.strategies import LoraSpec
+    model, spec = tiny_model(family), LoraSpec()
+    text = export_layer_set(model, "cogsym", to, lora=True)
+    if to == "peft":
+        config = LoraConfig(**json.loads(text))
+        theirs = get_peft_model(copy.deepcopy(model), config)
+    elif to == "axolotl":
+        theirs, config = axolotl_lora(copy.deepcopy(model), yaml.safe_load(text))
+    else:
+        scope = {"model": copy.deepcopy(model)}
+        exec(text, scope)
+        theirs = scope["model"]
+        config = theirs.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (spec.r, spec.alpha, spec.dropout)
+    assert _requires_grad(theirs) == _ours(model, "cogsym", "lora-layers")
+
+
+@pytest.mark.parametrize("ends", ENDS, ids=["blocks", "head", "embeddings", "both"])
+def test_the_trainer_snippet_trains_what_cogprobe_trains(ends):
+    model = tiny_model("llama")
+    scope = {"model": copy.deepcopy(model)}
+    exec(export_layer_set(model, "cogsym", "trainer", **ends), scope)
+    assert _requires_grad(scope["model"]) == _ours(model, "cogsym", **ends)
+
+
+@pytest.mark.parametrize("to", ["peft", "axolotl", "llamafactory", "trainer"])
+def test_what_a_lora_export_cannot_carry_is_refused_in_one_line(to):
+    model = tiny_model("llama")
+    with pytest.raises(CogprobeError) as e:
+        export_layer_set(model, "4-5", to, lora=to != "peft", train_head=True)
+    assert "\n" not in str(e.value) and ("LoRA" in str(e.value) or "freeze_extra_modules" in str(e.value))
 
 
 # ---------------------------------------------------------------- merged model folders

@@ -286,11 +286,14 @@ def test_full_disk_patched_writer(inputs, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(checkpoints, "save_file", fills_up)
     out = tmp_path / "run"
-    argv = train_argv(inputs["model"], inputs["corpus"], out, **RUN) + ["--resume"]
-    _one_error_line(capsys, cli(argv), 2, r"no space left on the device while writing .*step-4; free some space")
+    argv = train_argv(inputs["model"], inputs["corpus"], out, **RUN)
+    _one_error_line(capsys, cli(argv), 2, r"no space left on the device while writing .*step-4; free some space .*"
+                                          r"rerun the same command \(`cogprobe train` with --resume added\)")
     _no_leftovers_under_final_names(out)
     monkeypatch.setattr(checkpoints, "save_file", real)
-    assert cli(argv) == 0 and _verify_lines(out) == []
+    assert cli(argv) == 2   # the same command alone does not continue: that is why the line names --resume
+    capsys.readouterr()
+    assert cli(argv + ["--resume"]) == 0 and _verify_lines(out) == []
     _same_log(inputs["folders"]["run"], out)
 
 
@@ -453,3 +456,145 @@ def test_a_damaged_part_file_stops_a_sharded_sweep_in_one_line(inputs, tmp_path,
     # the metadata names the source as these Checkpoints objects (a test artefact); every other file is as it was
     assert {k: v for k, v in after.items() if k != "sweeps.parquet.json"} == \
            {k: v for k, v in before.items() if k != "sweeps.parquet.json"}
+
+
+# ------------------------------------------------------------------ the prepared embedded model
+
+
+@pytest.fixture
+def embedded_copy(tmp_path, monkeypatch):
+    """A real copy (never links: the damage must not reach the user's cache) of the prepared embedded
+    model under a temporary COGPROBE_HOME; skipped where it is not prepared."""
+    from cogprobe.models.loading import EMBEDDED, embedded_dir
+    source = embedded_dir()
+    if not (source / "cogprobe-model.json").is_file():
+        pytest.skip(f"{EMBEDDED} is not prepared in {source}")
+    monkeypatch.setenv("COGPROBE_HOME", str(tmp_path / "home"))
+    return Path(shutil.copytree(source, embedded_dir(), copy_function=shutil.copyfile))
+
+
+def _flip(path: Path, offset: int = -1, keep_mtime: bool = False) -> None:
+    """One bit flipped in place (the top exponent bit of a little-endian float at the file's end)."""
+    stat = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset, os.SEEK_END)
+        byte = f.read(1)[0]
+        f.seek(offset, os.SEEK_END)
+        f.write(bytes([byte ^ 0x40]))
+    if keep_mtime:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_damaged_embedded_model_is_refused(embedded_copy, capsys, monkeypatch):
+    """Its recorded hash was once taken as its fingerprint: a flipped bit then gave other NLLs with exit 0."""
+    import cogprobe.models.loading as loading
+    _flip(embedded_copy / "model.safetensors")
+    assert cli(["eval", "--pairs", "4"]) == 2
+    line = _one_error_line(capsys, 2, 2, r"the embedded model in .* has weights whose SHA-256 .* is not the one "
+                                         r"recorded when it was prepared .*run `cogprobe prepare`")
+    assert str(embedded_copy) in line
+
+    def no_wheel(home, log):
+        raise loading.CogprobeError("no wheel here (the test stops before a download)")
+
+    monkeypatch.setattr(loading, "_download_wheel", no_wheel)
+    assert cli(["prepare"]) == 2   # not "already prepared": it prepares the folder again
+    out, err = capsys.readouterr()
+    assert "already prepared" not in out and "preparing it again" in out and "no wheel here" in err
+
+
+def test_the_hash_cache_is_invalidated_by_a_write_and_verify_rehashes(embedded_copy):
+    """The size-and-mtime cache saves rehashing 517 MiB per load; any write changes the mtime and so
+    misses it. A byte changed under the same size and mtime passes the cache, never `verify`'s rehash."""
+    import time
+    from cogprobe.models.loading import hash_cache_path, model_fingerprint, prepared_problem
+    weights = embedded_copy / "model.safetensors"
+    t0 = time.perf_counter()
+    first = model_fingerprint(embedded_copy)
+    t1 = time.perf_counter()
+    assert model_fingerprint(embedded_copy) == first and hash_cache_path().is_file()
+    t2 = time.perf_counter()
+    print(f"hashing {weights.stat().st_size >> 20} MiB: {t1 - t0:.2f} s; from the cache: {(t2 - t1) * 1e3:.1f} ms")
+    assert t2 - t1 < (t1 - t0) / 5
+    assert prepared_problem(embedded_copy) is None
+    _flip(weights, keep_mtime=True)                 # same size, same mtime, same inode
+    assert model_fingerprint(embedded_copy) == first  # what the cache cannot see ...
+    assert model_fingerprint(embedded_copy, fresh=True) != first   # ... a rehash does
+    assert "is not the one recorded when it was prepared" in prepared_problem(embedded_copy, fresh=True)
+    os.utime(weights)                               # any write moves the mtime
+    assert model_fingerprint(embedded_copy) != first
+    assert "is not the one recorded" in prepared_problem(embedded_copy)
+
+
+def test_overwrite_checks_it_can_replace_everything_before_deleting_anything(inputs, tmp_path):
+    """`train --overwrite` into a run whose checkpoints/ is not writable deleted the manifest, the log,
+    the cost record and step-0/meta.json one by one, then failed naming only `step-0`. Now it finds the
+    folder first, names its full path, and deletes nothing. Root ignores mode bits, so as root the
+    command runs with the capabilities that override them dropped (as a plain user would be)."""
+    folder = shutil.copytree(inputs["folders"]["run"], tmp_path / "run")
+    before = snapshot(folder)
+    argv = [str(a) for a in train_argv(inputs["model"], inputs["corpus"], folder, **RUN)] + ["--overwrite"]
+    command = [sys.executable, "-m", "cogprobe.cli", *argv]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root without setpriv: mode bits cannot be made to count here")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    os.chmod(folder / "checkpoints", 0o555)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    finally:
+        os.chmod(folder / "checkpoints", 0o755)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0] == (f"cogprobe: error: cannot replace the run in {folder}: {folder.resolve() / 'checkpoints'} "
+                        "is not writable (or not readable), so its files cannot be deleted; nothing was deleted; make "
+                        f"it writable (chmod -R u+rwX {folder.resolve()}) or choose another --out")
+    assert snapshot(folder) == before
+
+
+def test_dropped_duplicates_are_counted_and_said_once(inputs, tmp_path, capsys):
+    """Every pair three times: the 120 repeats were dropped without a word. Now train says so in one
+    line and records the count in the manifest's corpus record; the sweep's sample line says it too."""
+    import json
+    tripled = tmp_path / "tripled.csv"
+    pd.DataFrame(corpus_rows() * 3).to_csv(tripled, index=False)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert cli(train_argv(inputs["model"], tripled, out, steps=2, save_steps="0,2")) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "dropped" in line]
+    assert notes == [f"cogprobe: note: {tripled.stem}: 120 duplicate pair(s) dropped before the split (a repeated pair "
+                     "is kept once, an empty one not at all); counted in manifest.json (corpus.dropped)"], err
+    corpus = json.loads((out / "manifest.json").read_text())["corpus"]
+    assert corpus["dropped"] == {"empty": 0, "duplicate": 120} and corpus["n_pairs"] == 60
+    assert cli(["sweep", out, *SWEEP]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "120 duplicate pair(s) dropped" in line]
+    assert len(said) == 1 and said[0].startswith("scoring "), said
+    assert cli(["eval", "--model", inputs["model"], "--corpus", tripled, "--pairs", "2"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "pair(s) dropped" in line]
+    assert len(said) == 1 and "120 duplicate pair(s) dropped from the corpus" in said[0], said
+
+
+def test_verify_rehashes_an_embedded_base(inputs, embedded_copy):
+    """A run on the embedded model: verify rehashes the prepared copy (never the cache) against the run's
+    fingerprint. The run here is the tiny full run relabelled as trained from the embedded model (only
+    its records matter to verify)."""
+    import json
+    from cogprobe.checks import verify
+    from cogprobe.models.loading import model_fingerprint
+    run = shutil.copytree(inputs["folders"]["run"], embedded_copy.parent.parent / "run")
+    for table in [*run.glob("*sweeps.parquet*"), *run.glob("activations.parquet*"), *run.glob("alignment.parquet*")]:
+        table.unlink()   # they record the tiny base's fingerprint: not what this test is about
+    sha = json.loads((embedded_copy / "cogprobe-model.json").read_text())["safetensors_sha256"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["base"].update(spec="smollm2-135m", path=str(embedded_copy), fingerprint=sha)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    for meta in run.glob("checkpoints/step-*/meta.json"):
+        meta.write_text(json.dumps(dict(json.loads(meta.read_text()), base_fingerprint=sha)))
+    assert verify(run) == []
+    model_fingerprint(embedded_copy)                       # cached now ...
+    _flip(embedded_copy / "model.safetensors", keep_mtime=True)   # ... and the change hides from the cache
+    lines = verify(run)
+    assert len(lines) == 1 and lines[0].startswith(f"{embedded_copy}, the base model of {run}, has weights whose "
+                                                   "SHA-256") and lines[0].endswith("run `cogprobe prepare` to prepare "
+                                                                                    "it again"), lines

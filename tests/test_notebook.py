@@ -1,4 +1,5 @@
-"""examples/quickstart.ipynb: stored without outputs, and it runs top to bottom (on a tiny model)."""
+"""examples/quickstart.ipynb: stored without outputs, and it runs top to bottom (on a tiny model) in a kernel
+left as a user's is (no MPLBACKEND set), with every figure it draws shown as an image."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,10 +27,19 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     for key, value in dict(MODEL=str(save_tiny(tmp_path / "tiny")), CORPUS=str(tmp_path / "pairs.csv"),
                            STEPS="2", KS="0,1,6", PAIRS="3", OUT=str(tmp_path / "runs")).items():
         monkeypatch.setenv(f"QUICKSTART_{key}", value)
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("MPLBACKEND", raising=False)   # the kernel's own (inline) backend, as in Jupyter
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(tmp_path)}}).execute()
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    text = "".join(o.get("text", "") for c in code for o in c.outputs)
     assert '"layers_to_transform"' in text and "unfrozen_parameters" in text
+    # a figure cell: its result is a Figure (its text form "<Figure size ...>"); each must carry an image
+    figures = [c for c in code if any("Figure size" in o.get("data", {}).get("text/plain", "") for o in c.outputs)]
+    assert any("specialization_heatmaps" in c.source for c in figures), "the heatmap cell returned no figure"
+    for cell in figures:
+        assert any("image/png" in o.get("data", {}) for o in cell.outputs), f"no image/png output: {cell.source}"
+    # with ipywidgets (the notebook extra) tqdm draws one widget bar, not a text line per update
+    stderr = "".join(o.get("text", "") for c in code for o in c.outputs if o.get("name") == "stderr")
+    assert "IProgress not found" not in stderr
     assert (tmp_path / "runs" / "probe" / "sweeps.parquet").is_file()
     assert (tmp_path / "runs" / "probe" / "selection.json").is_file()

@@ -327,3 +327,14 @@ def test_no_global_state(tmp_path):
     sweeps.specialization_heatmaps(synthetic_sweeps())
     assert plt.get_fignums() == []
     assert dict(matplotlib.rcParams) == before
+
+
+def test_figures_display_inline_in_a_notebook():
+    """A pyplot-free Figure shows in a notebook as the text `<Figure size ... with 5 Axes>`: IPython's
+    inline backend registers its PNG formatter only once pyplot is imported. cogprobe's figures render
+    themselves (`_repr_png_`), which IPython's display uses whatever the backend."""
+    from IPython.core.formatters import DisplayFormatter
+    for fig in (sweeps.specialization_heatmaps(synthetic_sweeps()), figures.comparison_bars(synthetic_compare()),
+                runs.training_curve(synthetic_log())):
+        data, _ = DisplayFormatter().format(fig)
+        assert data["image/png"].startswith(b"\x89PNG"), type(fig)

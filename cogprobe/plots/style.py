@@ -4,7 +4,9 @@ Figures are drawn from the tidy tables only (never from models or live runs).
 
 Every function takes a DataFrame and returns a `matplotlib.figure.Figure` built
 without pyplot: no global figure registry, no backend switch, nothing leaks into
-a notebook's state (a notebook still displays a returned Figure). Seaborn styles
+a notebook's state. Such a figure is not shown by the inline backend (it registers
+its PNG formatter only once pyplot is imported), so figures are `Figure` below, a
+matplotlib Figure that renders itself to PNG for IPython (`_repr_png_`). Seaborn styles
 are applied through context managers, so the caller's rcParams are untouched.
 
 Colour choices (all colourblind-safe, perceptually uniform):
@@ -32,7 +34,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib import colormaps
-from matplotlib.figure import Figure
+from matplotlib import figure
 
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.io import atomic_path, write_text
@@ -107,6 +109,17 @@ def step_colors(steps: Sequence[int]) -> dict[int, tuple]:
     cmap = colormaps["viridis"]
     n = max(len(steps) - 1, 1)
     return {s: cmap(0.85 * i / n) for i, s in enumerate(sorted(steps))}
+
+
+class Figure(figure.Figure):
+    """A matplotlib Figure that a notebook shows inline: IPython displays an object through its
+    `_repr_png_`, whatever backend is active, where a plain pyplot-free Figure shows only as text."""
+
+    def _repr_png_(self) -> bytes:
+        import io
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png")
+        return buffer.getvalue()
 
 
 def empty_panel(ax, text: str, *, clear: bool = True) -> None:

@@ -18,6 +18,7 @@ from cogprobe.core import io
 from cogprobe.core.distributed import World, default_device
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.layout import MANIFEST, metadata, same
+from cogprobe.data.corpora import dropped_note
 from cogprobe.data.evalset import EvalSet
 from cogprobe.tuning.checkpoints import Checkpoints
 from cogprobe.tuning.config import EXECUTION_ONLY
@@ -118,5 +119,7 @@ def merge_parts(path: Path, w: World, todo: Sequence[int], tasks: Sequence[str] 
 def say_set(evalset: EvalSet, tok, w: World, log) -> None:
     if w.is_main:
         r = evalset.report(tok)
+        note = dropped_note(evalset.splits().train)
         log(f"scoring {r['sampled']} {evalset.split} pairs per task from {r['documents']} documents "
-            f"({r['dropped_long']} of {r['split_pairs']} left out: a side over {evalset.max_sentence_tokens} tokens)")
+            f"({r['dropped_long']} of {r['split_pairs']} left out: a side over {evalset.max_sentence_tokens} tokens)"
+            + (f"; {note}" if note else ""))

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from matplotlib.figure import Figure
 
 from cogprobe.core import io
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.layout import COMPARE, DEV_CURVES, SCORES
 from cogprobe.data.tasks import TASKS
 from cogprobe.plots.runs import figures_for
-from cogprobe.plots.style import DPI, TABLES, TASK_ORDER, human_count, ordered, panel_grid, require, save, styled
+from cogprobe.plots.style import (DPI, TABLES, TASK_ORDER, Figure, human_count, ordered, panel_grid, require,
+                                  save, styled)
 from cogprobe.study.rows import ROWS, kind
 from cogprobe.study.verdicts import comparison_table
 

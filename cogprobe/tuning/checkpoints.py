@@ -23,6 +23,7 @@ memory for every checkpoint that is stored as a difference from it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from cogprobe.core.artifacts import damaged
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.layout import MANIFEST
 from cogprobe.models.loading import EMBEDDED, embedded_dir, has_tokenizer, load_model, model_fingerprint, model_source
+from cogprobe.models.layersets import resolve, to_string
 from cogprobe.models.params import aliases, load_tensors
 
 CHECKPOINTS = "checkpoints"
@@ -74,27 +76,92 @@ def write_checkpoint(run: Path, step: int, model, kind: str, meta: dict,
     return step_dir(run, step)
 
 
+WEIGHTS = {"base": set(), "tensors": {TENSORS}, "lora": {ADAPTER, ADAPTER_CONFIG}}  # kind -> its weight files
+KIND_OF = {"full": "tensors", "layers": "tensors", "lora": "lora", "lora-layers": "lora"}  # a strategy's checkpoints
+
+
 def expected_files(kind: str, recorded: dict, path: Path) -> list[str]:
     """The files a complete checkpoint of `kind` holds: its weights, and whatever meta.json recorded
     (the resume state only while it is there: it is dropped from older checkpoints on purpose)."""
-    names = {"tensors": {TENSORS}, "lora": {ADAPTER, ADAPTER_CONFIG}}.get(kind, set()) | set(recorded)
+    names = WEIGHTS.get(kind, set()) | set(recorded)
     if resume.present(path):
         return sorted(names | set(resume.FILES))
     return sorted(n for n in names if not n.startswith(resume.DIR + "/"))
 
 
 def problems(path: Path, meta: dict) -> list[tuple[Path, str]]:
-    """(file, what is wrong) for each damaged file of checkpoint folder `path`; empty when it is whole."""
+    """(file, what is wrong) for each damaged file of checkpoint folder `path`; empty when it is whole.
+
+    The record must agree with the folder, not only the files with the record: a `kind` that does not
+    fit the step and the files would make a reader take the base for a trained checkpoint (or the
+    reverse), and a weight file without a recorded hash could change unseen."""
     recorded = meta.get("sha256") or {}
-    found = []
+    found = _record_problems(path, meta)
     for name in expected_files(meta.get("kind"), recorded, path):
         problem = io.file_problem(path / name, recorded.get(name))
+        if problem is None and name not in recorded and (path / name).is_file():
+            problem = "has no SHA-256 in meta.json, so a change to its bytes would go unseen"
         if problem:
             found.append((path / name, problem))
+    return found
+
+
+def _record_problems(path: Path, meta: dict) -> list[tuple[Path, str]]:
+    """What meta.json says that its folder contradicts: the step, and the kind against step, files and
+    strategy (base: step 0 only, no weight file; lora: an adapter; tensors: trainable.safetensors)."""
+    found, kind, record = [], meta.get("kind"), path / META
     step = STEP_DIR.match(path.name)
     if step and meta.get("step") != int(step.group(1)):
-        found.append((path / META, f"is the record of step {meta.get('step')}, not of {path.name}"))
+        found.append((record, f"is the record of step {meta.get('step')}, not of {path.name}"))
+    if kind not in WEIGHTS:
+        return found + [(record, f"names kind {kind!r}, which is none of {', '.join(WEIGHTS)}")]
+    others = sorted(n for k, names in WEIGHTS.items() if k != kind for n in names - WEIGHTS[kind]
+                    if (path / n).exists())
+    if others:
+        found.append((record, f"says kind {kind!r} but the folder holds {', '.join(others)}"))
+    if step and (kind == "base") != (int(step.group(1)) == 0):
+        found.append((record, f"says kind {kind!r} at {path.name}: only step 0 is the base model"))
+    strategy = meta.get("strategy")
+    if kind != "base" and strategy in KIND_OF and kind != KIND_OF[strategy]:
+        found.append((record, f"says kind {kind!r} for a {strategy!r} run"))
     return found
+
+
+def layer_problems(run: Path, manifest: dict) -> list[tuple[Path, str]]:
+    """Where the manifest's layer set disagrees with itself, with its config, or with the blocks the
+    checkpoints of a layered run store: the manifest is what a study copies into its tables, so a
+    set that is not what was trained must not be read as if it were."""
+    layers, n = manifest.get("layers"), manifest.get("base", {}).get("n_layers")
+    path, found = Path(run) / MANIFEST, []
+    if manifest.get("layers_string") != (to_string(layers) if layers else None):
+        found.append((path, f"gives the layer set as {manifest.get('layers_string')!r} and as {layers!r}"))
+    wanted, kind = manifest.get("config", {}).get("layers"), KIND_OF.get(manifest.get("strategy"))
+    if layers is None or kind is None:  # every block trains: nothing to disagree with
+        return found
+    spelled = wanted is not None and not (str(wanted).endswith(".json") or Path(str(wanted)).is_file())
+    with contextlib.suppress(CogprobeError):  # a selection file may have changed since: the stored blocks tell
+        if n is not None and spelled and resolve(wanted, n) != list(layers):
+            found.append((path, f"lists blocks {to_string(layers)}, its config asked for {wanted!r}"))
+    for step, folder in step_folders(run):
+        weights = folder / (ADAPTER if kind == "lora" else TENSORS)
+        stored = stored_blocks(weights) if step and weights.is_file() else None
+        if stored is not None and stored != set(layers):
+            found.append((path, f"lists blocks {to_string(layers)}, but {weights} stores blocks "
+                                f"{to_string(sorted(stored))}"))
+            break
+    return found
+
+
+def stored_blocks(path: Path) -> set[int] | None:
+    """The block indices of the tensors in a weight file (the first number in each name, as in
+    `model.layers.3.mlp.up_proj.weight`), read from its header; None when it cannot be read."""
+    from safetensors import SafetensorError
+    try:
+        with safe_open(str(path), "pt") as f:
+            names = list(f.keys())
+    except (SafetensorError, OSError):  # a damaged file: `problems` reports it
+        return None
+    return {int(m.group(1)) for name in names if (m := re.search(r"\.(\d+)\.", name))}
 
 
 def check(path: Path, meta: dict) -> None:
@@ -192,6 +259,8 @@ class Checkpoints:
                                     f"{str(meta.get('base_fingerprint'))[:12]}, the run's is {fingerprint[:12]}); "
                                     "remove it or open its own run folder")
             entries.append(Entry(step, None if meta["kind"] == "base" else path, meta["kind"], meta))
+        for file, problem in layer_problems(run, manifest):
+            raise damaged(file, problem)
         if base is not None:
             _check_fingerprint(Path(base), fingerprint, run)
         spec = base or (info["spec"] if info["spec"] == EMBEDDED else info["path"])

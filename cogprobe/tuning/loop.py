@@ -55,7 +55,7 @@ from cogprobe.tuning import resume
 from cogprobe.tuning import tracking
 from cogprobe.models.blocks import find_blocks
 from cogprobe.tuning.checkpoints import ADAPTER, META, TENSORS, own_steps, step_dir, write_checkpoint
-from cogprobe.data.corpora import load_corpus, split_corpus, split_overlap
+from cogprobe.data.corpora import dropped_note, load_corpus, split_corpus, split_overlap
 from cogprobe.tuning.text import KINDS, PackedStream, check_isolation, tokenize
 from cogprobe.core.distributed import on_cpu, torch_threads
 from cogprobe.core.errors import CogprobeError
@@ -134,7 +134,9 @@ def _setup(cfg: TrainConfig, held: contextlib.ExitStack) -> _Run | None:
     fingerprint = model_fingerprint(model_source(model))
     blocks = find_blocks(model)
     layers = cfg.resolved_layers(blocks.n)
-    stream, corpus_info = _data(cfg, tok)  # before claiming `out`: bad data leaves no folder behind
+    stream, corpus_info, note = _data(cfg, tok)  # before claiming `out`: bad data leaves no folder behind
+    if note and acc.is_main_process:  # once per command, on stderr beside the progress bar
+        print(f"cogprobe: note: {note}; counted in manifest.json (corpus.dropped)", file=sys.stderr)
     dev = devcurve.prepare(cfg, tok)       # so does a dev split too small for the dev curve
     start = _claim(cfg, acc, fingerprint, held)
     if start is None:
@@ -180,8 +182,9 @@ def _check_resumable(cfg: TrainConfig, acc: Accelerator) -> None:
                             "saved); rerun with --overwrite, or without FSDP")
 
 
-def _data(cfg: TrainConfig, tok) -> tuple[PackedStream, dict]:
-    """The packed training stream of the corpus' train split, and the corpus facts for the manifest."""
+def _data(cfg: TrainConfig, tok) -> tuple[PackedStream, dict, str | None]:
+    """The packed training stream of the corpus' train split, the corpus facts for the manifest (the
+    pairs cleaning dropped included), and the line that announces those drops, if any."""
     corpus = load_corpus(cfg.corpus, pivot_col=cfg.pivot_col, target_col=cfg.target_col,
                          document_col=cfg.document_col, pivot_name=cfg.pivot_name,
                          target_name=cfg.target_name)
@@ -191,11 +194,11 @@ def _data(cfg: TrainConfig, tok) -> tuple[PackedStream, dict]:
     texts = tokenize(tok, splits.train, seq_len=cfg.seq_len, max_sentence_tokens=cfg.max_sentence_tokens,
                      kinds=tuple(k for k in KINDS if weights[k] > 0), loss_on=cfg.loss_on)
     corpus_info = dict(spec=str(cfg.corpus), pivot_name=corpus.pivot_name,
-                       target_name=corpus.target_name, n_pairs=len(corpus),
+                       target_name=corpus.target_name, n_pairs=len(corpus), dropped=dict(corpus.dropped),
                        n_train_pairs=len(splits.train), n_dev_pairs=len(splits.dev),
                        n_test_pairs=len(splits.test), split_overlap=split_overlap(splits))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return PackedStream(texts, weights, cfg.seq_len, cfg.seed, pad_id=pad), corpus_info
+    return PackedStream(texts, weights, cfg.seq_len, cfg.seed, pad_id=pad), corpus_info, dropped_note(corpus)
 
 
 def _claim(cfg: TrainConfig, acc: Accelerator, fingerprint: str, held: contextlib.ExitStack) -> int | None:

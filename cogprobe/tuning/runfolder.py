@@ -87,10 +87,44 @@ def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
         return _resume_from(out, main)
     if main:  # a new run, or --overwrite: only cogprobe's own files are replaced
         io.make_dir(out)  # first: a file in the way fails here, as one line
-        for name in OWN:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        doomed = [out / name for name in OWN if (out / name).exists() or (out / name).is_symlink()]
+        _check_replaceable(out, doomed)  # all of it, before anything is deleted
+        for path in doomed:
+            _remove(path)
     return 0
+
+
+def _check_replaceable(out: Path, doomed: list[Path]) -> None:
+    """One line naming the first folder that stops --overwrite from deleting the old run and writing the
+    new one, found before anything is deleted: a half-deleted run is neither the old run nor a new one.
+    Deleting an entry needs write and search access to its folder (and listing a folder, read access)."""
+    folders = [out] + [Path(root) for path in doomed if path.is_dir() and not path.is_symlink()
+                       for root, _, _ in os.walk(path)]
+    for folder in folders:
+        if not os.access(folder, os.R_OK | os.W_OK | os.X_OK, **_effective()):
+            raise CogprobeError(f"cannot replace the run in {out}: {folder.resolve()} is not writable (or not "
+                                "readable), so its files cannot be deleted; nothing was deleted; make it writable "
+                                f"(chmod -R u+rwX {out.resolve()}) or choose another --out")
+
+
+def _effective() -> dict:
+    """Check with the effective ids, as the deletion will run (where the platform can)."""
+    return {"effective_ids": True} if os.access in os.supports_effective_ids else {}
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder; a failure names the full path of what could not be deleted."""
+    def failed(function, name, exc_info):
+        err = exc_info[1]
+        raise CogprobeError(f"cannot delete {Path(name).resolve()} ({getattr(err, 'strerror', None) or err}) while "
+                            f"replacing the run in {path.parent}; make it writable and rerun") from None
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, onerror=failed)
+    else:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            failed(None, str(path), (type(e), e, None))
 
 
 def _defaults(cfg) -> dict:
