@@ -42,7 +42,7 @@ $(VENV)/.docs-installed: pyproject.toml constraints.txt | $(VENV)/.installed
 	touch $@
 
 docs: $(VENV)/.docs-installed
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # Rewrite the generated pages (docs/cli.md, docs/python.md, architecture.md's schemas) from the code.
 docs-reference: install
