@@ -268,9 +268,11 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     assert set(curves["arm"]) == arms and {0, length} <= set(curves[curves["arm"] == "cogsym-s1"]["step"])
     assert (out / "figures" / "share_curves.png").is_file()
     report = (out / "report.md").read_text()
-    assert "Length and learning rates" in report and "**cogsym-lora** against **lora**" in report
-    assert "cogsym's share minus **random-2**'s" in report
-    assert ("budget's share minus **cogsym**'s" in report) == ("budget" in set(compare["row"]))
+    # two seeds: the report states the README's pooled cells and sentences, not one seed's (issue 39)
+    assert "Length and learning rates" in report and "## The comparisons that matter, pooled over seeds" in report
+    assert "- cogsym-lora vs lora (rel deviation" in report and "- cogsym vs random-2 (share minus" in report
+    assert ("- budget vs cogsym (share minus" in report) == ("budget" in set(compare["row"]))
+    assert "share minus **random-2**'s" not in report   # no seed-0 sentence left
     assert set(pd.read_parquet(out / "sweeps.parquet")["checkpoint_step"]) <= set(range(length + 1))
 
     # analyses/evidence.py: the headline comparisons over both seeds, worded as far as 3 pairs allow
