@@ -11,6 +11,10 @@ and seed 0 by default, all three options.
 Per-example scores are a tidy long table (one row per arm, task and example):
 `arm`, `task`, `pair_id`, `nll_sum`, `n_tokens`; `arms()` turns it into the arrays
 the intervals take.
+
+Over several seeds (`hierarchical`, `over_seeds`) the interval combines the pairs' bootstrap error
+with a t-interval over the seeds' own estimates, so it stays valid at 2-5 seeds, and says which of
+the two sets its width (`to_resolve`: more pairs, or more seeds).
 """
 from __future__ import annotations
 

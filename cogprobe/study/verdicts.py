@@ -41,7 +41,7 @@ RELATIVE_TO = {c.row: c.other for c in REPORT if c.quantity == "rel_deviation"}
 
 def comparison_table(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) -> pd.DataFrame:
     """Every (row, seed, task, quantity) with estimate, low, high; `rows` are (row, seed). With
-    several seeds, `across_seeds` adds the mean over seeds (seed -1) with its hierarchical interval."""
+    several seeds, `across_seeds` adds the mean over seeds (seed -1) with its interval over seeds."""
     out = []
     for task in TASKS:
         for row, seed in rows:
@@ -108,8 +108,9 @@ def conditional_gain_table(scores: pd.DataFrame, **kw) -> pd.DataFrame:
 
 
 def across_seeds(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) -> pd.DataFrame:
-    """Rows with several seeds: nll, share and rel_deviation as the mean over seeds, with a hierarchical
-    interval (seeds, then pairs) and the seed spread (sd of the per-seed estimates) beside it."""
+    """Rows with several seeds: nll, share and rel_deviation as the mean over seeds, with the interval
+    over seeds (`intervals.over_seeds`, valid at 2-5 seeds) and the seed spread (sd of the per-seed
+    estimates) beside it."""
     out, present = [], set(scores["arm"])
     by_row: dict[str, list[int]] = {}
     for row, seed in rows:
