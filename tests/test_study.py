@@ -293,7 +293,7 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     assert set(pooled["n_draws"]) == {2} and set(headline[headline["other"] != "random"]["n_draws"]) == {1}
     own = pd.read_csv(tmp_path / "figures" / "evidence_rows.csv")
     assert set(own["quantity"]) == {"nll", "share", "rel_deviation", "chrf", "chrf_rel_deviation",
-                                    "conditional_gain"}
+                                    "conditional_gain", "conditional_gain_change"}
     gains = own[own["quantity"] == "conditional_gain"]   # every row and the base, per task
     assert set(gains["row"]) == set(compare["row"]) | {"base"} and len(gains) == 2 * len(set(gains["row"]))
     base = gains["row"] == "base"
@@ -305,7 +305,9 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     words = (tmp_path / "figures" / "evidence.md").read_text()
     assert "**tiny, perception**" in words and "3 pairs are too few" in words and "cogsym keeps more" not in words
     assert "| too few pairs: " in words and not any(f"| {a}: " in words for a in ("yes", "no", "not resolved"))
-    assert "| row | blocks | trainable |" in words and "(2 draws pooled)" in words
+    assert "| row | blocks | trainable |" in words and "(2 draws per seed pooled, each seed its own sets" in words
+    per_seed = compare[compare["row"] == "random-1"]["blocks"].nunique() > 1   # a draw is drawn from the seed
+    assert ("| random-1 | s0: " in words) == per_seed       # so its blocks are named per seed where they differ
     spent = pd.read_csv(tmp_path / "figures" / "evidence_cost.csv").set_index("part")
     assert spent.loc["learning-rate trials", "runs"] == len(pd.read_parquet(out / "lr_search.parquet"))
     assert spent["note"].isna().all() and (spent["hours"] > 0).all()   # every trial timed
