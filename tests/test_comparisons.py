@@ -11,11 +11,14 @@ from cogprobe.study import comparisons, config, rows, verdicts
 def test_the_report_and_the_headline_read_the_same_comparisons():
     assert verdicts.DIFFERENCES == {"cogsym": ("middle", "bottom", "top", "random", "blocks"),
                                     "budget": ("cogsym",), "cogsym-ends": ("cogsym",)}
-    assert verdicts.RELATIVE_TO == {"cogsym-lora": "lora", "cogsym-lora-matched": "lora"}
+    assert verdicts.RELATIVE_TO == {"cogsym": "blocks", "cogsym-lora": "lora", "cogsym-lora-matched": "lora"}
     assert set(comparisons.REPORT) <= set(comparisons.COMPARISONS) and verdicts.BAR == 0.03
     listed = comparisons.table()
-    assert len(listed) == 12 and listed["question"].str.contains("{", regex=False).sum() == 0
-    assert "CogSym within 3% of full fine-tuning, test NLL" in set(listed["question"])
+    assert len(listed) == 16 and listed["question"].str.contains("{", regex=False).sum() == 0
+    # the paper's question on the two matched readings first, the unmatched pair after them, labelled
+    assert list(zip(listed["row"], listed["other"]))[:6:2] == [("cogsym", "blocks"), ("cogsym-ends", "full"),
+                                                                ("cogsym", "full")]
+    assert listed["question"][4].startswith("Unmatched")
 
 
 def test_a_bad_registry_names_what_to_fix(tmp_path):

@@ -275,7 +275,7 @@ def test_same_size_shares_one_dot_per_set_and_draw():
     assert len(fig.axes) == 4                                   # 2 languages x 2 tasks
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]
-    assert labels == ["cogsym", "middle", "bottom", "top", "random\n(3 draws)"]
+    assert labels == ["cogsym", "middle", "bottom", "top", "random\n(3 draws\nper seed)"]
     dots = sorted(float(c.lines[0].get_ydata()[0]) for c in ax.containers)
     assert dots == pytest.approx([0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9])   # full, budget and nll rows left out
     assert 0.9 in {round(float(ln.get_ydata()[0]), 3) for ln in ax.get_lines()}   # CogSym's level drawn across

@@ -268,9 +268,11 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     assert set(curves["arm"]) == arms and {0, length} <= set(curves[curves["arm"] == "cogsym-s1"]["step"])
     assert (out / "figures" / "share_curves.png").is_file()
     report = (out / "report.md").read_text()
-    assert "Length and learning rates" in report and "**cogsym-lora** against **lora**" in report
-    assert "cogsym's share minus **random-2**'s" in report
-    assert ("budget's share minus **cogsym**'s" in report) == ("budget" in set(compare["row"]))
+    # two seeds: the report states the README's pooled cells and sentences, not one seed's (issue 39)
+    assert "Length and learning rates" in report and "## The comparisons that matter, pooled over seeds" in report
+    assert "- cogsym-lora vs lora (rel deviation" in report and "- cogsym vs random-2 (share minus" in report
+    assert ("- budget vs cogsym (share minus" in report) == ("budget" in set(compare["row"]))
+    assert "share minus **random-2**'s" not in report   # no seed-0 sentence left
     assert set(pd.read_parquet(out / "sweeps.parquet")["checkpoint_step"]) <= set(range(length + 1))
 
     # analyses/evidence.py: the headline comparisons over both seeds, worded as far as 3 pairs allow
@@ -291,7 +293,7 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     assert set(pooled["n_draws"]) == {2} and set(headline[headline["other"] != "random"]["n_draws"]) == {1}
     own = pd.read_csv(tmp_path / "figures" / "evidence_rows.csv")
     assert set(own["quantity"]) == {"nll", "share", "rel_deviation", "chrf", "chrf_rel_deviation",
-                                    "conditional_gain"}
+                                    "conditional_gain", "conditional_gain_change"}
     gains = own[own["quantity"] == "conditional_gain"]   # every row and the base, per task
     assert set(gains["row"]) == set(compare["row"]) | {"base"} and len(gains) == 2 * len(set(gains["row"]))
     base = gains["row"] == "base"
@@ -303,7 +305,9 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     words = (tmp_path / "figures" / "evidence.md").read_text()
     assert "**tiny, perception**" in words and "3 pairs are too few" in words and "cogsym keeps more" not in words
     assert "| too few pairs: " in words and not any(f"| {a}: " in words for a in ("yes", "no", "not resolved"))
-    assert "| row | blocks | trainable |" in words and "(2 draws pooled)" in words
+    assert "| row | blocks | trainable |" in words and "(2 draws per seed pooled, each seed its own sets" in words
+    per_seed = compare[compare["row"] == "random-1"]["blocks"].nunique() > 1   # a draw is drawn from the seed
+    assert ("| random-1 | s0: " in words) == per_seed       # so its blocks are named per seed where they differ
     spent = pd.read_csv(tmp_path / "figures" / "evidence_cost.csv").set_index("part")
     assert spent.loc["learning-rate trials", "runs"] == len(pd.read_parquet(out / "lr_search.parquet"))
     assert spent["note"].isna().all() and (spent["hours"] > 0).all()   # every trial timed

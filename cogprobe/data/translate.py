@@ -17,7 +17,7 @@ from scipy import stats as scipy_stats
 from typing import Sequence
 
 from cogprobe.models.blocks import unwrap
-from cogprobe.core.intervals import Interval, two_stage
+from cogprobe.core.intervals import SeedInterval, by_seed, over_seeds
 from cogprobe.data.tasks import Example
 
 
@@ -111,14 +111,19 @@ def chrf_of(stats: np.ndarray) -> float:
     return _CHRF._compute_score_from_stats(stats.sum(0).tolist()).score
 
 
-def chrf_over_seeds(statistic, seeds: list[dict[str, np.ndarray]], **kw) -> Interval:
-    """Interval of the mean over seeds of `statistic({name: chrF})`, each seed's names mapped to its
-    arms' `sentence_stats` on the same sentences: seeds resampled, then sentences
-    (`intervals.two_stage`)."""
+def chrf_over_seeds(statistic, seeds: list[dict[str, np.ndarray]], *, groups: list[int] | None = None,
+                    **kw) -> SeedInterval:
+    """Interval of the mean over seeds of `statistic({name: chrF})`, each unit's names mapped to its
+    arms' `sentence_stats` on the same sentences (`intervals.over_seeds`: the sentences' bootstrap
+    error and a t-interval over the seeds' own estimates); `groups` as in `intervals.hierarchical`."""
     n = len(next(iter(seeds[0].values())))
-    per_seed = lambda s_ix, e_ix: np.array([statistic({a: chrf_of(seeds[s][a][e_ix]) for a in seeds[s]})  # noqa: E731
-                                            for s in s_ix])
-    return two_stage(per_seed, len(seeds), n, **kw)
+
+    def per_unit(e_ix: np.ndarray) -> np.ndarray:   # [B, n] -> [n_units, B]
+        return np.array([[statistic({a: chrf_of(unit[a][ix]) for a in unit}) for ix in e_ix] for unit in seeds],
+                        float)
+
+    groups = groups or list(range(len(seeds)))
+    return over_seeds(by_seed(per_unit, groups), len(set(groups)), n, **kw)
 
 
 _CHRF = sacrebleu.CHRF()

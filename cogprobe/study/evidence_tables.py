@@ -3,10 +3,12 @@
 Reads each study folder of `cogprobe run --preset standard` (its tables; no weights needed) and
 returns tidy records, one per (language, row, other, task, quantity) with estimate, low, high,
 n_pairs, n_seeds, n_draws; `evidence` writes them out with the markdown that words them. Every
-quantity is the mean over the study's seeds with a two-stage bootstrap interval (seeds, then the
-shared test pairs: `intervals.hierarchical`, `translate.chrf_over_seeds` for chrF); with one seed,
-the paired bootstrap over pairs. The random same-size sets are read as a distribution: CogSym
-against each draw, and against all draws pooled (every (seed, draw) a unit of the outer resample).
+quantity is the mean over the study's seeds with an interval valid at 2-5 seeds (the shared test
+pairs' bootstrap error and a t-interval over the seeds' own estimates: `intervals.over_seeds`, via
+`intervals.hierarchical`, `translate.chrf_over_seeds` for chrF), each seed's estimate beside it; with
+one seed, the paired bootstrap over pairs. The random same-size sets are read as a distribution:
+CogSym against each draw, and against all draws pooled (a seed's draws averaged first, so the seeds
+stay the independent units; each seed drew its own sets, named per seed in the row tables).
 Which comparisons are asked is `comparisons.toml` (`QUESTIONS`), the list the study report reads too.
 Kept apart from the writer so a notebook gets the numbers without the prose, and each file stays
 readable in one sitting.
@@ -39,7 +41,10 @@ from cogprobe.tuning.config import warmup_steps
 QUESTIONS = [(c.row, c.other, c.quantity) for c in COMPARISONS]
 OWN = ["nll", "share", "rel_deviation", "chrf", "chrf_rel_deviation"]   # each row's own numbers, vs full
 COLUMNS = ["language", "row", "other", "task", "quantity", "estimate", "low", "high", "n_pairs", "n_seeds",
-           "n_draws"]
+           "n_draws", "per_seed", "pair_half", "seed_half"]
+# per_seed: each seed's own estimate, ";"-joined (against `random`: the mean over that seed's draws);
+# pair_half, seed_half: the parts of the interval's half-width the test pairs and the seeds give
+# (`intervals.over_seeds`); with one seed, per_seed is the estimate and the interval the pairs' alone
 CHRF = ("chrf", "chrf_rel_deviation")
 
 
@@ -63,15 +68,27 @@ def statistic(quantity: str):
 
 
 def units(seeds: list[int], row: str, other: str, draws: list[str]) -> list[dict]:
-    """One {name: arm} per unit of the outer resample: per seed, and per (seed, draw) against `random`."""
-    return [{"row": layout.arm(row, s), "other": layout.arm(o, s), "base": "base", "full": layout.arm("full", s)}
-            for s in seeds for o in (draws if other == RANDOM else [other])]
+    """One {name: arm} per unit: per seed, and per (seed, draw) against `random` (`seed` says whose)."""
+    return [{"row": layout.arm(row, s), "other": layout.arm(o, s), "base": "base", "full": layout.arm("full", s),
+             "seed": s} for s in seeds for o in (draws if other == RANDOM else [other])]
+
+
+def record(i: Interval, n_seeds: int) -> dict:
+    """estimate, low, high and what makes the interval's width (COLUMNS), from `intervals.over_seeds`'s
+    interval or, with one seed, the paired bootstrap's."""
+    per_seed = getattr(i, "per_seed", (i.estimate,))
+    return dict(estimate=i.estimate, low=i.low, high=i.high, n_seeds=n_seeds,
+                per_seed=";".join(f"{v:.6g}" for v in per_seed), pair_half=getattr(i, "pair_half", float("nan")),
+                seed_half=getattr(i, "seed_half", float("nan")))
 
 
 def interval(study: dict, quantity: str, task: str, names: list[dict]) -> tuple[Interval, int] | None:
     """The mean over units of one quantity with its interval, and the pairs it rests on (None if
     an arm is missing). NLL quantities read scores.parquet, chrF ones translations.parquet."""
     f = statistic(quantity)
+    groups = [unit["seed"] for unit in names]
+    names = [{k: v for k, v in unit.items() if k != "seed"} for unit in names]
+    several = len(set(groups)) > 1
     if quantity in CHRF:
         data = []
         for unit in names:
@@ -79,14 +96,21 @@ def interval(study: dict, quantity: str, task: str, names: list[dict]) -> tuple[
             if not set(unit.values()) <= set(stats):
                 return None
             data.append({k: stats[v] for k, v in unit.items()})
-        return chrf_over_seeds(f, data), len(data[0]["row"])
+        return chrf_over_seeds(f, data, groups=groups if several else [0] * len(data)), len(data[0]["row"])
     if not {a for unit in names for a in unit.values()} <= set(study["scores"]["arm"]):
         return None
     data = []
     for unit in names:
         got = intervals.arms(study["scores"], list(dict.fromkeys(unit.values())), task=task)
         data.append({k: got[v] for k, v in unit.items()})
-    found = intervals.hierarchical(f, data) if len(data) > 1 else intervals.paired(f, data[0])
+    if several:
+        found = intervals.hierarchical(f, data, groups=groups)
+    elif len(data) == 1:
+        found = intervals.paired(f, data[0])
+    else:   # one seed's draws pooled: their mean, resampled over the pairs
+        found = intervals.paired(lambda m: np.mean([f({k: m[f"{k}{u}"] for k in data[u]}) for u in range(len(data))],
+                                                   axis=0),
+                                 {f"{k}{u}": v for u, d in enumerate(data) for k, v in d.items()})
     return found, len(data[0]["row"][0])
 
 
@@ -98,6 +122,15 @@ def read(study: Path) -> dict | None:
     return dict(scores=study_table(study, layout.SCORES), translations=study_table(study, layout.TRANSLATIONS),
                 compare=compare, seeds=sorted(int(s) for s in compare["seed"].unique()),
                 draws=sorted({r for r in compare["row"] if kind(r) == "random"}))
+
+
+def blocks_per_seed(compare: pd.DataFrame, row: str) -> str:
+    """The row's blocks: one set, or each seed's (`s0: ...; s1: ...`) where they differ (a random draw is
+    drawn from the seed, so `random-1` is a different set on every seed)."""
+    mine = compare[compare["row"] == row].sort_values("seed")
+    if mine["blocks"].nunique() == 1:
+        return str(mine["blocks"].iloc[0])
+    return "; ".join(f"s{int(s)}: {b}" for s, b in zip(mine["seed"], mine["blocks"]))
 
 
 def status(language: str, folder: Path, study: dict | None) -> dict:
@@ -145,7 +178,7 @@ def rows_of(language: str, study: dict, asked: list[tuple[str, str, str]]) -> li
         for o in theirs:
             n_draws = len(study["draws"]) if o == RANDOM else 1
             seeds = [s for s in study["seeds"] if (us := units([s], row, o, study["draws"]))   # no draw yet: none
-                     and {a for u in us for a in u.values()} <= have]
+                     and {a for u in us for k, a in u.items() if k != "seed"} <= have]
             if not seeds:
                 continue
             for task in TASKS:
@@ -153,8 +186,7 @@ def rows_of(language: str, study: dict, asked: list[tuple[str, str, str]]) -> li
                 if found is not None:
                     i, n = found
                     out.append(dict(language=language, row=row, other=o, task=task, quantity=quantity,
-                                    estimate=i.estimate, low=i.low, high=i.high, n_pairs=n,
-                                    n_seeds=len(seeds), n_draws=n_draws))
+                                    n_pairs=n, n_draws=n_draws, **record(i, len(seeds))))
     return out
 
 
@@ -166,7 +198,8 @@ def own_rows(language: str, study: dict) -> list[dict]:
 
 def conditional_gains(language: str, study: dict) -> list[dict]:
     """Per row (and the base model) and task: test NLL with a shuffled source minus with the true one
-    (same pairs), i.e. how much the model reads the source it translates; mean over the row's seeds."""
+    (same pairs), i.e. how much the model reads the source it translates, and for every row its change
+    from the base model's (`conditional_gain_change`, same pairs); mean over the row's seeds."""
     scores = study["scores"]
     keyed = scores.assign(arm=scores["arm"] + "|" + scores["task"])   # one arm per (run, task or control)
     present = set(keyed["arm"])
@@ -177,13 +210,18 @@ def conditional_gains(language: str, study: dict) -> list[dict]:
             runs = [a for a in runs if {f"{a}|{task}", f"{a}|{task}-shuffled"} <= present]
             if not runs:
                 continue
-            data = [dict(zip(("true", "shuffled"), intervals.arms(
-                keyed, [f"{a}|{task}", f"{a}|{task}-shuffled"]).values())) for a in runs]
-            gain = lambda m: m["shuffled"] - m["true"]  # noqa: E731
-            i = intervals.hierarchical(gain, data) if len(data) > 1 else intervals.paired(gain, data[0])
-            out.append(dict(language=language, row=row, other="", task=task, quantity="conditional_gain",
-                            estimate=i.estimate, low=i.low, high=i.high, n_pairs=len(data[0]["true"][0]),
-                            n_seeds=len(runs) if row != "base" else 0, n_draws=1))
+            names = ["true", "shuffled", "base_true", "base_shuffled"]
+            data = [dict(zip(names, intervals.arms(keyed, [f"{a}|{task}", f"{a}|{task}-shuffled", f"base|{task}",
+                                                           f"base|{task}-shuffled"]).values())) for a in runs]
+            found = {"conditional_gain": lambda m: m["shuffled"] - m["true"]}
+            if row != "base":
+                found["conditional_gain_change"] = lambda m: (m["shuffled"] - m["true"]) - (m["base_shuffled"]
+                                                                                           - m["base_true"])
+            for quantity, gain in found.items():
+                i = intervals.hierarchical(gain, data) if len(data) > 1 else intervals.paired(gain, data[0])
+                out.append(dict(language=language, row=row, other="", task=task, quantity=quantity,
+                                n_pairs=len(data[0]["true"][0]), n_draws=1,
+                                **record(i, len(runs) if row != "base" else 0)))
     return out
 
 

@@ -158,7 +158,8 @@ def same_size_shares(rows: pd.DataFrame) -> Figure:
     kinds = shares["row"].map(kind)
     columns = [k for k in SAME_SIZE if (kinds == k).any()]
     draws = shares.loc[kinds == "random", "row"].nunique()
-    labels = [f"random\n({draws} draw{'s' * (draws != 1)})" if k == "random" else k for k in columns]
+    # a draw is drawn from the seed, so each dot (random-1, ...) averages a different set per seed
+    labels = [f"random\n({draws} draw{'s' * (draws != 1)}\nper seed)" if k == "random" else k for k in columns]
     languages = list(dict.fromkeys(shares["language"]))
     fig, axes = panel_grid(len(languages), len(TASKS), w=0.9 * len(columns) + 1.2, h=3.4, sharey=True)
     for i, language in enumerate(languages):

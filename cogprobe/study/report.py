@@ -15,7 +15,10 @@ import numpy as np
 import pandas as pd
 
 from cogprobe.probe import alignment
+from cogprobe.core import intervals
 from cogprobe.core import io
+from cogprobe.study import evidence
+from cogprobe.study import evidence_tables
 from cogprobe.study import lr_choice
 from cogprobe.study import verdicts
 from cogprobe.core.layout import (ALIGNMENT, BASELINE, COMPARE, EVALSETS, LR_SEARCH, MANIFEST, RUN_LENGTH, RUNS, SCORES,
@@ -66,19 +69,31 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
           if f.stem.startswith(("specialization", "conditional_gain", "logit", "drift", "training"))]
     b += where_languages_meet(out, figures)
     b += [("h2", "Layer sets")] + _selections(out)
+    record = io.read_json(out / STUDY)
     if (out / COMPARE).is_file():
         compare = io.read_parquet(out / COMPARE)
+        study = pooled(out, cfg) if compare["seed"].nunique() > 1 else None
         b += [("h2", "CogSym against full fine-tuning"), ("table", _compare_table(compare))]
-        intervals_table = interval_table(out)
+        tuned_on = {v for k, v in (record.get(STAGE_MACHINES) or {}).items() if k.startswith("tune ")}
+        if len(tuned_on) > 1:
+            b += [("p", f"sec_per_step above is the mean over seeds, and the runs trained on {len(tuned_on)} "
+                        f"processors ({'; '.join(sorted(tuned_on))}; per run in study.json); the step-time "
+                        "ratios below compare only runs on the same processor.")]
+        if study is not None:
+            b += _pooled_verdicts(study)
+        intervals_table = interval_table(out, study)
         if intervals_table is not None:
-            b += [("p", "95% intervals (paired bootstrap over the test pairs; conditional_gain = NLL with shuffled "
+            b += [("p", ("95% intervals, mean over the seeds (the interval of the README headline, "
+                         "`intervals.over_seeds`; each seed's own estimate in parentheses)" if study is not None else
+                         "95% intervals (paired bootstrap over the test pairs)")
+                   + "; conditional_gain = NLL with shuffled "
                         "sources - NLL with the true ones, conditional_gain_change = its change from the base model's "
                         "on the same pairs; share = the row's share of full fine-tuning's NLL gain; "
                         "rel_deviation = (NLL row - NLL full) / NLL full, the paper's yardstick, where the bar is "
-                        "3%; chrF over its own sample, pairs in brackets):"), ("table", intervals_table)]
-        b += [("p", s) for s in _compare_findings(compare, base.iloc[0], out)]
+                        "3%; chrF on its own sample of pairs (`n_chrf`):"), ("table", intervals_table)]
+        b += [("p", s) for s in _compare_findings(compare, base.iloc[0], out, study,
+                                                  record.get(STAGE_MACHINES) or {})]
         b += [("figure", f) for f in figures if f.stem.startswith(("comparison", "share_curves"))]
-    record = io.read_json(out / STUDY)
     b += _stage_times(record.get(STAGE_SECONDS) or {}, record.get(STAGE_MACHINES) or {})
     b += [("h2", "Reading these numbers"), ("p", _caveats(cfg))]
     return b
@@ -265,10 +280,12 @@ COMPARE_COLUMNS = ["row", "blocks", "trainable_params", "optimizer_bytes", "sec_
 
 
 def _compare_table(compare: pd.DataFrame) -> pd.DataFrame:
-    """One line per row; with several seeds, numbers are 'mean ± std'."""
+    """One line per row (its blocks per seed where they differ); with several seeds, numbers are
+    'mean ± std', and sec_per_step mixes processors where the seeds ran on different ones (the ratios
+    below do not)."""
     lines = []
     for row, g in compare.groupby("row", sort=False):
-        line = {"row": row, "blocks": g["blocks"].iloc[0]}
+        line = {"row": row, "blocks": evidence_tables.blocks_per_seed(compare, row)}
         for col in COMPARE_COLUMNS[2:]:
             v = g[col].astype(float)
             line[col] = _fmt(v.mean(), col) + (f" ± {_fmt(v.std(), col)}" if len(v) > 1 else "")
@@ -288,7 +305,51 @@ def _fmt(x: float, col: str) -> str:
     return f"{x:.3f}" if col.endswith(("nll", "gain")) else f"{x:.1f}" if col != "sec_per_step" else f"{x:.2f}"
 
 
-def _compare_findings(compare: pd.DataFrame, base: pd.Series, out: Path) -> list[str]:
+def pooled(out: Path, cfg: StudyConfig) -> dict:
+    """A study of several seeds read as the evidence headline reads it: {label, found (its comparisons,
+    `evidence_tables.rows_of`), own (every row's own numbers, `own_rows`)}, the same calls and so the
+    same numbers as the README's cells for this study."""
+    label = cfg.corpus
+    study = evidence_tables.read(out)
+    found = pd.DataFrame(evidence_tables.rows_of(label, study, evidence_tables.QUESTIONS),
+                         columns=evidence_tables.COLUMNS)
+    own = pd.DataFrame(evidence_tables.own_rows(label, study), columns=evidence_tables.COLUMNS)
+    return dict(label=label, found=found, own=own)
+
+
+POOLED = "The comparisons that matter, pooled over seeds"
+
+
+def _pooled_verdicts(study: dict) -> list[tuple]:
+    """The headline's table and sentences for this study: the verdicts the README states for it."""
+    found = study["found"]
+    if found.empty:
+        return []
+    return [("h2", POOLED),
+            ("p", "The same cells as the README headline for this study (the evidence tables, "
+                  "`analyses/evidence.py`, compute them with the same calls), every seed pooled; the study's "
+                  "sentences below state these, not one seed's."),
+            ("p", evidence.headline_table(found))] + [("p", s) for s in evidence.sentences(found)]
+
+
+def step_time_ratio(compare: pd.DataFrame, machines: dict[str, str], row: str) -> str:
+    """The row's step time over full fine-tuning's, from the seeds on which both trained on the same
+    recorded processor (`runfolder.machine`, kept per stage in study.json); none: not compared."""
+    ratios, where = [], set()
+    for seed in sorted(set(compare.loc[compare["row"] == row, "seed"])):
+        mine, full = (machines.get(f"tune {arm(r, seed)}") for r in (row, "full"))
+        got = compare[(compare["seed"] == seed) & compare["row"].isin([row, "full"])].set_index("row")["sec_per_step"]
+        if mine is not None and mine == full and {row, "full"} <= set(got.index):
+            ratios.append(got[row] / got["full"])
+            where.add(f"seed {seed} on {mine}")
+    if not ratios:
+        return ("step time not compared: no seed trained it and full fine-tuning on the same recorded processor")
+    return f"{np.mean(ratios):.2f}x its step time ({'; '.join(sorted(where))})"
+
+
+def _compare_findings(compare: pd.DataFrame, base: pd.Series, out: Path, study: dict | None = None,
+                      machines: dict[str, str] | None = None) -> list[str]:
+    machines = machines or {}
     mean = compare.groupby("row").mean(numeric_only=True)
     if "full" not in mean.index:
         return ["Full fine-tuning has no row, so no shares can be computed."]
@@ -305,18 +366,21 @@ def _compare_findings(compare: pd.DataFrame, base: pd.Series, out: Path) -> list
     if table is None:
         return lines + ["No per-example scores (scores.parquet), so no intervals and no findings; rerun the "
                         "comparison stage."]
-    for row in [s for s in ("cogsym", "cogsym-lora", "budget", "lora") if s in mean.index and tasks]:
+    own = None if study is None else study["own"].set_index(["row", "task", "quantity"])
+    for row in [s for s in ("cogsym", "cogsym-ends", "cogsym-lora", "budget", "lora") if s in mean.index and tasks]:
         r = mean.loc[row]
         parts = []
         for task in tasks:
-            got = _pick(table, row, task)
+            got = (_pick(table, row, task) if own is None else
+                   {q: own.loc[(row, task, q)] for q in ("share", "rel_deviation") if (row, task, q) in own.index})
             if "share" in got and "rel_deviation" in got:
-                parts.append(f"{task}: share of the gain {verdicts.fmt(got['share'], True)}, NLL relative "
-                             f"deviation {verdicts.fmt(got['rel_deviation'], True)}, "
+                parts.append(f"{task}: share of the gain {evidence.cell(got['share'], 'share')}, NLL relative "
+                             f"deviation {evidence.cell(got['rel_deviation'], 'rel_deviation')}, "
                              f"{verdicts.within_bar(got['rel_deviation'])}")
         lines.append(f"**{row}** ({r['trainable_params'] / full['trainable_params']:.1%} of full fine-tuning's "
-                     f"trainable parameters, {r['sec_per_step'] / full['sec_per_step']:.2f}x its step time): "
-                     + "; ".join(parts) + ".")
+                     f"trainable parameters, {step_time_ratio(compare, machines, row)}): " + "; ".join(parts) + ".")
+    if study is not None:   # the differences: pooled, in the section above, as the README states them
+        return lines + [f"Every comparison against another row, pooled over the seeds: \"{POOLED}\" above."]
     for row, others in verdicts.DIFFERENCES.items():
         for other in [o for c in others for o in (_draws(mean.index) if c == "random" else [c])]:
             if {row, other} <= set(mean.index) and tasks:
@@ -371,9 +435,13 @@ def _chrf(out: Path, full: str) -> dict:
             for _, r in t.iterrows()}
 
 
-def interval_table(out: Path) -> pd.DataFrame | None:
-    """One line per row and task: NLL, share and relative deviation with 95% intervals (first seed)."""
+def interval_table(out: Path, study: dict | None = None) -> pd.DataFrame | None:
+    """One line per row and task: NLL, conditional gain (and its change from the base's), share, relative
+    deviation and chrF with 95% intervals: pooled over the seeds where `study` is given (`pooled`, the
+    README's numbers), else the one seed's."""
     compare = io.read_parquet(out / COMPARE)
+    if study is not None:
+        return _pooled_interval_table(out, compare, study)
     table = _intervals(out, compare)
     if table is None or table.empty:
         return None
@@ -381,7 +449,7 @@ def interval_table(out: Path) -> pd.DataFrame | None:
     table_cg = verdicts.conditional_gain_table(scores)
     cond = table_cg[table_cg["quantity"] == "conditional_gain"].set_index(["arm", "task"])
     change = table_cg[table_cg["quantity"] == "conditional_gain_change"].set_index(["arm", "task"])
-    seed = table["seed"].min()
+    seed = table.loc[table["seed"] >= 0, "seed"].min()
     chrf = _chrf(out, arm("full", seed))
     rows = [dict(row="base model", task=task, n_pairs=int(cond.loc[("base", task), "n_pairs"]), nll="",
                  conditional_gain=verdicts.fmt(cond.loc[("base", task)]), conditional_gain_change="", share="",
@@ -399,6 +467,35 @@ def interval_table(out: Path) -> pd.DataFrame | None:
                          rel_deviation=verdicts.fmt(got["rel_deviation"], True) if "rel_deviation" in got else "n/a",
                          chrf=chrf.get(arm_task, "n/a")))
     return pd.DataFrame(rows)
+
+
+POOLED_COLUMNS = ["nll", "conditional_gain", "conditional_gain_change", "share", "rel_deviation", "chrf",
+                  "chrf_rel_deviation"]
+
+
+def _pooled_interval_table(out: Path, compare: pd.DataFrame, study: dict) -> pd.DataFrame:
+    """`interval_table` over the seeds: every cell from the evidence tables' own rows of this study; ""
+    where a quantity has no meaning (full fine-tuning against itself), never n/a where the data exist."""
+    own = study["own"].set_index(["row", "task", "quantity"])
+    chrf = _chrf(out, arm("full", int(compare["seed"].min())))
+    scores = pd.read_parquet(out / SCORES)
+    lines = []
+    for row in ["base", *dict.fromkeys(compare["row"])]:
+        for task in TASKS:
+            got = {q: evidence.cell(own.loc[(row, task, q)], q) for q in POOLED_COLUMNS if (row, task, q) in own.index}
+            if not got:
+                continue
+            n_chrf = own.loc[(row, task, "chrf"), "n_pairs"] if (row, task, "chrf") in own.index else None
+            if row == "base":   # the base model: one arm, its own NLL and chrF intervals over the pairs
+                got["nll"] = verdicts.fmt(vars(intervals.nll(intervals.arms(scores, ["base"], task=task), "base")))
+            if row == "base" and ("base", task) in chrf:
+                got["chrf"], n_chrf = chrf[("base", task)].rsplit(" (", 1)[0], chrf[("base", task)].rsplit("(", 1)[1][:-1]
+            lines.append(dict(row="base model" if row == "base" else row, task=task,
+                              n_pairs=int(own.loc[(row, task, "conditional_gain"), "n_pairs"])
+                              if (row, task, "conditional_gain") in own.index else "",
+                              **{q: got.get(q, "") for q in POOLED_COLUMNS},
+                              n_chrf="" if n_chrf is None else int(n_chrf)))
+    return pd.DataFrame(lines)
 
 
 def _caveats(cfg: StudyConfig) -> str:

@@ -41,7 +41,7 @@ RELATIVE_TO = {c.row: c.other for c in REPORT if c.quantity == "rel_deviation"}
 
 def comparison_table(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) -> pd.DataFrame:
     """Every (row, seed, task, quantity) with estimate, low, high; `rows` are (row, seed). With
-    several seeds, `across_seeds` adds the mean over seeds (seed -1) with its hierarchical interval."""
+    several seeds, `across_seeds` adds the mean over seeds (seed -1) with its interval over seeds."""
     out = []
     for task in TASKS:
         for row, seed in rows:
@@ -108,8 +108,9 @@ def conditional_gain_table(scores: pd.DataFrame, **kw) -> pd.DataFrame:
 
 
 def across_seeds(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) -> pd.DataFrame:
-    """Rows with several seeds: nll, share and rel_deviation as the mean over seeds, with a hierarchical
-    interval (seeds, then pairs) and the seed spread (sd of the per-seed estimates) beside it."""
+    """Rows with several seeds: nll, share and rel_deviation as the mean over seeds, with the interval
+    over seeds (`intervals.over_seeds`, valid at 2-5 seeds) and the seed spread (sd of the per-seed
+    estimates) beside it."""
     out, present = [], set(scores["arm"])
     by_row: dict[str, list[int]] = {}
     for row, seed in rows:
@@ -173,8 +174,7 @@ def within_bar(row) -> str:
         return f"within {BAR:.0%} of full fine-tuning (at most {BAR:.0%} worse)"
     if call == BEYOND:
         return f"more than {BAR:.0%} worse than full fine-tuning"
-    need = intervals.pairs_to_resolve(_interval(row), int(row["n_pairs"]), BAR)
-    return f"not resolved against the {BAR:.0%} bar at {int(row['n_pairs'])} pairs" + _resolving(need, int(row["n_pairs"]))
+    return f"not resolved against the {BAR:.0%} bar at {_at(row)}" + _resolving(row, BAR)
 
 
 def difference_words(row, better: str, worse: str) -> str:
@@ -186,14 +186,38 @@ def difference_words(row, better: str, worse: str) -> str:
         return better
     if call == BELOW:
         return worse
-    need = intervals.pairs_to_resolve(_interval(row), int(row["n_pairs"]))
-    return f"not resolved at {int(row['n_pairs'])} pairs" + _resolving(need, int(row["n_pairs"]))
+    return f"not resolved at {_at(row)}" + _resolving(row, 0.0)
 
 
-def _resolving(need: int | None, n_pairs: int) -> str:
-    if need is None or need > 100 * n_pairs:
-        return " (the difference is too small to resolve with any practical number of pairs)"
-    return f" (about {need} pairs would resolve it at this spread)"
+def _seeds(row) -> int:
+    n = row.get("n_seeds", 1) if hasattr(row, "get") else 1
+    return int(n) if n == n and n else 1
+
+
+def _at(row) -> str:
+    return f"{int(row['n_pairs'])} pairs" + (f" and {_seeds(row)} seeds" if _seeds(row) > 1 else "")
+
+
+def _resolving(row, margin: float) -> str:
+    """What would resolve an unresolved interval. An interval over several seeds (`intervals.over_seeds`,
+    with its pair and seed parts): more pairs where the pairs set most of its width (counted from the
+    pair part alone), more seeds where the seeds do. One seed: pairs, the half-width scaled as 1/sqrt(n)."""
+    n_pairs = int(row["n_pairs"])
+    pair_half = row.get("pair_half", float("nan")) if hasattr(row, "get") else float("nan")
+    if _seeds(row) < 2 or not np.isfinite(pair_half):
+        need = intervals.pairs_to_resolve(_interval(row), n_pairs, margin)
+        if need is None or need > 100 * n_pairs:
+            return " (the difference is too small to resolve with any practical number of pairs)"
+        return f" (about {need} pairs would resolve it at this spread)"
+    what, need = intervals.to_resolve(row["estimate"], pair_half, row["seed_half"], n_pairs, _seeds(row), margin)
+    if what == "pairs":
+        if need > 100 * n_pairs:
+            return " (the difference is too small to resolve with any practical number of pairs)"
+        return f" (about {need} pairs would resolve it at this spread; the pairs set most of its width)"
+    if what == "seeds":
+        return (" (more seeds would resolve it, not more pairs: the spread between seeds sets most of its width"
+                + (f"; about {need} seeds at this spread)" if need else "; more than 50 seeds at this spread)"))
+    return " (the estimate sits on the line: no number of pairs or seeds would resolve it)"
 
 
 def _too_few(row) -> str:
