@@ -106,6 +106,19 @@ def test_whole_study_on_a_tiny_model(setup):
     assert set(again) == set(seconds) and all(again[k] >= seconds[k] for k in seconds)
 
 
+def test_a_row_that_cannot_run_keeps_its_line_in_the_report_with_the_reason(setup, tmp_path):
+    """No row leaves the tables silently: a budget rule that finds no set (tau 1 within one block) leaves
+    the budget row out of compare.parquet, and the report's comparison table says why."""
+    root, model, corpus = setup
+    values = tiny_config(root, model, corpus, rows="full,budget", tau=1.0, budget_max_total=1).to_dict()
+    out = run(build_config(tmp_path / "no-budget", preset_name=None,
+                           **{k: v for k, v in values.items() if k != "out"}), log=lambda m: None)
+    assert "error" in json.loads((out / "selection-budget.json").read_text())
+    assert set(pd.read_parquet(out / COMPARE)["row"]) == {"full"}
+    line = next(l for l in (out / "report.md").read_text().splitlines() if l.startswith("| budget |"))
+    assert "not run: budget selection failed:" in line
+
+
 def test_study_refuses_a_different_study_in_out(setup):
     root, model, corpus = setup
     with pytest.raises(CogprobeError, match="different study"):

@@ -23,8 +23,8 @@ from cogprobe.study import lr_choice
 from cogprobe.study import verdicts
 from cogprobe.core.layout import (ALIGNMENT, BASELINE, COMPARE, EVALSETS, LR_SEARCH, MANIFEST, RUN_LENGTH, RUNS, SCORES,
                              STAGE_MACHINES, STAGE_SECONDS, STUDY, SWEEPS, TRAIN_LOG, TRANSLATIONS, arm)
-from cogprobe.models.loading import EMBEDDED
-from cogprobe.study.rows import kind
+from cogprobe.models.loading import EMBEDDED, block_count
+from cogprobe.study.rows import Skip, kind, plan
 from cogprobe.tuning.runfolder import machine
 from cogprobe.study.config import StudyConfig
 from cogprobe.plots.runs import training_curve
@@ -73,7 +73,8 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
     if (out / COMPARE).is_file():
         compare = io.read_parquet(out / COMPARE)
         study = pooled(out, cfg) if compare["seed"].nunique() > 1 else None
-        b += [("h2", "CogSym against full fine-tuning"), ("table", _compare_table(compare))]
+        b += [("h2", "CogSym against full fine-tuning"),
+              ("table", _compare_table(compare, not_compared(compare, cfg, out)))]
         tuned_on = {v for k, v in (record.get(STAGE_MACHINES) or {}).items() if k.startswith("tune ")}
         if len(tuned_on) > 1:
             b += [("p", f"sec_per_step above is the mean over seeds, and the runs trained on {len(tuned_on)} "
@@ -279,10 +280,10 @@ COMPARE_COLUMNS = ["row", "blocks", "trainable_params", "optimizer_bytes", "sec_
                    "chrf_perception", "chrf_production", "chrf_perception_share", "chrf_production_share"]
 
 
-def _compare_table(compare: pd.DataFrame) -> pd.DataFrame:
+def _compare_table(compare: pd.DataFrame, missing: dict[str, str] | None = None) -> pd.DataFrame:
     """One line per row (its blocks per seed where they differ); with several seeds, numbers are
     'mean ± std', and sec_per_step mixes processors where the seeds ran on different ones (the ratios
-    below do not)."""
+    below do not). A planned row with no comparison gets its line too, saying why (`missing`)."""
     lines = []
     for row, g in compare.groupby("row", sort=False):
         line = {"row": row, "blocks": evidence_tables.blocks_per_seed(compare, row)}
@@ -290,7 +291,28 @@ def _compare_table(compare: pd.DataFrame) -> pd.DataFrame:
             v = g[col].astype(float)
             line[col] = _fmt(v.mean(), col) + (f" ± {_fmt(v.std(), col)}" if len(v) > 1 else "")
         lines.append(line)
+    lines += [{"row": row, "blocks": why, **{col: "" for col in COMPARE_COLUMNS[2:]}}
+              for row, why in (missing or {}).items() if row not in set(compare["row"])]
     return pd.DataFrame(lines)
+
+
+def not_compared(compare: pd.DataFrame, cfg: StudyConfig, out: Path) -> dict[str, str]:
+    """Every planned row with a seed the comparison lacks, and why: a row that could not run (no budget
+    set) says so, one still to run says how to continue. No row leaves the tables without a reason."""
+    done = set(zip(compare["row"], compare["seed"].astype(int)))
+    missing = {}
+    for row in cfg.row_list():
+        seeds = [s for s in cfg.seed_list() if (row, s) not in done]
+        if not seeds:
+            continue
+        try:
+            plan(row, n_layers=block_count(cfg.model), fraction=cfg.fraction, lora_r=cfg.lora_r, seed=seeds[0],
+                 study=out)
+            why = "not compared yet: rerun the same command to continue"
+        except Skip as e:
+            why = f"not run: {e}"
+        missing[row] = why + (f" (seeds {', '.join(map(str, seeds))})" if len(cfg.seed_list()) > 1 else "")
+    return missing
 
 
 def _fmt(x: float, col: str) -> str:
