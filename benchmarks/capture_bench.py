@@ -99,9 +99,9 @@ def _way(name: str, model, tok, layers: list[int]):
     elif name == "plain decoder":
         yield lambda b: (blocks.decoder(**inputs(b), use_cache=False), None)[1]
     elif name == "cogprobe":
-        from cogprobe.probe.backends import open_backend
+        from cogprobe.probe.backends import open_backend, site_parts
         with open_backend("torch", model, layers=layers, sites=("resid",)) as run:
-            yield lambda b: {i: t for (i, _), t in run(b).items()}
+            yield lambda b: {site_parts(name)[0]: t for name, t in run(b).items()}
     elif name == "transformerlens":
         yield _tl(model, tok, layers)
     elif name.startswith("nnsight"):

@@ -116,7 +116,7 @@ def test_sentences_are_read_alone_and_pooled_over_their_own_tokens(tok):
     from cogprobe.probe.backends import run_with_sites
     ids = tok(tiny_pairs().pairs["target"][0]).input_ids
     one = run_with_sites(model, {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids))},
-                         [1], ["resid"])[(1, "resid")][0].double().mean(0)
+                         [1], ["resid"])["blocks.1.resid"][0].double().mean(0)
     pool = al.Pooler([1])
     for b in sents.batches:
         pool.add(run_with_sites(model, b, [1], ["resid"]), b)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import cogprobe  # noqa: F401  (offline env before transformers)
-from cogprobe.probe.backends import SITES, open_backend, run_with_sites, site_child
+from cogprobe.probe.backends import SITES, open_backend, run_with_sites, site_child, site_parts
 from cogprobe.models.blocks import find_blocks
 from cogprobe.probe.capture import COLUMNS, Similarity, capture, write_activations
 from cogprobe.core.errors import CogprobeError
@@ -77,9 +77,9 @@ def test_torch_sites_are_what_the_block_computes():
     with torch.no_grad():
         hidden = model(**batch, output_hidden_states=True).hidden_states
     for i in range(LAYERS - 1):  # HF's last hidden state has the final norm applied
-        torch.testing.assert_close(acts[(i, "resid")], hidden[i + 1])
+        torch.testing.assert_close(acts[f"blocks.{i}.resid"], hidden[i + 1])
         # a Llama block adds its attention and MLP outputs to the residual stream
-        torch.testing.assert_close(hidden[i] + acts[(i, "attn")] + acts[(i, "mlp")], hidden[i + 1])
+        torch.testing.assert_close(hidden[i] + acts[f"blocks.{i}.attn"] + acts[f"blocks.{i}.mlp"], hidden[i + 1])
 
 
 def test_hooks_removed_after_an_error(tok, task_batches):
@@ -128,7 +128,7 @@ def test_architectures_a_backend_cannot_serve_fail_clearly(tok):
     biogpt = tf.AutoModelForCausalLM.from_config(tf.BioGptConfig(**common)).eval()  # fc1/fc2, no MLP module
     with pytest.raises(CogprobeError, match="cannot find the mlp submodule of BioGptDecoderLayer"):
         run_with_sites(biogpt, batch, [0], ("resid", "mlp"))
-    assert set(run_with_sites(biogpt, batch, [0], ("resid", "attn"))) == {(0, "resid"), (0, "attn")}
+    assert set(run_with_sites(biogpt, batch, [0], ("resid", "attn"))) == {"blocks.0.resid", "blocks.0.attn"}
 
 
 def test_missing_optional_package_says_how_to_install(monkeypatch, tok, task_batches):
@@ -229,8 +229,9 @@ def test_streaming_stats_equal_full_matrix_stats(task_batches):
         for store, model in ((xs, ref), (ys, ckpt)):
             for key, act in run_with_sites(model, batch, range(LAYERS), SITES).items():
                 store.setdefault(key, []).append(act[real])
-    for (layer, site), x in xs.items():
-        want = direct_stats(torch.cat(x), torch.cat(ys[(layer, site)]))
+    for name, x in xs.items():
+        layer, site = site_parts(name)
+        want = direct_stats(torch.cat(x), torch.cat(ys[name]))
         got = table(df, 3, site, task).loc[layer]
         for stat, value in want.items():
             assert got[stat] == pytest.approx(value, rel=1e-9, abs=1e-12), (layer, site, stat)
@@ -328,7 +329,7 @@ def test_raw_shards_hold_the_activations(tmp_path, task_batches):
     assert torch.equal(shard["token"], batch["input_ids"][rows, pos])
     for layer in (1, 4):
         for site in ("resid", "mlp"):
-            assert torch.equal(shard[f"blocks.{layer}.{site}"], acts[(layer, site)][rows, pos])
+            assert torch.equal(shard[f"blocks.{layer}.{site}"], acts[f"blocks.{layer}.{site}"][rows, pos])
 
 
 def test_raw_positions_all_and_explicit(tmp_path, task_batches):

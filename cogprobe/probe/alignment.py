@@ -42,6 +42,7 @@ from cogprobe.data.corpora import Corpus
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.layout import ALIGNMENT
 from cogprobe.data.tasks import BATCH_SIZE, Example, collate, prompt_ids_all
+from cogprobe.probe.backends import site_name
 
 COLUMNS = ["checkpoint_step", "block", "measure", "direction", "value", "low", "high", "n_pairs", "example_scores"]
 MEASURES = ("retrieval_top1", "retrieval_mrr", "paired_minus_unpaired_cos", "language_probe_acc")
@@ -90,7 +91,7 @@ class Pooler:
     def add(self, acts: dict, batch: dict) -> None:
         mask = batch["score_mask"]
         for block, parts in self.parts.items():
-            act = acts[(block, "resid")]
+            act = acts[site_name(block, "resid")]
             m = mask.to(act.device).unsqueeze(-1).to(torch.float64)
             parts.append(((act.double() * m).sum(1) / m.sum(1)).cpu())
 

@@ -1,14 +1,14 @@
 """Three ways to read a model's insides, behind one interface.
 
 `open_backend(name, model, ...)` is a context manager that yields a runner:
-`run(batch) -> {(layer, site): tensor [batch, seq, hidden]}`. The sites are
+`run(batch) -> {"blocks.{i}.{site}": tensor [batch, seq, hidden]}`. The sites are
 
 - `resid`: the block's output, i.e. the residual stream after the block;
 - `attn`: the output of the block's attention submodule (before any post-norm);
 - `mlp`: the output of the block's MLP submodule.
 
-Each captured activation has one name, `blocks.{i}.{site}` (`site_name`), in the raw dumps and the
-docs; the tables hold the same two parts as their `block` and `site` columns.
+Each captured activation has one name, `blocks.{i}.{site}` (`site_name`): the runners' keys, the raw
+dumps and the docs use it; the tables hold its two parts as their `block` and `site` columns.
 
 Backends (they give the same numbers; tests hold them to 1e-4):
 
@@ -44,7 +44,7 @@ from cogprobe.probe.options import BACKENDS, SITES
 from cogprobe.models.blocks import Blocks, check_indices, find_blocks, unwrap
 from cogprobe.core.errors import CogprobeError
 
-Acts = dict[tuple[int, str], torch.Tensor]
+Acts = dict[str, torch.Tensor]   # site_name(block, site) -> [batch, seq, hidden]
 Runner = Callable[[dict], Acts]
 
 _CHILD_KEYS = {"attn": ("attn", "attention"), "mlp": ("mlp", "feed_forward", "ffn")}
@@ -57,6 +57,12 @@ def site_name(block: int, site: str) -> str:
     """The one name of an activation site: `blocks.{i}.{resid|attn|mlp}` (as TransformerLens names
     its hooks, without their `hook_` prefix)."""
     return f"blocks.{block}.{site}"
+
+
+def site_parts(name: str) -> tuple[int, str]:
+    """(block, site) of a site name: `site_parts("blocks.3.mlp") == (3, "mlp")`."""
+    _, block, site = name.split(".")
+    return int(block), site
 
 
 def check_sites(sites: Sequence[str]) -> tuple[str, ...]:
@@ -102,7 +108,7 @@ def _site_modules(blocks: Blocks, layers: Sequence[int], sites: Sequence[str]) -
     for i in layers:
         block = blocks.modules[i]
         for site in sites:
-            mods[(i, site)] = block if site == "resid" else block.get_submodule(site_child(block, site))
+            mods[site_name(i, site)] = block if site == "resid" else block.get_submodule(site_child(block, site))
     return mods
 
 
@@ -118,7 +124,7 @@ def run_with_sites(model: nn.Module, batch: dict, layers: Sequence[int], sites: 
 
 
 def _hooked_run(blocks: Blocks, mods: dict, batch: dict) -> Acts:
-    last = blocks.modules[max(layer for layer, _ in mods)]
+    last = blocks.modules[max(site_parts(name)[0] for name in mods)]
     acts: Acts = {}
     handles = []
 
@@ -183,7 +189,7 @@ def _nnsight_backend(model, tokenizer, layers, sites) -> Iterator[Runner]:
                     outs.append((envoy if site == "resid" else getattr(envoy, children[site])).output)
                 outs = nnsight.save(outs)  # a plain list of .save()s would be lost after the block
                 tracer.stop()  # nothing after the deepest requested block runs
-            return {key: _tensor(out) for key, out in zip(keys, outs)}
+            return {site_name(*key): _tensor(out) for key, out in zip(keys, outs)}
 
         yield run
     finally:
@@ -248,7 +254,7 @@ def _tl_backend(model, tokenizer, layers, sites) -> Iterator[Runner]:
             _, cache = bridge.run_with_cache(inputs["input_ids"], names_filter=wanted,
                                              attention_mask=inputs["attention_mask"],
                                              stop_at_layer=stop_at)
-        return {key: _tensor(cache[n]) for key, n in names.items()}
+        return {site_name(*key): _tensor(cache[n]) for key, n in names.items()}
 
     try:
         yield run
@@ -262,7 +268,7 @@ _BACKENDS = {"torch": _torch_backend, "nnsight": _nnsight_backend, "transformerl
 
 def open_backend(name: str, model: nn.Module, *, layers: Sequence[int], sites: Sequence[str] = SITES[:1],
                  tokenizer=None):
-    """Context manager yielding `run(batch) -> {(layer, site): [B, T, H] tensor}`.
+    """Context manager yielding `run(batch) -> {site_name(block, site): [B, T, H] tensor}`.
 
     `batch` is a dict with `input_ids` and `attention_mask` (right padding).
     """

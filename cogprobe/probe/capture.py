@@ -161,9 +161,8 @@ class RawWriter:
     def write(self, step: int, task: str, index: int, acts: Acts, batch: dict) -> Path:
         from safetensors.torch import save
         rows, pos = self.where(batch)
-        tensors = {site_name(layer, site): acts[(layer, site)][rows.to(acts[(layer, site)].device),
-                                                               pos.to(acts[(layer, site)].device)].cpu().contiguous()
-                   for layer in self.layers for site in self.sites}
+        tensors = {name: acts[name][rows.to(acts[name].device), pos.to(acts[name].device)].cpu().contiguous()
+                   for name in (site_name(layer, site) for layer in self.layers for site in self.sites)}
         tensors.update(row=rows.contiguous(), position=pos.contiguous(),
                        token=batch["input_ids"][rows, pos].contiguous())
         data = save(tensors, metadata={"checkpoint_step": str(step), "task": task, "batch": str(index)})
@@ -309,12 +308,13 @@ class _Pass:
                 ref = self.reference_acts(task, index, batch) if run_ref is not None else None
             real = batch["attention_mask"].bool()
             for key, sim in sims.items():
+                name = site_name(*key)
                 if ref is None:
-                    sim.update(_at(acts[key], real))
+                    sim.update(_at(acts[name], real))
                 else:
-                    sim.update(_at(ref[key], real), _at(acts[key], real))
+                    sim.update(_at(ref[name], real), _at(acts[name], real))
             for layer, acc in lens.items():
-                s, n = _lens(blocks, acts[(layer, "resid")], batch)
+                s, n = _lens(blocks, acts[site_name(layer, "resid")], batch)
                 acc[0], acc[1] = acc[0] + s, acc[1] + n
             if self.raw is not None:
                 self.raw.write(step, task, index, acts, batch)
