@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from cogprobe.core import io
-from cogprobe.core.errors import CogprobeError
 from cogprobe.plots import style
+from cogprobe.study.evidence_tables import study_table as table  # noqa: F401  (the scripts' checked read)
 
 FIGURES = Path(os.environ.get("COGPROBE_FIGURES", Path(__file__).resolve().parent.parent / "figures"))
 
@@ -18,15 +17,6 @@ def study_dir() -> Path:
     if len(sys.argv) != 2:
         sys.exit(f"usage: python {Path(sys.argv[0]).name} STUDY_DIR   (a folder written by `cogprobe run`)")
     return Path(sys.argv[1])
-
-
-def table(study: Path, name: str) -> pd.DataFrame:
-    """A study table read through `io`, so a folder written before a column was renamed reads with the
-    new names (compare's `strategy` as `row`)."""
-    path = study / name
-    if not path.is_file():
-        raise CogprobeError(f"{path} is missing; run `cogprobe run --out {study}` first")
-    return io.read_parquet(path) if name.endswith(".parquet") else io.read_csv(path)
 
 
 def publish(fig, data: pd.DataFrame, stem: str) -> None:

@@ -144,12 +144,6 @@ def over_seeds(per_seed: Callable[[np.ndarray], np.ndarray], n_seeds: int, n: in
                         pair_half, seed_half)
 
 
-def seed_spread(statistic: Callable[[dict], np.ndarray], seeds: list[Arms]) -> float:
-    """Standard deviation over seeds of the statistic's point estimate (reported beside the interval)."""
-    values = [float(statistic({a: s[a][0].sum() / s[a][1].sum() for a in s})) for s in seeds]
-    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
-
-
 def to_resolve(estimate: float, pair_half: float, seed_half: float, n_pairs: int, n_seeds: int,
                margin: float = 0.0, level: float = LEVEL) -> tuple[str, int | None]:
     """What would resolve an interval of `over_seeds` that holds `margin`: ("pairs", n) where the pairs'

@@ -130,7 +130,7 @@ def across_seeds(scores: pd.DataFrame, rows: list[tuple[str, int]], **kw) -> pd.
                 i = intervals.hierarchical(f, data, **kw)
                 out.append(dict(row=row, seed=-1, task=task, quantity=quantity, estimate=i.estimate,
                                 low=i.low, high=i.high, n_pairs=len(data[0]["row"][0]), n_seeds=len(seeds),
-                                seed_sd=intervals.seed_spread(f, data)))
+                                seed_sd=i.seed_sd))
     return pd.DataFrame(out)
 
 
