@@ -8,14 +8,9 @@ environment, so its subprocesses see the same settings):
   --cache DIR    trained checkpoints, the tiny model, the training corpus
                  (default benchmarks/.cache, gitignored)
 
-Peak memory (`PeakMemory`). On CPU the kernel keeps the process's high-water
-mark of resident memory (VmHWM in /proc/self/status); writing "5" to
-/proc/self/clear_refs resets it to the current RSS. So the peak of a block of
-code is exact (no sampling gaps): reset on entry, read on exit. Where that file
-is not writable, a thread samples RSS every millisecond instead (and the kind
-column says `rss-sampled`). The numbers are of the whole process (weights,
-libraries, the call's own tensors), which is why each measured variant runs in
-a fresh subprocess. On CUDA: `torch.cuda.max_memory_allocated`, reset on entry.
+Peak memory: `PeakMemory` (from `cogprobe.core.memory`, where the probe uses it
+too). The numbers are of the whole process (weights, libraries, the call's own
+tensors), which is why each measured variant runs in a fresh subprocess.
 """
 from __future__ import annotations
 
@@ -44,6 +39,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import cogprobe  # noqa: E402,F401
 from cogprobe.core import io  # noqa: E402
+from cogprobe.core.memory import PeakMemory, rss_bytes  # noqa: E402,F401  (the benchmarks' meter)
 
 ENV_TINY, ENV_OUT, ENV_CACHE, ENV_THREADS, ENV_COMMAND = (
     "COGPROBE_BENCH_TINY", "COGPROBE_BENCH_OUT", "COGPROBE_BENCH_CACHE", "COGPROBE_BENCH_THREADS",
@@ -166,73 +162,6 @@ def times(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str =
 def timeit(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device: str = "cpu") -> float:
     """Median wall seconds of a call (warm-up calls first, untimed); CUDA work is synchronised."""
     return statistics.median(times(fn, repeats, warmup, device))
-
-
-def rss_bytes() -> int:
-    return _status_kib("VmRSS") * 1024
-
-
-def _status_kib(field: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.M).group(1))
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class PeakMemory:
-    """Peak memory while the block runs: `.peak` (bytes), `.before` (at entry), `.kind`.
-
-    `device`: where the measured work runs ("cpu", or "cuda" for GPU memory)."""
-
-    def __init__(self, device: str = "cpu"):
-        self.device = device
-        self.peak = self.before = 0
-        self.kind = ""
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "PeakMemory":
-        import torch
-        _sync(self.device)
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            self.kind, self.before = "cuda", torch.cuda.memory_allocated()
-        elif _reset_hwm():
-            self.kind, self.before = "rss-hwm", rss_bytes()
-        else:
-            self.kind, self.before = "rss-sampled", rss_bytes()
-            self.peak = self.before
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        import torch
-        _sync(self.device)
-        if self.kind == "cuda":
-            self.peak = torch.cuda.max_memory_allocated()
-        elif self.kind == "rss-hwm":
-            self.peak = _status_kib("VmHWM") * 1024
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, rss_bytes())
-
-    @property
-    def extra(self) -> int:
-        """What the block added on top of what the process held when it started."""
-        return max(0, self.peak - self.before)
 
 
 # ------------------------------------------------------------------ subprocesses

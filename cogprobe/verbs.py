@@ -28,7 +28,7 @@ from cogprobe.models.blocks import SkipBlock, check_indices, find_blocks, swappe
 from cogprobe.models.layersets import resolve
 from cogprobe.probe.alignment import sentence_batches
 from cogprobe.probe.capture import capture_tables, task_batches
-from cogprobe.probe.options import CaptureOptions, SweepOptions
+from cogprobe.probe.options import DTYPES, CaptureOptions, SweepOptions
 from cogprobe.probe.sweep import sweep as sweep_engine
 from cogprobe.probe.tables import open_checkpoints
 from cogprobe.selection.options import RANKINGS, SelectOptions
@@ -42,9 +42,10 @@ def sweep(checkpoints, evalset: EvalSet, options: SweepOptions | None = None, **
     one row per (checkpoint, task, direction, k), as `sweeps.parquet` holds them."""
     o = with_changes(SweepOptions, options, changes)
     ckpts = open_checkpoints(checkpoints)
-    examples = evalset.examples(ckpts.reference()[1], o.tasks)
-    return sweep_engine(ckpts, examples, mode=o.mode, directions=o.directions, ks=o.ks, ends=o.ends,
-                        engine=o.engine, batch_size=o.batch_size)
+    with ckpts.precision(DTYPES[o.dtype]):
+        examples = evalset.examples(ckpts.reference_tokenizer(), o.tasks)
+        return sweep_engine(ckpts, examples, mode=o.mode, directions=o.directions, ks=o.ks, ends=o.ends,
+                            engine=o.engine, batch_size=o.batch_size, max_memory=o.max_memory)
 
 
 def capture(checkpoints, evalset: EvalSet, options: CaptureOptions | None = None,

@@ -311,11 +311,21 @@ def load_model(spec: str | Path, *, dtype: torch.dtype = torch.float32,
             model, tok = _load_gguf(path, model_kw, **kw)
         else:
             model, tok = _load_folder(path, model_kw, allow_pickle, tokenizer, **kw)
+    model._cogprobe_source = path.resolve()
+    return model.eval(), _ready(tok)
+
+
+def load_tokenizer(folder: Path):
+    """The tokenizer of a model folder, offline, set up as `load_model` sets it up."""
+    return _ready(load_model_tokenizer(Path(folder)))
+
+
+def _ready(tok):
+    """Pad on the right; lacking a pad token, pad with EOS."""
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    model._cogprobe_source = path.resolve()
-    return model.eval(), tok
+    return tok
 
 
 @contextlib.contextmanager

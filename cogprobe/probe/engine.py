@@ -6,8 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import torch
+from torch import nn
+
 from cogprobe.core.errors import CogprobeError
 from cogprobe.data.tasks import Example, collate
+from cogprobe.models.blocks import Blocks, SkipBlock, swapped
 
 
 @dataclass(frozen=True)
@@ -22,11 +26,15 @@ class Ablation:
         return [i for i, s in enumerate(self.sources) if s != "c"]
 
 
+CACHE_BYTES = 2 << 30   # what the in-memory engine may keep of reference states across checkpoints
+
+
 @dataclass
 class Counter:
     """Block evaluations performed, summed over batches (the benchmark's cost measure)."""
     block_evals: int = 0
     backward_passes: int = 0   # the taylor engine's (one per example)
+    block_loads: int = 0       # blocks read from files (the streamed engine's)
 
 
 def batches(examples: Sequence[Example], batch_size: int):
@@ -60,3 +68,49 @@ def iter_checkpoints(checkpoints, steps):
     for s, m in pairs:
         if steps is None or s in set(steps) or s == pairs[0][0]:
             yield s, m
+
+
+def iter_weights(checkpoints, steps, rename=None):
+    """(step, weights read lazily from the files), the reference first: `iter_checkpoints` for the
+    streamed engine, which never loads a model. `rename`: see `models.weights.FolderWeights`."""
+    if not checkpoints.steps:
+        raise CogprobeError("this run has no checkpoints; train with --save-steps first")
+    ref = checkpoints.reference_step
+    yield ref, checkpoints.reference_weights(rename)
+    for s in checkpoints.steps:
+        if s != ref and (steps is None or s in set(steps)):
+            yield s, checkpoints.weights(s, rename)
+
+
+# --- calling blocks one at a time, with the decoder's own arguments ---------------------------
+
+
+class _Recorder(SkipBlock):
+    """Stand-in block that records what the decoder passes to it: (hidden_states, args, kwargs)."""
+
+    def __init__(self, original, log: list):
+        super().__init__(original)
+        self.log = log
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.log.append((hidden_states, args, kwargs))
+        return hidden_states
+
+
+def record_call_args(blocks: Blocks, batch: dict, device) -> tuple[torch.Tensor, list]:
+    """One cheap decoder pass with recorders for blocks: (embedding output, per-block call args)."""
+    log: list = []
+    with swapped(blocks, {i: _Recorder(blocks.modules[i], log) for i in range(blocks.n)}):
+        blocks.decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False)
+    return log[0][0], [(args, kwargs) for _, args, kwargs in log]
+
+
+def call_block(layer: nn.Module, h: torch.Tensor, call: tuple) -> torch.Tensor:
+    """Block `layer` run on state h with the arguments the decoder passed it (`record_call_args`)."""
+    args, kwargs = call
+    if args or "hidden_states" not in kwargs:
+        out = layer(h, *args, **kwargs)
+    else:
+        out = layer(**{**kwargs, "hidden_states": h})
+    return out[0] if isinstance(out, tuple) else out

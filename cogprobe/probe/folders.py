@@ -19,6 +19,7 @@ requests and data fail before anything is written.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -29,16 +30,18 @@ from cogprobe.core.distributed import world
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.knob import with_changes
 from cogprobe.core.layout import ACTIVATIONS, ALIGNMENT, SWEEPS
+from cogprobe.core.memory import gib, process_peak
 from cogprobe.core.progress import bar
 from cogprobe.data.evalset import EvalSet
-from cogprobe.models.blocks import find_blocks
 from cogprobe.probe.alignment import MIN_PAIRS, sentence_batches
 from cogprobe.probe.backends import check_sites
 from cogprobe.probe.capture import capture_tables, task_batches
 from cogprobe.probe.engine import n_batches
-from cogprobe.probe.options import CaptureOptions, SweepOptions
-from cogprobe.probe.sweep import engine_label, engines_in, sweep, sweep_configs
-from cogprobe.probe.tables import claim_table, merge_parts, open_checkpoints, out_dir, say_set, source_id, steps_in
+from cogprobe.probe.fit import STREAMABLE, block_count, pick, skeleton_for
+from cogprobe.probe.options import DTYPES, CaptureOptions, SweepOptions
+from cogprobe.probe.sweep import engine_label, engines_in, largest_batch, sweep, sweep_configs
+from cogprobe.probe.tables import (claim_table, merge_parts, open_checkpoints, out_dir, record_run, say_set, source_id,
+                                   steps_in)
 from cogprobe.tuning.checkpoints import Checkpoints
 
 
@@ -52,19 +55,27 @@ def sweep_run(source, options: SweepOptions | None = None, *, evalset: EvalSet |
     the table equals a single-process one row for row. `checkpoints`: `source` already opened
     (the study opens its probe run once for the sweep, capture and selection). `changes`: fields of
     `SweepOptions` given as keywords (`sweep_run(run, mode="skip")`), on top of `options`.
+    The engine that ran, the precision and the peak memory are recorded beside the table (`runs`).
     """
     o = with_changes(SweepOptions, options, changes)
+    ckpts = checkpoints or open_checkpoints(source, base, device)
+    with ckpts.precision(DTYPES[o.dtype]):
+        return _sweep_run(source, o, ckpts, evalset, out, overwrite, log, progress, steps)
+
+
+def _sweep_run(source, o: SweepOptions, ckpts: Checkpoints, evalset, out, overwrite, log, progress, steps):
     mode, tasks, ends, engine, batch_size = o.mode, o.tasks, o.ends, o.engine, o.batch_size
     w = world()
-    ckpts = checkpoints or open_checkpoints(source, base, device)
     out = out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
-    reference, tok = ckpts.reference()
-    configs = sweep_configs(find_blocks(reference).n, mode=mode, directions=o.directions, ks=o.ks, ends=ends)
+    tok = ckpts.reference_tokenizer() if engine in STREAMABLE else ckpts.reference()[1]
+    configs = sweep_configs(block_count(ckpts), mode=mode, directions=o.directions, ks=o.ks, ends=ends)
     examples = evalset.examples(tok, tasks)
     say_set(evalset, tok, w, log)
     _check_engine(out / SWEEPS, engine, overwrite)
-    claim_table(out, SWEEPS, evalset, source_id(source, ckpts), overwrite, w)
+    engine = _chosen(engine, ckpts, o, examples, configs)   # a budget too small fails before a file is written
+    precision = {"dtype": o.dtype} if o.dtype != "float32" else {}   # rows of two precisions never mix
+    claim_table(out, SWEEPS, evalset, {**source_id(source, ckpts), **precision}, overwrite, w)
     path = out / SWEEPS
     done = _done_steps(path, mode, ends, _grid(tasks, configs))
     todo = [s for s in ckpts.steps if s not in done and (steps is None or s in steps)]
@@ -81,12 +92,28 @@ def sweep_run(source, options: SweepOptions | None = None, *, evalset: EvalSet |
             log(f"sweep: step {step} done" + (f" (process 0 of {w.size})" if w.size > 1 else f" ({len(rows)} rows)"))
 
     if mine:
+        start = time.perf_counter()
         with bar("sweep", total=len(mine) * n_batches(examples, batch_size), unit="batch",
                  enabled=progress) as ticks:
-            sweep(ckpts, examples, mode=mode, configs=share, engine=engine, batch_size=batch_size,
-                  steps=mine, on_checkpoint=save, on_batch=ticks.update)
+            table = sweep(ckpts, examples, mode=mode, configs=share, engine=engine, batch_size=batch_size,
+                          steps=mine, on_checkpoint=save, on_batch=ticks.update, max_memory=o.max_memory)
+        ran = dict(engine=table.attrs["engine"], dtype=o.dtype, device=str(ckpts.device), steps=mine,
+                   seconds=round(time.perf_counter() - start, 1), peak_bytes=process_peak(ckpts.device),
+                   block_evals=table.attrs["block_evals"], fit=table.attrs["fit"])
+        if w.is_main:
+            record_run(out, SWEEPS, ran)
+            log(f"sweep: {ran['engine']} engine, {o.dtype}, peak {gib(ran['peak_bytes'])}")
     merge_parts(path, w, todo, list(examples), keep=lambda t: (t["mode"] == mode) & (t["ends"] == ends))
     return io.read_parquet(path)
+
+
+def _chosen(engine: str, ckpts: Checkpoints, o: SweepOptions, examples, configs) -> str:
+    """`auto` resolved to the engine that fits `o.max_memory` (`probe.fit`); the others as given."""
+    skeleton = skeleton_for(engine, ckpts)
+    if skeleton is None:
+        return "memory" if engine == "auto" else engine
+    return pick(engine, ckpts, skeleton, max_memory=o.max_memory, batch_tokens=largest_batch(examples, o.batch_size),
+                n_configs=len(configs) + 2)[0]
 
 
 def _check_engine(path: Path, engine: str, overwrite: bool) -> None:

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from cogprobe.core.knob import knob
 from cogprobe.data.tasks import BATCH_SIZE, TASKS
 
 DIRECTIONS = ("input", "output")
 SWEEP_MODES = ("revert", "skip")
-ENGINES = ("fast", "naive", "taylor")
+ENGINES = ("auto", "memory", "streamed", "naive", "taylor", "fast")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SITES = ("resid", "attn", "mlp")
 BACKENDS = ("torch", "nnsight", "transformerlens")
 
@@ -27,9 +30,16 @@ class SweepOptions:
                                   "tasks scored: perception, production and their -shuffled controls")
     ks: tuple[int, ...] | None = knob(None, "k grid, e.g. '0-30' or '0,2,4,8' (default: every k from 0 to L)")
     ends: bool = knob(False, "revert the embedding with the input end and final norm + head with the output end")
-    engine: str = knob("fast", "fast, naive: exact (the same numbers); taylor: first-order estimates of a revert "
-                       "sweep from one backward pass per pair (its own table: use --out)", choices=ENGINES)
+    engine: str = knob("auto", "exact, the same numbers: memory (two models in memory), streamed (blocks read "
+                       "from the files one at a time: memory that does not grow with depth), auto (memory where it "
+                       "fits --max-memory, else streamed), naive (rebuilds each ablated model; a check); fast is "
+                       "memory's older name; taylor: first-order estimates of a revert sweep from one backward "
+                       "pass per pair (its own table: use --out)", choices=ENGINES)
     batch_size: int = knob(BATCH_SIZE, "pairs per forward pass")
+    dtype: str = knob("float32", "precision of the weights and activations (scores are summed in float64 either "
+                      "way); bfloat16 halves memory, see the docs' scaling page for what it moves", choices=tuple(DTYPES))
+    max_memory: str | None = knob(None, "memory the sweep may use, e.g. 20GiB (default: the device's free memory); "
+                                  "decides the engine under --engine auto")
 
 
 @dataclass(frozen=True)

@@ -42,11 +42,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from cogprobe.models.blocks import Blocks, SkipBlock, find_blocks, swapped
+from cogprobe.models.blocks import SkipBlock, find_blocks
 from cogprobe.core.errors import CogprobeError
 from cogprobe.models.layersets import to_string
 from cogprobe.probe.options import DIRECTIONS, SweepOptions
-from cogprobe.probe.engine import Ablation, Counter, batches, iter_checkpoints, n_batches
+from cogprobe.probe.engine import (CACHE_BYTES, Ablation, Counter, batches, call_block, iter_checkpoints, iter_weights,
+                                   n_batches, record_call_args)
+from cogprobe.probe.fit import pick, skeleton_for
+from cogprobe.probe.streamed import StreamedEngine
 from cogprobe.probe.taylor import TaylorEngine
 from cogprobe.data.tasks import BATCH_SIZE, Example, nll_per_example, scored_positions
 
@@ -126,40 +129,10 @@ def changed_blocks(model: nn.Module, reference: nn.Module) -> tuple[set[int], bo
     return changed, embed_changed
 
 
-class _Recorder(SkipBlock):
-    """Stand-in block that records what the decoder passes to it: (hidden_states, args, kwargs)."""
-
-    def __init__(self, original, log: list):
-        super().__init__(original)
-        self.log = log
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.log.append((hidden_states, args, kwargs))
-        return hidden_states
-
-
-def _record_call_args(blocks: Blocks, batch: dict, device) -> tuple[torch.Tensor, list]:
-    """One cheap decoder pass with recorders for blocks: (embedding output, per-block call args)."""
-    log: list = []
-    with swapped(blocks, {i: _Recorder(blocks.modules[i], log) for i in range(blocks.n)}):
-        blocks.decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       use_cache=False)
-    return log[0][0], [(args, kwargs) for _, args, kwargs in log]
-
-
-def _call(layer: nn.Module, h: torch.Tensor, call: tuple) -> torch.Tensor:
-    args, kwargs = call
-    if args or "hidden_states" not in kwargs:
-        out = layer(h, *args, **kwargs)
-    else:
-        out = layer(**{**kwargs, "hidden_states": h})
-    return out[0] if isinstance(out, tuple) else out
-
-
 class FastEngine:
     """Prefix-sharing evaluation of many configurations of one checkpoint against a reference."""
 
-    def __init__(self, reference: nn.Module, *, cache_bytes: int = 2 << 30):
+    def __init__(self, reference: nn.Module, *, cache_bytes: int = CACHE_BYTES):
         self.reference = reference
         self.ref_blocks = find_blocks(reference)
         self.counter = Counter()
@@ -212,7 +185,7 @@ class FastEngine:
                 src = key[depth]
                 if depth == 0:
                     if src not in roots:
-                        roots[src], calls_ = _record_call_args(self.ref_blocks if src == "r" else cb, batch, device)
+                        roots[src], calls_ = record_call_args(self.ref_blocks if src == "r" else cb, batch, device)
                         calls = calls or calls_
                     h = roots[src]
                 else:
@@ -242,7 +215,7 @@ class FastEngine:
             self._kept.move_to_end(kept)
             return self._kept[kept]
         layer = (self.ref_blocks if src == "r" else cb).modules[i]
-        out = _call(layer, h, calls[i])
+        out = call_block(layer, h, calls[i])
         self.counter.block_evals += 1
         size = out.numel() * out.element_size()
         if pure_ref and self._cached + size <= self._cache_bytes:
@@ -317,7 +290,8 @@ def build_ablated(model: nn.Module, reference: nn.Module, config: Ablation) -> n
     return out
 
 
-ENGINES = {"fast": FastEngine, "naive": NaiveEngine, "taylor": TaylorEngine}
+ENGINES = {"auto": FastEngine, "memory": FastEngine, "fast": FastEngine, "streamed": StreamedEngine,
+           "naive": NaiveEngine, "taylor": TaylorEngine}   # auto: memory or streamed (`probe.fit`); fast: memory's older name
 ESTIMATES = {"taylor"}   # engines whose rows are estimates, labelled by name; the others are "exact"
 
 
@@ -355,7 +329,8 @@ def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = SweepO
           directions: Sequence[str] = DIRECTIONS, ks: Iterable[int] | None = None, ends: bool = False,
           keep_outer: Iterable[tuple[int, int]] = (), engine: str = SweepOptions.engine, batch_size: int = BATCH_SIZE,
           steps: Iterable[int] | None = None, on_checkpoint=None, runner=None,
-          configs: Sequence[Ablation] | None = None, on_batch=None, remember: bool = False) -> pd.DataFrame:
+          configs: Sequence[Ablation] | None = None, on_batch=None, remember: bool = False,
+          max_memory=SweepOptions.max_memory) -> pd.DataFrame:
     """Sweep every checkpoint; a tidy table with one row per (checkpoint, task, configuration).
 
     `checkpoints` is a `Checkpoints` or a sequence of (step, model) with the
@@ -366,23 +341,38 @@ def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = SweepO
     `on_batch()` is called after each (checkpoint, task, batch): a progress bar's tick.
     `remember`: keep each checkpoint's prefix states in `runner` across calls (see
     `FastEngine.evaluate`; the budget search scores one checkpoint in many small calls).
+    `engine` auto (or streamed) with a `Checkpoints` reads the weights' sizes from the files and
+    streams the blocks when two models would not fit `max_memory` (`probe.fit`); the table's
+    attrs say which engine ran (`engine`) and what it measured (`fit`).
     """
     if engine not in ENGINES:
         raise CogprobeError(f"unknown engine {engine!r}; use {', '.join(ENGINES)}")
     if mode == "keep-outer" and not keep_outer and configs is None:
         raise CogprobeError("mode keep-outer needs (k_in, k_out) pairs; pass keep_outer=[(2, 2), ...]")
-    items = iter_checkpoints(checkpoints, steps)
+
+    def grid(n: int) -> list[Ablation]:
+        own = configs if configs is not None else (
+            keep_outer_configs(n, keep_outer) if mode == "keep-outer"
+            else sweep_configs(n, mode=mode, directions=directions, ks=ks, ends=ends))
+        return [reference_config(n), checkpoint_config(n)] + list(own)
+
+    fit = None
+    skeleton = skeleton_for(engine, checkpoints) if runner is None else None
+    if skeleton is not None:
+        planned = grid(skeleton.n)
+        engine, fit, runner = pick(engine, checkpoints, skeleton, max_memory=max_memory,
+                                   batch_tokens=largest_batch(examples, batch_size), n_configs=len(planned))
+    if isinstance(runner, StreamedEngine):
+        items = iter_weights(checkpoints, steps, runner.skeleton.rename)
+    else:
+        items = iter_checkpoints(checkpoints, steps)
     ref_step, reference = next(items)
-    n = find_blocks(reference).n
-    if configs is None:
-        configs = (keep_outer_configs(n, keep_outer) if mode == "keep-outer"
-                   else sweep_configs(n, mode=mode, directions=directions, ks=ks, ends=ends))
-    configs = [reference_config(n), checkpoint_config(n)] + list(configs)
+    configs = planned if skeleton is not None else grid(find_blocks(reference).n)
     runner = runner or ENGINES[engine](reference)  # pass one to keep its caches across calls
     frames = []
     wanted_ref = steps is None or ref_step in set(steps)
     for step, model in (_with_reference(ref_step, reference, items) if wanted_ref else items):
-        extra = dict(remember=step) if remember else {}
+        extra = dict(remember=step) if remember and not isinstance(runner, StreamedEngine) else {}
         totals = runner.evaluate(model, configs, examples, batch_size=batch_size, on_batch=on_batch, **extra)
         rows = _rows(step, configs, totals, examples, engine_label(engine))
         if on_checkpoint is not None:
@@ -390,7 +380,16 @@ def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = SweepO
         frames.append(rows)
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     table.attrs["block_evals"] = runner.counter.block_evals
+    table.attrs["block_loads"] = runner.counter.block_loads
+    table.attrs["engine"] = "memory" if engine in ("auto", "fast") else engine
+    table.attrs["fit"] = fit.record() if fit is not None else None
     return table
+
+
+def largest_batch(examples: dict[str, list[Example]], batch_size: int) -> int:
+    """Tokens in the largest batch (longest examples first): the states one batch keeps in flight."""
+    longest = max((len(e.input_ids) for exs in examples.values() for e in exs), default=0)
+    return longest * batch_size
 
 
 def _with_reference(ref_step, reference, items):

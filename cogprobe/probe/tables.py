@@ -64,6 +64,21 @@ def claim_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite
     w.barrier()
 
 
+RUNS = "runs"   # how each call computed its rows (engine, precision, peak memory): not the table's identity
+
+
+def identity(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != RUNS}
+
+
+def record_run(out: Path, table: str, ran: dict) -> None:
+    """Add one call's record (which engine ran, its peak memory, ...) to the table's metadata."""
+    path = metadata(out / table)
+    meta = io.read_json(path)
+    meta[RUNS] = [*meta.get(RUNS, []), io.jsonable(ran)]
+    io.write_json(path, meta)
+
+
 def wanted(evalset: EvalSet, source: dict) -> dict:
     return io.jsonable(dict(evalset.to_dict(), source=source))
 
@@ -72,7 +87,7 @@ def check_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite
     meta_path = metadata(out / table)
     want = wanted(evalset, source)
     if (out / table).exists() and not overwrite:
-        have = io.read_json(meta_path)  # a table without its metadata is refused too: where are its rows from?
+        have = identity(io.read_json(meta_path))  # a table without its metadata is refused too
         same(want, have, f"{out / table} holds rows of other checkpoints or another evaluation set",
              "pass the same run and options, another --out, or --overwrite to start the table again")
 
@@ -82,7 +97,7 @@ def start_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite
     if overwrite:
         (out / table).unlink(missing_ok=True)
         drop_parts(out / table)
-    if overwrite or not meta_path.exists() or io.read_json(meta_path) != want:  # overwrite: even a damaged one
+    if overwrite or not meta_path.exists() or identity(io.read_json(meta_path)) != want:  # overwrite: even a damaged one
         io.write_json(meta_path, want)
 
 

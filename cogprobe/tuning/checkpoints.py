@@ -40,9 +40,11 @@ from cogprobe.tuning import resume
 from cogprobe.core.artifacts import damaged
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.layout import MANIFEST
-from cogprobe.models.loading import EMBEDDED, embedded_dir, has_tokenizer, load_model, model_fingerprint, model_source
+from cogprobe.models.loading import (EMBEDDED, embedded_dir, has_tokenizer, load_model, load_tokenizer,
+                                     model_fingerprint, model_source)
 from cogprobe.models.layersets import resolve, to_string
 from cogprobe.models.params import aliases, load_tensors
+from cogprobe.models.weights import FolderWeights, LoraWeights, OverlayWeights
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
@@ -213,6 +215,8 @@ class Checkpoints:
         self._base = None
         self._changed: dict[int, set[str]] = {}
         self.device = torch.device("cpu")  # where loaded models go (set before the first load)
+        self.dtype = torch.float32         # and in which precision (`to`)
+        self._weights: FolderWeights | None = None
         self.tokenizer: Path | None = None  # for folders saved without one (default: the base's)
 
     # ---- opening
@@ -336,25 +340,84 @@ class Checkpoints:
         run, or --base) and its tokenizer, read once; do not modify them."""
         if self._base is None:
             own = not self.tokenizer or has_tokenizer(_resolved(self.base_spec))
-            model, tok = load_model(self.base_spec, tokenizer=None if own else self.tokenizer)
+            model, tok = load_model(self.base_spec, tokenizer=None if own else self.tokenizer, dtype=self.dtype)
             model.to(self.device)
             if self._fingerprint is not None:
                 _check_fingerprint(model_source(model), self._fingerprint, self.source)
             self._base = (model, tok)
         return self._base
 
-    def to(self, device) -> "Checkpoints":
-        """Load models onto `device` from now on (the base read so far moves there too)."""
+    @property
+    def reference_loaded(self) -> bool:
+        """Whether the reference model is in memory already (`reference`)."""
+        return self._base is not None
+
+    def to(self, device, dtype: torch.dtype | None = None) -> "Checkpoints":
+        """Load models onto `device` (and in `dtype`) from now on; the base read so far moves too."""
         self.device = torch.device(device)
+        self.dtype = dtype or self.dtype
         if self._base is not None:
-            self._base[0].to(self.device)
+            self._base[0].to(self.device, self.dtype)
         return self
+
+    @contextlib.contextmanager
+    def precision(self, dtype: torch.dtype):
+        """Load models in `dtype` inside the block, at the precision before it after (a study's
+        checkpoints go on from its sweep to capture at their own)."""
+        before = self.dtype
+        self.to(self.device, dtype)
+        try:
+            yield self
+        finally:
+            self.to(self.device, before)
+
+    # ---- reading lazily, tensor by tensor (the streamed engine)
+    def reference_folder(self) -> Path:
+        """The reference's model folder, checked against the run's base fingerprint."""
+        path = _resolved(self.base_spec)
+        if path.is_file():
+            raise CogprobeError(f"the reference {path} is a single file, which the streamed engine cannot read "
+                                "block by block; convert it once to a folder (cogprobe prepare does for the "
+                                "embedded model) or use --engine memory")
+        if self._fingerprint is not None and self._weights is None:
+            _check_fingerprint(path, self._fingerprint, self.source)
+        return path
+
+    def reference_weights(self, rename=None) -> FolderWeights:
+        """The reference's tensors, read when asked for; `rename`: see `FolderWeights`."""
+        if self._weights is None or self._weights.rename != rename:
+            self._weights = FolderWeights(self.reference_folder(), rename=rename)
+        return self._weights
+
+    def weights(self, step: int, rename=None):
+        """The tensors of `step`, read from their files when asked for, without loading a model."""
+        entry = self._entry(step)
+        if entry.kind == "model":
+            return FolderWeights(entry.path, rename=rename)
+        reference = self.reference_weights(rename)
+        if entry.kind == "tensors":
+            return OverlayWeights(reference, entry.path / TENSORS)
+        if entry.kind in ("lora", "adapter"):
+            return LoraWeights(reference, entry.path)
+        return reference
+
+    def reference_config(self):
+        """The reference's transformers config, from its config.json alone."""
+        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(self.reference_folder(), local_files_only=True)
+
+    def reference_tokenizer(self):
+        """The reference's tokenizer, without loading its weights (unless they are loaded already)."""
+        if self._base is not None or _resolved(self.base_spec).is_file():   # a GGUF file: loaded whole
+            return self.reference()[1]
+        folder = self.reference_folder()
+        return load_tokenizer(folder if has_tokenizer(folder) or not self.tokenizer else self.tokenizer)
 
     def load(self, step: int):
         """A full model for `step`: base + saved tensors (LoRA merged into a fresh copy)."""
         entry = self._entry(step)
         if entry.kind == "model":
-            model, tok = load_model(entry.path, tokenizer=self._tokenizer_for(entry.path))
+            model, tok = load_model(entry.path, tokenizer=self._tokenizer_for(entry.path), dtype=self.dtype)
             return model.to(self.device), tok
         base, tok = self.reference()
         model = copy.deepcopy(base)

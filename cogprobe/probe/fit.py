@@ -1,0 +1,116 @@
+"""Which exact sweep engine fits in the memory a probe may use.
+
+The in-memory engine (`memory`, formerly `fast`) holds the reference and one checkpoint whole,
+plus up to `CACHE_BYTES` of reference states it reuses across checkpoints. The streamed engine
+(`probe.streamed`) holds two blocks, each model's ends (embeddings, final norm, head) and the
+states in flight. `auto` picks the in-memory engine when it fits, since it does less work (it
+reuses reference states across checkpoints), and the streamed one otherwise. A budget too small even for the streamed engine fails in one line that
+names the smallest that would work.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from weakref import WeakKeyDictionary
+
+from cogprobe.core.errors import CogprobeError
+from cogprobe.core.memory import available, gib, parse_bytes
+from cogprobe.models.blocks import find_blocks
+from cogprobe.probe.engine import CACHE_BYTES
+from cogprobe.probe.streamed import Skeleton, StreamedEngine
+
+STREAMABLE = ("auto", "streamed")
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What each engine needs (bytes, estimated from the weight files' headers) and what was chosen."""
+    engine: str
+    budget: int        # the memory the probe may use
+    model: int         # one model's weights at the probe's dtype
+    block: int         # the largest block
+    ends: int          # embeddings, final norm and head (tied tensors once)
+    in_memory: int     # the in-memory engine's need
+    streamed: int      # the streamed engine's need, with one batch in flight
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def measure(skeleton: Skeleton, weights, batch_states: int) -> dict:
+    """Sizes at the skeleton's dtype: one model, its largest block, its ends; and each engine's need."""
+    sizes = weights.sizes(skeleton.dtype)
+    blocks = [sum(sizes.get(n, 0) for n in skeleton.block_names(i)) for i in range(skeleton.n)]
+    model = sum(sizes.values())
+    ends = model - sum(blocks)
+    return dict(model=model, block=max(blocks), ends=ends,
+                in_memory=2 * model + CACHE_BYTES + batch_states,
+                streamed=2 * ends + 2 * max(blocks) + batch_states)
+
+
+_SKELETONS: WeakKeyDictionary = WeakKeyDictionary()   # Checkpoints -> {(dtype, device): Skeleton}
+
+
+def skeleton_of(checkpoints) -> Skeleton:
+    """The reference's weightless model at the checkpoints' dtype and device, built once per
+    `Checkpoints` (a study sweeps one run in several calls)."""
+    built = _SKELETONS.setdefault(checkpoints, {})
+    key = (checkpoints.dtype, str(checkpoints.device))
+    if key not in built:
+        built[key] = Skeleton(checkpoints.reference_config(), dtype=checkpoints.dtype, device=checkpoints.device)
+    return built[key]
+
+
+def skeleton_for(engine: str, checkpoints) -> Skeleton | None:
+    """The weightless model an engine choice needs, or None where the models are in memory already.
+
+    `auto` falls back to the in-memory engine where the reference cannot be read block by block
+    (a single GGUF file, weights in pickle files); `streamed` says why in one line."""
+    if engine not in STREAMABLE:
+        return None
+    if not hasattr(checkpoints, "weights"):
+        if engine == "streamed":
+            raise CogprobeError("the streamed engine reads checkpoints from their files; give a run folder or "
+                                "Checkpoints, not models already in memory")
+        return None
+    try:
+        skeleton = skeleton_of(checkpoints)
+        checkpoints.reference_weights(skeleton.rename)
+    except CogprobeError:
+        if engine == "streamed":
+            raise
+        return None
+    return skeleton
+
+
+def block_count(checkpoints) -> int:
+    """The reference's number of blocks, from its config where it can be (no weights read)."""
+    if not checkpoints.reference_loaded:
+        try:
+            return skeleton_of(checkpoints).n
+        except CogprobeError:
+            pass
+    return find_blocks(checkpoints.reference()[0]).n
+
+
+def pick(engine: str, checkpoints, skeleton: Skeleton, *, max_memory=None, batch_tokens: int = 0,
+         n_configs: int = 1):
+    """(engine, `Fit`, the streamed engine or None) for a sweep of `checkpoints` (see `skeleton_for`):
+    `auto` is the in-memory engine where two models fit `max_memory` (it does less work), else
+    the streamed one; a budget too small for the streamed engine fails in one line."""
+    hidden = skeleton.empty.config.get_text_config().hidden_size
+    states = batch_tokens * hidden * skeleton.dtype.itemsize * 2 * (n_configs + 1)
+    need = measure(skeleton, checkpoints.reference_weights(skeleton.rename), states)
+    budget = parse_bytes(max_memory) if max_memory is not None else available(checkpoints.device)
+    if engine == "auto":
+        engine = "memory" if need["in_memory"] <= budget else "streamed"
+    fit = Fit(engine=engine, budget=budget, **need)
+    if engine == "streamed" and need["streamed"] > budget:
+        raise CogprobeError(f"--max-memory {gib(budget)} is too small for one block plus the activations: the "
+                            f"streamed engine needs at least {gib(need['streamed'])} here (two blocks of "
+                            f"{gib(need['block'])}, the ends, one batch in flight); raise --max-memory or "
+                            "lower --batch-size")
+    runner = None
+    if engine == "streamed":
+        runner = StreamedEngine(skeleton, checkpoints.reference_weights(skeleton.rename),
+                                state_bytes=max(states, budget - need["streamed"] + states))
+    return engine, fit, runner
