@@ -21,6 +21,7 @@ sys.path.insert(0, str(BENCH))
 
 import capture_bench  # noqa: E402
 import probe_path  # noqa: E402
+import scale_bench  # noqa: E402
 import common  # noqa: E402
 import sweep_bench  # noqa: E402
 import tuning_bench  # noqa: E402
@@ -40,8 +41,8 @@ def tiny_run(tmp_path_factory):
 
 def test_a_tiny_run_leaves_the_published_tables_alone(tiny_run):
     results, stdout = tiny_run
-    assert sorted(p.name for p in results.iterdir()) == ["capture.csv", "latest.md", "probe_path.csv", "sweeps.csv",
-                                                         "tuning.csv"]
+    assert sorted(p.name for p in results.iterdir()) == ["capture.csv", "latest.md", "probe_path.csv", "scale.csv",
+                                                         "scale_projection.csv", "sweeps.csv", "tuning.csv"]
     assert str(BENCH / "results") not in stdout   # every table went to --out
 
 
@@ -50,7 +51,8 @@ def _table(results: Path, name: str) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("name,module", [("capture", capture_bench), ("sweeps", sweep_bench),
-                                         ("tuning", tuning_bench), ("probe_path", probe_path)])
+                                         ("tuning", tuning_bench), ("probe_path", probe_path),
+                                         ("scale", scale_bench)])
 def test_tables_have_their_columns_and_the_machine_on_every_row(tiny_run, name, module):
     table = _table(tiny_run[0], name)
     assert list(table.columns) == module.COLUMNS + MACHINE
@@ -105,6 +107,18 @@ def test_probe_path_gives_the_same_answers_both_ways(tiny_run):
     assert table.loc["before", "candidates_from_sweep"] == 0 < table.loc["now", "candidates_from_sweep"]
     assert table.loc["now", "candidates_scored"] < table.loc["before", "candidates_scored"] + \
         table.loc["now", "candidates_from_sweep"]
+
+
+def test_scale_engines_give_the_same_rows_and_the_projection_says_what_fits(tiny_run):
+    table = _table(tiny_run[0], "scale")
+    streamed = table[table["engine"] == "streamed"]
+    assert set(streamed["model"]) == {"embedded", "llama-1b"}
+    assert (streamed["max_abs_dnll"] == 0.0).all() and (streamed["block_loads"] > 0).all()
+    projected = _table(tiny_run[0], "scale_projection")
+    assert list(projected.columns) == scale_bench.PROJECTION_COLUMNS + MACHINE
+    projected = projected.set_index(["model", "budget"])
+    assert not projected.loc[("llama-3-70b", "80 GB GPU"), "memory_fits"]       # two 70B models: 2 x 141 GB
+    assert projected.loc[("llama-3-70b", "24 GB GPU"), "streamed_fits"]         # two blocks and the ends
 
 
 def test_run_all_prints_and_writes_the_targets(tiny_run):

@@ -171,7 +171,7 @@ def test_sweep_run_records_the_engine_and_shards_alike(trained_run, tmp_path, mo
     streamed = probe.sweep_run(run, out=tmp_path / "streamed", engine="streamed", **kw)
     pd.testing.assert_frame_equal(memory, streamed, check_exact=True)
     record = json.loads((tmp_path / "streamed" / "sweeps.parquet.json").read_text())
-    (ran,) = record["runs"]
+    (ran,) = record["computed"]
     assert ran["engine"] == "streamed" and ran["dtype"] == "float32" and ran["peak_bytes"] > 0
     assert ran["fit"]["streamed"] < ran["fit"]["in_memory"]
     again = probe.sweep_run(run, out=tmp_path / "streamed", engine="memory", **kw)   # same exact rows: continues

@@ -73,6 +73,8 @@ def test_whole_study_on_a_tiny_model(setup):
     assert {"baseline", "tune full-s0", "probe", "select", "compare cogsym-s0", "report"} <= set(seconds)
     assert all(v >= 0 for v in seconds.values()) and seconds["probe"] > 0
     assert "## Where the time went" in report and "| tune full-s0 |" in report
+    (computed,) = json.loads((out / "study.json").read_text())["probe_engine"]   # which sweep engine ran, its peak
+    assert computed["engine"] == "memory" and computed["dtype"] == "float32" and computed["peak_bytes"] > 0
 
     # every published-figure script runs on the study folder
     studies = [s for s in sorted((Path(__file__).parent.parent / "analyses").glob("[a-z]*.py"))

@@ -45,6 +45,7 @@ SELECTION = "selection.json"
 
 # a study folder
 STUDY = "study.json"
+PROBE_ENGINE = "probe_engine"          # in study.json: how the probe run's sweeps were computed (engine, peak)
 STAGE_SECONDS = "stage_seconds"        # in study.json: wall seconds per stage, of the invocation that finished it
 STAGE_MACHINES = "stage_machines"      # in study.json: the machine of each stage's recorded time (runfolder.machine)
 RUN_LENGTH = "run_length"              # in study.json (converge): the steps every run trains, where full stopped

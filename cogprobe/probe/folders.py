@@ -55,7 +55,7 @@ def sweep_run(source, options: SweepOptions | None = None, *, evalset: EvalSet |
     the table equals a single-process one row for row. `checkpoints`: `source` already opened
     (the study opens its probe run once for the sweep, capture and selection). `changes`: fields of
     `SweepOptions` given as keywords (`sweep_run(run, mode="skip")`), on top of `options`.
-    The engine that ran, the precision and the peak memory are recorded beside the table (`runs`).
+    The engine that ran, the precision and the peak memory are recorded beside the table (`computed`).
     """
     o = with_changes(SweepOptions, options, changes)
     ckpts = checkpoints or open_checkpoints(source, base, device)

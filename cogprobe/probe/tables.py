@@ -64,18 +64,18 @@ def claim_table(out: Path, table: str, evalset: EvalSet, source: dict, overwrite
     w.barrier()
 
 
-RUNS = "runs"   # how each call computed its rows (engine, precision, peak memory): not the table's identity
+COMPUTED = "computed"   # how each call computed its rows (engine, precision, peak memory): not the identity
 
 
 def identity(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if k != RUNS}
+    return {k: v for k, v in meta.items() if k != COMPUTED}
 
 
 def record_run(out: Path, table: str, ran: dict) -> None:
     """Add one call's record (which engine ran, its peak memory, ...) to the table's metadata."""
     path = metadata(out / table)
     meta = io.read_json(path)
-    meta[RUNS] = [*meta.get(RUNS, []), io.jsonable(ran)]
+    meta[COMPUTED] = [*meta.get(COMPUTED, []), io.jsonable(ran)]
     io.write_json(path, meta)
 
 

@@ -43,11 +43,12 @@ from cogprobe.data.evalset import EvalSet
 from cogprobe.tuning.health import check_healthy
 from cogprobe.models.layersets import cogsym, parse_range_list
 from cogprobe.core.layout import (BASELINE, COMPARE, COST, DEV_CURVE, DEV_CURVES, EVALSETS, LR_SEARCH, LR_TRIALS, MANIFEST,
-                             RUN_LENGTH, RUNS, SCORES, SELECTION_BUDGET, SELECTION_FIXED, STAGE_MACHINES, STAGE_SECONDS,
-                             STOP, STUDY, TRAIN_CONFIG, TRANSLATIONS, arm, claim, row_run)
+                             PROBE_ENGINE, RUN_LENGTH, RUNS, SCORES, SELECTION_BUDGET, SELECTION_FIXED, STAGE_MACHINES, STAGE_SECONDS,
+                             STOP, STUDY, SWEEPS, TRAIN_CONFIG, TRANSLATIONS, arm, claim, metadata, row_run)
 from cogprobe.models.loading import block_count, load_model
 from cogprobe.probe.folders import capture_run, sweep_run
 from cogprobe.probe.options import CaptureOptions, SweepOptions
+from cogprobe.probe.tables import COMPUTED
 from cogprobe.selection.folders import select_run
 from cogprobe.selection.options import SelectOptions
 from cogprobe.study.report import write_report
@@ -199,7 +200,7 @@ def _check_inputs(config: StudyConfig) -> None:
         check_ks(parse_range_list(config.sweep_ks, 10**6), n)
 
 
-RECORDS = (STAGE_SECONDS, STAGE_MACHINES, RUN_LENGTH)   # what study.json records of a study's progress, beside its config
+RECORDS = (STAGE_SECONDS, STAGE_MACHINES, RUN_LENGTH, PROBE_ENGINE)   # what study.json records of a study's progress, beside its config
 
 
 def _claim(out: Path, config: StudyConfig) -> dict[str, tuple[str | None, int | None]]:
@@ -508,7 +509,17 @@ def probe(config: StudyConfig, out: Path, checkpoints: Checkpoints | None = None
     tasks = (*TASKS, *CONTROLS) if config.sweep_controls else TASKS
     quiet = dict(evalset=_probe_set(config), out=out, log=lambda m: None, progress=False, checkpoints=checkpoints)
     sweep_run(run, SweepOptions(ks=ks, tasks=tasks), **quiet)
+    _record_engine(out)
     capture_run(run, CaptureOptions(backend=config.capture_backend), **quiet)
+
+
+def _record_engine(out: Path) -> None:
+    """study.json names the engine, precision and peak memory of the probe's sweeps (`probe.folders`)."""
+    computed = io.read_json(metadata(out / SWEEPS)).get(COMPUTED, [])
+    if computed:
+        record = io.read_json(out / STUDY)
+        record[PROBE_ENGINE] = computed
+        io.write_json(out / STUDY, record)
 
 
 def select_sets(config: StudyConfig, out: Path, log, checkpoints=lambda: None) -> None:
