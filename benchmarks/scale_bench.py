@@ -216,8 +216,8 @@ def main() -> None:
     if known.worker_json:
         sys.argv = [sys.argv[0], *rest]
         common.parse_args(__doc__.splitlines()[0])
-        common.write_worker_result(known.worker_json, measure(known.variant) if known.variant != "need"
-                                   else need(rest[-1]))
+        what, _, model = known.variant.partition(":")
+        common.write_worker_result(known.worker_json, need(model) if what == "need" else measure(known.variant))
         return
     common.parse_args(__doc__.splitlines()[0])
     info = common.machine_info()
@@ -225,7 +225,7 @@ def main() -> None:
     for variant in variants():
         model, engine = variant.split(":")
         if engine == "memory" and model != "embedded":
-            fit = common.run_worker(Path(__file__), ["--variant", "need", model]) if not common.in_process() \
+            fit = common.run_worker(Path(__file__), ["--variant", f"need:{model}"]) if not common.in_process() \
                 else need(model)
             if fit["in_memory"] > 0.8 * fit["available"]:
                 rows.append(dict(model=model, engine="memory", dtype="bfloat16",

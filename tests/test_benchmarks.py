@@ -20,6 +20,7 @@ BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import capture_bench  # noqa: E402
+import precision_bench  # noqa: E402
 import probe_path  # noqa: E402
 import scale_bench  # noqa: E402
 import common  # noqa: E402
@@ -41,8 +42,8 @@ def tiny_run(tmp_path_factory):
 
 def test_a_tiny_run_leaves_the_published_tables_alone(tiny_run):
     results, stdout = tiny_run
-    assert sorted(p.name for p in results.iterdir()) == ["capture.csv", "latest.md", "probe_path.csv", "scale.csv",
-                                                         "scale_projection.csv", "sweeps.csv", "tuning.csv"]
+    assert sorted(p.name for p in results.iterdir()) == ["capture.csv", "latest.md", "precision.csv", "probe_path.csv",
+                                                         "scale.csv", "scale_projection.csv", "sweeps.csv", "tuning.csv"]
     assert str(BENCH / "results") not in stdout   # every table went to --out
 
 
@@ -52,7 +53,7 @@ def _table(results: Path, name: str) -> pd.DataFrame:
 
 @pytest.mark.parametrize("name,module", [("capture", capture_bench), ("sweeps", sweep_bench),
                                          ("tuning", tuning_bench), ("probe_path", probe_path),
-                                         ("scale", scale_bench)])
+                                         ("scale", scale_bench), ("precision", precision_bench)])
 def test_tables_have_their_columns_and_the_machine_on_every_row(tiny_run, name, module):
     table = _table(tiny_run[0], name)
     assert list(table.columns) == module.COLUMNS + MACHINE
@@ -119,6 +120,13 @@ def test_scale_engines_give_the_same_rows_and_the_projection_says_what_fits(tiny
     projected = projected.set_index(["model", "budget"])
     assert not projected.loc[("llama-3-70b", "80 GB GPU"), "memory_fits"]       # two 70B models: 2 x 141 GB
     assert projected.loc[("llama-3-70b", "24 GB GPU"), "streamed_fits"]         # two blocks and the ends
+
+
+def test_precision_compares_every_task(tiny_run):
+    table = _table(tiny_run[0], "precision")
+    assert list(table["task"]) == ["perception", "production"]
+    assert (table["max_abs_example_dnll"] > 0).all()    # bf16 does move the numbers: the table says how far
+    assert (table["median_abs_example_dnll"] <= table["max_abs_example_dnll"]).all()
 
 
 def test_run_all_prints_and_writes_the_targets(tiny_run):

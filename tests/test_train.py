@@ -157,6 +157,26 @@ def test_grad_accum_matches_one_big_batch(inputs, tmp_path):
     assert all(torch.allclose(big[k], acc[k], atol=1e-5) for k in big)
 
 
+@pytest.mark.parametrize("strategy,layers", [("full", None), ("layers", "1,4"), ("lora-layers", "0,5")])
+def test_gradient_checkpointing_gives_the_same_run(inputs, tmp_path, strategy, layers):
+    """Recomputing activations in the backward pass changes memory, not the numbers (dropout off)."""
+    kw = dict(layers=layers, lr=1e-3, lora_dropout=0.0)
+    plain = final_state(config(inputs, tmp_path / "plain", strategy, **kw))
+    on, seen = [], {}
+
+    def watch(step, model, loss):
+        on.append(any(getattr(m, "gradient_checkpointing", False) for m in model.modules()))
+        seen["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    train(config(inputs, tmp_path / "ckpt", strategy, gradient_checkpointing=True, **kw), on_step=watch)
+    assert on and all(on)   # the blocks did recompute
+    saved = seen["state"]
+    logs = [pd.read_parquet(tmp_path / n / "train_log.parquet") for n in ("plain", "ckpt")]
+    assert np.allclose(logs[0]["loss"], logs[1]["loss"], atol=1e-6)
+    assert np.allclose(logs[0]["grad_norm"], logs[1]["grad_norm"], rtol=1e-5)
+    assert plain.keys() == saved.keys() and all(torch.allclose(plain[k], saved[k], atol=1e-6) for k in plain)
+
+
 def test_bf16_autocast_keeps_fp32_weights(inputs, tmp_path):
     state = final_state(config(inputs, tmp_path / "bf16", "layers", layers="0", bf16=True))
     assert all(v.dtype == torch.float32 for v in state.values())

@@ -24,7 +24,8 @@ from cogprobe.tuning.text import LOSS_ON, MAX_SENTENCE_TOKENS
 SCHEDULES = ("cosine", "linear", "constant")
 ON_DIVERGENCE = ("warn", "stop")  # what a diverging loss does: see cogprobe/tuning/health.py
 # Fields that change how a run executes but not what it computes.
-EXECUTION_ONLY = ("out", "resume", "overwrite", "threads", "progress", "report_to", "on_divergence", "resume_every")
+EXECUTION_ONLY = ("out", "resume", "overwrite", "threads", "progress", "report_to", "on_divergence", "resume_every",
+                  "gradient_checkpointing")
 
 
 @dataclass
@@ -66,6 +67,9 @@ class TrainConfig:
     plateau_min_steps: int = knob(0, "plateau rule: never stop before this step (nor during warm-up)")
     seed: int = knob(0, "data order, LoRA init and dropout")
     bf16: bool = knob(False, "bf16 autocast (weights and optimizer stay fp32)")
+    gradient_checkpointing: bool = knob(False, "keep only each block's input in the forward pass and recompute "
+                                        "the rest in the backward pass: activation memory of about one block, "
+                                        "for about a third more compute; the same gradients")
     threads: int | None = knob(None, "torch.set_num_threads for the run")
     lora_r: int = knob(8, "LoRA rank")
     lora_alpha: float = knob(16, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)")

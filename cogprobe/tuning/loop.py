@@ -220,8 +220,23 @@ def _strategy(cfg: TrainConfig, model, layers: list[int] | None):
                     tuple(cfg.lora_targets) if cfg.lora_targets else None)
     model = apply(model, cfg.strategy, layers, lora=spec,
                   train_embeddings=cfg.train_embeddings, train_head=cfg.train_head)
+    if cfg.gradient_checkpointing:
+        _checkpoint_activations(model)
     model.train()
     return model
+
+
+def _checkpoint_activations(model) -> None:
+    """Recompute each block in the backward pass (non-reentrant: frozen embeddings, as in layers and
+    LoRA runs, need no gradient on their output)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)   # transformers >= 5.2x
+    try:
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    except ValueError as e:
+        raise CogprobeError(f"--gradient-checkpointing: {e}; train without it") from None
 
 
 def _optimizer(cfg: TrainConfig, model) -> tuple[torch.optim.AdamW, list[str]]:
