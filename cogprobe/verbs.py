@@ -28,6 +28,7 @@ from cogprobe.models.blocks import SkipBlock, check_indices, find_blocks, swappe
 from cogprobe.models.layersets import resolve
 from cogprobe.probe.alignment import sentence_batches
 from cogprobe.probe.capture import capture_tables, task_batches
+from cogprobe.probe.fit import capture_engine
 from cogprobe.probe.options import DTYPES, CaptureOptions, SweepOptions
 from cogprobe.probe.sweep import sweep as sweep_engine
 from cogprobe.probe.tables import open_checkpoints
@@ -54,10 +55,13 @@ def capture(checkpoints, evalset: EvalSet, options: CaptureOptions | None = None
     `alignment=False`, then an empty table) the cross-lingual alignment of the blocks."""
     o = with_changes(CaptureOptions, options, changes)
     ckpts = open_checkpoints(checkpoints)
-    tok = ckpts.reference()[1]
-    sentences = sentence_batches(tok, evalset.pairs(tok), o.batch_size) if o.alignment else None
-    acts, aligned, _ = capture_tables(ckpts, task_batches(evalset.examples(tok), o.batch_size), sentences,
-                                      sites=o.sites, backend=o.backend)
+    with ckpts.precision(DTYPES[o.dtype]):
+        tok = ckpts.reference_tokenizer()
+        examples = evalset.examples(tok)
+        streaming, _ = capture_engine(o, ckpts, examples)
+        sentences = sentence_batches(tok, evalset.pairs(tok), o.batch_size) if o.alignment else None
+        acts, aligned, _ = capture_tables(ckpts, task_batches(examples, o.batch_size), sentences, sites=o.sites,
+                                          backend=o.backend, streaming=streaming, tokenizer=tok)
     return acts, aligned
 
 

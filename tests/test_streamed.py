@@ -211,3 +211,44 @@ def test_cli_refuses_a_budget_too_small_and_writes_nothing(trained_run, tmp_path
     assert not (out / "sweeps.parquet").exists()
     code = cli(["sweep", str(trained_run["run"]), "--out", str(out), "--pairs", "3", "--max-memory", "lots"])
     assert code == 2 and "cannot read 'lots' as an amount of memory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ capture and alignment
+
+
+@pytest.mark.parametrize("family,state_bytes", [("llama", 1 << 30), ("gemma2", 1)])
+def test_streamed_capture_equals_the_torch_backend(tmp_path, family, state_bytes):
+    """Every site, the logit lens and the alignment, in one group or one batch per group."""
+    from cogprobe.probe.alignment import sentence_batches
+    from cogprobe.probe.capture import capture_tables, task_batches
+    from cogprobe.probe.streamed_acts import Streaming
+    from helpers import TOY_CORPUS
+    ckpts = model_folders(tmp_path, family)
+    batches = task_batches(examples(), 2)
+    sentences = sentence_batches(tiny_tokenizer(), TOY_CORPUS, 2)
+    sites = ("resid", "attn", "mlp")
+    acts, aligned, _ = capture_tables(ckpts, batches, sentences, sites=sites)
+    streaming = Streaming(skeleton_of(ckpts), state_bytes=state_bytes)
+    s_acts, s_aligned, _ = capture_tables(ckpts, batches, sentences, sites=sites, streaming=streaming)
+    pd.testing.assert_frame_equal(acts, s_acts, check_exact=True)
+    pd.testing.assert_frame_equal(aligned, s_aligned, check_exact=True)
+    assert set(acts["stat"]) == {"drift_cos", "cka", "norm", "logit_lens_nll"} and len(aligned)
+
+
+def test_capture_run_streams_under_a_small_budget_with_the_same_tables(trained_run, tmp_path):
+    import cogprobe.probe.folders as probe
+    from cogprobe.data.evalset import EvalSet
+    run = trained_run["run"]
+    kw = dict(evalset=EvalSet.for_run(run, n=3, max_sentence_tokens=32), batch_size=2, log=lambda _: None,
+              sites=("resid", "mlp"), alignment=False)
+    memory = probe.capture_run(run, out=tmp_path / "memory", **kw)   # auto: two tiny models fit
+    record = json.loads((tmp_path / "memory" / "activations.parquet.json").read_text())["computed"][0]
+    assert record["engine"] == "memory" and record["fit"]["engine"] == "memory"
+    budget = (record["fit"]["streamed"] + record["fit"]["in_memory"]) // 2
+    streamed = probe.capture_run(run, out=tmp_path / "auto", max_memory=budget, **kw)
+    pd.testing.assert_frame_equal(memory, streamed, check_exact=True)
+    (ran,) = json.loads((tmp_path / "auto" / "activations.parquet.json").read_text())["computed"]
+    assert ran["engine"] == "streamed" and ran["fit"]["budget"] == budget and ran["peak_bytes"] > 0
+    with pytest.raises(CogprobeError, match="--engine streamed reads activations with its own torch hooks"):
+        probe.capture_run(run, out=tmp_path / "nn", engine="streamed", backend="nnsight", **kw)
+    assert not (tmp_path / "nn").exists()

@@ -85,7 +85,7 @@ def site_child(block: nn.Module, site: str) -> str:
     return found[0]
 
 
-def _tensor(out) -> torch.Tensor:
+def output_tensor(out) -> torch.Tensor:
     """A module output as a tensor (attention modules return (output, weights))."""
     while isinstance(out, (tuple, list)):
         out = out[0]
@@ -130,7 +130,7 @@ def _hooked_run(blocks: Blocks, mods: dict, batch: dict) -> Acts:
 
     def keep(key):
         def hook(module, args, out):
-            acts[key] = _tensor(out)
+            acts[key] = output_tensor(out)
         return hook
 
     def stop(module, args, out):
@@ -189,7 +189,7 @@ def _nnsight_backend(model, tokenizer, layers, sites) -> Iterator[Runner]:
                     outs.append((envoy if site == "resid" else getattr(envoy, children[site])).output)
                 outs = nnsight.save(outs)  # a plain list of .save()s would be lost after the block
                 tracer.stop()  # nothing after the deepest requested block runs
-            return {site_name(*key): _tensor(out) for key, out in zip(keys, outs)}
+            return {site_name(*key): output_tensor(out) for key, out in zip(keys, outs)}
 
         yield run
     finally:
@@ -254,7 +254,7 @@ def _tl_backend(model, tokenizer, layers, sites) -> Iterator[Runner]:
             _, cache = bridge.run_with_cache(inputs["input_ids"], names_filter=wanted,
                                              attention_mask=inputs["attention_mask"],
                                              stop_at_layer=stop_at)
-        return {site_name(*key): _tensor(cache[n]) for key, n in names.items()}
+        return {site_name(*key): output_tensor(cache[n]) for key, n in names.items()}
 
     try:
         yield run

@@ -56,6 +56,7 @@ from cogprobe.core.io import atomic_path, write_parquet
 from cogprobe.core.layout import ACTIVATIONS
 from cogprobe.data.tasks import batches, nll_at_scored, scored_positions
 from cogprobe.probe.options import CaptureOptions
+from cogprobe.probe.streamed_acts import Streaming
 
 STATS = ("drift_cos", "cka", "norm", "logit_lens_nll")
 COLUMNS = ["checkpoint_step", "block", "site", "stat", "task", "value"]
@@ -244,6 +245,7 @@ class _Pass:
     raw: RawWriter | None
     logit_lens: bool = True
     sentences: Sentences | None = None
+    streaming: Streaming | None = None    # blocks read from the files (`streamed_acts`), not a backend
     align_steps: set[int] | None = None   # None: every checkpoint
     task_steps: set[int] | None = None    # the checkpoints whose task rows are wanted (None: every one)
     aligned: list[dict] = field(default_factory=list)
@@ -277,9 +279,24 @@ class _Pass:
         if step == self.ref_step:  # compared with itself: one forward per batch
             return self.tasks(step, blocks, self.run_ref, None)
         own = (contextlib.nullcontext(self.run_ref) if model is self.ref_model  # one object: wrap it once
-               else open_backend(self.backend, model, layers=self.layers, sites=self.sites, tokenizer=tok))
+               else self.open(model, tok, step))
         with own as run:
             return self.tasks(step, blocks, run, self.run_ref)
+
+    def open(self, model, tok, step: int):
+        """The runner of `model`: a backend, or the streamed runner of the weights it stands for."""
+        if self.streaming is None:
+            return open_backend(self.backend, model, layers=self.layers, sites=self.sites, tokenizer=tok)
+        return contextlib.nullcontext(self.streaming.runner(model, layers=self.layers, sites=self.sites,
+                                                            plan=self.plan(step)))
+
+    def plan(self, step: int) -> list[dict]:
+        """The batches `step`'s pass reads, in the order it reads them (the reference's: all)."""
+        tasks = self.ref_step == step or self.task_steps is None or step in self.task_steps
+        aligned = self.sentences is not None and (self.ref_step == step or self.align_steps is None
+                                                  or step in self.align_steps)
+        return ([b for batches in self.batches_by_task.values() for b in batches] if tasks else []) + \
+            (list(self.sentences.batches) if aligned else [])
 
     def tasks(self, step, blocks, run, run_ref) -> list[dict]:
         """Every task's rows, then (if asked) the alignment rows into `self.aligned`; both timed."""
@@ -363,15 +380,18 @@ def capture_with_alignment(checkpoints, batches_by_task: Mapping[str, Sequence[d
 def capture_tables(checkpoints, batches_by_task, sentences, *, sites=CaptureOptions.sites, layers=None,
              backend=CaptureOptions.backend, tokenizer=None, raw_dir=None, raw_layers=(), raw_positions=RAW_POSITIONS,
              raw_budget_bytes=1 << 30, logit_lens=True, log=None, align_steps=None, task_steps=None, ref_cache_bytes=1 << 30,
-             on_checkpoint=None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+             on_checkpoint=None, streaming: Streaming | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Both tables and the seconds spent on the tasks and on the alignment. `task_steps`: the
     checkpoints whose task rows are wanted (default all); `on_checkpoint(step, rows, aligned)`: each
-    checkpoint's rows as it finishes (a caller that writes them as it goes)."""
+    checkpoint's rows as it finishes (a caller that writes them as it goes). `streaming`: read every
+    model's blocks from its files, a group of batches at a time (`streamed_acts`; `checkpoints` a
+    `Checkpoints`), instead of loading it whole: the torch backend's numbers."""
     sites = check_sites(sites)
     if sentences is not None and "resid" not in sites:
         raise CogprobeError("alignment pools the residual stream: add 'resid' to the sites, or leave alignment out")
     batches_by_task = _check_batches(batches_by_task, alignment=sentences is not None)
-    items = _iter_checkpoints(checkpoints, tokenizer)
+    items = (streaming.checkpoints(checkpoints, tokenizer) if streaming is not None
+             else _iter_checkpoints(checkpoints, tokenizer))
     try:
         ref_step, ref_model, ref_tok = next(items)
     except StopIteration:
@@ -381,10 +401,11 @@ def capture_tables(checkpoints, batches_by_task, sentences, *, sites=CaptureOpti
     raw = _raw_writer(raw_dir, raw_layers, layers, sites, raw_positions, raw_budget_bytes)
     rows: list[dict] = []
     seen: set[int] = set()
-    with open_backend(backend, ref_model, layers=layers, sites=sites, tokenizer=ref_tok) as run_ref:
-        plan = _Pass(batches_by_task, backend, layers, sites, ref_step, ref_model, run_ref, raw, logit_lens,
-                     sentences, None if align_steps is None else {int(s) for s in align_steps},
-                     None if task_steps is None else {int(s) for s in task_steps}, ref_cache_bytes=ref_cache_bytes)
+    plan = _Pass(batches_by_task, backend, layers, sites, ref_step, ref_model, None, raw, logit_lens,
+                 sentences, streaming, None if align_steps is None else {int(s) for s in align_steps},
+                 None if task_steps is None else {int(s) for s in task_steps}, ref_cache_bytes=ref_cache_bytes)
+    with plan.open(ref_model, ref_tok, ref_step) as run_ref:
+        plan.run_ref = run_ref
         for step, model, tok in _chain((ref_step, ref_model, ref_tok), items):
             if step in seen:
                 raise CogprobeError(f"checkpoint step {step} appears twice; give each step once")

@@ -50,6 +50,12 @@ def n_batches(examples: dict[str, list[Example]], batch_size: int) -> int:
     return sum(-(-len(exs) // batch_size) for exs in examples.values())
 
 
+def largest_batch(examples: dict[str, list[Example]], batch_size: int) -> int:
+    """Tokens in the largest batch (longest examples first): the states one batch keeps in flight."""
+    longest = max((len(e.input_ids) for exs in examples.values() for e in exs), default=0)
+    return longest * batch_size
+
+
 def iter_checkpoints(checkpoints, steps):
     """(step, model) pairs, the reference first, loading one checkpoint at a time."""
     if hasattr(checkpoints, "load"):

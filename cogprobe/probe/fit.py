@@ -15,8 +15,9 @@ from weakref import WeakKeyDictionary
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.memory import available, gib, parse_bytes
 from cogprobe.models.blocks import find_blocks
-from cogprobe.probe.engine import CACHE_BYTES
+from cogprobe.probe.engine import CACHE_BYTES, largest_batch
 from cogprobe.probe.streamed import Skeleton, StreamedEngine
+from cogprobe.probe.streamed_acts import Streaming
 
 STREAMABLE = ("auto", "streamed")
 
@@ -92,25 +93,50 @@ def block_count(checkpoints) -> int:
     return find_blocks(checkpoints.reference()[0]).n
 
 
-def pick(engine: str, checkpoints, skeleton: Skeleton, *, max_memory=None, batch_tokens: int = 0,
-         n_configs: int = 1):
-    """(engine, `Fit`, the streamed engine or None) for a sweep of `checkpoints` (see `skeleton_for`):
-    `auto` is the in-memory engine where two models fit `max_memory` (it does less work), else
-    the streamed one; a budget too small for the streamed engine fails in one line."""
-    hidden = skeleton.empty.config.get_text_config().hidden_size
-    states = batch_tokens * hidden * skeleton.dtype.itemsize * 2 * (n_configs + 1)
+def choose(engine: str, checkpoints, skeleton: Skeleton, *, max_memory=None, states: int = 0) -> Fit:
+    """What each engine needs with `states` bytes of activations in flight, and which one runs:
+    `auto` is the in-memory engine where two models fit `max_memory` (it does less work), else the
+    streamed one; a budget too small even for the streamed engine fails in one line."""
     need = measure(skeleton, checkpoints.reference_weights(skeleton.rename), states)
     budget = parse_bytes(max_memory) if max_memory is not None else available(checkpoints.device)
     if engine == "auto":
         engine = "memory" if need["in_memory"] <= budget else "streamed"
-    fit = Fit(engine=engine, budget=budget, **need)
     if engine == "streamed" and need["streamed"] > budget:
         raise CogprobeError(f"--max-memory {gib(budget)} is too small for one block plus the activations: the "
                             f"streamed engine needs at least {gib(need['streamed'])} here (two blocks of "
                             f"{gib(need['block'])}, the ends, one batch in flight); raise --max-memory or "
                             "lower --batch-size")
+    return Fit(engine=engine, budget=budget, **need)
+
+
+def pick(engine: str, checkpoints, skeleton: Skeleton, *, max_memory=None, batch_tokens: int = 0,
+         n_configs: int = 1):
+    """(engine, `Fit`, the streamed engine or None) for a sweep of `checkpoints` (see `choose`): one
+    batch in flight holds two states of every configuration."""
+    hidden = skeleton.empty.config.get_text_config().hidden_size
+    states = batch_tokens * hidden * skeleton.dtype.itemsize * 2 * (n_configs + 1)
+    chosen = choose(engine, checkpoints, skeleton, max_memory=max_memory, states=states)
     runner = None
-    if engine == "streamed":
+    if chosen.engine == "streamed":
         runner = StreamedEngine(skeleton, checkpoints.reference_weights(skeleton.rename),
-                                state_bytes=max(states, budget - need["streamed"] + states))
-    return engine, fit, runner
+                                state_bytes=max(states, chosen.budget - chosen.streamed + states))
+    return chosen.engine, chosen, runner
+
+
+def capture_engine(o, ckpts, examples) -> tuple[Streaming | None, Fit | None]:
+    """Whether a capture (`CaptureOptions` o) streams its blocks: `auto` where two models do not fit,
+    never for another backend than torch (the streamed runner's hooks are torch's): `streamed`
+    refuses one, `auto` keeps it in memory."""
+    if o.engine == "streamed" and o.backend != "torch":
+        raise CogprobeError(f"--engine streamed reads activations with its own torch hooks, not {o.backend}; "
+                            "pass --backend torch, or --engine memory")
+    engine = o.engine if o.backend == "torch" else "memory"
+    skeleton = skeleton_for(engine, ckpts)
+    if skeleton is None:
+        return None, None
+    hidden = skeleton.empty.config.get_text_config().hidden_size
+    states = largest_batch(examples, o.batch_size) * hidden * skeleton.dtype.itemsize * (skeleton.n * len(o.sites) + 2)
+    chosen = choose(engine, ckpts, skeleton, max_memory=o.max_memory, states=states)
+    if chosen.engine != "streamed":
+        return None, chosen
+    return Streaming(skeleton, state_bytes=max(states, chosen.budget - chosen.streamed + states)), chosen

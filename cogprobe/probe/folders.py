@@ -36,10 +36,11 @@ from cogprobe.data.evalset import EvalSet
 from cogprobe.probe.alignment import MIN_PAIRS, sentence_batches
 from cogprobe.probe.backends import check_sites
 from cogprobe.probe.capture import capture_tables, task_batches
-from cogprobe.probe.engine import n_batches
-from cogprobe.probe.fit import STREAMABLE, block_count, pick, skeleton_for
+from cogprobe.probe.fit import STREAMABLE, block_count, capture_engine, pick, skeleton_for
 from cogprobe.probe.options import DTYPES, CaptureOptions, SweepOptions
-from cogprobe.probe.sweep import engine_label, engines_in, largest_batch, sweep, sweep_configs
+from cogprobe.probe.streamed_acts import Streaming
+from cogprobe.probe.engine import largest_batch, n_batches
+from cogprobe.probe.sweep import engine_label, engines_in, sweep, sweep_configs
 from cogprobe.probe.tables import (claim_table, merge_parts, open_checkpoints, out_dir, record_run, say_set, source_id,
                                    steps_in)
 from cogprobe.tuning.checkpoints import Checkpoints
@@ -154,15 +155,20 @@ def capture_run(source, options: CaptureOptions | None = None, *, evalset: EvalS
     `changes`: fields of `CaptureOptions` given as keywords, on top of `options`.
     """
     o = with_changes(CaptureOptions, options, changes)
+    ckpts = checkpoints or open_checkpoints(source, base, device)
+    with ckpts.precision(DTYPES[o.dtype]):
+        return _capture_run(source, o, ckpts, evalset, out, overwrite, log, progress)
+
+
+def _capture_run(source, o: CaptureOptions, ckpts: Checkpoints, evalset, out, overwrite, log, progress):
     sites, backend, alignment, batch_size = o.sites, o.backend, o.alignment, o.batch_size
     w = world()
-    ckpts = checkpoints or open_checkpoints(source, base, device)
     out = out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
     check_sites(sites)
     if alignment and "resid" not in sites:
         raise CogprobeError("alignment pools the residual stream: add resid to --sites, or pass --no-alignment")
-    tok = ckpts.reference()[1]
+    tok = ckpts.reference_tokenizer() if o.engine in STREAMABLE else ckpts.reference()[1]
     examples = evalset.examples(tok)  # bad data fails before anything is written
     say_set(evalset, tok, w, log)
     if alignment and len(evalset.pairs(tok)) < MIN_PAIRS:
@@ -170,9 +176,11 @@ def capture_run(source, options: CaptureOptions | None = None, *, evalset: EvalS
         if w.is_main:
             log(f"capture: alignment left out: it needs at least {MIN_PAIRS} pairs (--pairs)")
     sentences = sentence_batches(tok, evalset.pairs(tok), batch_size) if alignment else None
+    streaming, chosen = capture_engine(o, ckpts, examples)   # a budget too small fails before a file is written
     tables = [ACTIVATIONS, ALIGNMENT] if alignment else [ACTIVATIONS]
+    precision = {"dtype": o.dtype} if o.dtype != "float32" else {}   # rows of two precisions never mix
     for table in tables:
-        claim_table(out, table, evalset, source_id(source, ckpts), overwrite, w)
+        claim_table(out, table, evalset, {**source_id(source, ckpts), **precision}, overwrite, w)
     todo = {t: [s for s in ckpts.steps if s not in steps_in(out / t)] for t in tables}
     if not any(todo.values()):
         if w.is_main:
@@ -182,24 +190,33 @@ def capture_run(source, options: CaptureOptions | None = None, *, evalset: EvalS
     need = {t: [s for s in w.share(todo[t]) if s not in steps_in(parts[t])] for t in tables}
     mine = [s for s in ckpts.steps if any(s in steps for steps in need.values())]
     if mine:
+        start = time.perf_counter()
         with bar("capture", total=len(mine), unit="checkpoint", enabled=progress) as ticks:
             _capture_steps(ckpts, mine, examples, parts, need, sentences, sites=sites, backend=backend,
-                           batch_size=batch_size, log=log if w.is_main else lambda _: None, on_step=ticks.update)
+                           batch_size=batch_size, log=log if w.is_main else lambda _: None, on_step=ticks.update,
+                           streaming=streaming)
+        ran = dict(engine="streamed" if streaming else "memory", backend="torch" if streaming else backend,
+                   dtype=o.dtype, device=str(ckpts.device), steps=mine,
+                   seconds=round(time.perf_counter() - start, 1), peak_bytes=process_peak(ckpts.device),
+                   fit=chosen.record() if chosen else None)
+        if w.is_main:
+            for table in tables:
+                record_run(out, table, ran)
     for table in tables:
         merge_parts(out / table, w, todo[table])
     return io.read_parquet(out / ACTIVATIONS)
 
 
 def _capture_steps(ckpts: Checkpoints, steps, examples, parts: dict, need: dict, sentences, *, sites, backend,
-                   batch_size, log, on_step=lambda: None) -> None:
+                   batch_size, log, on_step=lambda: None, streaming: Streaming | None = None) -> None:
     """Capture each of `steps` against the reference in one pass (the reference's activations
     computed once for all of them), appending each step's rows to the part files (`parts[table]`)
-    of the tables that still `need` it, as the step finishes."""
+    of the tables that still `need` it, as the step finishes. `streaming`: no model is loaded whole."""
     ref_step = ckpts.reference_step
-    ref, tok = ckpts.load(ref_step)
     batched = task_batches(examples, batch_size)
 
     def models():
+        ref, tok = ckpts.load(ref_step)
         yield ref_step, ref, tok
         for step in steps:
             if step != ref_step:
@@ -216,6 +233,9 @@ def _capture_steps(ckpts: Checkpoints, steps, examples, parts: dict, need: dict,
         on_step()
 
     with_alignment = sentences is not None and bool(need.get(ALIGNMENT))
-    capture_tables(models(), batched, sentences if with_alignment else None, sites=sites, backend=backend, log=log,
-             task_steps=need[ACTIVATIONS], align_steps=need.get(ALIGNMENT, []) if with_alignment else None,
-             on_checkpoint=write)
+    if streaming is not None:
+        streaming.steps = steps
+    capture_tables(ckpts if streaming is not None else models(), batched, sentences if with_alignment else None,
+                   sites=sites, backend=backend, log=log, task_steps=need[ACTIVATIONS],
+                   align_steps=need.get(ALIGNMENT, []) if with_alignment else None, on_checkpoint=write,
+                   streaming=streaming, tokenizer=ckpts.reference_tokenizer())

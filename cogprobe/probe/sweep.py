@@ -47,7 +47,7 @@ from cogprobe.core.errors import CogprobeError
 from cogprobe.models.layersets import to_string
 from cogprobe.probe.options import DIRECTIONS, SweepOptions
 from cogprobe.probe.engine import (CACHE_BYTES, Ablation, Counter, batches, call_block, iter_checkpoints, iter_weights,
-                                   n_batches, record_call_args)
+                                   largest_batch, n_batches, record_call_args)
 from cogprobe.probe.fit import pick, skeleton_for
 from cogprobe.probe.streamed import StreamedEngine
 from cogprobe.probe.taylor import TaylorEngine
@@ -384,12 +384,6 @@ def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = SweepO
     table.attrs["engine"] = "memory" if engine in ("auto", "fast") else engine
     table.attrs["fit"] = fit.record() if fit is not None else None
     return table
-
-
-def largest_batch(examples: dict[str, list[Example]], batch_size: int) -> int:
-    """Tokens in the largest batch (longest examples first): the states one batch keeps in flight."""
-    longest = max((len(e.input_ids) for exs in examples.values() for e in exs), default=0)
-    return longest * batch_size
 
 
 def _with_reference(ref_step, reference, items):
