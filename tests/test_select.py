@@ -459,3 +459,19 @@ def test_before_tuning_workflow_through_the_cli(tmp_path, capsys):
         assert budget[f"{task}_share_low"] <= budget[f"{task}_share"] <= budget[f"{task}_share_high"]
         assert budget[f"{task}_nll_low"] < budget[f"{task}_nll_high"]
     assert (table["test_pairs"] == 8).all()
+
+
+def test_the_budget_rule_reads_a_sweep_table_whatever_its_record_of_how_it_was_computed(trained_run, tmp_path):
+    """The record of the engine and the peak memory beside a sweep table is not part of its identity:
+    the budget rule still takes the table's rows as known candidates."""
+    import cogprobe.selection.folders as selection
+    from cogprobe.data.evalset import EvalSet
+    from cogprobe.probe.folders import sweep_run
+    from cogprobe.probe.tables import open_checkpoints, source_id
+    run = trained_run["run"]
+    evalset = EvalSet.for_run(run, n=3, max_sentence_tokens=32)
+    sweep_run(run, evalset=evalset, out=tmp_path, batch_size=2, log=lambda _: None)
+    assert "computed" in json.loads((tmp_path / "sweeps.parquet.json").read_text())
+    ckpts = open_checkpoints(run)
+    known = selection._swept_candidates(tmp_path, evalset, source_id(run, ckpts), 4, 6)
+    assert known is not None and len(known)

@@ -19,7 +19,7 @@ from cogprobe.data.evalset import EvalSet
 from cogprobe.data.tasks import TASKS
 from cogprobe.models.layersets import check_fraction
 from cogprobe.probe.sweep import FastEngine, sweep
-from cogprobe.probe.tables import open_checkpoints, out_dir, source_id, wanted
+from cogprobe.probe.tables import identity, open_checkpoints, out_dir, source_id, wanted
 from cogprobe.selection.options import DERIVED, RANKINGS, RULES, SelectOptions
 from cogprobe.selection.rankings import select_ranking_run
 from cogprobe.selection.rules import (Selection, budget_decider, curves_decider, select_budget, select_curves,
@@ -68,7 +68,8 @@ def select_run(source, options: SelectOptions | None = None, *, evalset: EvalSet
         selection = select_curves(sweeps, tau=tau, step=step, input_task=o.input_task, output_task=o.output_task,
                                   n_layers=n_layers, criterion=o.criterion)
         meta = metadata(out / SWEEPS)
-        record["evalset"] = {k: v for k, v in io.read_json(meta).items() if k != "source"} if meta.is_file() else None
+        record["evalset"] = ({k: v for k, v in identity(io.read_json(meta)).items() if k != "source"}
+                             if meta.is_file() else None)
         rows = sweeps[(sweeps["mode"] == "revert") & (sweeps["checkpoint_step"] == selection.params["step"])]
         selection.stability = _stability(curves_decider(tau, input_task=o.input_task, output_task=o.output_task,
                                                         n_layers=n_layers, criterion=o.criterion), selection, rows)
@@ -100,7 +101,7 @@ def _swept_candidates(out: Path, evalset: EvalSet, source: dict, step: int, n_la
     path = out / SWEEPS
     if not path.exists() or not metadata(path).is_file():
         return None
-    if io.read_json(metadata(path)) != wanted(evalset, source):
+    if identity(io.read_json(metadata(path))) != wanted(evalset, source):
         return None
     rows = sweep_candidates(io.read_parquet(path), step, n_layers)
     rows = rows[rows["task"].isin(TASKS)]
