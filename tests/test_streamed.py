@@ -252,3 +252,15 @@ def test_capture_run_streams_under_a_small_budget_with_the_same_tables(trained_r
     with pytest.raises(CogprobeError, match="--engine streamed reads activations with its own torch hooks"):
         probe.capture_run(run, out=tmp_path / "nn", engine="streamed", backend="nnsight", **kw)
     assert not (tmp_path / "nn").exists()
+
+
+def test_the_budget_rule_streams_to_the_same_set(trained_run, tmp_path):
+    import cogprobe.selection.folders as selection
+    from cogprobe.data.evalset import EvalSet
+    run = trained_run["run"]
+    kw = dict(evalset=EvalSet.for_run(run, n=3, max_sentence_tokens=32), batch_size=2, log=lambda _: None,
+              progress=False, rule="budget", search="exhaustive")
+    memory = selection.select_run(run, out=tmp_path / "memory", engine="memory", **kw)
+    streamed = selection.select_run(run, out=tmp_path / "streamed", engine="streamed", **kw)
+    assert (memory.k_in, memory.k_out) == (streamed.k_in, streamed.k_out)
+    assert memory.candidates == streamed.candidates

@@ -14,7 +14,7 @@ from cogprobe.data.tasks import BATCH_SIZE, TASKS
 DIRECTIONS = ("input", "output")
 SWEEP_MODES = ("revert", "skip")
 ENGINES = ("auto", "memory", "streamed", "naive", "taylor", "fast")
-CAPTURE_ENGINES = ("auto", "memory", "streamed")
+EXACT_ENGINES = ("auto", "memory", "streamed")   # whole models in memory, or blocks streamed from the files
 AUTO = "auto"   # the engine that fits the memory (`probe.fit`): every verb's default
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SITES = ("resid", "attn", "mlp")
@@ -65,6 +65,6 @@ class CaptureOptions:
     batch_size: int = knob(BATCH_SIZE, "pairs per forward pass")
     engine: str = knob(AUTO, "memory (load each model whole, through --backend), streamed (blocks read from the "
                        "files one at a time, the torch backend's numbers), auto (memory where two models fit "
-                       "--max-memory, else streamed)", choices=CAPTURE_ENGINES)
+                       "--max-memory, else streamed)", choices=EXACT_ENGINES)
     dtype: str = dtype_knob()
     max_memory: str | None = max_memory_knob()

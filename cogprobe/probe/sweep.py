@@ -367,7 +367,10 @@ def sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = SweepO
     else:
         items = iter_checkpoints(checkpoints, steps)
     ref_step, reference = next(items)
-    configs = planned if skeleton is not None else grid(find_blocks(reference).n)
+    if skeleton is not None:
+        configs = planned
+    else:
+        configs = grid(runner.skeleton.n if isinstance(runner, StreamedEngine) else find_blocks(reference).n)
     runner = runner or ENGINES[engine](reference)  # pass one to keep its caches across calls
     frames = []
     wanted_ref = steps is None or ref_step in set(steps)

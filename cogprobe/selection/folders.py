@@ -18,6 +18,9 @@ from cogprobe.core.progress import bar
 from cogprobe.data.evalset import EvalSet
 from cogprobe.data.tasks import TASKS
 from cogprobe.models.layersets import check_fraction
+from cogprobe.probe.engine import largest_batch
+from cogprobe.probe.fit import block_count, pick, skeleton_for
+from cogprobe.probe.streamed import StreamedEngine
 from cogprobe.probe.sweep import FastEngine, sweep
 from cogprobe.probe.tables import identity, open_checkpoints, out_dir, source_id, wanted
 from cogprobe.selection.options import DERIVED, RANKINGS, RULES, SelectOptions
@@ -57,7 +60,7 @@ def select_run(source, options: SelectOptions | None = None, *, evalset: EvalSet
         raise CogprobeError(f"unknown rule {rule!r}; use fixed, curves, budget or a ranking ({', '.join(RANKINGS)})")
     ckpts = checkpoints or open_checkpoints(source, base, device)
     out = out_dir(source, out)
-    n_layers = ckpts.reference()[0].config.get_text_config().num_hidden_layers
+    n_layers = block_count(ckpts)
     record: dict = {}
     if rule == "fixed":
         selection = select_fixed(n_layers, fraction)
@@ -80,7 +83,7 @@ def select_run(source, options: SelectOptions | None = None, *, evalset: EvalSet
         with bar("select budget", total=None, unit="candidate", enabled=progress) as ticks:
             selection, rows = _budget(ckpts, n_layers, tau=tau, step=step, max_total=o.max_total,
                                       batch_size=o.batch_size, evalset=evalset, known=known, search=o.search,
-                                      log=log, on_scored=ticks.update)
+                                      log=log, on_scored=ticks.update, engine=o.engine, max_memory=o.max_memory)
         record["evalset"] = evalset.to_dict()
         pairs = [(c["k_in"], c["k_out"]) for c in selection.candidates]
         selection.stability = _stability(budget_decider(tau, selection.params["tasks"], pairs), selection, rows)
@@ -111,26 +114,42 @@ def _swept_candidates(out: Path, evalset: EvalSet, source: dict, step: int, n_la
 
 
 def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_size, evalset, known, search,
-            log, on_scored) -> tuple[Selection, pd.DataFrame]:
+            log, on_scored, engine=SelectOptions.engine, max_memory=None) -> tuple[Selection, pd.DataFrame]:
     """The budget set and every keep-outer row it read or scored (their per-example scores feed the
-    stability check)."""
+    stability check). In memory, one engine serves the whole search (reference prefixes scored once,
+    the checkpoint's kept); streamed, each batch of candidates reads the blocks from the files again."""
     if step == ckpts.reference_step:
         raise CogprobeError("the budget rule needs a trained checkpoint besides the reference; train longer "
                             "or pass --step")
-    ref, tok = ckpts.load(ckpts.reference_step)
-    model = ckpts.load(step)[0]
-    examples = evalset.examples(tok)
-    runner = FastEngine(ref)  # one engine for the whole search: reference prefixes are scored once
+    streamed = _streamed_runner(engine, ckpts, evalset, batch_size, n_layers, max_memory)
+    if streamed is not None:
+        examples, source, runner = evalset.examples(ckpts.reference_tokenizer()), ckpts, streamed
+    else:
+        ref, tok = ckpts.load(ckpts.reference_step)
+        model = ckpts.load(step)[0]
+        examples, source, runner = evalset.examples(tok), [(ckpts.reference_step, ref), (step, model)], FastEngine(ref)
 
     scored = [] if known is None else [known]
 
     def evaluate(pairs):
         log(f"select: scoring {len(pairs)} candidate(s): {pairs}")
-        t = sweep([(ckpts.reference_step, ref), (step, model)], examples, mode="keep-outer", keep_outer=pairs,
-                  batch_size=batch_size, steps=[step], runner=runner, remember=True)
+        t = sweep(source, examples, mode="keep-outer", keep_outer=pairs, batch_size=batch_size, steps=[step],
+                  runner=runner, remember=True)
         scored.append(t[t["checkpoint_step"] == step])
         on_scored(len(pairs))
         return scored[-1]
 
     selection = select_budget(evaluate, n_layers, tau=tau, max_total=max_total, search=search, known=known)
     return selection, pd.concat(scored, ignore_index=True)
+
+
+def _streamed_runner(engine: str, ckpts: Checkpoints, evalset: EvalSet, batch_size: int, n_layers: int,
+                     max_memory) -> StreamedEngine | None:
+    """The streamed engine where `engine` asks for it or (auto) two models do not fit; else None."""
+    skeleton = skeleton_for(engine, ckpts)
+    if skeleton is None:
+        return None
+    examples = evalset.examples(ckpts.reference_tokenizer())
+    _, _, runner = pick(engine, ckpts, skeleton, max_memory=max_memory,
+                             batch_tokens=largest_batch(examples, batch_size), n_configs=2 * n_layers)
+    return runner

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from cogprobe.core.knob import knob
 from cogprobe.core.layout import SELECTION
 from cogprobe.models.layersets import DEFAULT_FRACTION
-from cogprobe.probe.options import BATCH_SIZE
+from cogprobe.probe.options import AUTO, BATCH_SIZE, EXACT_ENGINES, max_memory_knob
 
 RANKINGS = ("block-influence", "angular", "weight-delta", "taylor")
 DERIVED = ("fixed", "curves", "budget")   # the rules of `rules`: a set from the block count or the sweeps
@@ -40,6 +40,10 @@ class SelectOptions:
                         "(default: CogSym's size)")
     name: str = knob(SELECTION, "file written in the tables folder (keep several rules side by side)")
     batch_size: int = knob(BATCH_SIZE, "rule budget: pairs per forward pass")
+    engine: str = knob(AUTO, "rule budget: memory (both models loaded; prefix states kept across candidates), "
+                       "streamed (blocks read from the files for every batch of candidates), auto (memory where "
+                       "two models fit --max-memory)", choices=EXACT_ENGINES)
+    max_memory: str | None = max_memory_knob()
 
 
 @dataclass(frozen=True)
