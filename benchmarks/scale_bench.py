@@ -124,27 +124,30 @@ def measure(variant: str) -> dict:
     wall = time.perf_counter() - start
     rows = common.cache_dir() / f"scale-rows-{model}-{engine}.parquet"
     table.to_parquet(rows)
-    fit = table.attrs["fit"] or {}
+    peak = process_peak()
+    fit = sizes(ckpts)
     return dict(model=model, engine=table.attrs["engine"], dtype=str(dtype).removeprefix("torch."),
-                params_b=round(fit.get("model", 0) / dtype.itemsize / 1e9, 3),
-                peak_gib=round(process_peak() / GiB, 2),
-                need_gib=round(fit.get("in_memory" if engine == "memory" else "streamed", 0) / GiB, 2),
+                params_b=round(fit["model"] / dtype.itemsize / 1e9, 3), peak_gib=round(peak / GiB, 2),
+                need_gib=round(fit["in_memory" if engine == "memory" else "streamed"] / GiB, 2),
                 wall_s=round(wall, 1), block_evals=table.attrs["block_evals"], block_loads=table.attrs["block_loads"],
                 ks="all" if ks is None else ",".join(map(str, ks)), pairs_per_task=PAIRS, rows=str(rows))
 
 
+def sizes(ckpts) -> dict:
+    """Each engine's need for `ckpts` (one batch in flight), from the weight files' headers alone."""
+    from cogprobe.probe.fit import measure as fit_measure, skeleton_of
+    skeleton = skeleton_of(ckpts)
+    return fit_measure(skeleton, ckpts.reference_weights(skeleton.rename), 0)
+
+
 def need(model: str) -> dict:
-    """The engines' needs for `model` from the files' headers alone (no sweep): for the rows of an
+    """The engines' needs for `model` and the memory available, without a sweep: for the rows of an
     engine that would not fit."""
     import torch
     from cogprobe.core.memory import available
-    from cogprobe.probe.fit import measure as fit_measure, skeleton_of
     from cogprobe.tuning.checkpoints import Checkpoints
     ref, ck = random_pair(model)
-    ckpts = Checkpoints.open([str(ref), str(ck)]).to("cpu", torch.bfloat16)
-    skeleton = skeleton_of(ckpts)
-    got = fit_measure(skeleton, ckpts.reference_weights(skeleton.rename), 0)
-    return dict(got, available=available())
+    return dict(sizes(Checkpoints.open([str(ref), str(ck)]).to("cpu", torch.bfloat16)), available=available())
 
 
 # ------------------------------------------------------------------ the projection

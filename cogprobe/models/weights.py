@@ -42,7 +42,6 @@ class FolderWeights:
         if len(self.key) < len(where):
             raise CogprobeError(f"{self.folder}: two tensors in its files load as one parameter; {RECOPY}")
         self.where = {name: where[key] for name, key in self.key.items()}
-        self._open: dict[Path, object] = {}
 
     @classmethod
     def of_file(cls, path: str | Path) -> "FolderWeights":
@@ -61,10 +60,9 @@ class FolderWeights:
         if path is None:
             raise CogprobeError(f"{self.folder} has no tensor {name}: a block or an end of the model is missing "
                                 f"from its weight files; {RECOPY}")
-        if path not in self._open:
-            self._open[path] = safe_open(str(path), "pt")
-        try:
-            return self._open[path].get_tensor(self.key[name])
+        try:   # opened per read: a mapping kept open keeps every page read so far resident
+            with safe_open(str(path), "pt") as f:
+                return f.get_tensor(self.key[name])
         except SafetensorError as e:
             raise CogprobeError(f"cannot read {name} from {path} ({e}); the file is damaged: {RECOPY}") from None
 
