@@ -162,3 +162,32 @@ def test_the_folder_verb_writes_k_grid_continues_and_refuses_a_plain_table(train
         adaptive_sweep_run(run, out=tmp_path / "b", **quiet)
     with pytest.raises(CogprobeError, match="chooses its own k's"):
         adaptive_sweep_run(run, out=tmp_path / "c", ks=(0, 1), **quiet)
+
+
+@pytest.fixture(scope="module")
+def deep_run(tmp_path_factory):
+    """A run folder of the 16-block llama: 4 steps of full fine-tuning, checkpoints 0 and 4."""
+    from helpers import cli, train_argv, write_corpus
+    from tiny import tiny_tokenizer
+    root = tmp_path_factory.mktemp("deep")
+    torch.manual_seed(0)
+    config = FAMILIES["llama"]()
+    config.num_hidden_layers = DEEP
+    tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(root / "llama")
+    tiny_tokenizer().save_pretrained(root / "llama")
+    corpus = write_corpus(root / "pairs.csv")
+    assert cli(train_argv(root / "llama", corpus, root / "run", steps=4, save_steps="0,4")) == 0
+    return root / "run"
+
+
+def test_the_budget_rule_reads_an_adaptive_table_and_picks_the_full_grids_set(deep_run, tmp_path):
+    from cogprobe.data.evalset import EvalSet
+    from cogprobe.selection.folders import select_run
+    quiet = dict(evalset=EvalSet.for_run(deep_run, n=3), log=lambda _: None)
+    adaptive_sweep_run(deep_run, out=tmp_path / "adaptive", **quiet)
+    sweep_run(deep_run, out=tmp_path / "full", progress=False, **quiet)
+    picked = {grid: select_run(deep_run, rule="budget", out=tmp_path / grid, progress=False, **quiet)
+              for grid in ("adaptive", "full")}
+    assert (picked["adaptive"].k_in, picked["adaptive"].k_out) == (picked["full"].k_in, picked["full"].k_out)
+    known = {grid: sum(c["source"] == "known" for c in s.candidates) for grid, s in picked.items()}
+    assert 0 < known["adaptive"] < known["full"]   # fewer candidates read from the sparser table
