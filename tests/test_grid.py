@@ -160,8 +160,9 @@ def test_the_folder_verb_writes_k_grid_continues_and_refuses_a_plain_table(train
     sweep_run(run, out=tmp_path / "b", progress=False, **quiet)
     with pytest.raises(CogprobeError, match="grid of its own"):
         adaptive_sweep_run(run, out=tmp_path / "b", **quiet)
-    with pytest.raises(CogprobeError, match="chooses its own k's"):
-        adaptive_sweep_run(run, out=tmp_path / "c", ks=(0, 1), **quiet)
+    given = adaptive_sweep_run(run, out=tmp_path / "c", ks=(0, 6), **quiet)   # ks: the coarse grid
+    assert set(given.loc[given["k_grid"] == "coarse", "k"]) == {0, 6}
+    assert set(given["k"]) <= set(range(7)) and set(given["k_grid"]) <= {"coarse", "refined"}
 
 
 @pytest.fixture(scope="module")

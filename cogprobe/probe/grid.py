@@ -98,11 +98,12 @@ def to_score(rows: pd.DataFrame, coarse: Sequence[int], tasks: Sequence[str], di
 
 
 def adaptive_sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = SweepOptions.mode,
-                   directions: Sequence[str] = DIRECTIONS, ends: bool = SweepOptions.ends, keep: Iterable[int] = (),
-                   batch_size: int = BATCH_SIZE, have: pd.DataFrame | None = None, on_rows=None,
-                   on_batch=None) -> pd.DataFrame:
+                   directions: Sequence[str] = DIRECTIONS, ends: bool = SweepOptions.ends,
+                   ks: Iterable[int] | None = SweepOptions.ks, keep: Iterable[int] = (), batch_size: int = BATCH_SIZE,
+                   have: pd.DataFrame | None = None, on_rows=None, on_batch=None) -> pd.DataFrame:
     """A revert or skip sweep on the adaptive grid: the coarse grid of every checkpoint, then refined
-    (see the module docstring). `checkpoints` as `sweep` takes them; `have`: rows already scored (a
+    (see the module docstring). `ks`: the coarse grid, if not `coarse_grid`'s (`keep` added either
+    way). `checkpoints` as `sweep` takes them; `have`: rows already scored (a
     resumed sweep; their checkpoints are not loaded when nothing is left to score); `on_rows(rows)`
     after each round (the folder verb appends there). Returns `have` and the new rows, with
     attrs["block_evals"] (the new rows' cost) and attrs["ks"] ({(step, task, direction): scored k's})."""
@@ -111,7 +112,8 @@ def adaptive_sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str
     if not opened and not pairs:
         raise CogprobeError("no checkpoints given; pass [(step, model), ...] with the reference first")
     n = find_blocks(checkpoints.reference()[0] if opened else pairs[0][1]).n
-    coarse, tasks = coarse_grid(n, keep), list(examples)
+    coarse = coarse_grid(n, keep) if ks is None else check_ks({*ks, *keep}, n)
+    tasks = list(examples)
     have = pd.DataFrame(columns=KEYS) if have is None else have.reset_index(drop=True)
     halves = half_widths(have) if len(have) else pd.Series(dtype=float)
     steps = list(checkpoints.steps) if opened else [s for s, _ in pairs]
@@ -159,14 +161,11 @@ def adaptive_sweep_run(source, options: SweepOptions | None = None, *, keep: Ite
                        evalset: EvalSet | None = None, out=None, base=None, overwrite: bool = False, device=None,
                        log=print, checkpoints: Checkpoints | None = None, **changes) -> pd.DataFrame:
     """`sweep_run` on the adaptive grid: every checkpoint of a run into `sweeps.parquet`, each row with
-    its `k_grid`; returns the whole table. A rerun continues (rows are appended per round). The table
-    is claimed as `sweep_run` claims it; one that holds a plain sweep of this mode is refused (its k's
-    were chosen otherwise). Under torchrun the main process scores and the others wait (the rounds
-    depend on each other, and the grid is small). `options.ks` must be unset: the grid chooses."""
+    its `k_grid`; returns the whole table. `options.ks`, if given, is the coarse grid. A rerun
+    continues (rows are appended per round). The table is claimed as `sweep_run` claims it; one that
+    holds a plain sweep of this mode is refused (its k's were chosen otherwise). Under torchrun the
+    main process scores and the others wait (the rounds depend on each other, and the grid is small)."""
     o = with_changes(SweepOptions, options, changes)
-    if o.ks is not None:
-        raise CogprobeError("the adaptive grid chooses its own k's; drop ks (sweep_ks in a study), or sweep the "
-                            "full grid")
     if o.engine == "taylor":
         raise CogprobeError("the adaptive grid refines on exact shares and their intervals; use an exact engine")
     w = world()
@@ -181,7 +180,7 @@ def adaptive_sweep_run(source, options: SweepOptions | None = None, *, keep: Ite
     have = _have(path, o.mode, o.ends, overwrite)   # every process checks, so all fail alike
     if w.is_main:
         save = lambda rows: io.append_parquet(path, rows)  # noqa: E731  (each round kept as it finishes)
-        t = adaptive_sweep(ckpts, examples, mode=o.mode, directions=o.directions, ends=o.ends, keep=keep,
+        t = adaptive_sweep(ckpts, examples, mode=o.mode, directions=o.directions, ends=o.ends, ks=o.ks, keep=keep,
                            batch_size=o.batch_size, have=have, on_rows=save)
         log(f"sweep: adaptive grid, {len({k for ks in t.attrs['ks'].values() for k in ks})} k's scored "
             f"({t.attrs['block_evals']} block evaluations in this call)")
