@@ -1,10 +1,10 @@
-"""Run the three benchmarks, print their tables and whether each target was met.
+"""Run the benchmarks, print their tables and whether each target was met.
 
     python benchmarks/run_all.py            # `make bench`: the embedded model, ~10 min on 2 cores
     python benchmarks/run_all.py --tiny --out /tmp/b --cache /tmp/b/cache   # seconds; what the tests run
 
 Each benchmark runs in its own subprocess (clean memory numbers, no state shared
-between them) and writes OUT/{capture,sweeps,tuning}.csv; this script then reads
+between them) and writes OUT/{capture,sweeps,tuning,probe_path,grid}.csv; this script then reads
 the CSVs back, checks the targets of the issue, and writes OUT/latest.md (the
 tables and targets as Markdown, for the README). Missing a target is reported,
 not an error: the exit status is non-zero only when a benchmark fails to run.
@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import capture_bench  # noqa: E402
+import grid_bench  # noqa: E402
 import probe_path  # noqa: E402
 import sweep_bench  # noqa: E402
 import tuning_bench  # noqa: E402
@@ -28,6 +29,7 @@ BENCHMARKS = {  # name -> (module, csv)
     "sweeps": (sweep_bench, "sweeps"),
     "tuning": (tuning_bench, "tuning"),
     "probe": (probe_path, "probe_path"),
+    "grid": (grid_bench, "grid"),
 }
 
 
@@ -66,7 +68,7 @@ def report(names: list[str], seconds: dict[str, float]) -> str:
 
 def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
-        "--only", default=",".join(BENCHMARKS), help="comma-separated subset of capture,sweeps,tuning,probe"))
+        "--only", default=",".join(BENCHMARKS), help="comma-separated subset of capture,sweeps,tuning,probe,grid"))
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown or not names:

@@ -20,6 +20,7 @@ BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import capture_bench  # noqa: E402
+import grid_bench  # noqa: E402
 import probe_path  # noqa: E402
 import common  # noqa: E402
 import sweep_bench  # noqa: E402
@@ -40,8 +41,8 @@ def tiny_run(tmp_path_factory):
 
 def test_a_tiny_run_leaves_the_published_tables_alone(tiny_run):
     results, stdout = tiny_run
-    assert sorted(p.name for p in results.iterdir()) == ["capture.csv", "latest.md", "probe_path.csv", "sweeps.csv",
-                                                         "tuning.csv"]
+    assert sorted(p.name for p in results.iterdir()) == ["capture.csv", "grid.csv", "grid_by_k.csv", "latest.md",
+                                                         "probe_path.csv", "sweeps.csv", "tuning.csv"]
     assert str(BENCH / "results") not in stdout   # every table went to --out
 
 
@@ -50,7 +51,7 @@ def _table(results: Path, name: str) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("name,module", [("capture", capture_bench), ("sweeps", sweep_bench),
-                                         ("tuning", tuning_bench), ("probe_path", probe_path)])
+                                         ("tuning", tuning_bench), ("probe_path", probe_path), ("grid", grid_bench)])
 def test_tables_have_their_columns_and_the_machine_on_every_row(tiny_run, name, module):
     table = _table(tiny_run[0], name)
     assert list(table.columns) == module.COLUMNS + MACHINE
@@ -105,6 +106,15 @@ def test_probe_path_gives_the_same_answers_both_ways(tiny_run):
     assert table.loc["before", "candidates_from_sweep"] == 0 < table.loc["now", "candidates_from_sweep"]
     assert table.loc["now", "candidates_scored"] < table.loc["before", "candidates_scored"] + \
         table.loc["now", "candidates_from_sweep"]
+
+
+def test_the_grids_agree_where_both_score(tiny_run):
+    """6 blocks: the coarse grid is every k, so the two grids are one (the same rows, counts and set)."""
+    table = _table(tiny_run[0], "grid").set_index("grid")
+    assert list(table.index) == ["full", "adaptive"]
+    assert table["ks_scored"].eq(7).all() and table["block_evals"].nunique() == 1 and table["same_set"].all()
+    by_k = _table(tiny_run[0], "grid_by_k")
+    assert list(by_k["k"]) == list(range(7)) and by_k["within"].all() and by_k["max_abs_diff"].eq(0).all()
 
 
 def test_run_all_prints_and_writes_the_targets(tiny_run):
