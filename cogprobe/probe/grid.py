@@ -102,11 +102,11 @@ def adaptive_sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str
                    ks: Iterable[int] | None = SweepOptions.ks, keep: Iterable[int] = (), batch_size: int = BATCH_SIZE,
                    have: pd.DataFrame | None = None, on_rows=None, on_batch=None) -> pd.DataFrame:
     """A revert or skip sweep on the adaptive grid: the coarse grid of every checkpoint, then refined
-    (see the module docstring). `ks`: the coarse grid, if not `coarse_grid`'s (`keep` added either
-    way). `checkpoints` as `sweep` takes them; `have`: rows already scored (a
-    resumed sweep; their checkpoints are not loaded when nothing is left to score); `on_rows(rows)`
-    after each round (the folder verb appends there). Returns `have` and the new rows, with
-    attrs["block_evals"] (the new rows' cost) and attrs["ks"] ({(step, task, direction): scored k's})."""
+    (see the module docstring). `checkpoints` as `sweep` takes them. `ks`: the coarse grid, if not
+    `coarse_grid`'s (`keep` added either way). `have`: rows already scored (a resumed sweep; a
+    checkpoint with nothing left to score is not loaded). `on_rows(rows)`: after each round (the
+    folder verb appends there). Returns `have` and the new rows, with attrs["block_evals"] (the new
+    rows' cost) and attrs["ks"] ({(step, task, direction): the k's scored})."""
     opened = hasattr(checkpoints, "load")
     pairs = None if opened else list(checkpoints)
     if not opened and not pairs:
