@@ -22,7 +22,7 @@ from cogprobe.cli import build_parser
 from cogprobe.core import artifacts, layout
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.io import write_text
-from cogprobe.probe import alignment, capture, sweep
+from cogprobe.probe import alignment, capture, grid, sweep
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 CLI_PAGE, PYTHON_PAGE, ARCHITECTURE = DOCS / "cli.md", DOCS / "python.md", DOCS / "architecture.md"
@@ -134,6 +134,8 @@ def schemas() -> str:
         f"| `{layout.SWEEPS}` (`probe/sweep.py`) | {codes(sweep.COLUMNS)} |",
         f"| `{layout.ACTIVATIONS}` (`probe/capture.py`) | {codes(capture.COLUMNS)} |",
         f"| `{layout.ALIGNMENT}` (`probe/alignment.py`) | {codes(alignment.COLUMNS)} |", "",
+        f"An adaptive sweep (`probe/grid.py`) adds `k_grid` to every row: {codes((grid.COARSE, grid.REFINED))}.",
+        "",
         f"Capture's `stat` is one of {codes(capture.STATS)}; alignment's `measure` one of {codes(alignment.MEASURES)}.",
         "", "**Artifact kinds** (`KINDS` of `cogprobe/core/artifacts.py`): every file cogprobe reads is recognised by "
         "its name and checked for what a readable copy holds; a damaged one costs one line naming the file and the "

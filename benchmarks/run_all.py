@@ -4,7 +4,7 @@
     python benchmarks/run_all.py --tiny --out /tmp/b --cache /tmp/b/cache   # seconds; what the tests run
 
 Each benchmark runs in its own subprocess (clean memory numbers, no state shared
-between them) and writes OUT/{capture,sweeps,tuning,probe_path,scale,precision}.csv; this script then reads
+between them) and writes OUT/{capture,sweeps,tuning,probe_path,grid,scale,precision}.csv; this script then reads
 the CSVs back, checks the targets of the issue, and writes OUT/latest.md (the
 tables and targets as Markdown, for the README). Missing a target is reported,
 not an error: the exit status is non-zero only when a benchmark fails to run.
@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import capture_bench  # noqa: E402
+import grid_bench  # noqa: E402
 import precision_bench  # noqa: E402
 import probe_path  # noqa: E402
 import scale_bench  # noqa: E402
@@ -30,6 +31,7 @@ BENCHMARKS = {  # name -> (module, csv)
     "sweeps": (sweep_bench, "sweeps"),
     "tuning": (tuning_bench, "tuning"),
     "probe": (probe_path, "probe_path"),
+    "grid": (grid_bench, "grid"),
     "scale": (scale_bench, "scale"),
     "precision": (precision_bench, "precision"),
 }
@@ -70,7 +72,7 @@ def report(names: list[str], seconds: dict[str, float]) -> str:
 
 def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
-        "--only", default=",".join(BENCHMARKS), help="comma-separated subset of capture,sweeps,tuning,probe,scale,precision"))
+        "--only", default=",".join(BENCHMARKS), help="comma-separated subset of " + ",".join(BENCHMARKS)))
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown or not names:

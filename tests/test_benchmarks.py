@@ -20,6 +20,7 @@ BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import capture_bench  # noqa: E402
+import grid_bench  # noqa: E402
 import precision_bench  # noqa: E402
 import probe_path  # noqa: E402
 import scale_bench  # noqa: E402
@@ -42,8 +43,9 @@ def tiny_run(tmp_path_factory):
 
 def test_a_tiny_run_leaves_the_published_tables_alone(tiny_run):
     results, stdout = tiny_run
-    assert sorted(p.name for p in results.iterdir()) == ["capture.csv", "latest.md", "precision.csv", "probe_path.csv",
-                                                         "scale.csv", "scale_projection.csv", "sweeps.csv", "tuning.csv"]
+    assert sorted(p.name for p in results.iterdir()) == ["capture.csv", "grid.csv", "grid_by_k.csv", "latest.md",
+                                                         "precision.csv", "probe_path.csv", "scale.csv",
+                                                         "scale_projection.csv", "sweeps.csv", "tuning.csv"]
     assert str(BENCH / "results") not in stdout   # every table went to --out
 
 
@@ -52,7 +54,7 @@ def _table(results: Path, name: str) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("name,module", [("capture", capture_bench), ("sweeps", sweep_bench),
-                                         ("tuning", tuning_bench), ("probe_path", probe_path),
+                                         ("tuning", tuning_bench), ("probe_path", probe_path), ("grid", grid_bench),
                                          ("scale", scale_bench), ("precision", precision_bench)])
 def test_tables_have_their_columns_and_the_machine_on_every_row(tiny_run, name, module):
     table = _table(tiny_run[0], name)
@@ -127,6 +129,15 @@ def test_precision_compares_every_task(tiny_run):
     assert list(table["task"]) == ["perception", "production"]
     assert (table["max_abs_example_dnll"] > 0).all()    # bf16 does move the numbers: the table says how far
     assert (table["median_abs_example_dnll"] <= table["max_abs_example_dnll"]).all()
+
+
+def test_the_grids_agree_where_both_score(tiny_run):
+    """6 blocks: the coarse grid is every k, so the two grids are one (the same rows, counts and set)."""
+    table = _table(tiny_run[0], "grid").set_index("grid")
+    assert list(table.index) == ["full", "adaptive"]
+    assert table["ks_scored"].eq(7).all() and table["block_evals"].nunique() == 1 and table["same_set"].all()
+    by_k = _table(tiny_run[0], "grid_by_k")
+    assert list(by_k["k"]) == list(range(7)) and by_k["within"].all() and by_k["max_abs_diff"].eq(0).all()
 
 
 def test_run_all_prints_and_writes_the_targets(tiny_run):

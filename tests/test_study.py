@@ -108,17 +108,53 @@ def test_whole_study_on_a_tiny_model(setup):
     assert set(again) == set(seconds) and all(again[k] >= seconds[k] for k in seconds)
 
 
-def test_a_row_that_cannot_run_keeps_its_line_in_the_report_with_the_reason(setup, tmp_path):
-    """No row leaves the tables silently: a budget rule that finds no set (tau 1 within one block) leaves
-    the budget row out of compare.parquet, and the report's comparison table says why."""
+def no_budget_study(setup, folder, **kw):
+    """The tiny study with a budget rule that cannot find a set (tau 1 within one block)."""
     root, model, corpus = setup
-    values = tiny_config(root, model, corpus, rows="full,budget", tau=1.0, budget_max_total=1).to_dict()
-    out = run(build_config(tmp_path / "no-budget", preset_name=None,
-                           **{k: v for k, v in values.items() if k != "out"}), log=lambda m: None)
-    assert "error" in json.loads((out / "selection-budget.json").read_text())
+    values = tiny_config(root, model, corpus, rows="full,budget", tau=1.0, budget_max_total=1, **kw).to_dict()
+    return run(build_config(folder, preset_name=None, **{k: v for k, v in values.items() if k != "out"}),
+               log=lambda m: None)
+
+
+def test_a_row_that_cannot_run_keeps_its_line_in_the_report_with_the_reason(setup, tmp_path):
+    """No row leaves the tables silently: with budget_no_set = skip, a budget rule that finds no set leaves
+    the budget row out of compare.parquet, the study ends normally, and the report's comparison table says why."""
+    out = no_budget_study(setup, tmp_path / "no-budget", budget_no_set="skip")
+    record = json.loads((out / "selection-budget.json").read_text())
+    assert "error" in record and "fallback" not in record and record["no_set"] == "skip"
     assert set(pd.read_parquet(out / COMPARE)["row"]) == {"full"}
-    line = next(l for l in (out / "report.md").read_text().splitlines() if l.startswith("| budget |"))
+    report = (out / "report.md").read_text()
+    line = next(l for l in report.splitlines() if l.startswith("| budget |"))
     assert "not run: budget selection failed:" in line
+    assert "Its row was not trained (budget_no_set = skip)" in report
+
+
+def test_a_budget_rule_without_a_set_trains_the_fixed_set_labelled_as_such(setup, tmp_path):
+    """budget_no_set = fixed (the default): the budget row trains the fixed CogSym set, recorded in
+    selection-budget.json beside the error, and every table of the report names the row 'budget: no
+    set, fixed used'. On the adaptive k grid, whose rows say how their k came in."""
+    from cogprobe.models.layersets import cogsym, to_string
+    from cogprobe.study.rows import FIXED_USED, table
+    out = no_budget_study(setup, tmp_path / "fixed-used", sweep_grid="adaptive")
+    record = json.loads((out / "selection-budget.json").read_text())
+    assert "error" in record and record["fallback"] == "fixed" and record["no_set"] == "fixed"
+    assert record["layers_arg"] == to_string(cogsym(6, 0.25))
+    compare = pd.read_parquet(out / COMPARE).set_index("row")
+    assert set(compare.index) == {"full", "budget"} and compare.loc["budget", "blocks"] == record["layers_arg"]
+    report = (out / "report.md").read_text()
+    assert f"| {FIXED_USED} | {record['layers_arg']} |" in report                      # the comparison table
+    assert sum(l.startswith(f"| {FIXED_USED} | perception |") for l in report.splitlines()) == 1   # rows table
+    assert "was trained in its place (budget_no_set = fixed)" in report and "| budget |" not in report
+    assert table(6, 8, study=out).set_index("layers").loc[record["layers_arg"], "row"] == FIXED_USED
+    sweeps = pd.read_parquet(out / "sweeps.parquet")
+    assert set(sweeps["k_grid"]) == {"coarse"} and set(sweeps["k"]) == set(range(7))   # 6 blocks: every k
+    assert "Swept on the adaptive k grid: 7 of the 7 k's first (0, 1, 2, 3, 4, 5, 6)" in report
+
+
+def test_studies_written_before_budget_no_set_keep_skipping_their_budget_row():
+    from cogprobe.study.config import renamed
+    assert renamed({"rows": "full,budget"})["budget_no_set"] == "skip"
+    assert renamed({"rows": "full,budget"})["sweep_grid"] == "full"
 
 
 def test_study_refuses_a_different_study_in_out(setup):

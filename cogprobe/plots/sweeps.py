@@ -44,6 +44,14 @@ def sweep_rows(sweeps: pd.DataFrame, mode: str, ends: bool | None, controls: boo
     return df.drop_duplicates(["checkpoint_step", "task", "direction", "k"], keep="last")
 
 
+def _grid_note(df: pd.DataFrame) -> str:
+    """What the points of an adaptive grid are (`probe.grid`): the lines join scored k's, nothing between."""
+    if "k_grid" not in df.columns or df["k_grid"].isna().all():
+        return ""
+    return ("\n(adaptive k grid: points are the k's scored, open where refinement added them; "
+            "lines join scored points)")
+
+
 def _ends_note(df: pd.DataFrame) -> str:
     ends = "ends" in df.columns and bool(df["ends"].fillna(False).astype(bool).any())
     return "\n(k ≥ 1 also reverts the embeddings at the input end, the final norm + head at the output end)" \
@@ -88,7 +96,8 @@ def specialization_curves(sweeps: pd.DataFrame, mode: str = SweepOptions.mode, y
     verb = "reverted" if mode == "revert" else "skipped"
     band = "\n(bands: 95% bootstrap intervals over the pairs)" if "share_low" in df.columns and \
         df["share_low"].notna().any() else ""
-    fig.suptitle(f"Specialization curves ({mode}): {what} with k blocks {verb}{band}{_ends_note(df)}")
+    fig.suptitle(f"Specialization curves ({mode}): {what} with k blocks {verb}{band}{_grid_note(df)}"
+                 f"{_ends_note(df)}")
     return fig
 
 
@@ -100,6 +109,9 @@ def _curve_panel(ax, df: pd.DataFrame, y: str, colors: dict) -> None:
     for step, g in df.groupby("checkpoint_step"):
         g = g.sort_values("k")
         ax.plot(g["k"], g[y], color=colors[step], marker="o", markersize=3, lw=1.5, label=f"step {step}")
+        if "k_grid" in g.columns and (refined := g[g["k_grid"] == "refined"]).size:
+            ax.plot(refined["k"], refined[y], ls="none", marker="o", markersize=4, color=colors[step],
+                    markerfacecolor="white", label="_refined")
         if f"{y}_low" in g.columns and g[f"{y}_low"].notna().any():
             ax.fill_between(g["k"], g[f"{y}_low"], g[f"{y}_high"], color=colors[step], alpha=0.15, lw=0)
     if y == "share":
@@ -200,12 +212,13 @@ def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = SweepOptions.mode,
     tasks = ordered(df["task"], TASK_ORDER)
     dirs = ordered(df["direction"], DIRECTION_ORDER)
     fig, axes = panel_grid(len(tasks), len(dirs), w=4.4, h=3.0)
-    mesh = None
+    mesh, grids = None, []
     for (i, task), (j, d) in ((a, b) for a in enumerate(tasks) for b in enumerate(dirs)):
         ax = axes[i, j]
-        grid = df[(df["task"] == task) & (df["direction"] == d)].pivot(
-            index="checkpoint_step", columns="k", values="shown")
+        grid = _every_k(df[(df["task"] == task) & (df["direction"] == d)].pivot(
+            index="checkpoint_step", columns="k", values="shown"))
         mesh = heat(ax, grid, cmap, vmin, vmax, empty=empty) or mesh
+        grids.append(grid)
         if "resolved" in df.columns and mesh is not None:
             _mark(ax, df[(df["task"] == task) & (df["direction"] == d)].pivot(
                 index="checkpoint_step", columns="k", values="resolved").reindex_like(grid))
@@ -218,7 +231,9 @@ def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = SweepOptions.mode,
             {(False, False): "neither", (True, False): "min", (False, True): "max", (True, True): "both"}
             [(bool((shown < vmin - 1e-6).any()), bool((shown > vmax + 1e-6).any()))])
         fig.colorbar(mesh, ax=axes.ravel().tolist(), label=label, extend=extend, shrink=0.8)
-    nan_note(fig, df["shown"], "undefined (the checkpoint did not improve on step 0) or not measured")
+    cells = pd.Series([v for g in grids for v in g.to_numpy(float).ravel()], dtype=float)
+    nan_note(fig, cells, "undefined (the checkpoint did not improve on step 0) or not scored (a k the grid "
+                         "left out)")
     dots = "resolved" in df.columns and bool(df["resolved"].any())
     note = "\n(dot: the cell's 95% interval excludes both 0 and 1)" if dots else ""
     what = "gain retained" if value == "share" else "NLL change"
@@ -226,9 +241,18 @@ def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = SweepOptions.mode,
     return fig
 
 
+def _every_k(grid: pd.DataFrame) -> pd.DataFrame:
+    """Every k from the smallest scored to the largest as a column: a k no checkpoint scored is a grey
+    column, never a neighbour's colour stretched over it (an adaptive or a sparse grid)."""
+    if grid.empty:
+        return grid
+    ks = [int(k) for k in grid.columns]
+    return grid.reindex(columns=range(min(ks), max(ks) + 1))
+
+
 def _mark(ax, flags: pd.DataFrame) -> None:
     """A dot on every cell whose flag is True (cells in the heatmap's row/column order)."""
-    rows, cols = np.nonzero(flags.fillna(False).to_numpy(bool))
+    rows, cols = np.nonzero(flags.astype(float).to_numpy(na_value=0.0) > 0)   # a k not scored: no dot
     ax.scatter(cols + 0.5, rows + 0.5, s=4, c="white", edgecolors="0.2", linewidths=0.3, zorder=3)
 
 

@@ -1,7 +1,8 @@
 """Selecting a layer set from a run folder: the function behind `cogprobe select RUN`.
 
-The fixed rule needs only the block count; the curves rule reads the sweeps table; the budget rule
-scores keep-outer candidates (reusing those the sweeps table already holds); a cheap ranking reads
+The fixed rule needs only the block count; the curves rule reads the sweeps table (a full grid below
+its answer: it refuses an adaptive one's gaps); the budget rule scores keep-outer candidates (reusing
+those the sweeps table already holds, on any grid); a cheap ranking reads
 rankings.parquet. The set is written to `selection.json` with the evaluation set it was chosen on.
 """
 from __future__ import annotations
@@ -110,7 +111,10 @@ def _swept_candidates(out: Path, evalset: EvalSet, source: dict, step: int, n_la
     rows = rows[rows["task"].isin(TASKS)]
     if set(rows["task"]) != set(TASKS) or rows["example_nll"].isna().any():
         return None
-    return rows
+    # an adaptive grid (`probe.grid`) refines each task's curve on its own: a k one task has alone is
+    # no candidate yet (the search scores it for every task if it needs it)
+    every_task = rows.groupby(["k_in", "k_out"])["task"].transform("nunique") == len(TASKS)
+    return rows[every_task]
 
 
 def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_size, evalset, known, search,

@@ -48,7 +48,7 @@ from cogprobe.selection.options import CRITERIA, SEARCHES, TAU, SelectOptions
 
 EPS = 1e-9
 OTHER_END = {"input": "output", "output": "input"}
-FULL_GRID = "rerun the sweep with the full grid (omit --ks)"
+FULL_GRID = "rerun the sweep with the full grid (omit --ks; in a study, sweep_grid = \"full\")"
 MAX_REPORTED = 20  # monotonicity violations listed in selection.json (all are counted)
 
 

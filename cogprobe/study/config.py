@@ -32,6 +32,8 @@ EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "report_to", "r
 # what a study accepts a change of on a rerun: its `chrf` stages score every compared run again from
 # its kept weights, so no row is scored on other sentences than the rest (`study.rescore_chrf`)
 RESCORED = ("chrf_pairs",)
+SWEEP_GRIDS = ("full", "adaptive")   # every k asked for, or `probe.grid`'s coarse grid and its refinement
+BUDGET_NO_SET = ("fixed", "skip")    # the budget row when its rule finds no set: the fixed set, or none
 
 
 @dataclass
@@ -54,6 +56,9 @@ class StudyConfig:
     fraction: float = knob(DEFAULT_FRACTION, "CogSym fraction of blocks (the paper's 25%)")
     tau: float = knob(TAU, "share of the gain the budget set must keep")
     budget_max_total: int | None = knob(None, "largest k_in + k_out the budget search tries (default: L)")
+    budget_no_set: str = knob("fixed", "when the budget rule finds no set on dev: train the fixed CogSym set as the "
+                              "budget row, labelled 'budget: no set, fixed used' (fixed), or leave the row out, "
+                              "its reason in the report (skip)", choices=BUDGET_NO_SET)
     rows: str = knob("full,lora,cogsym,cogsym-lora,budget,middle,bottom,top,random",
                      "comparison rows to run (full is always run; every kind: cogprobe/study/rows.py)")
     random_draws: int = knob(1, "sets drawn for the random row (several: rows random-1 ... random-N)")
@@ -73,7 +78,10 @@ class StudyConfig:
     lr_grid: str = knob("", "peak lrs tried per full-parameter row on dev, e.g. '1e-4,3e-4,1e-3' (empty: lr)")
     lora_lr_grid: str = knob("", "peak lrs tried per LoRA row on dev (empty: lora_lr)")
     lr_steps: int = knob(20, "steps of each learning-rate trial run")
-    sweep_ks: str | None = knob(None, "k grid of the sweeps, e.g. '0-30' or '0,2,4,8' (default every k)")
+    sweep_ks: str | None = knob(None, "k grid of the sweeps, e.g. '0-30' or '0,2,4,8' (default every k; with "
+                                "sweep_grid adaptive: its coarse grid, default probe.grid's)")
+    sweep_grid: str = knob("full", "full: every k of sweep_ks; adaptive: a coarse grid, then a k only where a "
+                           "curve moves by more than its 95% interval (probe.grid)", choices=SWEEP_GRIDS)
     eval_pairs: int = knob(64, "test pairs sampled for the NLL scores (baseline and comparison rows)")
     probe_pairs: int = knob(16, "dev pairs sampled for sweeps, capture and budget selection")
     chrf_pairs: int = knob(16, "test pairs sampled per direction for chrF (0: the NLL pairs themselves)")
@@ -109,6 +117,9 @@ class StudyConfig:
             raise CogprobeError(f"rows {bad} are unknown; choose from {', '.join(ROWS)}")
         if self.probe_row not in ("full", "blocks"):
             raise CogprobeError(f"probe_row={self.probe_row!r}: the probe run is full or blocks (a run of every block)")
+        for name, allowed in (("sweep_grid", SWEEP_GRIDS), ("budget_no_set", BUDGET_NO_SET)):
+            if getattr(self, name) not in allowed:
+                raise CogprobeError(f"{name}={getattr(self, name)!r}: choose {' or '.join(allowed)}")
         if self.converge and not self.eval_steps:
             raise CogprobeError("converge needs a dev-NLL curve: set eval_steps, e.g. 'log:8'")
         self.seed_list()
@@ -157,13 +168,16 @@ class StudyConfig:
 
 
 RENAMED = {"strategies": "rows"}   # keys renamed since studies were first written (old -> new)
+# keys added since whose default does otherwise than studies did before them: what those studies did
+BEFORE_ADDED = {"budget_no_set": "skip"}
 
 
 def renamed(recorded: dict) -> dict:
-    """A study.json written before a key was renamed or added, with the new names, and the defaults of
-    keys added since (each default does what studies did before the key existed), so old studies resume."""
+    """A study.json written before a key was renamed or added, with the new names, and for keys added
+    since what studies did before the key existed (its default, or `BEFORE_ADDED`: a budget rule that
+    found no set left its row out), so old studies resume as they ran."""
     recorded = {RENAMED.get(k, k) if RENAMED.get(k, k) not in recorded else k: v for k, v in recorded.items()}
-    added = {f.name: f.default for f in dataclasses.fields(StudyConfig)
+    added = {f.name: BEFORE_ADDED.get(f.name, f.default) for f in dataclasses.fields(StudyConfig)
              if f.name not in recorded and f.name not in EXECUTION_ONLY and f.default is not dataclasses.MISSING}
     return {**added, **recorded}
 
@@ -194,8 +208,8 @@ TABLES = {
               "plateau_window", "plateau_min_improvement", "resume_every", "report_to"),
     "lr": ("lr_grid", "lora_lr_grid", "lr_steps"),
     "rows": ("rows", "random_draws", "probe_row", "fraction"),
-    "sweep": ("probe_pairs", "sweep_ks", "sweep_controls", "capture_backend"),
-    "select": ("tau", "budget_max_total"),
+    "sweep": ("probe_pairs", "sweep_ks", "sweep_grid", "sweep_controls", "capture_backend"),
+    "select": ("tau", "budget_max_total", "budget_no_set"),
     "compare": ("eval_pairs", "chrf_pairs", "max_new_tokens", "max_sentence_tokens"),
     "run": ("out", "threads", "isolate_runs", "overwrite"),
 }

@@ -47,11 +47,12 @@ from cogprobe.core.layout import (BASELINE, COMPARE, COST, DEV_CURVE, DEV_CURVES
                              STOP, STUDY, SWEEPS, TRAIN_CONFIG, TRANSLATIONS, arm, claim, metadata, row_run)
 from cogprobe.models.loading import block_count, load_model
 from cogprobe.probe.folders import capture_run, sweep_run
+from cogprobe.probe.grid import adaptive_sweep_run
 from cogprobe.probe.options import CaptureOptions, SweepOptions
 from cogprobe.probe.tables import COMPUTED
 from cogprobe.selection.folders import select_run
 from cogprobe.selection.options import SelectOptions
-from cogprobe.study.report import write_report
+from cogprobe.study.report import probe_ks, write_report
 from cogprobe.study.rows import Plan, Skip, kind, plan
 from cogprobe.tuning.runfolder import machine
 from cogprobe.selection.rules import select_fixed
@@ -507,10 +508,21 @@ def probe(config: StudyConfig, out: Path, checkpoints: Checkpoints | None = None
         ks = parse_range_list(config.sweep_ks, 10**6)
     run = probe_run_dir(config, out)
     tasks = (*TASKS, *CONTROLS) if config.sweep_controls else TASKS
-    quiet = dict(evalset=_probe_set(config), out=out, log=lambda m: None, progress=False, checkpoints=checkpoints)
-    sweep_run(run, SweepOptions(ks=ks, tasks=tasks), **quiet)
+    quiet = dict(evalset=_probe_set(config), out=out, log=lambda m: None, checkpoints=checkpoints)
+    if config.sweep_grid == "adaptive":
+        adaptive_sweep_run(run, SweepOptions(ks=ks, tasks=tasks), keep=read_ks(config), **quiet)
+    else:
+        sweep_run(run, SweepOptions(ks=ks, tasks=tasks), progress=False, **quiet)
     _record_engine(out)
-    capture_run(run, CaptureOptions(backend=config.capture_backend), **quiet)
+    capture_run(run, CaptureOptions(backend=config.capture_backend), progress=False, **quiet)
+
+
+def read_ks(config: StudyConfig) -> list[int]:
+    """The k's the report and the selector read, scored on any grid: the report's two (`probe_ks` of
+    every k) and the fixed CogSym set's ends and size (the set every layer-restricted row matches)."""
+    n = _block_count(str(config.model))
+    size = len(cogsym(n, config.fraction))
+    return sorted((set(probe_ks(range(n + 1))) | {(size + 1) // 2, size // 2, size}) - {0})
 
 
 def _record_engine(out: Path) -> None:
@@ -533,9 +545,21 @@ def select_sets(config: StudyConfig, out: Path, log, checkpoints=lambda: None) -
         budget = SelectOptions(rule="budget", tau=config.tau, max_total=config.budget_max_total, name=SELECTION_BUDGET)
         select_run(probe_run_dir(config, out), budget, evalset=_probe_set(config), out=out, log=lambda m: None,
                    progress=False, checkpoints=checkpoints())
-    except CogprobeError as e:  # an honest "no set": recorded, reported, and its tuning row skipped
-        io.write_json(out / SELECTION_BUDGET, {"rule": "budget", "error": str(e)})
-        log(f"budget selection failed: {e}")
+    except CogprobeError as e:  # an honest "no set": recorded, reported, and the row as budget_no_set says
+        io.write_json(out / SELECTION_BUDGET, no_budget_set(config, n, str(e)))
+        log(f"budget selection failed: {e}" + ("; the budget row trains the fixed set"
+                                               if config.budget_no_set == "fixed" else "; the budget row is skipped"))
+
+
+def no_budget_set(config: StudyConfig, n_layers: int, error: str) -> dict:
+    """selection-budget.json where the budget rule found no set: its error, and with budget_no_set
+    "fixed" the fixed CogSym set the row trains instead (`rows.label` names the row so); with "skip"
+    the error alone (the row is not trained, and the report says why)."""
+    record = {"rule": "budget", "error": error, "no_set": config.budget_no_set}
+    if config.budget_no_set == "fixed":
+        fixed = select_fixed(n_layers, config.fraction).to_json()
+        record.update({k: fixed[k] for k in ("n_layers", "layers", "k_in", "k_out", "layers_arg")}, fallback="fixed")
+    return record
 
 
 # --- comparison --------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from cogprobe.study import verdicts
 from cogprobe.core.layout import (ALIGNMENT, BASELINE, COMPARE, EVALSETS, LR_SEARCH, MANIFEST, RUN_LENGTH, RUNS, SCORES,
                              STAGE_MACHINES, STAGE_SECONDS, STUDY, SWEEPS, TRAIN_LOG, TRANSLATIONS, arm)
 from cogprobe.models.loading import EMBEDDED, block_count
-from cogprobe.study.rows import Skip, kind, plan
+from cogprobe.study.rows import FIXED_USED, Skip, kind, label, plan
 from cogprobe.tuning.runfolder import machine
 from cogprobe.study.config import StudyConfig
 from cogprobe.plots.runs import training_curve
@@ -74,7 +74,7 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
         compare = io.read_parquet(out / COMPARE)
         study = pooled(out, cfg) if compare["seed"].nunique() > 1 else None
         b += [("h2", "CogSym against full fine-tuning"),
-              ("table", _compare_table(compare, not_compared(compare, cfg, out)))]
+              ("table", _compare_table(compare, not_compared(compare, cfg, out), out))]
         tuned_on = {v for k, v in (record.get(STAGE_MACHINES) or {}).items() if k.startswith("tune ")}
         if len(tuned_on) > 1:
             b += [("p", f"sec_per_step above is the mean over seeds, and the runs trained on {len(tuned_on)} "
@@ -195,10 +195,25 @@ def _sweep_findings(out: Path) -> list[str]:
             lines.append(f"{task.capitalize()}: the step-{last} checkpoint did not improve on the base "
                          f"({ck:.3f} vs {ref:.3f} nats/token), so there is no gain to locate.")
             continue
-        parts = [verdicts.ends_sentence(rows, k) for k in _probe_ks(rows)]
+        parts = [verdicts.ends_sentence(rows, k) for k in probe_ks(rows["k"])]
         lines.append(f"{task.capitalize()} (step {last}, NLL {ref:.3f} -> {ck:.3f} nats/token): " + "; ".join(parts) + "."
                      + _source_use(t, task))
-    return lines
+    return lines + _grid_sentence(t)
+
+
+def _grid_sentence(t: pd.DataFrame) -> list[str]:
+    """Which k's an adaptive grid scored at the last checkpoint (`probe.grid`): none else is drawn."""
+    if "k_grid" not in t.columns or t["k_grid"].isna().all():
+        return []
+    t = t[t["task"].isin(TASKS)]
+    n = int(t["k"].max())
+    coarse = sorted(int(k) for k in t.loc[t["k_grid"] == "coarse", "k"].unique())
+    refined = {f"{task} {d}": sorted(int(k) for k in g["k"].unique())
+               for (task, d), g in t[t["k_grid"] == "refined"].groupby(["task", "direction"])}
+    added = "; ".join(f"{curve}: {', '.join(map(str, ks))}" for curve, ks in refined.items()) or "none"
+    return [f"Swept on the adaptive k grid: {len(coarse)} of the {n + 1} k's first ({', '.join(map(str, coarse))}), "
+            f"then a k wherever a curve moved by more than its 95% interval between two scored k's (added: "
+            f"{added}); the figures draw the scored k's only."]
 
 
 def where_languages_meet(out: Path, figures: list[Path]) -> list[tuple]:
@@ -236,9 +251,10 @@ def _peak_moved(t: pd.DataFrame, first: int, last: int) -> str:
     return f"These pairs do not show that fine-tuning moved the meeting point: {said}, an interval that includes 0."
 
 
-def _probe_ks(rows: pd.DataFrame) -> list[int]:
-    """The swept k nearest a third of the blocks (and nearest a tenth): where ends are compared."""
-    ks = sorted(set(rows["k"]) - {0})
+def probe_ks(swept) -> list[int]:
+    """The swept k nearest a third of the blocks (and nearest a tenth): where ends are compared. The
+    adaptive grid scores the two a full grid gives (`pipeline.read_ks`), so both read the same k's."""
+    ks = sorted(set(int(k) for k in swept) - {0})
     n = int(max(ks)) if ks else 0
     return sorted({min(ks, key=lambda k: abs(k - n / 10)), min(ks, key=lambda k: abs(k - n / 3))}) if ks else []
 
@@ -262,7 +278,10 @@ def _selections(out: Path) -> list[tuple]:
             continue
         sel = io.read_json(path)
         if "error" in sel:
-            blocks.append(("p", f"**{name}**: no set. {sel['error']}"))
+            used = (f" The fixed CogSym set, blocks {sel['layers_arg']}, was trained in its place (budget_no_set = "
+                    f"fixed): its row reads \"{FIXED_USED}\"." if sel.get("fallback") == "fixed" else
+                    " Its row was not trained (budget_no_set = skip); the comparison table says why.")
+            blocks.append(("p", f"**{name}**: no set. {sel['error'].rstrip('.')}." + (used if name == "budget" else "")))
             continue
         text = (f"**{name}**: blocks {sel['layers_arg']} ({len(sel['layers'])} of {sel['n_layers']}, "
                 f"k_in = {sel['k_in']}, k_out = {sel['k_out']}).")
@@ -280,13 +299,15 @@ COMPARE_COLUMNS = ["row", "blocks", "trainable_params", "optimizer_bytes", "sec_
                    "chrf_perception", "chrf_production", "chrf_perception_share", "chrf_production_share"]
 
 
-def _compare_table(compare: pd.DataFrame, missing: dict[str, str] | None = None) -> pd.DataFrame:
+def _compare_table(compare: pd.DataFrame, missing: dict[str, str] | None = None,
+                   study: Path | None = None) -> pd.DataFrame:
     """One line per row (its blocks per seed where they differ); with several seeds, numbers are
     'mean ± std', and sec_per_step mixes processors where the seeds ran on different ones (the ratios
-    below do not). A planned row with no comparison gets its line too, saying why (`missing`)."""
+    below do not). A planned row with no comparison gets its line too, saying why (`missing`); a budget
+    row that trained the fixed set is named so (`rows.label`, from the `study` folder's selection)."""
     lines = []
     for row, g in compare.groupby("row", sort=False):
-        line = {"row": row, "blocks": evidence_tables.blocks_per_seed(compare, row)}
+        line = {"row": label(row, study), "blocks": evidence_tables.blocks_per_seed(compare, row)}
         for col in COMPARE_COLUMNS[2:]:
             v = g[col].astype(float)
             line[col] = _fmt(v.mean(), col) + (f" ± {_fmt(v.std(), col)}" if len(v) > 1 else "")
@@ -399,8 +420,9 @@ def _compare_findings(compare: pd.DataFrame, base: pd.Series, out: Path, study: 
                 parts.append(f"{task}: share of the gain {evidence.cell(got['share'], 'share')}, NLL relative "
                              f"deviation {evidence.cell(got['rel_deviation'], 'rel_deviation')}, "
                              f"{verdicts.within_bar(got['rel_deviation'])}")
-        lines.append(f"**{row}** ({r['trainable_params'] / full['trainable_params']:.1%} of full fine-tuning's "
-                     f"trainable parameters, {step_time_ratio(compare, machines, row)}): " + "; ".join(parts) + ".")
+        lines.append(f"**{label(row, out)}** ({r['trainable_params'] / full['trainable_params']:.1%} of full "
+                     f"fine-tuning's trainable parameters, {step_time_ratio(compare, machines, row)}): "
+                     + "; ".join(parts) + ".")
     if study is not None:   # the differences: pooled, in the section above, as the README states them
         return lines + [f"Every comparison against another row, pooled over the seeds: \"{POOLED}\" above."]
     for row, others in verdicts.DIFFERENCES.items():
@@ -480,7 +502,7 @@ def interval_table(out: Path, study: dict | None = None) -> pd.DataFrame | None:
     for (row, task), g in table[table["seed"] == seed].groupby(["row", "task"], sort=False):
         got = {r["quantity"]: r for _, r in g.iterrows()}
         arm_task = (arm(row, seed), task)
-        rows.append(dict(row=row, task=task, n_pairs=int(g["n_pairs"].iloc[0]),
+        rows.append(dict(row=label(row, out), task=task, n_pairs=int(g["n_pairs"].iloc[0]),
                          nll=verdicts.fmt(got["nll"]),
                          conditional_gain=verdicts.fmt(cond.loc[arm_task]) if arm_task in cond.index else "n/a",
                          conditional_gain_change=(verdicts.fmt(change.loc[arm_task]) if arm_task in change.index
@@ -512,7 +534,7 @@ def _pooled_interval_table(out: Path, compare: pd.DataFrame, study: dict) -> pd.
                 got["nll"] = verdicts.fmt(vars(intervals.nll(intervals.arms(scores, ["base"], task=task), "base")))
             if row == "base" and ("base", task) in chrf:
                 got["chrf"], n_chrf = chrf[("base", task)].rsplit(" (", 1)[0], chrf[("base", task)].rsplit("(", 1)[1][:-1]
-            lines.append(dict(row="base model" if row == "base" else row, task=task,
+            lines.append(dict(row="base model" if row == "base" else label(row, out), task=task,
                               n_pairs=int(own.loc[(row, task, "conditional_gain"), "n_pairs"])
                               if (row, task, "conditional_gain") in own.index else "",
                               **{q: got.get(q, "") for q in POOLED_COLUMNS},

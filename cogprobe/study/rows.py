@@ -13,7 +13,9 @@ so that a difference between two of them has one cause:
   cogsym-lora          LoRA adapters on CogSym's blocks, the same rank
   cogsym-lora-matched  LoRA on CogSym's blocks with the rank that gives it all-block LoRA's
                        parameter count (rank x L / k, rounded): the set, not the size, differs
-  budget               the set the budget rule derives from the probe run on dev
+  budget               the set the budget rule derives from the probe run on dev; where it finds
+                       none, the fixed CogSym set in its place, labelled FIXED_USED (the study's
+                       budget_no_set = "fixed"), or no row, the report saying why ("skip")
   middle, bottom, top  same-size controls: the middle blocks, the first k, the last k
   random               a same-size set drawn at random; with `random_draws` > 1 the draws are the
                        rows random-1 ... random-N, reported as a distribution, never as one draw
@@ -39,6 +41,7 @@ ROWS = ("full", "blocks", "lora", "cogsym", "cogsym-ends", "cogsym-lora", "cogsy
         "middle", "bottom", "top", "random")
 LORA_ROWS = ("lora", "cogsym-lora", "cogsym-lora-matched")
 DRAW = re.compile(r"random-(\d+)$")
+FIXED_USED = "budget: no set, fixed used"   # the budget row's name in the report where it trained the fixed set
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,8 @@ def table(n_layers: int, lora_r: int, *, fraction: float = DEFAULT_FRACTION, see
     """Every row's `Plan` on a model of n_layers blocks, one line each (row, strategy, layers, train_ends,
     lora_r; layers "" where the strategy takes no --layers, lora_r 0 where no LoRA; train_ends as TrainConfig
     reads it, for the layers strategies: `full` trains everything anyway): `cogprobe ls rows`.
-    The budget row's layers come from a study's select stage (`study`); without one, why it cannot run."""
+    The budget row's layers come from a study's select stage (`study`); without one, why it cannot run;
+    where that stage found no set and the fixed one was used, the row is named so (`label`)."""
     out = []
     for row in ROWS:
         try:
@@ -114,7 +118,7 @@ def table(n_layers: int, lora_r: int, *, fraction: float = DEFAULT_FRACTION, see
         except Skip as e:
             out.append(dict(row=row, strategy="layers", layers=str(e), train_ends=False, lora_r=0))
             continue
-        out.append(dict(row=row, strategy=p.strategy, layers=p.layers or "", train_ends=p.train_ends,
+        out.append(dict(row=label(row, study), strategy=p.strategy, layers=p.layers or "", train_ends=p.train_ends,
                         lora_r=(p.lora_r or lora_r) if p.lora else 0))
     return pd.DataFrame(out)
 
@@ -131,6 +135,18 @@ def _budget_layers(study: Path | None) -> str:
     if study is None or not (Path(study) / SELECTION_BUDGET).is_file():
         raise Skip("no budget selection yet (the select stage writes it)")
     selection = io.read_json(Path(study) / SELECTION_BUDGET)
-    if "error" in selection:
+    if "error" in selection and selection.get("fallback") != "fixed":
         raise Skip(f"budget selection failed: {selection['error']}")
     return selection["layers_arg"]
+
+
+def fixed_used(study: Path | None) -> bool:
+    """Whether the study's budget rule found no set and its row trained the fixed set instead (the
+    select stage records that choice in selection-budget.json, so the row is what that file says)."""
+    path = None if study is None else Path(study) / SELECTION_BUDGET
+    return path is not None and path.is_file() and io.read_json(path).get("fallback") == "fixed"
+
+
+def label(row: str, study: Path | None) -> str:
+    """A row's name as the report's tables print it: a budget row that trained the fixed set says so."""
+    return FIXED_USED if row == "budget" and fixed_used(study) else row
