@@ -271,10 +271,11 @@ def test_sweep_k_grid_beyond_L(inputs, tmp_path, capsys):
 
 
 def test_run_k_grid_beyond_L_fails_before_the_study_starts(inputs, tmp_path, capsys):
-    """The quick preset's grid (0-30) is for the 30-block embedded model: on 6 blocks it must fail at once,
-    not after the baseline and the first tuning run."""
+    """A k grid for the 30-block embedded model (0-30) on 6 blocks must fail at once, not after the
+    baseline and the first tuning run (the quick preset's adaptive grid scales with L: it names none)."""
     out = tmp_path / "study"
-    assert_refused(capsys, ["run", "--out", out, "--model", inputs["model"], "--corpus", inputs["corpus"]],
+    assert_refused(capsys, ["run", "--out", out, "--model", inputs["model"], "--corpus", inputs["corpus"],
+                            "--sweep-ks", "0-30"],
                    r"k values \[7, 8, .*30\] are outside 0\.\.6 .*sweep_ks", out=out)
 
 
