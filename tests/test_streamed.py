@@ -264,3 +264,21 @@ def test_the_budget_rule_streams_to_the_same_set(trained_run, tmp_path):
     streamed = selection.select_run(run, out=tmp_path / "streamed", engine="streamed", **kw)
     assert (memory.k_in, memory.k_out) == (streamed.k_in, streamed.k_out)
     assert memory.candidates == streamed.candidates
+
+
+def test_a_checkpoint_with_a_missing_shard_fails_before_anything_is_written(tmp_path):
+    import cogprobe.probe.folders as probe
+    from cogprobe.data.evalset import EvalSet
+    from helpers import write_corpus
+    ref = tiny_model("llama")
+    folders = []
+    for i, m in enumerate((ref, perturbed(ref))):
+        m.save_pretrained(tmp_path / f"m{i}", max_shard_size="60KB")
+        tiny_tokenizer().save_pretrained(tmp_path / f"m{i}")
+        folders.append(str(tmp_path / f"m{i}"))
+    index = json.loads((tmp_path / "m1" / "model.safetensors.index.json").read_text())
+    (tmp_path / "m1" / sorted(set(index["weight_map"].values()))[0]).unlink()
+    evalset = EvalSet(corpus=str(write_corpus(tmp_path / "pairs.csv")), n=3, max_sentence_tokens=32)
+    with pytest.raises(CogprobeError, match="which is not in .*m1; copy the missing shard"):
+        probe.sweep_run(folders, out=tmp_path / "out", evalset=evalset, engine="streamed", log=lambda _: None)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

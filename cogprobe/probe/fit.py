@@ -61,6 +61,22 @@ def skeleton_of(checkpoints) -> Skeleton:
     return built[key]
 
 
+def check_precision(device, dtype) -> None:
+    """A precision the device cannot compute in fails here, in one line, before anything is written."""
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise CogprobeError(f"{torch.cuda.get_device_name(device)} cannot compute in bfloat16; pass --dtype "
+                            "float16 or float32")
+
+
+def check_files(checkpoints, skeleton: Skeleton) -> None:
+    """Every checkpoint's weight files opened from their headers (a shard missing, or lacking a tensor
+    its index places there, fails now in one line rather than halfway through the sweep)."""
+    for step in checkpoints.steps:
+        checkpoints.weights(step, skeleton.rename)
+
+
 def skeleton_for(engine: str, checkpoints) -> Skeleton | None:
     """The weightless model an engine choice needs, or None where the models are in memory already.
 
@@ -127,6 +143,7 @@ def capture_engine(o, ckpts, examples) -> tuple[Streaming | None, Fit | None]:
     """Whether a capture (`CaptureOptions` o) streams its blocks: `auto` where two models do not fit,
     never for another backend than torch (the streamed runner's hooks are torch's): `streamed`
     refuses one, `auto` keeps it in memory."""
+    check_precision(ckpts.device, ckpts.dtype)
     if o.engine == "streamed" and o.backend != "torch":
         raise CogprobeError(f"--engine streamed reads activations with its own torch hooks, not {o.backend}; "
                             "pass --backend torch, or --engine memory")
@@ -139,4 +156,5 @@ def capture_engine(o, ckpts, examples) -> tuple[Streaming | None, Fit | None]:
     chosen = choose(engine, ckpts, skeleton, max_memory=o.max_memory, states=states)
     if chosen.engine != "streamed":
         return None, chosen
+    check_files(ckpts, skeleton)
     return Streaming(skeleton, state_bytes=max(states, chosen.budget - chosen.streamed + states)), chosen

@@ -36,7 +36,7 @@ from cogprobe.data.evalset import EvalSet
 from cogprobe.probe.alignment import MIN_PAIRS, sentence_batches
 from cogprobe.probe.backends import check_sites
 from cogprobe.probe.capture import capture_tables, task_batches
-from cogprobe.probe.fit import STREAMABLE, block_count, capture_engine, pick, skeleton_for
+from cogprobe.probe.fit import STREAMABLE, block_count, capture_engine, check_files, check_precision, pick, skeleton_for
 from cogprobe.probe.options import DTYPES, CaptureOptions, SweepOptions
 from cogprobe.probe.streamed_acts import Streaming
 from cogprobe.probe.engine import largest_batch, n_batches
@@ -110,11 +110,15 @@ def _sweep_run(source, o: SweepOptions, ckpts: Checkpoints, evalset, out, overwr
 
 def _chosen(engine: str, ckpts: Checkpoints, o: SweepOptions, examples, configs) -> str:
     """`auto` resolved to the engine that fits `o.max_memory` (`probe.fit`); the others as given."""
+    check_precision(ckpts.device, DTYPES[o.dtype])
     skeleton = skeleton_for(engine, ckpts)
     if skeleton is None:
         return "memory" if engine == "auto" else engine
-    return pick(engine, ckpts, skeleton, max_memory=o.max_memory, batch_tokens=largest_batch(examples, o.batch_size),
-                n_configs=len(configs) + 2)[0]
+    chosen = pick(engine, ckpts, skeleton, max_memory=o.max_memory, batch_tokens=largest_batch(examples, o.batch_size),
+                  n_configs=len(configs) + 2)[0]
+    if chosen == "streamed":
+        check_files(ckpts, skeleton)
+    return chosen
 
 
 def _check_engine(path: Path, engine: str, overwrite: bool) -> None:
