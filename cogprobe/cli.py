@@ -334,7 +334,8 @@ def _run_flags(p):
     from cogprobe.study.config import DEFAULT_PRESET, StudyConfig
     p.add_argument("--config", type=Path, help="TOML file with StudyConfig keys")
     p.add_argument("--preset", default=DEFAULT_PRESET, help="quick (default: the smoke test, minutes on 2 CPU "
-                   "cores), standard (the evidence study: hours per language) or paper")
+                   "cores), quick-48 (48 probe pairs: findings that resolve, about 10 minutes), standard (the "
+                   "evidence study: hours per language) or paper")
     dataclass_flags(p, StudyConfig)
     p.set_defaults(**{f.name: None for f in dataclasses.fields(StudyConfig) if f.name != "out"})
 

@@ -155,6 +155,11 @@ def test_the_folder_verb_writes_k_grid_continues_and_refuses_a_plain_table(train
     before = (tmp_path / "a" / "sweeps.parquet").stat().st_mtime_ns
     again = adaptive_sweep_run(run, out=tmp_path / "a", **quiet)
     assert len(again) == len(table) and (tmp_path / "a" / "sweeps.parquet").stat().st_mtime_ns == before
+    import json
+    (computed,) = json.loads((tmp_path / "a" / "sweeps.parquet.json").read_text())["computed"]   # the first call's
+    assert computed["engine"] == "memory" and computed["grid"] == "adaptive" and computed["peak_bytes"] > 0
+    with pytest.raises(CogprobeError, match="the adaptive grid runs in memory, in float32"):
+        adaptive_sweep_run(run, out=tmp_path / "d", engine="streamed", **quiet)
     with pytest.raises(CogprobeError, match="other tasks, directions or ks"):
         sweep_run(run, out=tmp_path / "a", ks=[0, 1], **quiet)       # a plain sweep on another grid: refused
     sweep_run(run, out=tmp_path / "b", progress=False, **quiet)

@@ -26,6 +26,7 @@ runner for the whole sweep: the reference's prefixes and each checkpoint's are c
 """
 from __future__ import annotations
 
+import time
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -37,13 +38,14 @@ from cogprobe.core.errors import CogprobeError
 from cogprobe.core.intervals import sweep_intervals
 from cogprobe.core.knob import with_changes
 from cogprobe.core.layout import SWEEPS
+from cogprobe.core.memory import process_peak
 from cogprobe.data.evalset import EvalSet
 from cogprobe.data.tasks import BATCH_SIZE, Example
 from cogprobe.models.blocks import find_blocks
 from cogprobe.probe.engine import iter_checkpoints
 from cogprobe.probe.options import DIRECTIONS, SweepOptions
 from cogprobe.probe.sweep import FastEngine, check_ks, engines_in, sweep, sweep_configs
-from cogprobe.probe.tables import claim_table, open_checkpoints, out_dir, say_set, source_id
+from cogprobe.probe.tables import claim_table, open_checkpoints, out_dir, record_run, say_set, source_id
 from cogprobe.tuning.checkpoints import Checkpoints
 
 COARSE_AT_30 = (5, 8, 10, 12, 16, 20, 24)   # the inner coarse k's at L = 30, scaled for other L
@@ -168,6 +170,9 @@ def adaptive_sweep_run(source, options: SweepOptions | None = None, *, keep: Ite
     o = with_changes(SweepOptions, options, changes)
     if o.engine == "taylor":
         raise CogprobeError("the adaptive grid refines on exact shares and their intervals; use an exact engine")
+    if o.engine == "streamed" or o.dtype != "float32":
+        raise CogprobeError("the adaptive grid runs in memory, in float32, for now; sweep the full grid to stream "
+                            "blocks or to use another --dtype (sweep_grid = \"full\")")
     w = world()
     ckpts = checkpoints or open_checkpoints(source, base, device)
     out = out_dir(source, out)
@@ -180,8 +185,13 @@ def adaptive_sweep_run(source, options: SweepOptions | None = None, *, keep: Ite
     have = _have(path, o.mode, o.ends, overwrite)   # every process checks, so all fail alike
     if w.is_main:
         save = lambda rows: io.append_parquet(path, rows)  # noqa: E731  (each round kept as it finishes)
+        start = time.perf_counter()
         t = adaptive_sweep(ckpts, examples, mode=o.mode, directions=o.directions, ends=o.ends, ks=o.ks, keep=keep,
                            batch_size=o.batch_size, have=have, on_rows=save)
+        if t.attrs["block_evals"]:   # what this call computed, beside the table (none: nothing was left)
+            record_run(out, SWEEPS, dict(engine="memory", grid="adaptive", dtype=str(ckpts.dtype).removeprefix("torch."),
+                                         device=str(ckpts.device), seconds=round(time.perf_counter() - start, 1),
+                                         peak_bytes=process_peak(ckpts.device), block_evals=t.attrs["block_evals"]))
         log(f"sweep: adaptive grid, {len({k for ks in t.attrs['ks'].values() for k in ks})} k's scored "
             f"({t.attrs['block_evals']} block evaluations in this call)")
     w.barrier()
