@@ -15,10 +15,10 @@ end and the final norm + head as part of the output end: for every k >= 1 they
 are reverted with the blocks (tied weights are untied for the evaluation, since
 full fine-tuning moves them too).
 
-Two engines give identical numbers:
+Three engines give identical numbers:
 - `naive`: for each configuration, build the ablated model (copy, load the
   weights) and run the plain HF forward. Obviously right; slow.
-- `fast`: configurations form a trie over their per-block sources; walking it in
+- `memory` (formerly `fast`): configurations form a trie over their per-block sources; walking it in
   sorted order reuses the hidden state of every shared prefix (the checkpoint's
   prefix serves every k of its output sweep, the reference prefix every k of its
   input sweep), reference-only prefixes are cached across checkpoints whose
@@ -28,7 +28,11 @@ Two engines give identical numbers:
   (masks, rotary tables), recorded once per batch, so no architecture is
   special-cased.
 
-A third engine, `taylor` (see `taylor`), estimates revert configurations to first order from one
+- `streamed` (`probe.streamed`): the same configurations advanced layer-major, every block read from
+  the weight files when its turn comes, so memory does not grow with depth; `auto` (the default)
+  picks it where two models do not fit the memory budget (`probe.fit`).
+
+A fourth engine, `taylor` (see `taylor`), estimates revert configurations to first order from one
 backward pass per example; its rows say `engine="taylor"` and never share a table with exact rows.
 """
 from __future__ import annotations
