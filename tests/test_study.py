@@ -75,6 +75,7 @@ def test_whole_study_on_a_tiny_model(setup):
     assert "## Where the time went" in report and "| tune full-s0 |" in report
     (computed,) = json.loads((out / "study.json").read_text())["probe_engine"]   # which sweep engine ran, its peak
     assert computed["engine"] == "memory" and computed["dtype"] == "float32" and computed["peak_bytes"] > 0
+    assert computed["fit"]["engine"] == "memory" and computed["fit"]["in_memory"] <= computed["fit"]["budget"]
 
     # every published-figure script runs on the study folder
     studies = [s for s in sorted((Path(__file__).parent.parent / "analyses").glob("[a-z]*.py"))

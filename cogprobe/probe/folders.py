@@ -36,7 +36,8 @@ from cogprobe.data.evalset import EvalSet
 from cogprobe.probe.alignment import MIN_PAIRS, sentence_batches
 from cogprobe.probe.backends import check_sites
 from cogprobe.probe.capture import capture_tables, task_batches
-from cogprobe.probe.fit import STREAMABLE, block_count, capture_engine, check_files, check_precision, pick, skeleton_for
+from cogprobe.probe.fit import (STREAMABLE, Fit, block_count, capture_engine, check_files, check_precision, pick,
+                                skeleton_for)
 from cogprobe.probe.options import DTYPES, CaptureOptions, SweepOptions
 from cogprobe.probe.streamed_acts import Streaming
 from cogprobe.probe.engine import largest_batch, n_batches
@@ -74,7 +75,7 @@ def _sweep_run(source, o: SweepOptions, ckpts: Checkpoints, evalset, out, overwr
     examples = evalset.examples(tok, tasks)
     say_set(evalset, tok, w, log)
     _check_engine(out / SWEEPS, engine, overwrite)
-    engine = _chosen(engine, ckpts, o, examples, configs)   # a budget too small fails before a file is written
+    engine, fit = _chosen(engine, ckpts, o, examples, configs)   # a budget too small fails before a file is written
     precision = {"dtype": o.dtype} if o.dtype != "float32" else {}   # rows of two precisions never mix
     claim_table(out, SWEEPS, evalset, {**source_id(source, ckpts), **precision}, overwrite, w)
     path = out / SWEEPS
@@ -100,7 +101,7 @@ def _sweep_run(source, o: SweepOptions, ckpts: Checkpoints, evalset, out, overwr
                           steps=mine, on_checkpoint=save, on_batch=ticks.update, max_memory=o.max_memory)
         ran = dict(engine=table.attrs["engine"], dtype=o.dtype, device=str(ckpts.device), steps=mine,
                    seconds=round(time.perf_counter() - start, 1), peak_bytes=process_peak(ckpts.device),
-                   block_evals=table.attrs["block_evals"], fit=table.attrs["fit"])
+                   block_evals=table.attrs["block_evals"], fit=table.attrs["fit"] or (fit.record() if fit else None))
         if w.is_main:
             record_run(out, SWEEPS, ran)
             log(f"sweep: {ran['engine']} engine, {o.dtype}, peak {gib(ran['peak_bytes'])}")
@@ -108,17 +109,18 @@ def _sweep_run(source, o: SweepOptions, ckpts: Checkpoints, evalset, out, overwr
     return io.read_parquet(path)
 
 
-def _chosen(engine: str, ckpts: Checkpoints, o: SweepOptions, examples, configs) -> str:
-    """`auto` resolved to the engine that fits `o.max_memory` (`probe.fit`); the others as given."""
+def _chosen(engine: str, ckpts: Checkpoints, o: SweepOptions, examples, configs) -> tuple[str, Fit | None]:
+    """`auto` resolved to the engine that fits `o.max_memory` (`probe.fit`), and what it measured; the
+    others as given."""
     check_precision(ckpts.device, DTYPES[o.dtype])
     skeleton = skeleton_for(engine, ckpts)
     if skeleton is None:
-        return "memory" if engine == "auto" else engine
-    chosen = pick(engine, ckpts, skeleton, max_memory=o.max_memory, batch_tokens=largest_batch(examples, o.batch_size),
-                  n_configs=len(configs) + 2)[0]
+        return ("memory" if engine == "auto" else engine), None
+    chosen, fit, _ = pick(engine, ckpts, skeleton, max_memory=o.max_memory,
+                          batch_tokens=largest_batch(examples, o.batch_size), n_configs=len(configs) + 2)
     if chosen == "streamed":
         check_files(ckpts, skeleton)
-    return chosen
+    return chosen, fit
 
 
 def _check_engine(path: Path, engine: str, overwrite: bool) -> None:
