@@ -280,6 +280,10 @@ def test_frontier_walk_falls_back_when_a_superset_fails():
     assert walk.evidence["chosen"]["min_share"] == exhaustive.evidence["chosen"]["min_share"]
     assert not any(set(call) & set(edges) for call in model.calls)   # known candidates are never scored again
     assert walk.evidence["n_scored"] == len(walk.candidates) - len(edges)
+    size = walk.k_in + walk.k_out   # the fallback scored every candidate up to the walk's size in one call
+    below = {(a, s - a) for s in range(size + 1) for a in range(s + 1)} - set(edges)
+    assert below - set().union(*map(set, model.calls[:-1])) <= set(model.calls[-1])
+    assert len(model.calls[-1]) > size + 1
     with pytest.raises(CogprobeError, match="unknown budget search 'greedy'; use frontier or exhaustive"):
         select_budget(TableModel(shares), L, search="greedy")
 

@@ -135,10 +135,13 @@ def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_si
 
     scored = [] if known is None else [known]
 
+    most = 2 * n_layers if streamed is not None else None   # the streamed engine's memory was fit to this many
+
     def evaluate(pairs):
         log(f"select: scoring {len(pairs)} candidate(s): {pairs}")
-        t = sweep(source, examples, mode="keep-outer", keep_outer=pairs, batch_size=batch_size, steps=[step],
-                  runner=runner, remember=True)
+        parts = [pairs[i:i + most] for i in range(0, len(pairs), most)] if most else [pairs]
+        t = pd.concat([sweep(source, examples, mode="keep-outer", keep_outer=part, batch_size=batch_size,
+                             steps=[step], runner=runner, remember=True) for part in parts], ignore_index=True)
         scored.append(t[t["checkpoint_step"] == step])
         on_scored(len(pairs))
         return scored[-1]
