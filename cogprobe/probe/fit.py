@@ -139,6 +139,21 @@ def pick(engine: str, checkpoints, skeleton: Skeleton, *, max_memory=None, batch
     return chosen.engine, chosen, runner
 
 
+def sweep_engine(engine: str, checkpoints, *, dtype, max_memory=None, examples, batch_size: int, n_configs: int):
+    """(engine, `Fit` or None, the streamed engine or None) of an exact sweep of `checkpoints` at `dtype`:
+    `auto` resolved to the engine that fits `max_memory`, the others as given. Checked before any file is
+    written: the precision on the device, the budget, and (streamed) every checkpoint's weight files."""
+    check_precision(checkpoints.device, dtype)
+    skeleton = skeleton_for(engine, checkpoints)
+    if skeleton is None:
+        return ("memory" if engine == "auto" else engine), None, None
+    chosen, fit, runner = pick(engine, checkpoints, skeleton, max_memory=max_memory,
+                               batch_tokens=largest_batch(examples, batch_size), n_configs=n_configs)
+    if chosen == "streamed":
+        check_files(checkpoints, skeleton)
+    return chosen, fit, runner
+
+
 def capture_engine(o, ckpts, examples) -> tuple[Streaming | None, Fit | None]:
     """Whether a capture (`CaptureOptions` o) streams its blocks: `auto` where two models do not fit,
     never for another backend than torch (the streamed runner's hooks are torch's): `streamed`
