@@ -282,3 +282,67 @@ def test_a_checkpoint_with_a_missing_shard_fails_before_anything_is_written(tmp_
     with pytest.raises(CogprobeError, match="which is not in .*m1; copy the missing shard"):
         probe.sweep_run(folders, out=tmp_path / "out", evalset=evalset, engine="streamed", log=lambda _: None)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ------------------------------------------------------------------ eval
+
+
+def eval_both(folder, evalset, **kw):
+    """The same evaluation by the in-memory and the streamed engine."""
+    from cogprobe.probe.evaluate import evaluate
+    return evaluate(folder, evalset, engine="memory", **kw), evaluate(folder, evalset, engine="streamed", **kw)
+
+
+def assert_same_scores(memory: pd.DataFrame, streamed: pd.DataFrame):
+    numbers = [c for c in memory.columns if c != "seconds"]
+    assert len(memory) == 4 and memory["nll"].notna().all()
+    pd.testing.assert_frame_equal(memory[numbers], streamed[numbers], check_exact=True)
+    assert streamed["seconds"].isna().all()   # one pass scored every task: no task has seconds of its own
+    assert memory.attrs["computed"]["engine"] == "memory" and streamed.attrs["computed"]["engine"] == "streamed"
+
+
+@pytest.mark.parametrize("family,shard", [("llama", "60KB"), ("gemma2", None), ("gpt_neox", None)])
+def test_streamed_eval_equals_the_in_memory_eval(tmp_path, family, shard):
+    """Every task and control, its interval and the conditional gain; a sharded folder, a soft-capped
+    head and renamed weights."""
+    from cogprobe.data.evalset import EvalSet
+    from helpers import write_corpus
+    folder = tmp_path / family
+    tiny_model(family).save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+    tiny_tokenizer().save_pretrained(folder)
+    evalset = EvalSet(corpus=str(write_corpus(tmp_path / "pairs.csv")), split="test", n=3, max_sentence_tokens=32)
+    memory, streamed = eval_both(folder, evalset, batch_size=4)
+    assert_same_scores(memory, streamed)
+    fit = streamed.attrs["computed"]["fit"]
+    assert fit["engine"] == "streamed" and fit["streamed"] < fit["in_memory"] < 2 * fit["model"] + (1 << 30)
+
+
+def test_eval_streams_under_a_small_budget_and_in_bfloat16(trained_run, tmp_path):
+    from cogprobe.data.evalset import EvalSet
+    from cogprobe.probe.evaluate import evaluate
+    evalset = EvalSet(corpus=str(trained_run["corpus"]), split="test", n=3, max_sentence_tokens=32)
+    roomy = evaluate(trained_run["model"], evalset, out=tmp_path / "roomy")   # auto: one tiny model fits
+    fit = roomy.attrs["computed"]["fit"]
+    assert fit["engine"] == "memory" and fit["in_memory"] <= fit["budget"]
+    budget = (fit["streamed"] + fit["in_memory"]) // 2
+    tight = evaluate(trained_run["model"], evalset, max_memory=budget, out=tmp_path / "tight")
+    assert_same_scores(roomy, tight)
+    record = json.loads((tmp_path / "tight" / "scores.json").read_text())["computed"]
+    assert record["engine"] == "streamed" and record["fit"]["budget"] == budget and record["peak_bytes"] > 0
+    memory, streamed = eval_both(trained_run["model"], evalset, dtype="bfloat16")
+    assert_same_scores(memory, streamed)
+    assert streamed.attrs["computed"]["dtype"] == "bfloat16" and not np.array_equal(memory["nll"], roomy["nll"])
+    np.testing.assert_allclose(memory["nll"], roomy["nll"], atol=0.05)
+
+
+def test_eval_refuses_a_budget_too_small_in_one_line_and_writes_nothing(trained_run, tmp_path, capsys):
+    from helpers import cli
+    argv = ["eval", "--model", trained_run["model"], "--corpus", trained_run["corpus"], "--pairs", "3",
+            "--out", tmp_path]
+    assert cli(argv + ["--engine", "streamed", "--max-memory", "1KiB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "too small for one block plus the activations" in err[0] and "1 block(s)" in err[0]
+    assert not (tmp_path / "scores.csv").exists()
+    assert cli(argv + ["--engine", "streamed"]) == 0
+    assert "streamed engine, float32" in capsys.readouterr().out
+    assert json.loads((tmp_path / "scores.json").read_text())["computed"]["engine"] == "streamed"
