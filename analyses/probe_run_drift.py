@@ -14,7 +14,7 @@ import pandas as pd
 
 from cogprobe.core import io
 from cogprobe.tuning.checkpoints import Checkpoints
-from cogprobe.data.evaluate import score
+from cogprobe.data.tasks import score
 from cogprobe.core.layout import SWEEPS, arm, row_run
 from cogprobe.study.pipeline import evaluation_sets
 from cogprobe.study.config import StudyConfig

@@ -101,18 +101,21 @@ _prepare.flags = _prepare_flags
 
 
 def _eval_flags(p):
-    from cogprobe.data.evaluate import EvalOptions
+    from cogprobe.probe.evaluate import EvalOptions
     dataclass_flags(p, EvalOptions)
     p.add_argument("--out", type=Path, help="run folder to write scores.csv into")
 
 
 @command("eval", "perception and production NLL (and their shuffled-source controls) of a model")
 def _eval(a):
-    from cogprobe.data.evaluate import EvalOptions, evaluate
-    evalset = options(EvalOptions, a).evalset()
-    table = evaluate(a.model, evalset, batch_size=a.batch_size, out=a.out)
-    info = table.attrs["evalset"]
+    from cogprobe.core.memory import gib
+    from cogprobe.probe.evaluate import EvalOptions, evaluate
+    o = options(EvalOptions, a)
+    table = evaluate(o.model, o.evalset(), batch_size=o.batch_size, out=a.out, engine=o.engine, dtype=o.dtype,
+                     max_memory=o.max_memory)
+    info, ran = table.attrs["evalset"], table.attrs["computed"]
     _say(table.to_string(index=False))
+    _say(f"{ran['engine']} engine, {ran['dtype']}, peak {gib(ran['peak_bytes'])}")
     _say(f"{info['sampled']} {a.split} pairs from {info['documents']} documents; {info['dropped_long']} of "
          f"{info['split_pairs']} left out for a side over {a.max_sentence_tokens} tokens; "
          f"{info['dropped']['duplicate']} duplicate pair(s) dropped from the corpus; split overlap "

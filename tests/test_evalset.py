@@ -10,7 +10,7 @@ import pytest
 import cogprobe  # noqa: F401  (offline environment before transformers)
 from cogprobe.core.errors import CogprobeError
 from cogprobe.data.evalset import EvalSet, stratified_sample
-from cogprobe.data.evaluate import evaluate
+from cogprobe.probe.evaluate import evaluate
 from cogprobe.models.loading import load_model
 from cogprobe.probe.folders import sweep_run
 from cogprobe.data.tasks import CONTROLS, TASKS, derangement, score, sentence_lengths, with_conditional_gain

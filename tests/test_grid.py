@@ -158,8 +158,7 @@ def test_the_folder_verb_writes_k_grid_continues_and_refuses_a_plain_table(train
     import json
     (computed,) = json.loads((tmp_path / "a" / "sweeps.parquet.json").read_text())["computed"]   # the first call's
     assert computed["engine"] == "memory" and computed["grid"] == "adaptive" and computed["peak_bytes"] > 0
-    with pytest.raises(CogprobeError, match="the adaptive grid runs in memory, in float32"):
-        adaptive_sweep_run(run, out=tmp_path / "d", engine="streamed", **quiet)
+    assert computed["fit"]["engine"] == "memory" and computed["dtype"] == "float32"   # auto: two tiny models fit
     with pytest.raises(CogprobeError, match="other tasks, directions or ks"):
         sweep_run(run, out=tmp_path / "a", ks=[0, 1], **quiet)       # a plain sweep on another grid: refused
     sweep_run(run, out=tmp_path / "b", progress=False, **quiet)
@@ -197,3 +196,76 @@ def test_the_budget_rule_reads_an_adaptive_table_and_picks_the_full_grids_set(de
     assert (picked["adaptive"].k_in, picked["adaptive"].k_out) == (picked["full"].k_in, picked["full"].k_out)
     known = {grid: sum(c["source"] == "known" for c in s.candidates) for grid, s in picked.items()}
     assert 0 < known["adaptive"] < known["full"]   # fewer candidates read from the sparser table
+
+
+NUMBERS = ["nll", "nll_reference", "nll_checkpoint", "share", "n_tokens"]
+
+
+def assert_same_rows(memory: pd.DataFrame, streamed: pd.DataFrame):
+    """The same rows, bit for bit (fp32, same batch order), in the same order."""
+    key = ["checkpoint_step", "task", "direction", "k", "k_grid"]
+    assert len(memory) == len(streamed) > 0
+    pd.testing.assert_frame_equal(memory[key + NUMBERS], streamed[key + NUMBERS], check_exact=True)
+    for col in ("example_nll", "reference_example_nll", "checkpoint_example_nll", "example_tokens"):
+        assert np.array_equal(np.stack(memory[col]), np.stack(streamed[col])), col
+
+
+def test_the_streamed_adaptive_sweep_gives_the_in_memory_rows_round_by_round(deep, tmp_path):
+    from cogprobe.probe.fit import sweep_engine
+    from cogprobe.probe.streamed import StreamedEngine
+    from cogprobe.tuning.checkpoints import Checkpoints
+    from tiny import tiny_tokenizer
+    pairs, ex = deep
+    for step, model in pairs:
+        model.save_pretrained(tmp_path / f"step-{step}")
+        tiny_tokenizer().save_pretrained(tmp_path / f"step-{step}")
+    ckpts = Checkpoints.open([tmp_path / f"step-{step}" for step, _ in pairs])
+    memory = adaptive_sweep(ckpts, ex)
+    engine, fit, runner = sweep_engine("streamed", ckpts, dtype=torch.float32, examples=ex, batch_size=8, n_configs=40)
+    assert engine == "streamed" and isinstance(runner, StreamedEngine) and fit.streamed < fit.in_memory
+    rounds = []
+    streamed = adaptive_sweep(ckpts, ex, runner=runner, on_rows=rounds.append)
+    assert_same_rows(memory, streamed)
+    assert len(rounds) > 2 and "refined" in set(streamed["k_grid"])   # the refinement rounds streamed too
+    assert streamed.attrs["ks"] == memory.attrs["ks"]
+    with pytest.raises(CogprobeError, match="reads checkpoints from their files"):
+        adaptive_sweep(pairs, ex, runner=runner)
+
+
+def test_the_folder_verb_streams_the_adaptive_grid_when_auto_finds_two_models_too_big(deep_run, tmp_path):
+    import json
+    from cogprobe.data.evalset import EvalSet
+    quiet = dict(evalset=EvalSet.for_run(deep_run, n=3), log=lambda _: None)
+    memory = adaptive_sweep_run(deep_run, out=tmp_path / "memory", engine="memory", **quiet)
+    roomy = json.loads((tmp_path / "memory" / "sweeps.parquet.json").read_text())["computed"][0]
+    assert roomy["engine"] == "memory" and roomy["fit"] is None   # forced: nothing measured
+    streamed = adaptive_sweep_run(deep_run, out=tmp_path / "streamed", engine="streamed", **quiet)
+    assert_same_rows(memory, streamed)
+    fit = json.loads((tmp_path / "streamed" / "sweeps.parquet.json").read_text())["computed"][0]["fit"]
+    budget = (fit["streamed"] + fit["in_memory"]) // 2
+    auto = adaptive_sweep_run(deep_run, out=tmp_path / "auto", max_memory=budget, **quiet)
+    assert_same_rows(memory, auto)
+    (ran,) = json.loads((tmp_path / "auto" / "sweeps.parquet.json").read_text())["computed"]
+    assert ran["engine"] == "streamed" and ran["grid"] == "adaptive" and ran["fit"]["budget"] == budget
+    assert ran["peak_bytes"] > 0 and ran["block_evals"] > 0
+    with pytest.raises(CogprobeError, match="too small for one block plus the activations"):
+        adaptive_sweep_run(deep_run, out=tmp_path / "tiny", engine="streamed", max_memory=fit["streamed"] // 2, **quiet)
+    assert not (tmp_path / "tiny" / "sweeps.parquet").exists()
+
+
+def test_bfloat16_adaptive_rows_are_their_own_table_and_stream_alike(deep_run, tmp_path):
+    import json
+    from cogprobe.data.evalset import EvalSet
+    quiet = dict(evalset=EvalSet.for_run(deep_run, n=3), log=lambda _: None)
+    fp32 = adaptive_sweep_run(deep_run, out=tmp_path / "fp32", engine="memory", **quiet)
+    with pytest.raises(CogprobeError, match="differs in source"):
+        adaptive_sweep_run(deep_run, out=tmp_path / "fp32", dtype="bfloat16", **quiet)
+    memory = adaptive_sweep_run(deep_run, out=tmp_path / "bf16m", dtype="bfloat16", engine="memory", **quiet)
+    streamed = adaptive_sweep_run(deep_run, out=tmp_path / "bf16s", dtype="bfloat16", engine="streamed", **quiet)
+    assert_same_rows(memory, streamed)
+    record = json.loads((tmp_path / "bf16s" / "sweeps.parquet.json").read_text())
+    assert record["source"]["dtype"] == "bfloat16" and record["computed"][0]["dtype"] == "bfloat16"
+    coarse = fp32[fp32["k_grid"] == "coarse"].merge(memory[memory["k_grid"] == "coarse"],
+                                                   on=["checkpoint_step", "task", "direction", "k"])
+    assert not np.array_equal(coarse["nll_x"], coarse["nll_y"])   # another precision: other numbers
+    np.testing.assert_allclose(coarse["nll_x"], coarse["nll_y"], atol=0.05)

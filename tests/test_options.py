@@ -13,7 +13,7 @@ import pytest
 from cogprobe.cli import build_parser
 from cogprobe.core.errors import CogprobeError
 from cogprobe.data.evalset import Sample
-from cogprobe.data.evaluate import EvalOptions
+from cogprobe.probe.evaluate import EvalOptions
 from cogprobe.exports import ExportOptions
 from cogprobe.probe.folders import capture_run, sweep_run
 from cogprobe.probe.options import CaptureOptions, SweepOptions

@@ -282,3 +282,141 @@ def test_a_checkpoint_with_a_missing_shard_fails_before_anything_is_written(tmp_
     with pytest.raises(CogprobeError, match="which is not in .*m1; copy the missing shard"):
         probe.sweep_run(folders, out=tmp_path / "out", evalset=evalset, engine="streamed", log=lambda _: None)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ------------------------------------------------------------------ eval
+
+
+def eval_both(folder, evalset, **kw):
+    """The same evaluation by the in-memory and the streamed engine."""
+    from cogprobe.probe.evaluate import evaluate
+    return evaluate(folder, evalset, engine="memory", **kw), evaluate(folder, evalset, engine="streamed", **kw)
+
+
+def assert_same_scores(memory: pd.DataFrame, streamed: pd.DataFrame):
+    numbers = [c for c in memory.columns if c != "seconds"]
+    assert len(memory) == 4 and memory["nll"].notna().all()
+    pd.testing.assert_frame_equal(memory[numbers], streamed[numbers], check_exact=True)
+    assert streamed["seconds"].isna().all()   # one pass scored every task: no task has seconds of its own
+    assert memory.attrs["computed"]["engine"] == "memory" and streamed.attrs["computed"]["engine"] == "streamed"
+
+
+@pytest.mark.parametrize("family,shard", [("llama", "60KB"), ("gemma2", None), ("gpt_neox", None)])
+def test_streamed_eval_equals_the_in_memory_eval(tmp_path, family, shard):
+    """Every task and control, its interval and the conditional gain; a sharded folder, a soft-capped
+    head and renamed weights."""
+    from cogprobe.data.evalset import EvalSet
+    from helpers import write_corpus
+    folder = tmp_path / family
+    tiny_model(family).save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+    tiny_tokenizer().save_pretrained(folder)
+    evalset = EvalSet(corpus=str(write_corpus(tmp_path / "pairs.csv")), split="test", n=3, max_sentence_tokens=32)
+    memory, streamed = eval_both(folder, evalset, batch_size=4)
+    assert_same_scores(memory, streamed)
+    fit = streamed.attrs["computed"]["fit"]
+    assert fit["engine"] == "streamed" and fit["streamed"] < fit["in_memory"] < 2 * fit["model"] + (1 << 30)
+
+
+def test_eval_streams_under_a_small_budget_and_in_bfloat16(trained_run, tmp_path):
+    from cogprobe.data.evalset import EvalSet
+    from cogprobe.probe.evaluate import evaluate
+    evalset = EvalSet(corpus=str(trained_run["corpus"]), split="test", n=3, max_sentence_tokens=32)
+    roomy = evaluate(trained_run["model"], evalset, out=tmp_path / "roomy")   # auto: one tiny model fits
+    fit = roomy.attrs["computed"]["fit"]
+    assert fit["engine"] == "memory" and fit["in_memory"] <= fit["budget"]
+    budget = (fit["streamed"] + fit["in_memory"]) // 2
+    tight = evaluate(trained_run["model"], evalset, max_memory=budget, out=tmp_path / "tight")
+    assert_same_scores(roomy, tight)
+    record = json.loads((tmp_path / "tight" / "scores.json").read_text())["computed"]
+    assert record["engine"] == "streamed" and record["fit"]["budget"] == budget and record["peak_bytes"] > 0
+    memory, streamed = eval_both(trained_run["model"], evalset, dtype="bfloat16")
+    assert_same_scores(memory, streamed)
+    assert streamed.attrs["computed"]["dtype"] == "bfloat16" and not np.array_equal(memory["nll"], roomy["nll"])
+    np.testing.assert_allclose(memory["nll"], roomy["nll"], atol=0.05)
+
+
+def test_eval_refuses_a_budget_too_small_in_one_line_and_writes_nothing(trained_run, tmp_path, capsys):
+    from helpers import cli
+    argv = ["eval", "--model", trained_run["model"], "--corpus", trained_run["corpus"], "--pairs", "3",
+            "--out", tmp_path]
+    assert cli(argv + ["--engine", "streamed", "--max-memory", "1KiB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "too small for one block plus the activations" in err[0] and "1 block(s)" in err[0]
+    assert not (tmp_path / "scores.csv").exists()
+    assert cli(argv + ["--engine", "streamed"]) == 0
+    assert "streamed engine, float32" in capsys.readouterr().out
+    assert json.loads((tmp_path / "scores.json").read_text())["computed"]["engine"] == "streamed"
+
+
+# ------------------------------------------------------------------ the exact parts of rank
+
+FORWARD_ONLY = ("block-influence", "angular", "weight-delta")
+
+
+def assert_same_rankings(memory: pd.DataFrame, streamed: pd.DataFrame):
+    keys = ["checkpoint_step", "ranking", "block", "score", "rank", "forward_passes", "backward_passes"]
+    assert len(memory) == len(streamed) > 0
+    pd.testing.assert_frame_equal(memory[keys], streamed[keys], check_exact=True)
+    assert memory.attrs["engine"] == "memory" and streamed.attrs["engine"] == "streamed"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_streamed_rankings_equal_the_in_memory_ones(tmp_path, family):
+    from cogprobe.selection.rankings import rank
+    ckpts = model_folders(tmp_path, family)
+    memory = rank(ckpts, examples(), rankings=FORWARD_ONLY, batch_size=2, engine="memory")
+    streamed = rank(ckpts, examples(), rankings=FORWARD_ONLY, batch_size=2, engine="streamed")
+    assert_same_rankings(memory, streamed)
+    assert set(streamed["checkpoint_step"]) == {0, 1, 2} and (streamed["score"] > 0).any()
+
+
+def test_the_block_states_are_the_same_one_batch_per_group(tmp_path):
+    from cogprobe.selection.rankings import ON_BASE_REDUCE, angular_distance, block_influence, streamed_block_states
+    ckpts = model_folders(tmp_path, "llama")
+    ex = examples()
+    got = streamed_block_states(skeleton_of(ckpts), ckpts.reference_weights(skeleton_of(ckpts).rename), ex, 2,
+                                ON_BASE_REDUCE, state_bytes=1)
+    reference = ckpts.reference()[0]
+    assert np.array_equal(got["block-influence"], block_influence(reference, ex, batch_size=2))
+    assert np.array_equal(got["angular"], angular_distance(reference, ex, batch_size=2))
+
+
+@pytest.mark.parametrize("strategy", ["full", "layers", "lora-layers"])
+def test_streamed_weight_delta_equals_the_in_memory_one_on_own_runs(runs, strategy):
+    from cogprobe.selection.rankings import rank
+    ckpts = Checkpoints.open(runs[strategy])
+    memory = rank(ckpts, examples(), rankings=("weight-delta",), engine="memory")
+    streamed = rank(ckpts, examples(), rankings=("weight-delta",), engine="streamed")
+    assert_same_rankings(memory, streamed)
+    assert (memory["score"] > 0).any()
+
+
+def test_taylor_does_not_stream_and_auto_streams_the_others_under_a_small_budget(tmp_path):
+    from cogprobe.selection.rankings import rank
+    ckpts = model_folders(tmp_path, "llama")
+    ex = examples()
+    roomy = rank(ckpts, ex, rankings=FORWARD_ONLY, batch_size=2)   # auto: two tiny models fit
+    fit = roomy.attrs["fit"]
+    assert roomy.attrs["engine"] == "memory" and fit["engine"] == "memory"
+    budget = (fit["streamed"] + fit["in_memory"]) // 2
+    tight = rank(ckpts, ex, rankings=FORWARD_ONLY, batch_size=2, max_memory=budget)
+    assert_same_rankings(roomy, tight)
+    with pytest.raises(CogprobeError, match=r"taylor ranking needs gradients .*does not stream \(the models need"):
+        rank(ckpts, ex, batch_size=2, max_memory=budget)
+    with pytest.raises(CogprobeError, match=r"does not stream \(--engine streamed\); drop taylor from --rankings"):
+        rank(ckpts, ex, batch_size=2, engine="streamed")
+
+
+def test_rank_run_streams_through_the_cli_and_records_it(trained_run, tmp_path, capsys):
+    from helpers import cli
+    argv = ["rank", trained_run["run"], "--pairs", "3", "--rankings", ",".join(FORWARD_ONLY)]
+    assert cli(argv + ["--out", tmp_path / "memory", "--engine", "memory"]) == 0
+    assert cli(argv + ["--out", tmp_path / "streamed", "--engine", "streamed"]) == 0
+    memory, streamed = (pd.read_parquet(tmp_path / e / "rankings.parquet") for e in ("memory", "streamed"))
+    cols = ["checkpoint_step", "ranking", "block", "score", "rank"]
+    pd.testing.assert_frame_equal(memory[cols], streamed[cols], check_exact=True)
+    (ran,) = json.loads((tmp_path / "streamed" / "rankings.parquet.json").read_text())["computed"]
+    assert ran["engine"] == "streamed" and ran["fit"]["engine"] == "streamed" and ran["peak_bytes"] > 0
+    assert cli(["rank", trained_run["run"], "--pairs", "3", "--engine", "streamed", "--out", tmp_path / "t"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "drop taylor from --rankings" in err[-1]

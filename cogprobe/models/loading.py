@@ -216,9 +216,11 @@ def has_tokenizer(folder: Path) -> bool:
     return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
-def _load_folder(folder: Path, model_kw: dict, allow_pickle: bool, tokenizer=None, **kw):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    _check_folder(folder, allow_pickle)
+def load_config(folder: Path, **kw):
+    """A model folder's transformers config, offline, checked to be a causal decoder; code the folder
+    ships (auto_map) is never run unless `trust_remote_code=True` is passed."""
+    from transformers import AutoConfig
+    kw = dict(dict(local_files_only=True, trust_remote_code=False), **kw)
     try:
         config = AutoConfig.from_pretrained(folder, **kw)
     except (OSError, ValueError, KeyError) as e:
@@ -229,6 +231,13 @@ def _load_folder(folder: Path, model_kw: dict, allow_pickle: bool, tokenizer=Non
         raise CogprobeError(f"cannot read {folder / 'config.json'} ({_first_line(e)}); "
                             "fix or replace the file") from None
     _check_causal_decoder(config, folder)
+    return config
+
+
+def _load_folder(folder: Path, model_kw: dict, allow_pickle: bool, tokenizer=None, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _check_folder(folder, allow_pickle)
+    config = load_config(folder, **kw)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, config=config, use_safetensors=None if allow_pickle else True, **model_kw, **kw)
@@ -266,7 +275,7 @@ def load_model_tokenizer(folder: Path):
     """Just the tokenizer of a model folder, offline."""
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise CogprobeError(f"cannot load a tokenizer from {folder} ({_first_line(e)}); "
                             "give a folder that holds the model's tokenizer files") from None
@@ -278,6 +287,13 @@ def _looks_like_bad_weights(e: Exception) -> bool:
     from safetensors import SafetensorError
     return isinstance(e, (SafetensorError, UnpicklingError, EOFError)) or (
         isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e))
+
+
+def model_folder(spec: str | Path) -> Path:
+    """Where a model spec's files are, checked as `load_model` checks them before reading any: the
+    embedded model's against the hashes recorded when it was prepared (prepared first if missing), a
+    hub id in the local cache, a path that exists (a folder, or a .gguf file)."""
+    return _resolve(spec, prepare_if_missing=True)
 
 
 def block_count(spec: str | Path) -> int:

@@ -20,6 +20,7 @@ from cogprobe.probe.streamed import Skeleton, StreamedEngine
 from cogprobe.probe.streamed_acts import Streaming
 
 STREAMABLE = ("auto", "streamed")
+SWEEP_MODELS = 2   # models a sweep holds at once: the reference and one checkpoint (`evaluate` holds one)
 
 
 @dataclass(frozen=True)
@@ -37,15 +38,16 @@ class Fit:
         return asdict(self)
 
 
-def measure(skeleton: Skeleton, weights, batch_states: int) -> dict:
-    """Sizes at the skeleton's dtype: one model, its largest block, its ends; and each engine's need."""
+def measure(skeleton: Skeleton, weights, batch_states: int, models: int = SWEEP_MODELS) -> dict:
+    """Sizes at the skeleton's dtype: one model, its largest block, its ends; and each engine's need
+    when the verb holds `models` models at once (a sweep two, with its state cache; `evaluate` one)."""
     sizes = weights.sizes(skeleton.dtype)
     blocks = [sum(sizes.get(n, 0) for n in skeleton.block_names(i)) for i in range(skeleton.n)]
     model = sum(sizes.values())
     ends = model - sum(blocks)
     return dict(model=model, block=max(blocks), ends=ends,
-                in_memory=2 * model + CACHE_BYTES + batch_states,
-                streamed=2 * ends + 2 * max(blocks) + batch_states)
+                in_memory=models * model + (CACHE_BYTES if models > 1 else 0) + batch_states,
+                streamed=models * (ends + max(blocks)) + batch_states)
 
 
 _SKELETONS: WeakKeyDictionary = WeakKeyDictionary()   # Checkpoints -> {(dtype, device): Skeleton}
@@ -109,34 +111,50 @@ def block_count(checkpoints) -> int:
     return find_blocks(checkpoints.reference()[0]).n
 
 
-def choose(engine: str, checkpoints, skeleton: Skeleton, *, max_memory=None, states: int = 0) -> Fit:
+def choose(engine: str, checkpoints, skeleton: Skeleton, *, max_memory=None, states: int = 0,
+           models: int = SWEEP_MODELS) -> Fit:
     """What each engine needs with `states` bytes of activations in flight, and which one runs:
-    `auto` is the in-memory engine where two models fit `max_memory` (it does less work), else the
+    `auto` is the in-memory engine where `models` models fit `max_memory` (it does less work), else the
     streamed one; a budget too small even for the streamed engine fails in one line."""
-    need = measure(skeleton, checkpoints.reference_weights(skeleton.rename), states)
+    need = measure(skeleton, checkpoints.reference_weights(skeleton.rename), states, models)
     budget = parse_bytes(max_memory) if max_memory is not None else available(checkpoints.device)
     if engine == "auto":
         engine = "memory" if need["in_memory"] <= budget else "streamed"
     if engine == "streamed" and need["streamed"] > budget:
         raise CogprobeError(f"--max-memory {gib(budget)} is too small for one block plus the activations: the "
-                            f"streamed engine needs at least {gib(need['streamed'])} here (two blocks of "
+                            f"streamed engine needs at least {gib(need['streamed'])} here ({models} block(s) of "
                             f"{gib(need['block'])}, the ends, one batch in flight); raise --max-memory or "
                             "lower --batch-size")
     return Fit(engine=engine, budget=budget, **need)
 
 
 def pick(engine: str, checkpoints, skeleton: Skeleton, *, max_memory=None, batch_tokens: int = 0,
-         n_configs: int = 1):
+         n_configs: int = 1, models: int = SWEEP_MODELS):
     """(engine, `Fit`, the streamed engine or None) for a sweep of `checkpoints` (see `choose`): one
     batch in flight holds two states of every configuration."""
     hidden = skeleton.empty.config.get_text_config().hidden_size
     states = batch_tokens * hidden * skeleton.dtype.itemsize * 2 * (n_configs + 1)
-    chosen = choose(engine, checkpoints, skeleton, max_memory=max_memory, states=states)
+    chosen = choose(engine, checkpoints, skeleton, max_memory=max_memory, states=states, models=models)
     runner = None
     if chosen.engine == "streamed":
         runner = StreamedEngine(skeleton, checkpoints.reference_weights(skeleton.rename),
                                 state_bytes=max(states, chosen.budget - chosen.streamed + states))
     return chosen.engine, chosen, runner
+
+
+def sweep_engine(engine: str, checkpoints, *, dtype, max_memory=None, examples, batch_size: int, n_configs: int):
+    """(engine, `Fit` or None, the streamed engine or None) of an exact sweep of `checkpoints` at `dtype`:
+    `auto` resolved to the engine that fits `max_memory`, the others as given. Checked before any file is
+    written: the precision on the device, the budget, and (streamed) every checkpoint's weight files."""
+    check_precision(checkpoints.device, dtype)
+    skeleton = skeleton_for(engine, checkpoints)
+    if skeleton is None:
+        return ("memory" if engine == "auto" else engine), None, None
+    chosen, fit, runner = pick(engine, checkpoints, skeleton, max_memory=max_memory,
+                               batch_tokens=largest_batch(examples, batch_size), n_configs=n_configs)
+    if chosen == "streamed":
+        check_files(checkpoints, skeleton)
+    return chosen, fit, runner
 
 
 def capture_engine(o, ckpts, examples) -> tuple[Streaming | None, Fit | None]:

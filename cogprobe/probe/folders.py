@@ -36,11 +36,10 @@ from cogprobe.data.evalset import EvalSet
 from cogprobe.probe.alignment import MIN_PAIRS, sentence_batches
 from cogprobe.probe.backends import check_sites
 from cogprobe.probe.capture import capture_tables, task_batches
-from cogprobe.probe.fit import (STREAMABLE, Fit, block_count, capture_engine, check_files, check_precision, pick,
-                                skeleton_for)
+from cogprobe.probe.fit import STREAMABLE, block_count, capture_engine, sweep_engine
 from cogprobe.probe.options import DTYPES, CaptureOptions, SweepOptions
 from cogprobe.probe.streamed_acts import Streaming
-from cogprobe.probe.engine import largest_batch, n_batches
+from cogprobe.probe.engine import n_batches
 from cogprobe.probe.sweep import engine_label, engines_in, sweep, sweep_configs
 from cogprobe.probe.tables import (claim_table, merge_parts, open_checkpoints, out_dir, record_run, say_set, source_id,
                                    steps_in)
@@ -75,7 +74,8 @@ def _sweep_run(source, o: SweepOptions, ckpts: Checkpoints, evalset, out, overwr
     examples = evalset.examples(tok, tasks)
     say_set(evalset, tok, w, log)
     _check_engine(out / SWEEPS, engine, overwrite)
-    engine, fit = _chosen(engine, ckpts, o, examples, configs)   # a budget too small fails before a file is written
+    engine, fit, _ = sweep_engine(engine, ckpts, dtype=DTYPES[o.dtype], max_memory=o.max_memory, examples=examples,
+                                  batch_size=batch_size, n_configs=len(configs) + 2)   # fails before a file is written
     precision = {"dtype": o.dtype} if o.dtype != "float32" else {}   # rows of two precisions never mix
     claim_table(out, SWEEPS, evalset, {**source_id(source, ckpts), **precision}, overwrite, w)
     path = out / SWEEPS
@@ -107,20 +107,6 @@ def _sweep_run(source, o: SweepOptions, ckpts: Checkpoints, evalset, out, overwr
             log(f"sweep: {ran['engine']} engine, {o.dtype}, peak {gib(ran['peak_bytes'])}")
     merge_parts(path, w, todo, list(examples), keep=lambda t: (t["mode"] == mode) & (t["ends"] == ends))
     return io.read_parquet(path)
-
-
-def _chosen(engine: str, ckpts: Checkpoints, o: SweepOptions, examples, configs) -> tuple[str, Fit | None]:
-    """`auto` resolved to the engine that fits `o.max_memory` (`probe.fit`), and what it measured; the
-    others as given."""
-    check_precision(ckpts.device, DTYPES[o.dtype])
-    skeleton = skeleton_for(engine, ckpts)
-    if skeleton is None:
-        return ("memory" if engine == "auto" else engine), None
-    chosen, fit, _ = pick(engine, ckpts, skeleton, max_memory=o.max_memory,
-                          batch_tokens=largest_batch(examples, o.batch_size), n_configs=len(configs) + 2)
-    if chosen == "streamed":
-        check_files(ckpts, skeleton)
-    return chosen, fit
 
 
 def _check_engine(path: Path, engine: str, overwrite: bool) -> None:

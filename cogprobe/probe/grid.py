@@ -22,7 +22,10 @@ Every row says how its k came in: `k_grid` is "coarse" or "refined" (a plain swe
 k_grid: every k asked for was scored). Rows are appended per round, and what is still to score is
 decided from the rows alone, so an interrupted sweep continues where it stopped and a finished
 checkpoint is not loaded again. The in-memory engine (`sweep.FastEngine`) scores every round, one
-runner for the whole sweep: the reference's prefixes and each checkpoint's are computed once.
+runner for the whole sweep: the reference's prefixes and each checkpoint's are computed once. The
+streamed engine (`probe.streamed`, chosen as for a plain sweep: `probe.fit`) gives the same rows and
+holds no model: each round reads the blocks it needs from the files again (once per checkpoint per
+round and group of batches), so it trades reads for memory.
 """
 from __future__ import annotations
 
@@ -43,7 +46,9 @@ from cogprobe.data.evalset import EvalSet
 from cogprobe.data.tasks import BATCH_SIZE, Example
 from cogprobe.models.blocks import find_blocks
 from cogprobe.probe.engine import iter_checkpoints
-from cogprobe.probe.options import DIRECTIONS, SweepOptions
+from cogprobe.probe.fit import STREAMABLE, block_count, sweep_engine
+from cogprobe.probe.options import DIRECTIONS, DTYPES, SweepOptions
+from cogprobe.probe.streamed import StreamedEngine
 from cogprobe.probe.sweep import FastEngine, check_ks, engines_in, sweep, sweep_configs
 from cogprobe.probe.tables import claim_table, open_checkpoints, out_dir, record_run, say_set, source_id
 from cogprobe.tuning.checkpoints import Checkpoints
@@ -102,18 +107,24 @@ def to_score(rows: pd.DataFrame, coarse: Sequence[int], tasks: Sequence[str], di
 def adaptive_sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str = SweepOptions.mode,
                    directions: Sequence[str] = DIRECTIONS, ends: bool = SweepOptions.ends,
                    ks: Iterable[int] | None = SweepOptions.ks, keep: Iterable[int] = (), batch_size: int = BATCH_SIZE,
-                   have: pd.DataFrame | None = None, on_rows=None, on_batch=None) -> pd.DataFrame:
+                   have: pd.DataFrame | None = None, on_rows=None, on_batch=None,
+                   runner: StreamedEngine | None = None) -> pd.DataFrame:
     """A revert or skip sweep on the adaptive grid: the coarse grid of every checkpoint, then refined
     (see the module docstring). `checkpoints` as `sweep` takes them. `ks`: the coarse grid, if not
     `coarse_grid`'s (`keep` added either way). `have`: rows already scored (a resumed sweep; a
     checkpoint with nothing left to score is not loaded). `on_rows(rows)`: after each round (the
-    folder verb appends there). Returns `have` and the new rows, with attrs["block_evals"] (the new
+    folder verb appends there). `runner`: a `StreamedEngine` of `checkpoints` (a `Checkpoints`;
+    `probe.fit.sweep_engine` makes one): every round reads its blocks from the files, the same rows;
+    default: the in-memory engine. Returns `have` and the new rows, with attrs["block_evals"] (the new
     rows' cost) and attrs["ks"] ({(step, task, direction): the k's scored})."""
     opened = hasattr(checkpoints, "load")
     pairs = None if opened else list(checkpoints)
     if not opened and not pairs:
         raise CogprobeError("no checkpoints given; pass [(step, model), ...] with the reference first")
-    n = find_blocks(checkpoints.reference()[0] if opened else pairs[0][1]).n
+    if runner is not None and not opened:
+        raise CogprobeError("the streamed engine reads checkpoints from their files; give a Checkpoints, not "
+                            "models already in memory")
+    n = block_count(checkpoints) if opened else find_blocks(pairs[0][1]).n
     coarse = coarse_grid(n, keep) if ks is None else check_ks({*ks, *keep}, n)
     tasks = list(examples)
     have = pd.DataFrame(columns=KEYS) if have is None else have.reset_index(drop=True)
@@ -121,18 +132,12 @@ def adaptive_sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str
     steps = list(checkpoints.steps) if opened else [s for s, _ in pairs]
     work = [s for s in steps if len(to_score(have[have["checkpoint_step"] == s], coarse, tasks, directions, s,
                                              halves[have["checkpoint_step"] == s]))]
-    frames, runner = [have], None
-    items = iter_checkpoints(checkpoints if opened else pairs, work) if work else iter(())
-    for step, model in items:
-        if runner is None:
-            ref_step, reference, runner = step, model, FastEngine(model)
-            if step not in work:
-                continue
-        mine = [(ref_step, reference)] + ([(step, model)] if step != ref_step else [])
+    frames, used = [have], runner
+    for step, source, used in _sources(checkpoints if opened else pairs, work, runner):
         done = have["checkpoint_step"] == step
         rows, half = have[done], halves[done]
         while len(todo := to_score(rows, coarse, tasks, directions, step, half)):
-            new = _score(mine, step, todo, examples, runner, n, mode=mode, ends=ends, batch_size=batch_size,
+            new = _score(source, step, todo, examples, used, n, mode=mode, ends=ends, batch_size=batch_size,
                          on_batch=on_batch)
             new["k_grid"] = np.where(new["k"].isin(coarse), COARSE, REFINED)
             if on_rows is not None:
@@ -141,21 +146,41 @@ def adaptive_sweep(checkpoints, examples: dict[str, list[Example]], *, mode: str
                                                                               ignore_index=True)
             frames.append(new)
     table = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else have
-    table.attrs["block_evals"] = runner.counter.block_evals if runner is not None else 0
+    table.attrs["block_evals"] = used.counter.block_evals if used is not None else 0
     table.attrs["ks"] = {key: sorted(int(k) for k in g["k"]) for key, g in table.groupby(KEYS[:3])} if len(table) \
         else {}
     return table
 
 
-def _score(mine, step: int, todo: pd.DataFrame, examples, runner, n: int, *, mode, ends, batch_size,
+def _sources(checkpoints, work: list[int], runner):
+    """(step, what `sweep` scores it from, the engine) for each step of `work`, in step order. Streamed:
+    the checkpoints themselves, read from the files in every round. In memory: each checkpoint loaded
+    once, beside the reference, and one engine for the whole sweep (the reference's prefix states and
+    each checkpoint's are computed once across its rounds)."""
+    if isinstance(runner, StreamedEngine):
+        yield from ((step, checkpoints, runner) for step in work)
+        return
+    if not work:
+        return
+    items = iter_checkpoints(checkpoints, work)
+    ref_step, reference = next(items)
+    engine = FastEngine(reference)
+    if ref_step in work:
+        yield ref_step, [(ref_step, reference)], engine
+    for step, model in items:
+        yield step, [(ref_step, reference), (step, model)], engine
+
+
+def _score(source, step: int, todo: pd.DataFrame, examples, runner, n: int, *, mode, ends, batch_size,
            on_batch) -> pd.DataFrame:
     """The rows of `todo` (one checkpoint), one engine call per task: a task scores only its own k's."""
     frames = []
+    engine = "streamed" if isinstance(runner, StreamedEngine) else "fast"
     for task, g in todo.groupby("task", sort=False):
         configs = [c for d, gd in g.groupby("direction", sort=False)
                    for c in sweep_configs(n, mode=mode, directions=[d], ks=gd["k"].tolist(), ends=ends)]
-        frames.append(sweep(mine, {task: examples[task]}, mode=mode, configs=configs, steps=[step], runner=runner,
-                            remember=True, engine="fast", batch_size=batch_size, on_batch=on_batch))
+        frames.append(sweep(source, {task: examples[task]}, mode=mode, configs=configs, steps=[step], runner=runner,
+                            remember=True, engine=engine, batch_size=batch_size, on_batch=on_batch))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -164,35 +189,49 @@ def adaptive_sweep_run(source, options: SweepOptions | None = None, *, keep: Ite
                        log=print, checkpoints: Checkpoints | None = None, **changes) -> pd.DataFrame:
     """`sweep_run` on the adaptive grid: every checkpoint of a run into `sweeps.parquet`, each row with
     its `k_grid`; returns the whole table. `options.ks`, if given, is the coarse grid. A rerun
-    continues (rows are appended per round). The table is claimed as `sweep_run` claims it; one that
-    holds a plain sweep of this mode is refused (its k's were chosen otherwise). Under torchrun the
-    main process scores and the others wait (the rounds depend on each other, and the grid is small)."""
+    continues (rows are appended per round). The table is claimed as `sweep_run` claims it (a table
+    holds one precision); one that holds a plain sweep of this mode is refused (its k's were chosen
+    otherwise). The engine is chosen as `sweep_run` chooses it (`--engine auto` streams the blocks
+    where two models do not fit `--max-memory`) and recorded beside the table with what it measured.
+    Under torchrun the main process scores and the others wait (the rounds depend on each other, and
+    the grid is small)."""
     o = with_changes(SweepOptions, options, changes)
     if o.engine == "taylor":
         raise CogprobeError("the adaptive grid refines on exact shares and their intervals; use an exact engine")
-    if o.engine == "streamed" or o.dtype != "float32":
-        raise CogprobeError("the adaptive grid runs in memory, in float32, for now; sweep the full grid to stream "
-                            "blocks or to use another --dtype (sweep_grid = \"full\")")
-    w = world()
     ckpts = checkpoints or open_checkpoints(source, base, device)
+    with ckpts.precision(DTYPES[o.dtype]):
+        return _adaptive_run(source, o, keep, ckpts, evalset, out, overwrite, log)
+
+
+def _adaptive_run(source, o: SweepOptions, keep, ckpts: Checkpoints, evalset, out, overwrite, log) -> pd.DataFrame:
+    w = world()
     out = out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
-    tok = ckpts.reference()[1]
+    tok = ckpts.reference_tokenizer() if o.engine in STREAMABLE else ckpts.reference()[1]
     examples = evalset.examples(tok, o.tasks)
     say_set(evalset, tok, w, log)
+    n = block_count(ckpts)
+    coarse = coarse_grid(n, keep) if o.ks is None else check_ks({*o.ks, *keep}, n)
+    engine, fit, runner = sweep_engine(o.engine, ckpts, dtype=DTYPES[o.dtype], max_memory=o.max_memory,
+                                       examples=examples, batch_size=o.batch_size,
+                                       n_configs=len(coarse) * len(o.directions) + 2)   # fails before a file is written
+    precision = {"dtype": o.dtype} if o.dtype != "float32" else {}   # rows of two precisions never mix
     path = out / SWEEPS
-    claim_table(out, SWEEPS, evalset, source_id(source, ckpts), overwrite, w)
+    claim_table(out, SWEEPS, evalset, {**source_id(source, ckpts), **precision}, overwrite, w)
     have = _have(path, o.mode, o.ends, overwrite)   # every process checks, so all fail alike
     if w.is_main:
         save = lambda rows: io.append_parquet(path, rows)  # noqa: E731  (each round kept as it finishes)
         start = time.perf_counter()
         t = adaptive_sweep(ckpts, examples, mode=o.mode, directions=o.directions, ends=o.ends, ks=o.ks, keep=keep,
-                           batch_size=o.batch_size, have=have, on_rows=save)
+                           batch_size=o.batch_size, have=have, on_rows=save, runner=runner)
+        engine = "memory" if engine in ("auto", "fast", "naive") else engine   # the in-memory engine scores
         if t.attrs["block_evals"]:   # what this call computed, beside the table (none: nothing was left)
-            record_run(out, SWEEPS, dict(engine="memory", grid="adaptive", dtype=str(ckpts.dtype).removeprefix("torch."),
-                                         device=str(ckpts.device), seconds=round(time.perf_counter() - start, 1),
-                                         peak_bytes=process_peak(ckpts.device), block_evals=t.attrs["block_evals"]))
-        log(f"sweep: adaptive grid, {len({k for ks in t.attrs['ks'].values() for k in ks})} k's scored "
+            record_run(out, SWEEPS, dict(engine=engine, grid="adaptive", dtype=o.dtype, device=str(ckpts.device),
+                                         seconds=round(time.perf_counter() - start, 1),
+                                         peak_bytes=process_peak(ckpts.device), block_evals=t.attrs["block_evals"],
+                                         fit=fit.record() if fit else None))
+        log(f"sweep: adaptive grid, {engine} engine, {o.dtype}, "
+            f"{len({k for ks in t.attrs['ks'].values() for k in ks})} k's scored "
             f"({t.attrs['block_evals']} block evaluations in this call)")
     w.barrier()
     return io.read_parquet(path)

@@ -120,3 +120,45 @@ def _keeper(into: Acts, name: str):
     def hook(module, args, out):
         into[name] = output_tensor(out)
     return hook
+
+
+def through_blocks(skeleton: Skeleton, weights, batches: Sequence[dict], visit, *,
+                   state_bytes: int = STATE_BYTES) -> int:
+    """Run `batches` layer-major through the model `weights` stand for: for each group of batches whose
+    states fit `state_bytes`, every block i is read once and run on every batch of the group, and
+    `visit(i, batch, block input, block output)` is called in batch order. So for each block the
+    batches come in their given order, as a forward pass per batch with hooks sees them (the
+    per-block rankings of `selection.rankings` sum in that order). Returns the blocks read."""
+    ends, loads = skeleton.ends(weights), 0
+    hidden = skeleton.empty.config.get_text_config().hidden_size
+    for group in _fitting(batches, lambda b: b["input_ids"].numel() * hidden * skeleton.dtype.itemsize * 2,
+                          state_bytes):   # a batch keeps two states in flight: a block's input and output
+        loads += _through(skeleton, weights, ends, group, visit)
+    return loads
+
+
+@torch.no_grad()
+def _through(skeleton: Skeleton, weights, ends: Blocks, group: list[dict], visit) -> int:
+    started = [record_call_args(ends, b, skeleton.device) for b in group]
+    states = [h for h, _ in started]
+    for i in range(skeleton.n):
+        block = skeleton.block(weights, i)
+        for j, (batch, (_, calls)) in enumerate(zip(group, started)):
+            out = call_block(block, states[j], calls[i])
+            visit(i, batch, states[j], out)
+            states[j] = out
+        del block
+    return skeleton.n
+
+
+def _fitting(items: Sequence, size, budget: int):
+    """Consecutive items whose sizes add up to at most `budget` (at least one item per group)."""
+    group, used = [], 0
+    for item in items:
+        if group and used + size(item) > budget:
+            yield group
+            group, used = [], 0
+        group.append(item)
+        used += size(item)
+    if group:
+        yield group

@@ -52,3 +52,8 @@ class RankOptions:
     rankings: tuple[str, ...] = knob(RANKINGS, "block-influence, angular (base model), weight-delta, taylor "
                                      "(per checkpoint)", choices=RANKINGS)
     batch_size: int = knob(BATCH_SIZE, "pairs per forward pass")
+    engine: str = knob(AUTO, "memory (whole models), streamed (block-influence and angular read the reference "
+                       "block by block, weight-delta reads the models tensor by tensor: the same numbers; taylor "
+                       "needs gradients through whole models and is refused), auto (memory where the models fit "
+                       "--max-memory, else streamed)", choices=EXACT_ENGINES)
+    max_memory: str | None = max_memory_knob()

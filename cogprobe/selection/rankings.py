@@ -16,6 +16,13 @@ Each ranking scores every block; a higher score means a more important block (ra
 ranking cost at that checkpoint (forward and backward passes over the evaluation set, seconds).
 Base-model rankings are written at the reference step. `select_ranking` turns a ranking into a
 layer set; `agreement` checks rankings against the exact sweep.
+
+Models that do not fit in memory (`--engine streamed`, or `auto` where they do not fit `--max-memory`)
+are ranked from their files: block-influence and angular in one layer-major pass through the
+reference, each block read once per group of batches (`probe.streamed_acts.through_blocks`), and
+weight-delta two tensors at a time. The same numbers, bit for bit: the same block inputs and outputs
+and the same sums in the same order. taylor needs a backward pass through whole models, so it does
+not stream and is refused there in one line.
 """
 from __future__ import annotations
 
@@ -33,12 +40,16 @@ from cogprobe.models.blocks import find_blocks
 from cogprobe.core.distributed import world
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.knob import with_changes
+from cogprobe.core.memory import gib, process_peak
 from cogprobe.data.evalset import EvalSet
 from cogprobe.models.layersets import DEFAULT_FRACTION, check_fraction, cogsym
+from cogprobe.probe.fit import STREAMABLE, check_files, choose, skeleton_for
+from cogprobe.probe.streamed import Skeleton
+from cogprobe.probe.streamed_acts import STATE_BYTES, through_blocks
 from cogprobe.probe.tables import open_checkpoints, out_dir, say_set, source_id, wanted
 from cogprobe.selection.options import RANKINGS, RankOptions
 from cogprobe.selection.rules import EPS, Selection
-from cogprobe.probe.engine import iter_checkpoints
+from cogprobe.probe.engine import iter_checkpoints, iter_weights, largest_batch
 from cogprobe.data.tasks import BATCH_SIZE, Example, batches, score
 from cogprobe.probe.taylor import block_terms
 
@@ -103,6 +114,9 @@ def _last_token_angle(x, y, mask) -> tuple[float, int]:
     return float((torch.arccos(cos) / math.pi).double().sum()), mask.shape[0]
 
 
+ON_BASE_REDUCE = {"block-influence": _one_minus_cos, "angular": _last_token_angle}   # what each one sums
+
+
 def block_influence(model, examples: dict[str, list[Example]], *, batch_size: int = BATCH_SIZE) -> np.ndarray:
     """ShortGPT's Block Influence of every block: 1 - cos(input, output), the mean over every real token."""
     return _block_states(model, examples, batch_size, _one_minus_cos)
@@ -146,12 +160,52 @@ def ranking_rows(step, ranking, scores, forward, backward, seconds) -> list[dict
 
 
 def rank(checkpoints, examples: dict[str, list[Example]], *, rankings: Sequence[str] = RANKINGS,
-         batch_size: int = BATCH_SIZE, steps: Sequence[int] | None = None) -> pd.DataFrame:
+         batch_size: int = BATCH_SIZE, steps: Sequence[int] | None = None, engine: str = RankOptions.engine,
+         max_memory: str | int | None = RankOptions.max_memory) -> pd.DataFrame:
     """Every ranking of `rankings` (base-model ones once, the others per trained checkpoint) as a tidy table.
 
-    `checkpoints` is a `Checkpoints` or a sequence of (step, model) with the reference first.
+    `checkpoints` is a `Checkpoints` or a sequence of (step, model) with the reference first. `engine`
+    auto (or streamed) with a `Checkpoints` reads the weights' sizes from the files and, where the
+    models do not fit `max_memory` (`probe.fit`), streams: block-influence and angular in one
+    layer-major pass through the reference read block by block, weight-delta tensor by tensor from
+    the files; the same numbers (the same operations in the same order). taylor needs gradients
+    through whole models and does not stream: it is refused there. attrs: `engine`, `fit`.
     """
     rankings = check_rankings(rankings)
+    skeleton, fit, state_bytes = _streaming(engine, checkpoints, rankings, examples, batch_size, max_memory)
+    if skeleton is None:
+        table = _rank_in_memory(checkpoints, examples, rankings, batch_size, steps)
+    else:
+        table = _rank_streamed(checkpoints, skeleton, examples, rankings, batch_size, steps, state_bytes)
+    table.attrs["engine"] = "memory" if skeleton is None else "streamed"
+    table.attrs["fit"] = fit.record() if fit is not None else None
+    return table
+
+
+def _streaming(engine: str, checkpoints, rankings: list[str], examples, batch_size: int, max_memory):
+    """(the weightless model to stream, or None; what `probe.fit.choose` measured, or None; the states a
+    group of batches may keep: what the budget leaves). The in-memory rankings hold two models where a
+    checkpoint is compared (weight-delta, taylor), else one."""
+    skeleton = skeleton_for(engine, checkpoints)
+    if skeleton is None:
+        return None, None, 0
+    hidden = skeleton.empty.config.get_text_config().hidden_size
+    states = largest_batch(examples, batch_size) * hidden * skeleton.dtype.itemsize * 2   # a block's input, output
+    models = 2 if {"weight-delta", "taylor"} & set(rankings) else 1
+    fit = choose(engine, checkpoints, skeleton, max_memory=max_memory, states=states, models=models)
+    if fit.engine != "streamed":
+        return None, fit, 0
+    if "taylor" in rankings:
+        why = "--engine streamed" if engine == "streamed" else \
+            f"the models need {gib(fit.in_memory)}, --max-memory is {gib(fit.budget)}"
+        raise CogprobeError(f"the taylor ranking needs gradients through whole models and does not stream ({why}); "
+                            "drop taylor from --rankings (the others stream), or rank with --engine memory where "
+                            "the models fit")
+    check_files(checkpoints, skeleton)
+    return skeleton, fit, max(states, fit.budget - fit.streamed + states)
+
+
+def _rank_in_memory(checkpoints, examples, rankings: list[str], batch_size: int, steps) -> pd.DataFrame:
     n_examples = sum(len(e) for e in examples.values())
     items = iter_checkpoints(checkpoints, steps)
     ref_step, reference = next(items)
@@ -177,23 +231,88 @@ def rank(checkpoints, examples: dict[str, list[Example]], *, rankings: Sequence[
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def _rank_streamed(checkpoints, skeleton: Skeleton, examples, rankings: list[str], batch_size: int, steps,
+                   state_bytes: int) -> pd.DataFrame:
+    """The forward-only rankings in one pass (each row's seconds: that pass's), weight-delta per checkpoint."""
+    n_examples = sum(len(e) for e in examples.values())
+    items = iter_weights(checkpoints, steps, skeleton.rename)
+    ref_step, reference = next(items)
+    rows: list[dict] = []
+    reduces = {name: reduce for name, reduce in ON_BASE_REDUCE.items() if name in rankings}
+    if reduces:
+        t0 = time.perf_counter()
+        scores = streamed_block_states(skeleton, reference, examples, batch_size, reduces, state_bytes=state_bytes)
+        seconds = time.perf_counter() - t0
+        for name in reduces:
+            rows += ranking_rows(ref_step, name, scores[name], n_examples, 0, seconds)
+    sizes = None   # the reference's squared norms, read with the first checkpoint
+    if "weight-delta" in rankings:
+        for step, weights in items:
+            t0 = time.perf_counter()
+            delta, sizes = streamed_weight_delta(skeleton, weights, reference, sizes)
+            rows += ranking_rows(step, "weight-delta", delta, 0, 0, time.perf_counter() - t0)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def streamed_block_states(skeleton: Skeleton, weights, examples: dict[str, list[Example]], batch_size: int,
+                          reduces: dict, *, state_bytes: int = STATE_BYTES) -> dict[str, np.ndarray]:
+    """`_block_states` of every reduce of `reduces` ({name: reduce}) in one layer-major pass through the
+    model `weights` stand for, read block by block (`streamed_acts.through_blocks`): the same block
+    inputs and outputs, summed over the same batches in the same order, so the same numbers."""
+    sums = {name: np.zeros(skeleton.n) for name in reduces}
+    counts = {name: np.zeros(skeleton.n) for name in reduces}
+
+    def visit(i, batch, x, y):
+        mask = batch["attention_mask"].to(skeleton.device).bool()
+        for name, reduce in reduces.items():
+            total, n = reduce(x.float(), y.float(), mask)
+            sums[name][i], counts[name][i] = sums[name][i] + total, counts[name][i] + n
+
+    through_blocks(skeleton, weights, [b for exs in examples.values() for b in batches(exs, batch_size, pad_id=0)],
+                   visit, state_bytes=state_bytes)
+    return {name: sums[name] / counts[name] for name in reduces}
+
+
+def streamed_weight_delta(skeleton: Skeleton, weights, reference, sizes: np.ndarray | None = None):
+    """(`weight_delta`, the reference's per-block squared norms) read tensor by tensor from the files:
+    two tensors in memory at a time, summed in the in-memory order (each block's parameters as the
+    model lists them) at the skeleton's precision, so the same numbers. A tensor the checkpoint cannot
+    have changed (`may_differ`) adds nothing, as its exact zero does there. `sizes`: the squared
+    norms if known (they do not change across checkpoints)."""
+    moved, known = np.zeros(skeleton.n), sizes is not None
+    sizes = sizes if known else np.zeros(skeleton.n)
+    read = lambda source, name: source.read(name).to(skeleton.dtype).double()  # noqa: E731  (as loaded, then float64)
+    for i in range(skeleton.n):
+        for name in skeleton.block_names(i):
+            ref = read(reference, name) if not known or weights.may_differ(name) else None
+            if not known:
+                sizes[i] += float(ref.pow(2).sum())
+            if weights.may_differ(name):
+                moved[i] += float((read(weights, name) - ref).pow(2).sum())
+    return np.sqrt(moved) / np.sqrt(np.where(sizes > 0, sizes, 1.0)), sizes
+
+
 def rank_run(source, options: RankOptions | None = None, *, evalset: EvalSet | None = None, out=None, base=None,
              device=None, log=print, **changes) -> pd.DataFrame:
     """`rank` of a run folder's checkpoints on its evaluation set, written to `rankings.parquet` (whole,
-    atomically: a rerun recomputes it) with the evaluation set beside it. `changes`: fields of
-    `RankOptions` given as keywords, on top of `options`."""
+    atomically: a rerun recomputes it) with the evaluation set beside it, and which engine ran
+    (`computed`). `changes`: fields of `RankOptions` given as keywords, on top of `options`."""
     o = with_changes(RankOptions, options, changes)
     rankings = check_rankings(o.rankings)
     ckpts = open_checkpoints(source, base, device)
     out = out_dir(source, out)
     evalset = evalset or EvalSet.for_run(source)
-    tok = ckpts.reference()[1]
+    tok = ckpts.reference_tokenizer() if o.engine in STREAMABLE else ckpts.reference()[1]
     examples = evalset.examples(tok)
     say_set(evalset, tok, world(), log)
-    table = rank(ckpts, examples, rankings=rankings, batch_size=o.batch_size)
+    start = time.perf_counter()
+    table = rank(ckpts, examples, rankings=rankings, batch_size=o.batch_size, engine=o.engine,
+                 max_memory=o.max_memory)
+    ran = dict(engine=table.attrs["engine"], device=str(ckpts.device), seconds=round(time.perf_counter() - start, 1),
+               peak_bytes=process_peak(ckpts.device), fit=table.attrs["fit"])
     io.write_parquet(out / RANKINGS_TABLE, table)
-    io.write_json(out / f"{RANKINGS_TABLE}.json", wanted(evalset, source_id(source, ckpts)))
-    log(f"rank: {len(table)} rows in {out / RANKINGS_TABLE}")
+    io.write_json(out / f"{RANKINGS_TABLE}.json", dict(wanted(evalset, source_id(source, ckpts)), computed=[ran]))
+    log(f"rank: {len(table)} rows in {out / RANKINGS_TABLE} ({ran['engine']} engine, peak {gib(ran['peak_bytes'])})")
     return table
 
 

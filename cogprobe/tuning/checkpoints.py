@@ -40,8 +40,8 @@ from cogprobe.tuning import resume
 from cogprobe.core.artifacts import damaged
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.layout import MANIFEST
-from cogprobe.models.loading import (EMBEDDED, embedded_dir, has_tokenizer, load_model, load_tokenizer,
-                                     model_fingerprint, model_source)
+from cogprobe.models.loading import (EMBEDDED, embedded_dir, has_tokenizer, load_config, load_model,
+                                     load_tokenizer, model_fingerprint, model_folder, model_source)
 from cogprobe.models.layersets import resolve, to_string
 from cogprobe.models.params import aliases, load_tensors
 from cogprobe.models.weights import FolderWeights, LoraWeights, OverlayWeights
@@ -231,6 +231,12 @@ class Checkpoints:
         return ckpts
 
     @classmethod
+    def of_model(cls, spec: str | Path) -> "Checkpoints":
+        """One model (the embedded alias, an HF folder, a .gguf file or a hub id) as its own reference,
+        with no checkpoint after it: how a verb that scores one model reads it, whole or block by block."""
+        return cls([Entry(0, None, "base")], spec, source=str(spec))
+
+    @classmethod
     def _open(cls, source, base) -> "Checkpoints":
         if isinstance(source, (list, tuple)):
             return cls._from_list([Path(p) for p in source], base)
@@ -373,8 +379,9 @@ class Checkpoints:
 
     # ---- reading lazily, tensor by tensor (the streamed engine)
     def reference_folder(self) -> Path:
-        """The reference's model folder, checked against the run's base fingerprint."""
-        path = _resolved(self.base_spec)
+        """The reference's model folder, checked as loading it would check it (`model_folder`) and against
+        the run's base fingerprint."""
+        path = model_folder(self.base_spec)
         if path.is_file():
             raise CogprobeError(f"the reference {path} is a single file, which the streamed engine cannot read "
                                 "block by block; convert it once to a folder (cogprobe prepare does for the "
@@ -403,8 +410,7 @@ class Checkpoints:
 
     def reference_config(self):
         """The reference's transformers config, from its config.json alone."""
-        from transformers import AutoConfig
-        return AutoConfig.from_pretrained(self.reference_folder(), local_files_only=True)
+        return load_config(self.reference_folder())
 
     def reference_tokenizer(self):
         """The reference's tokenizer, without loading its weights (unless they are loaded already)."""
