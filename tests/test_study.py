@@ -203,6 +203,42 @@ def test_a_changed_chrf_set_scores_every_scored_arm_again_from_its_weights(setup
     assert json.loads((moved / "study.json").read_text())["chrf_pairs"] == 0   # the refused change left no trace
 
 
+def test_the_english_control_scores_every_arm_on_one_passage_set(setup, tmp_path):
+    """prose_passages may be turned on or changed on a rerun: the base model and every compared run with
+    its weights kept are scored on the new passages, nothing else recomputed; a run whose weights are
+    gone loses its English rows (never one of another set) and the report names it."""
+    import shutil
+    root, model, corpus = setup
+    out = run(tiny_config(root, model, corpus), log=lambda m: None)   # the module's study (done: nothing rerun)
+    study = tmp_path / "study"
+    shutil.copytree(out, study)
+    values = {k: v for k, v in tiny_config(root, model, corpus).to_dict().items() if k != "out"}
+    keep = {name: pd.read_parquet(study / name) for name in ("compare.parquet", "scores.parquet")}
+    run(build_config(study, preset_name=None, **{**values, "prose_passages": 20}), log=lambda m: None)
+    prose = pd.read_parquet(study / "prose.parquet")
+    arms = {"base", *(f"{r}-s{s}" for r, s in zip(keep["compare.parquet"]["row"], keep["compare.parquet"]["seed"]))}
+    assert set(prose["arm"]) == arms and prose.groupby("arm").size().eq(20).all()
+    assert prose["passage_set"].nunique() == 1
+    for name, table in keep.items():
+        pd.testing.assert_frame_equal(pd.read_parquet(study / name), table)
+    report = (study / "report.md").read_text()
+    assert "## English prose: the quantisation control" in report and "| cogsym | 0 |" in report
+
+    shutil.rmtree(study / "runs" / "cogsym-s0" / "checkpoints")
+    run(build_config(study, preset_name=None, **{**values, "prose_passages": 24}), log=lambda m: None)
+    prose = pd.read_parquet(study / "prose.parquet")
+    assert set(prose["arm"]) == arms - {"cogsym-s0"} and prose.groupby("arm").size().eq(24).all()
+    assert "No English score (their weights were gone when the control was asked for): cogsym-s0" in (
+        study / "report.md").read_text()
+    seconds = json.loads((study / "study.json").read_text())["stage_seconds"]
+    assert {"prose base", "prose full-s0", "prose cogsym-s0"} <= set(seconds)
+
+
+def test_studies_written_before_the_english_control_read_it_as_off():
+    from cogprobe.study.config import renamed
+    assert renamed({"rows": "full"})["prose_passages"] == 0
+
+
 def test_a_study_written_before_rows_were_called_rows_still_resumes(setup, tmp_path):
     """study.json once said `strategies`; such a study continues (nothing recomputed), a config file
     that still says it is told the new name."""

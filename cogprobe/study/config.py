@@ -23,6 +23,7 @@ from cogprobe.selection.options import TAU
 from cogprobe.tuning.config import TrainConfig
 from cogprobe.core.layout import STUDY
 from cogprobe.data.evalset import EvalSet
+from cogprobe.data.prose import PASSAGE_TOKENS
 from cogprobe.study.rows import LORA_ROWS, ROWS, expand, kind
 
 PRESETS = Path(__file__).parent / "presets"
@@ -30,8 +31,10 @@ DEFAULT_PRESET = "quick"   # `make run`: the smoke test of the whole chain, minu
 # how a study runs, not what it computes
 EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "report_to", "resume_every")
 # what a study accepts a change of on a rerun: its `chrf` stages score every compared run again from
-# its kept weights, so no row is scored on other sentences than the rest (`study.rescore_chrf`)
-RESCORED = ("chrf_pairs",)
+# its kept weights, so no row is scored on other sentences than the rest (`study.rescore_chrf`); its
+# `prose` stages score every arm on the new English passages, and an arm whose weights are gone keeps
+# no English score rather than one of another set (`study.rescore_prose`)
+RESCORED = ("chrf_pairs", "prose_passages")
 SWEEP_GRIDS = ("full", "adaptive")   # every k asked for, or `probe.grid`'s coarse grid and its refinement
 BUDGET_NO_SET = ("fixed", "skip")    # the budget row when its rule finds no set: the fixed set, or none
 
@@ -85,6 +88,10 @@ class StudyConfig:
     eval_pairs: int = knob(64, "test pairs sampled for the NLL scores (baseline and comparison rows)")
     probe_pairs: int = knob(16, "dev pairs sampled for sweeps, capture and budget selection")
     chrf_pairs: int = knob(16, "test pairs sampled per direction for chrF (0: the NLL pairs themselves)")
+    prose_passages: int = knob(0, f"passages of {PASSAGE_TOKENS} tokens of held-out English prose (Python's "
+                               "pydoc_data.topics) every arm scores: the quantisation control, whose NLL change "
+                               "from the base model reads as repair or format adaptation (a fall) or forgetting "
+                               "(a rise); 0: off")
     max_new_tokens: int = knob(40, "greedy translation length cap")
     max_sentence_tokens: int = knob(TrainConfig.eval_max_sentence_tokens,
                                     "evaluated pairs with a longer side are left out (never cut)")
@@ -103,11 +110,11 @@ class StudyConfig:
         "experiment trackers of every tuning run (accelerate): none, tensorboard, wandb, mlflow, ...")
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "eval_pairs", "probe_pairs", "chrf_pairs",
+        for name in ("steps", "batch_size", "seq_len", "eval_pairs", "probe_pairs", "chrf_pairs", "prose_passages",
                      "max_new_tokens", "max_sentence_tokens", "train_max_sentence_tokens", "lora_r",
                      "random_draws", "dev_pairs", "lr_steps"):
             value = getattr(self, name)
-            least = 0 if name == "chrf_pairs" else 1
+            least = 0 if name in ("chrf_pairs", "prose_passages") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise CogprobeError(f"{name}={value!r}: give a whole number >= {least}")
         check_fraction(self.fraction, "fraction")
@@ -210,7 +217,7 @@ TABLES = {
     "rows": ("rows", "random_draws", "probe_row", "fraction"),
     "sweep": ("probe_pairs", "sweep_ks", "sweep_grid", "sweep_controls", "capture_backend"),
     "select": ("tau", "budget_max_total", "budget_no_set"),
-    "compare": ("eval_pairs", "chrf_pairs", "max_new_tokens", "max_sentence_tokens"),
+    "compare": ("eval_pairs", "chrf_pairs", "prose_passages", "max_new_tokens", "max_sentence_tokens"),
     "run": ("out", "threads", "isolate_runs", "overwrite"),
 }
 

@@ -13,7 +13,9 @@ continues an interrupted study and redoes nothing that finished:
   5. select       the fixed CogSym set and the derived budget set selection-fixed.json, selection-budget.json
   6. tune         every comparison row (see `rows`), same data,   runs/{row}-s{seed}/
                   steps and seed, each at its own lr
-  7. compare      NLL, control and chrF of each run on test       compare.parquet
+  7. compare      NLL, control and chrF of each run on test;      compare.parquet,
+                  NLL on English prose (`prose_passages`, the     prose.parquet
+                  quantisation control), the base model's too
   8. report       figures and the plain-language report           figures/, report.md, report.html
 
 Dev for decisions, test once: the probe and the budget selection score a sample
@@ -34,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from cogprobe.core import io
-from cogprobe.study import lr_choice
+from cogprobe.study import lr_choice, prose_control
 from cogprobe.tuning.checkpoints import CHECKPOINTS, Checkpoints
 from cogprobe.data.corpora import load_corpus
 from cogprobe.core.distributed import default_device, torch_threads
@@ -125,6 +127,8 @@ def _run(config: StudyConfig, log) -> Path:
     stage = functools.partial(run_stage, progress, out)
     compared = lambda row, seed: _finished(out, f"compare {arm(row, seed)}")  # noqa: E731  (its weights no longer needed)
     stage("baseline", lambda: baseline(config, out))
+    for name, (row, seed) in prose_control.stale(config.prose_passages, config.model, out).items():
+        stage(f"prose {name}", lambda: rescore_prose(config, out, name, row, seed, log), again=True)
     for name, (row, seed) in stale.items():   # chrf_pairs changed since they were scored
         stage(f"chrf {name}", lambda: rescore_chrf(config, out, row, seed), again=True)
     if [r for r in searched if r != "budget"]:
@@ -239,14 +243,16 @@ def evaluation_sets(config: StudyConfig) -> dict[str, EvalSet]:
 
 
 def _scores(model, tokenizer, config: StudyConfig, arm: str, out: Path) -> dict:
-    """NLL and conditional gain per task on the test set, chrF per direction on its chrF set.
+    """NLL and conditional gain per task on the test set, chrF per direction on its chrF set, and (with
+    `prose_passages`) NLL on English prose, the quantisation control, into prose.parquet.
 
     Each example's NLL sum and token count go to `scores.parquet`, and each translation to
     `translations.parquet`, under `arm` (base, or the row's run name), so every interval
     can be recomputed without scoring again."""
+    prose_control.score_arm(model, tokenizer, config.prose_passages, arm, out)   # first: a bad size fails at once
     summary = _nll_scores(model, tokenizer, config, arm, out)
     chrfs, translations = _translations(model, tokenizer, config, arm)
-    _append_unique(out / TRANSLATIONS, translations)
+    io.replace_rows(out / TRANSLATIONS, translations)
     return {**summary, **chrfs}
 
 
@@ -262,7 +268,7 @@ def _nll_scores(model, tokenizer, config: StudyConfig, arm: str, out: Path) -> d
                                              n_tokens=s.example_tokens)))
     for task in TASKS:
         summary[f"{task}_conditional_gain"] = summary[f"{task}_shuffled_nll"] - summary[f"{task}_nll"]
-    _append_unique(out / SCORES, pd.concat(per_example, ignore_index=True))
+    io.replace_rows(out / SCORES, pd.concat(per_example, ignore_index=True))
     return summary
 
 
@@ -279,14 +285,6 @@ def _translations(model, tokenizer, config: StudyConfig, arm: str) -> tuple[dict
         translations.append(pd.DataFrame(dict(arm=arm, task=task, pair_id=pair_ids, hypothesis=hyps,
                                               reference=refs)))
     return summary, pd.concat(translations, ignore_index=True)
-
-
-def _append_unique(path: Path, rows: pd.DataFrame) -> None:
-    """Append, replacing this arm's earlier rows (a rerun after an interruption scores it again)."""
-    if path.exists():
-        old = pd.read_parquet(path)
-        rows = pd.concat([old[~old["arm"].isin(set(rows["arm"]))], rows], ignore_index=True)
-    io.write_parquet(path, rows)
 
 
 def baseline(config: StudyConfig, out: Path) -> None:
@@ -583,7 +581,7 @@ def compare_one(config: StudyConfig, out: Path, row: str, seed: int) -> None:
                   sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,
                   **_scores(model, tok, config, arm(row, seed), out))
     if (run / DEV_CURVE).is_file():   # kept beside the scores: the run's weights need not stay
-        _append_unique(out / DEV_CURVES, io.read_parquet(run / DEV_CURVE).assign(arm=arm(row, seed), row=row, seed=seed))
+        io.replace_rows(out / DEV_CURVES, io.read_parquet(run / DEV_CURVE).assign(arm=arm(row, seed), row=row, seed=seed))
     table = pd.concat([table, pd.DataFrame([record])], ignore_index=True)
     io.write_parquet(path, with_shares(table, io.read_csv(out / BASELINE).iloc[0]))
 
@@ -659,4 +657,22 @@ def rescore_chrf(config: StudyConfig, out: Path, row: str | None, seed: int | No
             for name, value in chrfs.items():
                 table.loc[at, name] = value
         io.write_parquet(out / COMPARE, with_shares(table, base.iloc[0]))
-    _append_unique(out / TRANSLATIONS, translations)
+    io.replace_rows(out / TRANSLATIONS, translations)
+
+
+# --- English prose scored again, after `prose_passages` changed (or was turned on) -------------------
+
+
+def rescore_prose(config: StudyConfig, out: Path, name: str, row: str | None, seed: int | None, log) -> None:
+    """Score one scored arm on the study's English passages from its own weights; an arm whose weights
+    are gone keeps no English score rather than one of another passage set (the report names it)."""
+    if row is not None and not (row_run(out, row, seed) / CHECKPOINTS).is_dir():
+        prose_control.drop_arm(out, name)
+        log(f"{name}: its weights are gone, so it has no English-prose score on this passage set")
+        return
+    if row is None:
+        model, tok = load_model(config.model)
+        model.to(default_device())
+    else:
+        model, tok = _final_model(row_run(out, row, seed))
+    prose_control.score_arm(model, tok, config.prose_passages, name, out)
