@@ -234,6 +234,40 @@ def test_the_english_control_scores_every_arm_on_one_passage_set(setup, tmp_path
     assert {"prose base", "prose full-s0", "prose cogsym-s0"} <= set(seconds)
 
 
+def test_a_pivot_only_control_trains_its_row_on_pivot_text_and_the_report_subtracts_its_gain(setup, tmp_path):
+    """ROW@pivot trains what ROW trains, at ROW's learning rate (no trials of its own), on the pivot side
+    alone; the report states each row's gain, its control's and what the new language added."""
+    root, model, corpus = setup
+    values = {k: v for k, v in tiny_config(root, model, corpus).to_dict().items() if k != "out"}
+    config = build_config(tmp_path / "pivot", preset_name=None, **{
+        **values, "rows": "full,cogsym,full@pivot,cogsym@pivot", "lr_grid": "1e-3,3e-3", "lr_steps": 2, "dev_pairs": 4})
+    out = run(config, log=lambda m: None)
+    assert set(pd.read_parquet(out / COMPARE)["row"]) == {"full", "cogsym", "full@pivot", "cogsym@pivot"}
+    assert not pd.read_parquet(out / "lr_search.parquet")["row"].str.contains("@").any()
+    manifest = {r: json.loads((out / "runs" / f"{r}-s0" / "manifest.json").read_text())["config"]
+                for r in ("cogsym", "cogsym@pivot")}
+    assert manifest["cogsym@pivot"]["layers"] == manifest["cogsym"]["layers"]
+    assert manifest["cogsym@pivot"]["lr"] == manifest["cogsym"]["lr"] and manifest["cogsym"]["mix_pivot"] == 0
+    assert [manifest["cogsym@pivot"][f"mix_{k}"] for k in ("perception", "production", "plain", "pivot")] == [0, 0, 0, 1]
+    report = (out / "report.md").read_text()
+    assert "## Pivot-only control: the gain the new language does not explain" in report
+    assert "| cogsym | perception | 1 |" in report and "| full | production | 1 |" in report
+    from cogprobe.study.pivot_control import subtracted
+    table = subtracted(out).set_index(["row", "task", "quantity"])["estimate"]
+    for task in ("perception", "production"):   # gain = pivot_gain + net_gain, exactly
+        assert table[("cogsym", task, "gain")] == pytest.approx(
+            table[("cogsym", task, "pivot_gain")] + table[("cogsym", task, "net_gain")])
+
+
+def test_a_pivot_only_control_needs_its_row():
+    from cogprobe.study.rows import expand
+    with pytest.raises(CogprobeError, match="add cogsym to rows"):
+        build_config("x", preset_name=None, rows="full,cogsym@pivot")
+    with pytest.raises(CogprobeError, match="unknown"):
+        build_config("x", preset_name=None, rows="full,nonsense@pivot")
+    assert expand(["random", "random@pivot"], 2) == ["random-1", "random-2", "random-1@pivot", "random-2@pivot"]
+
+
 def test_studies_written_before_the_english_control_read_it_as_off():
     from cogprobe.study.config import renamed
     assert renamed({"rows": "full"})["prose_passages"] == 0

@@ -24,7 +24,7 @@ from cogprobe.tuning.config import TrainConfig
 from cogprobe.core.layout import STUDY
 from cogprobe.data.evalset import EvalSet
 from cogprobe.data.prose import PASSAGE_TOKENS
-from cogprobe.study.rows import LORA_ROWS, ROWS, expand, kind
+from cogprobe.study.rows import LORA_ROWS, PIVOT_ONLY, ROWS, controlled, expand, kind
 
 PRESETS = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "quick"   # `make run`: the smoke test of the whole chain, minutes on a CPU
@@ -63,7 +63,9 @@ class StudyConfig:
                               "budget row, labelled 'budget: no set, fixed used' (fixed), or leave the row out, "
                               "its reason in the report (skip)", choices=BUDGET_NO_SET)
     rows: str = knob("full,lora,cogsym,cogsym-lora,budget,middle,bottom,top,random",
-                     "comparison rows to run (full is always run; every kind: cogprobe/study/rows.py)")
+                     "comparison rows to run (full is always run; every kind: cogprobe/study/rows.py); ROW@pivot "
+                     "adds ROW's pivot-only control (ROW tuned on the pivot side alone), whose gain the report "
+                     "subtracts")
     random_draws: int = knob(1, "sets drawn for the random row (several: rows random-1 ... random-N)")
     probe_row: str = knob("full", "the row whose first-seed run is probed (checkpoints swept, budget derived)")
     schedule: str = knob(TrainConfig.schedule, "lr schedule after warm-up of every run: cosine | linear | constant")
@@ -119,9 +121,13 @@ class StudyConfig:
                 raise CogprobeError(f"{name}={value!r}: give a whole number >= {least}")
         check_fraction(self.fraction, "fraction")
         check_fraction(self.tau, "tau")
-        bad = [s for s in self.row_list() if kind(s) not in ROWS]
+        bad = [s for s in self.row_list() if kind(controlled(s)) not in ROWS]
         if bad:
-            raise CogprobeError(f"rows {bad} are unknown; choose from {', '.join(ROWS)}")
+            raise CogprobeError(f"rows {bad} are unknown; choose from {', '.join(ROWS)} (or ROW{PIVOT_ONLY})")
+        alone = [s for s in self.row_list() if controlled(s) not in self.row_list()]
+        if alone:
+            raise CogprobeError(f"rows {alone}: a pivot-only control needs its own row beside it; add "
+                                f"{', '.join(controlled(s) for s in alone)} to rows")
         if self.probe_row not in ("full", "blocks"):
             raise CogprobeError(f"probe_row={self.probe_row!r}: the probe run is full or blocks (a run of every block)")
         for name, allowed in (("sweep_grid", SWEEP_GRIDS), ("budget_no_set", BUDGET_NO_SET)):
@@ -140,7 +146,7 @@ class StudyConfig:
 
     def lrs(self, row: str) -> list[float]:
         """The learning rates tried for `row` on dev (one: no choice to make)."""
-        lora = row in LORA_ROWS
+        lora = controlled(row) in LORA_ROWS
         grid, default = (self.lora_lr_grid, self.lora_lr) if lora else (self.lr_grid, self.lr)
         try:
             values = [float(v) for v in str(grid or "").split(",") if v.strip()]

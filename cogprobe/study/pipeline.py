@@ -55,7 +55,7 @@ from cogprobe.probe.tables import COMPUTED
 from cogprobe.selection.folders import select_run
 from cogprobe.selection.options import SelectOptions
 from cogprobe.study.report import probe_ks, write_report
-from cogprobe.study.rows import Plan, Skip, kind, plan
+from cogprobe.study.rows import Plan, Skip, controlled, kind, plan
 from cogprobe.tuning.runfolder import machine
 from cogprobe.selection.rules import select_fixed
 from cogprobe.study.config import EXECUTION_ONLY, RESCORED, StudyConfig, renamed
@@ -122,7 +122,8 @@ def _run(config: StudyConfig, log) -> Path:
     stale = _claim(out, config)
     rows = [(s, seed) for seed in config.seed_list() for s in config.row_list()]
     names, seed0 = config.row_list(), config.seed_list()[0]
-    searched = [r for r in names if len(config.lrs(kind(r))) > 1]   # rows whose learning rate is chosen on dev
+    # rows whose learning rate is chosen on dev (a pivot-only control takes its row's)
+    searched = [r for r in names if len(config.lrs(kind(r))) > 1 and controlled(r) == r]
     progress = Progress(_weights(rows, searched), io.read_json(out / STUDY).get(STAGE_SECONDS, {}), log)
     stage = functools.partial(run_stage, progress, out)
     compared = lambda row, seed: _finished(out, f"compare {arm(row, seed)}")  # noqa: E731  (its weights no longer needed)
@@ -334,9 +335,15 @@ def train_config(config: StudyConfig, out: Path, row: str, seed: int, *, lr: flo
         stop_on_plateau=config.converge and (row, seed) == ("full", seed0) and folder is None,
         plateau_window=config.plateau_window, plateau_min_improvement=config.plateau_min_improvement,
         **_dev_curve(config, str(steps) if folder is not None else config.eval_steps),
-        max_sentence_tokens=config.train_max_sentence_tokens, loss_on=config.loss_on,
+        max_sentence_tokens=config.train_max_sentence_tokens, loss_on=config.loss_on, **_text(p),
         split_seed=config.split_seed, resume=True, resume_every=config.resume_every, progress=False,
         report_to=config.report_to)
+
+
+def _text(p: Plan) -> dict:
+    """TrainConfig's mixture of a row: TrainConfig's own (both directions and target text), or for a
+    pivot-only control the pivot side alone (none given otherwise: a run's identity stays as before)."""
+    return dict(mix_perception=0.0, mix_production=0.0, mix_plain=0.0, mix_pivot=1.0) if p.pivot_only else {}
 
 
 def _dev_curve(config: StudyConfig, eval_steps: str) -> dict:
@@ -462,12 +469,13 @@ def _record_trials(out: Path, path: Path, table: pd.DataFrame) -> None:
 
 
 def chosen_lr(config: StudyConfig, out: Path, row: str) -> float:
-    """The row's learning rate: its only candidate, or the one with the lowest dev NLL in lr_search."""
-    grid = config.lrs(kind(row))
+    """The row's learning rate: its only candidate, or the one with the lowest dev NLL in lr_search (a
+    pivot-only control: its row's, so the two differ in their text alone)."""
+    grid = config.lrs(kind(controlled(row)))
     if len(grid) == 1:
         return grid[0]
     path = out / LR_SEARCH
-    lr = lr_choice.chosen(io.read_parquet(path), kind(row), grid) if path.exists() else None
+    lr = lr_choice.chosen(io.read_parquet(path), kind(controlled(row)), grid) if path.exists() else None
     if lr is None:
         raise CogprobeError(f"{row}: its learning-rate trials are missing from {path}; rerun the study (its lr "
                             "stage runs them)")
