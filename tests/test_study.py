@@ -347,7 +347,7 @@ STANDARD_TINY = dict(steps=12, eval_steps="every:2", plateau_min_improvement=0.5
                      lora_lr_grid="1e-3,3e-3", lr_steps=2, random_draws=2, dev_pairs=3, save_steps="log:3",
                      sweep_ks="0-6", budget_max_total=6, tau=0.5, eval_pairs=3, probe_pairs=3, chrf_pairs=2,
                      max_new_tokens=4, max_sentence_tokens=32, train_max_sentence_tokens=32, batch_size=2,
-                     seq_len=32, bf16=False, threads=1, isolate_runs=False)
+                     seq_len=32, bf16=False, threads=1, isolate_runs=False, prose_passages=20)
 
 
 def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
