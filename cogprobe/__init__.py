@@ -36,6 +36,7 @@ _LAZY = {
     "load_corpus": "cogprobe.data.corpora",
     "split_corpus": "cogprobe.data.corpora",
     "evaluate": "cogprobe.probe.evaluate",
+    "prose_nll": "cogprobe.data.prose",
     "train": "cogprobe.tuning.loop",
     "ablate": "cogprobe.verbs",
     "sweep": "cogprobe.verbs",

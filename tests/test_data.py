@@ -12,7 +12,7 @@ from cogprobe.data.corpora import Corpus, load_corpus, split_corpus
 from cogprobe.tuning.text import IGNORE, PackedStream, check_isolation, pack, tokenize
 from cogprobe.core.errors import CogprobeError
 from cogprobe.data.tasks import build_examples
-from helpers import write_corpus
+from helpers import NAH, VERB_NAH, write_corpus
 from tiny import FAMILIES, tiny_model, tiny_tokenizer
 
 WEIGHTS = dict(perception=1, production=1, plain=1)
@@ -127,6 +127,20 @@ def test_mixture_weights_choose_the_kinds(corpus):
     mixed = tokenize(tok, corpus, seq_len=32)
     text = tok.decode(PackedStream(mixed, dict(production=1.0), 32, seed=0, pad_id=0).rows(0, 20).input_ids.flatten())
     assert text.count("Spanish:") > 5 and "Nahuatl:" in text
+
+
+def test_pivot_only_text_has_no_word_of_the_new_language_and_leaves_other_mixtures_alone(corpus):
+    """The pivot kind (the pivot-only control) reads the pivot side alone; at weight 0 (every run before
+    it existed) the stream is row for row what it was."""
+    tok = tiny_tokenizer()
+    texts = tokenize(tok, corpus, seq_len=32)
+    assert tok.decode(texts.ids["pivot"][0][:-1]) == corpus.pairs["pivot"][0]
+    rows = PackedStream(texts, dict(pivot=1.0), 32, seed=0, pad_id=0).rows(0, 20)
+    text = tok.decode(rows.input_ids.flatten())
+    assert not any(w in text for w in (*NAH, *VERB_NAH, "Nahuatl")) and "tortilla" in text
+    before = PackedStream(texts, WEIGHTS, 32, seed=3, pad_id=0).rows(0, 40)
+    now = PackedStream(texts, dict(WEIGHTS, pivot=0.0), 32, seed=3, pad_id=0).rows(0, 40)
+    assert all((getattr(before, f) == getattr(now, f)).all() for f in ("input_ids", "labels", "example"))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -203,6 +203,76 @@ def test_a_changed_chrf_set_scores_every_scored_arm_again_from_its_weights(setup
     assert json.loads((moved / "study.json").read_text())["chrf_pairs"] == 0   # the refused change left no trace
 
 
+def test_the_english_control_scores_every_arm_on_one_passage_set(setup, tmp_path):
+    """prose_passages may be turned on or changed on a rerun: the base model and every compared run with
+    its weights kept are scored on the new passages, nothing else recomputed; a run whose weights are
+    gone loses its English rows (never one of another set) and the report names it."""
+    import shutil
+    root, model, corpus = setup
+    out = run(tiny_config(root, model, corpus), log=lambda m: None)   # the module's study (done: nothing rerun)
+    study = tmp_path / "study"
+    shutil.copytree(out, study)
+    values = {k: v for k, v in tiny_config(root, model, corpus).to_dict().items() if k != "out"}
+    keep = {name: pd.read_parquet(study / name) for name in ("compare.parquet", "scores.parquet")}
+    run(build_config(study, preset_name=None, **{**values, "prose_passages": 20}), log=lambda m: None)
+    prose = pd.read_parquet(study / "prose.parquet")
+    arms = {"base", *(f"{r}-s{s}" for r, s in zip(keep["compare.parquet"]["row"], keep["compare.parquet"]["seed"]))}
+    assert set(prose["arm"]) == arms and prose.groupby("arm").size().eq(20).all()
+    assert prose["passage_set"].nunique() == 1
+    for name, table in keep.items():
+        pd.testing.assert_frame_equal(pd.read_parquet(study / name), table)
+    report = (study / "report.md").read_text()
+    assert "## English prose: the quantisation control" in report and "| cogsym | 0 |" in report
+
+    shutil.rmtree(study / "runs" / "cogsym-s0" / "checkpoints")
+    run(build_config(study, preset_name=None, **{**values, "prose_passages": 24}), log=lambda m: None)
+    prose = pd.read_parquet(study / "prose.parquet")
+    assert set(prose["arm"]) == arms - {"cogsym-s0"} and prose.groupby("arm").size().eq(24).all()
+    assert "No English score (their weights were gone when the control was asked for): cogsym-s0" in (
+        study / "report.md").read_text()
+    seconds = json.loads((study / "study.json").read_text())["stage_seconds"]
+    assert {"prose base", "prose full-s0", "prose cogsym-s0"} <= set(seconds)
+
+
+def test_a_pivot_only_control_trains_its_row_on_pivot_text_and_the_report_subtracts_its_gain(setup, tmp_path):
+    """ROW@pivot trains what ROW trains, at ROW's learning rate (no trials of its own), on the pivot side
+    alone; the report states each row's gain, its control's and what the new language added."""
+    root, model, corpus = setup
+    values = {k: v for k, v in tiny_config(root, model, corpus).to_dict().items() if k != "out"}
+    config = build_config(tmp_path / "pivot", preset_name=None, **{
+        **values, "rows": "full,cogsym,full@pivot,cogsym@pivot", "lr_grid": "1e-3,3e-3", "lr_steps": 2, "dev_pairs": 4})
+    out = run(config, log=lambda m: None)
+    assert set(pd.read_parquet(out / COMPARE)["row"]) == {"full", "cogsym", "full@pivot", "cogsym@pivot"}
+    assert not pd.read_parquet(out / "lr_search.parquet")["row"].str.contains("@").any()
+    manifest = {r: json.loads((out / "runs" / f"{r}-s0" / "manifest.json").read_text())["config"]
+                for r in ("cogsym", "cogsym@pivot")}
+    assert manifest["cogsym@pivot"]["layers"] == manifest["cogsym"]["layers"]
+    assert manifest["cogsym@pivot"]["lr"] == manifest["cogsym"]["lr"] and manifest["cogsym"]["mix_pivot"] == 0
+    assert [manifest["cogsym@pivot"][f"mix_{k}"] for k in ("perception", "production", "plain", "pivot")] == [0, 0, 0, 1]
+    report = (out / "report.md").read_text()
+    assert "## Pivot-only control: the gain the new language does not explain" in report
+    assert "| cogsym | perception | 1 |" in report and "| full | production | 1 |" in report
+    from cogprobe.study.pivot_control import subtracted
+    table = subtracted(out).set_index(["row", "task", "quantity"])["estimate"]
+    for task in ("perception", "production"):   # gain = pivot_gain + net_gain, exactly
+        assert table[("cogsym", task, "gain")] == pytest.approx(
+            table[("cogsym", task, "pivot_gain")] + table[("cogsym", task, "net_gain")])
+
+
+def test_a_pivot_only_control_needs_its_row():
+    from cogprobe.study.rows import expand
+    with pytest.raises(CogprobeError, match="add cogsym to rows"):
+        build_config("x", preset_name=None, rows="full,cogsym@pivot")
+    with pytest.raises(CogprobeError, match="unknown"):
+        build_config("x", preset_name=None, rows="full,nonsense@pivot")
+    assert expand(["random", "random@pivot"], 2) == ["random-1", "random-2", "random-1@pivot", "random-2@pivot"]
+
+
+def test_studies_written_before_the_english_control_read_it_as_off():
+    from cogprobe.study.config import renamed
+    assert renamed({"rows": "full"})["prose_passages"] == 0
+
+
 def test_a_study_written_before_rows_were_called_rows_still_resumes(setup, tmp_path):
     """study.json once said `strategies`; such a study continues (nothing recomputed), a config file
     that still says it is told the new name."""
@@ -277,7 +347,7 @@ STANDARD_TINY = dict(steps=12, eval_steps="every:2", plateau_min_improvement=0.5
                      lora_lr_grid="1e-3,3e-3", lr_steps=2, random_draws=2, dev_pairs=3, save_steps="log:3",
                      sweep_ks="0-6", budget_max_total=6, tau=0.5, eval_pairs=3, probe_pairs=3, chrf_pairs=2,
                      max_new_tokens=4, max_sentence_tokens=32, train_max_sentence_tokens=32, batch_size=2,
-                     seq_len=32, bf16=False, threads=1, isolate_runs=False)
+                     seq_len=32, bf16=False, threads=1, isolate_runs=False, prose_passages=20)
 
 
 def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):

@@ -246,6 +246,17 @@ def append_parquet(path: str | os.PathLike, rows: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def replace_rows(path: str | os.PathLike, rows: pd.DataFrame, key: str = "arm") -> pd.DataFrame:
+    """Append `rows` to a parquet table, replacing its earlier rows of the same `key` values (a rerun
+    after an interruption scores an arm again); returns the whole table."""
+    path = Path(path)
+    if path.exists():
+        old = read_parquet(path)
+        rows = pd.concat([old[~old[key].isin(set(rows[key]))], rows], ignore_index=True)
+    write_parquet(path, rows)
+    return rows
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder; it becomes `path` only if the block succeeds.

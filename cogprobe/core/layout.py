@@ -17,6 +17,7 @@ A study folder (`cogprobe run`) holds the probe tables of its probe run, and:
     evalsets.json       the three evaluation sets every score comes from
     baseline.csv        the base model's scores          compare.parquet   one row per tuned run
     scores.parquet      per-example NLL sums of every arm, translations.parquet every translation
+    prose.parquet       per-passage NLL sums of every arm on held-out English prose (`prose_passages`)
     selection-fixed.json, selection-budget.json
     lr_search.parquet   the learning rates tried per row on dev, and their dev NLL (runs/lr-trials/)
     dev_curves.parquet  every tuned run's dev NLL along its steps (with eval_steps)
@@ -54,6 +55,7 @@ BASELINE = "baseline.csv"
 COMPARE = "compare.parquet"
 SCORES = "scores.parquet"              # per example: arm, task, pair_id, nll_sum, n_tokens
 TRANSLATIONS = "translations.parquet"  # per sentence: arm, task, pair_id, hypothesis, reference
+PROSE = "prose.parquet"                # per English passage: arm, task, pair_id, nll_sum, n_tokens, passage_set
 DEV_CURVES = "dev_curves.parquet"      # every tuned run's dev curve (DEV_CURVE rows + arm, row, seed)
 SELECTION_FIXED = "selection-fixed.json"
 SELECTION_BUDGET = "selection-budget.json"

@@ -23,15 +23,18 @@ from cogprobe.selection.options import TAU
 from cogprobe.tuning.config import TrainConfig
 from cogprobe.core.layout import STUDY
 from cogprobe.data.evalset import EvalSet
-from cogprobe.study.rows import LORA_ROWS, ROWS, expand, kind
+from cogprobe.data.prose import PASSAGE_TOKENS
+from cogprobe.study.rows import LORA_ROWS, PIVOT_ONLY, ROWS, controlled, expand, kind
 
 PRESETS = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "quick"   # `make run`: the smoke test of the whole chain, minutes on a CPU
 # how a study runs, not what it computes
 EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "report_to", "resume_every")
 # what a study accepts a change of on a rerun: its `chrf` stages score every compared run again from
-# its kept weights, so no row is scored on other sentences than the rest (`study.rescore_chrf`)
-RESCORED = ("chrf_pairs",)
+# its kept weights, so no row is scored on other sentences than the rest (`study.rescore_chrf`); its
+# `prose` stages score every arm on the new English passages, and an arm whose weights are gone keeps
+# no English score rather than one of another set (`study.rescore_prose`)
+RESCORED = ("chrf_pairs", "prose_passages")
 SWEEP_GRIDS = ("full", "adaptive")   # every k asked for, or `probe.grid`'s coarse grid and its refinement
 BUDGET_NO_SET = ("fixed", "skip")    # the budget row when its rule finds no set: the fixed set, or none
 
@@ -60,7 +63,9 @@ class StudyConfig:
                               "budget row, labelled 'budget: no set, fixed used' (fixed), or leave the row out, "
                               "its reason in the report (skip)", choices=BUDGET_NO_SET)
     rows: str = knob("full,lora,cogsym,cogsym-lora,budget,middle,bottom,top,random",
-                     "comparison rows to run (full is always run; every kind: cogprobe/study/rows.py)")
+                     "comparison rows to run (full is always run; every kind: cogprobe/study/rows.py); ROW@pivot "
+                     "adds ROW's pivot-only control (ROW tuned on the pivot side alone), whose gain the report "
+                     "subtracts")
     random_draws: int = knob(1, "sets drawn for the random row (several: rows random-1 ... random-N)")
     probe_row: str = knob("full", "the row whose first-seed run is probed (checkpoints swept, budget derived)")
     schedule: str = knob(TrainConfig.schedule, "lr schedule after warm-up of every run: cosine | linear | constant")
@@ -85,6 +90,10 @@ class StudyConfig:
     eval_pairs: int = knob(64, "test pairs sampled for the NLL scores (baseline and comparison rows)")
     probe_pairs: int = knob(16, "dev pairs sampled for sweeps, capture and budget selection")
     chrf_pairs: int = knob(16, "test pairs sampled per direction for chrF (0: the NLL pairs themselves)")
+    prose_passages: int = knob(0, f"passages of {PASSAGE_TOKENS} tokens of held-out English prose (Python's "
+                               "pydoc_data.topics) every arm scores: the quantisation control, whose NLL change "
+                               "from the base model reads as repair or format adaptation (a fall) or forgetting "
+                               "(a rise); 0: off")
     max_new_tokens: int = knob(40, "greedy translation length cap")
     max_sentence_tokens: int = knob(TrainConfig.eval_max_sentence_tokens,
                                     "evaluated pairs with a longer side are left out (never cut)")
@@ -103,18 +112,22 @@ class StudyConfig:
         "experiment trackers of every tuning run (accelerate): none, tensorboard, wandb, mlflow, ...")
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "eval_pairs", "probe_pairs", "chrf_pairs",
+        for name in ("steps", "batch_size", "seq_len", "eval_pairs", "probe_pairs", "chrf_pairs", "prose_passages",
                      "max_new_tokens", "max_sentence_tokens", "train_max_sentence_tokens", "lora_r",
                      "random_draws", "dev_pairs", "lr_steps"):
             value = getattr(self, name)
-            least = 0 if name == "chrf_pairs" else 1
+            least = 0 if name in ("chrf_pairs", "prose_passages") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise CogprobeError(f"{name}={value!r}: give a whole number >= {least}")
         check_fraction(self.fraction, "fraction")
         check_fraction(self.tau, "tau")
-        bad = [s for s in self.row_list() if kind(s) not in ROWS]
+        bad = [s for s in self.row_list() if kind(controlled(s)) not in ROWS]
         if bad:
-            raise CogprobeError(f"rows {bad} are unknown; choose from {', '.join(ROWS)}")
+            raise CogprobeError(f"rows {bad} are unknown; choose from {', '.join(ROWS)} (or ROW{PIVOT_ONLY})")
+        alone = [s for s in self.row_list() if controlled(s) not in self.row_list()]
+        if alone:
+            raise CogprobeError(f"rows {alone}: a pivot-only control needs its own row beside it; add "
+                                f"{', '.join(controlled(s) for s in alone)} to rows")
         if self.probe_row not in ("full", "blocks"):
             raise CogprobeError(f"probe_row={self.probe_row!r}: the probe run is full or blocks (a run of every block)")
         for name, allowed in (("sweep_grid", SWEEP_GRIDS), ("budget_no_set", BUDGET_NO_SET)):
@@ -133,7 +146,7 @@ class StudyConfig:
 
     def lrs(self, row: str) -> list[float]:
         """The learning rates tried for `row` on dev (one: no choice to make)."""
-        lora = row in LORA_ROWS
+        lora = controlled(row) in LORA_ROWS
         grid, default = (self.lora_lr_grid, self.lora_lr) if lora else (self.lr_grid, self.lr)
         try:
             values = [float(v) for v in str(grid or "").split(",") if v.strip()]
@@ -210,7 +223,7 @@ TABLES = {
     "rows": ("rows", "random_draws", "probe_row", "fraction"),
     "sweep": ("probe_pairs", "sweep_ks", "sweep_grid", "sweep_controls", "capture_backend"),
     "select": ("tau", "budget_max_total", "budget_no_set"),
-    "compare": ("eval_pairs", "chrf_pairs", "max_new_tokens", "max_sentence_tokens"),
+    "compare": ("eval_pairs", "chrf_pairs", "prose_passages", "max_new_tokens", "max_sentence_tokens"),
     "run": ("out", "threads", "isolate_runs", "overwrite"),
 }
 

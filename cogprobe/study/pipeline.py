@@ -13,7 +13,9 @@ continues an interrupted study and redoes nothing that finished:
   5. select       the fixed CogSym set and the derived budget set selection-fixed.json, selection-budget.json
   6. tune         every comparison row (see `rows`), same data,   runs/{row}-s{seed}/
                   steps and seed, each at its own lr
-  7. compare      NLL, control and chrF of each run on test       compare.parquet
+  7. compare      NLL, control and chrF of each run on test;      compare.parquet,
+                  NLL on English prose (`prose_passages`, the     prose.parquet
+                  quantisation control), the base model's too
   8. report       figures and the plain-language report           figures/, report.md, report.html
 
 Dev for decisions, test once: the probe and the budget selection score a sample
@@ -34,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from cogprobe.core import io
-from cogprobe.study import lr_choice
+from cogprobe.study import lr_choice, prose_control
 from cogprobe.tuning.checkpoints import CHECKPOINTS, Checkpoints
 from cogprobe.data.corpora import load_corpus
 from cogprobe.core.distributed import default_device, torch_threads
@@ -53,7 +55,7 @@ from cogprobe.probe.tables import COMPUTED
 from cogprobe.selection.folders import select_run
 from cogprobe.selection.options import SelectOptions
 from cogprobe.study.report import probe_ks, write_report
-from cogprobe.study.rows import Plan, Skip, kind, plan
+from cogprobe.study.rows import Plan, Skip, controlled, kind, plan
 from cogprobe.tuning.runfolder import machine
 from cogprobe.selection.rules import select_fixed
 from cogprobe.study.config import EXECUTION_ONLY, RESCORED, StudyConfig, renamed
@@ -120,11 +122,14 @@ def _run(config: StudyConfig, log) -> Path:
     stale = _claim(out, config)
     rows = [(s, seed) for seed in config.seed_list() for s in config.row_list()]
     names, seed0 = config.row_list(), config.seed_list()[0]
-    searched = [r for r in names if len(config.lrs(kind(r))) > 1]   # rows whose learning rate is chosen on dev
+    # rows whose learning rate is chosen on dev (a pivot-only control takes its row's)
+    searched = [r for r in names if len(config.lrs(kind(r))) > 1 and controlled(r) == r]
     progress = Progress(_weights(rows, searched), io.read_json(out / STUDY).get(STAGE_SECONDS, {}), log)
     stage = functools.partial(run_stage, progress, out)
     compared = lambda row, seed: _finished(out, f"compare {arm(row, seed)}")  # noqa: E731  (its weights no longer needed)
     stage("baseline", lambda: baseline(config, out))
+    for name, (row, seed) in prose_control.stale(config.prose_passages, config.model, out).items():
+        stage(f"prose {name}", lambda: rescore_prose(config, out, name, row, seed, log), again=True)
     for name, (row, seed) in stale.items():   # chrf_pairs changed since they were scored
         stage(f"chrf {name}", lambda: rescore_chrf(config, out, row, seed), again=True)
     if [r for r in searched if r != "budget"]:
@@ -239,14 +244,16 @@ def evaluation_sets(config: StudyConfig) -> dict[str, EvalSet]:
 
 
 def _scores(model, tokenizer, config: StudyConfig, arm: str, out: Path) -> dict:
-    """NLL and conditional gain per task on the test set, chrF per direction on its chrF set.
+    """NLL and conditional gain per task on the test set, chrF per direction on its chrF set, and (with
+    `prose_passages`) NLL on English prose, the quantisation control, into prose.parquet.
 
     Each example's NLL sum and token count go to `scores.parquet`, and each translation to
     `translations.parquet`, under `arm` (base, or the row's run name), so every interval
     can be recomputed without scoring again."""
+    prose_control.score_arm(model, tokenizer, config.prose_passages, arm, out)   # first: a bad size fails at once
     summary = _nll_scores(model, tokenizer, config, arm, out)
     chrfs, translations = _translations(model, tokenizer, config, arm)
-    _append_unique(out / TRANSLATIONS, translations)
+    io.replace_rows(out / TRANSLATIONS, translations)
     return {**summary, **chrfs}
 
 
@@ -262,7 +269,7 @@ def _nll_scores(model, tokenizer, config: StudyConfig, arm: str, out: Path) -> d
                                              n_tokens=s.example_tokens)))
     for task in TASKS:
         summary[f"{task}_conditional_gain"] = summary[f"{task}_shuffled_nll"] - summary[f"{task}_nll"]
-    _append_unique(out / SCORES, pd.concat(per_example, ignore_index=True))
+    io.replace_rows(out / SCORES, pd.concat(per_example, ignore_index=True))
     return summary
 
 
@@ -279,14 +286,6 @@ def _translations(model, tokenizer, config: StudyConfig, arm: str) -> tuple[dict
         translations.append(pd.DataFrame(dict(arm=arm, task=task, pair_id=pair_ids, hypothesis=hyps,
                                               reference=refs)))
     return summary, pd.concat(translations, ignore_index=True)
-
-
-def _append_unique(path: Path, rows: pd.DataFrame) -> None:
-    """Append, replacing this arm's earlier rows (a rerun after an interruption scores it again)."""
-    if path.exists():
-        old = pd.read_parquet(path)
-        rows = pd.concat([old[~old["arm"].isin(set(rows["arm"]))], rows], ignore_index=True)
-    io.write_parquet(path, rows)
 
 
 def baseline(config: StudyConfig, out: Path) -> None:
@@ -336,9 +335,15 @@ def train_config(config: StudyConfig, out: Path, row: str, seed: int, *, lr: flo
         stop_on_plateau=config.converge and (row, seed) == ("full", seed0) and folder is None,
         plateau_window=config.plateau_window, plateau_min_improvement=config.plateau_min_improvement,
         **_dev_curve(config, str(steps) if folder is not None else config.eval_steps),
-        max_sentence_tokens=config.train_max_sentence_tokens, loss_on=config.loss_on,
+        max_sentence_tokens=config.train_max_sentence_tokens, loss_on=config.loss_on, **_text(p),
         split_seed=config.split_seed, resume=True, resume_every=config.resume_every, progress=False,
         report_to=config.report_to)
+
+
+def _text(p: Plan) -> dict:
+    """TrainConfig's mixture of a row: TrainConfig's own (both directions and target text), or for a
+    pivot-only control the pivot side alone (none given otherwise: a run's identity stays as before)."""
+    return dict(mix_perception=0.0, mix_production=0.0, mix_plain=0.0, mix_pivot=1.0) if p.pivot_only else {}
 
 
 def _dev_curve(config: StudyConfig, eval_steps: str) -> dict:
@@ -464,12 +469,13 @@ def _record_trials(out: Path, path: Path, table: pd.DataFrame) -> None:
 
 
 def chosen_lr(config: StudyConfig, out: Path, row: str) -> float:
-    """The row's learning rate: its only candidate, or the one with the lowest dev NLL in lr_search."""
-    grid = config.lrs(kind(row))
+    """The row's learning rate: its only candidate, or the one with the lowest dev NLL in lr_search (a
+    pivot-only control: its row's, so the two differ in their text alone)."""
+    grid = config.lrs(kind(controlled(row)))
     if len(grid) == 1:
         return grid[0]
     path = out / LR_SEARCH
-    lr = lr_choice.chosen(io.read_parquet(path), kind(row), grid) if path.exists() else None
+    lr = lr_choice.chosen(io.read_parquet(path), kind(controlled(row)), grid) if path.exists() else None
     if lr is None:
         raise CogprobeError(f"{row}: its learning-rate trials are missing from {path}; rerun the study (its lr "
                             "stage runs them)")
@@ -583,7 +589,7 @@ def compare_one(config: StudyConfig, out: Path, row: str, seed: int) -> None:
                   sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,
                   **_scores(model, tok, config, arm(row, seed), out))
     if (run / DEV_CURVE).is_file():   # kept beside the scores: the run's weights need not stay
-        _append_unique(out / DEV_CURVES, io.read_parquet(run / DEV_CURVE).assign(arm=arm(row, seed), row=row, seed=seed))
+        io.replace_rows(out / DEV_CURVES, io.read_parquet(run / DEV_CURVE).assign(arm=arm(row, seed), row=row, seed=seed))
     table = pd.concat([table, pd.DataFrame([record])], ignore_index=True)
     io.write_parquet(path, with_shares(table, io.read_csv(out / BASELINE).iloc[0]))
 
@@ -659,4 +665,22 @@ def rescore_chrf(config: StudyConfig, out: Path, row: str | None, seed: int | No
             for name, value in chrfs.items():
                 table.loc[at, name] = value
         io.write_parquet(out / COMPARE, with_shares(table, base.iloc[0]))
-    _append_unique(out / TRANSLATIONS, translations)
+    io.replace_rows(out / TRANSLATIONS, translations)
+
+
+# --- English prose scored again, after `prose_passages` changed (or was turned on) -------------------
+
+
+def rescore_prose(config: StudyConfig, out: Path, name: str, row: str | None, seed: int | None, log) -> None:
+    """Score one scored arm on the study's English passages from its own weights; an arm whose weights
+    are gone keeps no English score rather than one of another passage set (the report names it)."""
+    if row is not None and not (row_run(out, row, seed) / CHECKPOINTS).is_dir():
+        prose_control.drop_arm(out, name)
+        log(f"{name}: its weights are gone, so it has no English-prose score on this passage set")
+        return
+    if row is None:
+        model, tok = load_model(config.model)
+        model.to(default_device())
+    else:
+        model, tok = _final_model(row_run(out, row, seed))
+    prose_control.score_arm(model, tok, config.prose_passages, name, out)

@@ -20,6 +20,7 @@ from cogprobe.core import io
 from cogprobe.study import evidence
 from cogprobe.study import evidence_tables
 from cogprobe.study import lr_choice
+from cogprobe.study import pivot_control, prose_control
 from cogprobe.study import verdicts
 from cogprobe.core.layout import (ALIGNMENT, BASELINE, COMPARE, EVALSETS, LR_SEARCH, MANIFEST, RUN_LENGTH, RUNS, SCORES,
                              STAGE_MACHINES, STAGE_SECONDS, STUDY, SWEEPS, TRAIN_LOG, TRANSLATIONS, arm)
@@ -95,6 +96,8 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
         b += [("p", s) for s in _compare_findings(compare, base.iloc[0], out, study,
                                                   record.get(STAGE_MACHINES) or {})]
         b += [("figure", f) for f in figures if f.stem.startswith(("comparison", "share_curves"))]
+    b += prose_control.report_blocks(out, cfg.prose_passages)
+    b += pivot_control.report_blocks(out)
     b += _stage_times(record.get(STAGE_SECONDS) or {}, record.get(STAGE_MACHINES) or {})
     b += [("h2", "Reading these numbers"), ("p", _caveats(cfg))]
     return b

@@ -22,11 +22,17 @@ so that a difference between two of them has one cause:
 
 Every layer-restricted row has CogSym's size k = round(fraction * L), so they differ by which
 blocks, not by how many.
+
+A pivot-only control `ROW@pivot` (e.g. `full@pivot`, `cogsym-ends@pivot`) trains what ROW trains, at
+ROW's learning rate, for as many steps of as many packed rows of as many tokens, on the pivot side
+of the same training pairs as plain text: no word of the new language. Its gain on the test set is
+what tuning these parameters on any text in this format gives; the report subtracts it from ROW's
+(`pivot_control`).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +47,7 @@ ROWS = ("full", "blocks", "lora", "cogsym", "cogsym-ends", "cogsym-lora", "cogsy
         "middle", "bottom", "top", "random")
 LORA_ROWS = ("lora", "cogsym-lora", "cogsym-lora-matched")
 DRAW = re.compile(r"random-(\d+)$")
+PIVOT_ONLY = "@pivot"   # ROW@pivot: ROW's parameters tuned on pivot-side text alone
 FIXED_USED = "budget: no set, fixed used"   # the budget row's name in the report where it trained the fixed set
 
 
@@ -51,6 +58,7 @@ class Plan:
     layers: str | None = None
     train_ends: bool = False
     lora_r: int | None = None       # None: the study's lora_r
+    pivot_only: bool = False        # trained on the pivot side alone (ROW@pivot)
 
     @property
     def lora(self) -> bool:
@@ -66,13 +74,21 @@ def kind(row: str) -> str:
     return "random" if DRAW.match(row) else row
 
 
+def controlled(row: str) -> str:
+    """The row a pivot-only control stands beside (`full` of `full@pivot`); any other row itself."""
+    return row[:-len(PIVOT_ONLY)] if row.endswith(PIVOT_ONLY) else row
+
+
 def expand(rows: list[str], draws: int) -> list[str]:
-    """The rows with `random` replaced by its draws (random-1 ... random-N) when there are several."""
+    """The rows with `random` replaced by its draws (random-1 ... random-N) when there are several
+    (`random@pivot` by the draws' controls, random-1@pivot ...)."""
     if draws < 1:
         raise CogprobeError(f"random_draws={draws}: give a whole number >= 1")
     out = []
     for row in rows:
-        out += [f"random-{d}" for d in range(1, draws + 1)] if row == "random" and draws > 1 else [row]
+        tail = row[len(controlled(row)):]
+        out += ([f"random-{d}{tail}" for d in range(1, draws + 1)] if controlled(row) == "random" and draws > 1
+                else [row])
     return out
 
 
@@ -84,6 +100,9 @@ def matched_rank(r: int, n_layers: int, k: int) -> int:
 
 def plan(row: str, *, n_layers: int, fraction: float, lora_r: int, seed: int, study: Path | None = None) -> Plan:
     """The Plan of `row` for a model of n_layers blocks (`study`: the folder holding the budget selection)."""
+    if controlled(row) != row:
+        return replace(plan(controlled(row), n_layers=n_layers, fraction=fraction, lora_r=lora_r, seed=seed,
+                            study=study), pivot_only=True)
     k = len(cogsym(n_layers, fraction))
     fixed = f"cogsym:{fraction}"
     simple = {"full": Plan("full"), "lora": Plan("lora"),

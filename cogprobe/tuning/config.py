@@ -80,6 +80,8 @@ class TrainConfig:
     mix_perception: float = knob(1.0, "mixture weight of translation examples target -> pivot")
     mix_production: float = knob(1.0, "mixture weight of translation examples pivot -> target")
     mix_plain: float = knob(1.0, "mixture weight of the target sentence alone")
+    mix_pivot: float = knob(0.0, "mixture weight of the pivot sentence alone (with the other weights 0: "
+                            "pivot-only text, the control a study's row@pivot trains)")
     max_sentence_tokens: int = knob(MAX_SENTENCE_TOKENS, "a pair longer than this on a side is cut as a whole (both "
                                     "sides alike)")
     loss_on: str = knob(LOSS_ON[0], "continuation (translated side of translation examples + plain text) | all")
@@ -174,7 +176,7 @@ class TrainConfig:
     # ---- derived values
     def mixture(self) -> dict[str, float]:
         return {"perception": float(self.mix_perception), "production": float(self.mix_production),
-                "plain": float(self.mix_plain)}
+                "plain": float(self.mix_plain), "pivot": float(self.mix_pivot)}
 
     def warmup_steps(self) -> int:
         return warmup_steps(self.warmup, self.steps)

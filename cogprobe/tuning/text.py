@@ -4,7 +4,11 @@ Every training pair becomes one example of a kind drawn from the mixture:
   - perception: the perception task's prompt + continuation (target -> pivot),
   - production: the production task's prompt + continuation (pivot -> target),
   - plain: the target sentence alone,
-each followed by EOS. The two directions are tokenized by `tasks.build_examples`
+  - pivot: the pivot sentence alone (weight 0 by default: alone, it is the pivot-only control, text
+    with no word of the new language),
+each followed by EOS. A kind of weight 0 draws nothing and leaves the other kinds' draws as they
+were (the kinds are drawn by one inverse-CDF draw per pair, and a last kind of weight 0 moves no
+boundary), so runs from before `pivot` existed read the same rows. The two directions are tokenized by `tasks.build_examples`
 itself, so training text is token for token what the evaluation scores.
 
 Whole examples: an example is never split across rows. A pair is cut as a whole
@@ -38,7 +42,8 @@ from cogprobe.data.corpora import Corpus
 from cogprobe.core.errors import CogprobeError
 from cogprobe.data.tasks import build_examples, cut_texts
 
-KINDS = ("perception", "production", "plain")
+KINDS = ("perception", "production", "plain", "pivot")   # a new kind goes last (see the docstring)
+PLAIN = {"plain": "target", "pivot": "pivot"}   # the plain-text kinds and the side each reads
 LOSS_ON = ("continuation", "all")   # the first is the default
 MAX_SENTENCE_TOKENS = 64   # a training pair longer than this on a side is cut as a whole
 OPEN_ROWS = 32    # first-fit looks back this many rows: near-optimal filling at linear cost
@@ -97,8 +102,8 @@ class TrainingTexts:
             return [(np.zeros(0, dtype=np.int64), 1)] * len(idx)
         eos = self.tokenizer.eos_token_id
         part = Corpus(self.corpus.name, self.corpus.pairs.iloc[idx], self.corpus.pivot_name, self.corpus.target_name)
-        if kind == "plain":
-            ids = _plain(self.tokenizer, list(part.pairs["target"]), self.cap, self.seq_len, eos)
+        if kind in PLAIN:
+            ids = _plain(self.tokenizer, list(part.pairs[PLAIN[kind]]), self.cap, self.seq_len, eos)
             return [(a, 1) for a in ids]
         examples = _fitted(self.tokenizer, part, kind, self.cap, self.seq_len)
         return [(np.array(e.input_ids + (eos,), dtype=np.int64),
