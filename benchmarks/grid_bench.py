@@ -1,6 +1,6 @@
 """Grid benchmark: the full k grid against the adaptive one (`probe.grid`) on the same probe run.
 
-The inputs are the quick study's own, as in `probe_path.py`: its probe run (checkpoints 0, 8, 16 of
+The inputs are the quick study's as they were until 2026-12-05 (`probe_path.FORMER_QUICK`): its probe run (checkpoints 0, 8, 16 of
 the first full fine-tuning run, trained once by the study's code and cached), its 8 dev pairs and
 its tasks. Both grids are scored by the in-memory engine in this process, the run opened once:
 

@@ -336,9 +336,8 @@ _export.flags = _export_flags
 def _run_flags(p):
     from cogprobe.study.config import DEFAULT_PRESET, StudyConfig
     p.add_argument("--config", type=Path, help="TOML file with StudyConfig keys")
-    p.add_argument("--preset", default=DEFAULT_PRESET, help="quick (default: the smoke test, minutes on 2 CPU "
-                   "cores), quick-48 (48 probe pairs: findings that resolve, about 10 minutes), standard (the "
-                   "evidence study: hours per language) or paper")
+    p.add_argument("--preset", default=DEFAULT_PRESET, help="quick (default: the whole chain on 48 probe pairs, "
+                   "under 10 minutes on 2 CPU cores), standard (the evidence study: hours per language) or paper")
     dataclass_flags(p, StudyConfig)
     p.set_defaults(**{f.name: None for f in dataclasses.fields(StudyConfig) if f.name != "out"})
 

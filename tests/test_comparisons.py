@@ -37,7 +37,7 @@ def test_the_listings_cover_every_row_preset_and_rule():
     assert list(plans.index) == list(rows.ROWS)
     assert plans.loc["cogsym-lora-matched", "lora_r"] == 30 and plans.loc["full", "layers"] == ""
     assert "select stage" in plans.loc["budget", "layers"]   # no study folder: why it cannot run yet
-    assert {"quick", "quick-48", "standard", "paper"} <= set(config.presets()["preset"])
-    resolving = config.presets().query("preset == 'quick-48'").set_index("knob")["value"]
+    assert {"quick", "standard", "paper"} <= set(config.presets()["preset"])
+    resolving = config.presets().query("preset == 'quick'").set_index("knob")["value"]
     assert int(resolving["probe_pairs"]) >= 48 and resolving["sweep_grid"] == "adaptive"   # issue 41 item 2
     assert rules()[:3] == ["fixed", "curves", "budget"] and "taylor" in rules()
