@@ -8,7 +8,8 @@ time, the block evaluations and the block reads. The two engines must give the s
   embedded     the embedded SmolLM2-135M and the sweep benchmark's full fine-tuning run (fp32, its
                real checkpoint), every k: the streamed engine's price where both fit
   llama-1b     random-initialised Llama shapes (hidden 2048, 16 blocks, 1.2B parameters), saved as
-  llama-3b     sharded bf16 folders (hidden 3072, 28 blocks, 3.2B), the checkpoint with its first and
+  llama-3b     sharded bf16 folders (hidden 3072, 28 blocks, 3.2B; llama-7b: hidden 4096, 32 blocks,
+               6.7B, Llama-2-7B's blocks with this tokenizer), the checkpoint with its first and
                last blocks moved; bf16 weights; k in {0, L/4, L/2, L} (the cost is per block, the
                peak is what is measured). The in-memory engine is run only where two models fit
                the machine's memory; otherwise its row says what it would need.
@@ -17,7 +18,7 @@ A projection table (`scale_projection.csv`) gives each engine's need for Llama-3
 shapes and the machine's and two GPUs' memory, from the same formula the engine choice uses
 (`probe.fit.measure`) on weightless models: a projection, not a measurement.
 
-    python benchmarks/scale_bench.py            # ~15 min on 2 cores, ~25 GB of disk under the cache
+    python benchmarks/scale_bench.py            # ~25 min on 2 cores, ~45 GB of disk under the cache
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ SHAPES = {   # name -> (Llama config fields, dtype of the weights)
                      num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=True),
     "llama-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                      num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=True),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=49152, tie_word_embeddings=True),   # Llama-2-7B's blocks
 }
 TINY_SHAPES = {"llama-1b": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                                 num_key_value_heads=2, vocab_size=384, tie_word_embeddings=True)}
