@@ -17,8 +17,9 @@ from cogprobe.core.knob import with_changes
 from cogprobe.core.layout import SWEEPS, metadata
 from cogprobe.core.progress import bar
 from cogprobe.data.evalset import EvalSet
-from cogprobe.data.tasks import TASKS
+from cogprobe.data.tasks import CONTROLS, TASKS
 from cogprobe.models.layersets import check_fraction
+from cogprobe.probe.conditional import conditional_rows
 from cogprobe.probe.engine import largest_batch
 from cogprobe.probe.fit import block_count, pick, skeleton_for
 from cogprobe.probe.streamed import StreamedEngine
@@ -70,21 +71,24 @@ def select_run(source, options: SelectOptions | None = None, *, evalset: EvalSet
             raise CogprobeError(f"no {SWEEPS} in {out}; run `cogprobe sweep {source}` first, or use --rule fixed")
         sweeps = io.read_parquet(out / SWEEPS)
         selection = select_curves(sweeps, tau=tau, step=step, input_task=o.input_task, output_task=o.output_task,
-                                  n_layers=n_layers, criterion=o.criterion)
+                                  n_layers=n_layers, criterion=o.criterion, gain=o.gain)
         meta = metadata(out / SWEEPS)
         record["evalset"] = ({k: v for k, v in identity(io.read_json(meta)).items() if k != "source"}
                              if meta.is_file() else None)
         rows = sweeps[(sweeps["mode"] == "revert") & (sweeps["checkpoint_step"] == selection.params["step"])]
+        rows = conditional_rows(rows) if o.gain == "conditional" else rows   # resampled pairwise with the controls
         selection.stability = _stability(curves_decider(tau, input_task=o.input_task, output_task=o.output_task,
-                                                        n_layers=n_layers, criterion=o.criterion), selection, rows)
+                                                        n_layers=n_layers, criterion=o.criterion, gain=o.gain),
+                                         selection, rows)
     else:
         evalset = evalset or EvalSet.for_run(source)
         step = ckpts.steps[-1] if step is None else step
-        known = _swept_candidates(out, evalset, source_id(source, ckpts), step, n_layers)
+        known = _swept_candidates(out, evalset, source_id(source, ckpts), step, n_layers, o.gain)
         with bar("select budget", total=None, unit="candidate", enabled=progress) as ticks:
             selection, rows = _budget(ckpts, n_layers, tau=tau, step=step, max_total=o.max_total,
                                       batch_size=o.batch_size, evalset=evalset, known=known, search=o.search,
-                                      log=log, on_scored=ticks.update, engine=o.engine, max_memory=o.max_memory)
+                                      log=log, on_scored=ticks.update, engine=o.engine, max_memory=o.max_memory,
+                                      gain=o.gain)
         record["evalset"] = evalset.to_dict()
         pairs = [(c["k_in"], c["k_out"]) for c in selection.candidates]
         selection.stability = _stability(budget_decider(tau, selection.params["tasks"], pairs), selection, rows)
@@ -99,39 +103,49 @@ def _stability(decide, selection: Selection, rows: pd.DataFrame) -> dict | None:
     return stability(decide, rows.reset_index(drop=True), (selection.k_in, selection.k_out))
 
 
-def _swept_candidates(out: Path, evalset: EvalSet, source: dict, step: int, n_layers: int) -> pd.DataFrame | None:
+def _swept_candidates(out: Path, evalset: EvalSet, source: dict, step: int, n_layers: int,
+                      gain: str = SelectOptions.gain) -> pd.DataFrame | None:
     """The budget candidates the sweep table in `out` holds for `step` (None if it holds none of
-    this evaluation set and these checkpoints, or lacks a task or a per-example column)."""
+    this evaluation set and these checkpoints, or lacks a task, a control the gain needs, or a
+    per-example column)."""
     path = out / SWEEPS
     if not path.exists() or not metadata(path).is_file():
         return None
     if identity(io.read_json(metadata(path))) != wanted(evalset, source):
         return None
+    tasks = _tasks(gain)
     rows = sweep_candidates(io.read_parquet(path), step, n_layers)
-    rows = rows[rows["task"].isin(TASKS)]
-    if set(rows["task"]) != set(TASKS) or rows["example_nll"].isna().any():
+    rows = rows[rows["task"].isin(tasks)]
+    if set(rows["task"]) != set(tasks) or rows["example_nll"].isna().any():
         return None
     # an adaptive grid (`probe.grid`) refines each task's curve on its own: a k one task has alone is
     # no candidate yet (the search scores it for every task if it needs it)
-    every_task = rows.groupby(["k_in", "k_out"])["task"].transform("nunique") == len(TASKS)
+    every_task = rows.groupby(["k_in", "k_out"])["task"].transform("nunique") == len(tasks)
     return rows[every_task]
 
 
+def _tasks(gain: str) -> tuple[str, ...]:
+    """The tasks a budget search scores: the conditional gain needs each task's shuffled control too."""
+    return (*TASKS, *CONTROLS) if gain == "conditional" else TASKS
+
+
 def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_size, evalset, known, search,
-            log, on_scored, engine=SelectOptions.engine, max_memory=None) -> tuple[Selection, pd.DataFrame]:
-    """The budget set and every keep-outer row it read or scored (their per-example scores feed the
-    stability check). In memory, one engine serves the whole search (reference prefixes scored once,
+            log, on_scored, engine=SelectOptions.engine, max_memory=None,
+            gain=SelectOptions.gain) -> tuple[Selection, pd.DataFrame]:
+    """The budget set and every keep-outer row it read or scored, in the view the rule read them (their
+    per-example scores feed the stability check). In memory, one engine serves the whole search (reference prefixes scored once,
     the checkpoint's kept); streamed, each batch of candidates reads the blocks from the files again."""
     if step == ckpts.reference_step:
         raise CogprobeError("the budget rule needs a trained checkpoint besides the reference; train longer "
                             "or pass --step")
-    streamed = _streamed_runner(engine, ckpts, evalset, batch_size, n_layers, max_memory)
+    streamed = _streamed_runner(engine, ckpts, evalset, batch_size, n_layers, max_memory, _tasks(gain))
     if streamed is not None:
-        examples, source, runner = evalset.examples(ckpts.reference_tokenizer()), ckpts, streamed
+        examples, source, runner = evalset.examples(ckpts.reference_tokenizer(), _tasks(gain)), ckpts, streamed
     else:
         ref, tok = ckpts.load(ckpts.reference_step)
         model = ckpts.load(step)[0]
-        examples, source, runner = evalset.examples(tok), [(ckpts.reference_step, ref), (step, model)], FastEngine(ref)
+        examples = evalset.examples(tok, _tasks(gain))
+        source, runner = [(ckpts.reference_step, ref), (step, model)], FastEngine(ref)
 
     scored = [] if known is None else [known]
 
@@ -146,17 +160,18 @@ def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_si
         on_scored(len(pairs))
         return scored[-1]
 
-    selection = select_budget(evaluate, n_layers, tau=tau, max_total=max_total, search=search, known=known)
-    return selection, pd.concat(scored, ignore_index=True)
+    selection = select_budget(evaluate, n_layers, tau=tau, max_total=max_total, search=search, known=known, gain=gain)
+    rows = pd.concat(scored, ignore_index=True)
+    return selection, conditional_rows(rows) if gain == "conditional" else rows
 
 
 def _streamed_runner(engine: str, ckpts: Checkpoints, evalset: EvalSet, batch_size: int, n_layers: int,
-                     max_memory) -> StreamedEngine | None:
+                     max_memory, tasks=TASKS) -> StreamedEngine | None:
     """The streamed engine where `engine` asks for it or (auto) two models do not fit; else None."""
     skeleton = skeleton_for(engine, ckpts)
     if skeleton is None:
         return None
-    examples = evalset.examples(ckpts.reference_tokenizer())
+    examples = evalset.examples(ckpts.reference_tokenizer(), tasks)
     _, _, runner = pick(engine, ckpts, skeleton, max_memory=max_memory,
                              batch_tokens=largest_batch(examples, batch_size), n_configs=2 * n_layers)
     return runner

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from cogprobe.core.knob import knob
 from cogprobe.core.layout import SELECTION
 from cogprobe.models.layersets import DEFAULT_FRACTION
+from cogprobe.probe.conditional import GAINS
 from cogprobe.probe.options import AUTO, BATCH_SIZE, EXACT_ENGINES, max_memory_knob
 
 RANKINGS = ("block-influence", "angular", "weight-delta", "taylor")
@@ -29,6 +30,9 @@ class SelectOptions:
     tau: float = knob(TAU, "share of the gain the set must account for / keep")
     fraction: float = knob(DEFAULT_FRACTION, "rule fixed (and rankings): the CogSym fraction of blocks")
     step: int | None = knob(None, "checkpoint to read (default: the last)")
+    gain: str = knob("total", "rules curves, budget: locate the total gain of tuning, or the conditional gain "
+                     "(NLL with shuffled sources minus NLL with the true ones: the part that uses the source; "
+                     "needs the shuffled-source controls in the sweep, and budget scores them)", choices=GAINS)
     input_task: str = knob("perception", "rule curves: task read at the input end")
     output_task: str = knob("production", "rule curves: task read at the output end")
     criterion: str = knob("remove", "rule curves: an end's k blocks must remove tau of the gain when reverted "

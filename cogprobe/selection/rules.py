@@ -28,6 +28,10 @@ Three rules, each returning a `Selection` (`cogprobe select` saves it as selecti
   back to the exhaustive one (reusing what it already scored, and scoring every candidate up to
   the walk's size in one engine call, so that the engine shares their prefixes).
 
+The curves and budget rules locate the total gain of tuning by default; `gain="conditional"` locates
+the rise in conditional gain instead (the part of the gain that uses the source sentence, read from
+the shuffled-source controls: `probe.conditional`). Everything else is the same.
+
 A share counts as reaching tau when it is at least tau * (1 - 1e-9), so that
 tau = 1 accepts the full set despite float rounding. Every rule fails with one
 line (a CogprobeError) rather than emit a set its evidence does not support.
@@ -43,6 +47,7 @@ import pandas as pd
 
 from cogprobe.core.errors import CogprobeError
 from cogprobe.models.layersets import DEFAULT_FRACTION, check_fraction, cogsym, outer, to_string
+from cogprobe.probe.conditional import GAINS, conditional_rows
 from cogprobe.probe.sweep import check_one_engine
 from cogprobe.data.tasks import TASKS
 from cogprobe.selection.options import CRITERIA, SEARCHES, TAU, SelectOptions
@@ -110,6 +115,16 @@ def _check_tau(tau: float) -> float:
     return check_fraction(tau, "tau (the share of the gain to keep)")
 
 
+# said after a rule's name in its errors: on the conditional gain, the NLL columns hold NLL(true) - NLL(shuffled)
+_ON = {"total": "", "conditional": " on the conditional gain (its NLLs: true-source minus shuffled-source NLL)"}
+
+
+def _check_gain_name(gain: str) -> str:
+    if gain not in GAINS:
+        raise CogprobeError(f"unknown gain {gain!r}; use {' or '.join(GAINS)}")
+    return gain
+
+
 def _check_gain(task: str, nll_ref: float, nll_ck: float, where: str) -> None:
     if math.isnan(nll_ref) or math.isnan(nll_ck):
         raise CogprobeError(f"{where}: task {task!r} has NaN scores (reference {nll_ref}, checkpoint {nll_ck}); "
@@ -123,9 +138,10 @@ def _check_gain(task: str, nll_ref: float, nll_ck: float, where: str) -> None:
 def select_curves(sweeps: pd.DataFrame, *, tau: float = TAU, step: int | None = None,
                   input_task: str = SelectOptions.input_task, output_task: str = SelectOptions.output_task,
                   n_layers: int | None = None, ends: bool | None = None,
-                  criterion: str = SelectOptions.criterion) -> Selection:
-    """k_in, k_out from the revert curves at `step` (default: the last step in the table)."""
-    tau = _check_tau(tau)
+                  criterion: str = SelectOptions.criterion, gain: str = SelectOptions.gain) -> Selection:
+    """k_in, k_out from the revert curves at `step` (default: the last step in the table), of the total
+    gain or (`gain="conditional"`) of the rise in conditional gain (`probe.conditional`)."""
+    tau, gain = _check_tau(tau), _check_gain_name(gain)
     if criterion not in CRITERIA:
         raise CogprobeError(f"unknown criterion {criterion!r}; use remove or keep")
     need = {"checkpoint_step", "task", "direction", "mode", "k", "nll", "nll_reference", "nll_checkpoint"}
@@ -146,12 +162,13 @@ def select_curves(sweeps: pd.DataFrame, *, tau: float = TAU, step: int | None = 
         raise CogprobeError(f"no revert rows at checkpoint step {step}; the table has steps {[int(s) for s in steps]}")
     rows = rows[rows["checkpoint_step"] == step]
     L = _infer_layers(rows) if n_layers is None else n_layers
-    where = f"curves at step {step}"
+    where = f"curves at step {step}" + _ON[gain]
+    rows = conditional_rows(rows) if gain == "conditional" else rows
     found = [_end_k(rows, "input", input_task, tau, L, where, criterion),
              _end_k(rows, "output", output_task, tau, L, where, criterion)]
     k_in, k_out = found[0]["k"], found[1]["k"]
     return Selection("curves", dict(tau=tau, step=step, input_task=input_task, output_task=output_task,
-                                    criterion=criterion),
+                                    criterion=criterion, gain=gain),
                      L, outer(L, k_in, k_out), k_in, k_out,
                      {"ends": found, "step": step, "tau": tau, "criterion": criterion})
 
@@ -210,7 +227,7 @@ def _end_k(rows: pd.DataFrame, end: str, task: str, tau: float, L: int, where: s
 def select_budget(evaluate: Callable[[list[tuple[int, int]]], pd.DataFrame], n_layers: int, *,
                   tau: float = TAU, tasks: Sequence[str] = TASKS,
                   max_total: int | None = None, search: str = SelectOptions.search,
-                  known: pd.DataFrame | None = None) -> Selection:
+                  known: pd.DataFrame | None = None, gain: str = SelectOptions.gain) -> Selection:
     """The smallest (k_in, k_out) whose middle-reverted model keeps >= tau of every task's gain.
 
     `search`: `frontier` (default) walks the pass/fail frontier, `exhaustive` scores every
@@ -220,8 +237,10 @@ def select_budget(evaluate: Callable[[list[tuple[int, int]]], pd.DataFrame], n_l
     `evaluate` returns (a revert sweep's curves are the k_in = 0 and k_out = 0 candidates, see
     `sweep_candidates`): used instead of scoring them again, and checked for monotonicity with
     the rest (a walk's own candidates can never contradict it; the sweep's whole edges can).
+    `gain="conditional"`: the shares are of the rise in conditional gain, so `evaluate` (and `known`)
+    must give each task's shuffled-source control rows too (`probe.conditional`).
     """
-    tau, tasks = _check_tau(tau), list(tasks)
+    tau, tasks, gain = _check_tau(tau), list(tasks), _check_gain_name(gain)
     if not tasks:
         raise CogprobeError("budget needs at least one task, e.g. tasks=('perception', 'production')")
     if search not in SEARCHES:
@@ -229,7 +248,7 @@ def select_budget(evaluate: Callable[[list[tuple[int, int]]], pd.DataFrame], n_l
     max_total = n_layers if max_total is None else max_total
     if not 0 <= max_total <= n_layers:
         raise CogprobeError(f"max_total={max_total} is outside 0..{n_layers} (the model has {n_layers} blocks)")
-    scorer = _Scorer(evaluate, tasks, tau)
+    scorer = _Scorer(evaluate, tasks, tau, gain)
     if known is not None and len(known):
         scorer.add_known(known, max_total)
     size = _frontier(scorer, max_total) if search == "frontier" else _exhaustive(scorer, max_total)
@@ -254,7 +273,7 @@ def select_budget(evaluate: Callable[[list[tuple[int, int]]], pd.DataFrame], n_l
                     best_smaller_share=max(smaller) if smaller else None, search=search,
                     monotone_violations=violations[:MAX_REPORTED], n_monotone_violations=len(violations),
                     fell_back_to_exhaustive=fell_back)
-    return Selection("budget", dict(tau=tau, tasks=tasks, max_total=max_total, search=search), n_layers,
+    return Selection("budget", dict(tau=tau, tasks=tasks, max_total=max_total, search=search, gain=gain), n_layers,
                      outer(n_layers, best["k_in"], best["k_out"]), best["k_in"], best["k_out"], evidence, candidates)
 
 
@@ -262,9 +281,12 @@ class _Scorer:
     """Scores candidates through `evaluate`, each once: a list of pairs is one call (the engine
     shares their prefixes), and a pair scored before is answered from memory."""
 
-    def __init__(self, evaluate, tasks: list[str], tau: float):
-        self.evaluate, self.tasks, self.tau = evaluate, tasks, tau
+    def __init__(self, evaluate, tasks: list[str], tau: float, gain: str = SelectOptions.gain):
+        self.evaluate, self.tasks, self.tau, self.gain = evaluate, tasks, tau, gain
         self.found: dict[tuple[int, int], dict] = {}
+
+    def _view(self, table: pd.DataFrame) -> pd.DataFrame:
+        return conditional_rows(table) if self.gain == "conditional" else table
 
     @property
     def records(self) -> list[dict]:
@@ -273,14 +295,15 @@ class _Scorer:
     def __call__(self, pairs: list[tuple[int, int]]) -> list[dict]:
         new = [p for p in dict.fromkeys(pairs) if p not in self.found]
         if new:
-            for record in _score_candidates(self.evaluate(new), new, self.tasks, self.tau):
+            for record in _score_candidates(self._view(self.evaluate(new)), new, self.tasks, self.tau,
+                                            "budget" + _ON[self.gain]):
                 self.found[(record["k_in"], record["k_out"])] = dict(record, source="scored")
         return [self.found[p] for p in pairs]
 
     def add_known(self, table: pd.DataFrame, max_total: int) -> None:
         """Candidates scored elsewhere (every task present), up to max_total blocks."""
         pairs = sorted({(int(a), int(b)) for a, b in zip(table["k_in"], table["k_out"]) if a + b <= max_total})
-        for record in _score_candidates(table, pairs, self.tasks, self.tau):
+        for record in _score_candidates(self._view(table), pairs, self.tasks, self.tau, "budget" + _ON[self.gain]):
             self.found[(record["k_in"], record["k_out"])] = dict(record, source="known")
 
     def passes(self, k_in: int, k_out: int) -> bool:
@@ -357,7 +380,8 @@ def monotone_violations(records: list[dict]) -> list[dict]:
             for p in passed for f in failed if p["k_in"] <= f["k_in"] and p["k_out"] <= f["k_out"]]
 
 
-def _score_candidates(table: pd.DataFrame, pairs: list[tuple[int, int]], tasks: list[str], tau: float) -> list[dict]:
+def _score_candidates(table: pd.DataFrame, pairs: list[tuple[int, int]], tasks: list[str], tau: float,
+                      where: str = "budget") -> list[dict]:
     """One record per candidate: its share of the gain per task, and whether all reach tau."""
     need = {"k_in", "k_out", "task", "share", "nll_reference", "nll_checkpoint"}
     if not need <= set(table.columns):
@@ -375,10 +399,10 @@ def _score_candidates(table: pd.DataFrame, pairs: list[tuple[int, int]], tasks: 
             if len(row) != 1:
                 raise CogprobeError(f"evaluate() returned {len(row)} rows for k_in={k_in}, k_out={k_out}, "
                                     f"task {task!r}; expected one (sweep that task)")
-            _check_gain(task, float(row["nll_reference"].iloc[0]), float(row["nll_checkpoint"].iloc[0]), "budget")
+            _check_gain(task, float(row["nll_reference"].iloc[0]), float(row["nll_checkpoint"].iloc[0]), where)
             shares[task] = float(row["share"].iloc[0])
             if math.isnan(shares[task]):
-                raise CogprobeError(f"budget: the share of task {task!r} at k_in={k_in}, k_out={k_out} is NaN; "
+                raise CogprobeError(f"{where}: the share of task {task!r} at k_in={k_in}, k_out={k_out} is NaN; "
                                     "check the model and rerun")
         low = min(shares.values())
         out.append(dict(k_in=k_in, k_out=k_out, shares=shares, min_share=low, passed=low >= tau * (1 - EPS)))
@@ -417,7 +441,8 @@ def curves_decider(tau: float, **kw) -> Callable:
 
 def budget_decider(tau: float, tasks: Sequence[str], pairs: list[tuple[int, int]]) -> Callable:
     """For `stability`: the budget rule over the candidates it scored (smallest passing size, the best
-    worst-task share within it), and whether the chosen candidate still passes."""
+    worst-task share within it), and whether the chosen candidate still passes. `table`: the rows the
+    rule read, in the view it read them (`conditional_rows` already applied for the conditional gain)."""
     def decide(table: pd.DataFrame, chosen: tuple[int, int]):
         try:
             scored = _score_candidates(table, pairs, list(tasks), tau)
