@@ -120,3 +120,39 @@ def test_select_run_scores_the_controls_it_needs(trained_run, tmp_path):
               tasks=(*TASKS, *CONTROLS))
     with pytest.raises(CogprobeError, match=r"curves at step 4 on the conditional gain.*did not improve"):
         select_run(run, rule="curves", gain="conditional", **quiet)
+
+
+def test_the_figures_draw_the_conditional_share_beside_the_total():
+    from cogprobe.plots import runs, sweeps
+    tok = tiny_tokenizer()
+    ex = {t: build_examples(tok, TOY_CORPUS, t) for t in (*TASKS, *CONTROLS)}
+    ref = tiny_model("llama")
+    table = sweep([(0, ref), (1, train_blocks(ref, {t: ex[t] for t in TASKS}, {0, LAYERS - 1}))], ex, mode="revert")
+    names = [name for name, _ in runs.figures_for({"sweeps.parquet": table})]
+    assert {"specialization_curves_revert_conditional_share", "specialization_heatmap_revert_conditional_share",
+            "specialization_curves_revert_share"} <= set(names)
+    fig = sweeps.specialization_curves(table, gain="conditional")
+    assert "rise in source use retained" in fig._suptitle.get_text()
+    shown = [ax for ax in fig.axes if ax.get_lines()]
+    assert len(shown) == 4 and all(ax.get_ylabel() == "share of rise in source use retained" for ax in shown[:1])
+    heat = sweeps.specialization_heatmaps(table, gain="conditional")
+    assert "rise in source use" in heat._suptitle.get_text()
+    with pytest.raises(CogprobeError, match="not a sweep score of the conditional gain"):
+        sweeps.specialization_curves(table, y="nll", gain="conditional")
+    # a configuration without its control is left out of a figure (a rule refuses it)
+    partial = table[~((table.task == "perception-shuffled") & (table.k == 2))]
+    drawn = sweeps.gain_rows(partial, "revert", None, "conditional")
+    assert not ((drawn.task == "perception") & (drawn.k == 2)).any() and ((drawn.task == "production") & (drawn.k == 2)).any()
+
+
+def test_the_report_locates_the_source_dependent_part_beside_the_total():
+    from cogprobe.study.report import conditional_findings
+    planted = planted_table()
+    text = conditional_findings(planted, "perception", 10)
+    # checkpoint 2.5 - 2.0; the base adds 0.99 to both and the source-dependent 0.4 to the true NLL only:
+    # 0.1; at k = 1 and 4 (a tenth and a third of 12 blocks), reverting blocks 0-3 leaves half of the rise
+    assert text.startswith("Perception, the source-dependent part (conditional gain 0.100 -> 0.500 nats/token)")
+    assert "with k = 4 blocks reverted, 50% of the rise in source use remains (input end)" in text
+    flat = pd.concat([revert_table(TRUE), revert_table({c: TRUE[t] for c, t in CONTROLS.items()})])
+    assert "did not raise the use of the source" in conditional_findings(flat, "production", 10)
+    assert conditional_findings(revert_table(TRUE), "production", 10) == ""   # no controls swept

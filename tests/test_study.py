@@ -152,6 +152,22 @@ def test_a_budget_rule_without_a_set_trains_the_fixed_set_labelled_as_such(setup
     assert "Swept on the adaptive k grid: 7 of the 7 k's first (0, 1, 2, 3, 4, 5, 6)" in report
 
 
+def test_controls_swept_where_the_report_reads_them(setup, tmp_path):
+    """sweep_controls_at = read (the quick preset): the shuffled-source controls of the last checkpoint
+    only, at k = 0, the k's the report and selector read, and every block; the report locates the
+    source-dependent part of the gain there, beside the total."""
+    root, model, corpus = setup
+    values = tiny_config(root, model, corpus, rows="full", sweep_controls_at="read").to_dict()
+    out = run(build_config(tmp_path / "read", preset_name=None, **{k: v for k, v in values.items() if k != "out"}),
+              log=lambda m: None)
+    sweeps = pd.read_parquet(out / "sweeps.parquet")
+    controls = sweeps[sweeps["task"].str.endswith("-shuffled")]
+    assert set(controls["checkpoint_step"]) == {4} and set(controls["k"]) == {0, 1, 2, 6}   # 6 blocks: reads 1, 2
+    assert set(sweeps.loc[~sweeps.index.isin(controls.index), "k"]) == set(range(7))
+    report = (out / "report.md").read_text()
+    assert report.count(", the source-dependent part (conditional gain ") == 2
+
+
 def test_studies_written_before_budget_no_set_keep_skipping_their_budget_row():
     from cogprobe.study.config import renamed
     assert renamed({"rows": "full,budget"})["budget_no_set"] == "skip"

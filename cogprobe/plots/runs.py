@@ -145,6 +145,10 @@ def figures_for(tables: dict[str, pd.DataFrame]):
                 yield f"specialization_heatmap_{mode}_{y}", functools.partial(specialization_heatmaps, sw, mode, y)
             if sw["task"].isin(list(CONTROLS)).any():
                 yield f"conditional_gain_{mode}", functools.partial(conditional_gain_curves, sw, mode)
+                if mode == "revert":   # where the source-dependent part of the gain lives, beside the total
+                    for kind, draw in (("curves", specialization_curves), ("heatmap", specialization_heatmaps)):
+                        yield (f"specialization_{kind}_{mode}_conditional_share",
+                               functools.partial(draw, sw, mode, "share", gain="conditional"))
     if ACTIVATIONS in tables:
         acts = tables[ACTIVATIONS]
         stats = set(acts["stat"]) if "stat" in acts.columns else set()

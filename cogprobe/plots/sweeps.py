@@ -16,7 +16,12 @@ from cogprobe.core.intervals import sweep_intervals
 from cogprobe.plots.style import (DIRECTION_ORDER, MAX_LEGEND_STEPS, NAN_GREY, SWEEP_COLUMNS, TASK_ORDER, empty_panel, panel_grid,
                                  heat, nan_note, ordered, require, step_colors, styled)
 from cogprobe.data.tasks import CONTROLS, TASKS, with_conditional_gain
+from cogprobe.probe.conditional import GAINS, conditional_rows
 from cogprobe.probe.options import SweepOptions
+from cogprobe.selection.options import SelectOptions
+
+# what a share is of: the total gain, or the rise in conditional gain (`probe.conditional`)
+OF = {"total": "gain", "conditional": "rise in source use"}
 
 
 # ------------------------------------------------------------------ sweeps
@@ -44,6 +49,16 @@ def sweep_rows(sweeps: pd.DataFrame, mode: str, ends: bool | None, controls: boo
     return df.drop_duplicates(["checkpoint_step", "task", "direction", "k"], keep="last")
 
 
+def gain_rows(sweeps: pd.DataFrame, mode: str, ends: bool | None, gain: str) -> pd.DataFrame:
+    """`sweep_rows` of the tasks, or (`gain="conditional"`) their conditional-gain view, whose share is
+    of the rise in source use over step 0."""
+    if gain not in GAINS:
+        raise CogprobeError(f"unknown gain {gain!r}; use {' or '.join(GAINS)}")
+    if gain == "total":
+        return sweep_rows(sweeps, mode, ends)
+    return conditional_rows(sweep_rows(sweeps, mode, ends, controls=True), strict=False)
+
+
 def _grid_note(df: pd.DataFrame) -> str:
     """What the points of an adaptive grid are (`probe.grid`): the lines join scored k's, nothing between."""
     if "k_grid" not in df.columns or df["k_grid"].isna().all():
@@ -66,17 +81,19 @@ def _k_label(mode: str, direction: str) -> str:
 
 @styled
 def specialization_curves(sweeps: pd.DataFrame, mode: str = SweepOptions.mode, y: str = "share",
-                          ends: bool | None = None) -> Figure:
+                          ends: bool | None = None, gain: str = SelectOptions.gain) -> Figure:
     """Score against k, one line per checkpoint; rows = task, columns = direction.
 
     `y="share"`: share of the checkpoint's gain over step 0 that survives
     ablating k blocks (the reference step, whose gain is undefined, is left out);
     `y="nll"`: the task NLL in nats/token, with the reference NLL dashed. NaN
-    values leave gaps in the lines.
+    values leave gaps in the lines. `gain="conditional"` (share only): the share of the rise in
+    conditional gain, the part of the gain that uses the source (needs the controls swept).
     """
-    if y not in ("share", "nll"):
-        raise CogprobeError(f"y={y!r} is not a sweep score; use share or nll")
-    df = sweep_rows(sweeps, mode, ends)
+    if y not in ("share", "nll") or (gain == "conditional" and y != "share"):
+        raise CogprobeError(f"y={y!r} is not a sweep score of the {gain} gain; use share"
+                            + (" or nll" if gain == "total" else " (conditional_gain_curves draws its value)"))
+    df = gain_rows(sweeps, mode, ends, gain)
     tasks = ordered(df["task"], TASK_ORDER)
     dirs = ordered(df["direction"], DIRECTION_ORDER)
     if y == "share":
@@ -90,9 +107,9 @@ def specialization_curves(sweeps: pd.DataFrame, mode: str = SweepOptions.mode, y
         _curve_panel(ax, df[(df["task"] == task) & (df["direction"] == d)], y, colors)
         ax.set_title(f"{task} · {d} end")
         ax.set_xlabel(_k_label(mode, d) if i == len(tasks) - 1 else "")
-        ax.set_ylabel("share of gain retained" if y == "share" else "NLL (nats/token)")
+        ax.set_ylabel(f"share of {OF[gain]} retained" if y == "share" else "NLL (nats/token)")
     step_key(fig, axes, colors)
-    what = "gain retained" if y == "share" else "task NLL"
+    what = f"{OF[gain]} retained" if y == "share" else "task NLL"
     verb = "reverted" if mode == "revert" else "skipped"
     band = "\n(bands: 95% bootstrap intervals over the pairs)" if "share_low" in df.columns and \
         df["share_low"].notna().any() else ""
@@ -184,15 +201,17 @@ def conditional_gain_curves(sweeps: pd.DataFrame, mode: str = SweepOptions.mode,
 
 @styled
 def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = SweepOptions.mode, value: str = "share",
-                            ends: bool | None = None) -> Figure:
+                            ends: bool | None = None, gain: str = SelectOptions.gain) -> Figure:
     """A task × direction grid of checkpoint × k heatmaps with one shared colourbar.
 
     `value="share"`: viridis on [0, 1]; `value="nll"`: NLL − reference NLL
     (nats/token) on a diverging map centred at 0, so both tasks share one scale.
+    `gain="conditional"` (share only): of the rise in conditional gain, as in `specialization_curves`.
     """
-    if value not in ("share", "nll"):
-        raise CogprobeError(f"value={value!r} is not a sweep score; use share or nll")
-    df = sweep_rows(sweeps, mode, ends).copy()
+    if value not in ("share", "nll") or (gain == "conditional" and value != "share"):
+        raise CogprobeError(f"value={value!r} is not a sweep score of the {gain} gain; use share"
+                            + (" or nll" if gain == "total" else ""))
+    df = gain_rows(sweeps, mode, ends, gain).copy()
     if value == "nll":
         df["shown"] = df["nll"] - df["nll_reference"]
         lim = float(np.nanmax(np.abs(df["shown"]))) if df["shown"].notna().any() else 1.0
@@ -205,10 +224,11 @@ def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = SweepOptions.mode,
         df["shown"] = df["share"]
         df["resolved"] = (df["share_low"] > 0) & (df["share_high"] < 1)
         ref = df.groupby("checkpoint_step")["shown"].transform(lambda v: v.isna().all())
-        df = df[~(ref & (df["checkpoint_step"] == df["checkpoint_step"].min()))]   # step 0: no gain
+        if df["checkpoint_step"].nunique() > 1:   # step 0 has no gain: its row left out, unless it is all
+            df = df[~(ref & (df["checkpoint_step"] == df["checkpoint_step"].min()))]
         cmap, vmin, vmax = "viridis", 0.0, 1.0
-        label = "share of the checkpoint's gain retained"
-        empty = "no checkpoint improved on step 0:\nno gain to retain"
+        label = f"share of the checkpoint's {OF[gain]} retained"
+        empty = f"no checkpoint improved on step 0:\nno {OF[gain]} to retain"
     tasks = ordered(df["task"], TASK_ORDER)
     dirs = ordered(df["direction"], DIRECTION_ORDER)
     fig, axes = panel_grid(len(tasks), len(dirs), w=4.4, h=3.0)
@@ -236,7 +256,7 @@ def specialization_heatmaps(sweeps: pd.DataFrame, mode: str = SweepOptions.mode,
                          "left out)")
     dots = "resolved" in df.columns and bool(df["resolved"].any())
     note = "\n(dot: the cell's 95% interval excludes both 0 and 1)" if dots else ""
-    what = "gain retained" if value == "share" else "NLL change"
+    what = f"{OF[gain]} retained" if value == "share" else "NLL change"
     fig.suptitle(f"Where the adaptation lives ({mode}): {what} by checkpoint and k{note}{_ends_note(df)}")
     return fig
 

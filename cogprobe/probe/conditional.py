@@ -36,11 +36,12 @@ def has_controls(table: pd.DataFrame) -> bool:
     return bool(table["task"].isin(list(CONTROLS)).any())
 
 
-def conditional_rows(table: pd.DataFrame) -> pd.DataFrame:
+def conditional_rows(table: pd.DataFrame, strict: bool = True) -> pd.DataFrame:
     """Each task's rows with NLL(true) - NLL(shuffled) in the NLL columns (see the module docstring);
-    the controls themselves dropped. Fails with one line where a task has no control rows or a
-    configuration lacks its control, rather than locate a gain it cannot compute. A table already
-    in this view is returned as it is."""
+    the controls themselves dropped. Fails with one line where a task has no control rows or (when
+    `strict`, as a rule reading it must be) a configuration lacks its control, rather than locate a
+    gain it cannot compute; not `strict` (a figure), such a configuration is left out. A table
+    already in this view is returned as it is."""
     if "gain" in table.columns and (table["gain"] == "conditional").all() and len(table):
         return table
     keys = [c for c in table.columns if c not in VALUES]
@@ -53,11 +54,11 @@ def conditional_rows(table: pd.DataFrame) -> pd.DataFrame:
             raise CogprobeError(f"the table has no {control!r} rows, so no conditional gain of {task!r}; "
                                 "sweep with the controls (--tasks all, or sweep_controls = true in a study)")
         both = true.merge(shuffled, on=keys, how="left", suffixes=("", "_shuffled"), indicator=True)
-        if (both["_merge"] != "both").any():
+        if strict and (both["_merge"] != "both").any():
             lost = both.loc[both["_merge"] != "both", ["checkpoint_step", "direction", "k"]].head(3).to_dict("records")
             raise CogprobeError(f"{task!r} rows without their {control!r} row (e.g. {lost}); sweep the controls "
                                 "at the same checkpoints and k's")
-        out.append(_difference(both, task))
+        out.append(_difference(both[both["_merge"] == "both"], task))
     if not out:
         raise CogprobeError(f"the table has none of the tasks {sorted(CONTROLS.values())}")
     return pd.concat(out, ignore_index=True)[[*table.columns.drop("gain", errors="ignore"), "gain"]]

@@ -123,11 +123,13 @@ def _grid(tasks, configs) -> set[tuple]:
 
 
 def _done_steps(path: Path, mode: str, ends: bool, want: set[tuple]) -> set[int]:
-    """Steps already swept (same mode, ends); refused if their (task, direction, k) rows are not `want`."""
+    """Steps already swept (same mode, ends, tasks); refused if their (task, direction, k) rows are not
+    `want`. Rows of other tasks are another sweep's: the study sweeps the shuffled-source controls at
+    fewer k's than their tasks (`sweep_controls_at = "read"`) into the same table."""
     if not path.exists():
         return set()
     t = io.read_parquet(path)
-    t = t[(t["mode"] == mode) & (t["ends"] == ends)]
+    t = t[(t["mode"] == mode) & (t["ends"] == ends) & t["task"].isin({task for task, _, _ in want})]
     for step, rows in t.groupby("checkpoint_step"):
         if set(zip(rows["task"], rows["direction"], rows["k"].astype(int))) != want:
             raise CogprobeError(f"{path} holds a {mode} sweep of step {step} with other tasks, directions or ks; "

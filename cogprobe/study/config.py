@@ -19,7 +19,8 @@ from cogprobe.core.knob import knob
 from cogprobe.models.layersets import DEFAULT_FRACTION, check_fraction
 from cogprobe.models.loading import EMBEDDED
 from cogprobe.probe.options import CaptureOptions
-from cogprobe.selection.options import TAU
+from cogprobe.probe.conditional import GAINS
+from cogprobe.selection.options import TAU, SelectOptions
 from cogprobe.tuning.config import TrainConfig
 from cogprobe.core.layout import STUDY
 from cogprobe.data.evalset import EvalSet
@@ -37,6 +38,7 @@ EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "report_to", "r
 RESCORED = ("chrf_pairs", "prose_passages")
 SWEEP_GRIDS = ("full", "adaptive")   # every k asked for, or `probe.grid`'s coarse grid and its refinement
 BUDGET_NO_SET = ("fixed", "skip")    # the budget row when its rule finds no set: the fixed set, or none
+CONTROLS_AT = ("every", "read")      # the controls at every k the tasks are swept at, or at the k's the report reads
 
 
 @dataclass
@@ -59,6 +61,9 @@ class StudyConfig:
     fraction: float = knob(DEFAULT_FRACTION, "CogSym fraction of blocks (the paper's 25%)")
     tau: float = knob(TAU, "share of the gain the budget set must keep")
     budget_max_total: int | None = knob(None, "largest k_in + k_out the budget search tries (default: L)")
+    budget_gain: str = knob(SelectOptions.gain, "the budget set keeps tau of the total gain, or of the conditional "
+                            "gain (the part that uses the source; its search scores the shuffled controls too)",
+                            choices=GAINS)
     budget_no_set: str = knob("fixed", "when the budget rule finds no set on dev: train the fixed CogSym set as the "
                               "budget row, labelled 'budget: no set, fixed used' (fixed), or leave the row out, "
                               "its reason in the report (skip)", choices=BUDGET_NO_SET)
@@ -103,6 +108,10 @@ class StudyConfig:
     split_seed: int = knob(TrainConfig.split_seed, "seed of the leak-free train/dev/test split")
     sample_seed: int = knob(0, "seed of the evaluation samples (stratified by document)")
     sweep_controls: bool = knob(True, "sweep the shuffled-source controls too (conditional gain per k)")
+    sweep_controls_at: str = knob("every", "every: the controls at every k and checkpoint the tasks are swept at; "
+                                  "read: only at the k's the report and the selector read (with 0 and every "
+                                  "block), of the last checkpoint: the report's conditional-gain findings at a "
+                                  "fraction of the cost, its conditional curves a few points", choices=CONTROLS_AT)
     capture_backend: str = knob(CaptureOptions.backend, "torch | nnsight | transformerlens")
     isolate_runs: bool = knob(True, "train each row in its own process, so its peak memory is its own")
     resume_every: int = knob(50, "each run also checkpoints every N steps, deleted once it finishes: an "
@@ -130,7 +139,8 @@ class StudyConfig:
                                 f"{', '.join(controlled(s) for s in alone)} to rows")
         if self.probe_row not in ("full", "blocks"):
             raise CogprobeError(f"probe_row={self.probe_row!r}: the probe run is full or blocks (a run of every block)")
-        for name, allowed in (("sweep_grid", SWEEP_GRIDS), ("budget_no_set", BUDGET_NO_SET)):
+        for name, allowed in (("sweep_grid", SWEEP_GRIDS), ("budget_no_set", BUDGET_NO_SET), ("budget_gain", GAINS),
+                              ("sweep_controls_at", CONTROLS_AT)):
             if getattr(self, name) not in allowed:
                 raise CogprobeError(f"{name}={getattr(self, name)!r}: choose {' or '.join(allowed)}")
         if self.converge and not self.eval_steps:
@@ -221,8 +231,8 @@ TABLES = {
               "plateau_window", "plateau_min_improvement", "resume_every", "report_to"),
     "lr": ("lr_grid", "lora_lr_grid", "lr_steps"),
     "rows": ("rows", "random_draws", "probe_row", "fraction"),
-    "sweep": ("probe_pairs", "sweep_ks", "sweep_grid", "sweep_controls", "capture_backend"),
-    "select": ("tau", "budget_max_total", "budget_no_set"),
+    "sweep": ("probe_pairs", "sweep_ks", "sweep_grid", "sweep_controls", "sweep_controls_at", "capture_backend"),
+    "select": ("tau", "budget_max_total", "budget_gain", "budget_no_set"),
     "compare": ("eval_pairs", "chrf_pairs", "prose_passages", "max_new_tokens", "max_sentence_tokens"),
     "run": ("out", "threads", "isolate_runs", "overwrite"),
 }

@@ -513,12 +513,17 @@ def probe(config: StudyConfig, out: Path, checkpoints: Checkpoints | None = None
     if config.sweep_ks:
         ks = parse_range_list(config.sweep_ks, 10**6)
     run = probe_run_dir(config, out)
-    tasks = (*TASKS, *CONTROLS) if config.sweep_controls else TASKS
+    every = config.sweep_controls and config.sweep_controls_at == "every"
+    tasks = (*TASKS, *CONTROLS) if every else TASKS
     quiet = dict(evalset=_probe_set(config), out=out, log=lambda m: None, checkpoints=checkpoints)
     if config.sweep_grid == "adaptive":
         adaptive_sweep_run(run, SweepOptions(ks=ks, tasks=tasks), keep=read_ks(config), **quiet)
     else:
         sweep_run(run, SweepOptions(ks=ks, tasks=tasks), progress=False, **quiet)
+    if config.sweep_controls and not every:   # the controls where the report reads them: the last checkpoint
+        read = sorted({0, *read_ks(config), _block_count(str(config.model))})
+        last = max(io.read_parquet(out / SWEEPS)["checkpoint_step"])
+        sweep_run(run, SweepOptions(ks=tuple(read), tasks=tuple(CONTROLS)), progress=False, steps=[int(last)], **quiet)
     _record_engine(out)
     capture_run(run, CaptureOptions(backend=config.capture_backend), progress=False, **quiet)
 
@@ -548,7 +553,8 @@ def select_sets(config: StudyConfig, out: Path, log, checkpoints=lambda: None) -
     if (out / SELECTION_BUDGET).is_file():
         return
     try:
-        budget = SelectOptions(rule="budget", tau=config.tau, max_total=config.budget_max_total, name=SELECTION_BUDGET)
+        budget = SelectOptions(rule="budget", tau=config.tau, max_total=config.budget_max_total, gain=config.budget_gain,
+                               name=SELECTION_BUDGET)
         select_run(probe_run_dir(config, out), budget, evalset=_probe_set(config), out=out, log=lambda m: None,
                    progress=False, checkpoints=checkpoints())
     except CogprobeError as e:  # an honest "no set": recorded, reported, and the row as budget_no_set says

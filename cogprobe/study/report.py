@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cogprobe.probe import alignment
+from cogprobe.probe.conditional import conditional_rows
 from cogprobe.core import intervals
 from cogprobe.core import io
 from cogprobe.study import evidence
@@ -199,9 +200,24 @@ def _sweep_findings(out: Path) -> list[str]:
                          f"({ck:.3f} vs {ref:.3f} nats/token), so there is no gain to locate.")
             continue
         parts = [verdicts.ends_sentence(rows, k) for k in probe_ks(rows["k"])]
-        lines.append(f"{task.capitalize()} (step {last}, NLL {ref:.3f} -> {ck:.3f} nats/token): " + "; ".join(parts) + "."
-                     + _source_use(t, task))
+        lines.append(f"{task.capitalize()} (step {last}, NLL {ref:.3f} -> {ck:.3f} nats/token): " + "; ".join(parts) + ".")
+    lines += [line for task in TASKS if (line := conditional_findings(t, task, last))]
     return lines + _grid_sentence(t)
+
+
+def conditional_findings(t: pd.DataFrame, task: str, last: int) -> str:
+    """The same reading of the rise in conditional gain (the part of the gain that uses the source,
+    `probe.conditional`), where the controls were swept; or why there is none to locate."""
+    if not ((t["task"] == task).any() and (t["task"] == f"{task}-shuffled").any()):
+        return ""
+    rows = conditional_rows(t[t["task"].isin([task, f"{task}-shuffled"])], strict=False)
+    base, tuned = -rows["nll_reference"].iloc[0], -rows["nll_checkpoint"].iloc[0]
+    head = (f"{task.capitalize()}, the source-dependent part (conditional gain {base:.3f} -> {tuned:.3f} "
+            f"nats/token)")
+    if not tuned > base:
+        return f"{head}: the step-{last} checkpoint did not raise the use of the source, so there is none to locate."
+    parts = [verdicts.ends_sentence(rows, k, of="the rise in source use") for k in probe_ks(rows["k"])]
+    return f"{head}: " + "; ".join(parts) + "."
 
 
 def _grid_sentence(t: pd.DataFrame) -> list[str]:
@@ -262,17 +278,6 @@ def probe_ks(swept) -> list[int]:
     return sorted({min(ks, key=lambda k: abs(k - n / 10)), min(ks, key=lambda k: abs(k - n / 3))}) if ks else []
 
 
-def _source_use(t: pd.DataFrame, task: str) -> str:
-    """The conditional gain of the base and the checkpoint, from the k = 0 rows of the control sweep."""
-    control = t[(t["task"] == f"{task}-shuffled") & (t["k"] == 0) & (t["direction"] == "input")]
-    if control.empty:
-        return ""
-    true = t[(t["task"] == task) & (t["k"] == 0) & (t["direction"] == "input")].iloc[0]
-    row = control.iloc[0]
-    return (f" Use of the source (shuffled-source NLL minus true-source NLL): {row['nll_reference'] - true['nll_reference']:.3f}"
-            f" nats/token at the base, {row['nll_checkpoint'] - true['nll_checkpoint']:.3f} at this checkpoint.")
-
-
 def _selections(out: Path) -> list[tuple]:
     blocks = []
     for name in ("fixed", "budget"):
@@ -290,8 +295,10 @@ def _selections(out: Path) -> list[tuple]:
                 f"k_in = {sel['k_in']}, k_out = {sel['k_out']}).")
         if name == "budget":
             ev = sel.get("evidence", {})
+            of = ("gains" if sel.get("params", {}).get("gain", "total") == "total" else
+                  "rises in conditional gain (the part of the gain that uses the source)")
             text += (f" Smallest outer set whose middle-reverted model keeps at least tau = {ev.get('tau')} of both "
-                     f"gains; {ev.get('n_evaluated')} candidates evaluated.")
+                     f"{of}; {ev.get('n_evaluated')} candidates evaluated.")
         blocks.append(("p", text))
     return blocks
 

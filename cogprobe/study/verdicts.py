@@ -225,15 +225,15 @@ def _too_few(row) -> str:
             f"(cogprobe states findings from {MIN_PAIRS} pairs up)")
 
 
-def ends_sentence(rows: pd.DataFrame, k: int, **kw) -> str:
+def ends_sentence(rows: pd.DataFrame, k: int, of: str = "the gain", **kw) -> str:
     """Gain retained with k blocks reverted from each end (with intervals), and which end holds more of
     the gain, stated only when the paired difference excludes 0. `rows`: one task and checkpoint of a
-    revert sweep with per-example scores."""
+    revert sweep with per-example scores (or their conditional-gain view, `of` saying so)."""
     at = {d: rows[(rows["direction"] == d) & (rows["k"] == k)] for d in ("input", "output")}
     if any(r.empty for r in at.values()):
         return f"k = {k} was not swept from both ends"
-    if "example_nll" not in rows.columns:
-        return (f"with k = {k} blocks reverted, {at['input']['share'].iloc[0]:.0%} of the gain remains "
+    if "example_nll" not in rows.columns or any(r["example_nll"].isna().any() for r in at.values()):
+        return (f"with k = {k} blocks reverted, {at['input']['share'].iloc[0]:.0%} of {of} remains "
                 f"(input end) and {at['output']['share'].iloc[0]:.0%} (output end); no per-example scores, "
                 "so no intervals")
     first = at["input"].iloc[0]
@@ -246,8 +246,8 @@ def ends_sentence(rows: pd.DataFrame, k: int, **kw) -> str:
     row = dict(estimate=diff.estimate, low=diff.low, high=diff.high, n_pairs=len(tokens))
     # diff = kept(input) - kept(output): positive when reverting the first k leaves more of the gain,
     # i.e. when the last k blocks hold more of it
-    which = difference_words(row, f"the last {k} blocks hold more of the gain than the first {k}",
-                             f"the first {k} blocks hold more of the gain than the last {k}")
+    which = difference_words(row, f"the last {k} blocks hold more of {of} than the first {k}",
+                             f"the first {k} blocks hold more of {of} than the last {k}")
     pct = lambda i: f"{i.estimate:.0%} [{i.low:.0%}, {i.high:.0%}]"  # noqa: E731
-    return (f"with {k} blocks reverted, {pct(kept['input'])} of the gain remains from the input end and "
+    return (f"with {k} blocks reverted, {pct(kept['input'])} of {of} remains from the input end and "
             f"{pct(kept['output'])} from the output end: {which}")
