@@ -80,13 +80,22 @@ def test_whole_study_on_a_tiny_model(setup):
     # every published-figure script runs on the study folder
     studies = [s for s in sorted((Path(__file__).parent.parent / "analyses").glob("[a-z]*.py"))
                if not s.name.startswith(("before_tuning", "measurement", "same_results", "cheap_rankings",
-                                             "taylor_line_check", "evidence"))]  # other inputs
+                                             "taylor_line_check", "evidence", "conditional_probe"))]  # other inputs
     for script in studies:
         done = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True,
                               env={**os.environ, "COGPROBE_FIGURES": str(root / "figures")})
         assert done.returncode == 0, done.stderr
     assert len(list((root / "figures").glob("*.png"))) == 5
     assert (root / "figures" / "comparison_intervals.csv").is_file()
+    # analyses/conditional_probe.py trains the probe run again from the study's record, bit for bit
+    again = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "analyses" / "conditional_probe.py"),
+                            str(out), str(root / "conditional")], capture_output=True, text=True,
+                           env={**os.environ, "COGPROBE_FIGURES": str(root / "figures")})
+    assert again.returncode == 0, again.stderr
+    written = (root / "conditional" / "conditional.md").read_text()
+    assert "largest NLL difference 0.00e+00 nats/token (the same model)" in written
+    assert written.count(", the source-dependent part (conditional gain") == 2
+    assert (root / "figures" / f"evidence_conditional_{out.name}.csv").is_file()
 
     # analyses/same_results.py (the refactoring check): a copy is the same; one changed score is not
     import shutil
