@@ -50,7 +50,7 @@ docs-reference: install
 
 # Re-draw the published figures (figures/) from the default study folder.
 figures:
-	for s in specialization_heatmaps specialization_curves logit_lens comparison comparison_intervals; do \
+	for s in specialization_heatmaps specialization_curves conditional_gain logit_lens comparison comparison_intervals; do \
 		$(BIN)/python analyses/$$s.py $(OUT) || exit 1; done
 
 # The evidence study (README "The evidence study"): tens of hours on a 2-core CPU, so it resumes:
@@ -59,8 +59,8 @@ figures:
 # still running: the README then gets its status only).
 EVIDENCE = analyses/evidence
 evidence: prepare
-	$(BIN)/cogprobe run --preset standard --corpus axolotl --out $(EVIDENCE)/axolotl --threads 1 & a=$$!; \
-	$(BIN)/cogprobe run --preset standard --corpus tsunkua --out $(EVIDENCE)/tsunkua --threads 1 --eval-pairs 213 & b=$$!; \
+	$(BIN)/cogprobe run --preset standard --corpus axolotl --out $(EVIDENCE)/axolotl --threads 1 --no-sweep-controls --budget-no-set skip & a=$$!; \
+	$(BIN)/cogprobe run --preset standard --corpus tsunkua --out $(EVIDENCE)/tsunkua --threads 1 --eval-pairs 213 --no-sweep-controls --budget-no-set skip & b=$$!; \
 	wait $$a; ra=$$?; wait $$b; rb=$$?; [ $$ra -eq 0 ] && [ $$rb -eq 0 ]
 	$(MAKE) evidence-tables
 

@@ -564,3 +564,27 @@ def test_the_study_process_scores_at_the_threads_it_was_given(monkeypatch, tmp_p
     before = torch.get_num_threads()
     study.run(build_config(tmp_path, preset_name=None, threads=before + 1), log=lambda m: None)
     assert seen == [before + 1] and torch.get_num_threads() == before
+
+
+def test_make_evidence_continues_the_committed_studies():
+    """The Makefile's evidence commands build each committed study's own config: a preset change that
+    would make them refuse their folder (a different study) fails here, not hours into a session."""
+    import dataclasses
+    import re
+    import shlex
+
+    from cogprobe.cli import build_parser
+    from cogprobe.core import io
+    from cogprobe.study.config import EXECUTION_ONLY, RESCORED, StudyConfig, renamed
+    from cogprobe.study.pipeline import RECORDS
+    repo = Path(__file__).parent.parent
+    lines = re.findall(r"\$\(BIN\)/cogprobe (run --preset standard [^&\n]*)&", (repo / "Makefile").read_text())
+    assert len(lines) == 2
+    for line in lines:
+        argv = shlex.split(line.replace("$(EVIDENCE)", "analyses/evidence"))
+        a = build_parser().parse_args(argv)
+        overrides = {f.name: getattr(a, f.name) for f in dataclasses.fields(StudyConfig) if f.name != "out"}
+        config = build_config(a.out, preset_name=a.preset, config_file=a.config, **overrides)
+        old = renamed(io.read_json(repo / a.out / "study.json"))
+        have = {k: v for k, v in old.items() if k not in (*EXECUTION_ONLY, *RECORDS, *RESCORED)}
+        assert {k: v for k, v in config.identity().items() if k not in RESCORED} == have, a.out
