@@ -31,11 +31,6 @@ ARRAYS = ("example_nll", "reference_example_nll", "checkpoint_example_nll")
 VALUES = {"task", "share", "n_tokens", "example_tokens", "k_grid", "gain", *SCALARS, *ARRAYS}
 
 
-def has_controls(table: pd.DataFrame) -> bool:
-    """Whether the table holds a shuffled-source control for some task."""
-    return bool(table["task"].isin(list(CONTROLS)).any())
-
-
 def conditional_rows(table: pd.DataFrame, strict: bool = True) -> pd.DataFrame:
     """Each task's rows with NLL(true) - NLL(shuffled) in the NLL columns (see the module docstring);
     the controls themselves dropped. Fails with one line where a task has no control rows or (when
@@ -52,7 +47,8 @@ def conditional_rows(table: pd.DataFrame, strict: bool = True) -> pd.DataFrame:
             continue
         if shuffled.empty:
             raise CogprobeError(f"the table has no {control!r} rows, so no conditional gain of {task!r}; "
-                                "sweep with the controls (--tasks all, or sweep_controls = true in a study)")
+                                "sweep with the controls (--tasks perception,production,perception-shuffled,"
+                                "production-shuffled; in a study, sweep_controls = true)")
         both = true.merge(shuffled, on=keys, how="left", suffixes=("", "_shuffled"), indicator=True)
         if strict and (both["_merge"] != "both").any():
             lost = both.loc[both["_merge"] != "both", ["checkpoint_step", "direction", "k"]].head(3).to_dict("records")

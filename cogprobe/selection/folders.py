@@ -133,8 +133,9 @@ def _budget(ckpts: Checkpoints, n_layers: int, *, tau, step, max_total, batch_si
             log, on_scored, engine=SelectOptions.engine, max_memory=None,
             gain=SelectOptions.gain) -> tuple[Selection, pd.DataFrame]:
     """The budget set and every keep-outer row it read or scored, in the view the rule read them (their
-    per-example scores feed the stability check). In memory, one engine serves the whole search (reference prefixes scored once,
-    the checkpoint's kept); streamed, each batch of candidates reads the blocks from the files again."""
+    per-example scores feed the stability check). In memory, one engine serves the whole search
+    (reference prefixes scored once, the checkpoint's kept); streamed, each batch of candidates reads
+    the blocks from the files again."""
     if step == ckpts.reference_step:
         raise CogprobeError("the budget rule needs a trained checkpoint besides the reference; train longer "
                             "or pass --step")
