@@ -24,14 +24,17 @@ import pandas as pd
 from _common import publish
 
 from cogprobe.core import io
+from cogprobe.core.errors import CogprobeError
 from cogprobe.core.layout import SWEEPS
 from cogprobe.core.intervals import sweep_intervals
 from cogprobe.data.tasks import CONTROLS, TASKS
-from cogprobe.models.layersets import parse_range_list
+from cogprobe.models.layersets import parse_range_list, to_string
 from cogprobe.plots.sweeps import specialization_curves
-from cogprobe.probe.conditional import conditional_rows
+from cogprobe.probe.conditional import GAINS, conditional_rows
 from cogprobe.probe.folders import sweep_run
 from cogprobe.probe.options import SweepOptions
+from cogprobe.selection.options import TAU
+from cogprobe.selection.rules import select_curves
 from cogprobe.study import verdicts
 from cogprobe.study.config import StudyConfig
 from cogprobe.study.pipeline import chosen_lr, evaluation_sets, run_length, train_config
@@ -62,6 +65,7 @@ def main(study: Path, out: Path) -> None:
         lines += [f"{task.capitalize()}, the total gain: " + "; ".join(verdicts.ends_sentence(rows, k)
                                                                       for k in probe_ks(rows["k"])) + ".", "",
                   conditional_findings(last, task, steps), "", source_share(last, task), ""]
+    lines += [selections(last), ""]
     io.write_text(out / "conditional.md", "\n".join(lines))
     print("\n".join(lines))
     view = sweep_intervals(conditional_rows(last))
@@ -80,6 +84,18 @@ def reproduced(mine: pd.DataFrame, committed: pd.DataFrame, step: int) -> str:
     return (f"Checked against the study's committed sweep: {len(both)} task rows, largest NLL difference "
             f"{gap:.2e} nats/token" + (" (the same model)." if gap == 0 else
                                        " (not the same bits: read these as a run of the same recipe)."))
+
+
+def selections(rows: pd.DataFrame) -> str:
+    """The curves rule (`keep`, tau 0.8) on each reading: the set each gain would give, or why none."""
+    said = []
+    for gain in GAINS:
+        try:
+            s = select_curves(rows, tau=TAU, criterion="keep", gain=gain)
+            said.append(f"on the {gain} gain, blocks {to_string(s.layers)} (k_in = {s.k_in}, k_out = {s.k_out})")
+        except CogprobeError as e:
+            said.append(f"on the {gain} gain, no set: {e}")
+    return f"The curves rule (criterion keep, tau {TAU}): " + "; ".join(said) + "."
 
 
 def source_share(rows: pd.DataFrame, task: str) -> str:

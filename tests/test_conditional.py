@@ -156,3 +156,22 @@ def test_the_report_locates_the_source_dependent_part_beside_the_total():
     flat = pd.concat([revert_table(TRUE), revert_table({c: TRUE[t] for c, t in CONTROLS.items()})])
     assert "did not raise the use of the source" in conditional_findings(flat, "production", 10)
     assert conditional_findings(revert_table(TRUE), "production", 10) == ""   # no controls swept
+
+
+def test_controls_at_a_few_ks_share_a_table_with_an_adaptive_sweep(trained_run, tmp_path):
+    """The quick study's probe: an adaptive sweep of the tasks, then the controls at the k's the report
+    reads (a plain sweep's rows, no k_grid). Run again (an interrupted study resumes), neither refuses
+    the other's rows nor scores anything twice."""
+    from cogprobe.data.evalset import EvalSet
+    from cogprobe.probe.folders import sweep_run
+    from cogprobe.probe.grid import adaptive_sweep_run
+    from cogprobe.probe.options import SweepOptions
+    run, evalset = trained_run["run"], EvalSet.for_run(trained_run["run"], n=3, max_sentence_tokens=32)
+    quiet = dict(evalset=evalset, out=tmp_path, log=lambda _: None)
+    for _ in range(2):
+        adaptive_sweep_run(run, SweepOptions(tasks=TASKS), keep=[2], **quiet)
+        table = sweep_run(run, SweepOptions(ks=(0, 2, 6), tasks=tuple(CONTROLS)), steps=[4], progress=False, **quiet)
+    controls = table[table.task.isin(list(CONTROLS))]
+    assert set(controls.k) == {0, 2, 6} and set(controls.checkpoint_step) == {4}
+    assert not table.duplicated(["checkpoint_step", "task", "direction", "k"]).any()
+    assert len(conditional_rows(table[table.checkpoint_step == 4], strict=False)) == len(controls)

@@ -218,7 +218,7 @@ def _adaptive_run(source, o: SweepOptions, keep, ckpts: Checkpoints, evalset, ou
     precision = {"dtype": o.dtype} if o.dtype != "float32" else {}   # rows of two precisions never mix
     path = out / SWEEPS
     claim_table(out, SWEEPS, evalset, {**source_id(source, ckpts), **precision}, overwrite, w)
-    have = _have(path, o.mode, o.ends, overwrite)   # every process checks, so all fail alike
+    have = _have(path, o.mode, o.ends, o.tasks, overwrite)   # every process checks, so all fail alike
     if w.is_main:
         save = lambda rows: io.append_parquet(path, rows)  # noqa: E731  (each round kept as it finishes)
         start = time.perf_counter()
@@ -237,15 +237,17 @@ def _adaptive_run(source, o: SweepOptions, keep, ckpts: Checkpoints, evalset, ou
     return io.read_parquet(path)
 
 
-def _have(path, mode: str, ends: bool, overwrite: bool) -> pd.DataFrame | None:
-    """The rows of this mode and `ends` an earlier adaptive sweep left (None: none, or `overwrite`)."""
+def _have(path, mode: str, ends: bool, tasks, overwrite: bool) -> pd.DataFrame | None:
+    """The rows of this mode, `ends` and tasks an earlier adaptive sweep left (None: none, or
+    `overwrite`). Other tasks' rows are another sweep's (a study's controls at the k's its report
+    reads, `sweep_controls_at = "read"`)."""
     if overwrite or not path.exists():
         return None
     t = io.read_parquet(path)
     if engines_in(t) - {"exact"}:
         raise CogprobeError(f"{path} holds {'/'.join(sorted(engines_in(t)))} sweep rows; the adaptive grid writes "
                             "exact rows: sweep into another folder (--out DIR) or pass --overwrite")
-    t = t[(t["mode"] == mode) & (t["ends"] == ends)]
+    t = t[(t["mode"] == mode) & (t["ends"] == ends) & t["task"].isin(list(tasks))]
     if len(t) and ("k_grid" not in t.columns or t["k_grid"].isna().any()):
         raise CogprobeError(f"{path} holds a {mode} sweep on a grid of its own (rows without k_grid); pass the "
                             "same options as before, another --out, or --overwrite")
