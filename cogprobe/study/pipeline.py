@@ -517,12 +517,12 @@ def probe(config: StudyConfig, out: Path, checkpoints: Checkpoints | None = None
     tasks = (*TASKS, *CONTROLS) if every else TASKS
     quiet = dict(evalset=_probe_set(config), out=out, log=lambda m: None, checkpoints=checkpoints)
     if config.sweep_grid == "adaptive":
-        adaptive_sweep_run(run, SweepOptions(ks=ks, tasks=tasks), keep=read_ks(config), **quiet)
+        table = adaptive_sweep_run(run, SweepOptions(ks=ks, tasks=tasks), keep=read_ks(config), **quiet)
     else:
-        sweep_run(run, SweepOptions(ks=ks, tasks=tasks), progress=False, **quiet)
+        table = sweep_run(run, SweepOptions(ks=ks, tasks=tasks), progress=False, **quiet)
     if config.sweep_controls and not every:   # the controls where the report reads them: the last checkpoint
         read = sorted({0, *read_ks(config), _block_count(str(config.model))})
-        last = max(io.read_parquet(out / SWEEPS)["checkpoint_step"])
+        last = max(table["checkpoint_step"])
         sweep_run(run, SweepOptions(ks=tuple(read), tasks=tuple(CONTROLS)), progress=False, steps=[int(last)], **quiet)
     _record_engine(out)
     capture_run(run, CaptureOptions(backend=config.capture_backend), progress=False, **quiet)
