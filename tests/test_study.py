@@ -382,7 +382,7 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     full fine-tuning stopped on a dev plateau, every other run as long, every row kind compared, the
     dev curves collected; then the study folder without its runs/ continues without recomputing."""
     import shutil
-    from cogprobe.study.rows import ROWS, kind
+    from cogprobe.study.rows import kind
     root, model, corpus = setup
     config = build_config(tmp_path / "std", preset_name="standard", model=str(model), corpus=str(corpus),
                           **STANDARD_TINY)
@@ -390,7 +390,8 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     out = run(config, log=lambda m: None)
 
     trials = pd.read_parquet(out / "lr_search.parquet")
-    assert set(trials["row"]) == set(ROWS)   # every kind, both rates of its grid (and past its edge, if best there)
+    planned = {kind(r) for r in config.row_list()}
+    assert set(trials["row"]) == planned   # every kind, both rates of its grid (and past its edge, if best there)
     assert all({1e-3, 3e-3} <= set(g["lr"]) and len(g) <= 2 + 2 for _, g in trials.groupby("row"))
     kept = list((out / "runs" / "lr-trials").iterdir())   # a recorded trial keeps its logs, not its weights
     assert len(kept) == len(trials) and all((t / "dev_curve.parquet").is_file() for t in kept)
@@ -400,7 +401,7 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     assert stop["stop_reason"] == "plateau" and length == stop["stopped_at"] < 12
     compare = pd.read_parquet(out / "compare.parquet")
     arms = {f"{r}-s{s}" for r, s in zip(compare["row"], compare["seed"])}
-    kinds = set(ROWS) - {"budget"} if "budget" not in set(compare["row"]) else set(ROWS)
+    kinds = planned - {"budget"} if "budget" not in set(compare["row"]) else planned
     assert {kind(r) for r in compare["row"]} >= kinds and {"random-1", "random-2"} <= set(compare["row"])
     for name in arms:
         cfg = json.loads((out / "runs" / name / "manifest.json").read_text())["config"]
@@ -590,3 +591,37 @@ def test_make_evidence_continues_the_committed_studies():
         old = renamed(io.read_json(repo / a.out / "study.json"))
         have = {k: v for k, v in old.items() if k not in (*EXECUTION_ONLY, *RECORDS, *RESCORED)}
         assert {k: v for k, v in config.identity().items() if k not in RESCORED} == have, a.out
+
+
+def test_a_converged_study_keeps_the_caps_schedule_and_scores_its_earlier_step(setup, tmp_path):
+    """The converged preset's path at tiny sizes: a cosine schedule of the 8-step cap for every run (the
+    learning-rate trials are its first steps, full stops on a plateau from plateau_min_steps and the others
+    train as long on the same schedule), each run also scored on test at step 2 (compare_steps.parquet, its
+    shares of full's gain at step 2), and random-ends one set for both seeds, its ends trained."""
+    root, model, corpus = setup
+    config = build_config(tmp_path / "conv", preset_name="converged", model=str(model), corpus=str(corpus),
+                          **{**STANDARD_TINY, "steps": 8, "plateau_min_steps": 4, "warmup": 0, "lr_steps": 2,
+                             "compare_steps": "2", "save_steps": "2", "prose_passages": 0, "sweep_ks": None,
+                             "eval_steps": "every:1", "seeds": "0,1"})
+    assert config.rows == "full,cogsym-ends,random-ends" and config.schedule == "cosine"
+    out = run(config, log=lambda m: None)
+    length = json.loads((out / "study.json").read_text())["run_length"]
+    assert 4 <= length <= 8
+    trials = sorted((out / "runs" / "lr-trials").iterdir())
+    runs = [out / "runs" / f"{r}-s{s}" for s in (0, 1) for r in ("full", "cogsym-ends", "random-ends")]
+    for folder in trials + runs:
+        cfg = json.loads((folder / "manifest.json").read_text())["config"]
+        assert cfg["schedule_steps"] == 8 and cfg["schedule"] == "cosine", folder.name
+    compare = pd.read_parquet(out / COMPARE)
+    assert len(compare) == 6
+    ends = compare[compare["row"] == "random-ends"]
+    assert ends["blocks"].nunique() == 1 and (ends["trainable_params"] > compare.loc[
+        compare["row"] == "cogsym-ends", "trainable_params"].min() * 0.5).all()
+    early = pd.read_parquet(out / "compare_steps.parquet")
+    assert sorted(zip(early["row"], early["seed"], early["step"])) == sorted(
+        (r, s, 2) for r in ("full", "cogsym-ends", "random-ends") for s in (0, 1))
+    assert (early.loc[early["row"] == "full", "perception_share"].dropna() == 1).all()
+    assert (early["perception_nll"].values != compare.set_index(["row", "seed"]).loc[
+        list(zip(early["row"], early["seed"])), "perception_nll"].values).all()   # another checkpoint, scored
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert {"full-s0@2", "random-ends-s1@2"} <= set(scores["arm"])

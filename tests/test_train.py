@@ -58,7 +58,9 @@ def final_state(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     (dict(eval_pairs=-1), "eval_pairs"),
     (dict(plateau_window=1.0), "plateau_window"),
     (dict(stop_on_plateau=True, schedule="constant"), "needs a dev curve.*--eval-steps"),
-    (dict(stop_on_plateau=True, eval_steps="every:1"), "needs schedule constant.*--schedule constant"),
+    (dict(stop_on_plateau=True, eval_steps="every:1"), "cosine schedule needs plateau_min_steps.*--schedule constant"),
+    (dict(schedule_steps=3), "schedule_steps=3.*>= steps \\(4\\)"),
+    (dict(schedule_steps=-1), "schedule_steps=-1"),
 ])
 def test_config_rejects_with_named_field(inputs, tmp_path, kw, words):
     with pytest.raises(CogprobeError, match=words):
@@ -146,6 +148,22 @@ def test_lora_covers_every_block(inputs, tmp_path):
     state = final_state(config(inputs, tmp_path / "run", "lora", lora_targets=["q_proj"]))
     blocks = sorted({int(n.split("layers.")[1].split(".")[0]) for n in state if "lora_" in n})
     assert blocks == list(range(6)) and all("q_proj" in n for n in state if "lora_" in n)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_a_run_with_a_longer_schedule_is_the_start_of_the_longer_run(inputs, tmp_path, schedule):
+    """schedule_steps: a 3-step run on an 8-step schedule takes the 8-step run's first 3 updates (a
+    study's learning-rate trial is the start of the run it chooses for), not a schedule of its own."""
+    kw = dict(lr=1e-3, warmup=0.25, schedule=schedule, save_steps="3")   # warm-up: 2 steps of the 8
+    long, short = tmp_path / "long", tmp_path / "short"
+    train(config(inputs, long, "full", steps=8, **kw))
+    own = final_state(config(inputs, tmp_path / "own", "full", steps=3, **kw))
+    start = final_state(config(inputs, short, "full", steps=3, schedule_steps=8, **kw))
+    at3 = Checkpoints.open(long).load(3)[0].state_dict()
+    assert all(torch.equal(start[k], at3[k]) for k in start)
+    assert not all(torch.equal(own[k], at3[k]) for k in own)   # its own 3-step schedule moves otherwise
+    logs = [pd.read_parquet(d / "train_log.parquet") for d in (long, short)]
+    assert np.array_equal(logs[1]["lr"], logs[0]["lr"][:3])
 
 
 def test_grad_accum_matches_one_big_batch(inputs, tmp_path):
@@ -407,6 +425,15 @@ def test_a_flat_curve_stops_at_the_first_step_the_rule_may_judge(inputs, tmp_pat
     out = train(config(inputs, tmp_path / "later", "full", lr=1e-12, plateau_min_steps=5, warmup=8,
                        **{**PLATEAU, "eval_steps": "every:1"}))
     assert json.loads((out / "manifest.json").read_text())["stop"]["stopped_at"] == 8  # not during warm-up
+
+
+def test_a_decaying_schedule_may_stop_on_a_plateau_from_its_min_step(inputs, tmp_path):
+    """With plateau_min_steps a cosine run may stop on a plateau (its schedule the cap's: not at 0 there)."""
+    kw = {**PLATEAU, "eval_steps": "every:1", "schedule": "cosine", "steps": 40}
+    out = train(config(inputs, tmp_path / "run", "full", lr=1e-12, plateau_min_steps=6, warmup=0, **kw))
+    assert json.loads((out / "manifest.json").read_text())["stop"]["stopped_at"] == 6
+    lrs = pd.read_parquet(out / "train_log.parquet")["lr"]
+    assert len(lrs) == 6 and lrs.iloc[-1] > 0.9e-12   # still near the peak: the cosine spans the 40-step cap
 
 
 def test_a_curve_that_keeps_improving_runs_to_the_cap(inputs, tmp_path):

@@ -53,6 +53,7 @@ RUN_LENGTH = "run_length"              # in study.json (converge): the steps eve
 EVALSETS = "evalsets.json"
 BASELINE = "baseline.csv"
 COMPARE = "compare.parquet"
+COMPARE_STEPS = "compare_steps.parquet"  # compare's rows at a study's earlier `compare_steps` (+ step)
 SCORES = "scores.parquet"              # per example: arm, task, pair_id, nll_sum, n_tokens
 TRANSLATIONS = "translations.parquet"  # per sentence: arm, task, pair_id, hypothesis, reference
 PROSE = "prose.parquet"                # per English passage: arm, task, pair_id, nll_sum, n_tokens, passage_set
@@ -73,6 +74,11 @@ def metadata(table: Path) -> Path:
 def arm(row: str, seed: int) -> str:
     """A tuned run's name in a study's tables and its folder name: `{row}-s{seed}`."""
     return f"{row}-s{seed}"
+
+
+def arm_at(row: str, seed: int, step: int) -> str:
+    """A run's name at an earlier step it was scored at (`compare_steps`): `{row}-s{seed}@{step}`."""
+    return f"{arm(row, seed)}@{step}"
 
 
 def row_run(study: Path, row: str, seed: int) -> Path:

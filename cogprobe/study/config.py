@@ -77,11 +77,14 @@ class StudyConfig:
     warmup: float = knob(TrainConfig.warmup, "warm-up of every run: below 1 a fraction of its steps, else steps "
                          "(the same for runs of different lengths)")
     converge: bool = knob(False, "full fine-tuning (first seed) runs until its dev NLL plateaus, `steps` "
-                          "being the cap; every other run then trains as many steps (needs eval_steps)")
+                          "being the cap; every other run then trains as many steps (needs eval_steps). With a "
+                          "decaying schedule every run, the learning-rate trials too, keeps the schedule of "
+                          "`steps` (needs plateau_min_steps)")
     plateau_window: float = knob(TrainConfig.plateau_window,
                                  "converge: the window, a fraction of the steps done so far")
     plateau_min_improvement: float = knob(TrainConfig.plateau_min_improvement, "converge: relative dev-NLL "
                                           "improvement over the window below which the run has converged")
+    plateau_min_steps: int = knob(TrainConfig.plateau_min_steps, "converge: no stop before this step")
     eval_steps: str = knob(TrainConfig.eval_steps,
                            "dev-NLL curve points of every tuning run (save_steps syntax; empty: none)")
     dev_pairs: int = knob(TrainConfig.eval_pairs, "dev pairs of the training curves and the learning-rate choice")
@@ -93,6 +96,9 @@ class StudyConfig:
     sweep_grid: str = knob("full", "full: every k of sweep_ks; adaptive: a coarse grid, then a k only where a "
                            "curve moves by more than its 95% interval (probe.grid)", choices=SWEEP_GRIDS)
     eval_pairs: int = knob(64, "test pairs sampled for the NLL scores (baseline and comparison rows)")
+    compare_steps: str = knob("", "also score every run on test at these earlier steps (e.g. '400'; its "
+                              "checkpoints kept for them), into compare_steps.parquet: whether a row's standing "
+                              "moves with the length of the run")
     probe_pairs: int = knob(16, "dev pairs sampled for sweeps, capture and budget selection")
     chrf_pairs: int = knob(16, "test pairs sampled per direction for chrF (0: the NLL pairs themselves)")
     prose_passages: int = knob(0, f"passages of {PASSAGE_TOKENS} tokens of held-out English prose (Python's "
@@ -145,6 +151,10 @@ class StudyConfig:
                 raise CogprobeError(f"{name}={getattr(self, name)!r}: choose {' or '.join(allowed)}")
         if self.converge and not self.eval_steps:
             raise CogprobeError("converge needs a dev-NLL curve: set eval_steps, e.g. 'log:8'")
+        if self.converge and self.schedule != "constant" and not self.plateau_min_steps:
+            raise CogprobeError(f"converge with a {self.schedule} schedule needs plateau_min_steps (e.g. 3/4 of "
+                                "steps), or schedule constant")
+        self.compare_step_list()
         self.seed_list()
         self.lrs("full"), self.lrs("lora")
 
@@ -166,6 +176,17 @@ class StudyConfig:
         if any(not v > 0 for v in values):
             raise CogprobeError(f"learning rates must be > 0, got {grid!r}")
         return sorted(set(values)) or [default]
+
+    def compare_step_list(self) -> list[int]:
+        """The earlier steps every run is also scored at on test (`compare_steps`), sorted."""
+        try:
+            found = sorted({int(s) for s in str(self.compare_steps or "").split(",") if s.strip()})
+        except ValueError:
+            raise CogprobeError(f"compare_steps={self.compare_steps!r}: give steps like '400' or '200,400'") from None
+        bad = [s for s in found if not 0 < s < self.steps]
+        if bad:
+            raise CogprobeError(f"compare_steps {bad} are not inside the runs (1..{self.steps - 1}); give earlier steps")
+        return found
 
     def seed_list(self) -> list[int]:
         try:
@@ -228,12 +249,12 @@ TABLES = {
     "data": ("model", "corpus", "pivot_col", "target_col", "split_seed", "sample_seed"),
     "train": ("seeds", "steps", "batch_size", "seq_len", "lr", "lora_lr", "lora_r", "bf16", "schedule", "warmup",
               "loss_on", "train_max_sentence_tokens", "save_steps", "eval_steps", "dev_pairs", "converge",
-              "plateau_window", "plateau_min_improvement", "resume_every", "report_to"),
+              "plateau_window", "plateau_min_improvement", "plateau_min_steps", "resume_every", "report_to"),
     "lr": ("lr_grid", "lora_lr_grid", "lr_steps"),
     "rows": ("rows", "random_draws", "probe_row", "fraction"),
     "sweep": ("probe_pairs", "sweep_ks", "sweep_grid", "sweep_controls", "sweep_controls_at", "capture_backend"),
     "select": ("tau", "budget_max_total", "budget_gain", "budget_no_set"),
-    "compare": ("eval_pairs", "chrf_pairs", "prose_passages", "max_new_tokens", "max_sentence_tokens"),
+    "compare": ("eval_pairs", "compare_steps", "chrf_pairs", "prose_passages", "max_new_tokens", "max_sentence_tokens"),
     "run": ("out", "threads", "isolate_runs", "overwrite"),
 }
 

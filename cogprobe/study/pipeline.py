@@ -15,7 +15,8 @@ continues an interrupted study and redoes nothing that finished:
                   steps and seed, each at its own lr
   7. compare      NLL, control and chrF of each run on test;      compare.parquet,
                   NLL on English prose (`prose_passages`, the     prose.parquet
-                  quantisation control), the base model's too
+                  quantisation control), the base model's too;
+                  the same at earlier `compare_steps`             compare_steps.parquet
   8. report       figures and the plain-language report           figures/, report.md, report.html
 
 Dev for decisions, test once: the probe and the budget selection score a sample
@@ -44,9 +45,9 @@ from cogprobe.core.errors import CogprobeError
 from cogprobe.data.evalset import EvalSet
 from cogprobe.tuning.health import check_healthy
 from cogprobe.models.layersets import cogsym, parse_range_list
-from cogprobe.core.layout import (BASELINE, COMPARE, COST, DEV_CURVE, DEV_CURVES, EVALSETS, LR_SEARCH, LR_TRIALS, MANIFEST,
+from cogprobe.core.layout import (BASELINE, COMPARE, COMPARE_STEPS, COST, DEV_CURVE, DEV_CURVES, EVALSETS, LR_SEARCH, LR_TRIALS, MANIFEST,
                              PROBE_ENGINE, RUN_LENGTH, RUNS, SCORES, SELECTION_BUDGET, SELECTION_FIXED, STAGE_MACHINES, STAGE_SECONDS,
-                             STOP, STUDY, SWEEPS, TRAIN_CONFIG, TRANSLATIONS, arm, claim, metadata, row_run)
+                             STOP, STUDY, SWEEPS, TRAIN_CONFIG, TRANSLATIONS, arm, arm_at, claim, metadata, row_run)
 from cogprobe.models.loading import block_count, load_model
 from cogprobe.probe.folders import capture_run, sweep_run
 from cogprobe.probe.grid import adaptive_sweep_run
@@ -62,7 +63,7 @@ from cogprobe.study.config import EXECUTION_ONLY, RESCORED, StudyConfig, renamed
 from cogprobe.probe.sweep import check_ks
 from cogprobe.data.tasks import CONTROLS, TASKS, score
 from cogprobe.tuning.loop import train
-from cogprobe.tuning.config import TrainConfig
+from cogprobe.tuning.config import TrainConfig, step_list
 from cogprobe.data.translate import chrf, translate
 
 MIN_CHRF_GAIN = 1.0  # chrF points: a share of a smaller full-FT gain is noise, not a ratio worth printing
@@ -325,19 +326,30 @@ def train_config(config: StudyConfig, out: Path, row: str, seed: int, *, lr: flo
     p = row_plan(config, out, row, seed)
     seed0 = config.seed_list()[0]
     probed = (row, seed) == (config.probe_row, seed0) and folder is None
+    decays = config.converge and config.schedule != "constant"   # every run keeps the cap's schedule
     return TrainConfig(
         model=config.model, corpus=config.corpus, pivot_col=config.pivot_col, target_col=config.target_col,
         out=folder or row_run(out, row, seed), strategy=p.strategy, layers=p.layers, steps=steps,
         batch_size=config.batch_size, seq_len=config.seq_len, lr=lr, schedule=config.schedule, warmup=config.warmup,
+        schedule_steps=config.steps if decays else 0,
         lora_r=p.lora_r or config.lora_r, train_embeddings=p.train_ends, train_head=p.train_ends,
         bf16=config.bf16, threads=config.threads, seed=seed,
-        save_steps=config.save_steps if probed else str(steps),
+        save_steps=_save_steps(config, steps, probed, trial=folder is not None),
         stop_on_plateau=config.converge and (row, seed) == ("full", seed0) and folder is None,
         plateau_window=config.plateau_window, plateau_min_improvement=config.plateau_min_improvement,
+        plateau_min_steps=config.plateau_min_steps,
         **_dev_curve(config, str(steps) if folder is not None else config.eval_steps),
         max_sentence_tokens=config.train_max_sentence_tokens, loss_on=config.loss_on, **_text(p),
         split_seed=config.split_seed, resume=True, resume_every=config.resume_every, progress=False,
         report_to=config.report_to)
+
+
+def _save_steps(config: StudyConfig, steps: int, probed: bool, trial: bool) -> str | list[int]:
+    """A run's checkpoints: the probe run's `save_steps`, any other run's last step; with `compare_steps`,
+    those too (a trial's never: it is not compared). Without them the knob is as before they existed."""
+    spec = config.save_steps if probed else str(steps)
+    extra = [] if trial else [s for s in config.compare_step_list() if s < steps]
+    return sorted(step_list(spec, steps, "save_steps") | set(extra)) if extra else spec
 
 
 def _text(p: Plan) -> dict:
@@ -578,6 +590,8 @@ def no_budget_set(config: StudyConfig, n_layers: int, error: str) -> dict:
 
 
 def compare_one(config: StudyConfig, out: Path, row: str, seed: int) -> None:
+    """Score one run on test into compare.parquet (its earlier `compare_steps` first, into
+    compare_steps.parquet), each part skipped when already there."""
     path = out / COMPARE
     table = io.read_parquet(path) if path.exists() else pd.DataFrame()
     if len(table) and ((table["row"] == row) & (table["seed"] == seed)).any():
@@ -585,19 +599,44 @@ def compare_one(config: StudyConfig, out: Path, row: str, seed: int) -> None:
     run = row_run(out, row, seed)
     if not (run / COST).is_file():
         return  # a skipped row (e.g. no budget set): the report says why
-    model, tok = _final_model(run)
-    cost = io.read_json(run / COST)
+    ckpts = Checkpoints.open(run).to(default_device())
+    for step in [s for s in config.compare_step_list() if s in ckpts.steps[:-1]]:
+        _compare_at(config, out, run, row, seed, ckpts, step)
     manifest = io.read_json(run / MANIFEST)
     if row == "full":  # every row's share is a fraction of this run's gain
         check_healthy(run, manifest, "shares of its gain")
-    record = dict(row=row, seed=seed, blocks=manifest.get("layers_string") or "all",
-                  trainable_params=cost["trainable_params"], optimizer_bytes=cost["optimizer_state_bytes"],
-                  sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,
-                  **_scores(model, tok, config, arm(row, seed), out))
+    record = _record(config, out, run, row, seed, ckpts, ckpts.steps[-1], arm(row, seed))
     if (run / DEV_CURVE).is_file():   # kept beside the scores: the run's weights need not stay
         io.replace_rows(out / DEV_CURVES, io.read_parquet(run / DEV_CURVE).assign(arm=arm(row, seed), row=row, seed=seed))
     table = pd.concat([table, pd.DataFrame([record])], ignore_index=True)
     io.write_parquet(path, with_shares(table, io.read_csv(out / BASELINE).iloc[0]))
+
+
+def _record(config: StudyConfig, out: Path, run: Path, row: str, seed: int, ckpts: Checkpoints, step: int,
+            name: str) -> dict:
+    """compare's row of one run at one of its checkpoints, scored under the arm name `name`."""
+    model, tok = ckpts.load(step)
+    cost = io.read_json(run / COST)
+    manifest = io.read_json(run / MANIFEST)
+    return dict(row=row, seed=seed, blocks=manifest.get("layers_string") or "all",
+                trainable_params=cost["trainable_params"], optimizer_bytes=cost["optimizer_state_bytes"],
+                sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,
+                **_scores(model, tok, config, name, out))
+
+
+def _compare_at(config: StudyConfig, out: Path, run: Path, row: str, seed: int, ckpts: Checkpoints,
+                step: int) -> None:
+    """One run scored at an earlier step into compare_steps.parquet (arm `row-sSEED@STEP`); shares are
+    of full fine-tuning's gain at the same step and seed (full is compared first)."""
+    path = out / COMPARE_STEPS
+    table = io.read_parquet(path) if path.exists() else pd.DataFrame()
+    if len(table) and ((table["row"] == row) & (table["seed"] == seed) & (table["step"] == step)).any():
+        return
+    record = dict(_record(config, out, run, row, seed, ckpts, step, arm_at(row, seed, step)), step=step)
+    table = pd.concat([table, pd.DataFrame([record])], ignore_index=True)
+    base = io.read_csv(out / BASELINE).iloc[0]
+    io.write_parquet(path, pd.concat([with_shares(t, base) for _, t in table.groupby("step", sort=True)],
+                                     ignore_index=True))
 
 
 def with_shares(table: pd.DataFrame, base: pd.Series) -> pd.DataFrame:

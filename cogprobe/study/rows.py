@@ -19,6 +19,9 @@ so that a difference between two of them has one cause:
   middle, bottom, top  same-size controls: the middle blocks, the first k, the last k
   random               a same-size set drawn at random; with `random_draws` > 1 the draws are the
                        rows random-1 ... random-N, reported as a distribution, never as one draw
+  random-ends          one same-size random set for every seed (`random`'s draw at seed 0), the
+                       embeddings and head trained: cogsym-ends' control, whose seeds differ by
+                       data order only, as cogsym-ends' do
 
 Every layer-restricted row has CogSym's size k = round(fraction * L), so they differ by which
 blocks, not by how many.
@@ -44,7 +47,7 @@ from cogprobe.models.layersets import DEFAULT_FRACTION, cogsym, to_string
 from cogprobe.core.layout import SELECTION_BUDGET
 
 ROWS = ("full", "blocks", "lora", "cogsym", "cogsym-ends", "cogsym-lora", "cogsym-lora-matched", "budget",
-        "middle", "bottom", "top", "random")
+        "middle", "bottom", "top", "random", "random-ends")
 LORA_ROWS = ("lora", "cogsym-lora", "cogsym-lora-matched")
 DRAW = re.compile(r"random-(\d+)$")
 PIVOT_ONLY = "@pivot"   # ROW@pivot: ROW's parameters tuned on pivot-side text alone
@@ -120,6 +123,8 @@ def plan(row: str, *, n_layers: int, fraction: float, lora_r: int, seed: int, st
         return Plan("layers", to_string(fixed_sets[row]))
     if kind(row) == "random":
         return Plan("layers", to_string(sorted(int(b) for b in random_set(row, seed, n_layers, k))))
+    if row == "random-ends":
+        return Plan("layers", to_string(sorted(int(b) for b in random_set("random", 0, n_layers, k))), train_ends=True)
     raise CogprobeError(f"unknown row {row!r}; choose from {', '.join(ROWS)}")
 
 

@@ -43,6 +43,9 @@ class TrainConfig:
     lr: float = knob(3e-4, "peak learning rate")
     warmup: float = knob(0.05, "warm-up steps; below 1, a fraction of `steps`")
     schedule: str = knob("cosine", "after warm-up: cosine | linear (both to 0) | constant")
+    schedule_steps: int = knob(0, "the steps the schedule (and a fractional warm-up) spans; 0: `steps`. Longer "
+                               "than `steps`, the run is the start of a longer one: a study's learning-rate "
+                               "trials and the runs a plateau stopped keep the cap's schedule")
     weight_decay: float = knob(0.0, "AdamW decay on weight matrices (never biases or norms)")
     max_grad_norm: float | None = knob(1.0, "gradient clipping; None or 0: off")
     save_steps: str | list[int] = knob("log:8",
@@ -60,7 +63,7 @@ class TrainConfig:
     stop_on_plateau: bool = knob(False,
         "stop at the first evaluation step where the best dev NLL fell by less than plateau_min_improvement "
         "(relative) over the last plateau_window of the steps done (cogprobe/tuning/plateau.py); `steps` is the cap; "
-        "needs eval_steps and schedule constant")
+        "needs eval_steps, and with a decaying schedule plateau_min_steps")
     plateau_window: float = knob(0.2, "plateau rule: the window, a fraction of the steps done so far")
     plateau_min_improvement: float = knob(0.01,
         "plateau rule: stop when the best dev NLL improved by less than this fraction over the window")
@@ -110,6 +113,10 @@ class TrainConfig:
             raise CogprobeError(f"seq_len={self.seq_len!r}: give a whole number of tokens >= 2 (e.g. 128)")
         if not self.lr > 0:
             raise CogprobeError(f"lr={self.lr}: the learning rate must be positive (e.g. 3e-4)")
+        if isinstance(self.schedule_steps, bool) or not isinstance(self.schedule_steps, int) \
+                or (self.schedule_steps and self.schedule_steps < self.steps):
+            raise CogprobeError(f"schedule_steps={self.schedule_steps!r}: give 0 (the run's steps) or a whole "
+                                f"number >= steps ({self.steps})")
         if self.warmup < 0 or self.warmup_steps() > self.steps:
             raise CogprobeError(f"warmup={self.warmup}: give 0..{self.steps} steps or a fraction below 1")
         if self.schedule not in SCHEDULES:
@@ -169,9 +176,10 @@ class TrainConfig:
         if self.stop_on_plateau and not self.eval_step_list():
             raise CogprobeError("stop_on_plateau needs a dev curve to read; pass eval_steps too "
                                 "(e.g. --eval-steps every:50)")
-        if self.stop_on_plateau and self.schedule != "constant":
-            raise CogprobeError(f"stop_on_plateau needs schedule constant (a {self.schedule} schedule is shaped "
-                                "by the steps cap); pass --schedule constant")
+        if self.stop_on_plateau and self.schedule != "constant" and not self.plateau_min_steps:
+            raise CogprobeError(f"stop_on_plateau with a {self.schedule} schedule needs plateau_min_steps (the "
+                                "decay, shaped by the steps cap, slows the curve by itself); pass "
+                                "--plateau-min-steps, or --schedule constant")
 
     # ---- derived values
     def mixture(self) -> dict[str, float]:
@@ -179,7 +187,11 @@ class TrainConfig:
                 "plain": float(self.mix_plain), "pivot": float(self.mix_pivot)}
 
     def warmup_steps(self) -> int:
-        return warmup_steps(self.warmup, self.steps)
+        return warmup_steps(self.warmup, self.horizon())
+
+    def horizon(self) -> int:
+        """The steps the schedule spans: `schedule_steps`, or the run's own."""
+        return self.schedule_steps or self.steps
 
     def resolved_layers(self, n_layers: int) -> list[int] | None:
         return resolve(self.layers, n_layers) if self.strategy in LAYERED else None

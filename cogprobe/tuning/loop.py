@@ -426,7 +426,7 @@ class _Loop:
         with the step's real (not padding) tokens and loss tokens over every process."""
         cfg, acc, run = self.cfg, self.acc, self.run
         model, optimizer, stream = run.model, run.optimizer, run.stream
-        lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps(), cfg.schedule)
+        lr = cfg.lr * lr_factor(step, cfg.horizon(), cfg.warmup_steps(), cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         rank, b = acc.process_index, run.micro
