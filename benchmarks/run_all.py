@@ -4,7 +4,7 @@
     python benchmarks/run_all.py --tiny --out /tmp/b --cache /tmp/b/cache   # seconds; what the tests run
 
 Each benchmark runs in its own subprocess (clean memory numbers, no state shared
-between them) and writes OUT/{capture,sweeps,tuning,probe_path,grid,scale,precision}.csv; this script then reads
+between them) and writes OUT/{capture,sweeps,tuning,probe_path,grid,scale,precision,loss}.csv; this script then reads
 the CSVs back, checks the targets of the issue, and writes OUT/latest.md (the
 tables and targets as Markdown, for the README). Missing a target is reported,
 not an error: the exit status is non-zero only when a benchmark fails to run.
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import capture_bench  # noqa: E402
 import grid_bench  # noqa: E402
+import loss_bench  # noqa: E402
 import precision_bench  # noqa: E402
 import probe_path  # noqa: E402
 import scale_bench  # noqa: E402
@@ -34,6 +35,7 @@ BENCHMARKS = {  # name -> (module, csv)
     "grid": (grid_bench, "grid"),
     "scale": (scale_bench, "scale"),
     "precision": (precision_bench, "precision"),
+    "loss": (loss_bench, "loss"),
 }
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(BENCH))
 
 import capture_bench  # noqa: E402
 import grid_bench  # noqa: E402
+import loss_bench  # noqa: E402
 import precision_bench  # noqa: E402
 import probe_path  # noqa: E402
 import scale_bench  # noqa: E402
@@ -44,7 +45,7 @@ def tiny_run(tmp_path_factory):
 def test_a_tiny_run_leaves_the_published_tables_alone(tiny_run):
     results, stdout = tiny_run
     assert sorted(p.name for p in results.iterdir()) == ["capture.csv", "grid.csv", "grid_by_k.csv", "latest.md",
-                                                         "precision.csv", "probe_path.csv", "scale.csv",
+                                                         "loss.csv", "precision.csv", "probe_path.csv", "scale.csv",
                                                          "scale_projection.csv", "sweeps.csv", "tuning.csv"]
     assert str(BENCH / "results") not in stdout   # every table went to --out
 
@@ -55,7 +56,7 @@ def _table(results: Path, name: str) -> pd.DataFrame:
 
 @pytest.mark.parametrize("name,module", [("capture", capture_bench), ("sweeps", sweep_bench),
                                          ("tuning", tuning_bench), ("probe_path", probe_path), ("grid", grid_bench),
-                                         ("scale", scale_bench), ("precision", precision_bench)])
+                                         ("scale", scale_bench), ("precision", precision_bench), ("loss", loss_bench)])
 def test_tables_have_their_columns_and_the_machine_on_every_row(tiny_run, name, module):
     table = _table(tiny_run[0], name)
     assert list(table.columns) == module.COLUMNS + MACHINE
@@ -87,6 +88,16 @@ def test_sweeps_agree_and_count_against_the_floor(tiny_run):
     assert fast["evals_over_floor"].le(1.2).all()
     assert list(fast["checkpoints"]) == [1, 4]
     assert table["checkpoint_source"].str.contains("full fine-tuning").all()
+
+
+def test_the_loss_benchmark_trains_each_model_with_both_losses(tiny_run):
+    table = _table(tiny_run[0], "loss").set_index("name")
+    assert list(table.index) == list(loss_bench.CASES)
+    assert table["chunk"].tolist() == [0, 8, 0, 8] and table["vocab"].tolist()[2:] == [4096, 4096]
+    for model in ("embedded", "vocab-128k"):   # the same first step, whichever loss computed it
+        own, chunked = table.loc[f"{model}, own loss"], table.loc[f"{model}, chunked"]
+        assert chunked["loss_step_1"] == pytest.approx(own["loss_step_1"], rel=1e-5)
+        assert own["peak_vs_own"] == 1.0
 
 
 def test_tuning_counts_follow_the_strategies(tiny_run):

@@ -97,6 +97,21 @@ def test_two_process_lora_layers_training_follows_the_single_process_run(inputs)
     assert files(out) == files(one)
 
 
+def test_two_process_training_with_the_chunked_loss_follows_the_single_process_run(inputs, single_run):
+    """--loss-chunk-tokens goes through the model's own forward, so DDP syncs its gradients as for the own loss."""
+    out = inputs["root"] / "two-chunked"
+    done = torchrun("train", *flags(model=inputs["model"], corpus=inputs["corpus"], out=out, loss_chunk_tokens=5,
+                                    **TRAIN_FLAGS))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (pd.read_parquet(r / "train_log.parquet") for r in (single_run, out))
+    for col in ("loss", "grad_norm"):
+        assert two[col].to_numpy() == pytest.approx(one[col].to_numpy(), rel=1e-5, abs=1e-6)
+    a = load_file(str(single_run / "checkpoints/step-4/trainable.safetensors"))
+    b = load_file(str(out / "checkpoints/step-4/trainable.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4)
+
+
 def test_two_processes_score_the_same_dev_curve_and_stop_at_the_same_step(inputs):
     """Every process scores the dev set (DDP's forward collectives stay in step) and the main process's
     plateau decision is everyone's: the curve and the stop are the single-process run's."""

@@ -597,12 +597,13 @@ def test_a_converged_study_keeps_the_caps_schedule_and_scores_its_earlier_step(s
     """The converged preset's path at tiny sizes: a cosine schedule of the 8-step cap for every run (the
     learning-rate trials are its first steps, full stops on a plateau from plateau_min_steps and the others
     train as long on the same schedule), each run also scored on test at step 2 (compare_steps.parquet, its
-    shares of full's gain at step 2), and random-ends one set for both seeds, its ends trained."""
+    shares of full's gain at step 2), and random-ends one set for both seeds, its ends trained; the chunked
+    loss (an execution knob) in every run."""
     root, model, corpus = setup
     config = build_config(tmp_path / "conv", preset_name="converged", model=str(model), corpus=str(corpus),
                           **{**STANDARD_TINY, "steps": 8, "plateau_min_steps": 4, "warmup": 0, "lr_steps": 2,
                              "compare_steps": "2", "save_steps": "2", "prose_passages": 0, "sweep_ks": None,
-                             "eval_steps": "every:1", "seeds": "0,1"})
+                             "eval_steps": "every:1", "seeds": "0,1", "loss_chunk_tokens": 16})
     assert config.rows == "full,cogsym-ends,random-ends" and config.schedule == "cosine"
     out = run(config, log=lambda m: None)
     length = json.loads((out / "study.json").read_text())["run_length"]
@@ -612,6 +613,7 @@ def test_a_converged_study_keeps_the_caps_schedule_and_scores_its_earlier_step(s
     for folder in trials + runs:
         cfg = json.loads((folder / "manifest.json").read_text())["config"]
         assert cfg["schedule_steps"] == 8 and cfg["schedule"] == "cosine", folder.name
+        assert cfg["loss_chunk_tokens"] == 16, folder.name   # the study's memory knob reaches every run
     compare = pd.read_parquet(out / COMPARE)
     assert len(compare) == 6
     ends = compare[compare["row"] == "random-ends"]

@@ -61,6 +61,7 @@ def final_state(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     (dict(stop_on_plateau=True, eval_steps="every:1"), "cosine schedule needs plateau_min_steps.*--schedule constant"),
     (dict(schedule_steps=3), "schedule_steps=3.*>= steps \\(4\\)"),
     (dict(schedule_steps=-1), "schedule_steps=-1"),
+    (dict(loss_chunk_tokens=-1), "loss_chunk_tokens=-1"),
 ])
 def test_config_rejects_with_named_field(inputs, tmp_path, kw, words):
     with pytest.raises(CogprobeError, match=words):
@@ -193,6 +194,33 @@ def test_gradient_checkpointing_gives_the_same_run(inputs, tmp_path, strategy, l
     assert np.allclose(logs[0]["loss"], logs[1]["loss"], atol=1e-6)
     assert np.allclose(logs[0]["grad_norm"], logs[1]["grad_norm"], rtol=1e-5)
     assert plain.keys() == saved.keys() and all(torch.allclose(plain[k], saved[k], atol=1e-6) for k in plain)
+
+
+@pytest.mark.parametrize("family, strategy, kw", [
+    ("llama", "full", {}), ("llama", "full", dict(bf16=True)), ("qwen2", "layers", dict(layers="1,4", train_head=True)),
+    ("gpt2", "lora-layers", dict(layers="0,5", lora_dropout=0.0))])
+def test_the_chunked_loss_on_scored_positions_is_the_models_own_loss(inputs, tmp_path, family, strategy, kw):
+    """loss_chunk_tokens: logits of the labelled positions only, 7 tokens a chunk, recomputed in the backward
+    pass; the same losses, gradients and weights as the model's own loss, up to float order."""
+    kw = dict(family=family, lr=1e-3, **kw)
+    own = final_state(config(inputs, tmp_path / "own", strategy, **kw))
+    chunked = final_state(config(inputs, tmp_path / "chunked", strategy, loss_chunk_tokens=7, **kw))
+    logs = [pd.read_parquet(tmp_path / n / "train_log.parquet") for n in ("own", "chunked")]
+    tol = dict(rtol=1e-3, atol=1e-3) if kw.get("bf16") else dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logs[1]["loss"], logs[0]["loss"], **tol)
+    np.testing.assert_allclose(logs[1]["grad_norm"], logs[0]["grad_norm"], **tol)
+    assert own.keys() == chunked.keys()
+    for name in own:
+        torch.testing.assert_close(chunked[name], own[name], rtol=1e-4, atol=1e-4 if not kw.get("bf16") else 1e-3)
+
+
+def test_the_chunked_loss_refuses_a_model_that_caps_its_logits(tmp_path):
+    """Gemma 2 soft-caps its logits after the head; the chunked path would skip that, so it says so."""
+    from cogprobe.tuning.loss import check_plain_head
+    from tiny import tiny_model
+    with pytest.raises(CogprobeError, match="final_logit_softcapping.*--loss-chunk-tokens 0"):
+        check_plain_head(tiny_model("gemma2"))
+    check_plain_head(tiny_model("llama"))
 
 
 def test_bf16_autocast_keeps_fp32_weights(inputs, tmp_path):

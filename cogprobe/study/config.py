@@ -30,7 +30,8 @@ from cogprobe.study.rows import LORA_ROWS, PIVOT_ONLY, ROWS, controlled, expand,
 PRESETS = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "quick"   # `make run`: the smoke test of the whole chain, minutes on a CPU
 # how a study runs, not what it computes
-EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "report_to", "resume_every")
+EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "report_to", "resume_every", "gradient_checkpointing",
+                  "loss_chunk_tokens")
 # what a study accepts a change of on a rerun: its `chrf` stages score every compared run again from
 # its kept weights, so no row is scored on other sentences than the rest (`study.rescore_chrf`); its
 # `prose` stages score every arm on the new English passages, and an arm whose weights are gone keeps
@@ -56,6 +57,11 @@ class StudyConfig:
     lora_lr: float = knob(1e-3, "peak lr of the LoRA runs (adapters start at zero and need a larger step)")
     lora_r: int = knob(TrainConfig.lora_r, "LoRA rank")
     bf16: bool = knob(TrainConfig.bf16, "bf16 autocast in training")
+    gradient_checkpointing: bool = knob(TrainConfig.gradient_checkpointing, "every run recomputes each block in "
+                                        "the backward pass: activation memory of about one block, the same runs")
+    loss_chunk_tokens: int = knob(TrainConfig.loss_chunk_tokens, "every run's loss from its labelled positions, "
+                                  "this many tokens of logits at a time (0: the model's own loss; "
+                                  "cogprobe/tuning/loss.py)")
     threads: int | None = knob(TrainConfig.threads, "torch threads (default: torch's)")
     save_steps: str = knob("0,6,12,24", "checkpoints of the first full fine-tuning run, probed by the sweeps")
     fraction: float = knob(DEFAULT_FRACTION, "CogSym fraction of blocks (the paper's 25%)")
@@ -249,7 +255,8 @@ TABLES = {
     "data": ("model", "corpus", "pivot_col", "target_col", "split_seed", "sample_seed"),
     "train": ("seeds", "steps", "batch_size", "seq_len", "lr", "lora_lr", "lora_r", "bf16", "schedule", "warmup",
               "loss_on", "train_max_sentence_tokens", "save_steps", "eval_steps", "dev_pairs", "converge",
-              "plateau_window", "plateau_min_improvement", "plateau_min_steps", "resume_every", "report_to"),
+              "plateau_window", "plateau_min_improvement", "plateau_min_steps", "resume_every", "report_to",
+              "gradient_checkpointing", "loss_chunk_tokens"),
     "lr": ("lr_grid", "lora_lr_grid", "lr_steps"),
     "rows": ("rows", "random_draws", "probe_row", "fraction"),
     "sweep": ("probe_pairs", "sweep_ks", "sweep_grid", "sweep_controls", "sweep_controls_at", "capture_backend"),

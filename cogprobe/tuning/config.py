@@ -25,7 +25,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 ON_DIVERGENCE = ("warn", "stop")  # what a diverging loss does: see cogprobe/tuning/health.py
 # Fields that change how a run executes but not what it computes.
 EXECUTION_ONLY = ("out", "resume", "overwrite", "threads", "progress", "report_to", "on_divergence", "resume_every",
-                  "gradient_checkpointing")
+                  "gradient_checkpointing", "loss_chunk_tokens")
 
 
 @dataclass
@@ -73,6 +73,10 @@ class TrainConfig:
     gradient_checkpointing: bool = knob(False, "keep only each block's input in the forward pass and recompute "
                                         "the rest in the backward pass: activation memory of about one block, "
                                         "for about a third more compute; the same gradients")
+    loss_chunk_tokens: int = knob(0, "the loss from the positions with a label only, their logits computed in "
+                                  "chunks of this many tokens and recomputed in the backward pass: logits memory "
+                                  "of one chunk, not batch x seq_len x vocab, the same loss up to float order "
+                                  "(cogprobe/tuning/loss.py; e.g. 1024; 0: the model's own loss)")
     threads: int | None = knob(None, "torch.set_num_threads for the run")
     lora_r: int = knob(8, "LoRA rank")
     lora_alpha: float = knob(16, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)")
@@ -111,6 +115,10 @@ class TrainConfig:
             _positive_int(self, name)
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise CogprobeError(f"seq_len={self.seq_len!r}: give a whole number of tokens >= 2 (e.g. 128)")
+        if isinstance(self.loss_chunk_tokens, bool) or not isinstance(self.loss_chunk_tokens, int) \
+                or self.loss_chunk_tokens < 0:
+            raise CogprobeError(f"loss_chunk_tokens={self.loss_chunk_tokens!r}: give 0 (off) or a whole number of "
+                                "tokens, e.g. 1024")
         if not self.lr > 0:
             raise CogprobeError(f"lr={self.lr}: the learning rate must be positive (e.g. 3e-4)")
         if isinstance(self.schedule_steps, bool) or not isinstance(self.schedule_steps, int) \

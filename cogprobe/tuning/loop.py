@@ -65,6 +65,7 @@ from cogprobe.models.params import load_tensors, n_trainable, trainable, trainab
 from cogprobe.tuning.runfolder import claim, lock, manifest, write_cost
 from cogprobe.tuning.strategies import LORA, LoraSpec, apply
 from cogprobe.tuning.config import TrainConfig, lr_factor
+from cogprobe.tuning.loss import check_plain_head, scored_loss
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -222,6 +223,8 @@ def _strategy(cfg: TrainConfig, model, layers: list[int] | None):
                   train_embeddings=cfg.train_embeddings, train_head=cfg.train_head)
     if cfg.gradient_checkpointing:
         _checkpoint_activations(model)
+    if cfg.loss_chunk_tokens:
+        check_plain_head(model)
     model.train()
     return model
 
@@ -444,7 +447,8 @@ class _Loop:
             sync = contextlib.nullcontext() if j == cfg.grad_accum - 1 else acc.no_sync(model)
             with sync:
                 with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss = model(**batch, use_cache=False).loss
+                    loss = (scored_loss(model, batch, cfg.loss_chunk_tokens) if cfg.loss_chunk_tokens
+                            else model(**batch, use_cache=False).loss)
                 self._sample_memory()
                 acc.backward(loss * weight * acc.num_processes)
                 self._sample_memory()
