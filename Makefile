@@ -8,7 +8,7 @@ OUT    ?= runs/default
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: install prepare run test bench clean figures evidence evidence-tables docs docs-reference
+.PHONY: install prepare run test bench clean figures evidence evidence-tables converged docs docs-reference
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,16 @@ evidence: prepare
 	$(BIN)/cogprobe run --preset standard --corpus tsunkua --out $(EVIDENCE)/tsunkua --threads 1 --eval-pairs 213 --no-sweep-controls --budget-no-set skip & b=$$!; \
 	wait $$a; ra=$$?; wait $$b; rb=$$?; [ $$ra -eq 0 ] && [ $$rb -eq 0 ]
 	$(MAKE) evidence-tables
+
+# The converged, matched study on Otomi (issue 39 item 3; cogprobe/study/presets/converged.toml): about
+# 10 hours at two threads on this 2-core CPU, so it resumes: rerun `make converged` to continue it (a run
+# cut off mid-way starts again; finished trials and compared runs are kept in the study folder, whose
+# small files are committed, runs/ not). A long study is best run from a worktree pinned at a commit,
+# so that changing main never changes the code under it:
+#   git worktree add ../pinned HEAD && cd ../pinned && PYTHONPATH=$PWD $(CURDIR)/.venv/bin/python -m cogprobe run \
+#       --preset converged --out $(CURDIR)/$(EVIDENCE)/converged-tsunkua --threads 2
+converged: prepare
+	$(BIN)/cogprobe run --preset converged --out $(EVIDENCE)/converged-tsunkua --threads 2
 
 evidence-tables:
 	$(BIN)/python analyses/evidence.py nahuatl=$(EVIDENCE)/axolotl otomi=$(EVIDENCE)/tsunkua

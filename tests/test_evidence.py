@@ -118,7 +118,7 @@ def test_the_papers_claims_are_read_off_the_matched_cells_only():
 def test_the_setting_says_whether_full_fine_tuning_plateaued_or_hit_the_cap(tmp_path):
     from cogprobe.core import io
     record = {"out": str(tmp_path), "model": "m", "corpus": "c", "steps": 100, "converge": True,
-              "eval_steps": "every:25", "warmup": 0, "plateau_window": 0.2, "plateau_min_improvement": 0.01, "run_length": 100}
+              "schedule": "constant", "eval_steps": "every:25", "warmup": 0, "plateau_window": 0.2, "plateau_min_improvement": 0.01, "run_length": 100}
     io.write_json(tmp_path / "study.json", record)
 
     def curve(nlls):

@@ -627,3 +627,28 @@ def test_a_converged_study_keeps_the_caps_schedule_and_scores_its_earlier_step(s
         list(zip(early["row"], early["seed"])), "perception_nll"].values).all()   # another checkpoint, scored
     scores = pd.read_parquet(out / "scores.parquet")
     assert {"full-s0@2", "random-ends-s1@2"} <= set(scores["arm"])
+
+    # the converged reading: every comparison at step 2 and at the end, and the change between the two
+    from cogprobe.study import length as by_length
+    written = by_length.write("tiny", out, tmp_path / "figures")
+    found = pd.read_csv(written[1])
+    end = f"tiny at the end ({length} steps)"
+    assert set(found["language"]) == {"tiny at 2", end}
+    moved = pd.read_csv(written[2]).set_index(["row", "other", "task", "quantity"])
+    assert {("cogsym-ends", "full"), ("cogsym-ends", "random-ends")} <= {k[:2] for k in moved.index}
+    assert (moved["n_seeds"] == 2).all() and (moved["step"] == 2).all() and (moved["end_step"] == length).all()
+    cells = found.set_index(["language", "row", "other", "task", "quantity"])["estimate"]
+    for (row, other, task, quantity), r in moved.iterrows():   # the change is the end minus the step, per seed
+        want = cells[(end, row, other, task, quantity)] - cells[("tiny at 2", row, other, task, quantity)]
+        assert r["estimate"] == pytest.approx(want, abs=1e-9), (row, other, task, quantity)
+        assert r["low"] <= r["estimate"] <= r["high"]
+    text = written[0].read_text()
+    assert "| question | tiny at 2 perception | tiny at 2 production | tiny at the end (" in text
+    assert "cogsym-ends vs full, perception, rel deviation:" in text
+    assert "CogSym-ends keeps more of the gain than a random set of its size" in text
+    assert "every block, test NLL" not in text   # no blocks row in this study: its questions are left out
+    script = Path(__file__).parent.parent / "analyses" / "converged.py"   # the same, from the shell
+    done = subprocess.run([sys.executable, str(script), f"tiny={out}"], capture_output=True, text=True,
+                          env={**os.environ, "COGPROBE_FIGURES": str(tmp_path / "shell")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "shell" / "converged.md").read_text() == text

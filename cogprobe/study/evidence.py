@@ -190,9 +190,10 @@ def sentences(rows: pd.DataFrame) -> list[str]:
     return lines
 
 
-def headline_table(found: pd.DataFrame) -> str:
+def headline_table(found: pd.DataFrame, asked: set[tuple[str, str]] | None = None) -> str:
     """Markdown: one line per HEADLINE question, one column per (language, task); each cell the answer
-    its interval allows (yes, no, not resolved) and the estimate [interval], "" where not yet compared."""
+    its interval allows (yes, no, not resolved) and the estimate [interval], "" where not yet compared.
+    `asked`: the (row, other) pairs to print (default every one: a study still running shows what is to come)."""
     columns = list(dict.fromkeys(zip(found["language"], found["task"])))
     if not columns:
         return ""
@@ -210,7 +211,8 @@ def headline_table(found: pd.DataFrame) -> str:
             call = verdicts.bar_call(r) if "rel_deviation" in quantity else verdicts.difference_call(r)
             fewer = f", {int(r['n_seeds'])} of {int(seeds[lang])} seeds" if r["n_seeds"] < seeds[lang] else ""
             out.append("n/a" if np.isnan(r["estimate"]) else f"{ANSWER[call]}: {cell(r, quantity)}{fewer}")
-        lines.append(f"| {question} | " + " | ".join(out) + " |")
+        if asked is None or (row, other) in asked:
+            lines.append(f"| {question} | " + " | ".join(out) + " |")
     pairs = {lang: int(g["n_pairs"].max()) for lang, g in found[~found["quantity"].isin(CHRF)].groupby("language")}
     return "\n".join([
         "Headline: each question answered only as far as its 95% interval goes (yes, no, or not resolved), "

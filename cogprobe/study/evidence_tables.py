@@ -124,6 +124,27 @@ def read(study: Path) -> dict | None:
                 draws=sorted({r for r in compare["row"] if kind(r) == "random"}))
 
 
+def read_at(study: Path, step: int) -> dict | None:
+    """The study's tables at an earlier step every run was also scored at (`compare_steps`), laid out as
+    `read` lays out the end: compare's rows of that step, and each run's scores and translations under
+    its own arm name (`row-sSEED`, from `row-sSEED@STEP`), the base model's beside them; so every
+    comparison is asked at that step with the same code. None while no run was scored there."""
+    if not (study / layout.COMPARE_STEPS).is_file():
+        return None
+    compare = study_table(study, layout.COMPARE_STEPS)
+    compare = compare[compare["step"] == step].drop(columns="step")
+    if compare.empty:
+        return None
+    tail = f"@{step}"
+
+    def at(table: pd.DataFrame) -> pd.DataFrame:
+        kept = table[(table["arm"] == "base") | table["arm"].str.endswith(tail)]
+        return kept.assign(arm=kept["arm"].str.removesuffix(tail))
+    return dict(scores=at(study_table(study, layout.SCORES)), translations=at(study_table(study, layout.TRANSLATIONS)),
+                compare=compare, seeds=sorted(int(s) for s in compare["seed"].unique()),
+                draws=sorted({r for r in compare["row"] if kind(r) == "random"}))
+
+
 def blocks_per_seed(compare: pd.DataFrame, row: str) -> str:
     """The row's blocks: one set, or each seed's (`s0: ...; s1: ...`) where they differ (a random draw is
     drawn from the seed, so `random-1` is a different set on every seed)."""
@@ -157,7 +178,7 @@ def setting(language: str, folder: Path) -> str:
     if not curve or curve[-1][0] != steps:
         return words
     last = plateau.check(curve, config.plateau_window, config.plateau_min_improvement,   # as `train` judged it
-                         warmup_steps(config.warmup, config.steps))
+                         max(config.plateau_min_steps, warmup_steps(config.warmup, config.steps)))
     if last.converged:
         return f"{words}, where full fine-tuning's dev NLL plateaued"
     if last.reference_step is None:   # too few evaluations for the rule to judge

@@ -1,0 +1,132 @@
+"""Whether a study's comparisons move with the length of its runs: the converged study's reading.
+
+A study with `compare_steps` (the converged preset: 400) scores every run on test at that earlier
+step as well as at its end (`compare_steps.parquet`, arms `row-sSEED@STEP` in scores.parquet). The
+same comparisons are then asked at both points (`evidence_tables.read_at` lays the earlier step out
+as the end), and for each NLL comparison the change from the earlier step to the end comes with its
+own interval: per seed, the comparison at the end minus at the step, on the same test pairs, over
+the seeds as every interval here (`intervals.hierarchical`). That change is the bias a cap at the
+earlier step puts on the comparison: positive rel_deviation change, the row falls further behind
+its reference as the runs go on (the cap flattered it).
+
+`readings` gives tidy records (the evidence COLUMNS with `language` naming the reading, e.g.
+"otomi at 400" and "otomi at the end (1200 steps)"), `changes` the change records, and `write` the
+markdown and CSVs (`analyses/converged.py`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cogprobe.core import intervals, io, layout
+from cogprobe.data.tasks import TASKS
+from cogprobe.study import verdicts
+from cogprobe.study.config import StudyConfig
+from cogprobe.study.evidence import headline_table
+from cogprobe.study.evidence_tables import QUESTIONS, read, read_at, record, rows_of, statistic, units
+from cogprobe.study.comparisons import RANDOM
+from cogprobe.study.rows import kind
+
+CHANGED = ("rel_deviation", "share_minus")   # the NLL quantities whose change is asked
+CHANGE_COLUMNS = ["language", "row", "other", "task", "quantity", "step", "end_step", "estimate", "low", "high",
+                  "n_pairs", "n_seeds", "per_seed", "pair_half", "seed_half"]
+
+
+def end_step(folder: Path) -> int:
+    """The steps every run of the study trained (where the plateau stopped full fine-tuning, or the cap)."""
+    return int(io.read_json(Path(folder) / layout.STUDY).get(layout.RUN_LENGTH, StudyConfig.read(folder).steps))
+
+
+def readings(language: str, folder: Path) -> pd.DataFrame:
+    """Every comparison of the headline at each earlier step and at the end, one record each."""
+    folder, found = Path(folder), []
+    for step in StudyConfig.read(folder).compare_step_list():
+        study = read_at(folder, step)
+        if study is not None:
+            found += rows_of(f"{language} at {step}", study, QUESTIONS)
+    study = read(folder)
+    if study is not None:
+        found += rows_of(f"{language} at the end ({end_step(folder)} steps)", study, QUESTIONS)
+    return pd.DataFrame(found)
+
+
+def changes(language: str, folder: Path) -> pd.DataFrame:
+    """For each NLL comparison with a fixed other row: its value at the end minus at each earlier step,
+    per seed on the same test pairs, with the interval over seeds; the seeds that have every arm."""
+    folder, out = Path(folder), []
+    study = read(folder)
+    if study is None:
+        return pd.DataFrame(columns=CHANGE_COLUMNS)
+    have, end = set(study["scores"]["arm"]), end_step(folder)
+    for step in StudyConfig.read(folder).compare_step_list():
+        for row, other, quantity in QUESTIONS:
+            if quantity not in CHANGED or other == RANDOM:
+                continue
+            names = [_both(u, step) for u in units(study["seeds"], row, other, [])]
+            names = [u for u in names if {a for k, a in u.items() if k != "seed"} <= have]
+            if not names:
+                continue
+            for task in TASKS:
+                found = _change(study, quantity, task, names)
+                out.append(dict(language=language, row=row, other=other, task=task, quantity=quantity, step=step,
+                                end_step=end, n_pairs=found[1], **record(found[0], len(names))))
+    return pd.DataFrame(out, columns=CHANGE_COLUMNS)
+
+
+def _both(unit: dict, step: int) -> dict:
+    """A unit's arms at the end and, suffixed `_at`, at `step` (the base model is the same at both)."""
+    at = {f"{k}_at": f"{a}@{step}" for k, a in unit.items() if k not in ("seed", "base")}
+    return {**unit, **at}
+
+
+def _change(study: dict, quantity: str, task: str, names: list[dict]):
+    """(interval of the comparison at the end minus at the step, pairs), over the units' seeds."""
+    f = statistic(quantity)
+
+    def change(m: dict) -> np.ndarray:
+        then = {k: m[f"{k}_at"] if k != "base" else m[k] for k in ("row", "other", "base", "full")}
+        return f(m) - f(then)
+    groups = [u["seed"] for u in names]
+    data = []
+    for unit in names:
+        arms = {k: a for k, a in unit.items() if k != "seed"}
+        got = intervals.arms(study["scores"], list(dict.fromkeys(arms.values())), task=task)
+        data.append({k: got[a] for k, a in arms.items()})
+    found = (intervals.hierarchical(change, data, groups=groups) if len(groups) > 1
+             else intervals.paired(change, data[0]))
+    return found, len(data[0]["row"][0])
+
+
+def change_words(r) -> str:
+    """One change in words, only as far as its interval goes."""
+    span = f"{r['estimate']:+.1%} [{r['low']:+.1%}, {r['high']:+.1%}]"
+    if r["n_pairs"] < verdicts.MIN_PAIRS or not np.isfinite(r["low"]):
+        return f"{span}: too few pairs to state (cogprobe states findings from {verdicts.MIN_PAIRS} pairs up)"
+    what = ("falls further behind" if r["quantity"] == "rel_deviation" else "keeps less of the gain")
+    if r["low"] > 0 and r["quantity"] == "rel_deviation" or r["high"] < 0 and r["quantity"] == "share_minus":
+        return f"{span}: {r['row']} {what} {r['other']} from step {r['step']} to the end (the cap flattered it)"
+    if r["high"] < 0 and r["quantity"] == "rel_deviation" or r["low"] > 0 and r["quantity"] == "share_minus":
+        return f"{span}: {r['row']} gains on {r['other']} from step {r['step']} to the end (the cap held it back)"
+    return f"{span}: not resolved, the interval holds 0"
+
+
+def write(language: str, folder: Path, out: Path) -> list[Path]:
+    """converged.md (the headline at each reading side by side, then the changes in words),
+    converged.csv and converged_changes.csv in `out`."""
+    found, moved = readings(language, folder), changes(language, folder)
+    out = Path(out)
+    io.write_text(out / "converged.csv", found.to_csv(index=False))
+    io.write_text(out / "converged_changes.csv", moved.to_csv(index=False))
+    rows = {kind(r) for r in StudyConfig.read(folder).row_list()}   # a random draw is of kind random
+    asked = {(r, o) for r, o, _ in QUESTIONS if {r, o} <= rows}
+    lines = [headline_table(found, asked) if len(found) else "No run of the study is compared yet."]
+    if len(moved):
+        lines.append("From the earlier step to the end, per seed on the same test pairs (the end minus the step; "
+                     f"{verdicts.BAR:.0%} is the paper's bar for the deviations themselves, not for their change):\n"
+                     + "\n".join(f"- {r['row']} vs {r['other']}, {r['task']}, {r['quantity'].replace('_', ' ')}: "
+                                 f"{change_words(r)} ({int(r['n_seeds'])} seed(s), {int(r['n_pairs'])} pairs)"
+                                 for _, r in moved.iterrows()))
+    io.write_text(out / "converged.md", "\n\n".join(lines) + "\n")
+    return [out / name for name in ("converged.md", "converged.csv", "converged_changes.csv")]
