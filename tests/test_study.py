@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -80,7 +81,7 @@ def test_whole_study_on_a_tiny_model(setup):
     # every published-figure script runs on the study folder
     studies = [s for s in sorted((Path(__file__).parent.parent / "analyses").glob("[a-z]*.py"))
                if not s.name.startswith(("before_tuning", "measurement", "same_results", "cheap_rankings",
-                                             "taylor_line_check", "evidence", "conditional_probe"))]  # other inputs
+                                             "taylor_line_check", "evidence", "conditional_probe", "converged"))]  # other inputs
     for script in studies:
         done = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True,
                               env={**os.environ, "COGPROBE_FIGURES": str(root / "figures")})
@@ -177,6 +178,48 @@ def test_controls_swept_where_the_report_reads_them(setup, tmp_path):
     assert set(sweeps.loc[~sweeps.index.isin(controls.index), "k"]) == set(range(7))
     report = (out / "report.md").read_text()
     assert report.count(", the source-dependent part (conditional gain ") == 2
+
+
+def test_a_sequential_probe_scores_chunks_until_its_rule_stops_and_everything_reads_the_pairs_it_used(setup, tmp_path):
+    """probe_chunk: chunks of 2 of the 6 dev pairs; a half-width no interval reaches, so every pair is scored;
+    the union is the sweep of those 8 pairs, and capture, the budget selection, evalsets.json and the
+    report all read that set."""
+    from cogprobe.data.evalset import EvalSet
+    from cogprobe.probe.folders import sweep_run
+    root, model, corpus = setup
+    values = tiny_config(root, model, corpus, rows="full", sweep_grid="adaptive", sweep_controls_at="read",
+                         probe_pairs=6, probe_chunk=2, probe_half_width=1e-9).to_dict()
+    out = run(build_config(tmp_path / "seq", preset_name=None, **{k: v for k, v in values.items() if k != "out"}),
+              log=lambda m: None)
+    record = json.loads((out / "probe_pairs.json").read_text())
+    assert record["stopped"] == "all pairs" and record["pairs"] == 6
+    assert [c["pairs"] for c in record["chunks"]] == [2, 4, 6] and all(c["widest"] > 0 for c in record["chunks"])
+    sweeps = pd.read_parquet(out / "sweeps.parquet")
+    assert {len(a) for a in sweeps["example_nll"]} == {6}
+    meta = json.loads((out / "sweeps.parquet.json").read_text())
+    assert meta["window"] == [0, 6] and meta["n"] == 6 and len(meta["computed"]) >= 3
+    used = EvalSet(**{k: v for k, v in meta.items() if k not in ("source", "computed")})
+    direct = sweep_run(out / "runs" / "full-s0", evalset=used, out=tmp_path / "direct", progress=False,
+                       log=lambda m: None, ks=tuple(sorted(set(sweeps["k"]))), tasks=tuple(sorted(set(sweeps["task"]))))
+    key = ["checkpoint_step", "task", "direction", "k"]
+    both = sweeps.merge(direct, on=key, suffixes=("", "_direct"))
+    assert len(both) == len(sweeps)
+    np.testing.assert_allclose(both["nll"], both["nll_direct"], rtol=1e-6, atol=1e-6)
+    assert json.loads((out / "activations.parquet.json").read_text())["window"] == [0, 6]
+    assert json.loads((out / "evalsets.json").read_text())["probe"]["sampled"] == 6
+    report = (out / "report.md").read_text()
+    assert "chunks of 2 of 6 and stopped at 6 pairs: every pair was scored" in report
+
+
+def test_the_sequential_rule_stops_narrow_on_budget_or_with_every_pair():
+    from cogprobe.study.sequential import ALL, BUDGET, NARROW, stop_reason
+    chunk = [dict(pairs=3, seconds=10.0, widest=0.3)]
+    assert stop_reason(chunk, 0.05, 0.1, 0, 9) == NARROW
+    assert stop_reason(chunk, 0.3, 0.1, 0, 9) is None               # no budget: on to the next chunk
+    assert stop_reason(chunk, 0.3, 0.1, 19.0, 9) == BUDGET          # a second chunk of ~10 s would pass 19 s
+    assert stop_reason(chunk, 0.3, 0.1, 21.0, 9) is None
+    assert stop_reason(chunk, None, 0.1, 0, 3) == ALL               # no share defined, and no pair left
+    assert stop_reason(chunk + [dict(pairs=6, seconds=10.0, widest=0.2)], 0.2, 0.1, 0, 6) == ALL
 
 
 def test_studies_written_before_budget_no_set_keep_skipping_their_budget_row():

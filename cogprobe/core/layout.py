@@ -53,6 +53,7 @@ RUN_LENGTH = "run_length"              # in study.json (converge): the steps eve
 EVALSETS = "evalsets.json"
 BASELINE = "baseline.csv"
 COMPARE = "compare.parquet"
+PROBE_PAIRS = "probe_pairs.json"       # a sequential probe's rule, chunks and decision (study.sequential)
 COMPARE_STEPS = "compare_steps.parquet"  # compare's rows at a study's earlier `compare_steps` (+ step)
 SCORES = "scores.parquet"              # per example: arm, task, pair_id, nll_sum, n_tokens
 TRANSLATIONS = "translations.parquet"  # per sentence: arm, task, pair_id, hypothesis, reference

@@ -15,7 +15,11 @@ How the pairs are chosen, in order:
   3. `n` pairs are sampled at random, stratified by document (each document gets
      its proportional share, largest remainders first), seeded by `sample_seed`,
      and kept in corpus order. Two sets of different `n` are independent samples,
-     not prefixes of each other.
+     not prefixes of each other;
+  4. with `window = (a, b)`, only pairs a..b-1 of that sample in a seeded random order
+     (the sample shuffled by `sample_seed`): the windows (0, m), (m, 2m), ... are disjoint
+     chunks of one sample, and the first m pairs a random subsample of it, so a probe
+     can score pairs in chunks until its intervals are narrow enough (`study.probe_pairs`).
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ class EvalSet:
     target_col: str | None = None
     document_col: str | None = None
     templates: dict | None = field(default=None, hash=False)  # {"perception": {"prompt": .., "continuation": ..}}
+    window: tuple[int, int] | None = None   # pairs a..b-1 of the sample in its seeded random order (step 4)
 
     def __post_init__(self):
         if self.split not in SPLITS:
@@ -63,6 +68,11 @@ class EvalSet:
             raise CogprobeError(f"evaluation set size n={self.n!r}: give a number of pairs >= 1 (or None for all)")
         if not isinstance(self.max_sentence_tokens, int) or self.max_sentence_tokens < 1:
             raise CogprobeError(f"max_sentence_tokens={self.max_sentence_tokens!r}: give a whole number >= 1")
+        if self.window is not None:
+            object.__setattr__(self, "window", tuple(self.window))   # a list from JSON: hashable again
+            a, b = self.window
+            if not 0 <= a < b or (self.n is not None and b > self.n):
+                raise CogprobeError(f"window={self.window}: give pairs (a, b) with 0 <= a < b <= n ({self.n})")
 
     @classmethod
     def for_run(cls, source, **overrides) -> "EvalSet":
@@ -79,8 +89,12 @@ class EvalSet:
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     def to_dict(self) -> dict:
-        """What a table records about its evaluation set (JSON-safe)."""
-        return io.jsonable(dataclasses.asdict(self))
+        """What a table records about its evaluation set (JSON-safe; no window, no key: the record of
+        every table written before windows existed)."""
+        d = dataclasses.asdict(self)
+        if d["window"] is None:
+            del d["window"]
+        return io.jsonable(d)
 
     def splits(self):
         return self._split_with_overlap()[0]
@@ -155,6 +169,12 @@ def _draw(evalset: EvalSet, tokenizer) -> tuple[Corpus, dict]:
                             f"{evalset.max_sentence_tokens} tokens, fewer than n={evalset.n}; ask for fewer "
                             "pairs or raise max_sentence_tokens")
     chosen = eligible if evalset.n is None else stratified_sample(eligible, evalset.n, evalset.sample_seed)
+    if evalset.window is not None:
+        a, b = evalset.window
+        if b > len(chosen):
+            raise CogprobeError(f"window {evalset.window} reaches past the {len(chosen)} pairs of the sample; "
+                                "give a window within it")
+        chosen = chosen.iloc[np.random.default_rng((evalset.sample_seed, 1)).permutation(len(chosen))[a:b]]
     sample = Corpus(f"{part.name}:{len(chosen)}", chosen.reset_index(drop=True), part.pivot_name,
                     part.target_name)
     report = dict(split_pairs=len(part), dropped_long=int((~fits).sum()), sampled=len(chosen),

@@ -105,7 +105,15 @@ class StudyConfig:
     compare_steps: str = knob("", "also score every run on test at these earlier steps (e.g. '400'; its "
                               "checkpoints kept for them), into compare_steps.parquet: whether a row's standing "
                               "moves with the length of the run")
-    probe_pairs: int = knob(16, "dev pairs sampled for sweeps, capture and budget selection")
+    probe_pairs: int = knob(16, "dev pairs sampled for sweeps, capture and budget selection (with probe_chunk: "
+                            "the most the probe may score)")
+    probe_chunk: int = knob(0, "score the probe's pairs in chunks of this many, stopping once its intervals at "
+                            "the read k's are narrow enough or its time is spent (cogprobe/study/sequential.py; "
+                            "0: all probe_pairs at once)")
+    probe_half_width: float = knob(0.1, "probe_chunk: stop once every share at the read k's of the last "
+                                   "checkpoint has a 95% half-width at most this")
+    probe_seconds: float = knob(0.0, "probe_chunk: stop before a chunk that would take the sweeping past this "
+                                "many seconds (0: no budget)")
     chrf_pairs: int = knob(16, "test pairs sampled per direction for chrF (0: the NLL pairs themselves)")
     prose_passages: int = knob(0, f"passages of {PASSAGE_TOKENS} tokens of held-out English prose (Python's "
                                "pydoc_data.topics) every arm scores: the quantisation control, whose NLL change "
@@ -135,9 +143,9 @@ class StudyConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_pairs", "probe_pairs", "chrf_pairs", "prose_passages",
                      "max_new_tokens", "max_sentence_tokens", "train_max_sentence_tokens", "lora_r",
-                     "random_draws", "dev_pairs", "lr_steps"):
+                     "random_draws", "dev_pairs", "lr_steps", "probe_chunk"):
             value = getattr(self, name)
-            least = 0 if name in ("chrf_pairs", "prose_passages") else 1
+            least = 0 if name in ("chrf_pairs", "prose_passages", "probe_chunk") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise CogprobeError(f"{name}={value!r}: give a whole number >= {least}")
         check_fraction(self.fraction, "fraction")
@@ -155,6 +163,9 @@ class StudyConfig:
                               ("sweep_controls_at", CONTROLS_AT)):
             if getattr(self, name) not in allowed:
                 raise CogprobeError(f"{name}={getattr(self, name)!r}: choose {' or '.join(allowed)}")
+        if not self.probe_half_width > 0 or not self.probe_seconds >= 0:
+            raise CogprobeError(f"probe_half_width={self.probe_half_width}, probe_seconds={self.probe_seconds}: give a "
+                                "half-width > 0 (e.g. 0.1) and seconds >= 0 (0: no budget)")
         if self.converge and not self.eval_steps:
             raise CogprobeError("converge needs a dev-NLL curve: set eval_steps, e.g. 'log:8'")
         if self.converge and self.schedule != "constant" and not self.plateau_min_steps:
@@ -259,7 +270,7 @@ TABLES = {
               "gradient_checkpointing", "loss_chunk_tokens"),
     "lr": ("lr_grid", "lora_lr_grid", "lr_steps"),
     "rows": ("rows", "random_draws", "probe_row", "fraction"),
-    "sweep": ("probe_pairs", "sweep_ks", "sweep_grid", "sweep_controls", "sweep_controls_at", "capture_backend"),
+    "sweep": ("probe_pairs", "probe_chunk", "probe_half_width", "probe_seconds", "sweep_ks", "sweep_grid", "sweep_controls", "sweep_controls_at", "capture_backend"),
     "select": ("tau", "budget_max_total", "budget_gain", "budget_no_set"),
     "compare": ("eval_pairs", "compare_steps", "chrf_pairs", "prose_passages", "max_new_tokens", "max_sentence_tokens"),
     "run": ("out", "threads", "isolate_runs", "overwrite"),

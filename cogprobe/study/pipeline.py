@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from cogprobe.core import io
-from cogprobe.study import lr_choice, prose_control
+from cogprobe.study import lr_choice, prose_control, sequential
 from cogprobe.tuning.checkpoints import CHECKPOINTS, Checkpoints
 from cogprobe.data.corpora import load_corpus
 from cogprobe.core.distributed import default_device, torch_threads
@@ -505,8 +505,10 @@ def die_with_parent() -> None:
 # --- probing and selection -------------------------------------------------------------------
 
 
-def _probe_set(config: StudyConfig) -> EvalSet:
-    return evaluation_sets(config)["probe"]
+def _probe_set(config: StudyConfig, out: Path) -> EvalSet:
+    """The probe's pairs: its sample, or with `probe_chunk` the part of it the sequential probe used."""
+    whole = evaluation_sets(config)["probe"]
+    return (sequential.used_set(whole, out) or whole) if config.probe_chunk else whole
 
 
 def _full_run(config: StudyConfig, out: Path) -> Path:
@@ -520,24 +522,54 @@ def probe_run_dir(config: StudyConfig, out: Path) -> Path:
 
 
 def probe(config: StudyConfig, out: Path, checkpoints: Checkpoints | None = None) -> None:
-    """Sweeps and capture of the probe run (`checkpoints`: the run already opened)."""
-    ks = None
-    if config.sweep_ks:
-        ks = parse_range_list(config.sweep_ks, 10**6)
-    run = probe_run_dir(config, out)
-    every = config.sweep_controls and config.sweep_controls_at == "every"
-    tasks = (*TASKS, *CONTROLS) if every else TASKS
-    quiet = dict(evalset=_probe_set(config), out=out, log=lambda m: None, checkpoints=checkpoints)
-    if config.sweep_grid == "adaptive":
-        table = adaptive_sweep_run(run, SweepOptions(ks=ks, tasks=tasks), keep=read_ks(config), **quiet)
+    """Sweeps and capture of the probe run (`checkpoints`: the run already opened); with `probe_chunk`,
+    its pairs in chunks until its intervals are narrow enough (`sequential`), then the controls on the
+    pairs it used (a shuffled source is drawn from the set scored, so they are not swept per chunk)."""
+    run, whole = probe_run_dir(config, out), evaluation_sets(config)["probe"]
+    checkpoints = checkpoints or Checkpoints.open(run).to(default_device())
+    if config.probe_chunk:
+        used = sequential.probe(whole, out, chunk=config.probe_chunk, half_width=config.probe_half_width,
+                                seconds=config.probe_seconds, read_ks=read_ks(config),
+                                sweep=lambda e, folder, ks: _sweep_tasks(config, run, e, folder, checkpoints, ks,
+                                                                         controls=False))
+        record = io.read_json(out / EVALSETS)   # the probe's entry: the pairs it used
+        record["probe"] = dict(used.to_dict(), **used.report(checkpoints.reference_tokenizer()))
+        io.write_json(out / EVALSETS, record)
+        table = io.read_parquet(out / SWEEPS)
+        if config.sweep_controls and config.sweep_controls_at == "every":
+            sweep_run(run, SweepOptions(ks=tuple(sorted(set(table["k"]))), tasks=tuple(CONTROLS)), progress=False,
+                      evalset=used, out=out, log=lambda m: None, checkpoints=checkpoints)
     else:
-        table = sweep_run(run, SweepOptions(ks=ks, tasks=tasks), progress=False, **quiet)
-    if config.sweep_controls and not every:   # the controls where the report reads them: the last checkpoint
-        read = sorted({0, *read_ks(config), _block_count(str(config.model))})
-        last = max(table["checkpoint_step"])
-        sweep_run(run, SweepOptions(ks=tuple(read), tasks=tuple(CONTROLS)), progress=False, steps=[int(last)], **quiet)
+        used = whole
+        table = _sweep_tasks(config, run, whole, out, checkpoints, None, controls=True)
+    if config.sweep_controls and config.sweep_controls_at == "read":
+        _read_controls(config, run, used, out, checkpoints, int(max(table["checkpoint_step"])))
     _record_engine(out)
-    capture_run(run, CaptureOptions(backend=config.capture_backend), progress=False, **quiet)
+    capture_run(run, CaptureOptions(backend=config.capture_backend), progress=False, evalset=used, out=out,
+                log=lambda m: None, checkpoints=checkpoints)
+
+
+def _sweep_tasks(config: StudyConfig, run: Path, evalset: EvalSet, out: Path, checkpoints: Checkpoints,
+                 ks: list[int] | None, controls: bool) -> pd.DataFrame:
+    """The probe's sweep of `evalset` into `out` on the study's grid (ks None) or at these k's (a later
+    chunk of a sequential probe: the k's its first chunk scored); `controls`: the shuffled-source
+    controls beside every k too, where `sweep_controls_at` is every. The table."""
+    if ks is None and config.sweep_ks:
+        ks = parse_range_list(config.sweep_ks, 10**6)
+    every = controls and config.sweep_controls and config.sweep_controls_at == "every"
+    tasks = (*TASKS, *CONTROLS) if every else TASKS
+    quiet = dict(evalset=evalset, out=out, log=lambda m: None, checkpoints=checkpoints)
+    if config.sweep_grid == "adaptive" and not (evalset.window and evalset.window[0] > 0):
+        return adaptive_sweep_run(run, SweepOptions(ks=ks, tasks=tasks), keep=read_ks(config), **quiet)
+    return sweep_run(run, SweepOptions(ks=ks, tasks=tasks), progress=False, **quiet)
+
+
+def _read_controls(config: StudyConfig, run: Path, evalset: EvalSet, out: Path, checkpoints: Checkpoints,
+                   last: int) -> None:
+    """The controls where the report reads them: k = 0, the read k's and every block, of the last checkpoint."""
+    read = sorted({0, *read_ks(config), _block_count(str(config.model))})
+    sweep_run(run, SweepOptions(ks=tuple(read), tasks=tuple(CONTROLS)), progress=False, steps=[last], evalset=evalset,
+              out=out, log=lambda m: None, checkpoints=checkpoints)
 
 
 def read_ks(config: StudyConfig) -> list[int]:
@@ -567,7 +599,7 @@ def select_sets(config: StudyConfig, out: Path, log, checkpoints=lambda: None) -
     try:
         budget = SelectOptions(rule="budget", tau=config.tau, max_total=config.budget_max_total, gain=config.budget_gain,
                                name=SELECTION_BUDGET)
-        select_run(probe_run_dir(config, out), budget, evalset=_probe_set(config), out=out, log=lambda m: None,
+        select_run(probe_run_dir(config, out), budget, evalset=_probe_set(config, out), out=out, log=lambda m: None,
                    progress=False, checkpoints=checkpoints())
     except CogprobeError as e:  # an honest "no set": recorded, reported, and the row as budget_no_set says
         io.write_json(out / SELECTION_BUDGET, no_budget_set(config, n, str(e)))

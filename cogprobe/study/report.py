@@ -21,9 +21,9 @@ from cogprobe.core import io
 from cogprobe.study import evidence
 from cogprobe.study import evidence_tables
 from cogprobe.study import lr_choice
-from cogprobe.study import pivot_control, prose_control
+from cogprobe.study import pivot_control, prose_control, sequential
 from cogprobe.study import verdicts
-from cogprobe.core.layout import (ALIGNMENT, BASELINE, COMPARE, EVALSETS, LR_SEARCH, MANIFEST, RUN_LENGTH, RUNS, SCORES,
+from cogprobe.core.layout import (ALIGNMENT, BASELINE, COMPARE, EVALSETS, PROBE_PAIRS, LR_SEARCH, MANIFEST, RUN_LENGTH, RUNS, SCORES,
                              STAGE_MACHINES, STAGE_SECONDS, STUDY, SWEEPS, TRAIN_LOG, TRANSLATIONS, arm)
 from cogprobe.models.loading import EMBEDDED, block_count
 from cogprobe.study.rows import FIXED_USED, Skip, kind, label, plan
@@ -176,9 +176,10 @@ def _evalsets_text(out: Path) -> str:
     parts = [f"{use.get(name, name)}: {e['sampled']} {e['split']} pairs" for name, e in sets.items()]
     e = next(iter(sets.values()))
     overlap = sum(e["overlap"].values())
+    chunked = f" ({sequential.words(io.read_json(out / PROBE_PAIRS))})" if (out / PROBE_PAIRS).is_file() else ""
     return (f"Evaluation sets (random samples stratified by document, sample seed {e['sample_seed']}, split seed "
             f"{e['split_seed']}; pairs with a side over {e['max_sentence_tokens']} tokens left out, never cut): "
-            + "; ".join(parts) + f". Normalised sentences shared between splits: {overlap}.")
+            + "; ".join(parts) + f"{chunked}. Normalised sentences shared between splits: {overlap}.")
 
 
 def _sweep_findings(out: Path) -> list[str]:
