@@ -613,7 +613,7 @@ def test_the_study_process_scores_at_the_threads_it_was_given(monkeypatch, tmp_p
 
 
 def test_make_evidence_continues_the_committed_studies():
-    """The Makefile's evidence commands build each committed study's own config: a preset change that
+    """The Makefile's evidence and converged commands build each committed study's own config: a preset change that
     would make them refuse their folder (a different study) fails here, not hours into a session."""
     import dataclasses
     import re
@@ -624,8 +624,8 @@ def test_make_evidence_continues_the_committed_studies():
     from cogprobe.study.config import EXECUTION_ONLY, RESCORED, StudyConfig, renamed
     from cogprobe.study.pipeline import RECORDS
     repo = Path(__file__).parent.parent
-    lines = re.findall(r"\$\(BIN\)/cogprobe (run --preset standard [^&\n]*)&", (repo / "Makefile").read_text())
-    assert len(lines) == 2
+    lines = re.findall(r"\$\(BIN\)/cogprobe (run --preset (?:standard|converged) [^&\n]*)", (repo / "Makefile").read_text())
+    assert len(lines) == 3   # make evidence's two languages, make converged
     for line in lines:
         argv = shlex.split(line.replace("$(EVIDENCE)", "analyses/evidence"))
         a = build_parser().parse_args(argv)
