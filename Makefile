@@ -64,8 +64,8 @@ evidence: prepare
 	wait $$a; ra=$$?; wait $$b; rb=$$?; [ $$ra -eq 0 ] && [ $$rb -eq 0 ]
 	$(MAKE) evidence-tables
 
-# The converged, matched study on Otomi (issue 39 item 3; cogprobe/study/presets/converged.toml): about
-# 10 hours at two threads on this 2-core CPU, so it resumes: rerun `make converged` to continue it (a run
+# The converged, matched study on Otomi (issue 39 item 3; cogprobe/study/presets/converged.toml): an
+# estimated 8-10 hours more at two threads on this 2-core CPU (its trials ran at ~1.5 s a step), so it resumes: rerun `make converged` to continue it (a run
 # cut off mid-way starts again; finished trials and compared runs are kept in the study folder, whose
 # small files are committed, runs/ not). A long study is best run from a worktree pinned at a commit,
 # so that changing main never changes the code under it:

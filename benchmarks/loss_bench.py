@@ -12,7 +12,7 @@ batch of long rows, in a fresh subprocess each:
               whose logits outweigh a few blocks' activations (the tokenizer is SmolLM2's, so only
               its first 49,152 rows are ever read: the head's cost is its size, not the ids)
 
-Measured per case, from the run's own files and one exact peak (as `tuning_bench`):
+Measured per case, from the run's own files and one exact peak (`tuning_bench.train_measured`):
   peak_rss_mib     the process's peak RSS over the measured steps (high-water mark reset after
                    the warm-up step, which allocates the optimizer state)
   sec_per_step     median of train_log.parquet `seconds` over the measured steps
@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import tuning_bench  # noqa: E402
 
 SIZES = dict(full=dict(batch_size=4, seq_len=512, measured=2, chunk=1024),
              tiny=dict(batch_size=2, seq_len=32, measured=1, chunk=8))
@@ -71,13 +72,8 @@ def _embedded_dir() -> Path:
     return embedded_dir()
 
 
-class _Done(Exception):
-    """Raised from on_step after the last measured step: stops train() before its final save."""
-
-
 def measure(case: str) -> dict:
-    import pandas as pd
-    from cogprobe.tuning.loop import TrainConfig, train
+    from cogprobe.tuning.loop import TrainConfig
     s = sizes()
     model, loss = case.split(", ")
     chunk = s["chunk"] if loss == "chunked" else 0
@@ -87,22 +83,9 @@ def measure(case: str) -> dict:
         cfg = TrainConfig(model=model_folder(model), corpus=str(common.train_corpus()), out=Path(tmp) / "run",
                           strategy="full", steps=steps, batch_size=s["batch_size"], seq_len=s["seq_len"], warmup=0,
                           save_steps=str(steps), progress=False, threads=common.threads(), loss_chunk_tokens=chunk)
-
         seen = {}
-
-        def on_step(step, model, loss):
-            if step == 1:
-                seen["vocab"] = model.get_output_embeddings().weight.shape[0]
-                mem.__enter__()
-            if step == steps:
-                mem.__exit__(None, None, None)
-                raise _Done
-
-        try:
-            train(cfg, on_step=on_step)
-        except _Done:
-            pass
-        log = pd.read_parquet(cfg.out / "train_log.parquet")
+        log = tuning_bench.train_measured(cfg, mem, on_first=lambda m: seen.update(
+            vocab=m.get_output_embeddings().weight.shape[0]))
     return dict(name=case, model=model, chunk=chunk, seconds=log[log["step"] > 1]["seconds"].tolist(),
                 loss_step_1=float(log["loss"].iloc[0]), peak=mem.peak, memory_kind=mem.kind, vocab=seen["vocab"],
                 batch_size=s["batch_size"], seq_len=s["seq_len"])

@@ -65,8 +65,7 @@ class _Done(Exception):
 
 def measure(name: str) -> dict:
     from cogprobe.core import io
-    from cogprobe.tuning.loop import TrainConfig, train
-    import pandas as pd
+    from cogprobe.tuning.loop import TrainConfig
     s = sizes()
     strategy, layers = STRATEGIES[name]
     if layers == "last-quarter":
@@ -78,19 +77,7 @@ def measure(name: str) -> dict:
                           strategy=strategy, layers=layers, steps=steps, batch_size=s["batch_size"],
                           seq_len=s["seq_len"], warmup=0, save_steps=str(steps), progress=False,
                           threads=common.threads())
-
-        def on_step(step, model, loss):
-            if step == 1:
-                mem.__enter__()   # after the warm-up step: optimizer state exists, peak reset
-            if step == steps:
-                mem.__exit__(None, None, None)
-                raise _Done
-
-        try:
-            train(cfg, on_step=on_step)
-        except _Done:
-            pass
-        log = pd.read_parquet(cfg.out / "train_log.parquet")
+        log = train_measured(cfg, mem)
         cost = io.read_json(cfg.out / "cost.json")
         manifest = io.read_json(cfg.out / "manifest.json")
     measured = log[log["step"] > 1]["seconds"].tolist()
@@ -98,6 +85,28 @@ def measure(name: str) -> dict:
                 seconds=measured, peak=mem.peak, memory_kind=mem.kind,
                 trainable_params=cost["trainable_params"], optimizer_state_bytes=cost["optimizer_state_bytes"],
                 train_reported_peak=cost["peak_memory_bytes"], batch_size=s["batch_size"], seq_len=s["seq_len"])
+
+
+def train_measured(cfg, mem, on_first=lambda model: None) -> "pd.DataFrame":
+    """Train `cfg` (1 warm-up step, then the measured ones) with `mem` (a common.PeakMemory) measuring the
+    measured steps only, stopped after the last before the final save; the run's train log.
+    `on_first(model)`: called after the warm-up step (e.g. to read the model's shape)."""
+    import pandas as pd
+    from cogprobe.tuning.loop import train
+
+    def on_step(step, model, loss):
+        if step == 1:
+            on_first(model)
+            mem.__enter__()   # after the warm-up step: optimizer state exists, peak reset
+        if step == cfg.steps:
+            mem.__exit__(None, None, None)
+            raise _Done
+
+    try:
+        train(cfg, on_step=on_step)
+    except _Done:
+        pass
+    return pd.read_parquet(cfg.out / "train_log.parquet")
 
 
 def rows_from(results: list[dict]) -> list[dict]:

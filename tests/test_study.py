@@ -184,6 +184,7 @@ def test_a_sequential_probe_scores_chunks_until_its_rule_stops_and_everything_re
     """probe_chunk: chunks of 2 of the 6 dev pairs; a half-width no interval reaches, so every pair is scored;
     the union is the sweep of those 8 pairs, and capture, the budget selection, evalsets.json and the
     report all read that set."""
+    import dataclasses
     from cogprobe.data.evalset import EvalSet
     from cogprobe.probe.folders import sweep_run
     root, model, corpus = setup
@@ -209,6 +210,10 @@ def test_a_sequential_probe_scores_chunks_until_its_rule_stops_and_everything_re
     assert json.loads((out / "evalsets.json").read_text())["probe"]["sampled"] == 6
     report = (out / "report.md").read_text()
     assert "chunks of 2 of 6 and stopped at 6 pairs: every pair was scored" in report
+    from cogprobe.study.sequential import used_set   # a record that disagrees with the table is refused
+    (out / "probe_pairs.json").write_text(json.dumps(dict(record, pairs=4)))
+    with pytest.raises(CogprobeError, match="probe used pairs \\(0, 4\\) but .* records \\(0, 6\\)"):
+        used_set(dataclasses.replace(used, window=None), out)
 
 
 def test_the_sequential_rule_stops_narrow_on_budget_or_with_every_pair():

@@ -82,10 +82,11 @@ def record(i: Interval, n_seeds: int) -> dict:
                 seed_half=getattr(i, "seed_half", float("nan")))
 
 
-def interval(study: dict, quantity: str, task: str, names: list[dict]) -> tuple[Interval, int] | None:
+def interval(study: dict, quantity: str, task: str, names: list[dict], f=None) -> tuple[Interval, int] | None:
     """The mean over units of one quantity with its interval, and the pairs it rests on (None if
-    an arm is missing). NLL quantities read scores.parquet, chrF ones translations.parquet."""
-    f = statistic(quantity)
+    an arm is missing). NLL quantities read scores.parquet, chrF ones translations.parquet. `f`: a
+    statistic of the units' names in place of the quantity's own (`length` asks a change)."""
+    f = f or statistic(quantity)
     groups = [unit["seed"] for unit in names]
     names = [{k: v for k, v in unit.items() if k != "seed"} for unit in names]
     several = len(set(groups)) > 1

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cogprobe.core import intervals, io, layout
+from cogprobe.core import io, layout
 from cogprobe.data.tasks import TASKS
 from cogprobe.study import verdicts
 from cogprobe.study.config import StudyConfig
 from cogprobe.study.evidence import headline_table
-from cogprobe.study.evidence_tables import QUESTIONS, read, read_at, record, rows_of, statistic, units
+from cogprobe.study.evidence_tables import QUESTIONS, interval, read, read_at, record, rows_of, statistic, units
 from cogprobe.study.comparisons import RANDOM
 from cogprobe.study.rows import kind
 
@@ -88,15 +88,7 @@ def _change(study: dict, quantity: str, task: str, names: list[dict]):
     def change(m: dict) -> np.ndarray:
         then = {k: m[f"{k}_at"] if k != "base" else m[k] for k in ("row", "other", "base", "full")}
         return f(m) - f(then)
-    groups = [u["seed"] for u in names]
-    data = []
-    for unit in names:
-        arms = {k: a for k, a in unit.items() if k != "seed"}
-        got = intervals.arms(study["scores"], list(dict.fromkeys(arms.values())), task=task)
-        data.append({k: got[a] for k, a in arms.items()})
-    found = (intervals.hierarchical(change, data, groups=groups) if len(groups) > 1
-             else intervals.paired(change, data[0]))
-    return found, len(data[0]["row"][0])
+    return interval(study, quantity, task, names, f=change)
 
 
 def change_words(r) -> str:

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from cogprobe.core import io
+from cogprobe.core.errors import CogprobeError
 from cogprobe.core.layout import PROBE_PAIRS, SWEEPS, metadata
 from cogprobe.data.evalset import EvalSet
 from cogprobe.probe.chunks import union
@@ -43,10 +44,19 @@ CHUNKS = "probe-chunks"
 
 
 def used_set(whole: EvalSet, out: Path) -> EvalSet | None:
-    """The set of the pairs a finished sequential probe used (None before it decided)."""
+    """The set of the pairs a finished sequential probe used (None before it decided), checked against
+    the set the sweeps table records: the two files must name the same pairs."""
     path = Path(out) / PROBE_PAIRS
     record = io.read_json(path) if path.is_file() else {}
-    return dataclasses.replace(whole, window=(0, record["pairs"])) if "stopped" in record else None
+    if "stopped" not in record:
+        return None
+    used = dataclasses.replace(whole, window=(0, record["pairs"]))
+    table = metadata(Path(out) / SWEEPS)
+    swept = io.read_json(table).get("window") if table.is_file() else None
+    if swept is not None and tuple(swept) != used.window:
+        raise CogprobeError(f"{path} says the probe used pairs {used.window} but {table} records {tuple(swept)}; "
+                            f"delete both (and {CHUNKS}/) to probe again")
+    return used
 
 
 def probe(whole: EvalSet, out: Path, *, chunk: int, half_width: float, seconds: float, read_ks: list[int],
