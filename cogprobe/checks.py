@@ -32,7 +32,7 @@ from cogprobe.tuning.checkpoints import CHECKPOINTS, META, layer_problems, probl
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.layout import (ACTIVATIONS, BASELINE, COMPARE, COST, DEV_CURVE, MANIFEST, RUNS, STOP, STUDY, SWEEPS,
                              TRAIN_LOG, arm, metadata)
-from cogprobe.tuning.config import EXECUTION_ONLY
+from cogprobe.tuning.config import EXECUTION_ONLY, current
 
 TABLES = {SWEEPS: ["checkpoint_step", "task", "direction", "mode", "k", "ends"],
           ACTIVATIONS: ["checkpoint_step", "block", "site", "stat", "task"]}
@@ -229,8 +229,8 @@ def _same_run(path: Path, table, meta: dict, steps: set[int], manifest: dict | N
     found = []
     source = meta.get("source", {})
     if manifest is not None and "run" in source:
-        config = {k: v for k, v in manifest["config"].items() if k not in EXECUTION_ONLY}
-        if source["run"] != config or source.get("base") != manifest["base"]["fingerprint"]:
+        config = {k: v for k, v in current(manifest["config"]).items() if k not in EXECUTION_ONLY}
+        if current(source["run"]) != config or source.get("base") != manifest["base"]["fingerprint"]:
             found.append(str(damaged(path, "was computed from another run than this folder's")))
     stray = sorted(int(s) for s in set(table["checkpoint_step"]) - steps)
     if stray and "run" in source:

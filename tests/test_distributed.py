@@ -116,7 +116,7 @@ def test_two_processes_score_the_same_dev_curve_and_stop_at_the_same_step(inputs
     """Every process scores the dev set (DDP's forward collectives stay in step) and the main process's
     plateau decision is everyone's: the curve and the stop are the single-process run's."""
     import json
-    cfg = dict(TRAIN_FLAGS, steps=200, save_steps="6", eval_steps="every:2", eval_pairs=3, schedule="constant",
+    cfg = dict(TRAIN_FLAGS, steps=200, save_steps="6", eval_steps="every:2", dev_pairs=3, schedule="constant",
                stop_on_plateau=True)
     one = train(TrainConfig(model=inputs["model"], corpus=inputs["corpus"], out=inputs["root"] / "curve1", **cfg))
     out = inputs["root"] / "curve2"

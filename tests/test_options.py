@@ -27,9 +27,6 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cogprobe"
 VERBS = {sweep_run: SweepOptions, capture_run: CaptureOptions, select_run: SelectOptions, rank_run: RankOptions}
 OPTIONS = (SweepOptions, CaptureOptions, SelectOptions, RankOptions, ExportOptions, Sample, EvalOptions,
            TrainConfig, StudyConfig)
-# One name, two meanings, each with its own default (docs/method.md, glossary): the study's test
-# pairs and the dev-curve pairs of a training run. Renaming one is a change of the study's record.
-TWO_MEANINGS = {("eval_pairs", "64")}
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -107,7 +104,7 @@ def literal_defaults() -> dict[tuple[str, str], list[str]]:
 
 
 def test_every_default_is_written_once():
-    twice = {k: v for k, v in literal_defaults().items() if len(v) > 1 and k not in TWO_MEANINGS}
+    twice = {k: v for k, v in literal_defaults().items() if len(v) > 1}
     assert not twice, "defaults written more than once (name them once and refer to them):\n" + "\n".join(
         f"{name}={value}: {', '.join(where)}" for (name, value), where in sorted(twice.items()))
 
@@ -126,3 +123,26 @@ def test_every_study_key_has_one_table_and_a_file_may_use_the_tables_or_not(tmp_
     (tmp_path / "unknown.toml").write_text('[probe]\nsteps = 7\n')
     with pytest.raises(CogprobeError, match=r"unknown table \[probe\]"):
         build_config("x", config_file=tmp_path / "unknown.toml")
+
+
+# Knobs a study sets per run rather than hands on (cogprobe/study/pipeline.py `train_config`): the run's
+# folder and whether to replace it, its length and learning rate (chosen per row), its checkpoints and
+# dev-curve points.
+PER_RUN = {"out", "overwrite", "steps", "lr", "save_steps", "eval_steps"}
+
+
+def test_a_knob_a_study_and_a_run_share_means_one_thing(tmp_path, inputs):
+    """Every name both configs have is handed from the study to each run unchanged: one word, one
+    meaning (a study's `eval_pairs` counts test pairs, a run's dev curve counts `dev_pairs`)."""
+    from cogprobe.study.pipeline import train_config
+    study_fields = {f.name: f for f in dataclasses.fields(StudyConfig)}
+    shared = sorted(set(study_fields) & {f.name for f in dataclasses.fields(TrainConfig)} - PER_RUN)
+    distinct = dict(batch_size=3, seq_len=48, lora_r=5, bf16=True, gradient_checkpointing=True, loss_chunk_tokens=96,
+                    threads=2, schedule="linear", warmup=7, plateau_window=0.3, plateau_min_improvement=0.02,
+                    plateau_min_steps=5, dev_pairs=9, train_max_sentence_tokens=40, loss_on="all", split_seed=4,
+                    pivot_col="es", target_col="nah", report_to="tensorboard", resume_every=11,
+                    corpus=str(inputs["corpus"]), model=str(inputs["llama"]))
+    assert sorted(distinct) == shared, "give every shared knob a distinct value here"
+    cfg = StudyConfig(out=str(tmp_path), converge=False, eval_steps="every:2", **distinct)
+    run = train_config(cfg, tmp_path, "full", 0, lr=1e-3, steps=24)
+    assert {name: getattr(run, name) for name in shared} == distinct

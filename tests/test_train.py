@@ -55,7 +55,7 @@ def final_state(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     (dict(lora_dropout=1.0), "lora_dropout"),
     (dict(eval_steps="every:0"), "every:N"),
     (dict(eval_steps="0,9"), "eval_steps.*outside 0..4"),
-    (dict(eval_pairs=-1), "eval_pairs"),
+    (dict(dev_pairs=-1), "dev_pairs"),
     (dict(plateau_window=1.0), "plateau_window"),
     (dict(stop_on_plateau=True, schedule="constant"), "needs a dev curve.*--eval-steps"),
     (dict(stop_on_plateau=True, eval_steps="every:1"), "cosine schedule needs plateau_min_steps.*--schedule constant"),
@@ -285,7 +285,33 @@ def test_a_manifest_older_than_a_knob_reads_it_as_its_default(inputs, tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert train(config(inputs, out, "full")) == out  # the same run, finished
     with pytest.raises(CogprobeError, match="different run.*eval_steps"):
-        train(config(inputs, out, "full", eval_steps="2", eval_pairs=3))
+        train(config(inputs, out, "full", eval_steps="2", dev_pairs=3))
+
+
+def test_a_run_recorded_under_the_old_key_names_is_the_same_run(inputs, tmp_path):
+    """`eval_pairs`, `eval_max_sentence_tokens`, `eval_sample_seed` and `max_sentence_tokens` were
+    renamed (`tuning.config.RENAMED`): a run and a sweep table recorded under the old names are still
+    that run and its table, for a rerun, a sweep that adds to the table, and `verify`."""
+    from cogprobe.checks import verify
+    from cogprobe.data.evalset import EvalSet
+    from cogprobe.probe.folders import sweep_run
+    from cogprobe.tuning.config import RENAMED
+    cfg = config(inputs, tmp_path / "run", "full", eval_steps="2", dev_pairs=3)
+    out = train(cfg)
+    quiet = dict(evalset=EvalSet.for_run(out, n=3, max_sentence_tokens=32), ks=(0, 1), batch_size=2,
+                 log=lambda _: None, progress=False)
+    sweep_run(out, steps=[0], **quiet)
+    old = {new: old for old, new in RENAMED.items()}
+    for path, where in ((out / "manifest.json", ("config",)), (out / "sweeps.parquet.json", ("source", "run"))):
+        record = json.loads(path.read_text())
+        parent = record[where[0]] if len(where) == 2 else record
+        parent[where[-1]] = {old.get(k, k): v for k, v in parent[where[-1]].items()}
+        assert set(old.values()) <= set(parent[where[-1]])
+        path.write_text(json.dumps(record))
+    assert train(cfg) == out   # the same run, finished
+    table = sweep_run(out, steps=[2], **quiet)   # adds to the table the old record describes
+    assert sorted(table["checkpoint_step"].unique()) == [0, 2]
+    assert verify(out) == []
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(inputs, tmp_path):
@@ -315,7 +341,7 @@ def stop_at(n):
 
 # the third: a study row as the standard preset trains it (bf16 autocast, embeddings and head
 # frozen, dev evaluations between steps), whose interruptions must not change what it learns
-STUDY_ROW = dict(bf16=True, train_embeddings=False, train_head=False, eval_steps="every:2", eval_pairs=3)
+STUDY_ROW = dict(bf16=True, train_embeddings=False, train_head=False, eval_steps="every:2", dev_pairs=3)
 
 
 @pytest.mark.parametrize("strategy, layers, extra", [("full", None, {}), ("lora-layers", "1,4", {}),
@@ -381,7 +407,7 @@ def test_killed_run_leaves_no_complete_looking_checkpoint(inputs, tmp_path):
 
 # ------------------------------------------------------------------ the dev curve and the plateau stop
 
-CURVE = dict(eval_pairs=3, schedule="constant")  # the tiny corpus's dev split holds 3 pairs
+CURVE = dict(dev_pairs=3, schedule="constant")  # the tiny corpus's dev split holds 3 pairs
 
 
 def curve_of(out: Path) -> pd.DataFrame:
@@ -441,7 +467,7 @@ def test_stops_on_a_plateau_with_its_final_checkpoint_there(inputs, tmp_path):
 def test_the_flags_reach_the_run(inputs, tmp_path):
     from helpers import cli, train_argv
     argv = train_argv(inputs["llama"], inputs["corpus"], tmp_path / "run", steps=50, lr=1e-12, eval_steps="every:3",
-                      eval_pairs=3, schedule="constant", plateau_window=0.5, plateau_min_steps=4)
+                      dev_pairs=3, schedule="constant", plateau_window=0.5, plateau_min_steps=4)
     assert cli(argv + ["--stop-on-plateau"]) == 0
     stop = json.loads((tmp_path / "run" / "manifest.json").read_text())["stop"]
     assert stop["stopped_at"] == 6 and stop["plateau"]["window"] == 0.5  # 3 is not judged (r = 0, 3 < 4); 6 is

@@ -21,7 +21,7 @@ from cogprobe.core.layout import MANIFEST, metadata, same
 from cogprobe.data.corpora import dropped_note
 from cogprobe.data.evalset import EvalSet
 from cogprobe.tuning.checkpoints import Checkpoints
-from cogprobe.tuning.config import EXECUTION_ONLY
+from cogprobe.tuning.config import EXECUTION_ONLY, current
 
 
 def open_checkpoints(source, base=None, device=None) -> Checkpoints:
@@ -45,7 +45,7 @@ def source_id(source, ckpts: Checkpoints) -> dict:
     same run, a retrained one with other settings is not), else the checkpoint folders."""
     if isinstance(source, (str, Path)) and (Path(source) / MANIFEST).is_file():
         manifest = io.read_json(Path(source) / MANIFEST)
-        config = {k: v for k, v in manifest["config"].items() if k not in EXECUTION_ONLY}
+        config = {k: v for k, v in current(manifest["config"]).items() if k not in EXECUTION_ONLY}
         return dict(run=config, base=manifest["base"]["fingerprint"])
     return dict(checkpoints=ckpts.source)
 
@@ -68,7 +68,12 @@ COMPUTED = "computed"   # how each call computed its rows (engine, precision, pe
 
 
 def identity(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if k != COMPUTED}
+    """What a table's rows depend on: its metadata without the record of how they were computed, the
+    run it names in today's key names (a table of an older run stays that run's)."""
+    found = {k: v for k, v in meta.items() if k != COMPUTED}
+    if "run" in found.get("source", {}):
+        found["source"] = {**found["source"], "run": current(found["source"]["run"])}
+    return found
 
 
 def record_run(out: Path, table: str, ran: dict) -> None:

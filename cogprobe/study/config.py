@@ -93,7 +93,7 @@ class StudyConfig:
     plateau_min_steps: int = knob(TrainConfig.plateau_min_steps, "converge: no stop before this step")
     eval_steps: str = knob(TrainConfig.eval_steps,
                            "dev-NLL curve points of every tuning run (save_steps syntax; empty: none)")
-    dev_pairs: int = knob(TrainConfig.eval_pairs, "dev pairs of the training curves and the learning-rate choice")
+    dev_pairs: int = knob(TrainConfig.dev_pairs, "dev pairs of the training curves and the learning-rate choice")
     lr_grid: str = knob("", "peak lrs tried per full-parameter row on dev, e.g. '1e-4,3e-4,1e-3' (empty: lr)")
     lora_lr_grid: str = knob("", "peak lrs tried per LoRA row on dev (empty: lora_lr)")
     lr_steps: int = knob(20, "steps of each learning-rate trial run")
@@ -120,9 +120,9 @@ class StudyConfig:
                                "from the base model reads as repair or format adaptation (a fall) or forgetting "
                                "(a rise); 0: off")
     max_new_tokens: int = knob(40, "greedy translation length cap")
-    max_sentence_tokens: int = knob(TrainConfig.eval_max_sentence_tokens,
+    max_sentence_tokens: int = knob(TrainConfig.dev_max_sentence_tokens,
                                     "evaluated pairs with a longer side are left out (never cut)")
-    train_max_sentence_tokens: int = knob(TrainConfig.max_sentence_tokens,
+    train_max_sentence_tokens: int = knob(TrainConfig.train_max_sentence_tokens,
                                           "a training pair longer than this on a side is cut as a whole")
     loss_on: str = knob(TrainConfig.loss_on, "training loss on the translated side (+ plain text), or on all tokens")
     split_seed: int = knob(TrainConfig.split_seed, "seed of the leak-free train/dev/test split")

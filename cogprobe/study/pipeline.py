@@ -339,7 +339,7 @@ def train_config(config: StudyConfig, out: Path, row: str, seed: int, *, lr: flo
         plateau_window=config.plateau_window, plateau_min_improvement=config.plateau_min_improvement,
         plateau_min_steps=config.plateau_min_steps,
         **_dev_curve(config, str(steps) if folder is not None else config.eval_steps),
-        max_sentence_tokens=config.train_max_sentence_tokens, loss_on=config.loss_on, **_text(p),
+        train_max_sentence_tokens=config.train_max_sentence_tokens, loss_on=config.loss_on, **_text(p),
         split_seed=config.split_seed, resume=True, resume_every=config.resume_every, progress=False,
         report_to=config.report_to)
 
@@ -363,8 +363,8 @@ def _dev_curve(config: StudyConfig, eval_steps: str) -> dict:
     the knobs existed): the study's dev pairs, sentence cap and sample seed."""
     if not eval_steps:
         return {}
-    return dict(eval_steps=eval_steps, eval_pairs=config.dev_pairs, eval_max_sentence_tokens=config.max_sentence_tokens,
-                eval_sample_seed=config.sample_seed)
+    return dict(eval_steps=eval_steps, dev_pairs=config.dev_pairs, dev_max_sentence_tokens=config.max_sentence_tokens,
+                dev_sample_seed=config.sample_seed)
 
 
 def _weights_needed(config: StudyConfig, out: Path, row: str, seed: int) -> bool:

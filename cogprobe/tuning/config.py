@@ -26,6 +26,12 @@ ON_DIVERGENCE = ("warn", "stop")  # what a diverging loss does: see cogprobe/tun
 # Fields that change how a run executes but not what it computes.
 EXECUTION_ONLY = ("out", "resume", "overwrite", "threads", "progress", "report_to", "on_divergence", "resume_every",
                   "gradient_checkpointing", "loss_chunk_tokens")
+# Keys renamed since runs were first recorded (old -> new), so that one word means one thing in a run
+# and in a study: `eval_pairs` counted a run's dev-curve pairs but a study's test pairs, and
+# `max_sentence_tokens` bounded training pairs here but evaluated ones everywhere else. The manifests
+# and tables of older runs read through `current`.
+RENAMED = {"eval_pairs": "dev_pairs", "eval_max_sentence_tokens": "dev_max_sentence_tokens",
+           "eval_sample_seed": "dev_sample_seed", "max_sentence_tokens": "train_max_sentence_tokens"}
 
 
 @dataclass
@@ -56,10 +62,10 @@ class TrainConfig:
     eval_steps: str | list[int] = knob("",
         'score the dev set at these steps into dev_curve.parquet, written like save_steps ("every:50", '
         '"log:8", "0,10,20"); 0 and the last step always; "" (the default): no dev curve')
-    eval_pairs: int = knob(64, "dev pairs of the dev curve: a stratified sample of the run's dev split "
+    dev_pairs: int = knob(64, "dev pairs of the dev curve: a stratified sample of the run's dev split "
                                "(0: every dev pair that fits)")
-    eval_max_sentence_tokens: int = knob(64, "dev-curve pairs with a side longer than this are left out, never cut")
-    eval_sample_seed: int = knob(0, "seed of the dev-curve sample (a study passes its sample_seed)")
+    dev_max_sentence_tokens: int = knob(64, "dev-curve pairs with a side longer than this are left out, never cut")
+    dev_sample_seed: int = knob(0, "seed of the dev-curve sample (a study passes its sample_seed)")
     stop_on_plateau: bool = knob(False,
         "stop at the first evaluation step where the best dev NLL fell by less than plateau_min_improvement "
         "(relative) over the last plateau_window of the steps done (cogprobe/tuning/plateau.py); `steps` is the cap; "
@@ -89,7 +95,7 @@ class TrainConfig:
     mix_plain: float = knob(1.0, "mixture weight of the target sentence alone")
     mix_pivot: float = knob(0.0, "mixture weight of the pivot sentence alone (with the other weights 0: "
                             "pivot-only text, the control a study's row@pivot trains)")
-    max_sentence_tokens: int = knob(MAX_SENTENCE_TOKENS, "a pair longer than this on a side is cut as a whole (both "
+    train_max_sentence_tokens: int = knob(MAX_SENTENCE_TOKENS, "a pair longer than this on a side is cut as a whole (both "
                                     "sides alike)")
     loss_on: str = knob(LOSS_ON[0], "continuation (translated side of translation examples + plain text) | all")
     pivot_col: str | None = knob(None, "corpus files: column of the pivot language")
@@ -111,7 +117,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self._check_strategy()
-        for name in ("steps", "batch_size", "grad_accum", "lora_r", "max_sentence_tokens"):
+        for name in ("steps", "batch_size", "grad_accum", "lora_r", "train_max_sentence_tokens"):
             _positive_int(self, name)
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise CogprobeError(f"seq_len={self.seq_len!r}: give a whole number of tokens >= 2 (e.g. 128)")
@@ -169,9 +175,9 @@ class TrainConfig:
         """The dev curve's sizes and the plateau rule's settings; the rule needs a curve to read and a
         learning rate that the cap does not shape."""
         self.eval_step_list()  # validates
-        if isinstance(self.eval_pairs, bool) or not isinstance(self.eval_pairs, int) or self.eval_pairs < 0:
-            raise CogprobeError(f"eval_pairs={self.eval_pairs!r}: give a number of dev pairs >= 1 (0: all)")
-        _positive_int(self, "eval_max_sentence_tokens")
+        if isinstance(self.dev_pairs, bool) or not isinstance(self.dev_pairs, int) or self.dev_pairs < 0:
+            raise CogprobeError(f"dev_pairs={self.dev_pairs!r}: give a number of dev pairs >= 1 (0: all)")
+        _positive_int(self, "dev_max_sentence_tokens")
         if not 0 < self.plateau_window < 1:
             raise CogprobeError(f"plateau_window={self.plateau_window}: give a fraction of the steps in (0, 1), "
                                 "e.g. 0.2")
@@ -226,11 +232,18 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        d = current(d)
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(d) - known)
         if unknown:
             warnings.warn(f"ignoring unknown TrainConfig keys {unknown}", stacklevel=2)
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def current(recorded: dict) -> dict:
+    """A recorded TrainConfig (a manifest's `config`, a table's `source.run`) with today's key names,
+    its values and order kept: an older run is the same run as before the renames (`RENAMED`)."""
+    return {RENAMED.get(k, k): v for k, v in recorded.items()}
 
 
 def step_list(spec, steps: int, name: str) -> set[int]:

@@ -5,8 +5,8 @@ NLL-vs-step curve, and `--stop-on-plateau` has a curve to read (see `plateau`).
 
 The set is an `EvalSet` like every other score's, the study's kind of dev set: the run's own
 corpus, columns and split (`split_seed`, `dev`, `test`, `split_by_document`), split "dev", a
-stratified random sample of `eval_pairs` whole pairs (`eval_sample_seed`), pairs with a side
-longer than `eval_max_sentence_tokens` left out. It scores the two tasks. Its `to_dict()`, its
+stratified random sample of `dev_pairs` whole pairs (`dev_sample_seed`), pairs with a side
+longer than `dev_max_sentence_tokens` left out. It scores the two tasks. Its `to_dict()`, its
 sizes and the pair ids (the order of the per-example lists) are written beside the table, in
 `dev_curve.parquet.json`, as the probe tables record theirs.
 
@@ -52,8 +52,8 @@ class DevSet:
 
 def evalset(cfg) -> EvalSet:
     """The dev-curve set of TrainConfig `cfg`: its corpus and split, its eval_* sample."""
-    return EvalSet(corpus=str(cfg.corpus), split="dev", n=cfg.eval_pairs, sample_seed=cfg.eval_sample_seed,
-                   max_sentence_tokens=cfg.eval_max_sentence_tokens, split_seed=cfg.split_seed,
+    return EvalSet(corpus=str(cfg.corpus), split="dev", n=cfg.dev_pairs, sample_seed=cfg.dev_sample_seed,
+                   max_sentence_tokens=cfg.dev_max_sentence_tokens, split_seed=cfg.split_seed,
                    split_dev=cfg.dev, split_test=cfg.test, split_by_document=cfg.split_by_document,
                    pivot_col=cfg.pivot_col, target_col=cfg.target_col, document_col=cfg.document_col)
 

@@ -192,7 +192,7 @@ def _data(cfg: TrainConfig, tok) -> tuple[PackedStream, dict, str | None]:
     splits = split_corpus(corpus, seed=cfg.split_seed, dev=cfg.dev, test=cfg.test,
                           by_document=cfg.split_by_document)
     weights = cfg.mixture()
-    texts = tokenize(tok, splits.train, seq_len=cfg.seq_len, max_sentence_tokens=cfg.max_sentence_tokens,
+    texts = tokenize(tok, splits.train, seq_len=cfg.seq_len, max_sentence_tokens=cfg.train_max_sentence_tokens,
                      kinds=tuple(k for k in KINDS if weights[k] > 0), loss_on=cfg.loss_on)
     corpus_info = dict(spec=str(cfg.corpus), pivot_name=corpus.pivot_name,
                        target_name=corpus.target_name, n_pairs=len(corpus), dropped=dict(corpus.dropped),

@@ -30,7 +30,7 @@ from cogprobe.models.layersets import to_string
 from cogprobe.core.layout import COST, DEV_CURVE, MANIFEST, STOP, TRAIN_CONFIG, TRAIN_LOG
 from cogprobe.core.layout import metadata as beside
 from cogprobe.core.layout import claim as claim_folder
-from cogprobe.tuning.config import EXECUTION_ONLY
+from cogprobe.tuning.config import EXECUTION_ONLY, current
 
 OWN = (MANIFEST, TRAIN_LOG, COST, DEV_CURVE, beside(Path(DEV_CURVE)).name, CHECKPOINTS, "tracking")
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy", "pandas")
@@ -73,7 +73,7 @@ def claim(out: Path, cfg, fingerprint: str, *, main: bool = True) -> int | None:
     have, old = None, {}
     if (out / MANIFEST).is_file() and not cfg.overwrite:  # --overwrite replaces even a damaged manifest
         old = io.read_json(out / MANIFEST)
-        have = {k: v for k, v in {**_defaults(cfg), **old.get("config", {})}.items() if k not in EXECUTION_ONLY}
+        have = {k: v for k, v in {**_defaults(cfg), **current(old.get("config", {}))}.items() if k not in EXECUTION_ONLY}
         have["base_fingerprint"] = old.get("base", {}).get("fingerprint")
     if claim_folder(out, MANIFEST, identity, have, what="run", overwrite=cfg.overwrite, ignore=(TRAIN_CONFIG,)):
         final = old.get(STOP, {}).get("stopped_at", cfg.steps)
