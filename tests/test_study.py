@@ -16,6 +16,7 @@ from cogprobe.tuning.runfolder import machine
 from cogprobe.study.pipeline import run
 from cogprobe.study.config import build_config
 from tiny import save_tiny
+from helpers import ANALYSES, run_analysis
 
 WORDS = ["in calli huei", "in atl itztic", "in tlacatl quichiua in tlaxcalli", "canin", "quemah", "amo",
          "in cihuatl", "in tepetl", "in xochitl", "in tochtli"]
@@ -83,9 +84,7 @@ def test_whole_study_on_a_tiny_model(setup):
                if not s.name.startswith(("before_tuning", "measurement", "same_results", "cheap_rankings",
                                              "taylor_line_check", "evidence", "conditional_probe", "converged"))]  # other inputs
     for script in studies:
-        done = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True,
-                              env={**os.environ, "COGPROBE_FIGURES": str(root / "figures")})
-        assert done.returncode == 0, done.stderr
+        run_analysis(script.name, out, figures=root / "figures")
     assert len(list((root / "figures").glob("*.png"))) == 6
     assert (root / "figures" / "comparison_intervals.csv").is_file()
     # analyses/conditional_probe.py trains the probe run again from the study's record, bit for bit
@@ -104,14 +103,11 @@ def test_whole_study_on_a_tiny_model(setup):
     import shutil
     copy = root / "copy"
     shutil.copytree(out, copy)
-    script = [sys.executable, str(Path(__file__).parent.parent / "analyses" / "same_results.py"), str(out), str(copy)]
-    same = subprocess.run(script, capture_output=True, text=True)
-    assert same.returncode == 0 and same.stdout.count("identical") == 6, same.stdout + same.stderr
+    assert run_analysis("same_results.py", out, copy).count("identical") == 6
     scores = pd.read_parquet(copy / "scores.parquet")
     scores.loc[0, "nll_sum"] += 1e-9
     scores.to_parquet(copy / "scores.parquet")
-    changed = subprocess.run(script, capture_output=True, text=True)
-    assert changed.returncode == 1 and "scores.parquet: DIFFERENT" in changed.stdout
+    assert "scores.parquet: DIFFERENT" in run_analysis("same_results.py", out, copy, code=1)
 
     # rerunning the same command redoes nothing: the tables stay byte-identical, no stage time shrinks
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
@@ -474,10 +470,7 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     assert set(pd.read_parquet(out / "sweeps.parquet")["checkpoint_step"]) <= set(range(length + 1))
 
     # analyses/evidence.py: the headline comparisons over both seeds, worded as far as 3 pairs allow
-    script = Path(__file__).parent.parent / "analyses" / "evidence.py"
-    done = subprocess.run([sys.executable, str(script), f"tiny={out}"], capture_output=True, text=True,
-                          env={**os.environ, "COGPROBE_FIGURES": str(tmp_path / "figures")})
-    assert done.returncode == 0, done.stderr
+    run_analysis("evidence.py", f"tiny={out}", figures=tmp_path / "figures")
     headline = pd.read_csv(tmp_path / "figures" / "evidence.csv")
     defined = headline.dropna(subset=["estimate"])   # chrF deviations from a chrF of 0 are undefined
     assert set(headline["n_seeds"]) == {2} and (defined["low"] <= defined["high"]).all()
@@ -511,17 +504,14 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
     assert spent["note"].isna().all() and (spent["hours"] > 0).all()   # every trial timed
     assert set(spent["machines"]) == {machine()}                        # every stage's machine recorded
     assert spent.loc["seed 0", "runs"] == spent.loc["seed 1", "runs"] == len(compare) // 2
-    figures = Path(__file__).parent.parent / "analyses" / "evidence_figures.py"
-    done = subprocess.run([sys.executable, str(figures), f"tiny={out}", f"again={out}"], capture_output=True,
-                          text=True, env={**os.environ, "COGPROBE_FIGURES": str(tmp_path / "figures")})
-    assert done.returncode == 0, done.stderr
+    run_analysis("evidence_figures.py", f"tiny={out}", f"again={out}", figures=tmp_path / "figures")
     drawn = pd.read_csv(tmp_path / "figures" / "evidence_share_curves.csv")
     assert set(drawn["language"]) == {"tiny", "again"} and set(drawn["row"]) == set(compare["row"])
     assert (tmp_path / "figures" / "evidence_specialization_tiny.png").is_file()
     sets = pd.read_csv(tmp_path / "figures" / "evidence_same_size.csv")   # CogSym and its same-size controls
     assert set(sets["row"]) == {r for r in compare["row"] if kind(r) in ("cogsym", "middle", "bottom", "top", "random")}
     assert {"random-1", "random-2"} <= set(sets["row"]) and set(sets["quantity"]) == {"share"}
-    sys.path.insert(0, str(script.parent))
+    sys.path.insert(0, str(ANALYSES))
     from evidence_readme import block      # the README's block of a finished study: tables and figures
     readme = block(tmp_path / "figures")
     assert "| row | blocks | trainable |" in readme and "(figures/evidence_specialization_tiny.png)" in readme
@@ -533,17 +523,13 @@ def test_standard_preset_end_to_end_on_a_tiny_model(setup, tmp_path):
         t = pd.read_parquet(partial / name)
         arm = t["arm"] if "arm" in t else t["row"] + "-s" + t["seed"].astype(str)
         t[arm != "cogsym-s1"].to_parquet(partial / name)
-    done = subprocess.run([sys.executable, str(script), f"tiny={partial}"], capture_output=True, text=True,
-                          env={**os.environ, "COGPROBE_FIGURES": str(tmp_path / "partial-figures")})
-    assert done.returncode == 0, done.stderr
+    run_analysis("evidence.py", f"tiny={partial}", figures=tmp_path / "partial-figures")
     seeds = pd.read_csv(tmp_path / "partial-figures" / "evidence.csv").groupby("row")["n_seeds"].max()
     assert seeds["cogsym"] == 1 and seeds["cogsym-lora"] == 2
     words = (tmp_path / "partial-figures" / "evidence.md").read_text()
     assert f"{len(compare) - 1} of {len(compare)} runs compared" in words and "**in progress**" in words
     (partial / "compare.parquet").unlink()
-    done = subprocess.run([sys.executable, str(script), f"tiny={partial}"], capture_output=True, text=True,
-                          env={**os.environ, "COGPROBE_FIGURES": str(tmp_path / "partial-figures")})
-    assert done.returncode == 0, done.stderr
+    run_analysis("evidence.py", f"tiny={partial}", figures=tmp_path / "partial-figures")
     assert f"0 of {len(compare)} runs" in (tmp_path / "partial-figures" / "evidence.md").read_text()
 
     # the tables alone (no runs/: weights are never committed) continue where they stopped

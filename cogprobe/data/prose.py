@@ -16,6 +16,7 @@ version's topics, so every table names it by `passage_set`, a digest of the pass
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ PASSAGE_TOKENS = 128   # long enough for context to matter, short enough for any
 _UNDERLINE = re.compile(r"[*=\-~^]+")
 
 
+@functools.lru_cache(maxsize=1)
 def prose_text() -> str:
     """The running-text paragraphs of `pydoc_data.topics`, one paragraph a line pair apart."""
     from pydoc_data.topics import topics
@@ -66,7 +68,7 @@ def cut_passages(tokenizer, n: int | None = None, tokens: int = PASSAGE_TOKENS) 
     """`n` passages of `tokens` tokens, evenly spaced over the prose (None: every one)."""
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
         raise CogprobeError(f"tokens={tokens!r}: a passage needs at least 2 tokens (one of context, one scored)")
-    stream = tokenizer(prose_text(), add_special_tokens=False).input_ids
+    stream = _token_stream(tokenizer)
     available = len(stream) // tokens
     n = available if n is None else n
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= available:
@@ -76,6 +78,23 @@ def cut_passages(tokenizer, n: int | None = None, tokens: int = PASSAGE_TOKENS) 
     ids = tuple(tuple(stream[i * tokens:(i + 1) * tokens]) for i in index)
     digest = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
     return Passages(ids, index, available, digest)
+
+
+_STREAMS: dict[str, list[int]] = {}   # the prose's token ids, by a digest of the tokenizer that made them
+
+
+def _token_stream(tokenizer) -> list[int]:
+    """The prose's token ids, made once per process and tokenizer: a study scores every arm on the same
+    passages, and the text is about 65k words. Keyed by a digest of the tokenizer's whole definition,
+    so two tokenizers that could split the text differently never share ids; a tokenizer without one
+    (a slow tokenizer) tokenizes every time."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(prose_text(), add_special_tokens=False).input_ids
+    key = hashlib.sha256(backend.to_str().encode()).hexdigest()
+    if key not in _STREAMS:
+        _STREAMS[key] = tokenizer(prose_text(), add_special_tokens=False).input_ids
+    return _STREAMS[key]
 
 
 def score_passages(model, tokenizer, n: int | None = None, tokens: int = PASSAGE_TOKENS, *,
