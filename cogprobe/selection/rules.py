@@ -391,16 +391,20 @@ def _score_candidates(table: pd.DataFrame, pairs: list[tuple[int, int]], tasks: 
         table = table[table["mode"] == "keep-outer"]
     if "checkpoint_step" in table.columns and table["checkpoint_step"].nunique() > 1:
         raise CogprobeError("evaluate() returned rows for several checkpoints; filter them to the chosen step")
+    rows_of: dict[tuple, list[int]] = {}   # (k_in, k_out, task) -> positions: one pass, not a mask per lookup
+    for i, key in enumerate(zip(table["k_in"], table["k_out"], table["task"])):
+        rows_of.setdefault(key, []).append(i)
+    nll_ref, nll_ck, share = (table[c].to_numpy() for c in ("nll_reference", "nll_checkpoint", "share"))
     out = []
     for k_in, k_out in pairs:
         shares = {}
         for task in tasks:
-            row = table[(table["k_in"] == k_in) & (table["k_out"] == k_out) & (table["task"] == task)]
-            if len(row) != 1:
-                raise CogprobeError(f"evaluate() returned {len(row)} rows for k_in={k_in}, k_out={k_out}, "
+            found = rows_of.get((k_in, k_out, task), [])
+            if len(found) != 1:
+                raise CogprobeError(f"evaluate() returned {len(found)} rows for k_in={k_in}, k_out={k_out}, "
                                     f"task {task!r}; expected one (sweep that task)")
-            _check_gain(task, float(row["nll_reference"].iloc[0]), float(row["nll_checkpoint"].iloc[0]), where)
-            shares[task] = float(row["share"].iloc[0])
+            _check_gain(task, float(nll_ref[found[0]]), float(nll_ck[found[0]]), where)
+            shares[task] = float(share[found[0]])
             if math.isnan(shares[task]):
                 raise CogprobeError(f"{where}: the share of task {task!r} at k_in={k_in}, k_out={k_out} is NaN; "
                                     "check the model and rerun")

@@ -63,7 +63,7 @@ class TrainConfig:
         'score the dev set at these steps into dev_curve.parquet, written like save_steps ("every:50", '
         '"log:8", "0,10,20"); 0 and the last step always; "" (the default): no dev curve')
     dev_pairs: int = knob(64, "dev pairs of the dev curve: a stratified sample of the run's dev split "
-                               "(0: every dev pair that fits)")
+                              "(0: every dev pair that fits)")
     dev_max_sentence_tokens: int = knob(64, "dev-curve pairs with a side longer than this are left out, never cut")
     dev_sample_seed: int = knob(0, "seed of the dev-curve sample (a study passes its sample_seed)")
     stop_on_plateau: bool = knob(False,
@@ -95,8 +95,8 @@ class TrainConfig:
     mix_plain: float = knob(1.0, "mixture weight of the target sentence alone")
     mix_pivot: float = knob(0.0, "mixture weight of the pivot sentence alone (with the other weights 0: "
                             "pivot-only text, the control a study's row@pivot trains)")
-    train_max_sentence_tokens: int = knob(MAX_SENTENCE_TOKENS, "a pair longer than this on a side is cut as a whole (both "
-                                    "sides alike)")
+    train_max_sentence_tokens: int = knob(MAX_SENTENCE_TOKENS,
+                                          "a pair longer than this on a side is cut as a whole (both sides alike)")
     loss_on: str = knob(LOSS_ON[0], "continuation (translated side of translation examples + plain text) | all")
     pivot_col: str | None = knob(None, "corpus files: column of the pivot language")
     target_col: str | None = knob(None, "corpus files: column of the new language")
