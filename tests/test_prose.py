@@ -31,12 +31,12 @@ def test_the_text_is_running_prose_and_the_passages_are_fixed():
 def test_the_prose_is_tokenized_once_per_tokenizer_and_never_shared_between_two():
     from cogprobe.data import prose
     tok = tiny_tokenizer()
-    stream = prose._token_stream(tok)
-    assert prose._token_stream(tiny_tokenizer()) is stream          # the same definition: tokenized once
+    stream = prose.token_stream(tok)
+    assert prose.token_stream(tiny_tokenizer()) is stream   # the same definition: tokenized once
     assert stream == tok(prose_text(), add_special_tokens=False).input_ids
     other = tiny_tokenizer()
-    other.add_tokens([" the"])                                      # another definition: its own ids
-    assert prose._token_stream(other) == other(prose_text(), add_special_tokens=False).input_ids != stream
+    other.add_tokens([" the"])   # another definition: its own ids
+    assert prose.token_stream(other) == other(prose_text(), add_special_tokens=False).input_ids != stream
     assert cut_passages(other, 4).passage_set != cut_passages(tok, 4).passage_set
 
 

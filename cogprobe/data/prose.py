@@ -68,7 +68,7 @@ def cut_passages(tokenizer, n: int | None = None, tokens: int = PASSAGE_TOKENS) 
     """`n` passages of `tokens` tokens, evenly spaced over the prose (None: every one)."""
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
         raise CogprobeError(f"tokens={tokens!r}: a passage needs at least 2 tokens (one of context, one scored)")
-    stream = _token_stream(tokenizer)
+    stream = token_stream(tokenizer)
     available = len(stream) // tokens
     n = available if n is None else n
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= available:
@@ -83,7 +83,7 @@ def cut_passages(tokenizer, n: int | None = None, tokens: int = PASSAGE_TOKENS) 
 _STREAMS: dict[str, list[int]] = {}   # the prose's token ids, by a digest of the tokenizer that made them
 
 
-def _token_stream(tokenizer) -> list[int]:
+def token_stream(tokenizer) -> list[int]:
     """The prose's token ids, made once per process and tokenizer: a study scores every arm on the same
     passages, and the text is about 65k words. Keyed by a digest of the tokenizer's whole definition,
     so two tokenizers that could split the text differently never share ids; a tokenizer without one
