@@ -68,8 +68,8 @@ evidence: prepare
 # estimated 8-10 hours more at two threads on this 2-core CPU (its trials ran at ~1.5 s a step), so it
 # resumes: rerun `make converged` to continue it (a run cut off mid-way goes on from its last resume
 # checkpoint, at most 50 steps back; finished trials and compared runs are kept in the study folder,
-# whose small files are committed, runs/ not). Give it the cores: beside another two-thread torch job
-# its steps took 50-80 s instead of ~1.7 s (2026-12-06). A long study is best run from a worktree
+# whose small files are committed, runs/ not). Give it the cores: beside other torch jobs (the test
+# suite and a selection) its steps took 50-80 s instead of ~1.7 s (2026-12-06). A long study is best run from a worktree
 # pinned at a commit, so that changing main never changes the code under it:
 #   git worktree add ../pinned HEAD && cd ../pinned && PYTHONPATH=$PWD $(CURDIR)/.venv/bin/python -m cogprobe run \
 #       --preset converged --out $(CURDIR)/$(EVIDENCE)/converged-tsunkua --threads 2
