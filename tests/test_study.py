@@ -1,4 +1,5 @@
 """The whole study on a tiny model: every stage runs, every table has its columns, every figure exists."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -612,8 +613,8 @@ def test_make_evidence_continues_the_committed_studies():
 
     from cogprobe.cli import build_parser
     from cogprobe.core import io
-    from cogprobe.study.config import EXECUTION_ONLY, RESCORED, StudyConfig, renamed
-    from cogprobe.study.pipeline import RECORDS
+    from cogprobe.study.config import StudyConfig, renamed
+    from cogprobe.study.pipeline import compared_identities
     repo = Path(__file__).parent.parent
     lines = re.findall(r"\$\(BIN\)/cogprobe (run --preset (?:standard|converged) [^&\n]*)", (repo / "Makefile").read_text())
     assert len(lines) == 3   # make evidence's two languages, make converged
@@ -622,9 +623,8 @@ def test_make_evidence_continues_the_committed_studies():
         a = build_parser().parse_args(argv)
         overrides = {f.name: getattr(a, f.name) for f in dataclasses.fields(StudyConfig) if f.name != "out"}
         config = build_config(a.out, preset_name=a.preset, config_file=a.config, **overrides)
-        old = renamed(io.read_json(repo / a.out / "study.json"))
-        have = {k: v for k, v in old.items() if k not in (*EXECUTION_ONLY, *RECORDS, *RESCORED)}
-        assert {k: v for k, v in config.identity().items() if k not in RESCORED} == have, a.out
+        want, have = compared_identities(config, renamed(io.read_json(repo / a.out / "study.json")))
+        assert want == have, a.out
 
 
 def test_a_converged_study_keeps_the_caps_schedule_and_scores_its_earlier_step(setup, tmp_path):
@@ -637,8 +637,11 @@ def test_a_converged_study_keeps_the_caps_schedule_and_scores_its_earlier_step(s
     config = build_config(tmp_path / "conv", preset_name="converged", model=str(model), corpus=str(corpus),
                           **{**STANDARD_TINY, "steps": 8, "plateau_min_steps": 4, "warmup": 0, "lr_steps": 2,
                              "compare_steps": "2", "save_steps": "2", "prose_passages": 0, "sweep_ks": None,
-                             "eval_steps": "every:1", "seeds": "0,1", "loss_chunk_tokens": 16})
-    assert config.rows == "full,cogsym-ends,random-ends" and config.schedule == "cosine"
+                             "eval_steps": "every:1", "seeds": "0,1", "loss_chunk_tokens": 16,
+                             "rows": "full,cogsym-ends,random-ends", "pivot_steps": 0})   # as it began
+    preset = build_config("x", preset_name="converged")
+    assert preset.rows == config.rows + ",full@pivot,cogsym-ends@pivot,random-ends@pivot" and preset.pivot_steps == 400
+    assert config.schedule == "cosine"
     out = run(config, log=lambda m: None)
     length = json.loads((out / "study.json").read_text())["run_length"]
     assert 4 <= length <= 8
@@ -686,3 +689,27 @@ def test_a_converged_study_keeps_the_caps_schedule_and_scores_its_earlier_step(s
                           env={**os.environ, "COGPROBE_FIGURES": str(tmp_path / "shell")})
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "shell" / "converged.md").read_text() == text
+
+    # pivot-only controls added to the finished study, as the preset has them: a rerun trains them (the rows
+    # before are kept), each the first 2 steps of its row's schedule, read against its row as scored at step 2
+    before = json.loads((out / "study.json").read_text())["stage_seconds"]
+    added = dataclasses.replace(config, rows=preset.rows, pivot_steps=2)
+    run(added, log=lambda m: None)
+    seconds = json.loads((out / "study.json").read_text())["stage_seconds"]
+    assert {k: seconds[k] for k in before if k.startswith(("tune", "compare", "probe"))} == {
+        k: v for k, v in before.items() if k.startswith(("tune", "compare", "probe"))}
+    for s in (0, 1):
+        cfg = json.loads((out / "runs" / f"cogsym-ends@pivot-s{s}" / "manifest.json").read_text())["config"]
+        assert (cfg["steps"], cfg["schedule_steps"], cfg["mix_pivot"], cfg["mix_production"]) == (2, 8, 1, 0)
+    from cogprobe.study.pivot_control import subtracted
+    lines = subtracted(out).set_index(["row", "seed", "task", "quantity"])["estimate"]
+    early_nll = early.set_index(["row", "seed"])["perception_nll"]
+    base = pd.read_csv(out / "baseline.csv").iloc[0]["perception_nll"]
+    assert lines[("cogsym-ends", 0, "perception", "gain")] == pytest.approx(base - early_nll[("cogsym-ends", 0)])
+    assert lines[("cogsym-ends", 0, "perception", "share")] == pytest.approx(
+        (base - early_nll[("cogsym-ends", 0)]) / (base - early_nll[("full", 0)]))
+    assert ("cogsym-ends", -1, "production", "net_share") in lines.index   # pooled over the two seeds
+    assert "for the first 2 steps of ROW's schedule" in by_length.write("tiny", out, tmp_path / "again")[0].read_text()
+    for rows in ("full,cogsym-ends", preset.rows + ",bottom"):
+        with pytest.raises(CogprobeError, match="different study"):   # a row removed, or a row that is no control
+            run(dataclasses.replace(added, rows=rows), log=lambda m: None)

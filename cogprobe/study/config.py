@@ -76,7 +76,10 @@ class StudyConfig:
     rows: str = knob("full,lora,cogsym,cogsym-lora,budget,middle,bottom,top,random",
                      "comparison rows to run (full is always run; every kind: cogprobe/study/rows.py); ROW@pivot "
                      "adds ROW's pivot-only control (ROW tuned on the pivot side alone), whose gain the report "
-                     "subtracts")
+                     "subtracts (a finished study accepts added controls on a rerun)")
+    pivot_steps: int = knob(0, "steps of each ROW@pivot control (0: its row's). Fewer, one of compare_steps: the "
+                            "control trains the first steps of its row's schedule and is read against its row's "
+                            "test scores at that step, so the two stay matched in steps, tokens and rate")
     random_draws: int = knob(1, "sets drawn for the random row (several: rows random-1 ... random-N)")
     probe_row: str = knob("full", "the row whose first-seed run is probed (checkpoints swept, budget derived)")
     schedule: str = knob(TrainConfig.schedule, "lr schedule after warm-up of every run: cosine | linear | constant")
@@ -143,9 +146,9 @@ class StudyConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_pairs", "probe_pairs", "chrf_pairs", "prose_passages",
                      "max_new_tokens", "max_sentence_tokens", "train_max_sentence_tokens", "lora_r",
-                     "random_draws", "dev_pairs", "lr_steps", "probe_chunk"):
+                     "random_draws", "dev_pairs", "lr_steps", "probe_chunk", "pivot_steps"):
             value = getattr(self, name)
-            least = 0 if name in ("chrf_pairs", "prose_passages", "probe_chunk") else 1
+            least = 0 if name in ("chrf_pairs", "prose_passages", "probe_chunk", "pivot_steps") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise CogprobeError(f"{name}={value!r}: give a whole number >= {least}")
         check_fraction(self.fraction, "fraction")
@@ -172,6 +175,9 @@ class StudyConfig:
             raise CogprobeError(f"converge with a {self.schedule} schedule needs plateau_min_steps (e.g. 3/4 of "
                                 "steps), or schedule constant")
         self.compare_step_list()
+        if self.pivot_steps and self.pivot_steps not in self.compare_step_list():
+            raise CogprobeError(f"pivot_steps={self.pivot_steps}: the controls are read against their rows at that "
+                                f"step, so add it to compare_steps (now {self.compare_steps!r}), or give 0")
         self.seed_list()
         self.lrs("full"), self.lrs("lora")
 
@@ -269,7 +275,7 @@ TABLES = {
               "plateau_window", "plateau_min_improvement", "plateau_min_steps", "resume_every", "report_to",
               "gradient_checkpointing", "loss_chunk_tokens"),
     "lr": ("lr_grid", "lora_lr_grid", "lr_steps"),
-    "rows": ("rows", "random_draws", "probe_row", "fraction"),
+    "rows": ("rows", "pivot_steps", "random_draws", "probe_row", "fraction"),
     "sweep": ("probe_pairs", "probe_chunk", "probe_half_width", "probe_seconds", "sweep_ks", "sweep_grid", "sweep_controls", "sweep_controls_at", "capture_backend"),
     "select": ("tau", "budget_max_total", "budget_gain", "budget_no_set"),
     "compare": ("eval_pairs", "compare_steps", "chrf_pairs", "prose_passages", "max_new_tokens", "max_sentence_tokens"),

@@ -22,7 +22,7 @@ import pandas as pd
 
 from cogprobe.core import io, layout
 from cogprobe.data.tasks import TASKS
-from cogprobe.study import verdicts
+from cogprobe.study import pivot_control, report, verdicts
 from cogprobe.study.config import StudyConfig
 from cogprobe.study.evidence import headline_table
 from cogprobe.study.evidence_tables import QUESTIONS, interval, read, read_at, record, rows_of, statistic, units
@@ -105,7 +105,8 @@ def change_words(r) -> str:
 
 
 def write(language: str, folder: Path, out: Path) -> list[Path]:
-    """converged.md (the headline at each reading side by side, then the changes in words),
+    """converged.md (the headline at each reading side by side, then the changes in words, then any
+    pivot-only controls' table),
     converged.csv and converged_changes.csv in `out`."""
     found, moved = readings(language, folder), changes(language, folder)
     out = Path(out)
@@ -120,5 +121,8 @@ def write(language: str, folder: Path, out: Path) -> list[Path]:
                      + "\n".join(f"- {r['row']} vs {r['other']}, {r['task']}, {r['quantity'].replace('_', ' ')}: "
                                  f"{change_words(r)} ({int(r['n_seeds'])} seed(s), {int(r['n_pairs'])} pairs)"
                                  for _, r in moved.iterrows()))
+    control = pivot_control.report_blocks(folder)   # the gain no word of the language explains, at its step
+    if control:
+        lines.append(report.markdown(control).strip())
     io.write_text(out / "converged.md", "\n\n".join(lines) + "\n")
     return [out / name for name in ("converged.md", "converged.csv", "converged_changes.csv")]

@@ -216,8 +216,7 @@ def _claim(out: Path, config: StudyConfig) -> dict[str, tuple[str | None, int | 
     checking that each can be (refused here, before anything is written, if not)."""
     path = out / STUDY
     old = renamed(io.read_json(path)) if path.is_file() and not config.overwrite else None
-    have = None if old is None else {k: v for k, v in old.items() if k not in (*EXECUTION_ONLY, *RECORDS, *RESCORED)}
-    want = {k: v for k, v in config.identity().items() if k not in RESCORED}
+    want, have = compared_identities(config, old)
     claim(out, STUDY, want, have, what="study", overwrite=config.overwrite)
     stale = stale_chrf(config, out) if old is not None else {}
     _check_weights_kept(out, stale)
@@ -227,6 +226,30 @@ def _claim(out: Path, config: StudyConfig) -> dict[str, tuple[str | None, int | 
     io.write_json(path, {**config.to_dict(), STAGE_SECONDS: {},
                          **{k: v for k, v in (old or {}).items() if k in RECORDS}})
     return stale
+
+
+def compared_identities(config: StudyConfig, recorded: dict | None) -> tuple[dict, dict | None]:
+    """(this config's identity, the recorded study's) as a rerun compares them: without the knobs a
+    study accepts a change of (`RESCORED`) and its progress records, and with added pivot-only controls
+    accepted (`with_added_controls`). `recorded`: study.json through `renamed`, or None."""
+    want = {k: v for k, v in config.identity().items() if k not in RESCORED}
+    if recorded is None:
+        return want, None
+    have = {k: v for k, v in recorded.items() if k not in (*EXECUTION_ONLY, *RECORDS, *RESCORED)}
+    return want, with_added_controls(have, want)
+
+
+def with_added_controls(have: dict, want: dict) -> dict:
+    """The recorded study as `want` has it where `want` only adds pivot-only controls (ROW@pivot of rows
+    it has, and while it has none, their `pivot_steps`): a rerun that asks for them continues the study
+    and trains them, as their rate is their row's and no finished stage reads them. Any other change
+    stays a different study."""
+    rows = lambda d: [r.strip() for r in str(d.get("rows", "")).split(",") if r.strip()]  # noqa: E731
+    added = [r for r in rows(want) if r not in rows(have)]
+    if not added or set(rows(have)) - set(rows(want)) or any(controlled(r) == r for r in added):
+        return have
+    had_controls = any(controlled(r) != r for r in rows(have))
+    return {**have, "rows": want["rows"], **({} if had_controls else {"pivot_steps": want.get("pivot_steps")})}
 
 
 # --- data --------------------------------------------------------------------------
@@ -327,11 +350,13 @@ def train_config(config: StudyConfig, out: Path, row: str, seed: int, *, lr: flo
     seed0 = config.seed_list()[0]
     probed = (row, seed) == (config.probe_row, seed0) and folder is None
     decays = config.converge and config.schedule != "constant"   # every run keeps the cap's schedule
+    # a shorter pivot-only control (`pivot_steps`) trains the first steps of its row's schedule
+    shortened = bool(config.pivot_steps) and controlled(row) != row and folder is None
     return TrainConfig(
         model=config.model, corpus=config.corpus, pivot_col=config.pivot_col, target_col=config.target_col,
         out=folder or row_run(out, row, seed), strategy=p.strategy, layers=p.layers, steps=steps,
         batch_size=config.batch_size, seq_len=config.seq_len, lr=lr, schedule=config.schedule, warmup=config.warmup,
-        schedule_steps=config.steps if decays else 0,
+        schedule_steps=config.steps if decays else (run_length(config, out, controlled(row), seed) if shortened else 0),
         lora_r=p.lora_r or config.lora_r, train_embeddings=p.train_ends, train_head=p.train_ends,
         bf16=config.bf16, threads=config.threads, seed=seed, gradient_checkpointing=config.gradient_checkpointing,
         loss_chunk_tokens=config.loss_chunk_tokens, save_steps=_save_steps(config, steps, probed, trial=folder is not None),
@@ -387,7 +412,8 @@ def tune(config: StudyConfig, out: Path, row: str, seed: int) -> None:
         row_plan(config, out, row, seed)
     except Skip:
         return   # a row that cannot run (no budget set): the report says why
-    cfg = train_config(config, out, row, seed, lr=chosen_lr(config, out, row), steps=run_length(config, out, row, seed))
+    steps = config.pivot_steps if config.pivot_steps and controlled(row) != row else run_length(config, out, row, seed)
+    cfg = train_config(config, out, row, seed, lr=chosen_lr(config, out, row), steps=steps)
     _train(cfg, config.isolate_runs, arm(row, seed))
     if _sets_length(config, row, seed):
         _record_length(out, stopped_at(Path(cfg.out)))

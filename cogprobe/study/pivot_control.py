@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from cogprobe.core import intervals, io
-from cogprobe.core.layout import COMPARE, RUNS, SCORES, TRAIN_LOG, arm
+from cogprobe.core.layout import COMPARE, RUNS, SCORES, STUDY, TRAIN_LOG, arm, arm_at
 from cogprobe.data.tasks import TASKS
 from cogprobe.study import verdicts
 from cogprobe.study.rows import PIVOT_ONLY, controlled, label
@@ -37,11 +37,13 @@ STATISTICS = {
 }
 
 
-def _units(scores: pd.DataFrame, row: str, seed: int, task: str) -> dict:
+def _units(scores: pd.DataFrame, row: str, seed: int, task: str, step: int) -> dict:
     """{role: (nll sums, token counts)} of one seed's arms on the same test pairs (roles: row, pivot,
-    base, full and, where it was run, full_pivot)."""
-    roles = {"row": arm(row, seed), "pivot": arm(row + PIVOT_ONLY, seed), "base": "base",
-             "full": arm("full", seed), "full_pivot": arm("full" + PIVOT_ONLY, seed)}
+    base, full and, where it was run, full_pivot); with `step` (the study's `pivot_steps`) the row and
+    full fine-tuning as scored at that step, where their controls stopped."""
+    at = (lambda r: arm_at(r, seed, step)) if step else (lambda r: arm(r, seed))  # noqa: E731
+    roles = {"row": at(row), "pivot": arm(row + PIVOT_ONLY, seed), "base": "base",
+             "full": at("full"), "full_pivot": arm("full" + PIVOT_ONLY, seed)}
     present = set(scores["arm"])
     names = [n for n in dict.fromkeys(roles.values()) if n in present]
     data = intervals.arms(scores, names, task=task)
@@ -54,15 +56,18 @@ def subtracted(out: Path, **kw) -> pd.DataFrame | None:
     if not (out / COMPARE).is_file() or not (out / SCORES).is_file():
         return None
     compare, scores = io.read_parquet(out / COMPARE), io.read_parquet(out / SCORES)
+    step = pivot_step(out)
     done = set(zip(compare["row"], compare["seed"].astype(int)))
+    scored = set(scores["arm"])
     seeds_of: dict[str, list[int]] = {}
     for row, seed in sorted(done):
-        if controlled(row) == row and (row + PIVOT_ONLY, seed) in done and ("full", seed) in done:
+        if controlled(row) == row and (row + PIVOT_ONLY, seed) in done and ("full", seed) in done \
+                and (not step or {arm_at(row, seed, step), arm_at("full", seed, step)} <= scored):
             seeds_of.setdefault(row, []).append(seed)
     lines = []
     for row, seeds in seeds_of.items():
         for task in TASKS:
-            units = [_units(scores, row, s, task) for s in seeds]
+            units = [_units(scores, row, s, task, step) for s in seeds]
             names = [q for q in STATISTICS if not (row == "full" and "share" in q)   # 100% by definition
                      and (q != "net_share" or all("full_pivot" in u for u in units))]
             for q in names:
@@ -72,6 +77,11 @@ def subtracted(out: Path, **kw) -> pd.DataFrame | None:
                     lines.append(_line(row, -1, task, q, intervals.hierarchical(STATISTICS[q], units, **kw),
                                        len(units[0]["base"][0])))
     return pd.DataFrame(lines) if lines else None
+
+
+def pivot_step(out: Path) -> int:
+    """The step the study's pivot-only controls stopped at and are read at (`pivot_steps`; 0: the end)."""
+    return int(io.read_json(Path(out) / STUDY).get("pivot_steps") or 0)
 
 
 def _line(row: str, seed: int, task: str, quantity: str, i: intervals.Interval, n: int) -> dict:
@@ -101,8 +111,10 @@ def report_blocks(out: Path) -> list[tuple]:
                           reading=verdicts.difference_words(
                               net, "the new language's text adds to the gain",
                               "pivot-only text gains more than the real task")))
-    text = (f"Each `ROW{PIVOT_ONLY}` tuned ROW's parameters at ROW's learning rate, steps and packed rows on "
-            "the pivot side of the same training pairs as plain text, no word of the new language. On the same "
+    step = pivot_step(out)
+    how = (f"learning rate and packed rows, for the first {step} steps of ROW's schedule (ROW and full "
+           f"fine-tuning are read as scored at step {step}), " if step else "learning rate, steps and packed rows ")
+    text = (f"Each `ROW{PIVOT_ONLY}` tuned ROW's parameters at ROW's {how}on the pivot side of the same training pairs as plain text, no word of the new language. On the same "
             "test pairs (nats per token; 95% intervals, pooled over seeds with `intervals.over_seeds` where "
             "there are several): gain = NLL base - NLL row; pivot_gain = NLL base - NLL row@pivot, the part "
             "that needs no word of the new language (repair of the weights' rounding, the format, the pivot's "
@@ -122,7 +134,9 @@ def _tokens(out: Path, row: str, seed: int | None) -> str:
     logs = [out / RUNS / arm(r, seeds[0]) / TRAIN_LOG for r in (row, row + PIVOT_ONLY)]
     if not all(log.is_file() for log in logs):
         return ""
-    return " / ".join(f"{int(io.read_parquet(log)['tokens'].max()):,}" for log in logs)
+    step = pivot_step(out) or float("inf")   # the row's tokens up to where it is read
+    return " / ".join(f"{int(t.loc[t['step'] <= step, 'tokens'].max()):,}"
+                      for t in (io.read_parquet(log) for log in logs))
 
 
 def _cell(r, quantity: str) -> str:

@@ -45,7 +45,7 @@ def write_report(out: Path) -> list[Path]:
     if log.is_file():
         figures.append(save(training_curve(io.read_parquet(log)), out / "figures" / "training_curve.png"))
     blocks = _blocks(out, figures)
-    md, page = _markdown(blocks), _html(blocks)
+    md, page = markdown(blocks), _html(blocks)
     io.write_text(out / "report.md", md)
     io.write_text(out / "report.html", page)
     return [out / "report.md", out / "report.html"]
@@ -575,7 +575,8 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _markdown(blocks) -> str:
+def markdown(blocks) -> str:
+    """A report's blocks ((kind, value): h1, h2, p, table, figure) as markdown."""
     out = []
     for kind, value in blocks:
         out.append({"h1": lambda v: f"# {v}", "h2": lambda v: f"## {v}", "p": lambda v: v,
