@@ -27,8 +27,11 @@ prepare: install
 run: prepare
 	$(BIN)/cogprobe run --out $(OUT)
 
+# Two test processes or more (pytest-xdist), a test module to each: the suite is mostly single-threaded
+# Python on tiny models (tests/conftest.py sets one torch thread), so a second process nearly halves it
+# (2-core Xeon, 2026-12-06: 7:17 against 13-15 minutes in one process). `pytest` alone still runs serially.
 test: prepare
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --maxprocesses 4 --dist loadscope
 
 bench: prepare
 	$(BIN)/python benchmarks/run_all.py
