@@ -27,7 +27,8 @@ prepare: install
 run: prepare
 	$(BIN)/cogprobe run --out $(OUT)
 
-# Two test processes or more (pytest-xdist), a test module to each: the suite is mostly single-threaded
+# Two test processes or more (pytest-xdist), a test module to each (some modules build on the folders
+# of their earlier tests, so a module stays in one process): the suite is mostly single-threaded
 # Python on tiny models (tests/conftest.py sets one torch thread), so a second process nearly halves it
 # (2-core Xeon, 2026-12-06: 7:17 against 13-15 minutes in one process). `pytest` alone still runs serially.
 test: prepare
@@ -67,17 +68,19 @@ evidence: prepare
 	wait $$a; ra=$$?; wait $$b; rb=$$?; [ $$ra -eq 0 ] && [ $$rb -eq 0 ]
 	$(MAKE) evidence-tables
 
-# The converged, matched study on Otomi (issue 39 item 3; cogprobe/study/presets/converged.toml): an
-# estimated 8-10 hours more at two threads on this 2-core CPU (its trials ran at ~1.5 s a step), so it
-# resumes: rerun `make converged` to continue it (a run cut off mid-way goes on from its last resume
-# checkpoint, at most 50 steps back; finished trials and compared runs are kept in the study folder,
-# whose small files are committed, runs/ not). Give it the cores: beside other torch jobs (the test
-# suite and a selection) its steps took 50-80 s instead of ~1.7 s (2026-12-06). A long study is best run from a worktree
-# pinned at a commit, so that changing main never changes the code under it:
+# The converged, matched study on Otomi (issue 39 item 3; cogprobe/study/presets/converged.toml): hours
+# on this 2-core CPU, so it resumes: rerun `make converged` to continue it (a run cut off mid-way goes
+# on from its last resume checkpoint, at most 50 steps back; finished trials and compared runs are kept
+# in the study folder, whose small files are committed, runs/ not). Two runs train at once, one thread
+# each (--parallel-runs 2 --threads 1): a step takes ~2.1 s at one thread against ~1.7 s at two, so two
+# at once train ~1.6x the steps per hour (2-core Xeon, 2026-12-06). Give it the cores: two threads
+# beside other torch jobs (the test suite and a selection) took 50-80 s a step instead of ~1.7 s
+# (2026-12-06). A long study is best run from a worktree pinned at a commit, so that changing main
+# never changes the code under it:
 #   git worktree add ../pinned HEAD && cd ../pinned && PYTHONPATH=$PWD $(CURDIR)/.venv/bin/python -m cogprobe run \
-#       --preset converged --out $(CURDIR)/$(EVIDENCE)/converged-tsunkua --threads 2
+#       --preset converged --out $(CURDIR)/$(EVIDENCE)/converged-tsunkua --threads 1 --parallel-runs 2
 converged: prepare
-	$(BIN)/cogprobe run --preset converged --out $(EVIDENCE)/converged-tsunkua --threads 2
+	$(BIN)/cogprobe run --preset converged --out $(EVIDENCE)/converged-tsunkua --threads 1 --parallel-runs 2
 
 evidence-tables:
 	$(BIN)/python analyses/evidence.py nahuatl=$(EVIDENCE)/axolotl otomi=$(EVIDENCE)/tsunkua

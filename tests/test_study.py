@@ -415,6 +415,51 @@ def test_training_child_dies_with_the_study_process():
     assert state in ("", "Z")   # gone, or dead and waiting to be reaped
 
 
+def test_runs_trained_at_once_are_the_runs_trained_one_at_a_time(setup, tmp_path):
+    """parallel_runs 2: the comparison runs train two at a time in their own processes and score as they
+    finish; every table is the one a study training them one at a time writes, and each tune stage
+    records its run's own seconds."""
+    root, model, corpus = setup
+    values = {k: v for k, v in tiny_config(root, model, corpus).to_dict().items() if k != "out"}
+    values.update(rows="full,cogsym,middle", sweep_ks="0-2", prose_passages=0)
+    one = run(build_config(tmp_path / "one", preset_name=None, **values), log=lambda m: None)   # in this process
+    two = run(build_config(tmp_path / "two", preset_name=None, **{**values, "parallel_runs": 2, "isolate_runs": True}),
+              log=lambda m: None)
+    drop = ["sec_per_step", "peak_mem_mb"]   # measured, not computed
+    pd.testing.assert_frame_equal(pd.read_parquet(one / COMPARE).drop(columns=drop),
+                                  pd.read_parquet(two / COMPARE).drop(columns=drop))
+    seconds = json.loads((two / "study.json").read_text())["stage_seconds"]
+    assert all(seconds[f"tune {r}-s0"] > 0 for r in ("cogsym", "middle"))
+    with pytest.raises(CogprobeError, match="parallel_runs=2 needs isolate_runs"):
+        build_config(tmp_path / "x", preset_name=None, **{**values, "isolate_runs": False, "parallel_runs": 2})
+
+
+def test_a_failed_run_stops_the_runs_training_beside_it(setup, tmp_path, monkeypatch):
+    """With runs trained at once, one run's failure ends the study with its line, and the runs still
+    training beside it are stopped, not left running on their folders (a rerun resumes them)."""
+    import time
+    from cogprobe.study import pipeline
+    root, model, corpus = setup
+    config = tiny_config(root, model, corpus, parallel_runs=2, isolate_runs=True)
+    sleepers = []
+
+    def tune(config, out, row, seed):
+        if row == "bad":
+            time.sleep(0.5)
+            raise CogprobeError("training bad-s0 failed: diverged")
+        with subprocess.Popen(["sleep", "60"]) as child:
+            sleepers.append(child)
+            pipeline.TRAINING_CHILDREN.add(child)
+            child.wait()
+    monkeypatch.setattr(pipeline, "tune", tune)
+    monkeypatch.setattr(pipeline, "run_length", lambda *a: 4)
+    start = time.perf_counter()
+    with pytest.raises(CogprobeError, match="training bad-s0 failed: diverged"):
+        with pipeline.trained_ahead(config, tmp_path, [("bad", 0), ("slow", 0), ("later", 0)]) as trained:
+            trained("bad", 0)
+    assert len(sleepers) == 1 and sleepers[0].wait(timeout=10) == -9 and time.perf_counter() - start < 30
+
+
 STANDARD_TINY = dict(steps=12, eval_steps="every:2", plateau_min_improvement=0.5, warmup=0, lr_grid="1e-3,3e-3",
                      lora_lr_grid="1e-3,3e-3", lr_steps=2, random_draws=2, dev_pairs=3, save_steps="log:3",
                      sweep_ks="0-6", budget_max_total=6, tau=0.5, eval_pairs=3, probe_pairs=3, chrf_pairs=2,

@@ -30,8 +30,8 @@ from cogprobe.study.rows import LORA_ROWS, PIVOT_ONLY, ROWS, controlled, expand,
 PRESETS = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "quick"   # `make run`: the smoke test of the whole chain, minutes on a CPU
 # how a study runs, not what it computes
-EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "report_to", "resume_every", "gradient_checkpointing",
-                  "loss_chunk_tokens")
+EXECUTION_ONLY = ("out", "threads", "overwrite", "isolate_runs", "parallel_runs", "report_to", "resume_every",
+                  "gradient_checkpointing", "loss_chunk_tokens")
 # what a study accepts a change of on a rerun: its `chrf` stages score every compared run again from
 # its kept weights, so no row is scored on other sentences than the rest (`study.rescore_chrf`); its
 # `prose` stages score every arm on the new English passages, and an arm whose weights are gone keeps
@@ -137,6 +137,9 @@ class StudyConfig:
                                   "fraction of the cost, its conditional curves a few points", choices=CONTROLS_AT)
     capture_backend: str = knob(CaptureOptions.backend, "torch | nnsight | transformerlens")
     isolate_runs: bool = knob(True, "train each row in its own process, so its peak memory is its own")
+    parallel_runs: int = knob(1, "comparison runs trained at once after the probe, each in its own process at "
+                              "`threads` threads, in row order, the study scoring each as it finishes (e.g. 2 "
+                              "on 2 cores at threads 1); the same runs as one at a time")
     resume_every: int = knob(50, "each run also checkpoints every N steps, deleted once it finishes: an "
                                  "interrupted study loses at most N steps of the run it was in (0: off)")
     overwrite: bool = knob(False, "replace a different study in `out`")
@@ -146,7 +149,7 @@ class StudyConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_pairs", "probe_pairs", "chrf_pairs", "prose_passages",
                      "max_new_tokens", "max_sentence_tokens", "train_max_sentence_tokens", "lora_r",
-                     "random_draws", "dev_pairs", "lr_steps", "probe_chunk", "pivot_steps"):
+                     "random_draws", "dev_pairs", "lr_steps", "probe_chunk", "pivot_steps", "parallel_runs"):
             value = getattr(self, name)
             least = 0 if name in ("chrf_pairs", "prose_passages", "probe_chunk", "pivot_steps") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -169,6 +172,9 @@ class StudyConfig:
         if not self.probe_half_width > 0 or not self.probe_seconds >= 0:
             raise CogprobeError(f"probe_half_width={self.probe_half_width}, probe_seconds={self.probe_seconds}: give a "
                                 "half-width > 0 (e.g. 0.1) and seconds >= 0 (0: no budget)")
+        if self.parallel_runs > 1 and not self.isolate_runs:
+            raise CogprobeError(f"parallel_runs={self.parallel_runs} needs isolate_runs: runs trained at once "
+                                "each need a process of their own (torch's threads and seeds are per process)")
         if self.converge and not self.eval_steps:
             raise CogprobeError("converge needs a dev-NLL curve: set eval_steps, e.g. 'log:8'")
         if self.converge and self.schedule != "constant" and not self.plateau_min_steps:
@@ -279,7 +285,7 @@ TABLES = {
     "sweep": ("probe_pairs", "probe_chunk", "probe_half_width", "probe_seconds", "sweep_ks", "sweep_grid", "sweep_controls", "sweep_controls_at", "capture_backend"),
     "select": ("tau", "budget_max_total", "budget_gain", "budget_no_set"),
     "compare": ("eval_pairs", "compare_steps", "chrf_pairs", "prose_passages", "max_new_tokens", "max_sentence_tokens"),
-    "run": ("out", "threads", "isolate_runs", "overwrite"),
+    "run": ("out", "threads", "isolate_runs", "parallel_runs", "overwrite"),
 }
 
 

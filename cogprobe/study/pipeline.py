@@ -26,6 +26,8 @@ in `evalsets.json`.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
 import shutil
 import subprocess
@@ -147,13 +149,42 @@ def _run(config: StudyConfig, log) -> Path:
     stage("select", lambda: select_sets(config, out, log, probe_run))
     if "budget" in searched:
         stage("choose lr budget", lambda: choose_lrs(config, out, ["budget"]))
-    for row, seed in rows:
-        if (row, seed) not in first and not compared(row, seed):
-            stage(f"tune {arm(row, seed)}", lambda: tune(config, out, row, seed), again=True)
-        stage(f"compare {arm(row, seed)}", lambda: compare_one(config, out, row, seed))
+    left = [(row, seed) for row, seed in rows if (row, seed) not in first and not compared(row, seed)]
+    with trained_ahead(config, out, left) as trained:
+        for row, seed in rows:
+            if (row, seed) in left:
+                stage(f"tune {arm(row, seed)}", lambda: trained(row, seed), again=True)
+            stage(f"compare {arm(row, seed)}", lambda: compare_one(config, out, row, seed))
     stage("report", lambda: write_report(out), again=True)
     progress.stage("done", str(out / "report.md"))
     return out
+
+
+@contextlib.contextmanager
+def trained_ahead(config: StudyConfig, out: Path, arms: list[tuple[str, int]]):
+    """`trained(row, seed)`: trains the arm and returns the seconds its training took. With
+    `parallel_runs` N > 1 the arms train N at a time, in order, in threads that each wait on a training
+    child, ahead of the study's loop: `trained` then waits for the arm's run and returns its own
+    seconds, not the wait, so a stage's recorded time stays what the run cost."""
+    def timed(row: str, seed: int) -> float:
+        start = time.perf_counter()
+        tune(config, out, row, seed)
+        return time.perf_counter() - start
+    if config.parallel_runs < 2 or len(arms) < 2:
+        yield timed
+        return
+    for a in arms:
+        run_length(config, out, *a)   # any record it writes, written here, not from the threads
+    pool = concurrent.futures.ThreadPoolExecutor(config.parallel_runs, thread_name_prefix="cogprobe-run")
+    runs = {a: pool.submit(timed, *a) for a in arms}
+    try:
+        yield lambda row, seed: runs[(row, seed)].result()
+    except BaseException:   # a failed run or an interrupt: start no more, stop those running (they resume)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in list(TRAINING_CHILDREN):
+            child.kill()
+        raise
+    pool.shutdown(wait=True)
 
 
 def _weights(rows: list[tuple[str, int]], searched: list[str]) -> dict[str, float]:
@@ -169,7 +200,8 @@ def _weights(rows: list[tuple[str, int]], searched: list[str]) -> dict[str, floa
 
 
 def run_stage(progress: Progress, out: Path, name: str, fn, again: bool = False) -> None:
-    """Run one stage and record its wall time in study.json's `stage_seconds`.
+    """Run one stage and record its wall time in study.json's `stage_seconds` (or, for a stage whose
+    work ran elsewhere, a run trained ahead with `parallel_runs`, the seconds `fn` returns: its own).
 
     A stage run `again` after it finished keeps the longer of its two times: a no-op rerun (its
     run is complete) adds nothing, and a run retrained because its weights were lost with the
@@ -183,10 +215,10 @@ def run_stage(progress: Progress, out: Path, name: str, fn, again: bool = False)
         return
     progress.stage(name)
     start = time.perf_counter()
-    fn()
+    own = fn()   # a stage whose work ran elsewhere (a run trained ahead) returns the seconds it took there
     record = io.read_json(out / STUDY)
     seconds = record.setdefault(STAGE_SECONDS, {})
-    took = round(time.perf_counter() - start, 1)
+    took = round(own if isinstance(own, float) else time.perf_counter() - start, 1)
     if took >= seconds.get(name, 0.0):  # kept with its machine: costs differ between machines
         seconds[name], record.setdefault(STAGE_MACHINES, {})[name] = took, machine()
     io.write_json(out / STUDY, record)
@@ -432,11 +464,21 @@ def _train(cfg: TrainConfig, isolate: bool, name: str) -> None:
         return
     handoff = Path(cfg.out) / TRAIN_CONFIG   # the config itself, not flags that could drift from it
     io.write_json(handoff, cfg.to_dict())
-    done = subprocess.run([sys.executable, "-m", "cogprobe", "train", "--config", str(handoff)],
-                          capture_output=True, text=True, preexec_fn=die_with_parent)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+    _prctl()   # loaded here, before the fork
+    with subprocess.Popen([sys.executable, "-m", "cogprobe", "train", "--config", str(handoff)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=die_with_parent) as child:
+        TRAINING_CHILDREN.add(child)
+        try:
+            _, stderr = child.communicate()
+        finally:
+            TRAINING_CHILDREN.discard(child)
+    if child.returncode != 0:
+        last = (stderr.strip().splitlines() or ["(no output)"])[-1]
         raise CogprobeError(f"training {name} failed: {last}")
+
+
+TRAINING_CHILDREN: set[subprocess.Popen] = set()   # the training children running now (stopped with the study)
 
 
 def run_length(config: StudyConfig, out: Path, row: str, seed: int) -> int:
@@ -520,12 +562,19 @@ def chosen_lr(config: StudyConfig, out: Path, row: str) -> float:
     return lr
 
 
+@functools.cache
+def _prctl():
+    """libc's prctl, loaded in the parent: the child between fork and exec only calls it (with runs
+    trained at once, another thread may hold the import lock at the fork, so nothing is imported there)."""
+    import ctypes
+    return ctypes.CDLL("libc.so.6", use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
 def die_with_parent() -> None:
     """Linux: the training child gets SIGKILL when the study process dies (even by kill -9)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(1, 9)  # 1 = PR_SET_PDEATHSIG, 9 = SIGKILL
 
 
 # --- probing and selection -------------------------------------------------------------------
