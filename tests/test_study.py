@@ -681,7 +681,7 @@ def test_a_converged_study_keeps_the_caps_schedule_and_scores_its_earlier_step(s
     root, model, corpus = setup
     config = build_config(tmp_path / "conv", preset_name="converged", model=str(model), corpus=str(corpus),
                           **{**STANDARD_TINY, "steps": 8, "plateau_min_steps": 4, "warmup": 0, "lr_steps": 2,
-                             "compare_steps": "2", "save_steps": "2", "prose_passages": 0, "sweep_ks": None,
+                             "compare_steps": "2", "save_steps": "2", "prose_passages": 20, "sweep_ks": None,
                              "eval_steps": "every:1", "seeds": "0,1", "loss_chunk_tokens": 16,
                              "rows": "full,cogsym-ends,random-ends", "pivot_steps": 0})   # as it began
     preset = build_config("x", preset_name="converged")
@@ -729,6 +729,12 @@ def test_a_converged_study_keeps_the_caps_schedule_and_scores_its_earlier_step(s
     assert "cogsym-ends vs full, perception, rel deviation:" in text
     assert "CogSym-ends keeps more of the gain than a random set of its size" in text
     assert "every block, test NLL" not in text   # no blocks row in this study: its questions are left out
+    assert "## English prose: the quantisation control, the runs at step 2" in text   # the English at each reading
+    from cogprobe.study import prose_control
+    prose = pd.read_parquet(out / "prose.parquet").groupby("arm")[["nll_sum", "n_tokens"]].sum()
+    english = prose["nll_sum"] / prose["n_tokens"]
+    at_2 = prose_control.changes(out, 2).set_index(["row", "seed"])["change"]
+    assert at_2[("full", 1)] == pytest.approx(english["full-s1@2"] - english["base"], abs=1e-9)
     script = Path(__file__).parent.parent / "analyses" / "converged.py"   # the same, from the shell
     done = subprocess.run([sys.executable, str(script), f"tiny={out}"], capture_output=True, text=True,
                           env={**os.environ, "COGPROBE_FIGURES": str(tmp_path / "shell")})

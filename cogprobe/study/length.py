@@ -22,7 +22,7 @@ import pandas as pd
 
 from cogprobe.core import io, layout
 from cogprobe.data.tasks import TASKS
-from cogprobe.study import pivot_control, report, verdicts
+from cogprobe.study import pivot_control, prose_control, report, verdicts
 from cogprobe.study.config import StudyConfig
 from cogprobe.study.evidence import headline_table
 from cogprobe.study.evidence_tables import QUESTIONS, interval, read, read_at, record, rows_of, statistic, units
@@ -105,22 +105,28 @@ def change_words(r) -> str:
 
 
 def write(language: str, folder: Path, out: Path) -> list[Path]:
-    """converged.md (the headline at each reading side by side, then the changes in words, then any
-    pivot-only controls' table),
+    """converged.md (the headline at each reading side by side, the changes in words, the English prose
+    at each reading, then any pivot-only controls' table),
     converged.csv and converged_changes.csv in `out`."""
     found, moved = readings(language, folder), changes(language, folder)
-    out = Path(out)
+    folder, out = Path(folder), Path(out)
     io.write_text(out / "converged.csv", found.to_csv(index=False))
     io.write_text(out / "converged_changes.csv", moved.to_csv(index=False))
     rows = {kind(r) for r in StudyConfig.read(folder).row_list()}   # a random draw is of kind random
     asked = {(r, o) for r, o, _ in QUESTIONS if {r, o} <= rows}
-    lines = [headline_table(found, asked) if len(found) else "No run of the study is compared yet."]
+    lines = [headline_table(found, asked) if len(found)
+             else "No comparison of the headline has both its rows compared yet."]
     if len(moved):
         lines.append("From the earlier step to the end, per seed on the same test pairs (the end minus the step; "
                      f"{verdicts.BAR:.0%} is the paper's bar for the deviations themselves, not for their change):\n"
                      + "\n".join(f"- {r['row']} vs {r['other']}, {r['task']}, {r['quantity'].replace('_', ' ')}: "
                                  f"{change_words(r)} ({int(r['n_seeds'])} seed(s), {int(r['n_pairs'])} pairs)"
                                  for _, r in moved.iterrows()))
+    passages = StudyConfig.read(folder).prose_passages   # the English prose at each reading, then the controls
+    for step in [*StudyConfig.read(folder).compare_step_list(), None]:
+        english = prose_control.report_blocks(folder, passages, step) if (folder / layout.COMPARE).is_file() else []
+        if english:
+            lines.append(report.markdown(english).strip())
     control = pivot_control.report_blocks(folder)   # the gain no word of the language explains, at its step
     if control:
         lines.append(report.markdown(control).strip())

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from cogprobe.core import intervals, io
-from cogprobe.core.layout import BASELINE, COMPARE, PROSE, arm, row_run
+from cogprobe.core.layout import BASELINE, COMPARE, PROSE, arm, arm_at, row_run
 from cogprobe.data.prose import PASSAGE_TOKENS, TASK, cut_passages, score_passages
 from cogprobe.models.loading import load_model
 from cogprobe.study import verdicts
@@ -73,10 +73,12 @@ def stale(prose_passages: int, model: str, out: Path) -> dict[str, tuple[str | N
 # --- the numbers ------------------------------------------------------------------------------------
 
 
-def changes(out: Path, **kw) -> pd.DataFrame | None:
+def changes(out: Path, step: int | None = None, **kw) -> pd.DataFrame | None:
     """One line per (row, seed) and, for rows with several seeds, their mean (seed -1): English NLL and
     its change from the base model's, on the same passages, with 95% intervals (paired bootstrap over
-    passages; over seeds `intervals.hierarchical`, valid at 2-5 seeds). None without English scores."""
+    passages; over seeds `intervals.hierarchical`, valid at 2-5 seeds). None without English scores.
+    `step`: the runs as scored at that earlier step (`compare_steps`; arms `row-sSEED@STEP`)."""
+    name = (lambda row, seed: arm_at(row, seed, step)) if step else arm   # noqa: E731
     if not (out / PROSE).is_file() or not (out / COMPARE).is_file():
         return None
     table = io.read_parquet(out / PROSE)
@@ -86,14 +88,14 @@ def changes(out: Path, **kw) -> pd.DataFrame | None:
     compare = io.read_parquet(out / COMPARE)
     present, by_row = set(table["arm"]), {}
     for row, seed in zip(compare["row"], compare["seed"]):
-        if arm(row, int(seed)) in present:
+        if name(row, int(seed)) in present:
             by_row.setdefault(row, []).append(int(seed))
     lines = []
     for row, seeds in by_row.items():
-        per_seed = [intervals.arms(table, [arm(row, s), "base"], task=TASK) for s in seeds]
+        per_seed = [intervals.arms(table, [name(row, s), "base"], task=TASK) for s in seeds]
         for s, data in zip(seeds, per_seed):
-            lines.append(_line(row, s, intervals.nll(data, arm(row, s), **kw),
-                               intervals.difference(data, arm(row, s), "base", **kw), len(data["base"][0])))
+            lines.append(_line(row, s, intervals.nll(data, name(row, s), **kw),
+                               intervals.difference(data, name(row, s), "base", **kw), len(data["base"][0])))
         if len(seeds) > 1:
             units = [dict(zip(("row", "base"), d.values())) for d in per_seed]
             lines.append(_line(row, -1, intervals.hierarchical(lambda m: m["row"], units, **kw),
@@ -140,12 +142,14 @@ def reading(line) -> str:
 # --- the report -------------------------------------------------------------------------------------
 
 
-def report_blocks(out: Path, prose_passages: int) -> list[tuple]:
+def report_blocks(out: Path, prose_passages: int, step: int | None = None) -> list[tuple]:
     """The report's section: the base model's English NLL, then per row (pooled over its seeds where it
-    has several) its change with the interval and the reading; the arms with no English score named."""
-    found = changes(out)
+    has several) its change with the interval and the reading; the arms with no English score named.
+    `step`: the same for the runs as scored at that earlier step."""
+    found = changes(out, step)
+    title = "English prose: the quantisation control" + (f", the runs at step {step}" if step else "")
     if found is None or found.empty:
-        return [] if not prose_passages else [("h2", "English prose: the quantisation control"), (
+        return [] if not prose_passages else [("h2", title), (
             "p", "No English scores yet (prose.parquet holds no base model and tuned run on one passage set).")]
     pooled = set(found.loc[found["seed"] == -1, "row"])
     shown = found[(found["seed"] == -1) | ~found["row"].isin(pooled)]
@@ -167,5 +171,5 @@ def report_blocks(out: Path, prose_passages: int) -> list[tuple]:
             f"reads as {RISE}.")
     if missing:
         text += f" No English score (their weights were gone when the control was asked for): {', '.join(missing)}."
-    return [("h2", "English prose: the quantisation control"), ("p", text), ("table", pd.DataFrame(cells))]
+    return [("h2", title), ("p", text), ("table", pd.DataFrame(cells))]
 
