@@ -77,6 +77,10 @@ def test_the_headline_answers_only_what_each_interval_allows():
     assert "yes: 5.0% [1.0%, 9.0%], 1 of 2 seeds |" in lines["The derived budget keeps more of the gain than CogSym"]
     assert lines["CogSym keeps more of the gain than the top set of its size"].endswith("|  |")   # not compared yet
     assert headline_table(pd.DataFrame(columns=COLUMNS)) == ""
+    assert "The interval is valid at this seed count" in headline_table(found) and "one seed" not in lines[matched]
+    one = headline_table(found.assign(n_seeds=1, per_seed=""))   # a study with one seed so far
+    assert "| yes: 1.0% [0.0%, 2.5%], one seed |" in one
+    assert "the test pairs' bootstrap error alone" in one and "valid at this seed count" not in one
 
 
 def test_conditional_gain_is_shuffled_minus_true_source_nll_per_row_and_the_base():

@@ -209,7 +209,8 @@ def headline_table(found: pd.DataFrame, asked: set[tuple[str, str]] | None = Non
                 continue
             r = cells.loc[(row, other, quantity, lang, task)]
             call = verdicts.bar_call(r) if "rel_deviation" in quantity else verdicts.difference_call(r)
-            fewer = f", {int(r['n_seeds'])} of {int(seeds[lang])} seeds" if r["n_seeds"] < seeds[lang] else ""
+            fewer = (f", {int(r['n_seeds'])} of {int(seeds[lang])} seeds" if r["n_seeds"] < seeds[lang]
+                     else ", one seed" if seeds[lang] == 1 else "")
             out.append("n/a" if np.isnan(r["estimate"]) else f"{ANSWER[call]}: {cell(r, quantity)}{fewer}")
         if asked is None or (row, other) in asked:
             lines.append(f"| {question} | " + " | ".join(out) + " |")
@@ -218,15 +219,25 @@ def headline_table(found: pd.DataFrame, asked: set[tuple[str, str]] | None = Non
         "Headline: each question answered only as far as its 95% interval goes (yes, no, or not resolved), "
         "then the estimate [interval] (each seed's own estimate), the mean over "
         + ", ".join(f"{seeds[lang]} seed(s) and {pairs.get(lang, 0)} test pairs for {lang}" for lang in seeds.index)
-        + ". The interval is valid at this seed count: the test pairs' bootstrap error and a t-interval over the "
-        "seeds' own estimates, combined (`intervals.over_seeds`; its coverage is tested at 2, 3 and 5 seeds); "
-        "at 2 seeds the t-quantile is 12.7, so wherever the seeds disagree the interval is wide, and more "
-        "seeds, not more pairs, would narrow it. "
+        + ". " + _seed_sentence(int(seeds.min()), int(seeds.max())) + " "
         f"Relative deviations: positive is worse than the reference, {BAR} the paper's bar; \"keeps more of "
         "the gain\": the difference of the two rows' shares of full fine-tuning's NLL gain. \"Matched\": the two "
         "rows differ in their blocks only (the embeddings and head frozen in both, or trained in both); the "
         "unmatched line differs in the ends as well and is not counted against the paper. Every comparison "
         "in words, with what would resolve it, follows the tables.", ""] + lines)
+
+
+def _seed_sentence(fewest: int, most: int) -> str:
+    """What the intervals hold: at one seed the test pairs' error alone (what these runs did, not what
+    another seed would do); from two seeds up the seeds' spread as well, at a tested coverage."""
+    several = ("The interval is valid at this seed count: the test pairs' bootstrap error and a t-interval over "
+               "the seeds' own estimates, combined (`intervals.over_seeds`; its coverage is tested at 2, 3 and 5 "
+               "seeds); at 2 seeds the t-quantile is 12.7, so wherever the seeds disagree the interval is wide, and "
+               "more seeds, not more pairs, would narrow it.")
+    one = ("Where a column has one seed (\"one seed\"), its interval holds the test pairs' bootstrap error "
+           "alone: it says what these runs did, not what another seed would do, since the spread between "
+           "seeds is not known from one; the study's further seeds decide.")
+    return several if fewest > 1 else one if most == 1 else f"{one} {several}"
 
 
 def against_the_paper(found: pd.DataFrame, settings: list[str]) -> str:
