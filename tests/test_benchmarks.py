@@ -181,12 +181,15 @@ def test_a_worker_runs_in_its_own_process(tmp_path):
 
 
 def test_peak_memory_sees_a_short_lived_allocation():
-    import torch
-    with common.PeakMemory() as mem:
-        x = torch.ones(64 * common.MiB // 4)  # 64 MiB, touched
-        del x
-    assert mem.kind in ("rss-hwm", "rss-sampled")
-    assert mem.extra >= 60 * common.MiB
+    """In a fresh process: one that ran other tests may hold freed pages that the 64 MiB reuses without
+    raising its resident size (seen under `make test`'s test processes)."""
+    code = ("import torch; from cogprobe.core.memory import PeakMemory\n"
+            "with PeakMemory() as mem:\n    x = torch.ones(64 * 2**20 // 4); del x  # 64 MiB, touched\n"
+            "print(mem.kind, mem.extra)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    kind, extra = done.stdout.split()
+    assert kind in ("rss-hwm", "rss-sampled")
+    assert int(extra) >= 60 * common.MiB
 
 
 def test_timeit_returns_the_median(monkeypatch):

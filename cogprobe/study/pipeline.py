@@ -32,6 +32,7 @@ import functools
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -175,14 +176,14 @@ def trained_ahead(config: StudyConfig, out: Path, arms: list[tuple[str, int]]):
         return
     for a in arms:
         run_length(config, out, *a)   # any record it writes, written here, not from the threads
+    TRAINING_CHILDREN.open()
     pool = concurrent.futures.ThreadPoolExecutor(config.parallel_runs, thread_name_prefix="cogprobe-run")
     runs = {a: pool.submit(timed, *a) for a in arms}
     try:
         yield lambda row, seed: runs[(row, seed)].result()
     except BaseException:   # a failed run or an interrupt: start no more, stop those running (they resume)
         pool.shutdown(wait=False, cancel_futures=True)
-        for child in list(TRAINING_CHILDREN):
-            child.kill()
+        TRAINING_CHILDREN.stop()
         raise
     pool.shutdown(wait=True)
 
@@ -465,20 +466,49 @@ def _train(cfg: TrainConfig, isolate: bool, name: str) -> None:
     handoff = Path(cfg.out) / TRAIN_CONFIG   # the config itself, not flags that could drift from it
     io.write_json(handoff, cfg.to_dict())
     _prctl()   # loaded here, before the fork
-    with subprocess.Popen([sys.executable, "-m", "cogprobe", "train", "--config", str(handoff)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          preexec_fn=die_with_parent) as child:
-        TRAINING_CHILDREN.add(child)
-        try:
-            _, stderr = child.communicate()
-        finally:
-            TRAINING_CHILDREN.discard(child)
+    with TRAINING_CHILDREN.start([sys.executable, "-m", "cogprobe", "train", "--config", str(handoff)],
+                                 name) as child:
+        _, stderr = child.communicate()
     if child.returncode != 0:
         last = (stderr.strip().splitlines() or ["(no output)"])[-1]
         raise CogprobeError(f"training {name} failed: {last}")
 
 
-TRAINING_CHILDREN: set[subprocess.Popen] = set()   # the training children running now (stopped with the study)
+class Children:
+    """The training children running now, so that a study that stops (a failed run, an interrupt)
+    stops the runs training beside it (`parallel_runs`), and no thread starts another after that."""
+
+    def __init__(self):
+        self._lock, self._running, self._stopped = threading.Lock(), set(), False
+
+    @contextlib.contextmanager
+    def start(self, argv: list[str], name: str):
+        with self._lock:   # a stop either comes first and no child starts, or after and kills it
+            if self._stopped:
+                raise CogprobeError(f"training {name} was not started: the study is stopping (a rerun trains it)")
+            child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=die_with_parent)
+            self._running.add(child)
+        try:
+            with child:
+                yield child
+        finally:
+            with self._lock:
+                self._running.discard(child)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            for child in self._running:
+                child.kill()
+
+    def open(self) -> None:
+        """Let children start again (a new set of runs in this process)."""
+        with self._lock:
+            self._stopped = False
+
+
+TRAINING_CHILDREN = Children()
 
 
 def run_length(config: StudyConfig, out: Path, row: str, seed: int) -> int:
