@@ -148,3 +148,18 @@ def test_the_budget_line_names_both_sets_and_their_sizes():
     assert size in budget_note([size, ""]) and "not tested" in budget_note([size])
     assert budget_sizes("otomi", compare[compare["row"] == "cogsym"]) == "" and budget_note([""]) == ""
     assert budget_sizes("otomi", compare.assign(trainable_params=28.32e6)) == ""   # a budget of CogSym's size
+
+
+def test_a_run_scored_but_not_yet_compared_stays_out_of_the_reading(tmp_path):
+    """A study stopped between a run's scores and its compare row (seen: the converged study's
+    cogsym-ends-s1) holds that run's scores; read, it would add a half-scored seed to the headline."""
+    from cogprobe.core import io
+    from cogprobe.study.evidence_tables import read, read_at
+    arms = ["base", "full-s0", "cogsym-s0", "cogsym-s1", "full-s0@4", "cogsym-s0@4", "cogsym-s1@4"]
+    for name in ("scores.parquet", "translations.parquet"):
+        io.write_parquet(tmp_path / name, pd.DataFrame(dict(arm=arms, task="perception", pair_id=0, nll_sum=1.0)))
+    io.write_parquet(tmp_path / "compare.parquet", pd.DataFrame(dict(row=["full", "cogsym"], seed=0)))
+    io.write_parquet(tmp_path / "compare_steps.parquet", pd.DataFrame(dict(row=["full", "cogsym"], seed=0, step=4)))
+    for study in (read(tmp_path), read_at(tmp_path, 4)):
+        assert set(study["scores"]["arm"]) == set(study["translations"]["arm"]) == {"base", "full-s0", "cogsym-s0"}
+        assert study["seeds"] == [0]

@@ -120,9 +120,18 @@ def read(study: Path) -> dict | None:
     if not (study / layout.COMPARE).is_file():
         return None
     compare = study_table(study, layout.COMPARE)
-    return dict(scores=study_table(study, layout.SCORES), translations=study_table(study, layout.TRANSLATIONS),
+    return dict(scores=compared(study_table(study, layout.SCORES), compare),
+                translations=compared(study_table(study, layout.TRANSLATIONS), compare),
                 compare=compare, seeds=sorted(int(s) for s in compare["seed"].unique()),
                 draws=sorted({r for r in compare["row"] if kind(r) == "random"}))
+
+
+def compared(table: pd.DataFrame, compare: pd.DataFrame) -> pd.DataFrame:
+    """The base model's rows and those of the arms `compare` holds. A run's scores are written before
+    its compare row, so a study stopped between the two holds scores of a run that is not compared
+    yet (its translations may be missing): read, they would put a half-scored seed in the headline."""
+    arms = {"base"} | {layout.arm(r, int(s)) for r, s in zip(compare["row"], compare["seed"])}
+    return table[table["arm"].isin(arms)]
 
 
 def read_at(study: Path, step: int) -> dict | None:
@@ -141,7 +150,8 @@ def read_at(study: Path, step: int) -> dict | None:
     def at(table: pd.DataFrame) -> pd.DataFrame:
         kept = table[(table["arm"] == "base") | table["arm"].str.endswith(tail)]
         return kept.assign(arm=kept["arm"].str.removesuffix(tail))
-    return dict(scores=at(study_table(study, layout.SCORES)), translations=at(study_table(study, layout.TRANSLATIONS)),
+    return dict(scores=compared(at(study_table(study, layout.SCORES)), compare),
+                translations=compared(at(study_table(study, layout.TRANSLATIONS)), compare),
                 compare=compare, seeds=sorted(int(s) for s in compare["seed"].unique()),
                 draws=sorted({r for r in compare["row"] if kind(r) == "random"}))
 
