@@ -155,11 +155,12 @@ def test_a_run_scored_but_not_yet_compared_stays_out_of_the_reading(tmp_path):
     cogsym-ends-s1) holds that run's scores; read, it would add a half-scored seed to the headline."""
     from cogprobe.core import io
     from cogprobe.study.evidence_tables import read, read_at
-    arms = ["base", "full-s0", "cogsym-s0", "cogsym-s1", "full-s0@4", "cogsym-s0@4", "cogsym-s1@4"]
+    arms = ["base", "full-s0", "cogsym-s0", "cogsym-s1", "full-s0@4", "cogsym-s0@4", "cogsym-s1@4", "full@pivot-s0"]
     for name in ("scores.parquet", "translations.parquet"):
         io.write_parquet(tmp_path / name, pd.DataFrame(dict(arm=arms, task="perception", pair_id=0, nll_sum=1.0)))
-    io.write_parquet(tmp_path / "compare.parquet", pd.DataFrame(dict(row=["full", "cogsym"], seed=0)))
+    io.write_parquet(tmp_path / "compare.parquet", pd.DataFrame(dict(row=["full", "cogsym", "full@pivot"], seed=0)))
     io.write_parquet(tmp_path / "compare_steps.parquet", pd.DataFrame(dict(row=["full", "cogsym"], seed=0, step=4)))
-    for study in (read(tmp_path), read_at(tmp_path, 4)):
-        assert set(study["scores"]["arm"]) == set(study["translations"]["arm"]) == {"base", "full-s0", "cogsym-s0"}
+    for study, also in ((read(tmp_path), {"full-s0@4", "cogsym-s0@4", "full@pivot-s0"}), (read_at(tmp_path, 4), set())):
+        kept = {"base", "full-s0", "cogsym-s0"} | also   # the end's reading keeps a compared run's earlier steps
+        assert set(study["scores"]["arm"]) == set(study["translations"]["arm"]) == kept
         assert study["seeds"] == [0]

@@ -766,3 +766,10 @@ def test_a_converged_study_keeps_the_caps_schedule_and_scores_its_earlier_step(s
     for rows in ("full,cogsym-ends", preset.rows + ",bottom"):
         with pytest.raises(CogprobeError, match="different study"):   # a row removed, or a row that is no control
             run(dataclasses.replace(added, rows=rows), log=lambda m: None)
+
+    # a run's recorded scores against its weights (analyses/rescored.py): the same, until the record changes
+    assert "same scores" in run_analysis("rescored.py", out, "cogsym-ends-s1@2")
+    scores = pd.read_parquet(out / "scores.parquet")
+    scores.loc[(scores["arm"] == "cogsym-ends-s1@2") & (scores["task"] == "production"), "nll_sum"] += 1e-6
+    scores.to_parquet(out / "scores.parquet")
+    assert "scores differ" in run_analysis("rescored.py", out, "cogsym-ends-s1@2", code=1)

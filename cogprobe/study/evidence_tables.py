@@ -129,9 +129,10 @@ def read(study: Path) -> dict | None:
 def compared(table: pd.DataFrame, compare: pd.DataFrame) -> pd.DataFrame:
     """The base model's rows and those of the arms `compare` holds. A run's scores are written before
     its compare row, so a study stopped between the two holds scores of a run that is not compared
-    yet (its translations may be missing): read, they would put a half-scored seed in the headline."""
+    yet (its translations may be missing): read, they would put a half-scored seed in the headline.
+    A compared run's earlier steps (`row-sSEED@STEP`) stay: they are scored before its end."""
     arms = {"base"} | {layout.arm(r, int(s)) for r, s in zip(compare["row"], compare["seed"])}
-    return table[table["arm"].isin(arms)]
+    return table[table["arm"].str.replace(r"@\d+$", "", regex=True).isin(arms)]   # row-sSEED@STEP: row-sSEED
 
 
 def read_at(study: Path, step: int) -> dict | None:
