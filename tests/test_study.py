@@ -773,3 +773,21 @@ def test_a_converged_study_keeps_the_caps_schedule_and_scores_its_earlier_step(s
     scores.loc[(scores["arm"] == "cogsym-ends-s1@2") & (scores["task"] == "production"), "nll_sum"] += 1e-6
     scores.to_parquet(out / "scores.parquet")
     assert "scores differ" in run_analysis("rescored.py", out, "cogsym-ends-s1@2", code=1)
+
+    # a run trained again after its weights were lost, its earlier step scored from the lost weights: the
+    # step is scored again from the weights on disk, so the step and the end come from one training
+    early = pd.read_parquet(out / "compare_steps.parquet")
+    stale = (early["row"] == "cogsym-ends") & (early["seed"] == 1)
+    assert early["weights_sha256"].str.len().eq(64).all()
+    early.assign(weights_sha256=early["weights_sha256"].where(~stale, "lost")).to_parquet(out / "compare_steps.parquet")
+    compare = pd.read_parquet(out / COMPARE)
+    compare[~((compare["row"] == "cogsym-ends") & (compare["seed"] == 1))].to_parquet(out / COMPARE)
+    record = json.loads((out / "study.json").read_text())   # its compare stage stopped before the end
+    del record["stage_seconds"]["compare cogsym-ends-s1"]
+    (out / "study.json").write_text(json.dumps(record))
+    run(added, log=lambda m: None)
+    again = pd.read_parquet(out / "compare_steps.parquet").set_index(["row", "seed", "step"])
+    assert again.loc[("cogsym-ends", 1, 2), "weights_sha256"] == early.loc[stale, "weights_sha256"].iloc[0]
+    assert "same scores" in run_analysis("rescored.py", out, "cogsym-ends-s1@2")   # the tampered rows replaced
+    assert len(again) == len(early) and (again.loc[("full", 0, 2), "perception_nll"] ==
+                                         early.set_index(["row", "seed", "step"]).loc[("full", 0, 2), "perception_nll"])

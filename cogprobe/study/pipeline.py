@@ -758,17 +758,27 @@ def _record(config: StudyConfig, out: Path, run: Path, row: str, seed: int, ckpt
     return dict(row=row, seed=seed, blocks=manifest.get("layers_string") or "all",
                 trainable_params=cost["trainable_params"], optimizer_bytes=cost["optimizer_state_bytes"],
                 sec_per_step=cost["sec_per_step"], peak_mem_mb=cost["peak_memory_bytes"] / 2**20,
-                **_scores(model, tok, config, name, out))
+                weights_sha256=ckpts.weights_sha256(step), **_scores(model, tok, config, name, out))
 
 
 def _compare_at(config: StudyConfig, out: Path, run: Path, row: str, seed: int, ckpts: Checkpoints,
                 step: int) -> None:
     """One run scored at an earlier step into compare_steps.parquet (arm `row-sSEED@STEP`); shares are
-    of full fine-tuning's gain at the same step and seed (full is compared first)."""
+    of full fine-tuning's gain at the same step and seed (full is compared first).
+
+    A row already there stands if it was scored from the weights on disk. A study stopped after this
+    step was scored but before the run's end was, on a machine that took the run's weights with it,
+    trains the run again; on another machine that is a sibling, not a copy. So a row whose recorded
+    weights differ from the checkpoint's, or that records none (written before the record existed),
+    is scored again: the run's step and its end then come from one training."""
     path = out / COMPARE_STEPS
     table = io.read_parquet(path) if path.exists() else pd.DataFrame()
-    if len(table) and ((table["row"] == row) & (table["seed"] == seed) & (table["step"] == step)).any():
-        return
+    mine = (table["row"] == row) & (table["seed"] == seed) & (table["step"] == step) if len(table) else None
+    if mine is not None and mine.any():
+        recorded = table.loc[mine, "weights_sha256"].iloc[0] if "weights_sha256" in table else None
+        if isinstance(recorded, str) and recorded == ckpts.weights_sha256(step):
+            return
+        table = table[~mine]   # scored from other weights: scored again below (its per-example rows replaced)
     record = dict(_record(config, out, run, row, seed, ckpts, step, arm_at(row, seed, step)), step=step)
     table = pd.concat([table, pd.DataFrame([record])], ignore_index=True)
     base = io.read_csv(out / BASELINE).iloc[0]

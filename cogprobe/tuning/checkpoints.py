@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,6 +332,17 @@ class Checkpoints:
 
     def meta(self, step: int) -> dict:
         return self._entry(step).meta
+
+    def weights_sha256(self, step: int) -> str:
+        """One SHA-256 of the step's weight files, from the hashes its meta.json records (verified when
+        the checkpoint is opened); "" for a step without weight files of cogprobe's (the base model, an
+        HF folder). A record scored from these weights can tell whether the weights on disk are still
+        the ones it was scored from: a run trained again on another machine is a sibling, not a copy."""
+        meta = self.meta(step)
+        names = sorted(WEIGHTS.get(meta.get("kind"), set()) & set(meta.get("sha256") or {}))
+        if not names:
+            return ""
+        return hashlib.sha256("".join(f"{n}:{meta['sha256'][n]};" for n in names).encode()).hexdigest()
 
     def __len__(self) -> int:
         return len(self.entries)
