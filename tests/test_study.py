@@ -14,7 +14,7 @@ from cogprobe.cli import main
 from cogprobe.core.errors import CogprobeError
 from cogprobe.core.layout import COMPARE
 from cogprobe.tuning.runfolder import machine
-from cogprobe.study.pipeline import run
+from cogprobe.study.pipeline import run, run_order
 from cogprobe.study.config import build_config
 from tiny import save_tiny
 from helpers import ANALYSES, run_analysis
@@ -672,6 +672,13 @@ def test_make_evidence_continues_the_committed_studies():
         config = build_config(a.out, preset_name=a.preset, config_file=a.config, **overrides)
         want, have = compared_identities(config, renamed(io.read_json(repo / a.out / "study.json")))
         assert want == have, a.out
+
+
+def test_every_seed_of_the_compared_rows_trains_before_the_pivot_only_controls():
+    """A study cut short has the headline's seeds first, and each control trains after its row."""
+    config = build_config("x", preset_name="converged", seeds="0,1", rows="full,cogsym-ends,full@pivot")
+    assert run_order(config) == [("full", 0), ("cogsym-ends", 0), ("full", 1), ("cogsym-ends", 1),
+                                 ("full@pivot", 0), ("full@pivot", 1)]
 
 
 def test_a_converged_study_keeps_the_caps_schedule_and_scores_its_earlier_step(setup, tmp_path):

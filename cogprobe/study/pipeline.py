@@ -124,7 +124,7 @@ def _run(config: StudyConfig, log) -> Path:
     out = Path(config.out)
     _check_inputs(config)
     stale = _claim(out, config)
-    rows = [(s, seed) for seed in config.seed_list() for s in config.row_list()]
+    rows = run_order(config)
     names, seed0 = config.row_list(), config.seed_list()[0]
     # rows whose learning rate is chosen on dev (a pivot-only control takes its row's)
     searched = [r for r in names if len(config.lrs(kind(r))) > 1 and controlled(r) == r]
@@ -159,6 +159,16 @@ def _run(config: StudyConfig, log) -> Path:
     stage("report", lambda: write_report(out), again=True)
     progress.stage("done", str(out / "report.md"))
     return out
+
+
+def run_order(config: StudyConfig) -> list[tuple[str, int]]:
+    """(row, seed) in the order they train: every seed of the compared rows, then the pivot-only
+    controls. The rows are what the headline reads and the controls qualify them, so a study cut
+    short (a session's end, a machine lost with its unfinished runs) has its rows' seeds first; a
+    control also trains after the row it is read against."""
+    seeds, names = config.seed_list(), config.row_list()
+    return ([(r, seed) for seed in seeds for r in names if controlled(r) == r]
+            + [(r, seed) for seed in seeds for r in names if controlled(r) != r])
 
 
 @contextlib.contextmanager
