@@ -11,6 +11,12 @@ sentences against the paper, then a link), and docs/results.md the whole block (
 table, the sentences its intervals allow, the wall times and the figures), as `analyses/evidence.py`
 and `analyses/evidence_figures.py` wrote them. The figures are linked as `figures/NAME.png`, which
 `docs/figures` (a link to the repository's `figures/`) resolves in the docs site.
+
+The converged study (`analyses/converged.py`, figures/converged.md) has its own pair of markers in
+both pages: README.md gets what is compared so far, the headline at step 400 and at the end side by
+side and the change between them (`converged_headline`); docs/results.md all of figures/converged.md.
+That study fills in over sessions, so its reading is quoted as it stands, its seed counts first: each
+cell's interval is valid at the seeds it has, and a cell with fewer seeds than its column says so.
 """
 from __future__ import annotations
 
@@ -33,6 +39,14 @@ FIGURE_NAMES = {"evidence_share_curves.png": "Share of full fine-tuning's dev ga
                 "evidence_specialization_{}.png": "Specialization curves of the probe run, {}"}
 
 
+CONVERGED_START = ("<!-- converged results: written by analyses/evidence_readme.py from figures/converged.md, "
+                   "do not edit by hand -->")
+CONVERGED_END = "<!-- end of converged results -->"
+# the paragraphs of figures/converged.md that README.md quotes, by how they begin
+CONVERGED = ("Compared so far", "| question |", "From the earlier step")
+CONVERGED_MORE = ("The English prose and the pivot-only controls at each reading: "
+                  "[docs/results.md](docs/results.md#the-converged-study).")
+
 # the paragraphs of figures/evidence.md that README.md quotes, by how they begin
 HEADLINE = ("Headline:", "| question |", "**Against the paper**")
 MORE = "Every table, each comparison in words, the cost and the figures: [docs/results.md](docs/results.md)."
@@ -54,12 +68,22 @@ def headline(figures: Path) -> str:
     """README.md's short form: the headline table and the sentences against the paper, then a link."""
     if (running := in_progress(figures)) is not None:
         return running
-    paragraphs = (figures / "evidence.md").read_text().strip().split("\n\n")
-    quoted = [next((p for p in paragraphs if p.startswith(start)), None) for start in HEADLINE]
-    if None in quoted:
-        missing = [s for s, p in zip(HEADLINE, quoted) if p is None]
-        raise CogprobeError(f"{figures / 'evidence.md'} has no paragraph beginning {missing}; the README quotes them")
-    return "\n\n".join([*quoted, MORE])
+    return "\n\n".join([*quoted(figures / "evidence.md", HEADLINE), MORE])
+
+
+def converged_headline(figures: Path) -> str:
+    """README.md's converged reading: what is compared, the headline at each reading, the change."""
+    return "\n\n".join([*quoted(figures / "converged.md", CONVERGED), CONVERGED_MORE])
+
+
+def quoted(page: Path, starts: tuple[str, ...]) -> list[str]:
+    """The paragraphs of `page` that begin with each of `starts`, in that order."""
+    paragraphs = page.read_text().strip().split("\n\n")
+    found = [next((p for p in paragraphs if p.startswith(start)), None) for start in starts]
+    if None in found:
+        missing = [s for s, p in zip(starts, found) if p is None]
+        raise CogprobeError(f"{page} has no paragraph beginning {missing}; the README quotes them")
+    return found
 
 
 def block(figures: Path) -> str:
@@ -76,19 +100,22 @@ def block(figures: Path) -> str:
     return "\n\n".join(lines)
 
 
-def spliced(page: str, text: str, name: str = "README.md") -> str:
-    """`page` (the text of file `name`) with the text between its markers replaced by `text`."""
-    if page.count(START) != 1 or page.count(END) != 1 or page.index(START) > page.index(END):
-        raise CogprobeError(f"{name} needs the two markers once each, in order: {START!r} then {END!r}; "
-                            "put them where the evidence results go")
-    head, rest = page.split(START)
-    return f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}"
+def spliced(page: str, text: str, name: str = "README.md", start: str = START, end: str = END) -> str:
+    """`page` (the text of file `name`) with the text between its markers `start` and `end` replaced by `text`."""
+    if page.count(start) != 1 or page.count(end) != 1 or page.index(start) > page.index(end):
+        raise CogprobeError(f"{name} needs the two markers once each, in order: {start!r} then {end!r}; "
+                            "put them where the results go")
+    head, rest = page.split(start)
+    return f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}"
 
 
 def generated(figures: Path = FIGURES) -> dict[Path, str]:
     """What README.md and docs/results.md should hold, from the committed files and the tables in `figures`."""
-    return {README: spliced(README.read_text(), headline(figures)),
-            RESULTS: spliced(RESULTS.read_text(), block(figures), "docs/results.md")}
+    converged = dict(start=CONVERGED_START, end=CONVERGED_END)
+    readme = spliced(README.read_text(), headline(figures))
+    results = spliced(RESULTS.read_text(), block(figures), "docs/results.md")
+    return {README: spliced(readme, converged_headline(figures), **converged),
+            RESULTS: spliced(results, (figures / "converged.md").read_text().strip(), "docs/results.md", **converged)}
 
 
 def main() -> None:

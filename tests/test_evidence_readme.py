@@ -11,7 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "analyses"))
 
-from evidence_readme import END, README, RESULTS, START, block, generated, headline, spliced  # noqa: E402
+from evidence_readme import (CONVERGED_END, CONVERGED_START, END, README, RESULTS, START, block,  # noqa: E402
+                             converged_headline, generated, headline, spliced)
 
 from cogprobe.core.errors import CogprobeError  # noqa: E402
 
@@ -23,12 +24,43 @@ def test_each_page_holds_what_the_committed_tables_give(page):
 
 def test_a_changed_table_makes_both_pages_stale(tmp_path):
     """A number of the headline table moved in figures/ leaves neither committed page current."""
-    for name in ("evidence.md", "evidence_status.csv"):
-        (tmp_path / name).write_text((ROOT / "figures" / name).read_text())
+    _copied(tmp_path)
     text = (tmp_path / "evidence.md").read_text()
     (tmp_path / "evidence.md").write_text(text.replace("6.0% [-7.0%, 18.9%]", "6.1% [-7.0%, 18.9%]"))
     for page, text in generated(tmp_path).items():
         assert text != page.read_text(), page
+
+
+def _copied(folder: Path) -> Path:
+    for name in ("evidence.md", "evidence_status.csv", "converged.md"):
+        (folder / name).write_text((ROOT / "figures" / name).read_text())
+    return folder
+
+
+def test_a_changed_converged_reading_makes_both_pages_stale(tmp_path):
+    """The converged block is generated as the evidence block is: its headline in the README, all of
+    figures/converged.md in docs/results.md, each between its own markers."""
+    text = (_copied(tmp_path) / "converged.md").read_text()
+    status = text.split("\n\n")[0]
+    assert status.startswith("Compared so far") and status in README.read_text() and status in RESULTS.read_text()
+    (tmp_path / "converged.md").write_text(text.replace(status, status.replace("(", "(of ", 1)))
+    for page, text in generated(tmp_path).items():
+        assert text != page.read_text(), page
+
+
+def test_the_readme_quotes_what_is_compared_the_headline_and_its_change_only(tmp_path):
+    (tmp_path / "converged.md").write_text(
+        "Compared so far: full 0.\n\n| question | a |\n|---|---|\n| q | no |\n\n"
+        "From the earlier step to the end:\n- moved\n\n| row | english |\n|---|---|\n")
+    text = converged_headline(tmp_path)
+    assert text.startswith("Compared so far: full 0.") and "| q | no |" in text and "- moved" in text
+    assert "| row | english |" not in text and "(docs/results.md#the-converged-study)" in text
+    (tmp_path / "converged.md").write_text("Compared so far: full 0.\n")
+    with pytest.raises(CogprobeError, match="From the earlier step"):
+        converged_headline(tmp_path)
+    readme = f"{START}\n{END}\n{CONVERGED_START}\nold\n{CONVERGED_END}\n"
+    assert (spliced(readme, "new", start=CONVERGED_START, end=CONVERGED_END)
+            == f"{START}\n{END}\n{CONVERGED_START}\nnew\n{CONVERGED_END}\n")
 
 
 def _tables(folder: Path, compared: list[int]) -> Path:

@@ -36,6 +36,7 @@ from cogprobe.study.config import StudyConfig
 from cogprobe.study.evidence_tables import (CHRF, COLUMNS, QUESTIONS, blocks_per_seed, cost, own_rows, read,
                                             rows_of, setting, status, study_table)
 from cogprobe.study.figures import same_size_rows, same_size_shares, share_curves
+from cogprobe.study.rows import kind
 
 BAR = f"{verdicts.BAR:.0%}"   # the paper's bar, as every sentence here words it
 # each comparison as the yes-or-no question the headline table answers (as far as its interval allows)
@@ -107,7 +108,9 @@ def write(studies: list[tuple[str, Path]], out: Path) -> list[Path]:
     costs = pd.DataFrame(costs)
     io.write_text(out / "evidence_cost.csv", costs.to_csv(index=False))
     io.write_text(out / "evidence_status.csv", pd.DataFrame(head).to_csv(index=False))
-    headline = [t for t in [headline_table(found), budget_note(sizes), against_the_paper(found, settings)] if t]
+    planned = planned_questions([StudyConfig.read(folder) for _, folder in studies])
+    headline = [t for t in [headline_table(found, planned), budget_note(sizes), against_the_paper(found, settings)]
+                if t]
     lines = [status_line(s) for s in head] + headline + tables + sentences(found) + [cost_table(costs)]
     io.write_text(out / "evidence.md", "\n\n".join(lines) + "\n")
     return [out / f"evidence{part}" for part in (".csv", "_rows.csv", "_cost.csv", "_status.csv", ".md")]
@@ -188,6 +191,13 @@ def sentences(rows: pd.DataFrame) -> list[str]:
                              f"{_chrf_pairs(t)}, {int(t['n_seeds'].max())} seed(s)):\n"
                              + "\n".join(f"- {s}" for s in said))
     return lines
+
+
+def planned_questions(configs: list[StudyConfig]) -> set[tuple[str, str]]:
+    """The (row, other) questions of the headline that some study plans both rows of (a random draw is
+    of kind random): a question no study asks is left out of its table, not printed empty."""
+    kinds = [{kind(r) for r in config.row_list()} for config in configs]
+    return {(r, o) for r, o, _ in QUESTIONS if any({r, o} <= rows for rows in kinds)}
 
 
 def headline_table(found: pd.DataFrame, asked: set[tuple[str, str]] | None = None) -> str:

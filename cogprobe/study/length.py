@@ -24,10 +24,9 @@ from cogprobe.core import io, layout
 from cogprobe.data.tasks import TASKS
 from cogprobe.study import pivot_control, prose_control, report, verdicts
 from cogprobe.study.config import StudyConfig
-from cogprobe.study.evidence import headline_table
+from cogprobe.study.evidence import headline_table, planned_questions
 from cogprobe.study.evidence_tables import QUESTIONS, interval, read, read_at, record, rows_of, statistic, units
 from cogprobe.study.comparisons import RANDOM
-from cogprobe.study.rows import kind
 
 CHANGED = ("rel_deviation", "share_minus")   # the NLL quantities whose change is asked
 CHANGE_COLUMNS = ["language", "row", "other", "task", "quantity", "step", "end_step", "estimate", "low", "high",
@@ -104,18 +103,30 @@ def change_words(r) -> str:
     return f"{span}: not resolved, the interval holds 0"
 
 
+def status(folder: Path) -> str:
+    """Which seeds of each row are compared, of those the study plans: the seed counts behind every
+    cell below, said first, as the study fills in over sessions."""
+    config, folder = StudyConfig.read(folder), Path(folder)
+    compare = pd.read_parquet(folder / layout.COMPARE) if (folder / layout.COMPARE).is_file() else None
+    done = lambda row: ([] if compare is None else  # noqa: E731
+                        sorted(int(s) for s in compare.loc[compare["row"] == row, "seed"]))
+    rows = "; ".join(f"{row} {', '.join(map(str, done(row))) or 'none'}" for row in config.row_list())
+    left = sum(len(config.seed_list()) - len(done(row)) for row in config.row_list())
+    return (f"Compared so far, the seeds of each row ({len(config.seed_list())} planned for each, "
+            f"{config.seeds}): {rows}." + (f" {left} runs to go (the study resumes)." if left else " Complete."))
+
+
 def write(language: str, folder: Path, out: Path) -> list[Path]:
-    """converged.md (the headline at each reading side by side, the changes in words, the English prose
-    at each reading, then any pivot-only controls' table),
+    """converged.md (what is compared so far, the headline at each reading side by side, the changes
+    in words, the English prose at each reading, then any pivot-only controls' table),
     converged.csv and converged_changes.csv in `out`."""
     found, moved = readings(language, folder), changes(language, folder)
     folder, out = Path(folder), Path(out)
     io.write_text(out / "converged.csv", found.to_csv(index=False))
     io.write_text(out / "converged_changes.csv", moved.to_csv(index=False))
-    rows = {kind(r) for r in StudyConfig.read(folder).row_list()}   # a random draw is of kind random
-    asked = {(r, o) for r, o, _ in QUESTIONS if {r, o} <= rows}
-    lines = [headline_table(found, asked) if len(found)
-             else "No comparison of the headline has both its rows compared yet."]
+    table = headline_table(found, planned_questions([StudyConfig.read(folder)])) if len(found) else \
+        "No comparison of the headline has both its rows compared yet."
+    lines = [status(folder), table]
     if len(moved):
         lines.append("From the earlier step to the end, per seed on the same test pairs (the end minus the step; "
                      f"{verdicts.BAR:.0%} is the paper's bar for the deviations themselves, not for their change):\n"

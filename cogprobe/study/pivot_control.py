@@ -129,11 +129,12 @@ def report_blocks(out: Path) -> list[tuple]:
 
 def _tokens(out: Path, row: str, seed: int | None) -> str:
     """Real (non-padding) tokens the row and its control trained on, from their train logs (one seed's;
-    the same rows of the same length, packed from examples of other lengths); "" where the logs are gone."""
+    the same rows of the same length, packed from examples of other lengths). runs/ is never committed:
+    where the logs are gone (a study continued on another machine) the cell says so, not blank."""
     seeds = [seed] if seed is not None else sorted({int(s) for s in io.read_parquet(out / COMPARE)["seed"]})
     logs = [out / RUNS / arm(r, seeds[0]) / TRAIN_LOG for r in (row, row + PIVOT_ONLY)]
     if not all(log.is_file() for log in logs):
-        return ""
+        return "logs not on disk"
     step = pivot_step(out) or float("inf")   # the row's tokens up to where it is read
     return " / ".join(f"{int(t.loc[t['step'] <= step, 'tokens'].max()):,}"
                       for t in (io.read_parquet(log) for log in logs))

@@ -83,7 +83,7 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
                         f"processors ({'; '.join(sorted(tuned_on))}; per run in study.json); the step-time "
                         "ratios below compare only runs on the same processor.")]
         if study is not None:
-            b += _pooled_verdicts(study)
+            b += _pooled_verdicts(study, cfg)
         intervals_table = interval_table(out, study)
         if intervals_table is not None:
             b += [("p", ("95% intervals, mean over the seeds (the interval of the README headline, "
@@ -148,10 +148,21 @@ def _tuning_choices(out: Path, cfg: StudyConfig) -> list[tuple]:
     return b
 
 
+def run_versions(out: Path) -> str:
+    """The library versions full fine-tuning's first run recorded in its manifest, else those of any
+    run still on disk. runs/ is never committed, so a study folder continued on a fresh machine may
+    keep none: then the report says so rather than printing an empty list."""
+    first = out / RUNS / _full_name(out) / MANIFEST
+    manifests = [first] if first.is_file() else sorted((out / RUNS).glob(f"*/{MANIFEST}"))
+    for manifest in manifests:
+        versions = io.read_json(manifest).get("versions", {})
+        if versions:
+            return ", ".join(f"{k} {v}" for k, v in versions.items())
+    return "not known here (no run's manifest is on disk: runs/, the weights, stays with the machine that trained them)"
+
+
 def _what_was_run(out: Path, cfg: StudyConfig) -> str:
-    manifest = out / RUNS / _full_name(out) / MANIFEST
-    versions = io.read_json(manifest).get("versions", {}) if manifest.is_file() else {}
-    vers = ", ".join(f"{k} {v}" for k, v in versions.items())
+    vers = run_versions(out)
     where = f"{machine()}, Python {platform.python_version()}"
     steps = f"at most {cfg.steps} steps (the length below)" if cfg.converge else f"{cfg.steps} steps"
     rates = ("lr chosen per row on dev (below)" if len(cfg.lrs("full")) > 1 or len(cfg.lrs("lora")) > 1
@@ -374,16 +385,17 @@ def pooled(out: Path, cfg: StudyConfig) -> dict:
 POOLED = "The comparisons that matter, pooled over seeds"
 
 
-def _pooled_verdicts(study: dict) -> list[tuple]:
+def _pooled_verdicts(study: dict, cfg: StudyConfig) -> list[tuple]:
     """The headline's table and sentences for this study: the verdicts the README states for it."""
     found = study["found"]
     if found.empty:
         return []
+    table = evidence.headline_table(found, evidence.planned_questions([cfg]))   # only the questions it asks
     return [("h2", POOLED),
             ("p", "The same cells as the README headline for this study (the evidence tables, "
                   "`analyses/evidence.py`, compute them with the same calls), every seed pooled; the study's "
                   "sentences below state these, not one seed's."),
-            ("p", evidence.headline_table(found))] + [("p", s) for s in evidence.sentences(found)]
+            ("p", table)] + [("p", s) for s in evidence.sentences(found)]
 
 
 def step_time_ratio(compare: pd.DataFrame, machines: dict[str, str], row: str) -> str:
