@@ -25,7 +25,8 @@ from cogprobe.data.tasks import TASKS
 from cogprobe.study import pivot_control, prose_control, report, verdicts
 from cogprobe.study.config import StudyConfig
 from cogprobe.study.evidence import headline_table, planned_questions
-from cogprobe.study.evidence_tables import QUESTIONS, interval, read, read_at, record, rows_of, statistic, units
+from cogprobe.study.evidence_tables import (QUESTIONS, interval, read, read_at, record, rows_of, statistic,
+                                            study_table, units)
 from cogprobe.study.comparisons import RANDOM
 
 CHANGED = ("rel_deviation", "share_minus")   # the NLL quantities whose change is asked
@@ -107,11 +108,11 @@ def status(folder: Path) -> str:
     """Which seeds of each row are compared, of those the study plans: the seed counts behind every
     cell below, said first, as the study fills in over sessions."""
     config, folder = StudyConfig.read(folder), Path(folder)
-    compare = pd.read_parquet(folder / layout.COMPARE) if (folder / layout.COMPARE).is_file() else None
-    done = lambda row: ([] if compare is None else  # noqa: E731
-                        sorted(int(s) for s in compare.loc[compare["row"] == row, "seed"]))
-    rows = "; ".join(f"{row} {', '.join(map(str, done(row))) or 'none'}" for row in config.row_list())
-    left = sum(len(config.seed_list()) - len(done(row)) for row in config.row_list())
+    compare = study_table(folder, layout.COMPARE) if (folder / layout.COMPARE).is_file() else None
+    done = {row: [] if compare is None else sorted(int(s) for s in compare.loc[compare["row"] == row, "seed"])
+            for row in config.row_list()}
+    rows = "; ".join(f"{row} {', '.join(map(str, seeds)) or 'none'}" for row, seeds in done.items())
+    left = sum(len(config.seed_list()) - len(seeds) for seeds in done.values())
     return (f"Compared so far, the seeds of each row ({len(config.seed_list())} planned for each, "
             f"{config.seeds}): {rows}." + (f" {left} runs to go (the study resumes)." if left else " Complete."))
 
