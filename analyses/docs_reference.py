@@ -74,8 +74,12 @@ def flag_row(action: argparse.Action, fallback: dict) -> str:
 def verb_section(name: str, parser: argparse.ArgumentParser) -> str:
     usage = " ".join(parser.format_usage().split()).removeprefix("usage: ")
     fallback = config_defaults(name)
-    rows = [flag_row(a, fallback) for a in parser._actions
-            if a.help is not argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)]
+    rows = []
+    for group in parser._action_groups:   # a study's flags come under its TOML tables ([data], [train], ...)
+        shown = [a for a in group._group_actions
+                 if a.help is not argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)]
+        heading = [f"| **{group.title}** | | |"] if shown and group.title.startswith("[") else []
+        rows += heading + [flag_row(a, fallback) for a in shown]
     note = [NOTES[name], ""] if name in NOTES else []
     return "\n".join([f"## `cogprobe {name}`", "", cell(parser.description), "", "```text", usage, "```", "",
                       *note, "| flag | default | what it does |", "|---|---|---|", *rows])

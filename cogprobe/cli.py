@@ -31,13 +31,17 @@ def command(name: str, help: str):
     return wrap
 
 
-def dataclass_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), *, unset: bool = False) -> None:
+def dataclass_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), *, unset: bool = False,
+                    groups: dict[str, tuple[str, ...]] | None = None) -> None:
     """One --flag per field of a config or options dataclass: typed from its annotation (a tuple is a
     comma list; of ints, a range list such as '0-30' or '0,2,4'), default, choices and help from the
     field (`knob`).
 
     `unset`: no flag is required and a flag not given is absent from the namespace, so the values
-    can come from a config file with the given flags on top (`train --config`)."""
+    can come from a config file with the given flags on top (`train --config`). `groups`: --help
+    lists the flags under these headings (title -> field names), e.g. a study's TOML tables."""
+    heading = {name: group for title, names in (groups or {}).items()
+               for group in [p.add_argument_group(title)] for name in names}
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
             continue
@@ -55,7 +59,7 @@ def dataclass_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
                 kw["choices"] = f.metadata["choices"]   # argparse shows them as the metavar
             else:
                 kw["metavar"] = f.name.upper()
-        p.add_argument("--" + f.name.replace("_", "-"), *f.metadata.get("flags", ()), **kw)
+        heading.get(f.name, p).add_argument("--" + f.name.replace("_", "-"), *f.metadata.get("flags", ()), **kw)
 
 
 def options(cls, a):
@@ -334,11 +338,12 @@ _export.flags = _export_flags
 
 
 def _run_flags(p):
-    from cogprobe.study.config import DEFAULT_PRESET, StudyConfig
-    p.add_argument("--config", type=Path, help="TOML file with StudyConfig keys")
+    from cogprobe.study.config import DEFAULT_PRESET, TABLES, StudyConfig
+    p.add_argument("--config", type=Path, help="TOML file with StudyConfig keys, flat or in the tables the "
+                   "flags are listed under below ([data], [train], ...), as the presets are written")
     p.add_argument("--preset", default=DEFAULT_PRESET, help="quick (default: the whole chain on 48 probe pairs, "
                    "under 10 minutes on 2 CPU cores), standard (the evidence study: hours per language) or paper")
-    dataclass_flags(p, StudyConfig)
+    dataclass_flags(p, StudyConfig, groups={f"[{table}]": keys for table, keys in TABLES.items()})
     p.set_defaults(**{f.name: None for f in dataclasses.fields(StudyConfig) if f.name != "out"})
 
 

@@ -146,3 +146,15 @@ def test_a_knob_a_study_and_a_run_share_means_one_thing(tmp_path, inputs):
     cfg = StudyConfig(out=str(tmp_path), converge=False, eval_steps="every:2", **distinct)
     run = train_config(cfg, tmp_path, "full", 0, lr=1e-3, steps=24)
     assert {name: getattr(run, name) for name in shared} == distinct
+
+
+def test_a_knob_a_study_hands_to_its_runs_is_declared_once_in_the_run():
+    """StudyConfig composes TrainConfig's knobs (`run_knob`), not re-declares them: every name the two
+    share is one of the run's knobs, with the run's help, except the knobs a study sets per run."""
+    from cogprobe.study.config import RUN_KNOBS
+    train = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    study = {f.name: f for f in dataclasses.fields(StudyConfig)}
+    assert set(study) & set(train) - PER_RUN == set(RUN_KNOBS)
+    assert not PER_RUN & set(RUN_KNOBS)
+    for name in RUN_KNOBS:
+        assert study[name].metadata["help"] == train[name].metadata["help"], name

@@ -41,28 +41,37 @@ SWEEP_GRIDS = ("full", "adaptive")   # every k asked for, or `probe.grid`'s coar
 BUDGET_NO_SET = ("fixed", "skip")    # the budget row when its rule finds no set: the fixed set, or none
 CONTROLS_AT = ("every", "read")      # the controls at every k the tasks are swept at, or at the k's the report reads
 
+_TRAIN_KNOBS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def run_knob(name: str, default=dataclasses.MISSING) -> dataclasses.Field:
+    """A study knob that is `TrainConfig`'s knob `name`, handed to every run of the study unchanged
+    (`pipeline.train_config`): declared once, in TrainConfig, whose help it shows; its default is
+    TrainConfig's unless the study gives its own (a study's runs pack shorter sequences than a lone
+    run, and checkpoint to resume)."""
+    train = _TRAIN_KNOBS[name]
+    return dataclasses.field(default=train.default if default is dataclasses.MISSING else default,
+                             metadata={**train.metadata, "run_knob": True})
+
 
 @dataclass
 class StudyConfig:
     out: str = knob(help="the study folder (rerun the same command to continue it)")
-    model: str = knob(EMBEDDED, '"smollm2-135m", an HF model folder or a .gguf file')
-    corpus: str = knob(EvalSet.corpus, "elotl name (axolotl, tsunkua) or a CSV/TSV/JSONL path")
-    pivot_col: str | None = knob(TrainConfig.pivot_col, "corpus files: column of the pivot language")
-    target_col: str | None = knob(TrainConfig.target_col, "corpus files: column of the new language")
+    model: str = run_knob("model", EMBEDDED)
+    corpus: str = run_knob("corpus", EvalSet.corpus)
+    pivot_col: str | None = run_knob("pivot_col")
+    target_col: str | None = run_knob("target_col")
     seeds: str = knob("0", "comma list of tuning seeds (every run of a seed shares data order)")
     steps: int = knob(24, "optimizer steps of every tuning run")
-    batch_size: int = knob(TrainConfig.batch_size, "sequences per step")
-    seq_len: int = knob(64, "tokens per packed sequence")
+    batch_size: int = run_knob("batch_size")
+    seq_len: int = run_knob("seq_len", 64)
     lr: float = knob(TrainConfig.lr, "peak lr of full and layer-restricted tuning")
     lora_lr: float = knob(1e-3, "peak lr of the LoRA runs (adapters start at zero and need a larger step)")
-    lora_r: int = knob(TrainConfig.lora_r, "LoRA rank")
-    bf16: bool = knob(TrainConfig.bf16, "bf16 autocast in training")
-    gradient_checkpointing: bool = knob(TrainConfig.gradient_checkpointing, "every run recomputes each block in "
-                                        "the backward pass: activation memory of about one block, the same runs")
-    loss_chunk_tokens: int = knob(TrainConfig.loss_chunk_tokens, "every run's loss from its labelled positions, "
-                                  "this many tokens of logits at a time (0: the model's own loss; "
-                                  "cogprobe/tuning/loss.py)")
-    threads: int | None = knob(TrainConfig.threads, "torch threads (default: torch's)")
+    lora_r: int = run_knob("lora_r")
+    bf16: bool = run_knob("bf16")
+    gradient_checkpointing: bool = run_knob("gradient_checkpointing")
+    loss_chunk_tokens: int = run_knob("loss_chunk_tokens")
+    threads: int | None = run_knob("threads")
     save_steps: str = knob("0,6,12,24", "checkpoints of the first full fine-tuning run, probed by the sweeps")
     fraction: float = knob(DEFAULT_FRACTION, "CogSym fraction of blocks (the paper's 25%)")
     tau: float = knob(TAU, "share of the gain the budget set must keep")
@@ -82,21 +91,18 @@ class StudyConfig:
                             "test scores at that step, so the two stay matched in steps, tokens and rate")
     random_draws: int = knob(1, "sets drawn for the random row (several: rows random-1 ... random-N)")
     probe_row: str = knob("full", "the row whose first-seed run is probed (checkpoints swept, budget derived)")
-    schedule: str = knob(TrainConfig.schedule, "lr schedule after warm-up of every run: cosine | linear | constant")
-    warmup: float = knob(TrainConfig.warmup, "warm-up of every run: below 1 a fraction of its steps, else steps "
-                         "(the same for runs of different lengths)")
+    schedule: str = run_knob("schedule")
+    warmup: float = run_knob("warmup")
     converge: bool = knob(False, "full fine-tuning (first seed) runs until its dev NLL plateaus, `steps` "
                           "being the cap; every other run then trains as many steps (needs eval_steps). With a "
                           "decaying schedule every run, the learning-rate trials too, keeps the schedule of "
                           "`steps` (needs plateau_min_steps)")
-    plateau_window: float = knob(TrainConfig.plateau_window,
-                                 "converge: the window, a fraction of the steps done so far")
-    plateau_min_improvement: float = knob(TrainConfig.plateau_min_improvement, "converge: relative dev-NLL "
-                                          "improvement over the window below which the run has converged")
-    plateau_min_steps: int = knob(TrainConfig.plateau_min_steps, "converge: no stop before this step")
+    plateau_window: float = run_knob("plateau_window")
+    plateau_min_improvement: float = run_knob("plateau_min_improvement")
+    plateau_min_steps: int = run_knob("plateau_min_steps")
     eval_steps: str = knob(TrainConfig.eval_steps,
                            "dev-NLL curve points of every tuning run (save_steps syntax; empty: none)")
-    dev_pairs: int = knob(TrainConfig.dev_pairs, "dev pairs of the training curves and the learning-rate choice")
+    dev_pairs: int = run_knob("dev_pairs")
     lr_grid: str = knob("", "peak lrs tried per full-parameter row on dev, e.g. '1e-4,3e-4,1e-3' (empty: lr)")
     lora_lr_grid: str = knob("", "peak lrs tried per LoRA row on dev (empty: lora_lr)")
     lr_steps: int = knob(20, "steps of each learning-rate trial run")
@@ -125,10 +131,9 @@ class StudyConfig:
     max_new_tokens: int = knob(40, "greedy translation length cap")
     max_sentence_tokens: int = knob(TrainConfig.dev_max_sentence_tokens,
                                     "evaluated pairs with a longer side are left out (never cut)")
-    train_max_sentence_tokens: int = knob(TrainConfig.train_max_sentence_tokens,
-                                          "a training pair longer than this on a side is cut as a whole")
-    loss_on: str = knob(TrainConfig.loss_on, "training loss on the translated side (+ plain text), or on all tokens")
-    split_seed: int = knob(TrainConfig.split_seed, "seed of the leak-free train/dev/test split")
+    train_max_sentence_tokens: int = run_knob("train_max_sentence_tokens")
+    loss_on: str = run_knob("loss_on")
+    split_seed: int = run_knob("split_seed")
     sample_seed: int = knob(0, "seed of the evaluation samples (stratified by document)")
     sweep_controls: bool = knob(True, "sweep the shuffled-source controls too (conditional gain per k)")
     sweep_controls_at: str = knob("every", "every: the controls at every k and checkpoint the tasks are swept at; "
@@ -140,11 +145,9 @@ class StudyConfig:
     parallel_runs: int = knob(1, "comparison runs trained at once after the probe, each in its own process at "
                               "`threads` threads, in row order, the study scoring each as it finishes (e.g. 2 "
                               "on 2 cores at threads 1); the same runs as one at a time")
-    resume_every: int = knob(50, "each run also checkpoints every N steps, deleted once it finishes: an "
-                                 "interrupted study loses at most N steps of the run it was in (0: off)")
+    resume_every: int = run_knob("resume_every", 50)
     overwrite: bool = knob(False, "replace a different study in `out`")
-    report_to: str = knob(TrainConfig.report_to,
-        "experiment trackers of every tuning run (accelerate): none, tensorboard, wandb, mlflow, ...")
+    report_to: str = run_knob("report_to")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_pairs", "probe_pairs", "chrf_pairs", "prose_passages",
@@ -238,6 +241,10 @@ class StudyConfig:
         """The config recorded in a study folder's study.json (keys it no longer has are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in renamed(io.read_json(Path(study) / STUDY)).items() if k in names})
+
+
+# the knobs every run of a study takes from it unchanged, by name
+RUN_KNOBS = tuple(f.name for f in dataclasses.fields(StudyConfig) if f.metadata.get("run_knob"))
 
 
 RENAMED = {"strategies": "rows"}   # keys renamed since studies were first written (old -> new)

@@ -62,7 +62,7 @@ from cogprobe.study.report import probe_ks, write_report
 from cogprobe.study.rows import Plan, Skip, controlled, kind, plan
 from cogprobe.tuning.runfolder import machine
 from cogprobe.selection.rules import select_fixed
-from cogprobe.study.config import EXECUTION_ONLY, RESCORED, StudyConfig, renamed
+from cogprobe.study.config import EXECUTION_ONLY, RESCORED, RUN_KNOBS, StudyConfig, renamed
 from cogprobe.probe.sweep import check_ks
 from cogprobe.data.tasks import CONTROLS, TASKS, score
 from cogprobe.tuning.loop import train
@@ -386,8 +386,8 @@ def row_plan(config: StudyConfig, out: Path, row: str, seed: int) -> Plan:
 
 def train_config(config: StudyConfig, out: Path, row: str, seed: int, *, lr: float, steps: int,
                  folder: Path | None = None) -> TrainConfig:
-    """The TrainConfig of one run of `row`: the study's data, schedule and curve points, the row's
-    plan and learning rate. Only the first seed's probe row keeps checkpoints along the way (the
+    """The TrainConfig of one run of `row`: the study's run knobs (`RUN_KNOBS`, each handed on as it
+    is) and curve points, the row's plan and learning rate. Only the first seed's probe row keeps checkpoints along the way (the
     probe sweeps them); only the first seed's full run may stop on a plateau (it sets the length)."""
     p = row_plan(config, out, row, seed)
     seed0 = config.seed_list()[0]
@@ -395,21 +395,17 @@ def train_config(config: StudyConfig, out: Path, row: str, seed: int, *, lr: flo
     decays = config.converge and config.schedule != "constant"   # every run keeps the cap's schedule
     # a shorter pivot-only control (`pivot_steps`) trains the first steps of its row's schedule
     shortened = bool(config.pivot_steps) and controlled(row) != row and folder is None
+    knobs = {name: getattr(config, name) for name in RUN_KNOBS}
+    knobs.pop("dev_pairs")                        # given with a dev curve only (`_dev_curve`)
+    knobs["lora_r"] = p.lora_r or config.lora_r   # a row may fix its own rank
     return TrainConfig(
-        model=config.model, corpus=config.corpus, pivot_col=config.pivot_col, target_col=config.target_col,
-        out=folder or row_run(out, row, seed), strategy=p.strategy, layers=p.layers, steps=steps,
-        batch_size=config.batch_size, seq_len=config.seq_len, lr=lr, schedule=config.schedule, warmup=config.warmup,
+        **knobs, out=folder or row_run(out, row, seed), strategy=p.strategy, layers=p.layers, steps=steps, lr=lr,
         schedule_steps=config.steps if decays else (run_length(config, out, controlled(row), seed) if shortened else 0),
-        lora_r=p.lora_r or config.lora_r, train_embeddings=p.train_ends, train_head=p.train_ends,
-        bf16=config.bf16, threads=config.threads, seed=seed, gradient_checkpointing=config.gradient_checkpointing,
-        loss_chunk_tokens=config.loss_chunk_tokens, save_steps=_save_steps(config, steps, probed, trial=folder is not None),
+        train_embeddings=p.train_ends, train_head=p.train_ends, seed=seed,
+        save_steps=_save_steps(config, steps, probed, trial=folder is not None),
         stop_on_plateau=config.converge and (row, seed) == ("full", seed0) and folder is None,
-        plateau_window=config.plateau_window, plateau_min_improvement=config.plateau_min_improvement,
-        plateau_min_steps=config.plateau_min_steps,
-        **_dev_curve(config, str(steps) if folder is not None else config.eval_steps),
-        train_max_sentence_tokens=config.train_max_sentence_tokens, loss_on=config.loss_on, **_text(p),
-        split_seed=config.split_seed, resume=True, resume_every=config.resume_every, progress=False,
-        report_to=config.report_to)
+        **_dev_curve(config, str(steps) if folder is not None else config.eval_steps), **_text(p),
+        resume=True, progress=False)
 
 
 def _save_steps(config: StudyConfig, steps: int, probed: bool, trial: bool) -> str | list[int]:
