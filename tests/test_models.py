@@ -221,7 +221,7 @@ def test_prepare_is_idempotent_and_loads_smollm2():
     assert prepare(log=said.append) == first == cogprobe_home() / "models" / EMBEDDED
     assert said == [f"already prepared: {first}"] and _tree(cogprobe_home()) == before
 
-    manifest = json.loads((first / models.MANIFEST).read_text())
+    manifest = json.loads((first / models.MODEL_RECORD).read_text())
     assert manifest["source_version"] == "0.1.2" and "dequantised Q4_1" in manifest["note"]
     assert model_fingerprint(first) == manifest["safetensors_sha256"]
     assert manifest["safetensors_sha256"] == _sha(first / "model.safetensors")

