@@ -8,7 +8,7 @@ OUT    ?= runs/default
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: install prepare run test bench clean figures evidence evidence-tables converged docs docs-reference
+.PHONY: install prepare run test bench clean figures evidence evidence-tables converged converged-gpu docs docs-reference
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,14 @@ evidence: prepare
 #       --preset converged --out $(CURDIR)/$(EVIDENCE)/converged-tsunkua --threads 1 --parallel-runs 2
 converged: prepare
 	$(BIN)/cogprobe run --preset converged --out $(EVIDENCE)/converged-tsunkua --threads 1 --parallel-runs 2
+
+# The same study on one CUDA GPU with 5 seeds (issue 39, "On a GPU"), in a folder of its own: CPU and GPU
+# kernels give siblings, not copies, so the two studies are read apart, never pooled. Four runs train at
+# once, four CPU threads each. Not yet run: no GPU has been lent to this project's sessions, so its cost
+# is not measured. It refuses to start without CUDA.
+converged-gpu: prepare
+	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'converged-gpu: no CUDA device here; run it on a GPU machine (make converged is the CPU study)')"
+	$(BIN)/cogprobe run --preset converged --seeds 0,1,2,3,4 --out $(EVIDENCE)/converged-tsunkua-cuda --threads 4 --parallel-runs 4
 
 evidence-tables:
 	$(BIN)/python analyses/evidence.py nahuatl=$(EVIDENCE)/axolotl otomi=$(EVIDENCE)/tsunkua
