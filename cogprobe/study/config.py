@@ -143,8 +143,8 @@ class StudyConfig:
     capture_backend: str = knob(CaptureOptions.backend, "torch | nnsight | transformerlens")
     isolate_runs: bool = knob(True, "train each row in its own process, so its peak memory is its own")
     parallel_runs: int = knob(1, "comparison runs trained at once after the probe, each in its own process at "
-                              "`threads` threads, in row order, the study scoring each as it finishes (e.g. 2 "
-                              "on 2 cores at threads 1); the same runs as one at a time")
+                              "`threads` threads, in row order, the study scoring each in that order once it has "
+                              "finished (e.g. 2 on 2 cores at threads 1); the same runs as one at a time")
     resume_every: int = run_knob("resume_every", 50)
     overwrite: bool = knob(False, "replace a different study in `out`")
     report_to: str = run_knob("report_to")
