@@ -45,8 +45,9 @@ _TRAIN_KNOBS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def run_knob(name: str, default=dataclasses.MISSING) -> dataclasses.Field:
-    """A study knob that is `TrainConfig`'s knob `name`, handed to every run of the study unchanged
-    (`pipeline.train_config`): declared once, in TrainConfig, whose help it shows; its default is
+    """A study knob that is `TrainConfig`'s knob `name`, handed to the study's runs by name
+    (`pipeline.train_config`; a row may fix its own `lora_r`, and `dev_pairs` goes with a dev curve
+    only): declared once, in TrainConfig, whose help it shows; its default is
     TrainConfig's unless the study gives its own (a study's runs pack shorter sequences than a lone
     run, and checkpoint to resume)."""
     train = _TRAIN_KNOBS[name]
