@@ -175,6 +175,9 @@ def test_controls_swept_where_the_report_reads_them(setup, tmp_path):
     assert set(sweeps.loc[~sweeps.index.isin(controls.index), "k"]) == set(range(7))
     report = (out / "report.md").read_text()
     assert report.count(", the source-dependent part (conditional gain ") == 2
+    # no budget row (the quick preset's rows): the budget rule's search is not run, and the report says so
+    assert (out / "selection-fixed.json").is_file() and not (out / "selection-budget.json").exists()
+    assert "**budget**: not derived: no row of this study trains it" in report
 
 
 def test_a_sequential_probe_scores_chunks_until_its_rule_stops_and_everything_reads_the_pairs_it_used(setup, tmp_path):

@@ -10,7 +10,8 @@ continues an interrupted study and redoes nothing that finished:
                   it stops on a dev plateau and sets every run's length
      tune probe   the probe row's run with checkpoints (full, or blocks: ends frozen like CogSym's)
   4. probe        revert sweeps and capture on its checkpoints    sweeps.parquet, activations.parquet
-  5. select       the fixed CogSym set and the derived budget set selection-fixed.json, selection-budget.json
+  5. select       the fixed CogSym set, and the derived budget    selection-fixed.json, selection-budget.json
+                  set where a row trains it
   6. tune         every comparison row (see `rows`), same data,   runs/{row}-s{seed}/
                   steps and seed, each at its own lr
   7. compare      NLL, control and chrF of each run on test;      compare.parquet,
@@ -701,11 +702,13 @@ def _record_engine(out: Path) -> None:
 
 
 def select_sets(config: StudyConfig, out: Path, log, checkpoints=lambda: None) -> None:
-    """The fixed set, and the budget set from the probe run (`checkpoints()`: the run, opened)."""
+    """The fixed set, and the budget set from the probe run (`checkpoints()`: the run, opened) where a row
+    trains it: the budget rule's search is a study's costliest decision (263 s of the quick study's
+    901 on a 2-core AMD EPYC when it had a budget row), so a study without one does not pay for it."""
     n = _block_count(str(config.model))
     if not (out / SELECTION_FIXED).is_file():
         io.write_json(out / SELECTION_FIXED, select_fixed(n, config.fraction).to_json())
-    if (out / SELECTION_BUDGET).is_file():
+    if (out / SELECTION_BUDGET).is_file() or not any(controlled(r) == "budget" for r in config.row_list()):
         return
     try:
         budget = SelectOptions(rule="budget", tau=config.tau, max_total=config.budget_max_total, gain=config.budget_gain,

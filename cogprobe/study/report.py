@@ -24,7 +24,7 @@ from cogprobe.study import lr_choice
 from cogprobe.study import pivot_control, prose_control, sequential
 from cogprobe.study import verdicts
 from cogprobe.core.layout import (ALIGNMENT, BASELINE, COMPARE, EVALSETS, PROBE_PAIRS, LR_SEARCH, MANIFEST, RUN_LENGTH, RUNS, SCORES,
-                             STAGE_MACHINES, STAGE_SECONDS, STUDY, SWEEPS, TRAIN_LOG, TRANSLATIONS, arm)
+                             SELECTION_FIXED, STAGE_MACHINES, STAGE_SECONDS, STUDY, SWEEPS, TRAIN_LOG, TRANSLATIONS, arm)
 from cogprobe.models.loading import EMBEDDED, block_count
 from cogprobe.study.rows import FIXED_USED, Skip, kind, label, plan
 from cogprobe.tuning.runfolder import machine
@@ -295,6 +295,9 @@ def _selections(out: Path) -> list[tuple]:
     for name in ("fixed", "budget"):
         path = out / f"selection-{name}.json"
         if not path.is_file():
+            if name == "budget" and (out / SELECTION_FIXED).is_file():   # the select stage ran without it
+                blocks.append(("p", "**budget**: not derived: no row of this study trains it (the `budget` row "
+                                    "in `rows` adds the rule's search and its row)."))
             continue
         sel = io.read_json(path)
         if "error" in sel:
