@@ -342,7 +342,7 @@ def _run_flags(p):
     p.add_argument("--config", type=Path, help="TOML file with StudyConfig keys, flat or in the tables the "
                    "flags are listed under below ([data], [train], ...), as the presets are written")
     p.add_argument("--preset", default=DEFAULT_PRESET, help="quick (default: the whole chain on 48 probe pairs, "
-                   "9-15 minutes on 2 CPU cores), standard (the evidence study: hours per language) or paper")
+                   "about 9 minutes on 2 CPU cores), standard (the evidence study: hours per language) or paper")
     dataclass_flags(p, StudyConfig, groups={f"[{table}]": keys for table, keys in TABLES.items()})
     p.set_defaults(**{f.name: None for f in dataclasses.fields(StudyConfig) if f.name != "out"})
 

@@ -24,7 +24,7 @@ from cogprobe.study import lr_choice
 from cogprobe.study import pivot_control, prose_control, sequential
 from cogprobe.study import verdicts
 from cogprobe.core.layout import (ALIGNMENT, BASELINE, COMPARE, EVALSETS, PROBE_PAIRS, LR_SEARCH, MANIFEST, RUN_LENGTH, RUNS, SCORES,
-                             SELECTION_FIXED, STAGE_MACHINES, STAGE_SECONDS, STUDY, SWEEPS, TRAIN_LOG, TRANSLATIONS, arm)
+                             SELECTION_BUDGET, SELECTION_FIXED, STAGE_MACHINES, STAGE_SECONDS, STUDY, SWEEPS, TRAIN_LOG, TRANSLATIONS, arm)
 from cogprobe.models.loading import EMBEDDED, block_count
 from cogprobe.study.rows import FIXED_USED, Skip, kind, label, plan
 from cogprobe.tuning.runfolder import machine
@@ -182,8 +182,8 @@ def _evalsets_text(out: Path) -> str:
     if not path.is_file():
         return ""
     sets = io.read_json(path)
-    use = {"nll": "NLL and conditional gain of the baseline and every comparison row",
-           "chrf": "chrF", "probe": "sweeps, capture and the budget selection"}
+    probe = "sweeps, capture and the budget selection" if (out / SELECTION_BUDGET).is_file() else "sweeps and capture"
+    use = {"nll": "NLL and conditional gain of the baseline and every comparison row", "chrf": "chrF", "probe": probe}
     parts = [f"{use.get(name, name)}: {e['sampled']} {e['split']} pairs" for name, e in sets.items()]
     e = next(iter(sets.values()))
     overlap = sum(e["overlap"].values())
