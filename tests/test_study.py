@@ -109,6 +109,8 @@ def test_whole_study_on_a_tiny_model(setup):
     scores.loc[0, "nll_sum"] += 1e-9
     scores.to_parquet(copy / "scores.parquet")
     assert "scores.parquet: DIFFERENT" in run_analysis("same_results.py", out, copy, code=1)
+    (copy / "selection-budget.json").unlink()   # a study without a budget row has no budget selection
+    assert "selection-budget.json: DIFFERENT: only in old" in run_analysis("same_results.py", out, copy, code=1)
 
     # rerunning the same command redoes nothing: the tables stay byte-identical, no stage time shrinks
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
