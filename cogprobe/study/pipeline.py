@@ -60,7 +60,7 @@ from cogprobe.probe.tables import COMPUTED
 from cogprobe.selection.folders import select_run
 from cogprobe.selection.options import SelectOptions
 from cogprobe.study.report import probe_ks, write_report
-from cogprobe.study.rows import Plan, Skip, controlled, kind, plan
+from cogprobe.study.rows import Plan, Skip, controlled, derives_budget, kind, plan
 from cogprobe.tuning.runfolder import machine
 from cogprobe.selection.rules import select_fixed
 from cogprobe.study.config import EXECUTION_ONLY, RESCORED, RUN_KNOBS, StudyConfig, renamed
@@ -708,7 +708,7 @@ def select_sets(config: StudyConfig, out: Path, log, checkpoints=lambda: None) -
     n = _block_count(str(config.model))
     if not (out / SELECTION_FIXED).is_file():
         io.write_json(out / SELECTION_FIXED, select_fixed(n, config.fraction).to_json())
-    if (out / SELECTION_BUDGET).is_file() or not any(controlled(r) == "budget" for r in config.row_list()):
+    if (out / SELECTION_BUDGET).is_file() or not derives_budget(config.row_list()):
         return
     try:
         budget = SelectOptions(rule="budget", tau=config.tau, max_total=config.budget_max_total, gain=config.budget_gain,

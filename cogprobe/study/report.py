@@ -24,9 +24,9 @@ from cogprobe.study import lr_choice
 from cogprobe.study import pivot_control, prose_control, sequential
 from cogprobe.study import verdicts
 from cogprobe.core.layout import (ALIGNMENT, BASELINE, COMPARE, EVALSETS, PROBE_PAIRS, LR_SEARCH, MANIFEST, RUN_LENGTH, RUNS, SCORES,
-                             SELECTION_BUDGET, SELECTION_FIXED, STAGE_MACHINES, STAGE_SECONDS, STUDY, SWEEPS, TRAIN_LOG, TRANSLATIONS, arm)
+                             STAGE_MACHINES, STAGE_SECONDS, STUDY, SWEEPS, TRAIN_LOG, TRANSLATIONS, arm)
 from cogprobe.models.loading import EMBEDDED, block_count
-from cogprobe.study.rows import FIXED_USED, Skip, kind, label, plan
+from cogprobe.study.rows import FIXED_USED, Skip, derives_budget, kind, label, plan
 from cogprobe.tuning.runfolder import machine
 from cogprobe.study.config import StudyConfig
 from cogprobe.plots.runs import training_curve
@@ -70,7 +70,7 @@ def _blocks(out: Path, figures: list[Path]) -> list[tuple]:
     b += [("figure", f) for f in figures
           if f.stem.startswith(("specialization", "conditional_gain", "logit", "drift", "training"))]
     b += where_languages_meet(out, figures)
-    b += [("h2", "Layer sets")] + _selections(out)
+    b += [("h2", "Layer sets")] + _selections(out, cfg)
     record = io.read_json(out / STUDY)
     if (out / COMPARE).is_file():
         compare = io.read_parquet(out / COMPARE)
@@ -171,18 +171,18 @@ def _what_was_run(out: Path, cfg: StudyConfig) -> str:
             f"{steps} of batch {cfg.batch_size} x {cfg.seq_len} tokens, {rates}, {cfg.schedule} schedule, "
             f"LoRA r={cfg.lora_r}, bf16 autocast {cfg.bf16}, training loss on "
             f"{cfg.loss_on} tokens, whole examples per row, training pairs cut as wholes to "
-            f"{cfg.train_max_sentence_tokens} tokens a side. {_evalsets_text(out)} "
+            f"{cfg.train_max_sentence_tokens} tokens a side. {_evalsets_text(out, cfg)} "
             f"Report written on: {where}. Versions: {vers}. "
             f"Report written {time.strftime('%Y-%m-%d %H:%M')}.")
 
 
-def _evalsets_text(out: Path) -> str:
+def _evalsets_text(out: Path, cfg: StudyConfig) -> str:
     """Which pairs every number comes from (evalsets.json, written with the baseline)."""
     path = out / EVALSETS
     if not path.is_file():
         return ""
     sets = io.read_json(path)
-    probe = "sweeps, capture and the budget selection" if (out / SELECTION_BUDGET).is_file() else "sweeps and capture"
+    probe = "sweeps, capture and the budget selection" if derives_budget(cfg.row_list()) else "sweeps and capture"
     use = {"nll": "NLL and conditional gain of the baseline and every comparison row", "chrf": "chrF", "probe": probe}
     parts = [f"{use.get(name, name)}: {e['sampled']} {e['split']} pairs" for name, e in sets.items()]
     e = next(iter(sets.values()))
@@ -290,12 +290,12 @@ def probe_ks(swept) -> list[int]:
     return sorted({min(ks, key=lambda k: abs(k - n / 10)), min(ks, key=lambda k: abs(k - n / 3))}) if ks else []
 
 
-def _selections(out: Path) -> list[tuple]:
+def _selections(out: Path, cfg: StudyConfig) -> list[tuple]:
     blocks = []
     for name in ("fixed", "budget"):
         path = out / f"selection-{name}.json"
         if not path.is_file():
-            if name == "budget" and (out / SELECTION_FIXED).is_file():   # the select stage ran without it
+            if name == "budget" and not derives_budget(cfg.row_list()):
                 blocks.append(("p", "**budget**: not derived: no row of this study trains it (the `budget` row "
                                     "in `rows` adds the rule's search and its row)."))
             continue

@@ -82,6 +82,12 @@ def controlled(row: str) -> str:
     return row[:-len(PIVOT_ONLY)] if row.endswith(PIVOT_ONLY) else row
 
 
+def derives_budget(rows: list[str]) -> bool:
+    """Whether a study with these rows derives the budget set: only where a row (or its pivot-only
+    control) trains it, since the rule's search is a study's costliest decision."""
+    return any(controlled(r) == "budget" for r in rows)
+
+
 def expand(rows: list[str], draws: int) -> list[str]:
     """The rows with `random` replaced by its draws (random-1 ... random-N) when there are several
     (`random@pivot` by the draws' controls, random-1@pivot ...)."""
